@@ -1,0 +1,37 @@
+"""fastcast: re-type and re-shard safetensors checkpoints, bit-exact with PyTorch.
+
+The public API lives here; the heavy lifting is in the Rust extension
+``fastcast._core``. Nothing in this package needs torch at run time.
+
+>>> import numpy as np, fastcast
+>>> fastcast.parse_dtype("torch.bfloat16")
+'BF16'
+>>> fastcast.cast_array(np.array([3.140625], np.float32), "fp16")
+array([3.14], dtype=float16)
+"""
+
+from fastcast._core import (
+    DtypeError,
+    FastcastError,
+    InvalidSafetensorsError,
+    __version__,
+    available_kernels,
+    dtypes,
+    parse_dtype,
+    read_header,
+    select_kernel,
+)
+from fastcast.arrays import cast_array
+
+__all__ = [
+    "DtypeError",
+    "FastcastError",
+    "InvalidSafetensorsError",
+    "__version__",
+    "available_kernels",
+    "cast_array",
+    "dtypes",
+    "parse_dtype",
+    "read_header",
+    "select_kernel",
+]

@@ -1,0 +1,63 @@
+"""Type stubs for fastcast._core, the Rust extension module (see rust/fastcast-py)."""
+
+from os import PathLike
+from typing import Any, Literal, TypedDict, type_check_only
+
+import numpy as np
+from numpy.typing import NDArray
+from typing_extensions import Buffer
+
+__all__ = [
+    "DtypeError",
+    "FastcastError",
+    "InvalidSafetensorsError",
+    "__version__",
+    "available_kernels",
+    "cast_into",
+    "dtypes",
+    "parse_dtype",
+    "read_header",
+    "select_kernel",
+]
+
+__version__: str
+
+class FastcastError(Exception):
+    """Base class of fastcast's errors."""
+
+class InvalidSafetensorsError(FastcastError):
+    """A safetensors file that is corrupt, truncated or hostile."""
+
+class DtypeError(FastcastError):
+    """An unknown dtype name, or a cast fastcast does not perform."""
+
+@type_check_only
+class DtypeInfo(TypedDict):
+    name: str
+    torch_name: str
+    aliases: list[str]
+    bits: int
+    castable: bool
+    is_float: bool
+
+@type_check_only
+class HeaderDict(TypedDict):
+    metadata: dict[str, str] | None
+    tensors: list[tuple[str, str, list[int], tuple[int, int]]]
+    data_start: int
+
+def parse_dtype(name: str) -> str: ...
+def dtypes() -> list[DtypeInfo]: ...
+def available_kernels() -> list[str]: ...
+def select_kernel(name: str | None = None) -> str: ...
+def cast_into(
+    src: Buffer | NDArray[np.uint8],
+    src_dtype: str,
+    dst: Buffer | NDArray[np.uint8],
+    dst_dtype: str,
+    *,
+    fp8_overflow: Literal["saturate", "nan"] = "saturate",
+    kernel: str | None = None,
+    threads: int | None = None,
+) -> None: ...
+def read_header(path: str | PathLike[Any]) -> HeaderDict: ...

@@ -1,0 +1,143 @@
+//! fastcast's one error type: every variant names the file (where there is
+//! one) and says what is wrong in words a user can act on.
+
+use std::io;
+use std::path::PathBuf;
+
+use crate::dtype::DType;
+
+/// Everything that can go wrong in the core.
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    /// An operating-system error on a named file.
+    #[error("{}: {source}", path.display())]
+    Io {
+        path: PathBuf,
+        #[source]
+        source: io::Error,
+    },
+
+    /// A safetensors file whose header cannot be trusted.
+    #[error("{}: {problem}", path.display())]
+    Header {
+        path: PathBuf,
+        problem: HeaderProblem,
+    },
+
+    /// A dtype name nobody recognises.
+    #[error("unknown dtype {name:?}; valid dtypes: {valid}")]
+    UnknownDtype { name: String, valid: String },
+
+    /// A cast to or from a dtype fastcast never converts.
+    #[error("cannot cast {from} to {to}: fastcast casts only between {castable}")]
+    NotCastable {
+        from: DType,
+        to: DType,
+        castable: String,
+    },
+
+    /// Buffers handed to a cast that do not hold whole, matching elements.
+    #[error("{problem}")]
+    Buffer { problem: String },
+
+    /// A kernel path that was asked for by name but cannot run here.
+    #[error("kernel {name:?} is not available on this CPU (available: {available})")]
+    KernelUnavailable { name: String, available: String },
+}
+
+/// Why a safetensors header was rejected.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum HeaderProblem {
+    #[error(
+        "file is {file_len} bytes, too short to be safetensors (needs an 8-byte header length)"
+    )]
+    TooShort { file_len: u64 },
+
+    #[error("header length {len} exceeds the {limit}-byte limit; not a safetensors file?")]
+    HeaderTooLarge { len: u64, limit: u64 },
+
+    #[error("header length {len} runs past the end of the file ({file_len} bytes); truncated or not safetensors?")]
+    HeaderPastEnd { len: u64, file_len: u64 },
+
+    #[error("header is not valid UTF-8 (byte {offset})")]
+    NotUtf8 { offset: usize },
+
+    #[error("header is not valid JSON: {message}")]
+    NotJson { message: String },
+
+    #[error("__metadata__ must map strings to strings: {message}")]
+    BadMetadata { message: String },
+
+    #[error("tensor {tensor:?} is listed twice")]
+    DuplicateTensor { tensor: String },
+
+    #[error("tensor {tensor:?}: {message}")]
+    BadEntry { tensor: String, message: String },
+
+    #[error("tensor {tensor:?}: unknown dtype {dtype:?}")]
+    UnknownDtype { tensor: String, dtype: String },
+
+    #[error("tensor {tensor:?}: shape {shape:?} has more elements than fit in 64 bits")]
+    ShapeOverflow { tensor: String, shape: Vec<u64> },
+
+    #[error("tensor {tensor:?}: data_offsets [{begin}, {end}] are reversed")]
+    OffsetsReversed {
+        tensor: String,
+        begin: u64,
+        end: u64,
+    },
+
+    #[error("tensor {tensor:?}: data_offsets [{begin}, {end}] hold {} bytes but {dtype} {shape:?} needs {expected}", end - begin)]
+    SizeMismatch {
+        tensor: String,
+        dtype: DType,
+        shape: Vec<u64>,
+        begin: u64,
+        end: u64,
+        expected: u64,
+    },
+
+    #[error("tensor {tensor:?}: data_offsets end {end} is past the end of the data ({data_len} bytes); file truncated?")]
+    DataPastEnd {
+        tensor: String,
+        end: u64,
+        data_len: u64,
+    },
+
+    #[error("tensor {tensor:?} overlaps tensor {other:?} (both use bytes from {begin})")]
+    Overlap {
+        tensor: String,
+        other: String,
+        begin: u64,
+    },
+
+    #[error("tensor {tensor:?} starts at {begin}, leaving a gap after byte {expected}")]
+    Gap {
+        tensor: String,
+        begin: u64,
+        expected: u64,
+    },
+
+    #[error("{extra} bytes after the last tensor's data; file corrupt or not safetensors?")]
+    TrailingBytes { extra: u64 },
+}
+
+impl Error {
+    /// Attach a path to an `io::Error`.
+    pub fn io(path: impl Into<PathBuf>, source: io::Error) -> Error {
+        Error::Io {
+            path: path.into(),
+            source,
+        }
+    }
+
+    /// A header problem found in `path`.
+    pub fn header(path: impl Into<PathBuf>, problem: HeaderProblem) -> Error {
+        Error::Header {
+            path: path.into(),
+            problem,
+        }
+    }
+}
+
+pub type Result<T, E = Error> = std::result::Result<T, E>;

@@ -1,0 +1,373 @@
+//! safetensors headers: parsed from untrusted bytes, validated once, written back.
+//!
+//! Layout: an 8-byte little-endian length `N`, `N` bytes of UTF-8 JSON, then
+//! the data buffer. Validation follows the reference reader (huggingface/
+//! safetensors) and adds a duplicate-name check: after [`Header::parse`]
+//! succeeds, every tensor's bytes lie inside the data buffer, tensors tile it
+//! exactly, and sizes agree with dtypes and shapes, so later code can slice
+//! the file by `data_offsets` without further checks.
+
+use std::collections::HashSet;
+use std::fs::File;
+use std::io::Read;
+use std::path::Path;
+
+use serde::de::{self, MapAccess, Visitor};
+use serde::{Deserialize, Deserializer};
+use serde_json::value::RawValue;
+
+use crate::dtype::DType;
+use crate::error::{Error, HeaderProblem, Result};
+
+/// The largest header the reference reader accepts (100 MB).
+pub const MAX_HEADER_LEN: u64 = 100_000_000;
+
+/// Where one tensor's bytes live and what they are.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct TensorInfo {
+    pub name: String,
+    pub dtype: DType,
+    pub shape: Vec<u64>,
+    /// `[begin, end)` relative to the start of the data buffer.
+    pub data_offsets: (u64, u64),
+}
+
+impl TensorInfo {
+    /// Number of elements (1 for a scalar, 0 when any dimension is 0).
+    pub fn numel(&self) -> u64 {
+        // Checked by `Header::parse`, so it cannot overflow here.
+        self.shape.iter().product()
+    }
+
+    /// Bytes of data.
+    pub fn nbytes(&self) -> u64 {
+        self.data_offsets.1 - self.data_offsets.0
+    }
+}
+
+/// A validated safetensors header.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Header {
+    /// `__metadata__`, in file order, or `None` when the file has none.
+    pub metadata: Option<Vec<(String, String)>>,
+    /// Tensors in the order the header lists them.
+    pub tensors: Vec<TensorInfo>,
+    /// `N`, the JSON length in bytes; the data buffer starts at `8 + N`.
+    pub header_len: u64,
+}
+
+/// A tensor entry as it appears in the JSON.
+#[derive(Deserialize)]
+struct RawTensor {
+    dtype: String,
+    shape: Vec<u64>,
+    data_offsets: (u64, u64),
+}
+
+/// The top-level JSON object with every entry kept, duplicates included,
+/// and values left unparsed until their key says what they are.
+struct RawEntries(Vec<(String, Box<RawValue>)>);
+
+impl<'de> Deserialize<'de> for RawEntries {
+    fn deserialize<D: Deserializer<'de>>(deserializer: D) -> Result<RawEntries, D::Error> {
+        struct EntriesVisitor;
+        impl<'de> Visitor<'de> for EntriesVisitor {
+            type Value = RawEntries;
+            fn expecting(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
+                f.write_str("a JSON object of tensors")
+            }
+            fn visit_map<A: MapAccess<'de>>(self, mut map: A) -> Result<RawEntries, A::Error> {
+                let mut entries = Vec::new();
+                while let Some(entry) = map.next_entry::<String, Box<RawValue>>()? {
+                    entries.push(entry);
+                }
+                Ok(RawEntries(entries))
+            }
+        }
+        deserializer.deserialize_map(EntriesVisitor)
+    }
+}
+
+/// `__metadata__`: a string → string map whose keys must be unique.
+struct RawMetadata(Vec<(String, String)>);
+
+impl<'de> Deserialize<'de> for RawMetadata {
+    fn deserialize<D: Deserializer<'de>>(deserializer: D) -> Result<RawMetadata, D::Error> {
+        struct MetadataVisitor;
+        impl<'de> Visitor<'de> for MetadataVisitor {
+            type Value = RawMetadata;
+            fn expecting(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
+                f.write_str("an object of strings")
+            }
+            fn visit_map<A: MapAccess<'de>>(self, mut map: A) -> Result<RawMetadata, A::Error> {
+                let mut entries: Vec<(String, String)> = Vec::new();
+                let mut seen = HashSet::new();
+                while let Some((k, v)) = map.next_entry::<String, String>()? {
+                    if !seen.insert(k.clone()) {
+                        return Err(de::Error::custom(format!("key {k:?} is listed twice")));
+                    }
+                    entries.push((k, v));
+                }
+                Ok(RawMetadata(entries))
+            }
+        }
+        deserializer.deserialize_map(MetadataVisitor)
+    }
+}
+
+impl Header {
+    /// Read and validate the header of the safetensors file at `path`.
+    ///
+    /// Reads only the header: nothing is allocated from the untrusted length
+    /// before it has been checked against the limit and the file's size.
+    pub fn read(path: &Path) -> Result<Header> {
+        let io_err = |e| Error::io(path, e);
+        let mut file = File::open(path).map_err(io_err)?;
+        let file_len = file.metadata().map_err(io_err)?.len();
+        let mut len_bytes = [0u8; 8];
+        if file_len < 8 {
+            return Err(Error::header(path, HeaderProblem::TooShort { file_len }));
+        }
+        file.read_exact(&mut len_bytes).map_err(io_err)?;
+        let header_len = check_header_len(path, u64::from_le_bytes(len_bytes), file_len)?;
+        let mut json = vec![0u8; header_len as usize];
+        file.read_exact(&mut json).map_err(io_err)?;
+        Header::parse_json(path, &json, file_len - 8 - header_len)
+    }
+
+    /// Validate a whole safetensors file held in memory (a map, or bytes from
+    /// anywhere); `path` is only used in error messages.
+    pub fn parse(path: &Path, file: &[u8]) -> Result<Header> {
+        let file_len = file.len() as u64;
+        if file_len < 8 {
+            return Err(Error::header(path, HeaderProblem::TooShort { file_len }));
+        }
+        let raw_len = u64::from_le_bytes(file[..8].try_into().expect("8 bytes"));
+        let header_len = check_header_len(path, raw_len, file_len)?;
+        let json = &file[8..8 + header_len as usize];
+        Header::parse_json(path, json, file_len - 8 - header_len)
+    }
+
+    /// Validate header JSON given the size of the data buffer that follows it.
+    pub fn parse_json(path: &Path, json: &[u8], data_len: u64) -> Result<Header> {
+        let bad = |problem| Error::header(path, problem);
+        let text = std::str::from_utf8(json).map_err(|e| {
+            bad(HeaderProblem::NotUtf8 {
+                offset: e.valid_up_to(),
+            })
+        })?;
+        if !text.starts_with('{') {
+            return Err(bad(HeaderProblem::NotJson {
+                message: "does not start with '{'".into(),
+            }));
+        }
+        let RawEntries(entries) = serde_json::from_str(text).map_err(|e| {
+            bad(HeaderProblem::NotJson {
+                message: e.to_string(),
+            })
+        })?;
+
+        // Duplicates first: JSON readers disagree on which copy wins, so a
+        // file that lists a name twice means different things to different
+        // tools, whatever the entries hold.
+        let mut seen = HashSet::with_capacity(entries.len());
+        if let Some((name, _)) = entries.iter().find(|(name, _)| !seen.insert(name.as_str())) {
+            return Err(bad(HeaderProblem::DuplicateTensor {
+                tensor: name.clone(),
+            }));
+        }
+        let mut metadata = None;
+        let mut tensors = Vec::with_capacity(entries.len());
+        for (name, raw) in entries {
+            if name == "__metadata__" {
+                let parsed: Option<RawMetadata> = serde_json::from_str(raw.get()).map_err(|e| {
+                    bad(HeaderProblem::BadMetadata {
+                        message: e.to_string(),
+                    })
+                })?;
+                metadata = parsed.map(|m| m.0);
+                continue;
+            }
+            let entry: RawTensor = serde_json::from_str(raw.get()).map_err(|e| {
+                bad(HeaderProblem::BadEntry {
+                    tensor: name.clone(),
+                    message: e.to_string(),
+                })
+            })?;
+            tensors.push(check_tensor(name, entry, data_len).map_err(bad)?);
+        }
+        check_tiling(&tensors, data_len).map_err(bad)?;
+        Ok(Header {
+            metadata,
+            tensors,
+            header_len: json.len() as u64,
+        })
+    }
+
+    /// Bytes of the data buffer.
+    pub fn data_len(&self) -> u64 {
+        self.tensors.iter().map(TensorInfo::nbytes).sum()
+    }
+
+    /// Offset in the file where the data buffer starts.
+    pub fn data_start(&self) -> u64 {
+        8 + self.header_len
+    }
+
+    /// The header as it goes on disk: length prefix, then JSON padded with
+    /// spaces so the data buffer starts on an 8-byte boundary.
+    ///
+    /// Tensors are written in `self.tensors` order; `header_len` is ignored
+    /// (the result's length prefix is what counts).
+    pub fn to_bytes(&self) -> Vec<u8> {
+        let mut json = String::from("{");
+        let quote = |s: &str| serde_json::to_string(s).expect("strings serialize");
+        if let Some(meta) = &self.metadata {
+            json.push_str("\"__metadata__\":{");
+            let items: Vec<String> = meta
+                .iter()
+                .map(|(k, v)| format!("{}:{}", quote(k), quote(v)))
+                .collect();
+            json.push_str(&items.join(","));
+            json.push('}');
+        }
+        for (i, t) in self.tensors.iter().enumerate() {
+            if i > 0 || self.metadata.is_some() {
+                json.push(',');
+            }
+            let shape: Vec<String> = t.shape.iter().map(u64::to_string).collect();
+            json.push_str(&format!(
+                "{}:{{\"dtype\":\"{}\",\"shape\":[{}],\"data_offsets\":[{},{}]}}",
+                quote(&t.name),
+                t.dtype.safetensors_name(),
+                shape.join(","),
+                t.data_offsets.0,
+                t.data_offsets.1
+            ));
+        }
+        json.push('}');
+        while !json.len().is_multiple_of(8) {
+            json.push(' ');
+        }
+        let mut out = Vec::with_capacity(8 + json.len());
+        out.extend_from_slice(&(json.len() as u64).to_le_bytes());
+        out.extend_from_slice(json.as_bytes());
+        out
+    }
+}
+
+/// Check the untrusted length prefix against the limit and the file size.
+fn check_header_len(path: &Path, len: u64, file_len: u64) -> Result<u64> {
+    if len > MAX_HEADER_LEN {
+        return Err(Error::header(
+            path,
+            HeaderProblem::HeaderTooLarge {
+                len,
+                limit: MAX_HEADER_LEN,
+            },
+        ));
+    }
+    if len > file_len - 8 {
+        return Err(Error::header(
+            path,
+            HeaderProblem::HeaderPastEnd { len, file_len },
+        ));
+    }
+    Ok(len)
+}
+
+/// Validate one entry on its own: dtype, shape, offsets, size.
+fn check_tensor(name: String, raw: RawTensor, data_len: u64) -> Result<TensorInfo, HeaderProblem> {
+    let dtype =
+        DType::from_safetensors_name(&raw.dtype).ok_or_else(|| HeaderProblem::UnknownDtype {
+            tensor: name.clone(),
+            dtype: raw.dtype.clone(),
+        })?;
+    let (begin, end) = raw.data_offsets;
+    if begin > end {
+        return Err(HeaderProblem::OffsetsReversed {
+            tensor: name,
+            begin,
+            end,
+        });
+    }
+    let numel = raw
+        .shape
+        .iter()
+        .try_fold(1u64, |acc, &d| acc.checked_mul(d));
+    let bits = numel.and_then(|n| n.checked_mul(dtype.bits()));
+    let Some(bits) = bits else {
+        return Err(HeaderProblem::ShapeOverflow {
+            tensor: name,
+            shape: raw.shape,
+        });
+    };
+    if !bits.is_multiple_of(8) {
+        return Err(HeaderProblem::BadEntry {
+            tensor: name,
+            message: format!(
+                "{dtype} shape {:?} is not a whole number of bytes",
+                raw.shape
+            ),
+        });
+    }
+    if end - begin != bits / 8 {
+        return Err(HeaderProblem::SizeMismatch {
+            tensor: name,
+            dtype,
+            shape: raw.shape,
+            begin,
+            end,
+            expected: bits / 8,
+        });
+    }
+    if end > data_len {
+        return Err(HeaderProblem::DataPastEnd {
+            tensor: name,
+            end,
+            data_len,
+        });
+    }
+    Ok(TensorInfo {
+        name,
+        dtype,
+        shape: raw.shape,
+        data_offsets: (begin, end),
+    })
+}
+
+/// Tensors sorted by offset must cover `[0, data_len)` exactly once.
+fn check_tiling(tensors: &[TensorInfo], data_len: u64) -> Result<(), HeaderProblem> {
+    let mut order: Vec<&TensorInfo> = tensors.iter().collect();
+    order.sort_by_key(|t| t.data_offsets);
+    let mut covered = 0u64;
+    let mut previous: Option<&TensorInfo> = None;
+    for t in order {
+        let (begin, end) = t.data_offsets;
+        if begin < covered {
+            return Err(HeaderProblem::Overlap {
+                tensor: t.name.clone(),
+                other: previous.map(|p| p.name.clone()).unwrap_or_default(),
+                begin,
+            });
+        }
+        if begin > covered {
+            return Err(HeaderProblem::Gap {
+                tensor: t.name.clone(),
+                begin,
+                expected: covered,
+            });
+        }
+        covered = end;
+        previous = Some(t);
+    }
+    if covered != data_len {
+        return Err(HeaderProblem::TrailingBytes {
+            extra: data_len - covered,
+        });
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests;

@@ -1,0 +1,20 @@
+//! fastcast-core: the engine behind fastcast.
+//!
+//! - [`dtype`]: the dtypes of safetensors, their names, which ones cast;
+//! - [`header`]: safetensors headers read from untrusted bytes, validated
+//!   once, and written back;
+//! - [`cast`]: conversion kernels bit-exact with `torch.Tensor.to` on the
+//!   CPU, a scalar reference per pair and SIMD paths chosen at run time;
+//! - [`error`]: the one error type, naming the file and the problem.
+//!
+//! No Python here: the crate is tested, benchmarked and fuzzed on its own.
+
+pub mod cast;
+pub mod dtype;
+pub mod error;
+pub mod header;
+
+pub use cast::{cast, cast_parallel, CastOptions, Fp8Overflow, Kernel};
+pub use dtype::DType;
+pub use error::{Error, HeaderProblem, Result};
+pub use header::{Header, TensorInfo};
