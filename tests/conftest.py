@@ -3,6 +3,7 @@ needs it fails when it is missing instead of skipping."""
 
 from __future__ import annotations
 
+import importlib
 import os
 from types import ModuleType
 
@@ -12,7 +13,7 @@ import pytest
 def require(module: str) -> ModuleType:
     """Import ``module``; skip when absent locally, fail when absent in CI."""
     if os.environ.get("CI", "").lower() in ("1", "true", "yes"):
-        return __import__(module)
+        return importlib.import_module(module)
     return pytest.importorskip(module)
 
 
