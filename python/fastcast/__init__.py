@@ -13,7 +13,10 @@ array([3.14], dtype=float16)
 from fastcast._core import (
     DtypeError,
     FastcastError,
+    InsufficientSpaceError,
     InvalidSafetensorsError,
+    ModelFolderError,
+    OutputExistsError,
     __version__,
     available_kernels,
     dtypes,
@@ -22,16 +25,27 @@ from fastcast._core import (
     select_kernel,
 )
 from fastcast.arrays import cast_array
+from fastcast.convert import ConversionReport, convert
+from fastcast.inspection import ModelInspection, inspect
+from fastcast.units import parse_size
 
 __all__ = [
+    "ConversionReport",
     "DtypeError",
     "FastcastError",
+    "InsufficientSpaceError",
     "InvalidSafetensorsError",
+    "ModelFolderError",
+    "ModelInspection",
+    "OutputExistsError",
     "__version__",
     "available_kernels",
     "cast_array",
+    "convert",
     "dtypes",
+    "inspect",
     "parse_dtype",
+    "parse_size",
     "read_header",
     "select_kernel",
 ]

@@ -1,6 +1,8 @@
 """Type stubs for fastcast._core, the Rust extension module (see rust/fastcast-py)."""
 
+from collections.abc import Callable
 from os import PathLike
+from pathlib import Path
 from typing import Any, Literal, TypedDict, type_check_only
 
 import numpy as np
@@ -10,12 +12,17 @@ from typing_extensions import Buffer
 __all__ = [
     "DtypeError",
     "FastcastError",
+    "InsufficientSpaceError",
     "InvalidSafetensorsError",
+    "ModelFolderError",
+    "OutputExistsError",
     "__version__",
     "available_kernels",
     "cast_into",
     "dtypes",
+    "execute_plan",
     "parse_dtype",
+    "partial_path",
     "read_header",
     "select_kernel",
 ]
@@ -30,6 +37,15 @@ class InvalidSafetensorsError(FastcastError):
 
 class DtypeError(FastcastError):
     """An unknown dtype name, or a cast fastcast does not perform."""
+
+class ModelFolderError(FastcastError):
+    """A model folder that cannot be converted as it is."""
+
+class OutputExistsError(FastcastError):
+    """The output folder exists and is not empty."""
+
+class InsufficientSpaceError(FastcastError):
+    """Not enough free disk space for the output."""
 
 @type_check_only
 class DtypeInfo(TypedDict):
@@ -61,3 +77,14 @@ def cast_into(
     threads: int | None = None,
 ) -> None: ...
 def read_header(path: str | PathLike[Any]) -> HeaderDict: ...
+def execute_plan(
+    plan_json: str,
+    *,
+    progress: Callable[[int], object] | None = None,
+    threads: int | None = None,
+    fsync: bool = True,
+    chunk_bytes: int | None = None,
+    kernel: str | None = None,
+    fp8_overflow: Literal["saturate", "nan"] = "saturate",
+) -> dict[str, int]: ...
+def partial_path(path: str | PathLike[Any]) -> Path: ...

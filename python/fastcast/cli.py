@@ -7,6 +7,7 @@ import sys
 from collections.abc import Sequence
 
 import fastcast
+from fastcast.convert import DEFAULT_SHARD_SIZE
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -19,6 +20,8 @@ def build_parser() -> argparse.ArgumentParser:
         "--debug", action="store_true", help="show a traceback when something fails"
     )
     commands = parser.add_subparsers(dest="command", metavar="COMMAND")
+    add_convert(commands)
+    add_inspect(commands)
     dtypes = commands.add_parser(
         "dtypes",
         help="list the dtypes fastcast knows and the names it accepts",
@@ -27,6 +30,97 @@ def build_parser() -> argparse.ArgumentParser:
     )
     dtypes.set_defaults(run=run_dtypes)
     return parser
+
+
+def add_convert(commands: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    convert = commands.add_parser(
+        "convert",
+        help="re-type and re-shard a model folder",
+        description="Cast the float tensors of a model folder (or one .safetensors file)\n"
+        "to DTYPE, bit-exact with torch's tensor.to(), and re-shard them like\n"
+        "transformers' save_pretrained. Integer and bool tensors are copied;\n"
+        "config.json's dtype is updated; every other file is copied. The input\n"
+        "is never modified; shards appear under their final names only when complete.",
+        epilog="examples:\n"
+        "  fastcast convert model/ --dtype bf16 --shard-size 5GB\n"
+        "  fastcast convert model/ -o out/ --dtype fp16 --shard-size 2GiB --threads 8",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    convert.add_argument("model", help="model folder, or a single .safetensors file")
+    convert.add_argument(
+        "--dtype", "-d", required=True, help="target: bf16, fp16, fp32, fp64, fp8_e4m3, fp8_e5m2"
+    )
+    convert.add_argument(
+        "--output", "-o", help="output folder (default: <model>-<dtype> beside the input)"
+    )
+    convert.add_argument(
+        "--shard-size",
+        default=DEFAULT_SHARD_SIZE,
+        help="largest shard, in tensor bytes: 5GB = 5*10^9, 2GiB = 2*2^30, or bytes "
+        f"(default: {DEFAULT_SHARD_SIZE})",
+    )
+    convert.add_argument("--threads", type=int, help="worker threads (default: all cores)")
+    convert.add_argument(
+        "--overwrite", action="store_true", help="replace an existing, non-empty output folder"
+    )
+    convert.add_argument(
+        "--no-fsync",
+        action="store_true",
+        help="do not sync shards to disk before renaming them into place (faster, less safe)",
+    )
+    convert.add_argument(
+        "--max-memory",
+        help="cap on the conversion buffers, e.g. 256MiB (default: 8 MiB per thread)",
+    )
+    convert.add_argument(
+        "--fp8-overflow",
+        choices=["saturate", "nan"],
+        default="saturate",
+        help="fp8 e4m3fn values past ±448 and ±inf: saturate to ±448 (torch >= 2.14, "
+        "default) or become NaN (older torch, ml_dtypes)",
+    )
+    convert.add_argument(
+        "--quiet", "-q", action="store_true", help="no progress bar and no summary"
+    )
+    convert.set_defaults(run=run_convert)
+
+
+def add_inspect(commands: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    inspect = commands.add_parser(
+        "inspect",
+        help="show a model folder's shards, dtypes and config claims",
+        description="Read the headers of a model folder (or .safetensors file) and show its "
+        "shards, tensor count, bytes, stored dtypes, what config.json claims, and a warning "
+        "when they disagree. Reads headers only; writes nothing.",
+    )
+    inspect.add_argument("model", nargs="+", help="model folder(s) or .safetensors file(s)")
+    inspect.set_defaults(run=run_inspect)
+
+
+def run_convert(args: argparse.Namespace) -> int:
+    report = fastcast.convert(
+        args.model,
+        args.dtype,
+        output=args.output,
+        shard_size=args.shard_size,
+        overwrite=args.overwrite,
+        threads=args.threads,
+        fsync=not args.no_fsync,
+        max_memory=args.max_memory,
+        fp8_overflow=args.fp8_overflow,
+        progress=False if args.quiet else None,
+    )
+    if not args.quiet:
+        print(report.summary())
+    return 0
+
+
+def run_inspect(args: argparse.Namespace) -> int:
+    for i, model in enumerate(args.model):
+        if i:
+            print()
+        print(fastcast.inspect(model).render())
+    return 0
 
 
 def run_dtypes(args: argparse.Namespace) -> int:
@@ -58,7 +152,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         code: int = args.run(args)
         return code
     except KeyboardInterrupt:
-        print("fastcast: interrupted", file=sys.stderr)
+        print(
+            "fastcast: interrupted; no partial file was left under a final name",
+            file=sys.stderr,
+        )
         return 130
     except (fastcast.FastcastError, OSError, ValueError) as e:
         if args.debug:

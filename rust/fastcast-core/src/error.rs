@@ -40,6 +40,22 @@ pub enum Error {
     #[error("{problem}")]
     Buffer { problem: String },
 
+    /// An input file that changed between planning and running.
+    #[error("{}: changed since the conversion was planned ({expected} bytes then, {actual} now)", path.display())]
+    SourceChanged {
+        path: PathBuf,
+        expected: u64,
+        actual: u64,
+    },
+
+    /// A conversion plan that contradicts itself or the input files.
+    #[error("{}: inconsistent plan: {problem}", path.display())]
+    Plan { path: PathBuf, problem: String },
+
+    /// The run was asked to stop (Ctrl-C); nothing partial was left behind.
+    #[error("cancelled")]
+    Cancelled,
+
     /// A kernel path that was asked for by name but cannot run here.
     #[error("kernel {name:?} is not available on this CPU (available: {available})")]
     KernelUnavailable { name: String, available: String },

@@ -6,7 +6,8 @@
 
 use pyo3::create_exception;
 use pyo3::exceptions::{
-    PyException, PyFileNotFoundError, PyOSError, PyPermissionError, PyValueError,
+    PyException, PyFileNotFoundError, PyKeyboardInterrupt, PyOSError, PyPermissionError,
+    PyValueError,
 };
 use pyo3::PyErr;
 
@@ -31,6 +32,26 @@ create_exception!(
     "An unknown dtype name, or a cast fastcast does not perform."
 );
 
+create_exception!(
+    fastcast,
+    ModelFolderError,
+    FastcastError,
+    "A model folder that cannot be converted as it is: no weights, a broken index, \
+     a path escaping the folder, a tensor listed twice, a file changed mid-run."
+);
+create_exception!(
+    fastcast,
+    OutputExistsError,
+    FastcastError,
+    "The output folder exists and is not empty (pass overwrite=True to replace it)."
+);
+create_exception!(
+    fastcast,
+    InsufficientSpaceError,
+    FastcastError,
+    "Not enough free disk space for the output."
+);
+
 /// A core error on its way to Python.
 pub struct CoreError(pub Error);
 
@@ -41,8 +62,14 @@ impl From<CoreError> for PyErr {
             Error::Io { source, .. } => match source.kind() {
                 std::io::ErrorKind::NotFound => PyFileNotFoundError::new_err(message),
                 std::io::ErrorKind::PermissionDenied => PyPermissionError::new_err(message),
+                std::io::ErrorKind::StorageFull | std::io::ErrorKind::QuotaExceeded => {
+                    InsufficientSpaceError::new_err(message)
+                }
                 _ => PyOSError::new_err(message),
             },
+            Error::SourceChanged { .. } => ModelFolderError::new_err(message),
+            Error::Plan { .. } => FastcastError::new_err(message),
+            Error::Cancelled => PyKeyboardInterrupt::new_err(message),
             Error::Header { .. } => InvalidSafetensorsError::new_err(message),
             Error::UnknownDtype { .. } | Error::NotCastable { .. } => DtypeError::new_err(message),
             Error::Buffer { .. } | Error::KernelUnavailable { .. } => {

@@ -6,13 +6,20 @@
 mod errors;
 
 use std::path::PathBuf;
+use std::sync::atomic::Ordering;
+use std::sync::{mpsc, Arc};
+use std::time::Duration;
 
+use fastcast_core::exec::{self, ExecOptions, Plan, Progress};
 use fastcast_core::{dtype, CastOptions, DType, Fp8Overflow, Header, Kernel};
 use pyo3::buffer::PyBuffer;
 use pyo3::prelude::*;
 use pyo3::types::{PyDict, PyList};
 
-use errors::{CoreError, DtypeError, FastcastError, InvalidSafetensorsError};
+use errors::{
+    CoreError, DtypeError, FastcastError, InsufficientSpaceError, InvalidSafetensorsError,
+    ModelFolderError, OutputExistsError,
+};
 
 /// Parse a user-typed dtype name into its safetensors name.
 #[pyfunction]
@@ -169,6 +176,112 @@ fn read_header(py: Python<'_>, path: PathBuf) -> PyResult<Bound<'_, PyDict>> {
     Ok(out)
 }
 
+/// How often the executor's watcher wakes to report progress and check for Ctrl-C.
+const WATCH_INTERVAL: Duration = Duration::from_millis(100);
+
+/// Run a conversion plan (JSON made by `fastcast.plan`) with the GIL released.
+///
+/// `progress(bytes_done)` is called about ten times a second with the input
+/// bytes processed so far; Ctrl-C (or an exception from `progress`) stops the
+/// run within a chunk, removes the shard in progress and re-raises. Returns
+/// the run's counts as a dict.
+#[pyfunction]
+#[pyo3(signature = (plan_json, *, progress=None, threads=None, fsync=true, chunk_bytes=None, kernel=None, fp8_overflow="saturate"))]
+#[allow(clippy::too_many_arguments)]
+fn execute_plan<'py>(
+    py: Python<'py>,
+    plan_json: &str,
+    progress: Option<Bound<'py, PyAny>>,
+    threads: Option<usize>,
+    fsync: bool,
+    chunk_bytes: Option<usize>,
+    kernel: Option<&str>,
+    fp8_overflow: &str,
+) -> PyResult<Bound<'py, PyDict>> {
+    let plan: Plan = serde_json::from_str(plan_json)
+        .map_err(|e| FastcastError::new_err(format!("execute_plan: malformed plan: {e}")))?;
+    let opts = ExecOptions {
+        cast: CastOptions {
+            fp8_overflow: overflow_from(fp8_overflow)?,
+            kernel: kernel_from(kernel)?,
+        },
+        chunk_bytes: chunk_bytes.unwrap_or(exec::DEFAULT_CHUNK_BYTES).max(1),
+        fsync,
+    };
+    let mut builder = rayon::ThreadPoolBuilder::new().thread_name(|i| format!("fastcast-{i}"));
+    if let Some(n) = threads {
+        builder = builder.num_threads(n);
+    }
+    let pool = builder.build().map_err(|e| {
+        pyo3::exceptions::PyValueError::new_err(format!("cannot start worker threads: {e}"))
+    })?;
+    // A Ctrl-C or a failing callback before any work means no work at all.
+    py.check_signals()?;
+    if let Some(cb) = &progress {
+        cb.call1((0u64,))?;
+    }
+    let watch = Arc::new(Progress::default());
+    let (done_tx, done_rx) = mpsc::channel();
+    // Receivers are not Sync; the mutex lets the GIL-free closure borrow it.
+    let done_rx = std::sync::Mutex::new(done_rx);
+    let worker_watch = Arc::clone(&watch);
+    let worker = std::thread::spawn(move || {
+        let result = pool.install(|| exec::execute(&plan, &opts, &worker_watch));
+        let _ = done_tx.send(result);
+    });
+    let mut interrupted: Option<PyErr> = None;
+    let result = loop {
+        let waited = py.detach(|| {
+            let rx = done_rx.lock().unwrap_or_else(|e| e.into_inner());
+            rx.recv_timeout(WATCH_INTERVAL)
+        });
+        match waited {
+            Ok(result) => break result,
+            Err(mpsc::RecvTimeoutError::Disconnected) => {
+                break Err(fastcast_core::Error::Plan {
+                    path: PathBuf::new(),
+                    problem: "the conversion thread died".into(),
+                })
+            }
+            Err(mpsc::RecvTimeoutError::Timeout) => {}
+        }
+        if interrupted.is_some() {
+            continue; // cancelled: wait for the workers to clean up
+        }
+        let reported = match &progress {
+            Some(cb) => cb
+                .call1((watch.bytes_done.load(Ordering::Relaxed),))
+                .map(|_| ()),
+            None => Ok(()),
+        };
+        if let Err(e) = py.check_signals().and(reported) {
+            watch.cancel.store(true, Ordering::Relaxed);
+            interrupted = Some(e);
+        }
+    };
+    let _ = py.detach(|| worker.join());
+    if let Some(e) = interrupted {
+        return Err(e);
+    }
+    let stats = result.map_err(CoreError)?;
+    if let Some(cb) = &progress {
+        cb.call1((watch.bytes_done.load(Ordering::Relaxed),))?;
+    }
+    let out = PyDict::new(py);
+    out.set_item("tensors_cast", stats.tensors_cast)?;
+    out.set_item("tensors_copied", stats.tensors_copied)?;
+    out.set_item("bytes_read", stats.bytes_read)?;
+    out.set_item("bytes_written", stats.bytes_written)?;
+    out.set_item("shards_written", stats.shards_written)?;
+    Ok(out)
+}
+
+/// The hidden name a file is written under until it is complete.
+#[pyfunction]
+fn partial_path(path: PathBuf) -> PathBuf {
+    fastcast_core::shard_file::temp_path(&path)
+}
+
 #[pymodule]
 fn _core(m: &Bound<'_, PyModule>) -> PyResult<()> {
     let py = m.py();
@@ -179,11 +292,19 @@ fn _core(m: &Bound<'_, PyModule>) -> PyResult<()> {
         py.get_type::<InvalidSafetensorsError>(),
     )?;
     m.add("DtypeError", py.get_type::<DtypeError>())?;
+    m.add("ModelFolderError", py.get_type::<ModelFolderError>())?;
+    m.add("OutputExistsError", py.get_type::<OutputExistsError>())?;
+    m.add(
+        "InsufficientSpaceError",
+        py.get_type::<InsufficientSpaceError>(),
+    )?;
     m.add_function(wrap_pyfunction!(parse_dtype, m)?)?;
     m.add_function(wrap_pyfunction!(dtypes, m)?)?;
     m.add_function(wrap_pyfunction!(available_kernels, m)?)?;
     m.add_function(wrap_pyfunction!(select_kernel, m)?)?;
     m.add_function(wrap_pyfunction!(cast_into, m)?)?;
     m.add_function(wrap_pyfunction!(read_header, m)?)?;
+    m.add_function(wrap_pyfunction!(execute_plan, m)?)?;
+    m.add_function(wrap_pyfunction!(partial_path, m)?)?;
     Ok(())
 }

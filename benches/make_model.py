@@ -1,0 +1,204 @@
+"""Write a synthetic Hugging Face style checkpoint, streaming (never in RAM).
+
+    python3 benches/make_model.py OUT [--arch llama|mixtral] [--size 200MB]
+        [--dtype fp32|bf16|fp16] [--shard-size 2GB] [--seed 0]
+
+Llama- or Mixtral-shaped tensors (names and shapes as transformers saves them,
+tied embeddings for llama), a config.json claiming the dtype, a
+generation_config.json and a tokenizer_config.json, shards packed like
+``save_pretrained`` plus ``model.safetensors.index.json``. Values are normal
+with std 0.02 (norm weights 1.0), written in 8 MiB blocks, so a 100 GB model
+takes 8 MiB of memory. Used by README's example and by the benchmarks.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import struct
+from pathlib import Path
+
+import numpy as np
+
+import fastcast
+from fastcast.units import parse_size
+
+BLOCK = 8 << 20
+NP_BITS = {"F32": np.uint32, "BF16": np.uint16, "F16": np.uint16}
+
+
+def llama_tensors(
+    h: int, inter: int, vocab: int, layers: int, experts: int
+) -> list[tuple[str, tuple[int, ...]]]:
+    """(name, shape) in state_dict order."""
+    kv = h // 4  # grouped-query attention: 4 query heads per kv head
+    out: list[tuple[str, tuple[int, ...]]] = [("model.embed_tokens.weight", (vocab, h))]
+    for i in range(layers):
+        p = f"model.layers.{i}."
+        out += [
+            (p + "self_attn.q_proj.weight", (h, h)),
+            (p + "self_attn.k_proj.weight", (kv, h)),
+            (p + "self_attn.v_proj.weight", (kv, h)),
+            (p + "self_attn.o_proj.weight", (h, h)),
+        ]
+        if experts:
+            out.append((p + "block_sparse_moe.gate.weight", (experts, h)))
+            for e in range(experts):
+                q = f"{p}block_sparse_moe.experts.{e}."
+                out += [
+                    (q + "w1.weight", (inter, h)),
+                    (q + "w2.weight", (h, inter)),
+                    (q + "w3.weight", (inter, h)),
+                ]
+        else:
+            out += [
+                (p + "mlp.gate_proj.weight", (inter, h)),
+                (p + "mlp.up_proj.weight", (inter, h)),
+                (p + "mlp.down_proj.weight", (h, inter)),
+            ]
+        out += [(p + "input_layernorm.weight", (h,)), (p + "post_attention_layernorm.weight", (h,))]
+    out.append(("model.norm.weight", (h,)))
+    if experts:  # Mixtral does not tie its output embedding
+        out.append(("lm_head.weight", (vocab, h)))
+    return out
+
+
+def shapes_for(
+    arch: str, size: int, itemsize: int
+) -> tuple[dict[str, int], list[tuple[str, tuple[int, ...]]]]:
+    """Pick dimensions whose tensors add up to about ``size`` bytes."""
+    experts = 8 if arch == "mixtral" else 0
+    h = 256
+    while True:
+        dims = {
+            "hidden_size": h,
+            "intermediate_size": h * 11 // 4 // 64 * 64 or 64,
+            "vocab_size": 32000,
+        }
+        per_layer = (
+            sum(
+                np.prod(s)
+                for n, s in llama_tensors(h, dims["intermediate_size"], 8, 1, experts)
+                if ".layers." in n
+            )
+            * itemsize
+        )
+        fixed = (dims["vocab_size"] * h + h) * itemsize
+        layers = max(1, round((size - fixed) / per_layer))
+        if layers <= 48 or h >= 8192:
+            break
+        h *= 2
+    dims["num_hidden_layers"] = layers
+    tensors = llama_tensors(h, dims["intermediate_size"], dims["vocab_size"], layers, experts)
+    return dims, tensors
+
+
+def pack(
+    tensors: list[tuple[str, tuple[int, ...]]], itemsize: int, limit: int
+) -> list[list[tuple[str, tuple[int, ...]]]]:
+    shards: list[list[tuple[str, tuple[int, ...]]]] = []
+    current: list[tuple[str, tuple[int, ...]]] = []
+    used = 0
+    for name, shape in tensors:
+        n = int(np.prod(shape)) * itemsize
+        if n > limit:
+            shards.append([(name, shape)])
+            continue
+        if used + n > limit:
+            shards.append(current)
+            current, used = [], 0
+        current.append((name, shape))
+        used += n
+    if current or not shards:
+        shards.append(current)
+    return shards
+
+
+def write_shard(
+    path: Path, tensors: list[tuple[str, tuple[int, ...]]], dtype: str, block: np.ndarray
+) -> None:
+    itemsize = np.dtype(NP_BITS[dtype]).itemsize
+    header: dict[str, object] = {"__metadata__": {"format": "pt"}}
+    offset = 0
+    for name, shape in tensors:
+        n = int(np.prod(shape)) * itemsize
+        header[name] = {"dtype": dtype, "shape": list(shape), "data_offsets": [offset, offset + n]}
+        offset += n
+    raw = json.dumps(header, separators=(",", ":")).encode()
+    raw += b" " * (-len(raw) % 8)
+    ones = fastcast.cast_array(np.ones(1, np.float32), dtype).view(NP_BITS[dtype])[0]
+    with open(path, "wb") as f:
+        f.write(struct.pack("<Q", len(raw)) + raw)
+        pos = 0
+        for name, shape in tensors:
+            left = int(np.prod(shape))
+            if name.endswith("norm.weight"):
+                f.write(np.full(left, ones, NP_BITS[dtype]).tobytes())
+                continue
+            while left:
+                take = min(left, len(block) - pos)
+                f.write(block[pos : pos + take].tobytes())
+                left -= take
+                pos = (pos + take) % len(block)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("out", type=Path)
+    parser.add_argument("--arch", choices=["llama", "mixtral"], default="llama")
+    parser.add_argument("--size", default="200MB", help="approximate total tensor bytes")
+    parser.add_argument("--dtype", default="fp32", help="fp32, bf16 or fp16")
+    parser.add_argument("--shard-size", default="2GB")
+    parser.add_argument("--seed", type=int, default=0)
+    args = parser.parse_args()
+    dtype = fastcast.parse_dtype(args.dtype)
+    if dtype not in NP_BITS:
+        parser.error("--dtype must be fp32, bf16 or fp16")
+    itemsize = np.dtype(NP_BITS[dtype]).itemsize
+    dims, tensors = shapes_for(args.arch, parse_size(args.size), itemsize)
+    values = (np.random.default_rng(args.seed).standard_normal(BLOCK // 4) * 0.02).astype(
+        np.float32
+    )
+    block = fastcast.cast_array(values, dtype).view(NP_BITS[dtype])
+    args.out.mkdir(parents=True, exist_ok=True)
+    shards = pack(tensors, itemsize, parse_size(args.shard_size))
+    names = (
+        ["model.safetensors"]
+        if len(shards) == 1
+        else [f"model-{i:05d}-of-{len(shards):05d}.safetensors" for i in range(1, len(shards) + 1)]
+    )
+    for name, group in zip(names, shards, strict=True):
+        write_shard(args.out / name, group, dtype, block)
+    if len(shards) > 1:
+        index = {
+            "metadata": {"total_size": sum(int(np.prod(s)) * itemsize for _, s in tensors)},
+            "weight_map": {t: n for n, g in zip(names, shards, strict=True) for t, _ in g},
+        }
+        (args.out / "model.safetensors.index.json").write_text(
+            json.dumps(index, indent=2, sort_keys=True) + "\n"
+        )
+    torch_name = {"F32": "float32", "BF16": "bfloat16", "F16": "float16"}[dtype]
+    config = {
+        "architectures": ["MixtralForCausalLM" if args.arch == "mixtral" else "LlamaForCausalLM"],
+        "model_type": args.arch,
+        **dims,
+        "num_attention_heads": dims["hidden_size"] // 64,
+        "num_key_value_heads": dims["hidden_size"] // 256,
+        "rms_norm_eps": 1e-5,
+        "tie_word_embeddings": True,
+        "torch_dtype": torch_name,
+    }
+    if args.arch == "mixtral":
+        config |= {"num_local_experts": 8, "num_experts_per_tok": 2, "tie_word_embeddings": False}
+    (args.out / "config.json").write_text(json.dumps(config, indent=2) + "\n")
+    (args.out / "generation_config.json").write_text('{\n  "do_sample": false\n}\n')
+    (args.out / "tokenizer_config.json").write_text('{\n  "model_max_length": 4096\n}\n')
+    total = sum(int(np.prod(s)) for _, s in tensors) * itemsize
+    print(
+        f"wrote {args.out}: {args.arch}, {len(tensors)} tensors, "
+        f"{total / 1e9:.2f} GB {dtype} in {len(shards)} shard(s)"
+    )
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,112 @@
+"""``fastcast.inspect``: what a model folder holds, read-only, headers only."""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from fastcast import _core
+from fastcast.model_dir import config_dtypes, open_model, read_config
+from fastcast.units import format_bytes
+
+_TORCH_TO_NAME = {d["torch_name"]: d["name"] for d in _core.dtypes()}
+_CASTABLE = {d["name"] for d in _core.dtypes() if d["castable"]}
+
+
+@dataclass(frozen=True)
+class DtypeCount:
+    dtype: str
+    tensors: int
+    bytes: int
+
+
+@dataclass(frozen=True)
+class WeightSetInfo:
+    prefix: str
+    index: str | None
+    shards: list[str]
+
+
+@dataclass(frozen=True)
+class ModelInspection:
+    """Shards, tensors, stored dtypes and what config.json claims about them."""
+
+    path: Path
+    weight_sets: list[WeightSetInfo]
+    tensors: int
+    bytes: int
+    dtypes: list[DtypeCount]
+    config_dtypes: dict[str, str] = field(default_factory=dict)
+    warnings: list[str] = field(default_factory=list)
+
+    @property
+    def float_dtype(self) -> str | None:
+        """The float dtype holding most of the float bytes, if any."""
+        floats = [d for d in self.dtypes if d.dtype in _CASTABLE]
+        return max(floats, key=lambda d: d.bytes).dtype if floats else None
+
+    def render(self) -> str:
+        lines = [f"{self.path}"]
+        for ws in self.weight_sets:
+            lines.append(
+                f"  {ws.prefix}: {len(ws.shards)} shard{'s' if len(ws.shards) != 1 else ''}"
+                + (f" (index {ws.index})" if ws.index else f" ({ws.shards[0]})")
+            )
+        lines.append(f"  {self.tensors} tensors, {format_bytes(self.bytes)}")
+        lines.append(f"  {'dtype':<12}{'tensors':>9}{'bytes':>12}{'share':>8}")
+        for d in self.dtypes:
+            share = 100 * d.bytes / self.bytes if self.bytes else 0
+            lines.append(f"  {d.dtype:<12}{d.tensors:>9}{format_bytes(d.bytes):>12}{share:>7.1f}%")
+        if self.config_dtypes:
+            claims = ", ".join(f"{k}={v}" for k, v in self.config_dtypes.items())
+            lines.append(f"  config.json: {claims}")
+        else:
+            lines.append("  config.json: no dtype")
+        lines.extend(f"  warning: {w}" for w in self.warnings)
+        return "\n".join(lines)
+
+
+def inspect(model: str | os.PathLike[str]) -> ModelInspection:
+    """Describe a model folder (or a .safetensors file) from its headers alone.
+
+    Warns when config.json's dtype disagrees with the stored float weights —
+    the "config says float32 but the weights are bf16" trap.
+
+    >>> print(inspect("model/").render())  # doctest: +SKIP
+    """
+    folder = open_model(model)
+    counts: dict[str, list[int]] = {}
+    for t in folder.tensors:
+        c = counts.setdefault(t.dtype, [0, 0])
+        c[0] += 1
+        c[1] += t.nbytes
+    dtypes = [DtypeCount(d, n, b) for d, (n, b) in sorted(counts.items(), key=lambda i: -i[1][1])]
+    claims = config_dtypes(read_config(folder.config)) if folder.config else {}
+    info = ModelInspection(
+        path=Path(model),
+        weight_sets=[
+            WeightSetInfo(
+                ws.prefix, ws.index.name if ws.index else None, [f.path.name for f in ws.files]
+            )
+            for ws in folder.weight_sets
+        ],
+        tensors=len(folder.tensors),
+        bytes=sum(t.nbytes for t in folder.tensors),
+        dtypes=dtypes,
+        config_dtypes=claims,
+        warnings=list(folder.warnings),
+    )
+    stored = info.float_dtype
+    for key, claimed in claims.items():
+        name = _TORCH_TO_NAME.get(claimed.removeprefix("torch."))
+        if stored is not None and name is not None and name != stored:
+            info.warnings.append(
+                f"config.json says {key}={claimed} but the float weights are stored as "
+                f"{stored} ({_TORCH_NAME[stored]}); loaders trusting the config will "
+                "up- or down-cast them"
+            )
+    return info
+
+
+_TORCH_NAME = {d["name"]: d["torch_name"] for d in _core.dtypes()}

@@ -1,0 +1,213 @@
+"""Output planning: which tensor goes to which shard, at which offset, in which dtype.
+
+Pure data, no I/O: the plan is handed to the Rust core, which only moves and
+casts bytes. Packing follows transformers' ``save_pretrained(max_shard_size=...)``
+(huggingface_hub's splitter): tensors in source order; a tensor that would take
+the current shard past the limit starts a new one; a tensor larger than the
+limit gets a shard of its own at once, while the current shard stays open.
+Only tensor bytes count toward the limit.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from fastcast import _core
+from fastcast.model_dir import ModelFolder, TensorEntry, WeightSet
+
+#: Bytes per element of each dtype (sub-byte dtypes: 1, they align to bytes).
+_DTYPES = {d["name"]: d for d in _core.dtypes()}
+
+
+def element_size(dtype: str) -> int:
+    return max(1, int(_DTYPES[dtype]["bits"]) // 8)
+
+
+def is_castable(dtype: str) -> bool:
+    return bool(_DTYPES[dtype]["castable"])
+
+
+@dataclass
+class PlannedTensor:
+    """A tensor's place in the output."""
+
+    entry: TensorEntry
+    dtype: str
+    nbytes: int
+    offsets: tuple[int, int] = (0, 0)
+
+    @property
+    def is_cast(self) -> bool:
+        return self.dtype != self.entry.dtype
+
+
+@dataclass
+class PlannedShard:
+    """One output file; ``tensors`` in data (and header) order."""
+
+    name: str
+    tensors: list[PlannedTensor]
+    metadata: dict[str, str]
+
+    @property
+    def data_bytes(self) -> int:
+        return sum(t.nbytes for t in self.tensors)
+
+
+@dataclass
+class SetPlan:
+    """The output of one weight set: shards and, when there are several, an index."""
+
+    prefix: str
+    shards: list[PlannedShard]
+
+    @property
+    def index_name(self) -> str | None:
+        return f"{self.prefix}.safetensors.index.json" if len(self.shards) > 1 else None
+
+    def index(self) -> dict[str, Any]:
+        """The index json transformers writes: total_size, total_parameters, weight_map."""
+        tensors = [t for s in self.shards for t in s.tensors]
+        return {
+            "metadata": {
+                "total_size": sum(t.nbytes for t in tensors),
+                "total_parameters": sum(t.entry.numel for t in tensors),
+            },
+            "weight_map": {t.entry.name: s.name for s in self.shards for t in s.tensors},
+        }
+
+    def index_json(self) -> str:
+        return json.dumps(self.index(), indent=2, sort_keys=True) + "\n"
+
+
+@dataclass
+class ConversionPlan:
+    """Everything a conversion will write, before anything is written."""
+
+    dtype: str
+    shard_size: int
+    sets: list[SetPlan]
+    sources: list[Path] = field(default_factory=list)
+
+    @property
+    def shards(self) -> list[PlannedShard]:
+        return [s for p in self.sets for s in p.shards]
+
+    @property
+    def tensors(self) -> list[PlannedTensor]:
+        return [t for s in self.shards for t in s.tensors]
+
+    def to_json(self, output: Path, sizes: dict[Path, int]) -> str:
+        """The plan as the Rust executor reads it (see exec.rs)."""
+        source_ids = {p: i for i, p in enumerate(self.sources)}
+        doc = {
+            "sources": [{"path": str(p), "size": sizes[p]} for p in self.sources],
+            "shards": [
+                {
+                    "path": str(output / shard.name),
+                    "metadata": list(shard.metadata.items()),
+                    "tensors": [
+                        {
+                            "name": t.entry.name,
+                            "shape": list(t.entry.shape),
+                            "source": source_ids[t.entry.file],
+                            "src_dtype": t.entry.dtype,
+                            "dst_dtype": t.dtype,
+                            "src_offsets": list(t.entry.offsets),
+                            "dst_offsets": list(t.offsets),
+                        }
+                        for t in shard.tensors
+                    ],
+                }
+                for shard in self.shards
+            ],
+        }
+        return json.dumps(doc)
+
+
+def target_dtype(entry: TensorEntry, dtype: str) -> str:
+    """Floats fastcast casts go to ``dtype``; everything else keeps its dtype."""
+    return dtype if is_castable(entry.dtype) else entry.dtype
+
+
+def output_nbytes(entry: TensorEntry, dtype: str) -> int:
+    if dtype == entry.dtype:
+        return entry.nbytes
+    return entry.numel * element_size(dtype)
+
+
+def pack(tensors: list[PlannedTensor], limit: int) -> list[list[PlannedTensor]]:
+    """Group tensors into shards exactly as huggingface_hub's splitter does."""
+    shards: list[list[PlannedTensor]] = []
+    current: list[PlannedTensor] = []
+    current_size = 0
+    for t in tensors:
+        if t.nbytes > limit:
+            shards.append([t])
+            continue
+        if current_size + t.nbytes > limit:
+            shards.append(current)
+            current, current_size = [], 0
+        current.append(t)
+        current_size += t.nbytes
+    if current or not shards:
+        shards.append(current)
+    return shards
+
+
+def lay_out(tensors: list[PlannedTensor]) -> list[PlannedTensor]:
+    """Order a shard's data widest dtype first (then source order) and assign
+    offsets, so every tensor is aligned to its element size with no padding
+    (the header is padded to 8 bytes)."""
+    ordered = sorted(enumerate(tensors), key=lambda it: (-element_size(it[1].dtype), it[0]))
+    offset = 0
+    out = []
+    for _, t in ordered:
+        t.offsets = (offset, offset + t.nbytes)
+        offset += t.nbytes
+        out.append(t)
+    return out
+
+
+def shard_names(prefix: str, count: int) -> list[str]:
+    """``model.safetensors`` alone, else ``model-00001-of-00003.safetensors``..."""
+    if count == 1:
+        return [f"{prefix}.safetensors"]
+    return [f"{prefix}-{i:05d}-of-{count:05d}.safetensors" for i in range(1, count + 1)]
+
+
+def plan_set(ws: WeightSet, dtype: str, shard_size: int) -> SetPlan:
+    planned = []
+    for entry in ws.tensors:
+        to = target_dtype(entry, dtype)
+        planned.append(PlannedTensor(entry, to, output_nbytes(entry, to)))
+    groups = pack(planned, shard_size)
+    # The source's metadata is kept; transformers needs a format, so one is added if absent.
+    metadata = {"format": "pt", **ws.metadata}
+    names = shard_names(ws.prefix, len(groups))
+    return SetPlan(
+        ws.prefix,
+        [PlannedShard(n, lay_out(g), dict(metadata)) for n, g in zip(names, groups, strict=True)],
+    )
+
+
+def plan_conversion(model: ModelFolder, dtype: str, shard_size: int) -> ConversionPlan:
+    """Plan the output of every weight set of ``model``.
+
+    >>> # plan_conversion(open_model("model/"), "BF16", parse_size("5GB"))
+    """
+    sets = [plan_set(ws, dtype, shard_size) for ws in model.weight_sets]
+    written: dict[str, str] = {}
+    for sp in sets:
+        for name in [s.name for s in sp.shards] + ([sp.index_name] if sp.index_name else []):
+            if name in written:
+                raise _core.ModelFolderError(
+                    f"{model.root}: weight sets {written[name]!r} and {sp.prefix!r} would both "
+                    f"write {name}"
+                )
+            written[name] = sp.prefix
+    sources = list(dict.fromkeys(f.path for ws in model.weight_sets for f in ws.files))
+    return ConversionPlan(dtype, shard_size, sets, sources)

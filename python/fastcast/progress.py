@@ -1,0 +1,43 @@
+"""Progress bars: tqdm in bytes on a terminal, nothing otherwise."""
+
+from __future__ import annotations
+
+import sys
+from collections.abc import Callable
+from types import TracebackType
+
+from tqdm import tqdm
+
+
+class ByteProgress:
+    """A context manager yielding a callback ``update(bytes_done)``.
+
+    ``enabled=None`` shows the bar only when stderr is a terminal.
+    """
+
+    def __init__(self, total: int, description: str, enabled: bool | None = None) -> None:
+        show = sys.stderr.isatty() if enabled is None else enabled
+        self._bar = tqdm(
+            total=total,
+            desc=description,
+            unit="B",
+            unit_scale=True,
+            unit_divisor=1000,
+            disable=not show,
+            dynamic_ncols=True,
+            leave=False,
+        )
+
+    def __enter__(self) -> Callable[[int], None]:
+        def update(done: int) -> None:
+            self._bar.update(done - self._bar.n)
+
+        return update
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        self._bar.close()

@@ -1,0 +1,187 @@
+//! The executor on real files: values, layout, chunking, cleanup on failure.
+
+use std::fs;
+
+use super::*;
+use crate::cast::Fp8Overflow;
+
+struct Scratch(PathBuf);
+
+impl Scratch {
+    fn new(name: &str) -> Scratch {
+        let dir = std::env::temp_dir().join(format!("fastcast-exec-{}-{name}", std::process::id()));
+        let _ = fs::remove_dir_all(&dir);
+        fs::create_dir_all(&dir).unwrap();
+        Scratch(dir)
+    }
+}
+
+impl Drop for Scratch {
+    fn drop(&mut self) {
+        let _ = fs::remove_dir_all(&self.0);
+    }
+}
+
+/// Write a safetensors file of f32 tensors `a` (n values) and an i64 `step`.
+fn source(dir: &Path, n: usize) -> (PathBuf, Vec<f32>) {
+    let values: Vec<f32> = (0..n).map(|i| (i as f32 * 0.37).sin() * 1e3).collect();
+    let header = Header {
+        metadata: Some(vec![("format".into(), "pt".into())]),
+        tensors: vec![
+            TensorInfo {
+                name: "a".into(),
+                dtype: DType::F32,
+                shape: vec![n as u64],
+                data_offsets: (0, 4 * n as u64),
+            },
+            TensorInfo {
+                name: "step".into(),
+                dtype: DType::I64,
+                shape: vec![],
+                data_offsets: (4 * n as u64, 4 * n as u64 + 8),
+            },
+        ],
+        header_len: 0,
+    };
+    let mut bytes = header.to_bytes();
+    bytes.extend(values.iter().flat_map(|v| v.to_le_bytes()));
+    bytes.extend(42i64.to_le_bytes());
+    let path = dir.join("in.safetensors");
+    fs::write(&path, &bytes).unwrap();
+    (path, values)
+}
+
+fn plan_for(src: &Path, out: &Path, n: u64, to: &str) -> Plan {
+    let size = fs::metadata(src).unwrap().len();
+    let data_start = Header::read(src).unwrap().data_start();
+    let to_size = to.parse::<DType>().unwrap().size() as u64;
+    Plan {
+        sources: vec![SourceFile {
+            path: src.to_owned(),
+            size,
+        }],
+        shards: vec![ShardPlan {
+            path: out.to_owned(),
+            metadata: Some(vec![("format".into(), "pt".into())]),
+            tensors: vec![
+                TensorPlan {
+                    name: "step".into(),
+                    shape: vec![],
+                    source: 0,
+                    src_dtype: "I64".into(),
+                    dst_dtype: "I64".into(),
+                    src_offsets: (data_start + 4 * n, data_start + 4 * n + 8),
+                    dst_offsets: (0, 8),
+                },
+                TensorPlan {
+                    name: "a".into(),
+                    shape: vec![n],
+                    source: 0,
+                    src_dtype: "F32".into(),
+                    dst_dtype: to.into(),
+                    src_offsets: (data_start, data_start + 4 * n),
+                    dst_offsets: (8, 8 + to_size * n),
+                },
+            ],
+        }],
+    }
+}
+
+#[test]
+fn converts_values_and_copies_integers() {
+    let dir = Scratch::new("values");
+    let n = 100_003;
+    let (src, values) = source(&dir.0, n);
+    let out = dir.0.join("out.safetensors");
+    let opts = ExecOptions {
+        chunk_bytes: 4096, // many chunks, each tensor split unevenly
+        ..ExecOptions::default()
+    };
+    let progress = Progress::default();
+    let stats = execute(&plan_for(&src, &out, n as u64, "BF16"), &opts, &progress).unwrap();
+    assert_eq!(stats.tensors_cast, 1);
+    assert_eq!(stats.tensors_copied, 1);
+    assert_eq!(stats.bytes_read, 4 * n as u64 + 8);
+    assert_eq!(
+        progress.bytes_done.load(Ordering::Relaxed),
+        stats.bytes_read
+    );
+
+    let bytes = fs::read(&out).unwrap();
+    assert_eq!(stats.bytes_written, bytes.len() as u64);
+    let header = Header::parse(&out, &bytes).unwrap();
+    assert_eq!(header.metadata, Some(vec![("format".into(), "pt".into())]));
+    let data = &bytes[header.data_start() as usize..];
+    assert_eq!(header.data_start() % 8, 0);
+    assert_eq!(&data[..8], &42i64.to_le_bytes());
+    let src_bytes: Vec<u8> = values.iter().flat_map(|v| v.to_le_bytes()).collect();
+    let mut want = vec![0u8; 2 * n];
+    let exact = CastOptions {
+        fp8_overflow: Fp8Overflow::Saturate,
+        kernel: crate::Kernel::Scalar,
+    };
+    cast::cast(&src_bytes, DType::F32, &mut want, DType::BF16, &exact).unwrap();
+    assert_eq!(&data[8..], &want[..]);
+}
+
+#[test]
+fn a_plan_that_does_not_tile_is_refused_before_writing() {
+    let dir = Scratch::new("tiling");
+    let (src, _) = source(&dir.0, 10);
+    let out = dir.0.join("out.safetensors");
+    let mut plan = plan_for(&src, &out, 10, "F16");
+    plan.shards[0].tensors[1].dst_offsets = (10, 30); // leaves a gap
+    let err = execute(&plan, &ExecOptions::default(), &Progress::default()).unwrap_err();
+    assert!(err.to_string().contains("gap"), "{err}");
+    assert_eq!(
+        fs::read_dir(&dir.0).unwrap().count(),
+        1,
+        "only the input remains"
+    );
+}
+
+#[test]
+fn source_bounds_and_changes_are_checked() {
+    let dir = Scratch::new("bounds");
+    let (src, _) = source(&dir.0, 10);
+    let out = dir.0.join("out.safetensors");
+    let mut plan = plan_for(&src, &out, 10, "F16");
+    plan.shards[0].tensors[1].src_offsets.1 += 4;
+    let err = execute(&plan, &ExecOptions::default(), &Progress::default()).unwrap_err();
+    assert!(matches!(err, Error::Plan { .. }), "{err}");
+
+    let mut plan = plan_for(&src, &out, 10, "F16");
+    plan.sources[0].size += 1;
+    let err = execute(&plan, &ExecOptions::default(), &Progress::default()).unwrap_err();
+    assert!(
+        err.to_string()
+            .contains("changed since the conversion was planned"),
+        "{err}"
+    );
+
+    let mut plan = plan_for(&src, &out, 10, "F16");
+    plan.shards[0].tensors[0].dst_dtype = "F32".into(); // an integer cast
+    let err = execute(&plan, &ExecOptions::default(), &Progress::default()).unwrap_err();
+    assert!(err.to_string().contains("cannot cast I64 to F32"), "{err}");
+    assert!(!out.exists());
+}
+
+#[test]
+fn cancelling_leaves_no_file_behind() {
+    let dir = Scratch::new("cancel");
+    let (src, _) = source(&dir.0, 1000);
+    let out = dir.0.join("out.safetensors");
+    let progress = Progress::default();
+    progress.cancel.store(true, Ordering::Relaxed);
+    let err = execute(
+        &plan_for(&src, &out, 1000, "F16"),
+        &ExecOptions::default(),
+        &progress,
+    );
+    assert!(matches!(err, Err(Error::Cancelled)));
+    let names: Vec<_> = fs::read_dir(&dir.0)
+        .unwrap()
+        .map(|e| e.unwrap().file_name())
+        .collect();
+    assert_eq!(names, vec![std::ffi::OsString::from("in.safetensors")]);
+}

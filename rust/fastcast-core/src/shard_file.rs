@@ -1,0 +1,162 @@
+//! An output shard being written: under a temporary name until it is complete
+//! and synced, then renamed into place; removed if anything goes wrong.
+
+use std::fs::{self, File, OpenOptions};
+use std::os::unix::fs::FileExt;
+use std::path::{Path, PathBuf};
+
+use crate::error::{Error, Result};
+
+/// A file written at offsets by many threads, which appears under its final
+/// name only through [`ShardFile::commit`]. Dropping it uncommitted removes
+/// the temporary file, so an error or an interrupt never leaves a partial
+/// file under a final name.
+pub struct ShardFile {
+    file: File,
+    temp: PathBuf,
+    path: PathBuf,
+    committed: bool,
+}
+
+/// The temporary name used while `path` is being written: hidden, in the same
+/// folder (so the rename is atomic), and recognisable for cleanup.
+pub fn temp_path(path: &Path) -> PathBuf {
+    let name = path
+        .file_name()
+        .map(|n| n.to_string_lossy().into_owned())
+        .unwrap_or_default();
+    path.with_file_name(format!(".{name}.fastcast-partial"))
+}
+
+impl ShardFile {
+    /// Create the temporary file for `path`, sized to `len` bytes. The space
+    /// is reserved up front where the filesystem supports it, so a full disk
+    /// fails here rather than halfway through.
+    pub fn create(path: &Path, len: u64) -> Result<ShardFile> {
+        let temp = temp_path(path);
+        let file = OpenOptions::new()
+            .read(true)
+            .write(true)
+            .create(true)
+            .truncate(true)
+            .open(&temp)
+            .map_err(|e| Error::io(&temp, e))?;
+        let shard = ShardFile {
+            file,
+            temp,
+            path: path.to_owned(),
+            committed: false,
+        };
+        shard.reserve(len)?;
+        Ok(shard)
+    }
+
+    fn reserve(&self, len: u64) -> Result<()> {
+        use std::os::fd::AsRawFd;
+        let Ok(off_len) = libc::off_t::try_from(len) else {
+            return Err(Error::io(
+                &self.path,
+                std::io::Error::other("file too large"),
+            ));
+        };
+        if len > 0 {
+            // SAFETY: the descriptor is open for writing and owned by `self.file`.
+            let rc = unsafe { libc::posix_fallocate(self.file.as_raw_fd(), 0, off_len) };
+            match rc {
+                0 => return Ok(()),
+                // Filesystems without fallocate (some network and FUSE ones):
+                // fall back to a sparse file and find out at write time.
+                libc::EOPNOTSUPP | libc::ENOSYS | libc::EINVAL => {}
+                errno => {
+                    return Err(Error::io(
+                        &self.path,
+                        std::io::Error::from_raw_os_error(errno),
+                    ))
+                }
+            }
+        }
+        self.file.set_len(len).map_err(|e| Error::io(&self.path, e))
+    }
+
+    /// Write `bytes` at `offset`; safe to call from many threads at once.
+    pub fn write_at(&self, bytes: &[u8], offset: u64) -> Result<()> {
+        self.file
+            .write_all_at(bytes, offset)
+            .map_err(|e| Error::io(&self.path, e))
+    }
+
+    /// The open file, for hints such as `fadvise`.
+    pub fn file(&self) -> &File {
+        &self.file
+    }
+
+    /// The final path.
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+
+    /// Sync (unless `fsync` is false) and rename into place.
+    pub fn commit(mut self, fsync: bool) -> Result<()> {
+        if fsync {
+            self.file.sync_all().map_err(|e| Error::io(&self.path, e))?;
+        }
+        fs::rename(&self.temp, &self.path).map_err(|e| Error::io(&self.path, e))?;
+        self.committed = true;
+        Ok(())
+    }
+}
+
+impl Drop for ShardFile {
+    fn drop(&mut self) {
+        if !self.committed {
+            let _ = fs::remove_file(&self.temp);
+        }
+    }
+}
+
+/// Sync a directory so that renames into it survive a crash.
+pub fn sync_dir(dir: &Path) -> Result<()> {
+    File::open(dir)
+        .and_then(|d| d.sync_all())
+        .map_err(|e| Error::io(dir, e))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn scratch(name: &str) -> PathBuf {
+        let dir =
+            std::env::temp_dir().join(format!("fastcast-shard-{}-{name}", std::process::id()));
+        fs::create_dir_all(&dir).unwrap();
+        dir
+    }
+
+    #[test]
+    fn appears_only_when_committed() {
+        let dir = scratch("commit");
+        let path = dir.join("model.safetensors");
+        let shard = ShardFile::create(&path, 8).unwrap();
+        shard.write_at(b"abcd", 4).unwrap();
+        shard.write_at(b"wxyz", 0).unwrap();
+        assert!(!path.exists());
+        assert!(temp_path(&path).exists());
+        shard.commit(true).unwrap();
+        assert_eq!(fs::read(&path).unwrap(), b"wxyzabcd");
+        assert!(!temp_path(&path).exists());
+        fs::remove_dir_all(dir).unwrap();
+    }
+
+    #[test]
+    fn dropped_uncommitted_leaves_nothing() {
+        let dir = scratch("drop");
+        let path = dir.join("model.safetensors");
+        {
+            let shard = ShardFile::create(&path, 1024).unwrap();
+            shard.write_at(b"partial", 0).unwrap();
+        }
+        assert!(!path.exists());
+        assert!(!temp_path(&path).exists());
+        fs::remove_dir_all(dir).unwrap();
+    }
+}
