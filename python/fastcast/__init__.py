@@ -28,6 +28,7 @@ from fastcast.arrays import cast_array
 from fastcast.convert import ConversionReport, convert
 from fastcast.inspection import ModelInspection, inspect
 from fastcast.units import parse_size
+from fastcast.verify import VerifyReport, verify
 
 __all__ = [
     "ConversionReport",
@@ -38,6 +39,7 @@ __all__ = [
     "ModelFolderError",
     "ModelInspection",
     "OutputExistsError",
+    "VerifyReport",
     "__version__",
     "available_kernels",
     "cast_array",
@@ -48,4 +50,5 @@ __all__ = [
     "parse_size",
     "read_header",
     "select_kernel",
+    "verify",
 ]

@@ -22,6 +22,7 @@ def build_parser() -> argparse.ArgumentParser:
     commands = parser.add_subparsers(dest="command", metavar="COMMAND")
     add_convert(commands)
     add_inspect(commands)
+    add_verify(commands)
     dtypes = commands.add_parser(
         "dtypes",
         help="list the dtypes fastcast knows and the names it accepts",
@@ -80,9 +81,43 @@ def add_convert(commands: argparse._SubParsersAction[argparse.ArgumentParser]) -
         "default) or become NaN (older torch, ml_dtypes)",
     )
     convert.add_argument(
+        "--verify",
+        action="store_true",
+        help="afterwards, check the output against the input with torch (see 'verify')",
+    )
+    convert.add_argument(
         "--quiet", "-q", action="store_true", help="no progress bar and no summary"
     )
     convert.set_defaults(run=run_convert)
+
+
+def add_verify(commands: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    verify = commands.add_parser(
+        "verify",
+        help="prove a converted folder right against its source, with torch",
+        description="Check a converted folder against the folder it came from. Structure:\n"
+        "every source tensor present once with the expected shape and dtype, index and\n"
+        "shards agree, config.json's dtype matches, no stray or half-written files.\n"
+        "Values: each output tensor is loaded with torch on the GPU(s) (else the CPU) and\n"
+        "compared bit for bit with torch's own .to(dtype) of the source tensor.\n"
+        "Exits 1 when anything is wrong. Needs torch and safetensors.",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    verify.add_argument("output", help="the converted folder (or .safetensors file)")
+    verify.add_argument("--against", required=True, help="the folder it was converted from")
+    verify.add_argument(
+        "--device",
+        default="auto",
+        help="auto (every GPU, else the CPU), cpu, cuda, or a list like cuda:0,cuda:1",
+    )
+    verify.add_argument("--dtype", help="the conversion's target (default: inferred)")
+    verify.add_argument(
+        "--load",
+        action="store_true",
+        help="also load the whole model as a user would (transformers, device_map=auto)",
+    )
+    verify.add_argument("--quiet", "-q", action="store_true", help="print only failures")
+    verify.set_defaults(run=run_verify)
 
 
 def add_inspect(commands: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
@@ -112,7 +147,28 @@ def run_convert(args: argparse.Namespace) -> int:
     )
     if not args.quiet:
         print(report.summary())
+    if args.verify:
+        checked = fastcast.verify(
+            report.output, args.model, dtype=report.dtype, progress=False if args.quiet else None
+        )
+        if not args.quiet or not checked.ok:
+            print(checked.summary())
+        return 0 if checked.ok else 1
     return 0
+
+
+def run_verify(args: argparse.Namespace) -> int:
+    report = fastcast.verify(
+        args.output,
+        args.against,
+        dtype=args.dtype,
+        device=args.device,
+        load=args.load,
+        progress=False if args.quiet else None,
+    )
+    if not args.quiet or not report.ok:
+        print(report.summary())
+    return 0 if report.ok else 1
 
 
 def run_inspect(args: argparse.Namespace) -> int:
