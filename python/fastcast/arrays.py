@@ -2,22 +2,24 @@
 
 from __future__ import annotations
 
-from typing import Literal
-
-import numpy as np
+from typing import TYPE_CHECKING, Literal
 
 from fastcast import _core
+
+if TYPE_CHECKING:
+    import numpy as np
 
 #: numpy storage for each castable dtype's bits. bf16 and fp8 have no numpy
 #: dtype of their own, so their results are raw bits in unsigned integers
 #: (view them with ``ml_dtypes`` or ``torch.from_numpy(a).view(torch.bfloat16)``).
-STORAGE: dict[str, np.dtype[np.generic]] = {
-    "F64": np.dtype(np.float64),
-    "F32": np.dtype(np.float32),
-    "F16": np.dtype(np.float16),
-    "BF16": np.dtype(np.uint16),
-    "F8_E4M3": np.dtype(np.uint8),
-    "F8_E5M2": np.dtype(np.uint8),
+#: By name, so that importing fastcast (and running the CLI) does not import numpy.
+STORAGE: dict[str, str] = {
+    "F64": "float64",
+    "F32": "float32",
+    "F16": "float16",
+    "BF16": "uint16",
+    "F8_E4M3": "uint8",
+    "F8_E5M2": "uint8",
 }
 
 
@@ -27,9 +29,11 @@ def source_dtype(array: np.ndarray, source: str | None) -> str:
     numpy's float16/32/64 and ml_dtypes' bfloat16/float8_e4m3fn/float8_e5m2
     are recognised by name; raw bits in uint16/uint8 need ``source``.
     """
+    import numpy as np
+
     if source is not None:
         name = _core.parse_dtype(source)
-        if name not in STORAGE or STORAGE[name].itemsize != array.dtype.itemsize:
+        if name not in STORAGE or np.dtype(STORAGE[name]).itemsize != array.dtype.itemsize:
             raise _core.DtypeError(
                 f"source={source!r} does not match a {array.dtype} array "
                 f"({array.dtype.itemsize}-byte elements)"
@@ -69,6 +73,8 @@ def cast_array(
     >>> fastcast.cast_array(np.array([1.0, 65536.0], np.float32), "bf16")
     array([16256, 18304], dtype=uint16)
     """
+    import numpy as np
+
     src_name = source_dtype(array, source)
     dst_name = _core.parse_dtype(dtype)
     if dst_name not in STORAGE:

@@ -137,28 +137,71 @@ fn span(dtype: DType, n: u64) -> u64 {
 ///
 /// Stops early (removing the shard in progress) on the first error or when
 /// `progress.cancel` is set.
+///
+/// Each finished shard is handed to a committer thread that syncs and renames
+/// it while the workers go on with the next shard, so the sync overlaps the
+/// casting instead of stalling it.
 pub fn execute(plan: &Plan, opts: &ExecOptions, progress: &Progress) -> Result<ExecStats> {
     let maps = map_sources(&plan.sources)?;
     let mut stats = ExecStats::default();
     let mut dirs: Vec<PathBuf> = Vec::new();
-    for shard in &plan.shards {
-        let (header, jobs) = check_shard(shard, plan, &maps)?;
-        write_shard(shard, &header, &jobs, opts, progress)?;
-        stats.shards_written += 1;
-        stats.bytes_written += header.data_start() + header.data_len();
-        for job in &jobs {
-            stats.bytes_read += job.src.len() as u64;
-            if job.from == job.to {
-                stats.tensors_copied += 1;
-            } else {
-                stats.tensors_cast += 1;
+    // Validate every shard before writing any: a bad plan writes nothing.
+    let checked = plan
+        .shards
+        .iter()
+        .map(|shard| check_shard(shard, plan, &maps))
+        .collect::<Result<Vec<_>>>()?;
+    let fsync = opts.fsync;
+    std::thread::scope(|scope| -> Result<()> {
+        let (to_commit, committer_rx) = std::sync::mpsc::channel::<ShardFile>();
+        let committer = scope.spawn(move || -> Result<()> {
+            // Commit in order; after the first failure, drop (and so delete)
+            // everything still queued.
+            let mut failed = None;
+            for shard in committer_rx {
+                if failed.is_none() {
+                    failed = shard.commit(fsync).err();
+                }
+            }
+            failed.map_or(Ok(()), Err)
+        });
+        let mut written = Ok(());
+        for (shard, (header, jobs)) in plan.shards.iter().zip(&checked) {
+            match write_shard(shard, header, jobs, opts, progress) {
+                Ok(file) => {
+                    if to_commit.send(file).is_err() {
+                        break; // the committer stopped: its error is reported below
+                    }
+                }
+                Err(e) => {
+                    written = Err(e);
+                    break;
+                }
+            }
+            stats.shards_written += 1;
+            stats.bytes_written += header.data_start() + header.data_len();
+            for job in jobs {
+                stats.bytes_read += job.src.len() as u64;
+                if job.from == job.to {
+                    stats.tensors_copied += 1;
+                } else {
+                    stats.tensors_cast += 1;
+                }
+            }
+            let dir = shard.path.parent().unwrap_or(Path::new(".")).to_owned();
+            if !dirs.contains(&dir) {
+                dirs.push(dir);
             }
         }
-        let dir = shard.path.parent().unwrap_or(Path::new(".")).to_owned();
-        if !dirs.contains(&dir) {
-            dirs.push(dir);
-        }
-    }
+        drop(to_commit);
+        let committed = committer.join().unwrap_or_else(|_| {
+            Err(Error::Plan {
+                path: PathBuf::new(),
+                problem: "the commit thread panicked".into(),
+            })
+        });
+        written.and(committed)
+    })?;
     if opts.fsync {
         for dir in dirs {
             shard_file::sync_dir(&dir)?;
@@ -307,7 +350,7 @@ fn write_shard(
     jobs: &[Job],
     opts: &ExecOptions,
     progress: &Progress,
-) -> Result<()> {
+) -> Result<ShardFile> {
     let header_bytes = header.to_bytes();
     let total = header.data_start() + header.data_len();
     let out = ShardFile::create(&shard.path, total)?;
@@ -322,15 +365,20 @@ fn write_shard(
             let src_begin = span(job.from, c.begin) as usize;
             let src = &job.src[src_begin..span(job.from, c.end) as usize];
             let offset = job.dst_start + span(job.to, c.begin);
+            let written = span(job.to, c.end - c.begin);
             if job.from == job.to {
                 out.write_at(src, offset)?;
             } else {
                 BUFFER.with_borrow_mut(|buf| -> Result<()> {
-                    buf.resize(span(job.to, c.end - c.begin) as usize, 0);
+                    buf.resize(written as usize, 0);
                     cast::cast(src, job.from, buf, job.to, &opts.cast)?;
                     out.write_at(buf, offset)
                 })?;
             }
+            if opts.fsync {
+                out.written(offset, written);
+            }
+            release_pages(src);
             progress
                 .bytes_done
                 .fetch_add(src.len() as u64, Ordering::Relaxed);
@@ -339,7 +387,36 @@ fn write_shard(
     if progress.cancel.load(Ordering::Relaxed) {
         return Err(Error::Cancelled);
     }
-    out.commit(opts.fsync)
+    Ok(out)
+}
+
+/// Unmap the whole pages of an input range we are done with. The data stays
+/// in the page cache (re-reads are cheap) but leaves our resident set, so RSS
+/// stays flat however large the model, and the pages are easy to reclaim
+/// under memory pressure. Safe for a read-only file mapping: a page touched
+/// again is simply faulted back in.
+fn release_pages(range: &[u8]) {
+    static PAGE: std::sync::OnceLock<usize> = std::sync::OnceLock::new();
+    // SAFETY: sysconf has no preconditions.
+    let page = *PAGE.get_or_init(|| match unsafe { libc::sysconf(libc::_SC_PAGESIZE) } {
+        n if n > 0 => n as usize,
+        _ => 4096,
+    });
+    let start = range.as_ptr() as usize;
+    let first = start.div_ceil(page) * page;
+    let last = (start + range.len()) / page * page;
+    if last > first {
+        // SAFETY: [first, last) lies inside `range`, which is part of a live
+        // read-only file mapping; MADV_DONTNEED only drops our page-table
+        // entries for it, and later reads fault the same file data back in.
+        unsafe {
+            libc::madvise(
+                first as *mut libc::c_void,
+                last - first,
+                libc::MADV_DONTNEED,
+            );
+        }
+    }
 }
 
 #[cfg(test)]

@@ -1,9 +1,11 @@
 //! An output shard being written: under a temporary name until it is complete
 //! and synced, then renamed into place; removed if anything goes wrong.
 
+use std::collections::VecDeque;
 use std::fs::{self, File, OpenOptions};
 use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
+use std::sync::Mutex;
 
 use crate::error::{Error, Result};
 
@@ -16,6 +18,18 @@ pub struct ShardFile {
     temp: PathBuf,
     path: PathBuf,
     committed: bool,
+    pending: Mutex<Pending>,
+}
+
+/// Output bytes allowed to be dirty or under writeback per shard before the
+/// writer waits for the oldest to reach the disk.
+pub const WRITEBACK_WINDOW: u64 = 64 << 20;
+
+/// Written ranges whose writeback has started but not been waited for.
+#[derive(Default)]
+struct Pending {
+    ranges: VecDeque<(u64, u64)>,
+    bytes: u64,
 }
 
 /// The temporary name used while `path` is being written: hidden, in the same
@@ -46,6 +60,7 @@ impl ShardFile {
             temp,
             path: path.to_owned(),
             committed: false,
+            pending: Mutex::new(Pending::default()),
         };
         shard.reserve(len)?;
         Ok(shard)
@@ -85,6 +100,57 @@ impl ShardFile {
             .map_err(|e| Error::io(&self.path, e))
     }
 
+    /// Record that `[offset, offset + len)` is written: start writing it back
+    /// to disk now, and once more than [`WRITEBACK_WINDOW`] bytes are in
+    /// flight, wait for the oldest ranges to reach the disk and drop them from
+    /// the page cache. Dirty and cached output pages so stay bounded, which
+    /// keeps a huge conversion from flooding the page cache and lets it run
+    /// inside a memory cgroup (where page cache counts against the cap), and
+    /// the final sync has almost nothing left to do.
+    pub fn written(&self, offset: u64, len: u64) {
+        use std::os::fd::AsRawFd;
+        let fd = self.file.as_raw_fd();
+        let range = |o: u64, l: u64| {
+            Some((
+                libc::off64_t::try_from(o).ok()?,
+                libc::off64_t::try_from(l).ok()?,
+            ))
+        };
+        let Some((off, n)) = range(offset, len) else {
+            return;
+        };
+        // SAFETY: a plain syscall on a descriptor owned by `self.file`; a
+        // failure only means less early writeback, which the final sync covers.
+        unsafe { libc::sync_file_range(fd, off, n, libc::SYNC_FILE_RANGE_WRITE) };
+        let settled: Vec<(u64, u64)> = {
+            let mut pending = self.pending.lock().unwrap_or_else(|e| e.into_inner());
+            pending.ranges.push_back((offset, len));
+            pending.bytes += len;
+            let mut out = Vec::new();
+            while pending.bytes > WRITEBACK_WINDOW {
+                let Some(oldest) = pending.ranges.pop_front() else {
+                    break;
+                };
+                pending.bytes -= oldest.1;
+                out.push(oldest);
+            }
+            out
+        };
+        for (o, l) in settled {
+            if let Some((off, n)) = range(o, l) {
+                let wait = libc::SYNC_FILE_RANGE_WAIT_BEFORE
+                    | libc::SYNC_FILE_RANGE_WRITE
+                    | libc::SYNC_FILE_RANGE_WAIT_AFTER;
+                // SAFETY: as above; and dropping clean cached pages of our own
+                // file is only a hint.
+                unsafe {
+                    libc::sync_file_range(fd, off, n, wait);
+                    libc::posix_fadvise(fd, off, n, libc::POSIX_FADV_DONTNEED);
+                }
+            }
+        }
+    }
+
     /// The open file, for hints such as `fadvise`.
     pub fn file(&self) -> &File {
         &self.file
@@ -96,9 +162,17 @@ impl ShardFile {
     }
 
     /// Sync (unless `fsync` is false) and rename into place.
+    ///
+    /// After a sync the file's pages are clean, so they are dropped from the
+    /// page cache: a 150 GB conversion must not evict everything else.
     pub fn commit(mut self, fsync: bool) -> Result<()> {
         if fsync {
+            use std::os::fd::AsRawFd;
             self.file.sync_all().map_err(|e| Error::io(&self.path, e))?;
+            // SAFETY: advisory syscall on a descriptor owned by `self.file`.
+            unsafe {
+                libc::posix_fadvise(self.file.as_raw_fd(), 0, 0, libc::POSIX_FADV_DONTNEED);
+            }
         }
         fs::rename(&self.temp, &self.path).map_err(|e| Error::io(&self.path, e))?;
         self.committed = true;

@@ -1,0 +1,411 @@
+"""End-to-end conversion benchmark: fastcast against the I/O floor and the usual scripts.
+
+    python3 benches/bench_convert.py [--quick] [--repeats 3] [--models llama,mixtral]
+
+Generates synthetic checkpoints once (streamed, cached in benches/.cache/):
+a Llama-shaped fp32 model of about 5 GB in 2 GB shards and a Mixtral-shaped bf16
+model with many expert tensors. Then, on the same input, runs interleaved
+(A B C ... A B C ...) and reports medians and ratios:
+
+  floor        maps every input shard, reads all of it, writes as many bytes as the
+               output holds, no cast (rust/fastcast-core/examples/io_floor.rs),
+               with and without fsync
+  script       per shard: safetensors.torch.load_file -> .to(dtype) -> save_file
+  transformers from_pretrained(dtype=...) -> save_pretrained(max_shard_size=...)
+  fastcast     the CLI, and fastcast.convert() from Python
+
+For each: wall time, CPU seconds (user+sys), peak RSS and peak anonymous memory
+(mapped file pages count in RSS, so RssAnon is the honest number). Then the
+memory cap: fastcast inside a 1 GiB memory cgroup on the Llama checkpoint (several
+times the cap), and the usual script under the same cap to show that it bites.
+Plus the cast kernels' single-thread GB/s. The page cache is warm (inputs are read
+once before timing) and the same for every contender. The table goes to
+benches/results/ and stdout.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import statistics
+import subprocess
+import sys
+import textwrap
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+import fastcast
+
+HERE = Path(__file__).resolve().parent
+ROOT = HERE.parent
+CACHE = HERE / ".cache"
+RESULTS = HERE / "results"
+CGROUP_V1 = Path("/sys/fs/cgroup/memory")
+CGROUP_V2 = Path("/sys/fs/cgroup")
+
+
+@dataclass
+class Model:
+    name: str
+    arch: str
+    size: str
+    dtype: str
+    shard_size: str
+    target: str
+    out_shard_size: str
+
+    @property
+    def path(self) -> Path:
+        return CACHE / f"{self.name}-{self.size}"
+
+
+@dataclass
+class Sample:
+    wall: float
+    cpu: float
+    peak_rss: int
+    peak_anon: int
+    code: int
+
+
+@dataclass
+class Row:
+    label: str
+    samples: list[Sample] = field(default_factory=list)
+
+    def median(self, attr: str) -> float:
+        return statistics.median(getattr(s, attr) for s in self.samples)
+
+    @property
+    def ok(self) -> bool:
+        return all(s.code == 0 for s in self.samples)
+
+
+# --- running and measuring ------------------------------------------------------------
+
+
+def measure(cmd: list[str], cgroup: Path | None = None) -> Sample:
+    """Run ``cmd``; poll its memory every 10 ms; wall, CPU and peaks from the kernel."""
+    if cgroup is not None:
+        cmd = ["sh", "-c", f'echo $$ > "{cgroup}/cgroup.procs" && exec "$@"', "sh", *cmd]
+    start = time.perf_counter()
+    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    peak_anon = peak_rss = 0
+    status = Path(f"/proc/{proc.pid}/status")
+    while True:
+        try:
+            for line in status.read_text().splitlines():
+                if line.startswith("RssAnon:"):
+                    peak_anon = max(peak_anon, int(line.split()[1]) * 1024)
+                elif line.startswith("VmHWM:"):  # the kernel's own high-water mark
+                    peak_rss = max(peak_rss, int(line.split()[1]) * 1024)
+        except (FileNotFoundError, ProcessLookupError):
+            pass
+        pid, wait_status, usage = os.wait4(proc.pid, os.WNOHANG)
+        if pid:
+            break
+        time.sleep(0.01)
+    wall = time.perf_counter() - start
+    err = proc.stderr.read().decode(errors="replace") if proc.stderr else ""
+    code = os.waitstatus_to_exitcode(wait_status)
+    if code != 0 and cgroup is None:
+        sys.exit(f"benchmark command failed ({code}): {' '.join(cmd)}\n{err[-2000:]}")
+    # ru_maxrss is not used: across fork+exec it can report the parent's figure.
+    return Sample(wall, usage.ru_utime + usage.ru_stime, peak_rss, peak_anon, code)
+
+
+def python_cmd(code: str) -> list[str]:
+    return [sys.executable, "-c", textwrap.dedent(code)]
+
+
+def contenders(model: Model, out: Path, floor_bytes: int) -> dict[str, list[str]]:
+    shards = sorted(str(p) for p in model.path.glob("*.safetensors"))
+    floor = str(ROOT / "target" / "release" / "examples" / "io_floor")
+    torch_dtype = fastcast.dtypes()
+    torch_name = next(d["torch_name"] for d in torch_dtype if d["name"] == model.target)
+    return {
+        "floor (fsync)": [floor, "--fsync", str(out), str(floor_bytes), *shards],
+        "floor (no fsync)": [floor, str(out), str(floor_bytes), *shards],
+        "script": python_cmd(
+            f"""
+            import torch, pathlib
+            from safetensors.torch import load_file, save_file
+            out = pathlib.Path({str(out)!r}); out.mkdir(parents=True, exist_ok=True)
+            for f in {shards!r}:
+                state = {{k: v.to(torch.{torch_name}) for k, v in load_file(f).items()}}
+                save_file(state, str(out / pathlib.Path(f).name), metadata={{"format": "pt"}})
+            """
+        ),
+        "transformers": python_cmd(
+            f"""
+            import torch, transformers
+            m = transformers.AutoModelForCausalLM.from_pretrained(
+                {str(model.path)!r}, dtype=torch.{torch_name})
+            m.save_pretrained({str(out)!r}, max_shard_size={model.out_shard_size!r})
+            """
+        ),
+        "fastcast (CLI)": [
+            sys.executable,
+            "-m",
+            "fastcast.cli",
+            "convert",
+            str(model.path),
+            "-o",
+            str(out),
+            "--dtype",
+            model.target,
+            "--shard-size",
+            model.out_shard_size,
+            "--quiet",
+        ],
+        "fastcast (API)": python_cmd(
+            f"""
+            import fastcast
+            fastcast.convert({str(model.path)!r}, {model.target!r}, output={str(out)!r},
+                             shard_size={model.out_shard_size!r}, progress=False)
+            """
+        ),
+    }
+
+
+def warm(paths: list[Path]) -> None:
+    """Read the inputs once so every contender starts from the same warm page cache."""
+    for p in paths:
+        with open(p, "rb") as f:
+            while f.read(64 << 20):
+                pass
+
+
+def settle() -> None:
+    """Flush dirty pages left by the previous run so that it does not bill the next."""
+    os.sync()
+
+
+def run_model(model: Model, repeats: int) -> tuple[dict[str, Row], int]:
+    out = CACHE / f"out-{model.name}"
+    report = fastcast.convert(
+        model.path, model.target, output=out, shard_size=model.out_shard_size,
+        overwrite=True, progress=False,
+    )  # fmt: skip
+    floor_bytes = report.bytes_written
+    cmds = contenders(model, out, floor_bytes)
+    rows = {label: Row(label) for label in cmds}
+    warm(sorted(model.path.glob("*.safetensors")))
+    for r in range(repeats):
+        for label, cmd in cmds.items():
+            shutil.rmtree(out, ignore_errors=True)
+            settle()
+            sample = measure(cmd)
+            rows[label].samples.append(sample)
+            print(
+                f"  [{model.name} {r + 1}/{repeats}] {label:<18} {sample.wall:7.2f} s", flush=True
+            )
+    shutil.rmtree(out, ignore_errors=True)
+    return rows, floor_bytes
+
+
+# --- memory cap -----------------------------------------------------------------------
+
+
+def make_cgroup(limit: int) -> Path | None:
+    """A memory cgroup capped at ``limit`` bytes (v1 or v2), or None where unusable."""
+    name = f"fastcast-bench-{os.getpid()}"
+    try:
+        if (CGROUP_V1 / "memory.limit_in_bytes").exists():
+            group = CGROUP_V1 / name
+            group.mkdir()
+            (group / "memory.limit_in_bytes").write_text(str(limit))
+            return group
+        if (CGROUP_V2 / "cgroup.controllers").exists() and "memory" in (
+            CGROUP_V2 / "cgroup.subtree_control"
+        ).read_text():
+            group = CGROUP_V2 / name
+            group.mkdir()
+            (group / "memory.max").write_text(str(limit))
+            (group / "memory.swap.max").write_text("0")
+            return group
+    except OSError as e:
+        print(f"memory cap: cannot create a memory cgroup ({e}); skipped")
+        return None
+    print("memory cap: no usable memory cgroup (v1 or v2, as root) here; skipped")
+    return None
+
+
+def remove_cgroup(group: Path) -> None:
+    for _ in range(50):
+        try:
+            group.rmdir()
+            return
+        except OSError:
+            time.sleep(0.1)
+
+
+def drop_caches() -> bool:
+    """Empty the page cache (root only) so the next run reads from disk."""
+    os.sync()
+    try:
+        Path("/proc/sys/vm/drop_caches").write_text("3\n")
+        return True
+    except OSError:
+        return False
+
+
+def run_capped(model: Model, limit: int, repeats: int) -> list[str]:
+    """fastcast with and without the cap, interleaved, from a cold page cache each
+    time (so the input's pages are charged to the capped group too); then the usual
+    script under the same cap."""
+    group = make_cgroup(limit)
+    if group is None:
+        return ["memory cap: skipped (no usable memory cgroup; needs root and cgroup v1 or v2)"]
+    out = CACHE / f"out-{model.name}-capped"
+    cmds = contenders(model, out, 0)
+    cold = True
+    free, capped, script = [], [], []
+    try:
+        for _ in range(repeats):
+            for samples, cgroup in ((free, None), (capped, group)):
+                shutil.rmtree(out, ignore_errors=True)
+                cold = drop_caches() and cold
+                samples.append(measure(cmds["fastcast (CLI)"], cgroup=cgroup))
+        shutil.rmtree(out, ignore_errors=True)
+        drop_caches()
+        script.append(measure(cmds["script"], cgroup=group))
+    finally:
+        shutil.rmtree(out, ignore_errors=True)
+        remove_cgroup(group)
+    cache = "cold page cache before each run" if cold else "warm cache (could not drop it)"
+    cap = f"{limit >> 20} MiB"
+    lines = [f"{cache}; {repeats} interleaved pairs"]
+    if all(s.code == 0 for s in capped):
+        t_free = statistics.median(s.wall for s in free)
+        t_cap = statistics.median(s.wall for s in capped)
+        peak = max(s.peak_rss for s in capped) / 2**20
+        lines.append(
+            f"fastcast under a {cap} cap: finished, {t_cap:.2f} s vs {t_free:.2f} s uncapped "
+            f"= {t_cap / t_free:.2f}x (peak RSS {peak:.0f} MiB)"
+        )
+    else:
+        lines.append(
+            f"fastcast under a {cap} cap: did NOT finish (exit {[s.code for s in capped]})"
+        )
+    verdict = (
+        "finished" if script[0].code == 0 else f"did NOT finish (exit {script[0].code}, killed)"
+    )
+    lines.append(f"usual script under the same cap: {verdict}")
+    return lines
+
+
+# --- kernels --------------------------------------------------------------------------
+
+
+def kernel_speed() -> list[str]:
+    """Single-thread cast-kernel throughput in GB/s of input, preallocated buffers."""
+    from fastcast import _core
+
+    lines = []
+    values = np.random.default_rng(0).standard_normal(32 << 20).astype(np.float32)
+    for src, dst in (("F32", "BF16"), ("F32", "F16"), ("BF16", "F16")):
+        data = values if src == "F32" else fastcast.cast_array(values, src)
+        out = np.empty(len(values) * {"BF16": 2, "F16": 2}[dst], np.uint8)
+        raw = data.view(np.uint8)
+        times = []
+        for _ in range(5):
+            t0 = time.perf_counter()
+            _core.cast_into(raw, src, out, dst, threads=1)
+            times.append(time.perf_counter() - t0)
+        lines.append(f"{src}->{dst} {raw.nbytes / min(times) / 1e9:.1f} GB/s/core")
+    return lines
+
+
+# --- report ---------------------------------------------------------------------------
+
+
+def table(model: Model, rows: dict[str, Row], floor_bytes: int) -> list[str]:
+    floor = rows["floor (fsync)"]
+    script = rows["script"]
+    hf = rows["transformers"]
+    lines = [
+        f"### {model.name}: {model.size} {model.dtype} in {model.shard_size} shards -> "
+        f"{model.target}, {model.out_shard_size} shards ({floor_bytes / 1e9:.2f} GB out)",
+        "",
+        "| run | wall s | vs floor | vs script | vs transformers | CPU s | CPU vs floor "
+        "| peak RSS MiB | peak anon MiB |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|---:|",
+    ]
+    for row in rows.values():
+        wall, cpu = row.median("wall"), row.median("cpu")
+        lines.append(
+            f"| {row.label} | {wall:.2f} | {wall / floor.median('wall'):.2f}x "
+            f"| {wall / script.median('wall'):.2f}x | {wall / hf.median('wall'):.2f}x "
+            f"| {cpu:.2f} | {cpu / max(floor.median('cpu'), 1e-3):.2f}x "
+            f"| {row.median('peak_rss') / 2**20:.0f} | {row.median('peak_anon') / 2**20:.0f} |"
+        )
+    return lines
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument(
+        "--quick", action="store_true", help="small models, one repeat (a smoke run)"
+    )
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--models", default="llama,mixtral")
+    parser.add_argument("--cap", default="1GiB", help="memory cap for the capped runs")
+    args = parser.parse_args()
+    scale = "300MB" if args.quick else None
+    models = {
+        "llama": Model("llama", "llama", scale or "5GB", "fp32", "2GB" if not scale else "100MB",
+                       "BF16", "2GB" if not scale else "50MB"),
+        "mixtral": Model("mixtral", "mixtral", scale or "3GB", "bf16",
+                         "2GB" if not scale else "100MB", "F16", "2GB" if not scale else "50MB"),
+    }  # fmt: skip
+    chosen = [models[m] for m in args.models.split(",")]
+    repeats = 1 if args.quick else args.repeats
+    subprocess.run(
+        ["cargo", "build", "--release", "--quiet", "-p", "fastcast-core", "--example", "io_floor"],
+        cwd=ROOT, check=True,
+    )  # fmt: skip
+    CACHE.mkdir(exist_ok=True)
+    for m in chosen:
+        if not (m.path / "config.json").exists():
+            subprocess.run(
+                [sys.executable, str(HERE / "make_model.py"), str(m.path), "--arch", m.arch,
+                 "--size", m.size, "--dtype", m.dtype, "--shard-size", m.shard_size],
+                check=True,
+            )  # fmt: skip
+    lines = [
+        f"## fastcast conversion benchmark ({time.strftime('%Y-%m-%d')}, "
+        f"{os.cpu_count()} cores, kernel path {fastcast.select_kernel()})",
+        "",
+        "Medians of interleaved runs; warm page cache; fsync on for fastcast and "
+        "'floor (fsync)'; the scripts do not fsync.",
+        "",
+    ]
+    samples: dict[str, dict[str, list[dict[str, float]]]] = {}
+    for m in chosen:
+        print(f"{m.name}: {m.path}")
+        rows, floor_bytes = run_model(m, repeats)
+        samples[m.name] = {r.label: [vars(s) for s in r.samples] for r in rows.values()}
+        lines += [*table(m, rows, floor_bytes), ""]
+    cap = fastcast.parse_size(args.cap)
+    capped_model = chosen[0]
+    lines += [f"### memory cap ({capped_model.name}, {capped_model.size} input)", ""]
+    lines += [f"- {x}" for x in run_capped(capped_model, cap, repeats)]
+    lines += ["", "### cast kernels (one thread, in memory)", ""]
+    lines += [f"- {x}" for x in kernel_speed()]
+    text = "\n".join(lines) + "\n"
+    print("\n" + text)
+    RESULTS.mkdir(exist_ok=True)
+    name = "convert-quick.md" if args.quick else "convert.md"
+    (RESULTS / name).write_text(text)
+    (RESULTS / name.replace(".md", ".json")).write_text(json.dumps(samples, indent=1))
+    print(f"written to {RESULTS / name}")
+
+
+if __name__ == "__main__":
+    main()
