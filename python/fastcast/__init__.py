@@ -15,6 +15,7 @@ from fastcast._core import (
     FastcastError,
     InsufficientSpaceError,
     InvalidSafetensorsError,
+    LossError,
     ModelFolderError,
     OutputExistsError,
     __version__,
@@ -27,6 +28,7 @@ from fastcast._core import (
 from fastcast.arrays import cast_array
 from fastcast.convert import ConversionReport, convert
 from fastcast.inspection import ModelInspection, inspect
+from fastcast.loss import FastcastWarning, OverflowWarning, RangeRiskWarning, TensorLoss
 from fastcast.units import parse_size
 from fastcast.verify import VerifyReport, verify
 
@@ -34,11 +36,16 @@ __all__ = [
     "ConversionReport",
     "DtypeError",
     "FastcastError",
+    "FastcastWarning",
     "InsufficientSpaceError",
     "InvalidSafetensorsError",
+    "LossError",
     "ModelFolderError",
     "ModelInspection",
     "OutputExistsError",
+    "OverflowWarning",
+    "RangeRiskWarning",
+    "TensorLoss",
     "VerifyReport",
     "__version__",
     "available_kernels",

@@ -14,6 +14,7 @@ __all__ = [
     "FastcastError",
     "InsufficientSpaceError",
     "InvalidSafetensorsError",
+    "LossError",
     "ModelFolderError",
     "OutputExistsError",
     "__version__",
@@ -24,7 +25,9 @@ __all__ = [
     "parse_dtype",
     "partial_path",
     "read_header",
+    "scan_plan",
     "select_kernel",
+    "shard_digest",
 ]
 
 __version__: str
@@ -46,6 +49,18 @@ class OutputExistsError(FastcastError):
 
 class InsufficientSpaceError(FastcastError):
     """Not enough free disk space for the output."""
+
+class LossError(FastcastError):
+    """strict mode: a cast would lose range (values overflowed), so nothing was written."""
+
+@type_check_only
+class LossCounts(TypedDict):
+    elements: int
+    overflow: int
+    underflow: int
+    nan_in: int
+    inf_in: int
+    max_abs: float
 
 @type_check_only
 class DtypeInfo(TypedDict):
@@ -86,5 +101,14 @@ def execute_plan(
     chunk_bytes: int | None = None,
     kernel: str | None = None,
     fp8_overflow: Literal["saturate", "nan"] = "saturate",
-) -> dict[str, int]: ...
+    strict: bool = False,
+    journal: str | PathLike[Any] | None = None,
+) -> dict[str, Any]: ...
+def scan_plan(
+    plan_json: str,
+    *,
+    progress: Callable[[int], object] | None = None,
+    threads: int | None = None,
+) -> list[tuple[str, LossCounts]]: ...
+def shard_digest(plan_json: str, index: int, chunk_bytes: int) -> int: ...
 def partial_path(path: str | PathLike[Any]) -> Path: ...

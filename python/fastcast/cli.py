@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import argparse
 import sys
+import warnings
 from collections.abc import Sequence
+from typing import TextIO
 
 import fastcast
 from fastcast.convert import DEFAULT_SHARD_SIZE
@@ -62,7 +64,27 @@ def add_convert(commands: argparse._SubParsersAction[argparse.ArgumentParser]) -
     )
     convert.add_argument("--threads", type=int, help="worker threads (default: all cores)")
     convert.add_argument(
+        "--keep",
+        action="append",
+        default=[],
+        metavar="PATTERN",
+        help="leave float tensors whose names match this glob in their source dtype "
+        "(repeatable), e.g. --keep '*norm*' --keep '*.gate.weight'",
+    )
+    convert.add_argument(
+        "--strict",
+        action="store_true",
+        help="refuse to write anything if any value overflows (default: convert and warn)",
+    )
+    convert.add_argument("--report", metavar="FILE", help="also write the report as JSON")
+    convert.add_argument(
         "--overwrite", action="store_true", help="replace an existing, non-empty output folder"
+    )
+    convert.add_argument(
+        "--resume",
+        action="store_true",
+        help="finish an interrupted conversion into the same output, reusing the shards it "
+        "completed (each checked against its recorded digest)",
     )
     convert.add_argument(
         "--no-fsync",
@@ -129,6 +151,14 @@ def add_inspect(commands: argparse._SubParsersAction[argparse.ArgumentParser]) -
         "when they disagree. Reads headers only; writes nothing.",
     )
     inspect.add_argument("model", nargs="+", help="model folder(s) or .safetensors file(s)")
+    inspect.add_argument(
+        "--dtype",
+        help="also predict what converting to this dtype would lose (reads every tensor; "
+        "writes nothing)",
+    )
+    inspect.add_argument(
+        "--keep", action="append", default=[], metavar="PATTERN", help="as for convert"
+    )
     inspect.set_defaults(run=run_inspect)
 
 
@@ -138,7 +168,11 @@ def run_convert(args: argparse.Namespace) -> int:
         args.dtype,
         output=args.output,
         shard_size=args.shard_size,
+        keep=args.keep,
+        strict=args.strict,
+        report=args.report,
         overwrite=args.overwrite,
+        resume=args.resume,
         threads=args.threads,
         fsync=not args.no_fsync,
         max_memory=args.max_memory,
@@ -175,7 +209,7 @@ def run_inspect(args: argparse.Namespace) -> int:
     for i, model in enumerate(args.model):
         if i:
             print()
-        print(fastcast.inspect(model).render())
+        print(fastcast.inspect(model, dtype=args.dtype, keep=args.keep).render())
     return 0
 
 
@@ -198,9 +232,25 @@ def run_dtypes(args: argparse.Namespace) -> int:
     return 0
 
 
+def show_warning(
+    message: Warning | str,
+    category: type[Warning],
+    filename: str,
+    lineno: int,
+    file: TextIO | None = None,
+    line: str | None = None,
+) -> None:
+    """Warnings as one line each on stderr, like errors (no source line)."""
+    print(f"fastcast: warning: {message}", file=sys.stderr)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
+    warnings.showwarning = show_warning
+    if getattr(args, "quiet", False):
+        # Quiet drops the "this cast could overflow" notice, never the "it did".
+        warnings.filterwarnings("ignore", category=fastcast.RangeRiskWarning)
     if args.command is None:
         parser.print_help()
         return 2

@@ -3,11 +3,15 @@
 from __future__ import annotations
 
 import os
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from fastcast import _core
-from fastcast.model_dir import config_dtypes, open_model, read_config
+from fastcast.loss import TensorLoss, describe
+from fastcast.model_dir import ModelFolder, config_dtypes, open_model, read_config
+from fastcast.plan import plan_conversion
+from fastcast.progress import ByteProgress
 from fastcast.units import format_bytes
 
 _TORCH_TO_NAME = {d["torch_name"]: d["name"] for d in _core.dtypes()}
@@ -39,6 +43,9 @@ class ModelInspection:
     dtypes: list[DtypeCount]
     config_dtypes: dict[str, str] = field(default_factory=dict)
     warnings: list[str] = field(default_factory=list)
+    #: With ``dtype=``: what converting to it would lose, per cast tensor.
+    predicted: list[TensorLoss] | None = None
+    predicted_dtype: str | None = None
 
     @property
     def float_dtype(self) -> str | None:
@@ -63,17 +70,28 @@ class ModelInspection:
             lines.append(f"  config.json: {claims}")
         else:
             lines.append("  config.json: no dtype")
+        if self.predicted is not None:
+            lines.append(f"  converting to {self.predicted_dtype} would give:")
+            lines.extend(f"    {line}" for line in describe(self.predicted))
         lines.extend(f"  warning: {w}" for w in self.warnings)
         return "\n".join(lines)
 
 
-def inspect(model: str | os.PathLike[str]) -> ModelInspection:
+def inspect(
+    model: str | os.PathLike[str],
+    *,
+    dtype: str | None = None,
+    keep: Sequence[str] = (),
+    progress: bool | None = None,
+) -> ModelInspection:
     """Describe a model folder (or a .safetensors file) from its headers alone.
 
     Warns when config.json's dtype disagrees with the stored float weights —
-    the "config says float32 but the weights are bf16" trap.
+    the "config says float32 but the weights are bf16" trap. With ``dtype``,
+    also reads every tensor (read-only) and predicts what converting to it
+    would lose: overflow, underflow, NaN/inf already there, max |x|.
 
-    >>> print(inspect("model/").render())  # doctest: +SKIP
+    >>> print(inspect("model/", dtype="fp16").render())  # doctest: +SKIP
     """
     folder = open_model(model)
     counts: dict[str, list[int]] = {}
@@ -83,6 +101,8 @@ def inspect(model: str | os.PathLike[str]) -> ModelInspection:
         c[1] += t.nbytes
     dtypes = [DtypeCount(d, n, b) for d, (n, b) in sorted(counts.items(), key=lambda i: -i[1][1])]
     claims = config_dtypes(read_config(folder.config)) if folder.config else {}
+    target = _core.parse_dtype(dtype) if dtype is not None else None
+    predicted = predict_loss(folder, target, keep, progress) if target is not None else None
     info = ModelInspection(
         path=Path(model),
         weight_sets=[
@@ -96,6 +116,8 @@ def inspect(model: str | os.PathLike[str]) -> ModelInspection:
         dtypes=dtypes,
         config_dtypes=claims,
         warnings=list(folder.warnings),
+        predicted=predicted,
+        predicted_dtype=target,
     )
     stored = info.float_dtype
     for key, claimed in claims.items():
@@ -110,3 +132,19 @@ def inspect(model: str | os.PathLike[str]) -> ModelInspection:
 
 
 _TORCH_NAME = {d["name"]: d["torch_name"] for d in _core.dtypes()}
+
+
+def predict_loss(
+    folder: ModelFolder, dtype: str, keep: Sequence[str], progress: bool | None
+) -> list[TensorLoss]:
+    """Scan the inputs as a conversion to ``dtype`` would, writing nothing."""
+    plan = plan_conversion(folder, dtype, 2**62, keep)
+    sizes = {p: p.stat().st_size for p in plan.sources}
+    by_name = {t.entry.name: t for t in plan.tensors}
+    total = sum(t.entry.nbytes for t in plan.tensors if t.is_cast)
+    with ByteProgress(total, "scanning", progress) as update:
+        found = _core.scan_plan(plan.to_json(folder.root, sizes), progress=update)
+    return [
+        TensorLoss(name, by_name[name].entry.dtype, by_name[name].dtype, **counts)
+        for name, counts in found
+    ]

@@ -178,8 +178,9 @@ def read_indexed_set(index: Path, root: Path) -> WeightSet:
 
 
 def check_unique(sets: list[WeightSet]) -> list[str]:
-    """Reject a tensor held by two files of one set; warn about unindexed ones."""
-    warnings = []
+    """Reject a tensor held by two files of one set, or held by a shard but not
+    listed in the index: either way, which copy loaders use is ambiguous."""
+    warnings: list[str] = []
     for ws in sets:
         where: dict[str, Path] = {}
         for f in ws.files:
@@ -194,9 +195,10 @@ def check_unique(sets: list[WeightSet]) -> list[str]:
             listed = set(json.loads(ws.index.read_text(encoding="utf-8"))["weight_map"])
             extra = [n for n in where if n not in listed]
             if extra:
-                warnings.append(
-                    f"{ws.index.name} does not list {len(extra)} tensor(s) its shards hold "
-                    f"(e.g. {extra[0]!r}); converted anyway, and listed in the new index"
+                raise ModelFolderError(
+                    f"{ws.index}: does not list tensor {extra[0]!r}, which "
+                    f"{where[extra[0]].name} holds"
+                    + (f" (and {len(extra) - 1} more)" if len(extra) > 1 else "")
                 )
     return warnings
 

@@ -10,13 +10,25 @@ Only tensor bytes count toward the limit.
 
 from __future__ import annotations
 
+import fnmatch
 import json
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from fastcast import _core
 from fastcast.model_dir import ModelFolder, TensorEntry, WeightSet
+
+#: Short name of each target dtype, for folder names and messages (``model-bf16``).
+SHORT_NAMES = {
+    "BF16": "bf16",
+    "F16": "fp16",
+    "F32": "fp32",
+    "F64": "fp64",
+    "F8_E4M3": "fp8_e4m3",
+    "F8_E5M2": "fp8_e5m2",
+}
 
 #: Bytes per element of each dtype (sub-byte dtypes: 1, they align to bytes).
 _DTYPES = {d["name"]: d for d in _core.dtypes()}
@@ -128,9 +140,17 @@ class ConversionPlan:
         return json.dumps(doc)
 
 
-def target_dtype(entry: TensorEntry, dtype: str) -> str:
-    """Floats fastcast casts go to ``dtype``; everything else keeps its dtype."""
-    return dtype if is_castable(entry.dtype) else entry.dtype
+def is_kept(name: str, keep: Sequence[str]) -> bool:
+    """True when ``name`` matches a ``--keep`` glob (``*.norm.weight``, ``*gate*``)."""
+    return any(fnmatch.fnmatchcase(name, pattern) for pattern in keep)
+
+
+def target_dtype(entry: TensorEntry, dtype: str, keep: Sequence[str] = ()) -> str:
+    """Floats fastcast casts go to ``dtype``, unless kept by a ``--keep`` pattern;
+    everything else (integers, bool, packed formats) keeps its dtype."""
+    if not is_castable(entry.dtype) or is_kept(entry.name, keep):
+        return entry.dtype
+    return dtype
 
 
 def output_nbytes(entry: TensorEntry, dtype: str) -> int:
@@ -179,10 +199,10 @@ def shard_names(prefix: str, count: int) -> list[str]:
     return [f"{prefix}-{i:05d}-of-{count:05d}.safetensors" for i in range(1, count + 1)]
 
 
-def plan_set(ws: WeightSet, dtype: str, shard_size: int) -> SetPlan:
+def plan_set(ws: WeightSet, dtype: str, shard_size: int, keep: Sequence[str] = ()) -> SetPlan:
     planned = []
     for entry in ws.tensors:
-        to = target_dtype(entry, dtype)
+        to = target_dtype(entry, dtype, keep)
         planned.append(PlannedTensor(entry, to, output_nbytes(entry, to)))
     groups = pack(planned, shard_size)
     # The source's metadata is kept; transformers needs a format, so one is added if absent.
@@ -194,12 +214,14 @@ def plan_set(ws: WeightSet, dtype: str, shard_size: int) -> SetPlan:
     )
 
 
-def plan_conversion(model: ModelFolder, dtype: str, shard_size: int) -> ConversionPlan:
+def plan_conversion(
+    model: ModelFolder, dtype: str, shard_size: int, keep: Sequence[str] = ()
+) -> ConversionPlan:
     """Plan the output of every weight set of ``model``.
 
-    >>> # plan_conversion(open_model("model/"), "BF16", parse_size("5GB"))
+    >>> # plan_conversion(open_model("model/"), "BF16", parse_size("5GB"), keep=["*norm*"])
     """
-    sets = [plan_set(ws, dtype, shard_size) for ws in model.weight_sets]
+    sets = [plan_set(ws, dtype, shard_size, keep) for ws in model.weight_sets]
     written: dict[str, str] = {}
     for sp in sets:
         for name in [s.name for s in sp.shards] + ([sp.index_name] if sp.index_name else []):

@@ -52,6 +52,10 @@ pub enum Error {
     #[error("{}: inconsistent plan: {problem}", path.display())]
     Plan { path: PathBuf, problem: String },
 
+    /// `--strict` and some values overflowed: nothing was put in place.
+    #[error("refusing to write (strict): {} value(s) overflowed in {} tensor(s): {}", tensors.iter().map(|t| t.1).sum::<u64>(), tensors.len(), overflow_list(tensors))]
+    Overflow { tensors: Vec<(String, u64)> },
+
     /// The run was asked to stop (Ctrl-C); nothing partial was left behind.
     #[error("cancelled")]
     Cancelled,
@@ -154,6 +158,20 @@ impl Error {
             problem,
         }
     }
+}
+
+/// "a (12), b (3), ... and 4 more": the worst few of a list of (name, count).
+fn overflow_list(tensors: &[(String, u64)]) -> String {
+    const SHOWN: usize = 5;
+    let mut parts: Vec<String> = tensors
+        .iter()
+        .take(SHOWN)
+        .map(|(name, n)| format!("{name} ({n})"))
+        .collect();
+    if tensors.len() > SHOWN {
+        parts.push(format!("and {} more", tensors.len() - SHOWN));
+    }
+    parts.join(", ")
 }
 
 pub type Result<T, E = Error> = std::result::Result<T, E>;

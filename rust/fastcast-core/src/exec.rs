@@ -9,17 +9,21 @@
 
 use std::cell::RefCell;
 use std::fs::File;
+use std::io::Write;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::Mutex;
 
 use memmap2::{Advice, Mmap};
 use rayon::prelude::*;
 use serde::Deserialize;
+use xxhash_rust::xxh3::xxh3_64;
 
 use crate::cast::{self, CastOptions};
 use crate::dtype::DType;
 use crate::error::{Error, Result};
 use crate::header::{Header, TensorInfo};
+use crate::loss::{LossRule, LossStats};
 use crate::shard_file::{self, ShardFile};
 
 /// A whole conversion: input files and the output shards to produce.
@@ -62,13 +66,19 @@ pub struct TensorPlan {
 }
 
 /// How a plan runs.
-#[derive(Debug, Clone, Copy)]
+#[derive(Debug, Clone)]
 pub struct ExecOptions {
     pub cast: CastOptions,
     /// Largest chunk a worker casts at once (input or output side).
     pub chunk_bytes: usize,
     /// Sync each shard before renaming it into place.
     pub fsync: bool,
+    /// Refuse to put anything in place if any value overflowed: shards wait
+    /// under their temporary names until every one is written and checked.
+    pub strict: bool,
+    /// A file to which each committed shard's name, size and digest are
+    /// appended (one JSON line, synced), so an interrupted run can resume.
+    pub journal: Option<PathBuf>,
 }
 
 impl Default for ExecOptions {
@@ -77,6 +87,8 @@ impl Default for ExecOptions {
             cast: CastOptions::default(),
             chunk_bytes: DEFAULT_CHUNK_BYTES,
             fsync: true,
+            strict: false,
+            journal: None,
         }
     }
 }
@@ -96,13 +108,29 @@ pub struct Progress {
 }
 
 /// What a run did.
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+#[derive(Debug, Clone, Default, PartialEq)]
 pub struct ExecStats {
     pub tensors_cast: u64,
     pub tensors_copied: u64,
     pub bytes_read: u64,
     pub bytes_written: u64,
     pub shards_written: u64,
+    /// Loss counts of every cast tensor, in plan order.
+    pub losses: Vec<(String, LossStats)>,
+    /// Every shard written: final path, size and content digest.
+    pub shards: Vec<ShardRecord>,
+}
+
+/// A shard as committed, for the journal and for resuming.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ShardRecord {
+    pub path: PathBuf,
+    pub size: u64,
+    /// xxh3 over the header and the per-chunk hashes in offset order; see
+    /// [`shard_digest`].
+    pub digest: u64,
+    /// The chunk size the digest was computed with.
+    pub chunk_bytes: usize,
 }
 
 /// A tensor whose plan has been checked, ready to run.
@@ -113,6 +141,10 @@ struct Job<'a> {
     src: &'a [u8],
     /// Offset of the tensor's first byte in the output file.
     dst_start: u64,
+    /// Loss thresholds, for tensors that are cast.
+    rule: Option<LossRule>,
+    /// Loss counts gathered chunk by chunk.
+    stats: Mutex<LossStats>,
 }
 
 /// One unit of parallel work: elements `[begin, end)` of a job.
@@ -144,55 +176,63 @@ fn span(dtype: DType, n: u64) -> u64 {
 pub fn execute(plan: &Plan, opts: &ExecOptions, progress: &Progress) -> Result<ExecStats> {
     let maps = map_sources(&plan.sources)?;
     let mut stats = ExecStats::default();
-    let mut dirs: Vec<PathBuf> = Vec::new();
     // Validate every shard before writing any: a bad plan writes nothing.
     let checked = plan
         .shards
         .iter()
         .map(|shard| check_shard(shard, plan, &maps))
         .collect::<Result<Vec<_>>>()?;
-    let fsync = opts.fsync;
+    let (fsync, journal) = (opts.fsync, opts.journal.clone());
     std::thread::scope(|scope| -> Result<()> {
-        let (to_commit, committer_rx) = std::sync::mpsc::channel::<ShardFile>();
+        let (to_commit, committer_rx) = std::sync::mpsc::channel::<(ShardFile, ShardRecord)>();
         let committer = scope.spawn(move || -> Result<()> {
             // Commit in order; after the first failure, drop (and so delete)
             // everything still queued.
             let mut failed = None;
-            for shard in committer_rx {
+            for (shard, record) in committer_rx {
                 if failed.is_none() {
-                    failed = shard.commit(fsync).err();
+                    failed = shard
+                        .commit(fsync)
+                        .and_then(|()| append_journal(journal.as_deref(), &record, fsync))
+                        .err();
                 }
             }
             failed.map_or(Ok(()), Err)
         });
+        let mut held = Vec::new(); // strict mode: nothing is committed until all is checked
         let mut written = Ok(());
         for (shard, (header, jobs)) in plan.shards.iter().zip(&checked) {
-            match write_shard(shard, header, jobs, opts, progress) {
-                Ok(file) => {
-                    if to_commit.send(file).is_err() {
-                        break; // the committer stopped: its error is reported below
-                    }
-                }
+            let (file, digest) = match write_shard(shard, header, jobs, opts, progress) {
+                Ok(done) => done,
                 Err(e) => {
                     written = Err(e);
                     break;
                 }
-            }
-            stats.shards_written += 1;
-            stats.bytes_written += header.data_start() + header.data_len();
-            for job in jobs {
-                stats.bytes_read += job.src.len() as u64;
-                if job.from == job.to {
-                    stats.tensors_copied += 1;
-                } else {
-                    stats.tensors_cast += 1;
-                }
-            }
-            let dir = shard.path.parent().unwrap_or(Path::new(".")).to_owned();
-            if !dirs.contains(&dir) {
-                dirs.push(dir);
+            };
+            let record = ShardRecord {
+                path: shard.path.clone(),
+                size: header.data_start() + header.data_len(),
+                digest,
+                chunk_bytes: opts.chunk_bytes,
+            };
+            tally(&mut stats, &record, jobs);
+            if opts.strict {
+                held.push((file, record));
+            } else if to_commit.send((file, record)).is_err() {
+                break; // the committer stopped: its error is reported below
             }
         }
+        if written.is_ok() && opts.strict {
+            written = refuse_overflow(&stats.losses);
+            if written.is_ok() {
+                for item in held.drain(..) {
+                    if to_commit.send(item).is_err() {
+                        break;
+                    }
+                }
+            }
+        }
+        drop(held); // anything still held is deleted
         drop(to_commit);
         let committed = committer.join().unwrap_or_else(|_| {
             Err(Error::Plan {
@@ -203,11 +243,168 @@ pub fn execute(plan: &Plan, opts: &ExecOptions, progress: &Progress) -> Result<E
         written.and(committed)
     })?;
     if opts.fsync {
-        for dir in dirs {
-            shard_file::sync_dir(&dir)?;
+        let mut dirs: Vec<&Path> = Vec::new();
+        for shard in &plan.shards {
+            let dir = shard.path.parent().unwrap_or(Path::new("."));
+            if !dirs.contains(&dir) {
+                shard_file::sync_dir(dir)?;
+                dirs.push(dir);
+            }
         }
     }
     Ok(stats)
+}
+
+/// Add one written shard to the run's counts.
+fn tally(stats: &mut ExecStats, record: &ShardRecord, jobs: &[Job]) {
+    stats.shards_written += 1;
+    stats.bytes_written += record.size;
+    for job in jobs {
+        stats.bytes_read += job.src.len() as u64;
+        if job.from == job.to {
+            stats.tensors_copied += 1;
+        } else {
+            stats.tensors_cast += 1;
+            let loss = *job.stats.lock().unwrap_or_else(|e| e.into_inner());
+            stats.losses.push((job.plan.name.clone(), loss));
+        }
+    }
+    stats.shards.push(record.clone());
+}
+
+/// `--strict`: an error naming every tensor that overflowed, worst first.
+fn refuse_overflow(losses: &[(String, LossStats)]) -> Result<()> {
+    let mut bad: Vec<(String, u64)> = losses
+        .iter()
+        .filter(|(_, l)| l.overflow > 0)
+        .map(|(n, l)| (n.clone(), l.overflow))
+        .collect();
+    if bad.is_empty() {
+        return Ok(());
+    }
+    bad.sort_by(|a, b| b.1.cmp(&a.1).then_with(|| a.0.cmp(&b.0)));
+    Err(Error::Overflow { tensors: bad })
+}
+
+/// Append a committed shard to the resume journal, durably.
+fn append_journal(journal: Option<&Path>, record: &ShardRecord, fsync: bool) -> Result<()> {
+    let Some(path) = journal else {
+        return Ok(());
+    };
+    let name = record
+        .path
+        .file_name()
+        .map(|n| n.to_string_lossy().into_owned())
+        .unwrap_or_default();
+    let line = format!(
+        "{{\"file\":{},\"size\":{},\"digest\":\"{:016x}\",\"chunk_bytes\":{}}}\n",
+        serde_json::to_string(&name).expect("strings serialize"),
+        record.size,
+        record.digest,
+        record.chunk_bytes
+    );
+    let mut file = std::fs::OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(path)
+        .map_err(|e| Error::io(path, e))?;
+    file.write_all(line.as_bytes())
+        .map_err(|e| Error::io(path, e))?;
+    if fsync {
+        file.sync_data().map_err(|e| Error::io(path, e))?;
+    }
+    Ok(())
+}
+
+/// Recompute the digest of shard `index` of `plan` from the file already at its
+/// final path, with the chunk size it was written with. Used to check, not
+/// trust, the shards a resumed run would reuse.
+pub fn shard_digest(plan: &Plan, index: usize, chunk_bytes: usize) -> Result<u64> {
+    let maps = map_sources(&plan.sources)?;
+    let shard = plan.shards.get(index).ok_or_else(|| Error::Plan {
+        path: PathBuf::new(),
+        problem: format!("no shard {index}"),
+    })?;
+    let (header, jobs) = check_shard(shard, plan, &maps)?;
+    let file = File::open(&shard.path).map_err(|e| Error::io(&shard.path, e))?;
+    let expected = header.data_start() + header.data_len();
+    let actual = file
+        .metadata()
+        .map_err(|e| Error::io(&shard.path, e))?
+        .len();
+    if actual != expected {
+        return Ok(0); // cannot match a real digest's header part
+    }
+    let mut head = vec![0u8; header.data_start() as usize];
+    read_exact_at(&file, &mut head, 0, &shard.path)?;
+    let mut hashes: Vec<(u64, u64)> = chunks_of(&jobs, chunk_bytes)
+        .par_iter()
+        .map(|c| {
+            let job = &jobs[c.job];
+            let offset = job.dst_start + span(job.to, c.begin);
+            let mut buf = vec![0u8; span(job.to, c.end - c.begin) as usize];
+            read_exact_at(&file, &mut buf, offset, &shard.path)?;
+            Ok((offset, xxh3_64(&buf)))
+        })
+        .collect::<Result<_>>()?;
+    hashes.sort_unstable();
+    Ok(combine_digest(&head, &hashes))
+}
+
+fn read_exact_at(file: &File, buf: &mut [u8], offset: u64, path: &Path) -> Result<()> {
+    use std::os::unix::fs::FileExt;
+    file.read_exact_at(buf, offset)
+        .map_err(|e| Error::io(path, e))
+}
+
+/// A shard's digest: its header bytes and its chunks' hashes in offset order.
+fn combine_digest(header: &[u8], chunks: &[(u64, u64)]) -> u64 {
+    let mut bytes = Vec::with_capacity(8 + chunks.len() * 16);
+    bytes.extend_from_slice(&xxh3_64(header).to_le_bytes());
+    for (offset, hash) in chunks {
+        bytes.extend_from_slice(&offset.to_le_bytes());
+        bytes.extend_from_slice(&hash.to_le_bytes());
+    }
+    xxh3_64(&bytes)
+}
+
+/// Loss counts of every cast tensor of `plan`, reading the inputs only: what
+/// a conversion would lose, predicted without writing anything.
+pub fn scan(plan: &Plan, progress: &Progress) -> Result<Vec<(String, LossStats)>> {
+    let maps = map_sources(&plan.sources)?;
+    let mut out = Vec::new();
+    for shard in &plan.shards {
+        let (_, jobs) = check_shard(shard, plan, &maps)?;
+        chunks_of(&jobs, DEFAULT_CHUNK_BYTES)
+            .par_iter()
+            .try_for_each(|c| {
+                if progress.cancel.load(Ordering::Relaxed) {
+                    return Err(Error::Cancelled);
+                }
+                let job = &jobs[c.job];
+                let src =
+                    &job.src[span(job.from, c.begin) as usize..span(job.from, c.end) as usize];
+                if let Some(rule) = &job.rule {
+                    let found = rule.scan(src);
+                    job.stats
+                        .lock()
+                        .unwrap_or_else(|e| e.into_inner())
+                        .merge(&found);
+                }
+                release_pages(src);
+                progress
+                    .bytes_done
+                    .fetch_add(src.len() as u64, Ordering::Relaxed);
+                Ok(())
+            })?;
+        for job in &jobs {
+            if job.rule.is_some() {
+                let loss = *job.stats.lock().unwrap_or_else(|e| e.into_inner());
+                out.push((job.plan.name.clone(), loss));
+            }
+        }
+    }
+    Ok(out)
 }
 
 /// Map every input read-only and check it still has the size it had when
@@ -294,6 +491,8 @@ fn check_shard<'a>(
             to,
             src: &map[begin as usize..end as usize],
             dst_start: 0,
+            rule: (from != to).then(|| LossRule::new(from, to)),
+            stats: Mutex::new(LossStats::default()),
         });
     }
     let header = Header {
@@ -350,14 +549,14 @@ fn write_shard(
     jobs: &[Job],
     opts: &ExecOptions,
     progress: &Progress,
-) -> Result<ShardFile> {
+) -> Result<(ShardFile, u64)> {
     let header_bytes = header.to_bytes();
     let total = header.data_start() + header.data_len();
     let out = ShardFile::create(&shard.path, total)?;
     out.write_at(&header_bytes, 0)?;
-    chunks_of(jobs, opts.chunk_bytes)
+    let mut hashes: Vec<(u64, u64)> = chunks_of(jobs, opts.chunk_bytes)
         .par_iter()
-        .try_for_each(|c| {
+        .map(|c| {
             if progress.cancel.load(Ordering::Relaxed) {
                 return Err(Error::Cancelled);
             }
@@ -366,14 +565,24 @@ fn write_shard(
             let src = &job.src[src_begin..span(job.from, c.end) as usize];
             let offset = job.dst_start + span(job.to, c.begin);
             let written = span(job.to, c.end - c.begin);
-            if job.from == job.to {
+            let hash = if job.from == job.to {
                 out.write_at(src, offset)?;
+                xxh3_64(src)
             } else {
-                BUFFER.with_borrow_mut(|buf| -> Result<()> {
+                BUFFER.with_borrow_mut(|buf| -> Result<u64> {
                     buf.resize(written as usize, 0);
                     cast::cast(src, job.from, buf, job.to, &opts.cast)?;
-                    out.write_at(buf, offset)
-                })?;
+                    out.write_at(buf, offset)?;
+                    Ok(xxh3_64(buf))
+                })?
+            };
+            if let Some(rule) = &job.rule {
+                // The source chunk is still in cache: counting is nearly free.
+                let found = rule.scan(src);
+                job.stats
+                    .lock()
+                    .unwrap_or_else(|e| e.into_inner())
+                    .merge(&found);
             }
             if opts.fsync {
                 out.written(offset, written);
@@ -382,12 +591,14 @@ fn write_shard(
             progress
                 .bytes_done
                 .fetch_add(src.len() as u64, Ordering::Relaxed);
-            Ok(())
-        })?;
+            Ok((offset, hash))
+        })
+        .collect::<Result<_>>()?;
     if progress.cancel.load(Ordering::Relaxed) {
         return Err(Error::Cancelled);
     }
-    Ok(out)
+    hashes.sort_unstable();
+    Ok((out, combine_digest(&header_bytes, &hashes)))
 }
 
 /// Unmap the whole pages of an input range we are done with. The data stays

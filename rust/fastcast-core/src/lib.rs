@@ -5,6 +5,7 @@
 //!   once, and written back;
 //! - [`cast`]: conversion kernels bit-exact with `torch.Tensor.to` on the
 //!   CPU, a scalar reference per pair and SIMD paths chosen at run time;
+//! - [`loss`]: what a cast loses (overflow, underflow, NaN/inf, max |x|);
 //! - [`exec`]: runs a conversion plan: parallel chunks, bounded buffers,
 //!   writes at final offsets into [`shard_file`]s renamed into place when done;
 //! - [`error`]: the one error type, naming the file and the problem.
@@ -16,10 +17,12 @@ pub mod dtype;
 pub mod error;
 pub mod exec;
 pub mod header;
+pub mod loss;
 pub mod shard_file;
 
 pub use cast::{cast, cast_parallel, CastOptions, Fp8Overflow, Kernel};
 pub use dtype::DType;
 pub use error::{Error, HeaderProblem, Result};
-pub use exec::{execute, ExecOptions, ExecStats, Plan, Progress};
+pub use exec::{execute, ExecOptions, ExecStats, Plan, Progress, ShardRecord};
 pub use header::{Header, TensorInfo};
+pub use loss::{LossRule, LossStats};

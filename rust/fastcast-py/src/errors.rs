@@ -52,6 +52,13 @@ create_exception!(
     "Not enough free disk space for the output."
 );
 
+create_exception!(
+    fastcast,
+    LossError,
+    FastcastError,
+    "strict mode: a cast would lose range (values overflowed), so nothing was written."
+);
+
 /// A core error on its way to Python.
 pub struct CoreError(pub Error);
 
@@ -70,6 +77,7 @@ impl From<CoreError> for PyErr {
             Error::SourceChanged { .. } => ModelFolderError::new_err(message),
             Error::Plan { .. } => FastcastError::new_err(message),
             Error::Cancelled => PyKeyboardInterrupt::new_err(message),
+            Error::Overflow { .. } => LossError::new_err(message),
             Error::Header { .. } => InvalidSafetensorsError::new_err(message),
             Error::UnknownDtype { .. } | Error::NotCastable { .. } => DtypeError::new_err(message),
             Error::Buffer { .. } | Error::KernelUnavailable { .. } => {

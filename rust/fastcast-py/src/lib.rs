@@ -11,14 +11,14 @@ use std::sync::{mpsc, Arc};
 use std::time::Duration;
 
 use fastcast_core::exec::{self, ExecOptions, Plan, Progress};
-use fastcast_core::{dtype, CastOptions, DType, Fp8Overflow, Header, Kernel};
+use fastcast_core::{dtype, CastOptions, DType, Fp8Overflow, Header, Kernel, LossStats};
 use pyo3::buffer::PyBuffer;
 use pyo3::prelude::*;
 use pyo3::types::{PyDict, PyList};
 
 use errors::{
     CoreError, DtypeError, FastcastError, InsufficientSpaceError, InvalidSafetensorsError,
-    ModelFolderError, OutputExistsError,
+    LossError, ModelFolderError, OutputExistsError,
 };
 
 /// Parse a user-typed dtype name into its safetensors name.
@@ -184,9 +184,9 @@ const WATCH_INTERVAL: Duration = Duration::from_millis(100);
 /// `progress(bytes_done)` is called about ten times a second with the input
 /// bytes processed so far; Ctrl-C (or an exception from `progress`) stops the
 /// run within a chunk, removes the shard in progress and re-raises. Returns
-/// the run's counts as a dict.
+/// the run's counts, and per cast tensor its loss counts, as a dict.
 #[pyfunction]
-#[pyo3(signature = (plan_json, *, progress=None, threads=None, fsync=true, chunk_bytes=None, kernel=None, fp8_overflow="saturate"))]
+#[pyo3(signature = (plan_json, *, progress=None, threads=None, fsync=true, chunk_bytes=None, kernel=None, fp8_overflow="saturate", strict=false, journal=None))]
 #[allow(clippy::too_many_arguments)]
 fn execute_plan<'py>(
     py: Python<'py>,
@@ -197,9 +197,10 @@ fn execute_plan<'py>(
     chunk_bytes: Option<usize>,
     kernel: Option<&str>,
     fp8_overflow: &str,
+    strict: bool,
+    journal: Option<PathBuf>,
 ) -> PyResult<Bound<'py, PyDict>> {
-    let plan: Plan = serde_json::from_str(plan_json)
-        .map_err(|e| FastcastError::new_err(format!("execute_plan: malformed plan: {e}")))?;
+    let plan = parse_plan(plan_json)?;
     let opts = ExecOptions {
         cast: CastOptions {
             fp8_overflow: overflow_from(fp8_overflow)?,
@@ -207,7 +208,84 @@ fn execute_plan<'py>(
         },
         chunk_bytes: chunk_bytes.unwrap_or(exec::DEFAULT_CHUNK_BYTES).max(1),
         fsync,
+        strict,
+        journal,
     };
+    let stats = watch(py, threads, progress, move |w| {
+        exec::execute(&plan, &opts, w)
+    })?;
+    let out = PyDict::new(py);
+    out.set_item("tensors_cast", stats.tensors_cast)?;
+    out.set_item("tensors_copied", stats.tensors_copied)?;
+    out.set_item("bytes_read", stats.bytes_read)?;
+    out.set_item("bytes_written", stats.bytes_written)?;
+    out.set_item("shards_written", stats.shards_written)?;
+    out.set_item("losses", losses_to_py(py, &stats.losses)?)?;
+    Ok(out)
+}
+
+/// Loss counts of every tensor `plan_json` would cast, reading the inputs only
+/// (what `fastcast inspect --dtype` predicts). Returns `[(name, counts)]`.
+#[pyfunction]
+#[pyo3(signature = (plan_json, *, progress=None, threads=None))]
+fn scan_plan<'py>(
+    py: Python<'py>,
+    plan_json: &str,
+    progress: Option<Bound<'py, PyAny>>,
+    threads: Option<usize>,
+) -> PyResult<Bound<'py, PyList>> {
+    let plan = parse_plan(plan_json)?;
+    let losses = watch(py, threads, progress, move |w| exec::scan(&plan, w))?;
+    losses_to_py(py, &losses)
+}
+
+/// The digest of shard `index` of the plan, recomputed from the file at its
+/// final path (to check the shards a resumed run would reuse).
+#[pyfunction]
+fn shard_digest(
+    py: Python<'_>,
+    plan_json: &str,
+    index: usize,
+    chunk_bytes: usize,
+) -> PyResult<u64> {
+    let plan = parse_plan(plan_json)?;
+    Ok(py
+        .detach(|| exec::shard_digest(&plan, index, chunk_bytes))
+        .map_err(CoreError)?)
+}
+
+fn parse_plan(plan_json: &str) -> PyResult<Plan> {
+    serde_json::from_str(plan_json)
+        .map_err(|e| FastcastError::new_err(format!("malformed plan: {e}")))
+}
+
+fn losses_to_py<'py>(
+    py: Python<'py>,
+    losses: &[(String, LossStats)],
+) -> PyResult<Bound<'py, PyList>> {
+    let list = PyList::empty(py);
+    for (name, l) in losses {
+        let counts = PyDict::new(py);
+        counts.set_item("elements", l.elements)?;
+        counts.set_item("overflow", l.overflow)?;
+        counts.set_item("underflow", l.underflow)?;
+        counts.set_item("nan_in", l.nan_in)?;
+        counts.set_item("inf_in", l.inf_in)?;
+        counts.set_item("max_abs", l.max_abs)?;
+        list.append((name, counts))?;
+    }
+    Ok(list)
+}
+
+/// Run `work` on its own thread, inside a rayon pool of `threads`, with the GIL
+/// released; wake every [`WATCH_INTERVAL`] to report progress and check for
+/// Ctrl-C. On either, ask the work to cancel, wait for it to clean up, re-raise.
+fn watch<T: Send + 'static>(
+    py: Python<'_>,
+    threads: Option<usize>,
+    progress: Option<Bound<'_, PyAny>>,
+    work: impl FnOnce(&Progress) -> fastcast_core::Result<T> + Send + 'static,
+) -> PyResult<T> {
     let mut builder = rayon::ThreadPoolBuilder::new().thread_name(|i| format!("fastcast-{i}"));
     if let Some(n) = threads {
         builder = builder.num_threads(n);
@@ -226,7 +304,7 @@ fn execute_plan<'py>(
     let done_rx = std::sync::Mutex::new(done_rx);
     let worker_watch = Arc::clone(&watch);
     let worker = std::thread::spawn(move || {
-        let result = pool.install(|| exec::execute(&plan, &opts, &worker_watch));
+        let result = pool.install(|| work(&worker_watch));
         let _ = done_tx.send(result);
     });
     let mut interrupted: Option<PyErr> = None;
@@ -263,17 +341,11 @@ fn execute_plan<'py>(
     if let Some(e) = interrupted {
         return Err(e);
     }
-    let stats = result.map_err(CoreError)?;
+    let value = result.map_err(CoreError)?;
     if let Some(cb) = &progress {
         cb.call1((watch.bytes_done.load(Ordering::Relaxed),))?;
     }
-    let out = PyDict::new(py);
-    out.set_item("tensors_cast", stats.tensors_cast)?;
-    out.set_item("tensors_copied", stats.tensors_copied)?;
-    out.set_item("bytes_read", stats.bytes_read)?;
-    out.set_item("bytes_written", stats.bytes_written)?;
-    out.set_item("shards_written", stats.shards_written)?;
-    Ok(out)
+    Ok(value)
 }
 
 /// The hidden name a file is written under until it is complete.
@@ -298,6 +370,7 @@ fn _core(m: &Bound<'_, PyModule>) -> PyResult<()> {
         "InsufficientSpaceError",
         py.get_type::<InsufficientSpaceError>(),
     )?;
+    m.add("LossError", py.get_type::<LossError>())?;
     m.add_function(wrap_pyfunction!(parse_dtype, m)?)?;
     m.add_function(wrap_pyfunction!(dtypes, m)?)?;
     m.add_function(wrap_pyfunction!(available_kernels, m)?)?;
@@ -305,6 +378,8 @@ fn _core(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_function(wrap_pyfunction!(cast_into, m)?)?;
     m.add_function(wrap_pyfunction!(read_header, m)?)?;
     m.add_function(wrap_pyfunction!(execute_plan, m)?)?;
+    m.add_function(wrap_pyfunction!(scan_plan, m)?)?;
+    m.add_function(wrap_pyfunction!(shard_digest, m)?)?;
     m.add_function(wrap_pyfunction!(partial_path, m)?)?;
     Ok(())
 }

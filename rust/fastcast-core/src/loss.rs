@@ -1,0 +1,322 @@
+//! What a cast loses, counted from the source values: overflow to ±inf/NaN
+//! (or, for fp8 e4m3fn, saturation to ±448), underflow of non-zero values to
+//! zero, NaN and inf already in the input, and the largest finite magnitude.
+//!
+//! Casting is monotonic in magnitude, so "overflows" and "underflows" are
+//! thresholds on a source value's absolute bit pattern. [`LossRule::new`]
+//! finds them once per (source, target) pair by bisection over the scalar
+//! reference kernels, and [`LossRule::scan`] is then a branch-free integer
+//! pass over the source bytes that the compiler vectorises. It reads the same
+//! chunk the kernel just cast, while it is still in cache.
+
+use crate::cast::scalar::{self, Fp8Overflow};
+use crate::dtype::DType;
+
+/// Per-tensor (or total) loss counts of a cast.
+#[derive(Clone, Copy, Debug, Default, PartialEq)]
+pub struct LossStats {
+    /// Elements looked at.
+    pub elements: u64,
+    /// Finite values that became ±inf or NaN, or were clamped to ±448 (e4m3fn).
+    pub overflow: u64,
+    /// Non-zero values that became ±0.
+    pub underflow: u64,
+    /// NaNs already in the input.
+    pub nan_in: u64,
+    /// Infinities already in the input.
+    pub inf_in: u64,
+    /// Largest finite |x| in the input (0 if none).
+    pub max_abs: f64,
+}
+
+impl LossStats {
+    /// Combine counts of two parts of the same tensor (or of two tensors).
+    pub fn merge(&mut self, other: &LossStats) {
+        self.elements += other.elements;
+        self.overflow += other.overflow;
+        self.underflow += other.underflow;
+        self.nan_in += other.nan_in;
+        self.inf_in += other.inf_in;
+        self.max_abs = self.max_abs.max(other.max_abs);
+    }
+
+    /// True when the cast lost range (not just precision).
+    pub fn is_lossy(&self) -> bool {
+        self.overflow > 0 || self.underflow > 0
+    }
+}
+
+/// The source-side thresholds of one cast, as absolute bit patterns.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct LossRule {
+    from: DType,
+    /// Sign-clearing mask for the source width.
+    abs_mask: u64,
+    /// Bits of +inf (or of the NaN code for e4m3fn, which has no inf).
+    inf_bits: u64,
+    /// Whether `inf_bits` is an infinity (false: e4m3fn, where it is NaN).
+    has_inf: bool,
+    /// Smallest finite |x| bits that overflow, if any do.
+    overflow_from: Option<u64>,
+    /// Largest non-zero |x| bits that become zero, if any do.
+    underflow_to: Option<u64>,
+}
+
+/// Where a finite positive source value (as abs bits) lands.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Landing {
+    Zero,
+    Finite,
+    Overflow,
+}
+
+fn decode_f32(from: DType, bits: u64) -> f32 {
+    match from {
+        DType::F64 => f64::from_bits(bits) as f32,
+        DType::F32 => f32::from_bits(bits as u32),
+        DType::BF16 => scalar::bf16_to_f32(bits as u16),
+        DType::F16 => scalar::f16_to_f32(bits as u16),
+        DType::F8E4M3 => scalar::e4m3_to_f32(bits as u8),
+        DType::F8E5M2 => scalar::e5m2_to_f32(bits as u8),
+        _ => unreachable!("decode_f32: {from} is not castable"),
+    }
+}
+
+/// Where `bits` lands under the non-saturating rule (saturation counts as
+/// overflow: the value is no longer what it was).
+fn landing(from: DType, to: DType, bits: u64) -> Landing {
+    if from == DType::F64 && to == DType::F64 {
+        return Landing::Finite;
+    }
+    let x = decode_f32(from, bits);
+    if from == DType::F64 && !x.is_finite() {
+        return Landing::Overflow; // f64 beyond f32's range
+    }
+    let out_bits: u64 = match to {
+        DType::F64 | DType::F32 => x.to_bits() as u64 & 0x7FFF_FFFF,
+        DType::BF16 => (scalar::f32_to_bf16(x) & 0x7FFF) as u64,
+        DType::F16 => (scalar::f32_to_f16(x) & 0x7FFF) as u64,
+        DType::F8E4M3 => (scalar::f32_to_e4m3(x, Fp8Overflow::Nan) & 0x7F) as u64,
+        DType::F8E5M2 => (scalar::f32_to_e5m2(x) & 0x7F) as u64,
+        _ => unreachable!("landing: {to} is not castable"),
+    };
+    let inf = match to {
+        DType::F64 | DType::F32 => 0x7F80_0000,
+        DType::BF16 => 0x7F80,
+        DType::F16 => 0x7C00,
+        DType::F8E4M3 => 0x7F, // the NaN code
+        DType::F8E5M2 => 0x7C,
+        _ => unreachable!(),
+    };
+    if out_bits >= inf {
+        Landing::Overflow
+    } else if out_bits == 0 {
+        Landing::Zero
+    } else {
+        Landing::Finite
+    }
+}
+
+/// Smallest `b` in `[lo, hi]` with `pred(b)`, for `pred` monotonic (false..true).
+fn first_true(mut lo: u64, mut hi: u64, pred: impl Fn(u64) -> bool) -> Option<u64> {
+    if !pred(hi) {
+        return None;
+    }
+    while lo < hi {
+        let mid = lo + (hi - lo) / 2;
+        if pred(mid) {
+            hi = mid;
+        } else {
+            lo = mid + 1;
+        }
+    }
+    Some(lo)
+}
+
+impl LossRule {
+    /// The thresholds of casting `from` to `to` (both castable).
+    pub fn new(from: DType, to: DType) -> LossRule {
+        let (abs_mask, inf_bits, has_inf) = match from {
+            DType::F64 => (0x7FFF_FFFF_FFFF_FFFF, 0x7FF0_0000_0000_0000, true),
+            DType::F32 => (0x7FFF_FFFF, 0x7F80_0000, true),
+            DType::BF16 => (0x7FFF, 0x7F80, true),
+            DType::F16 => (0x7FFF, 0x7C00, true),
+            DType::F8E4M3 => (0x7F, 0x7F, false),
+            DType::F8E5M2 => (0x7F, 0x7C, true),
+            _ => unreachable!("LossRule: {from} is not castable"),
+        };
+        let max_finite = inf_bits - 1;
+        let overflow_from =
+            first_true(1, max_finite, |b| landing(from, to, b) == Landing::Overflow);
+        let underflow_to = first_true(1, max_finite, |b| landing(from, to, b) != Landing::Zero)
+            .and_then(|first_nonzero| first_nonzero.checked_sub(1))
+            .filter(|&b| b >= 1);
+        LossRule {
+            from,
+            abs_mask,
+            inf_bits,
+            has_inf,
+            overflow_from,
+            underflow_to,
+        }
+    }
+
+    /// Count what casting `src` (little-endian elements of the rule's source
+    /// dtype) loses.
+    pub fn scan(&self, src: &[u8]) -> LossStats {
+        match self.from.size() {
+            8 => self.scan_width::<8>(src),
+            4 => self.scan_width::<4>(src),
+            2 => self.scan_width::<2>(src),
+            _ => self.scan_width::<1>(src),
+        }
+    }
+
+    #[inline(always)]
+    fn scan_width<const N: usize>(&self, src: &[u8]) -> LossStats {
+        let overflow_from = self.overflow_from.unwrap_or(u64::MAX);
+        let underflow_to = self.underflow_to.unwrap_or(0);
+        let (mut overflow, mut underflow, mut nan, mut inf, mut max) =
+            (0u64, 0u64, 0u64, 0u64, 0u64);
+        for chunk in src.chunks_exact(N) {
+            let mut raw = [0u8; 8];
+            raw[..N].copy_from_slice(chunk);
+            let a = u64::from_le_bytes(raw) & self.abs_mask;
+            let is_nan = if self.has_inf {
+                a > self.inf_bits
+            } else {
+                a == self.inf_bits
+            };
+            let is_inf = self.has_inf && a == self.inf_bits;
+            let finite = !is_nan && !is_inf;
+            nan += is_nan as u64;
+            inf += is_inf as u64;
+            overflow += (finite && a >= overflow_from) as u64;
+            underflow += (a != 0 && a <= underflow_to) as u64;
+            max = if finite && a > max { a } else { max };
+        }
+        LossStats {
+            elements: (src.len() / N) as u64,
+            overflow,
+            underflow,
+            nan_in: nan,
+            inf_in: inf,
+            max_abs: if max == 0 {
+                0.0
+            } else if self.from == DType::F64 {
+                f64::from_bits(max)
+            } else {
+                decode_f32(self.from, max) as f64
+            },
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::cast::{cast, CastOptions, Kernel};
+    use crate::dtype::CASTABLE;
+
+    fn bytes(values: &[f32]) -> Vec<u8> {
+        values.iter().flat_map(|v| v.to_le_bytes()).collect()
+    }
+
+    #[test]
+    fn thresholds_are_the_documented_ones() {
+        let f16 = LossRule::new(DType::F32, DType::F16);
+        assert_eq!(f16.overflow_from, Some(65520f32.to_bits() as u64));
+        assert_eq!(f16.underflow_to, Some(2f32.powi(-25).to_bits() as u64));
+        let e5m2 = LossRule::new(DType::F32, DType::F8E5M2);
+        assert_eq!(e5m2.overflow_from, Some(61440f32.to_bits() as u64));
+        let e4m3 = LossRule::new(DType::F32, DType::F8E4M3);
+        assert_eq!(e4m3.overflow_from, Some(464f32.to_bits() as u64 + 1));
+        let widen = LossRule::new(DType::BF16, DType::F32);
+        assert_eq!((widen.overflow_from, widen.underflow_to), (None, None));
+    }
+
+    #[test]
+    fn counts_match_what_the_kernel_produces() {
+        let values = [
+            1.0,
+            65504.0,
+            65519.0,
+            65520.0,
+            -1e6,
+            1e-8,
+            -3e-8,
+            0.0,
+            -0.0,
+            f32::NAN,
+            f32::INFINITY,
+            f32::NEG_INFINITY,
+            2.5e-8,
+            3e-8,
+            f32::MAX,
+        ];
+        let stats = LossRule::new(DType::F32, DType::F16).scan(&bytes(&values));
+        assert_eq!(stats.elements, 15);
+        assert_eq!(stats.overflow, 3); // 65520, -1e6, f32::MAX
+        // 1e-8 and 2.5e-8 are below 2^-25 and round to 0; ±3e-8 round up to 2^-24.
+        assert_eq!(stats.underflow, 2);
+        assert_eq!((stats.nan_in, stats.inf_in), (1, 2));
+        assert_eq!(stats.max_abs, f32::MAX as f64);
+    }
+
+    /// The rule must agree with the kernels element by element, for every
+    /// pair, on every 16-bit input and on a sweep of f32 inputs.
+    #[test]
+    fn rule_agrees_with_the_kernels_everywhere() {
+        let opts = CastOptions {
+            fp8_overflow: Fp8Overflow::Nan,
+            kernel: Kernel::Scalar,
+        };
+        for from in CASTABLE {
+            let inputs: Vec<u64> = match from.size() {
+                1 => (0..=0xFF).collect(),
+                2 => (0..=0xFFFF).collect(),
+                4 => (0..=u32::MAX as u64).step_by(9973).collect(),
+                _ => (0..=u64::MAX)
+                    .step_by(1 << 44)
+                    .chain([0x3FF0_0000_0000_0001])
+                    .collect(),
+            };
+            for to in CASTABLE {
+                let rule = LossRule::new(from, to);
+                for &b in &inputs {
+                    let src = &b.to_le_bytes()[..from.size()];
+                    let mut out = vec![0u8; to.size()];
+                    cast(src, from, &mut out, to, &opts).unwrap();
+                    let mut wide = [0u8; 8];
+                    wide[..to.size()].copy_from_slice(&out);
+                    let o = u64::from_le_bytes(wide);
+                    let s = rule.scan(src);
+                    let (out_nonfinite, out_zero) = match to {
+                        DType::F64 => (
+                            o & 0x7FF0_0000_0000_0000 == 0x7FF0_0000_0000_0000,
+                            o << 1 == 0,
+                        ),
+                        DType::F32 => (o & 0x7F80_0000 == 0x7F80_0000, o & 0x7FFF_FFFF == 0),
+                        DType::BF16 => (o & 0x7F80 == 0x7F80, o & 0x7FFF == 0),
+                        DType::F16 => (o & 0x7C00 == 0x7C00, o & 0x7FFF == 0),
+                        DType::F8E4M3 => (o & 0x7F == 0x7F, o & 0x7F == 0),
+                        DType::F8E5M2 => (o & 0x7C == 0x7C, o & 0x7F == 0),
+                        _ => unreachable!(),
+                    };
+                    let input_special = s.nan_in + s.inf_in > 0;
+                    assert_eq!(
+                        s.overflow == 1,
+                        out_nonfinite && !input_special,
+                        "{from}->{to} overflow at {b:#x}"
+                    );
+                    let input_zero = b & rule.abs_mask == 0;
+                    assert_eq!(
+                        s.underflow == 1,
+                        out_zero && !input_zero && !input_special,
+                        "{from}->{to} underflow at {b:#x}"
+                    );
+                }
+            }
+        }
+    }
+}
