@@ -256,8 +256,9 @@ mod tests {
         ];
         let stats = LossRule::new(DType::F32, DType::F16).scan(&bytes(&values));
         assert_eq!(stats.elements, 15);
-        assert_eq!(stats.overflow, 3); // 65520, -1e6, f32::MAX
-        // 1e-8 and 2.5e-8 are below 2^-25 and round to 0; ±3e-8 round up to 2^-24.
+        // Overflow: 65520, -1e6 and f32::MAX. Underflow: 1e-8 and 2.5e-8 are
+        // below 2^-25 and round to 0, while ±3e-8 round up to 2^-24.
+        assert_eq!(stats.overflow, 3);
         assert_eq!(stats.underflow, 2);
         assert_eq!((stats.nan_in, stats.inf_in), (1, 2));
         assert_eq!(stats.max_abs, f32::MAX as f64);
