@@ -1,0 +1,246 @@
+"""Faults for real: a full disk (a small tmpfs), permission denied (an
+unprivileged user), SIGKILL and SIGINT mid-run. Afterwards no file under a
+final name is partial, the input is intact, and --resume finishes the job,
+reusing the completed shards only after checking them.
+
+Mounting and switching users need root; where that is missing these tests skip
+locally and fail in CI (CI runs as root)."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+import warnings
+from pathlib import Path
+
+import pytest
+
+import fastcast
+from conftest import require
+from folders import snapshot
+
+HERE = Path(__file__).resolve().parent
+IN_CI = os.environ.get("CI", "").lower() in ("1", "true", "yes")
+
+
+def need(condition: bool, why: str) -> None:
+    if not condition:
+        if IN_CI:
+            pytest.fail(f"CI must be able to run this: {why}")
+        pytest.skip(why)
+
+
+@pytest.fixture(scope="module")
+def big_model(tmp_path_factory) -> Path:
+    """A 240 MB fp32 Llama-shaped checkpoint: 8 output shards at 15 MB in bf16."""
+    path = tmp_path_factory.mktemp("faults") / "model"
+    subprocess.run(
+        [
+            sys.executable,
+            str(HERE.parent / "benches" / "make_model.py"),
+            str(path),
+            "--size",
+            "240MB",
+            "--shard-size",
+            "100MB",
+        ],
+        check=True,
+        capture_output=True,
+    )
+    return path
+
+
+def cli(*args: str, **kw) -> list[str]:
+    return [sys.executable, "-m", "fastcast.cli", *args]
+
+
+def final_shards_are_whole(out: Path) -> None:
+    """Every file under a final name parses and has exactly the size its header says."""
+    for shard in out.glob("*.safetensors"):
+        header = fastcast.read_header(shard)  # raises on a partial file
+        assert header["data_start"] > 0
+
+
+def fresh_copy(model: Path, tmp_path: Path) -> Path:
+    ref = tmp_path / "reference"
+    fastcast.convert(model, "bf16", output=ref, shard_size="15MB", progress=False)
+    return ref
+
+
+def same_files(a: Path, b: Path) -> None:
+    assert snapshot(a) == snapshot(b)
+
+
+def interrupted_run(model: Path, out: Path, sig: int) -> subprocess.CompletedProcess[str]:
+    """Start a conversion and send ``sig`` once two shards are in place."""
+    proc = subprocess.Popen(
+        cli("convert", str(model), "-o", str(out), "--dtype", "bf16", "--shard-size", "15MB",
+            "--threads", "1", "--max-memory", "512KiB"),
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+    )  # fmt: skip
+    deadline = time.monotonic() + 120
+    while len(list(out.glob("model-*.safetensors"))) < 2 and proc.poll() is None:
+        assert time.monotonic() < deadline
+        time.sleep(0.002)
+    proc.send_signal(sig)
+    stdout, stderr = proc.communicate(timeout=60)
+    if proc.returncode == 0:
+        pytest.fail("the conversion finished before the signal; make the model bigger")
+    return subprocess.CompletedProcess(proc.args, proc.returncode, stdout, stderr)
+
+
+@pytest.mark.parametrize("sig", [signal.SIGKILL, signal.SIGINT])
+def test_killed_run_resumes_reusing_checked_shards(tmp_path, big_model, sig):
+    before = snapshot(big_model)
+    out = tmp_path / "out"
+    r = interrupted_run(big_model, out, sig)
+    assert r.returncode in (-signal.SIGKILL, 130), r.stderr
+    final_shards_are_whole(out)
+    assert not (out / "model.safetensors.index.json").exists(), "unfinished: no index"
+    if sig == signal.SIGINT:
+        assert not list(out.glob(".*.fastcast-partial")), "Ctrl-C cleans its partial file"
+    done = sorted(p.name for p in out.glob("model-*.safetensors"))
+    assert len(done) >= 2
+
+    again = subprocess.run(cli("convert", str(big_model), "-o", str(out), "--dtype", "bf16",
+                               "--shard-size", "15MB"), capture_output=True, text=True,
+                           check=False)  # fmt: skip
+    assert again.returncode == 1 and "pass --resume to finish it" in again.stderr
+
+    resumed = subprocess.run(cli("convert", str(big_model), "-o", str(out), "--dtype", "bf16",
+                                 "--shard-size", "15MB", "--resume"), capture_output=True,
+                             text=True, check=False)  # fmt: skip
+    assert resumed.returncode == 0, resumed.stderr
+    assert f"resumed: {len(done)} shard(s) reused after checking" in resumed.stdout
+    same_files(out, fresh_copy(big_model, tmp_path))
+    assert snapshot(big_model) == before
+
+
+def test_resume_redoes_a_shard_that_changed(tmp_path, big_model):
+    out = tmp_path / "out"
+    interrupted_run(big_model, out, signal.SIGKILL)
+    first = sorted(out.glob("model-*.safetensors"))[0]
+    raw = bytearray(first.read_bytes())
+    raw[-5] ^= 0xFF  # silent corruption of a completed shard
+    first.write_bytes(bytes(raw))
+    report = fastcast.convert(
+        big_model, "bf16", output=out, shard_size="15MB", resume=True, progress=False
+    )
+    assert first.name not in report.reused and report.reused
+    same_files(out, fresh_copy(big_model, tmp_path))
+
+
+def test_resume_refuses_other_settings(tmp_path, big_model):
+    out = tmp_path / "out"
+    interrupted_run(big_model, out, signal.SIGKILL)
+    with pytest.raises(fastcast.OutputExistsError, match="used other inputs or settings"):
+        fastcast.convert(
+            big_model, "fp16", output=out, shard_size="15MB", resume=True, progress=False
+        )
+
+
+def test_resume_of_a_finished_or_fresh_output_just_converts(tmp_path, big_model):
+    report = fastcast.convert(
+        big_model, "bf16", output=tmp_path / "new", shard_size="15MB", resume=True, progress=False
+    )
+    assert report.reused == [] and not (tmp_path / "new" / ".fastcast-run.json").exists()
+
+
+def mount_tmpfs(path: Path, size: str) -> bool:
+    path.mkdir(parents=True, exist_ok=True)
+    r = subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size}", "tmpfs", str(path)],
+                       capture_output=True, check=False)  # fmt: skip
+    return r.returncode == 0
+
+
+def test_disk_full_mid_run_then_resume(tmp_path, big_model, monkeypatch):
+    disk = tmp_path / "disk"
+    need(os.geteuid() == 0 and mount_tmpfs(disk, "50m"), "mounting a small tmpfs needs root")
+    try:
+        before = snapshot(big_model)
+        out = disk / "out"
+        # Let the up-front space check pass so that the disk really fills mid-run.
+        real = shutil.disk_usage
+        monkeypatch.setattr(shutil, "disk_usage", lambda p: real(p)._replace(free=10**12))
+        with pytest.raises(fastcast.InsufficientSpaceError, match="No space left on device"):
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")
+                fastcast.convert(big_model, "bf16", output=out, shard_size="15MB", progress=False)
+        monkeypatch.undo()
+        final_shards_are_whole(out)
+        assert not list(out.glob(".*.fastcast-partial"))
+        assert not (out / "model.safetensors.index.json").exists()
+        completed = sorted(p.name for p in out.glob("model-*.safetensors"))
+        assert 1 <= len(completed) < 8
+        assert snapshot(big_model) == before
+
+        # Without the override the up-front check now refuses, with the numbers.
+        with pytest.raises(fastcast.InsufficientSpaceError, match="not enough disk space"):
+            fastcast.convert(
+                big_model, "bf16", output=out, shard_size="15MB", resume=True, progress=False
+            )
+        subprocess.run(["mount", "-o", "remount,size=200m", str(disk)], check=True)
+        report = fastcast.convert(
+            big_model, "bf16", output=out, shard_size="15MB", resume=True, progress=False
+        )
+        assert sorted(report.reused) == completed
+        same_files(out, fresh_copy(big_model, tmp_path))
+    finally:
+        subprocess.run(["umount", "-l", str(disk)], check=False)
+
+
+def unprivileged(cmd: list[str]) -> list[str]:
+    """Run as root but without the capabilities that bypass file permissions, so
+    that mode bits apply (an unprivileged user could not reach the interpreter)."""
+    return ["setpriv", "--bounding-set=-dac_override,-dac_read_search", *cmd]
+
+
+def test_permission_denied_is_one_clean_line(tmp_path, big_model):
+    need(os.geteuid() == 0 and shutil.which("setpriv") is not None,
+         "dropping the permission-bypassing capabilities needs root and setpriv")  # fmt: skip
+    locked = tmp_path / "locked"
+    locked.mkdir()
+    locked.chmod(0o555)  # nobody may create anything in here
+    try:
+        r = subprocess.run(unprivileged(cli("convert", str(big_model), "-o",
+                                            str(locked / "out"), "--dtype", "bf16")),
+                           capture_output=True, text=True, check=False)  # fmt: skip
+        assert r.returncode == 1, r.stderr
+        lines = r.stderr.strip().splitlines()
+        assert lines[-1].startswith("fastcast: error: ") and "Permission denied" in lines[-1]
+        assert "Traceback" not in r.stderr and not (locked / "out").exists()
+    finally:
+        locked.chmod(0o755)
+
+    model = tmp_path / "model"
+    shutil.copytree(big_model, model)
+    shard = sorted(model.glob("model-*.safetensors"))[0]
+    shard.chmod(0o000)
+    r = subprocess.run(unprivileged(cli("convert", str(model), "-o", str(tmp_path / "o2"),
+                                        "--dtype", "bf16")), capture_output=True, text=True,
+                       check=False)  # fmt: skip
+    assert r.returncode == 1 and "Permission denied" in r.stderr and shard.name in r.stderr
+    assert "Traceback" not in r.stderr and len(r.stderr.strip().splitlines()) == 1
+    assert not (tmp_path / "o2").exists()
+
+
+def test_unlisted_tensor_and_unreadable_json(tmp_path, torch):
+    st = require("safetensors.torch")
+    from folders import save_folder, tensors
+
+    src = save_folder(st, tmp_path / "m", tensors(torch), shards=2)
+    index = src / "model.safetensors.index.json"
+    data = json.loads(index.read_text())
+    del data["weight_map"]["model.step"]
+    index.write_text(json.dumps(data))
+    with pytest.raises(fastcast.ModelFolderError, match=r"does not list tensor 'model\.step'"):
+        fastcast.convert(src, "bf16", output=tmp_path / "o", progress=False)
+    index.write_text("{not json")
+    with pytest.raises(fastcast.ModelFolderError, match="not valid JSON"):
+        fastcast.convert(src, "bf16", output=tmp_path / "o", progress=False)
+    assert not (tmp_path / "o").exists()

@@ -1,0 +1,213 @@
+"""Never silent: every lossy step is counted (checked against torch's own casts),
+reported, warned about, predictable without writing, and refusable (--strict)."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+import warnings
+
+import pytest
+
+import fastcast
+from conftest import require
+from folders import save_folder, snapshot
+
+
+@pytest.fixture(scope="module")
+def st_torch():
+    return require("safetensors.torch")
+
+
+def lossy_state(torch):
+    g = torch.Generator().manual_seed(3)
+    wide = torch.randn(4096, generator=g) * 10.0 ** torch.randint(-12, 8, (4096,), generator=g)
+    wide[:4] = torch.tensor([float("nan"), float("inf"), -float("inf"), 0.0])
+    return {
+        "a.big": torch.tensor([7e4, -1e5, 1.0, 65504.0, 65519.0, 65520.0, 1e-9, -3e-8, 0.0]),
+        "b.wide": wide,
+        "c.tame": torch.linspace(-3, 3, 100),
+        "d.ids": torch.arange(5, dtype=torch.int64),
+    }
+
+
+@pytest.fixture
+def lossy(tmp_path, torch, st_torch):
+    state = lossy_state(torch)
+    return save_folder(st_torch, tmp_path / "m", state), state
+
+
+def torch_counts(torch, x, dtype):
+    """Overflow/underflow as torch's own cast shows them."""
+    y = x.to(getattr(torch, dtype)).float()
+    finite = torch.isfinite(x)
+    if dtype == "float8_e4m3fn":  # saturates: overflow is |x| past the last rounding step
+        over = finite & (x.abs() > 464)
+    else:
+        over = finite & ~torch.isfinite(y)
+    under = finite & (x != 0) & (y == 0)
+    return int(over.sum()), int(under.sum())
+
+
+@pytest.mark.parametrize("dtype", ["float16", "bfloat16", "float8_e4m3fn", "float8_e5m2"])
+def test_counts_agree_with_torch(tmp_path, torch, lossy, dtype):
+    src, state = lossy
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", fastcast.FastcastWarning)
+        report = fastcast.convert(src, dtype, output=tmp_path / "o", progress=False)
+    by_name = {t.name: t for t in report.loss}
+    assert set(by_name) == {"a.big", "b.wide", "c.tame"}  # the int64 tensor is never cast
+    for name, t in by_name.items():
+        x = state[name]
+        assert (t.overflow, t.underflow) == torch_counts(torch, x, dtype), name
+        assert t.nan_in == int(torch.isnan(x).sum()) and t.inf_in == int(torch.isinf(x).sum())
+        finite = x[torch.isfinite(x)]
+        assert t.max_abs == pytest.approx(float(finite.abs().max()), rel=1e-7)
+        assert t.elements == x.numel()
+
+
+def test_fp16_report_names_the_worst_and_warns(tmp_path, lossy):
+    src, _ = lossy
+    with pytest.warns(fastcast.OverflowWarning, match="value.s. overflowed converting to F16"):
+        report = fastcast.convert(src, "fp16", output=tmp_path / "o", progress=False)
+    big = next(t for t in report.loss if t.name == "a.big")
+    assert (big.overflow, big.underflow, big.max_abs) == (3, 1, 1e5)
+    text = report.summary()
+    assert "loss: " in text and "overflowed in 2 tensor(s) (to ±inf (|x| >= 65520))" in text
+    assert "a.big: 3 overflowed, 1 underflowed of 9" in text
+    assert "input: 1 NaN and 2 inf already present" in text
+
+
+def test_range_risk_is_named_before_the_run(tmp_path, lossy, torch, st_torch):
+    src, _ = lossy
+    with pytest.warns(fastcast.RangeRiskWarning, match="casting 3 F32 tensor.s. .* to F16 can"):
+        fastcast.convert(src, "fp16", output=tmp_path / "o", progress=False)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", fastcast.RangeRiskWarning)
+        fastcast.convert(src, "bf16", output=tmp_path / "b", progress=False)  # safe range
+
+
+def test_strict_refuses_and_puts_nothing_in_place(tmp_path, lossy):
+    src, _ = lossy
+    out = tmp_path / "o"
+    with pytest.raises(fastcast.LossError) as info:
+        fastcast.convert(src, "fp16", output=out, strict=True, shard_size=200, progress=False)
+    message = str(info.value)
+    assert "refusing to write (strict)" in message
+    assert "a.big (3)" in message and "b.wide (" in message
+    assert not list(out.glob("*.safetensors")) and not list(out.glob(".*partial"))
+    assert not (out / "config.json").exists()
+    report = fastcast.convert(src, "bf16", output=tmp_path / "ok", strict=True, progress=False)
+    assert report.overflowed == 0  # bf16 keeps f32's range: nothing to refuse
+
+
+def test_report_json(tmp_path, lossy):
+    src, _ = lossy
+    path = tmp_path / "report.json"
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", fastcast.FastcastWarning)
+        report = fastcast.convert(src, "fp16", output=tmp_path / "o", report=path, progress=False)
+    data = json.loads(path.read_text())
+    assert data["loss_total"]["overflow"] == report.overflowed > 0
+    assert {t["name"] for t in data["loss"]} == {"a.big", "b.wide", "c.tame"}
+    assert data["dtype"] == "F16" and data["shards"] == report.shards
+
+
+def test_keep_leaves_matching_tensors_in_their_dtype(tmp_path, torch, st_torch, lossy):
+    src, state = lossy
+    report = fastcast.convert(
+        src, "bf16", output=tmp_path / "o", keep=["a.*", "*.tame"], progress=False
+    )
+    out = st_torch.load_file(str(tmp_path / "o" / "model.safetensors"))
+    assert out["a.big"].dtype == torch.float32 and torch.equal(out["a.big"], state["a.big"])
+    assert out["c.tame"].dtype == torch.float32
+    assert out["b.wide"].dtype == torch.bfloat16
+    assert sorted(report.kept) == ["a.big", "c.tame"]
+    assert any("kept in their source dtype by --keep" in w for w in report.warnings)
+    assert [t.name for t in report.loss] == ["b.wide"]
+    check = fastcast.verify(
+        tmp_path / "o", against=src, keep=["a.*", "*.tame"], device="cpu", progress=False
+    )
+    assert check.ok, check.summary()
+
+
+def test_inspect_predicts_the_loss_without_writing(tmp_path, lossy):
+    src, _ = lossy
+    before = snapshot(tmp_path)
+    info = fastcast.inspect(src, dtype="fp16", progress=False)
+    assert snapshot(tmp_path) == before, "inspect must write nothing"
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", fastcast.FastcastWarning)
+        report = fastcast.convert(src, "fp16", output=tmp_path / "o", progress=False)
+    assert info.predicted == report.loss
+    assert "converting to F16 would give:" in info.render()
+
+
+def test_cli_strict_keep_report_and_inspect(tmp_path, lossy):
+    src, _ = lossy
+    cli = [sys.executable, "-m", "fastcast.cli"]
+    r = subprocess.run(
+        [*cli, "convert", str(src), "-o", str(tmp_path / "s"), "--dtype", "fp16", "--strict"],
+        capture_output=True,
+        text=True,
+        check=False,
+    )
+    assert r.returncode == 1 and "Traceback" not in r.stderr
+    assert "fastcast: warning: casting 3 F32" in r.stderr
+    assert "fastcast: error: refusing to write (strict)" in r.stderr
+    r = subprocess.run(
+        [
+            *cli,
+            "convert",
+            str(src),
+            "-o",
+            str(tmp_path / "d"),
+            "--dtype",
+            "fp16",
+            "--report",
+            str(tmp_path / "r.json"),
+            "--keep",
+            "c.*",
+        ],
+        capture_output=True,
+        text=True,
+        check=False,
+    )
+    assert r.returncode == 0, r.stderr
+    assert "fastcast: warning: 3" not in r.stderr  # a.big alone overflows 3; b.wide more
+    assert "overflowed converting to F16" in r.stderr and "a.big: 3 overflowed" in r.stdout
+    assert (tmp_path / "r.json").exists()
+    q = subprocess.run(
+        [*cli, "convert", str(src), "-o", str(tmp_path / "q"), "--dtype", "fp16", "-q"],
+        capture_output=True,
+        text=True,
+        check=False,
+    )
+    assert q.stdout == "" and "can overflow" not in q.stderr and "overflowed" in q.stderr
+    i = subprocess.run(
+        [*cli, "inspect", str(src), "--dtype", "fp8_e4m3"],
+        capture_output=True,
+        text=True,
+        check=False,
+    )
+    assert i.returncode == 0 and "converting to F8_E4M3 would give:" in i.stdout
+
+
+def test_non_float_tensors_are_never_cast(tmp_path, torch, st_torch):
+    state = {
+        "q.packed": torch.randint(0, 255, (64,), dtype=torch.uint8),
+        "q.i8": torch.randint(-128, 127, (64,), dtype=torch.int8),
+        "q.i32": torch.arange(64, dtype=torch.int32),
+        "q.mask": torch.ones(64, dtype=torch.bool),
+        "w": torch.randn(64),
+    }
+    src = save_folder(st_torch, tmp_path / "q", state)
+    for dtype in ("bf16", "fp8_e4m3", "fp64"):
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", fastcast.FastcastWarning)
+            report = fastcast.convert(src, dtype, output=tmp_path / dtype, progress=False)
+        out = st_torch.load_file(str(tmp_path / dtype / "model.safetensors"))
+        for name in ("q.packed", "q.i8", "q.i32", "q.mask"):
+            assert out[name].dtype == state[name].dtype and torch.equal(out[name], state[name])
+        assert report.tensors_cast == 1 and report.tensors_copied == 4
