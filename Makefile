@@ -31,5 +31,13 @@ format:  ## apply rustfmt and ruff format
 	$(PYTHON) -m ruff format python tests benches
 
 .PHONY: bench
-bench:  ## cast-kernel throughput (criterion), GB/s of input per core
+bench:  ## end-to-end benchmark vs the I/O floor and the usual scripts (benches/results/)
+	$(PYTHON) benches/bench_convert.py
+
+.PHONY: bench-kernels
+bench-kernels:  ## cast-kernel throughput (criterion), GB/s of input per core
 	cargo bench -p fastcast-core --bench kernels
+
+.PHONY: fuzz
+fuzz:  ## fuzz the header parser for 10 minutes (CI runs it for 20 s)
+	FASTCAST_FUZZ_SECONDS=600 cargo test --release -p fastcast-core --test fuzz_header -- --nocapture
