@@ -30,7 +30,10 @@ fn corpus_is_rejected_cleanly() {
         let err = parsed.expect_err(&format!("{} was accepted", path.display()));
         assert!(err.to_string().contains(&*path.to_string_lossy()), "{err}");
         // Reading from disk must agree with parsing from memory.
-        assert_eq!(Header::read(&path).unwrap_err().to_string(), err.to_string());
+        assert_eq!(
+            Header::read(&path).unwrap_err().to_string(),
+            err.to_string()
+        );
         seen += 1;
     }
     assert!(seen >= 20, "the corpus went missing ({seen} files)");
@@ -52,7 +55,14 @@ impl Rng {
 }
 
 fn valid_file(rng: &mut Rng) -> Vec<u8> {
-    let dtypes = [DType::F32, DType::BF16, DType::U8, DType::I64, DType::F8E4M3, DType::F4];
+    let dtypes = [
+        DType::F32,
+        DType::BF16,
+        DType::U8,
+        DType::I64,
+        DType::F8E4M3,
+        DType::F4,
+    ];
     let mut offset = 0;
     let tensors = (0..1 + rng.below(6))
         .map(|i| {
@@ -169,7 +179,10 @@ fn mutation_fuzz_for_a_bounded_time() {
                 std::fs::create_dir_all(&dir).unwrap();
                 let file = dir.join(format!("case-{seed:x}-{runs}.bin"));
                 std::fs::write(&file, &input).unwrap();
-                panic!("header parser misbehaved; input saved to {}", file.display());
+                panic!(
+                    "header parser misbehaved; input saved to {}",
+                    file.display()
+                );
             }
             runs += 1;
         }
