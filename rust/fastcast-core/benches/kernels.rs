@@ -60,12 +60,30 @@ fn kernels(c: &mut Criterion) {
     }
 }
 
+/// The loss-count pass that follows each cast: it must stay far cheaper than the cast.
+fn loss_scan(c: &mut Criterion) {
+    let mut group = c.benchmark_group("loss-scan");
+    for (from, to) in [
+        (DType::F32, DType::BF16),
+        (DType::BF16, DType::F16),
+        (DType::F32, DType::F8E4M3),
+    ] {
+        let src = input(from);
+        let rule = fastcast_core::LossRule::new(from, to);
+        group.throughput(Throughput::BytesDecimal(src.len() as u64));
+        group.bench_function(BenchmarkId::from_parameter(format!("{from}->{to}")), |b| {
+            b.iter(|| rule.scan(&src))
+        });
+    }
+    group.finish();
+}
+
 criterion_group! {
     name = benches;
     config = Criterion::default()
         .sample_size(20)
         .warm_up_time(std::time::Duration::from_millis(300))
         .measurement_time(std::time::Duration::from_secs(1));
-    targets = kernels
+    targets = kernels, loss_scan
 }
 criterion_main!(benches);

@@ -162,45 +162,55 @@ impl LossRule {
     }
 
     /// Count what casting `src` (little-endian elements of the rule's source
-    /// dtype) loses.
+    /// dtype) loses. Runs with AVX2 where the CPU has it.
     pub fn scan(&self, src: &[u8]) -> LossStats {
-        match self.from.size() {
-            8 => self.scan_width::<8>(src),
-            4 => self.scan_width::<4>(src),
-            2 => self.scan_width::<2>(src),
-            _ => self.scan_width::<1>(src),
+        #[cfg(target_arch = "x86_64")]
+        if std::is_x86_feature_detected!("avx2") {
+            // SAFETY: the CPU has AVX2, checked just above.
+            return unsafe { self.scan_avx2(src) };
         }
+        self.scan_portable(src)
+    }
+
+    /// [`LossRule::scan`] compiled for AVX2 (the same code, wider registers).
+    #[cfg(target_arch = "x86_64")]
+    #[target_feature(enable = "avx2")]
+    unsafe fn scan_avx2(&self, src: &[u8]) -> LossStats {
+        self.scan_portable(src)
     }
 
     #[inline(always)]
-    fn scan_width<const N: usize>(&self, src: &[u8]) -> LossStats {
-        let overflow_from = self.overflow_from.unwrap_or(u64::MAX);
-        let underflow_to = self.underflow_to.unwrap_or(0);
-        let (mut overflow, mut underflow, mut nan, mut inf, mut max) =
-            (0u64, 0u64, 0u64, 0u64, 0u64);
-        for chunk in src.chunks_exact(N) {
-            let mut raw = [0u8; 8];
-            raw[..N].copy_from_slice(chunk);
-            let a = u64::from_le_bytes(raw) & self.abs_mask;
-            let is_nan = if self.has_inf {
-                a > self.inf_bits
-            } else {
-                a == self.inf_bits
-            };
-            let is_inf = self.has_inf && a == self.inf_bits;
-            let finite = !is_nan && !is_inf;
-            nan += is_nan as u64;
-            inf += is_inf as u64;
-            overflow += (finite && a >= overflow_from) as u64;
-            underflow += (a != 0 && a <= underflow_to) as u64;
-            max = if finite && a > max { a } else { max };
-        }
+    fn scan_portable(&self, src: &[u8]) -> LossStats {
+        // Branch-free classes of a = |x| bits: NaN is a > nan_floor, inf is
+        // a == inf_code, finite is a < finite_end. e4m3fn has no inf: its
+        // all-ones code is the only NaN, and no value equals inf_code.
+        let (nan_floor, inf_code, finite_end) = if self.has_inf {
+            (self.inf_bits, self.inf_bits, self.inf_bits)
+        } else {
+            (self.inf_bits - 1, u64::MAX, self.inf_bits)
+        };
+        let limits = Limits {
+            mask: self.abs_mask,
+            nan_floor,
+            inf_code,
+            finite_end,
+            // Thresholds that never trigger when the cast cannot overflow/underflow.
+            overflow_from: self.overflow_from.unwrap_or(finite_end),
+            underflow_to: self.underflow_to.unwrap_or(0),
+        };
+        let counts = match self.from.size() {
+            8 => count_u64(src, &limits),
+            4 => count_u32(src, &limits),
+            2 => count_u16(src, &limits),
+            _ => count_u8(src, &limits),
+        };
+        let max = counts.max;
         LossStats {
-            elements: (src.len() / N) as u64,
-            overflow,
-            underflow,
-            nan_in: nan,
-            inf_in: inf,
+            elements: (src.len() / self.from.size()) as u64,
+            overflow: counts.overflow,
+            underflow: counts.underflow,
+            nan_in: counts.nan,
+            inf_in: counts.inf,
             max_abs: if max == 0 {
                 0.0
             } else if self.from == DType::F64 {
@@ -210,6 +220,74 @@ impl LossRule {
             },
         }
     }
+}
+
+/// A rule's thresholds, widened to u64 (narrowed again per element width).
+struct Limits {
+    mask: u64,
+    nan_floor: u64,
+    inf_code: u64,
+    finite_end: u64,
+    overflow_from: u64,
+    underflow_to: u64,
+}
+
+/// One branch-free pass per element width. Counts are kept in that width
+/// within blocks of [`BLOCK`] elements (so even u8 counters cannot wrap) and
+/// widened per block, so the compiler vectorises the loop with as many lanes
+/// as the cast kernel has. Written out per width (a macro, not a generic):
+/// that is the shape the vectoriser reliably handles.
+macro_rules! count_width {
+    ($name:ident, $t:ty) => {
+        #[inline(always)]
+        fn $name(src: &[u8], l: &Limits) -> Counts {
+            const BYTES: usize = std::mem::size_of::<$t>();
+            let narrow = |v: u64| v.min(<$t>::MAX as u64) as $t;
+            let (mask, nan_floor, finite_end) =
+                (l.mask as $t, narrow(l.nan_floor), narrow(l.finite_end));
+            let (inf_possible, inf_code) = (l.inf_code <= <$t>::MAX as u64, narrow(l.inf_code));
+            let (overflow_from, underflow_to) = (narrow(l.overflow_from), narrow(l.underflow_to));
+            let mut totals = Counts::default();
+            let mut max: $t = 0;
+            for block in src.chunks(BLOCK * BYTES) {
+                let (mut overflow, mut underflow, mut nan, mut inf): ($t, $t, $t, $t) =
+                    (0, 0, 0, 0);
+                for c in block.chunks_exact(BYTES) {
+                    let a = <$t>::from_le_bytes(c.try_into().unwrap()) & mask;
+                    nan = nan.wrapping_add((a > nan_floor) as $t);
+                    inf = inf.wrapping_add((inf_possible & (a == inf_code)) as $t);
+                    let finite = a < finite_end;
+                    overflow = overflow.wrapping_add((finite & (a >= overflow_from)) as $t);
+                    // 1 <= a <= underflow_to, as one unsigned comparison.
+                    underflow = underflow.wrapping_add((a.wrapping_sub(1) < underflow_to) as $t);
+                    max = max.max(if finite { a } else { 0 });
+                }
+                totals.overflow += overflow as u64;
+                totals.underflow += underflow as u64;
+                totals.nan += nan as u64;
+                totals.inf += inf as u64;
+            }
+            totals.max = max as u64;
+            totals
+        }
+    };
+}
+count_width!(count_u8, u8);
+count_width!(count_u16, u16);
+count_width!(count_u32, u32);
+count_width!(count_u64, u64);
+
+/// Elements per counting block: u8 counters hold up to 255.
+const BLOCK: usize = 255;
+
+/// Raw counts of one pass, before `max` is decoded to a number.
+#[derive(Default)]
+struct Counts {
+    overflow: u64,
+    underflow: u64,
+    nan: u64,
+    inf: u64,
+    max: u64,
 }
 
 #[cfg(test)]
