@@ -32,6 +32,11 @@ def build_parser() -> argparse.ArgumentParser:
         "and whether fastcast casts it; then the CPU kernel paths available here.",
     )
     dtypes.set_defaults(run=run_dtypes)
+    # --debug is accepted after the command too (fastcast convert ... --debug).
+    for sub in commands.choices.values():
+        sub.add_argument(
+            "--debug", action="store_true", default=argparse.SUPPRESS, help=argparse.SUPPRESS
+        )
     return parser
 
 

@@ -147,6 +147,24 @@ struct Job<'a> {
     stats: Mutex<LossStats>,
 }
 
+impl Job<'_> {
+    /// Add the loss of casting `src` (a chunk of this job's source) to its counts.
+    fn count_loss(&self, src: &[u8]) {
+        if let Some(rule) = &self.rule {
+            let found = rule.scan(src);
+            self.stats
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .merge(&found);
+        }
+    }
+
+    /// Loss counts so far.
+    fn loss(&self) -> LossStats {
+        *self.stats.lock().unwrap_or_else(|e| e.into_inner())
+    }
+}
+
 /// One unit of parallel work: elements `[begin, end)` of a job.
 struct Chunk {
     job: usize,
@@ -265,8 +283,7 @@ fn tally(stats: &mut ExecStats, record: &ShardRecord, jobs: &[Job]) {
             stats.tensors_copied += 1;
         } else {
             stats.tensors_cast += 1;
-            let loss = *job.stats.lock().unwrap_or_else(|e| e.into_inner());
-            stats.losses.push((job.plan.name.clone(), loss));
+            stats.losses.push((job.plan.name.clone(), job.loss()));
         }
     }
     stats.shards.push(record.clone());
@@ -384,13 +401,7 @@ pub fn scan(plan: &Plan, progress: &Progress) -> Result<Vec<(String, LossStats)>
                 let job = &jobs[c.job];
                 let src =
                     &job.src[span(job.from, c.begin) as usize..span(job.from, c.end) as usize];
-                if let Some(rule) = &job.rule {
-                    let found = rule.scan(src);
-                    job.stats
-                        .lock()
-                        .unwrap_or_else(|e| e.into_inner())
-                        .merge(&found);
-                }
+                job.count_loss(src);
                 release_pages(src);
                 progress
                     .bytes_done
@@ -399,8 +410,7 @@ pub fn scan(plan: &Plan, progress: &Progress) -> Result<Vec<(String, LossStats)>
             })?;
         for job in &jobs {
             if job.rule.is_some() {
-                let loss = *job.stats.lock().unwrap_or_else(|e| e.into_inner());
-                out.push((job.plan.name.clone(), loss));
+                out.push((job.plan.name.clone(), job.loss()));
             }
         }
     }
@@ -576,14 +586,8 @@ fn write_shard(
                     Ok(xxh3_64(buf))
                 })?
             };
-            if let Some(rule) = &job.rule {
-                // The source chunk is still in cache: counting is nearly free.
-                let found = rule.scan(src);
-                job.stats
-                    .lock()
-                    .unwrap_or_else(|e| e.into_inner())
-                    .merge(&found);
-            }
+            // The source chunk is still in cache: counting is nearly free.
+            job.count_loss(src);
             if opts.fsync {
                 out.written(offset, written);
             }

@@ -185,3 +185,65 @@ fn cancelling_leaves_no_file_behind() {
         .collect();
     assert_eq!(names, vec![std::ffi::OsString::from("in.safetensors")]);
 }
+
+#[test]
+fn loss_counts_and_strict_mode() {
+    let dir = Scratch::new("strict");
+    let n = 1000;
+    let (src, values) = source(&dir.0, n); // |x| up to 1e3: fine in f16 ...
+    let out = dir.0.join("out.safetensors");
+    let plan = plan_for(&src, &out, n as u64, "F8_E4M3"); // ... but not in e4m3 (> 448)
+    let over = values.iter().filter(|v| v.abs() > 464.0).count() as u64;
+    assert!(over > 0);
+    let strict = ExecOptions {
+        strict: true,
+        ..ExecOptions::default()
+    };
+    let err = execute(&plan, &strict, &Progress::default()).unwrap_err();
+    assert!(matches!(&err, Error::Overflow { tensors } if tensors == &[("a".to_string(), over)]));
+    assert!(err.to_string().contains(&format!("a ({over})")), "{err}");
+    assert_eq!(
+        fs::read_dir(&dir.0).unwrap().count(),
+        1,
+        "strict leaves nothing behind"
+    );
+
+    let stats = execute(&plan, &ExecOptions::default(), &Progress::default()).unwrap();
+    let (name, loss) = &stats.losses[0];
+    assert_eq!(
+        (name.as_str(), loss.overflow, loss.elements),
+        ("a", over, n as u64)
+    );
+    let max = values.iter().fold(0f32, |m, v| m.max(v.abs()));
+    assert_eq!(loss.max_abs, max as f64);
+}
+
+#[test]
+fn journal_and_digest_describe_the_file_on_disk() {
+    let dir = Scratch::new("digest");
+    let (src, _) = source(&dir.0, 5000);
+    let out = dir.0.join("out.safetensors");
+    let plan = plan_for(&src, &out, 5000, "BF16");
+    let journal = dir.0.join("journal.jsonl");
+    let opts = ExecOptions {
+        chunk_bytes: 1000,
+        journal: Some(journal.clone()),
+        ..ExecOptions::default()
+    };
+    let stats = execute(&plan, &opts, &Progress::default()).unwrap();
+    let record = &stats.shards[0];
+    assert_eq!(shard_digest(&plan, 0, 1000).unwrap(), record.digest);
+    let line = fs::read_to_string(&journal).unwrap();
+    assert!(
+        line.contains(&format!("\"digest\":\"{:016x}\"", record.digest)),
+        "{line}"
+    );
+    assert!(line.contains("\"file\":\"out.safetensors\""), "{line}");
+
+    // One changed byte changes the digest.
+    let mut bytes = fs::read(&out).unwrap();
+    let last = bytes.len() - 1;
+    bytes[last] ^= 1;
+    fs::write(&out, &bytes).unwrap();
+    assert_ne!(shard_digest(&plan, 0, 1000).unwrap(), record.digest);
+}
