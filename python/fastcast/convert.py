@@ -24,6 +24,7 @@ from typing import Any, Literal
 
 from fastcast import _core
 from fastcast._core import InsufficientSpaceError, ModelFolderError, OutputExistsError
+from fastcast.dtype_table import SHORT_NAMES, is_castable, torch_name
 from fastcast.loss import (
     OverflowWarning,
     RangeRiskWarning,
@@ -43,7 +44,7 @@ from fastcast.model_dir import (
     tree_size,
     write_text_atomic,
 )
-from fastcast.plan import SHORT_NAMES, ConversionPlan, plan_conversion
+from fastcast.plan import ConversionPlan, plan_conversion
 from fastcast.progress import ByteProgress
 from fastcast.units import format_bytes, parse_size
 
@@ -339,8 +340,7 @@ def convert(
     )
     changes: dict[str, tuple[str, str]] = {}
     if config is not None:
-        torch_name = next(d["torch_name"] for d in _core.dtypes() if d["name"] == target)
-        retyped = retype_config(config, torch_name)
+        retyped = retype_config(config, torch_name(target))
         before, after = config_dtypes(config), config_dtypes(retyped)
         changes = {k: (before.get(k, "(none)"), v) for k, v in after.items()}
         write_text_atomic(out / CONFIG_NAME, to_json(retyped), fsync)
@@ -357,7 +357,7 @@ def convert(
     ]
     notes = list(folder.warnings) + risks
     kept = [t.entry.name for t in plan.tensors if not t.is_cast and t.entry.dtype != target
-            and _castable(t.entry.dtype)]  # fmt: skip
+            and is_castable(t.entry.dtype)]  # fmt: skip
     if kept:
         notes.append(
             f"{len(kept)} tensor(s) kept in their source dtype by --keep; config.json says "
@@ -393,10 +393,6 @@ def convert(
     if report is not None:
         write_text_atomic(Path(report), json.dumps(result.to_dict(), indent=2) + "\n", fsync)
     return result
-
-
-def _castable(dtype: str) -> bool:
-    return any(d["name"] == dtype and d["castable"] for d in _core.dtypes())
 
 
 def to_json(config: dict[str, object]) -> str:

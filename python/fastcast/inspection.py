@@ -8,14 +8,12 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from fastcast import _core
+from fastcast.dtype_table import from_torch_name, is_castable, torch_name
 from fastcast.loss import TensorLoss, describe
 from fastcast.model_dir import ModelFolder, config_dtypes, open_model, read_config
 from fastcast.plan import plan_conversion
 from fastcast.progress import ByteProgress
 from fastcast.units import format_bytes
-
-_TORCH_TO_NAME = {d["torch_name"]: d["name"] for d in _core.dtypes()}
-_CASTABLE = {d["name"] for d in _core.dtypes() if d["castable"]}
 
 
 @dataclass(frozen=True)
@@ -50,7 +48,7 @@ class ModelInspection:
     @property
     def float_dtype(self) -> str | None:
         """The float dtype holding most of the float bytes, if any."""
-        floats = [d for d in self.dtypes if d.dtype in _CASTABLE]
+        floats = [d for d in self.dtypes if is_castable(d.dtype)]
         return max(floats, key=lambda d: d.bytes).dtype if floats else None
 
     def render(self) -> str:
@@ -121,17 +119,14 @@ def inspect(
     )
     stored = info.float_dtype
     for key, claimed in claims.items():
-        name = _TORCH_TO_NAME.get(claimed.removeprefix("torch."))
+        name = from_torch_name(claimed)
         if stored is not None and name is not None and name != stored:
             info.warnings.append(
                 f"config.json says {key}={claimed} but the float weights are stored as "
-                f"{stored} ({_TORCH_NAME[stored]}); loaders trusting the config will "
+                f"{stored} ({torch_name(stored)}); loaders trusting the config will "
                 "up- or down-cast them"
             )
     return info
-
-
-_TORCH_NAME = {d["name"]: d["torch_name"] for d in _core.dtypes()}
 
 
 def predict_loss(

@@ -7,7 +7,7 @@ from collections.abc import Iterable, Sequence
 from dataclasses import asdict, dataclass
 from typing import Any
 
-from fastcast.plan import SHORT_NAMES
+from fastcast.dtype_table import SHORT_NAMES
 from fastcast.units import format_bytes
 
 

@@ -18,28 +18,8 @@ from pathlib import Path
 from typing import Any
 
 from fastcast import _core
+from fastcast.dtype_table import element_size, is_castable
 from fastcast.model_dir import ModelFolder, TensorEntry, WeightSet
-
-#: Short name of each target dtype, for folder names and messages (``model-bf16``).
-SHORT_NAMES = {
-    "BF16": "bf16",
-    "F16": "fp16",
-    "F32": "fp32",
-    "F64": "fp64",
-    "F8_E4M3": "fp8_e4m3",
-    "F8_E5M2": "fp8_e5m2",
-}
-
-#: Bytes per element of each dtype (sub-byte dtypes: 1, they align to bytes).
-_DTYPES = {d["name"]: d for d in _core.dtypes()}
-
-
-def element_size(dtype: str) -> int:
-    return max(1, int(_DTYPES[dtype]["bits"]) // 8)
-
-
-def is_castable(dtype: str) -> bool:
-    return bool(_DTYPES[dtype]["castable"])
 
 
 @dataclass

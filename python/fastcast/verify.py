@@ -28,6 +28,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from fastcast import _core
+from fastcast.dtype_table import from_torch_name, is_castable, torch_name
 from fastcast.model_dir import (
     ModelFolder,
     TensorEntry,
@@ -41,9 +42,6 @@ from fastcast.units import format_bytes
 
 if TYPE_CHECKING:
     import torch
-
-_INFO = {d["name"]: d for d in _core.dtypes()}
-_TORCH_TO_NAME = {d["torch_name"]: d["name"] for d in _core.dtypes()}
 
 
 @dataclass(frozen=True)
@@ -108,7 +106,7 @@ def infer_dtype(out: ModelFolder) -> str:
     """The target a conversion used: the castable dtype holding most output bytes."""
     by_bytes: dict[str, int] = {}
     for t in out.tensors:
-        if _INFO[t.dtype]["castable"]:
+        if is_castable(t.dtype):
             by_bytes[t.dtype] = by_bytes.get(t.dtype, 0) + t.nbytes
     if not by_bytes:
         raise _core.ModelFolderError(f"{out.root}: holds no float tensors to verify")
@@ -116,7 +114,7 @@ def infer_dtype(out: ModelFolder) -> str:
 
 
 def expected_dtype(src: TensorEntry, target: str, keep: Sequence[str]) -> str:
-    if not _INFO[src.dtype]["castable"]:
+    if not is_castable(src.dtype):
         return src.dtype
     if any(fnmatch.fnmatchcase(src.name, p) for p in keep):
         return src.dtype
@@ -164,14 +162,14 @@ def check_structure(
 def check_config(src: ModelFolder, out: ModelFolder, target: str) -> list[str]:
     if out.config is None:
         return [f"{out.root}: config.json is missing"] if src.config else []
-    torch_name = _INFO[target]["torch_name"]
+    expected = torch_name(target)
     claims = config_dtypes(read_config(out.config))
     if not claims:
-        return [f"{out.config}: has no dtype; expected torch_dtype={torch_name}"]
+        return [f"{out.config}: has no dtype; expected torch_dtype={expected}"]
     return [
-        f"{out.config}: says {key}={value}, but the weights are {target} ({torch_name})"
+        f"{out.config}: says {key}={value}, but the weights are {target} ({expected})"
         for key, value in claims.items()
-        if _TORCH_TO_NAME.get(value.removeprefix("torch.")) != target
+        if from_torch_name(value) != target
     ]
 
 
@@ -249,7 +247,7 @@ def compare(
 
     a, b = bits_view(got).reshape(-1), bits_view(want).reshape(-1)
     differ = a != b
-    is_float = bool(_INFO[dtype]["castable"])
+    is_float = is_castable(dtype)
     if is_float:
         differ &= ~(nan_mask(a, dtype) & nan_mask(b, dtype))
     count = int(differ.sum())
@@ -348,7 +346,7 @@ def verify_values(
 def torch_dtype(name: str) -> torch.dtype:
     import torch
 
-    dtype: torch.dtype = getattr(torch, _INFO[name]["torch_name"])
+    dtype: torch.dtype = getattr(torch, torch_name(name))
     return dtype
 
 
