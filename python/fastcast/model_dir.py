@@ -158,29 +158,37 @@ def index_shards(index: Path, root: Path) -> dict[str, list[str]]:
 
 
 def read_indexed_set(index: Path, root: Path) -> WeightSet:
-    """A weight set from an index: every shard read, index and headers cross-checked."""
+    """A weight set from an index: every shard read, index and headers cross-checked
+    both ways (a tensor the index names must be in its shard, and a tensor a shard
+    holds must be in the index: otherwise which copy loaders use is ambiguous)."""
     prefix = index.name[: -len(INDEX_SUFFIX)]
+    shards = index_shards(index, root)
+    listed = {tensor for tensors in shards.values() for tensor in tensors}
     files = []
-    for name, listed in index_shards(index, root).items():
+    for name, in_this_shard in shards.items():
         path = root / name
         if not path.exists():
             raise ModelFolderError(f"{index}: names shard {name!r}, which does not exist")
         source = read_source(path, root)
         present = {t.name for t in source.tensors}
-        missing = [t for t in listed if t not in present]
+        missing = [t for t in in_this_shard if t not in present]
         if missing:
             raise ModelFolderError(
                 f"{index}: says {missing[0]!r} is in {name}, but {path} has no such tensor"
                 + (f" (and {len(missing) - 1} more)" if len(missing) > 1 else "")
             )
         files.append(source)
+    extra = [(t.name, f.path.name) for f in files for t in f.tensors if t.name not in listed]
+    if extra:
+        raise ModelFolderError(
+            f"{index}: does not list tensor {extra[0][0]!r}, which {extra[0][1]} holds"
+            + (f" (and {len(extra) - 1} more)" if len(extra) > 1 else "")
+        )
     return WeightSet(prefix, index, files)
 
 
-def check_unique(sets: list[WeightSet]) -> list[str]:
-    """Reject a tensor held by two files of one set, or held by a shard but not
-    listed in the index: either way, which copy loaders use is ambiguous."""
-    warnings: list[str] = []
+def check_no_duplicates(sets: list[WeightSet]) -> None:
+    """Reject a tensor held by two files of one set: which copy is right is ambiguous."""
     for ws in sets:
         where: dict[str, Path] = {}
         for f in ws.files:
@@ -191,16 +199,6 @@ def check_unique(sets: list[WeightSet]) -> list[str]:
                         "which copy is right is ambiguous"
                     )
                 where[t.name] = f.path
-        if ws.index is not None:
-            listed = set(json.loads(ws.index.read_text(encoding="utf-8"))["weight_map"])
-            extra = [n for n in where if n not in listed]
-            if extra:
-                raise ModelFolderError(
-                    f"{ws.index}: does not list tensor {extra[0]!r}, which "
-                    f"{where[extra[0]].name} holds"
-                    + (f" (and {len(extra) - 1} more)" if len(extra) > 1 else "")
-                )
-    return warnings
 
 
 def open_model(path: str | os.PathLike[str]) -> ModelFolder:
@@ -250,7 +248,7 @@ def open_model(path: str | os.PathLike[str]) -> ModelFolder:
         if any(OTHER_FORMAT_WEIGHTS.match(s.name) for s in skipped):
             hint = " (pytorch_model.bin and friends are pickles; fastcast reads safetensors)"
         raise ModelFolderError(f"{root}: no .safetensors weights found{hint}")
-    warnings = check_unique(sets) + warnings
+    check_no_duplicates(sets)
     if skipped and any(OTHER_FORMAT_WEIGHTS.match(s.name) for s in skipped):
         names = ", ".join(s.name for s in skipped if OTHER_FORMAT_WEIGHTS.match(s.name))
         warnings.append(f"not copied (weights in another format, now stale): {names}")
