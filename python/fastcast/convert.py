@@ -414,18 +414,14 @@ def run_plan(
 ) -> dict[str, Any]:
     """Hand the shards still to write to the Rust executor, with a progress bar in
     input bytes. Counts of reused shards are added back so totals stay whole."""
-    doc = json.loads(plan.to_json(out, sizes))
-    keep_shards = [
-        s for s, p in zip(doc["shards"], plan.shards, strict=True) if p.name not in reused
-    ]
-    doc["shards"] = keep_shards
+    todo = [s.name for s in plan.shards if s.name not in reused]
     total_bytes = sum(
         t.entry.nbytes for s in plan.shards if s.name not in reused for t in s.tensors
     )
     try:
         with ByteProgress(total_bytes, "converting", progress) as update:
             stats: dict[str, Any] = _core.execute_plan(
-                json.dumps(doc),
+                plan.to_json(out, sizes, only=todo),
                 progress=update,
                 threads=threads,
                 fsync=fsync,
@@ -438,14 +434,8 @@ def run_plan(
         raise ModelFolderError(f"{e} (removed while converting?)") from None
     if reused:
         # The reused shards' loss counts come from a read-only scan of their inputs.
-        doc["shards"] = [
-            s
-            for s, p in zip(
-                json.loads(plan.to_json(out, sizes))["shards"], plan.shards, strict=True
-            )
-            if p.name in reused
-        ]
-        stats["losses"] = _core.scan_plan(json.dumps(doc), threads=threads) + stats["losses"]
+        reused_plan = plan.to_json(out, sizes, only=reused)
+        stats["losses"] = _core.scan_plan(reused_plan, threads=threads) + stats["losses"]
     for shard in plan.shards:
         if shard.name in reused:
             stats["tensors_cast"] += sum(1 for t in shard.tensors if t.is_cast)

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import fnmatch
 import json
-from collections.abc import Sequence
+from collections.abc import Collection, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -92,8 +92,11 @@ class ConversionPlan:
     def tensors(self) -> list[PlannedTensor]:
         return [t for s in self.shards for t in s.tensors]
 
-    def to_json(self, output: Path, sizes: dict[Path, int]) -> str:
-        """The plan as the Rust executor reads it (see exec.rs)."""
+    def to_json(
+        self, output: Path, sizes: dict[Path, int], only: Collection[str] | None = None
+    ) -> str:
+        """The plan as the Rust executor reads it (see exec.rs); ``only`` keeps just
+        the shards of those names (a resumed run writes the rest)."""
         source_ids = {p: i for i, p in enumerate(self.sources)}
         doc = {
             "sources": [{"path": str(p), "size": sizes[p]} for p in self.sources],
@@ -115,6 +118,7 @@ class ConversionPlan:
                     ],
                 }
                 for shard in self.shards
+                if only is None or shard.name in only
             ],
         }
         return json.dumps(doc)
