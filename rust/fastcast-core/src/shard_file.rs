@@ -151,16 +151,6 @@ impl ShardFile {
         }
     }
 
-    /// The open file, for hints such as `fadvise`.
-    pub fn file(&self) -> &File {
-        &self.file
-    }
-
-    /// The final path.
-    pub fn path(&self) -> &Path {
-        &self.path
-    }
-
     /// Sync (unless `fsync` is false) and rename into place.
     ///
     /// After a sync the file's pages are clean, so they are dropped from the
