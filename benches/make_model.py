@@ -17,10 +17,13 @@ import argparse
 import json
 import struct
 from pathlib import Path
+from typing import NamedTuple
 
 import numpy as np
 
 import fastcast
+from fastcast.dtype_table import torch_name
+from fastcast.plan import pack, shard_names
 from fastcast.units import parse_size
 
 BLOCK = 8 << 20
@@ -93,44 +96,31 @@ def shapes_for(
     return dims, tensors
 
 
-def pack(
-    tensors: list[tuple[str, tuple[int, ...]]], itemsize: int, limit: int
-) -> list[list[tuple[str, tuple[int, ...]]]]:
-    shards: list[list[tuple[str, tuple[int, ...]]]] = []
-    current: list[tuple[str, tuple[int, ...]]] = []
-    used = 0
-    for name, shape in tensors:
-        n = int(np.prod(shape)) * itemsize
-        if n > limit:
-            shards.append([(name, shape)])
-            continue
-        if used + n > limit:
-            shards.append(current)
-            current, used = [], 0
-        current.append((name, shape))
-        used += n
-    if current or not shards:
-        shards.append(current)
-    return shards
+class Spec(NamedTuple):
+    """A tensor to write: its name, shape and size in the checkpoint's dtype."""
+
+    name: str
+    shape: tuple[int, ...]
+    nbytes: int
 
 
-def write_shard(
-    path: Path, tensors: list[tuple[str, tuple[int, ...]]], dtype: str, block: np.ndarray
-) -> None:
-    itemsize = np.dtype(NP_BITS[dtype]).itemsize
+def write_shard(path: Path, tensors: list[Spec], dtype: str, block: np.ndarray) -> None:
     header: dict[str, object] = {"__metadata__": {"format": "pt"}}
     offset = 0
-    for name, shape in tensors:
-        n = int(np.prod(shape)) * itemsize
-        header[name] = {"dtype": dtype, "shape": list(shape), "data_offsets": [offset, offset + n]}
-        offset += n
+    for t in tensors:
+        header[t.name] = {
+            "dtype": dtype,
+            "shape": list(t.shape),
+            "data_offsets": [offset, offset + t.nbytes],
+        }
+        offset += t.nbytes
     raw = json.dumps(header, separators=(",", ":")).encode()
     raw += b" " * (-len(raw) % 8)
     ones = fastcast.cast_array(np.ones(1, np.float32), dtype).view(NP_BITS[dtype])[0]
     with open(path, "wb") as f:
         f.write(struct.pack("<Q", len(raw)) + raw)
         pos = 0
-        for name, shape in tensors:
+        for name, shape, _ in tensors:
             left = int(np.prod(shape))
             if name.endswith("norm.weight"):
                 f.write(np.full(left, ones, NP_BITS[dtype]).tobytes())
@@ -161,23 +151,19 @@ def main() -> None:
     )
     block = fastcast.cast_array(values, dtype).view(NP_BITS[dtype])
     args.out.mkdir(parents=True, exist_ok=True)
-    shards = pack(tensors, itemsize, parse_size(args.shard_size))
-    names = (
-        ["model.safetensors"]
-        if len(shards) == 1
-        else [f"model-{i:05d}-of-{len(shards):05d}.safetensors" for i in range(1, len(shards) + 1)]
-    )
+    specs = [Spec(name, shape, int(np.prod(shape)) * itemsize) for name, shape in tensors]
+    shards = pack(specs, parse_size(args.shard_size))  # the same rule fastcast uses
+    names = shard_names("model", len(shards))
     for name, group in zip(names, shards, strict=True):
         write_shard(args.out / name, group, dtype, block)
     if len(shards) > 1:
         index = {
             "metadata": {"total_size": sum(int(np.prod(s)) * itemsize for _, s in tensors)},
-            "weight_map": {t: n for n, g in zip(names, shards, strict=True) for t, _ in g},
+            "weight_map": {t.name: n for n, g in zip(names, shards, strict=True) for t in g},
         }
         (args.out / "model.safetensors.index.json").write_text(
             json.dumps(index, indent=2, sort_keys=True) + "\n"
         )
-    torch_name = {"F32": "float32", "BF16": "bfloat16", "F16": "float16"}[dtype]
     config = {
         "architectures": ["MixtralForCausalLM" if args.arch == "mixtral" else "LlamaForCausalLM"],
         "model_type": args.arch,
@@ -186,7 +172,7 @@ def main() -> None:
         "num_key_value_heads": dims["hidden_size"] // 256,
         "rms_norm_eps": 1e-5,
         "tie_word_embeddings": True,
-        "torch_dtype": torch_name,
+        "torch_dtype": torch_name(dtype),
     }
     if args.arch == "mixtral":
         config |= {"num_local_experts": 8, "num_experts_per_tok": 2, "tie_word_embeddings": False}

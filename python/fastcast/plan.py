@@ -15,7 +15,7 @@ import json
 from collections.abc import Collection, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol, TypeVar
 
 from fastcast import _core
 from fastcast.dtype_table import element_size, is_castable
@@ -143,10 +143,20 @@ def output_nbytes(entry: TensorEntry, dtype: str) -> int:
     return entry.numel * element_size(dtype)
 
 
-def pack(tensors: list[PlannedTensor], limit: int) -> list[list[PlannedTensor]]:
+class Sized(Protocol):
+    """Anything with a byte count: planned tensors, or a benchmark's synthetic specs."""
+
+    @property
+    def nbytes(self) -> int: ...
+
+
+SizedT = TypeVar("SizedT", bound=Sized)
+
+
+def pack(tensors: list[SizedT], limit: int) -> list[list[SizedT]]:
     """Group tensors into shards exactly as huggingface_hub's splitter does."""
-    shards: list[list[PlannedTensor]] = []
-    current: list[PlannedTensor] = []
+    shards: list[list[SizedT]] = []
+    current: list[SizedT] = []
     current_size = 0
     for t in tensors:
         if t.nbytes > limit:
