@@ -1,6 +1,6 @@
 """Type stubs for fastcast._core, the Rust extension module (see rust/fastcast-py)."""
 
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from os import PathLike
 from pathlib import Path
 from typing import Any, Literal, TypedDict, type_check_only
@@ -28,6 +28,7 @@ __all__ = [
     "scan_plan",
     "select_kernel",
     "shard_digest",
+    "target_dtypes",
 ]
 
 __version__: str
@@ -79,6 +80,13 @@ class HeaderDict(TypedDict):
 
 def parse_dtype(name: str) -> str: ...
 def dtypes() -> list[DtypeInfo]: ...
+def target_dtypes(
+    tensors: Sequence[tuple[str, str]], target: str, keep: Sequence[str]
+) -> list[str]:
+    """For each (tensor name, safetensors dtype), the dtype it gets converting to
+    ``target``: its own when not a castable float or matched by a ``keep`` glob
+    (``fnmatch.fnmatchcase`` semantics), else ``target``."""
+
 def available_kernels() -> list[str]: ...
 def select_kernel(name: str | None = None) -> str: ...
 def cast_into(

@@ -5,6 +5,8 @@
 //!   once, and written back;
 //! - [`cast`]: conversion kernels bit-exact with `torch.Tensor.to` on the
 //!   CPU, a scalar reference per pair and SIMD paths chosen at run time;
+//! - [`keep`]: `--keep` globs (Python's `fnmatch` semantics) and what dtype
+//!   each tensor of a conversion gets;
 //! - [`loss`]: what a cast loses (overflow, underflow, NaN/inf, max |x|);
 //! - [`exec`]: runs a conversion plan: parallel chunks, bounded buffers,
 //!   writes at final offsets into [`shard_file`]s renamed into place when done;
@@ -17,6 +19,7 @@ pub mod dtype;
 pub mod error;
 pub mod exec;
 pub mod header;
+pub mod keep;
 pub mod loss;
 pub mod shard_file;
 
@@ -25,4 +28,5 @@ pub use dtype::DType;
 pub use error::{Error, HeaderProblem, Result};
 pub use exec::{execute, ExecOptions, ExecStats, Plan, Progress, ShardRecord};
 pub use header::{Header, TensorInfo};
+pub use keep::{target_dtype, KeepRule};
 pub use loss::{LossRule, LossStats};

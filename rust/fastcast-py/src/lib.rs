@@ -11,7 +11,9 @@ use std::sync::{mpsc, Arc};
 use std::time::Duration;
 
 use fastcast_core::exec::{self, ExecOptions, Plan, Progress};
-use fastcast_core::{dtype, CastOptions, DType, Fp8Overflow, Header, Kernel, LossStats};
+use fastcast_core::{
+    dtype, keep, CastOptions, DType, Error, Fp8Overflow, Header, KeepRule, Kernel, LossStats,
+};
 use pyo3::buffer::PyBuffer;
 use pyo3::prelude::*;
 use pyo3::types::{PyDict, PyList};
@@ -43,6 +45,41 @@ fn dtypes(py: Python<'_>) -> PyResult<Bound<'_, PyList>> {
         list.append(item)?;
     }
     Ok(list)
+}
+
+/// A safetensors dtype name as a header spells it, or a DtypeError.
+fn safetensors_dtype(name: &str) -> Result<DType, CoreError> {
+    DType::from_safetensors_name(name).ok_or_else(|| {
+        CoreError(Error::UnknownDtype {
+            name: name.to_owned(),
+            valid: DType::valid_names(),
+        })
+    })
+}
+
+/// For each `(tensor name, safetensors dtype)`, the dtype it gets converting
+/// to `target`: unchanged when not a castable float or matched by a `keep`
+/// glob (`fnmatch.fnmatchcase` semantics), else `target`.
+#[pyfunction]
+fn target_dtypes(
+    tensors: Vec<(String, String)>,
+    target: &str,
+    keep: Vec<String>,
+) -> PyResult<Vec<&'static str>> {
+    let to: DType = target.parse().map_err(CoreError)?;
+    if !to.is_castable() {
+        return Err(DtypeError::new_err(format!(
+            "cannot convert to {to}: the target must be one of {}",
+            dtype::CASTABLE.map(DType::safetensors_name).join(", ")
+        )));
+    }
+    let rule = KeepRule::new(&keep);
+    let mut out = Vec::with_capacity(tensors.len());
+    for (name, dtype) in &tensors {
+        let from = safetensors_dtype(dtype)?;
+        out.push(keep::target_dtype(name, from, to, &rule).safetensors_name());
+    }
+    Ok(out)
 }
 
 /// Names of the kernel paths this CPU can run, slowest first.
@@ -373,6 +410,7 @@ fn _core(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add("LossError", py.get_type::<LossError>())?;
     m.add_function(wrap_pyfunction!(parse_dtype, m)?)?;
     m.add_function(wrap_pyfunction!(dtypes, m)?)?;
+    m.add_function(wrap_pyfunction!(target_dtypes, m)?)?;
     m.add_function(wrap_pyfunction!(available_kernels, m)?)?;
     m.add_function(wrap_pyfunction!(select_kernel, m)?)?;
     m.add_function(wrap_pyfunction!(cast_into, m)?)?;

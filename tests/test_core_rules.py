@@ -1,0 +1,85 @@
+"""Rules the core owns and Python reads instead of re-typing: what ``--keep`` keeps
+(Python's own ``fnmatch`` is the oracle)."""
+
+from __future__ import annotations
+
+import fnmatch
+
+import pytest
+from hypothesis import example, given, settings
+from hypothesis import strategies as st
+
+from fastcast import _core
+
+# Small alphabets so that random strings hit the bracket edge cases: "[!]", "[]]",
+# "[a-]", "[z-a]", unclosed "[", stars next to sets, dots and slashes.
+PATTERN_CHARS = "*?[]!-./abcz"
+NAME_CHARS = "[]!-./abcz"
+
+patterns = st.text(PATTERN_CHARS, max_size=10)
+names = st.text(NAME_CHARS, max_size=8)
+
+
+def kept(name: str, keep: list[str]) -> bool:
+    return _core.target_dtypes([(name, "F32")], "BF16", keep) == ["F32"]
+
+
+@settings(max_examples=3000, deadline=None)
+@given(name=names, pattern=patterns)
+@example(name="z", pattern="[z-a]")
+@example(name="q", pattern="[z-a!]")
+@example(name="-", pattern="[z-a!-c]")
+@example(name="]", pattern="[]]")
+@example(name="[!]", pattern="[!]")
+@example(name="-", pattern="[a-c-e]")
+def test_keep_matches_exactly_as_fnmatchcase(name, pattern):
+    assert kept(name, [pattern]) == fnmatch.fnmatchcase(name, pattern)
+
+
+@settings(max_examples=500, deadline=None)
+@given(tensors=st.lists(names, max_size=6), keep=st.lists(patterns, max_size=3))
+def test_any_pattern_keeps_and_order_is_preserved(tensors, keep):
+    got = _core.target_dtypes([(n, "F32") for n in tensors], "F16", keep)
+    want = ["F32" if any(fnmatch.fnmatchcase(n, p) for p in keep) else "F16" for n in tensors]
+    assert got == want
+
+
+@pytest.mark.parametrize(
+    ("pattern", "name", "matches"),
+    [
+        ("*norm*", "model.layers.0.post_attention_layernorm.weight", True),
+        ("*.norm.weight", "model.norm.weight", True),
+        ("*.norm.weight", "model.norm.bias", False),
+        ("unet/*", "unet/down/0.weight", True),
+        ("layers.?.w", "layers.17.w", False),
+        ("[!a]*", "b.weight", True),
+        ("*.[Ww]eight", "x.Weight", True),
+        ("*.WEIGHT", "x.weight", False),  # case-sensitive, as fnmatchcase
+        ("é?", "éé", True),  # one character is one Unicode scalar value
+        ("[", "[", True),
+        ("[]", "[]", True),
+    ],
+)
+def test_keep_explicit_cases(pattern, name, matches):
+    assert fnmatch.fnmatchcase(name, pattern) == matches
+    assert kept(name, [pattern]) == matches
+
+
+def test_only_castable_floats_are_retyped():
+    tensors = [("w", "F32"), ("n", "BF16"), ("ids", "I64"), ("mask", "BOOL"),
+               ("packed", "F4"), ("scale", "F8_E8M0"), ("x", "F8_E4M3")]  # fmt: skip
+    assert _core.target_dtypes(tensors, "F16", []) == [
+        "F16", "F16", "I64", "BOOL", "F4", "F8_E8M0", "F16"
+    ]  # fmt: skip
+    assert _core.target_dtypes(tensors, "bf16", ["*"]) == [d for _, d in tensors]
+
+
+def test_target_dtypes_refuses_unknown_and_uncastable_dtypes():
+    with pytest.raises(_core.DtypeError, match=r"unknown dtype .bf16."):
+        _core.target_dtypes([("w", "bf16")], "F16", [])  # header names only
+    with pytest.raises(_core.DtypeError, match=r"unknown dtype .bf17."):
+        _core.target_dtypes([("w", "F32")], "bf17", [])
+    with pytest.raises(_core.DtypeError, match="target must be one of"):
+        _core.target_dtypes([("w", "F32")], "I8", [])
+    with pytest.raises(TypeError):
+        _core.target_dtypes([("w", "F32")], "F16", "*norm*")  # type: ignore[arg-type]
