@@ -1,5 +1,5 @@
 """Rules the core owns and Python reads instead of re-typing: what ``--keep`` keeps
-(Python's own ``fnmatch`` is the oracle)."""
+(Python's own ``fnmatch`` is the oracle), dtype short names and ranges."""
 
 from __future__ import annotations
 
@@ -83,3 +83,32 @@ def test_target_dtypes_refuses_unknown_and_uncastable_dtypes():
         _core.target_dtypes([("w", "F32")], "I8", [])
     with pytest.raises(TypeError):
         _core.target_dtypes([("w", "F32")], "F16", "*norm*")  # type: ignore[arg-type]
+
+
+def test_dtype_short_names_and_ranges():
+    by_name = {d["name"]: d for d in _core.dtypes()}
+    assert {n: d["short_name"] for n, d in by_name.items() if d["castable"]} == {
+        "F64": "fp64", "F32": "fp32", "F16": "fp16", "BF16": "bf16",
+        "F8_E4M3": "fp8_e4m3", "F8_E5M2": "fp8_e5m2",
+    }  # fmt: skip
+    assert by_name["F16"]["max"] == 65504.0
+    assert by_name["F8_E4M3"]["max"] == 448.0
+    assert by_name["F8_E5M2"]["max"] == 57344.0
+    assert by_name["BF16"]["max"] == 3.3895313892515355e38
+    assert by_name["F64"]["max"] == 1.7976931348623157e308
+    for d in by_name.values():
+        if not d["castable"]:
+            assert d["short_name"] is None and d["max"] is None
+        else:
+            assert _core.parse_dtype(d["short_name"]) == d["name"]
+
+
+def test_dtype_ranges_agree_with_torch(torch):
+    names = {"F64": "float64", "F32": "float32", "F16": "float16", "BF16": "bfloat16",
+             "F8_E4M3": "float8_e4m3fn", "F8_E5M2": "float8_e5m2"}  # fmt: skip
+    by_name = {d["name"]: d for d in _core.dtypes()}
+    for name, torch_name in names.items():
+        dtype = getattr(torch, torch_name, None)
+        if dtype is None:
+            continue
+        assert by_name[name]["max"] == torch.finfo(dtype).max, name

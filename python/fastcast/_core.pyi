@@ -71,6 +71,10 @@ class DtypeInfo(TypedDict):
     bits: int
     castable: bool
     is_float: bool
+    #: ``"bf16"``, ``"fp8_e4m3"``...: folder names and messages; None when not castable.
+    short_name: str | None
+    #: The largest finite value (e4m3fn: 448); None when not castable.
+    max: float | None
 
 @type_check_only
 class HeaderDict(TypedDict):

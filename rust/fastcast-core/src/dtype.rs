@@ -175,6 +175,47 @@ impl DType {
         }
     }
 
+    /// The short name of a castable dtype, as used in default output folder
+    /// names (`model-bf16`) and in messages; `None` for the others.
+    ///
+    /// ```
+    /// use fastcast_core::DType;
+    /// assert_eq!(DType::F8E4M3.short_name(), Some("fp8_e4m3"));
+    /// assert_eq!(DType::I64.short_name(), None);
+    /// ```
+    pub const fn short_name(self) -> Option<&'static str> {
+        match self {
+            DType::BF16 => Some("bf16"),
+            DType::F16 => Some("fp16"),
+            DType::F32 => Some("fp32"),
+            DType::F64 => Some("fp64"),
+            DType::F8E4M3 => Some("fp8_e4m3"),
+            DType::F8E5M2 => Some("fp8_e5m2"),
+            _ => None,
+        }
+    }
+
+    /// The largest finite value of a castable dtype (`F8_E4M3` is e4m3fn,
+    /// whose top code is NaN: 448); `None` for the others.
+    ///
+    /// ```
+    /// use fastcast_core::DType;
+    /// assert_eq!(DType::F16.max_finite(), Some(65504.0));
+    /// assert_eq!(DType::U8.max_finite(), None);
+    /// ```
+    pub const fn max_finite(self) -> Option<f64> {
+        match self {
+            DType::F64 => Some(f64::MAX),
+            DType::F32 => Some(f32::MAX as f64),
+            // 0x7F7F: (2 - 2^-7) * 2^127.
+            DType::BF16 => Some(3.3895313892515355e38),
+            DType::F16 => Some(65504.0),
+            DType::F8E4M3 => Some(448.0),
+            DType::F8E5M2 => Some(57344.0),
+            _ => None,
+        }
+    }
+
     /// Bits per element (4 and 6 for the packed sub-byte formats).
     pub const fn bits(self) -> u64 {
         match self {
@@ -310,6 +351,39 @@ mod tests {
     fn safetensors_names_are_exact() {
         assert_eq!(DType::from_safetensors_name("bf16"), None);
         assert_eq!(DType::from_safetensors_name("F8_E4M3"), Some(DType::F8E4M3));
+    }
+
+    #[test]
+    fn short_names_and_ranges_exist_exactly_for_castable_dtypes() {
+        for d in ALL {
+            assert_eq!(d.short_name().is_some(), d.is_castable(), "{d}");
+            assert_eq!(d.max_finite().is_some(), d.is_castable(), "{d}");
+            if let Some(short) = d.short_name() {
+                assert_eq!(
+                    short.parse::<DType>().unwrap(),
+                    d,
+                    "{short} is a name of {d}"
+                );
+            }
+        }
+        // Each maximum is the largest finite value the scalar decoders produce.
+        use crate::cast::scalar;
+        assert_eq!(
+            DType::BF16.max_finite(),
+            Some(scalar::bf16_to_f32(0x7F7F) as f64)
+        );
+        assert_eq!(
+            DType::F16.max_finite(),
+            Some(scalar::f16_to_f32(0x7BFF) as f64)
+        );
+        assert_eq!(
+            DType::F8E4M3.max_finite(),
+            Some(scalar::e4m3_to_f32(0x7E) as f64)
+        );
+        assert_eq!(
+            DType::F8E5M2.max_finite(),
+            Some(scalar::e5m2_to_f32(0x7B) as f64)
+        );
     }
 
     #[test]

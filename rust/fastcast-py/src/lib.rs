@@ -30,7 +30,8 @@ fn parse_dtype(name: &str) -> PyResult<&'static str> {
     Ok(d.safetensors_name())
 }
 
-/// Every dtype fastcast knows, as dicts (name, torch name, aliases, bits, castable).
+/// Every dtype fastcast knows, as dicts (name, torch name, aliases, bits,
+/// castable, short name and largest finite value of the castable ones).
 #[pyfunction]
 fn dtypes(py: Python<'_>) -> PyResult<Bound<'_, PyList>> {
     let list = PyList::empty(py);
@@ -42,6 +43,8 @@ fn dtypes(py: Python<'_>) -> PyResult<Bound<'_, PyList>> {
         item.set_item("bits", d.bits())?;
         item.set_item("castable", d.is_castable())?;
         item.set_item("is_float", d.is_float())?;
+        item.set_item("short_name", d.short_name())?;
+        item.set_item("max", d.max_finite())?;
         list.append(item)?;
     }
     Ok(list)
