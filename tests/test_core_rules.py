@@ -1,5 +1,6 @@
 """Rules the core owns and Python reads instead of re-typing: what ``--keep`` keeps
-(Python's own ``fnmatch`` is the oracle), dtype short names and ranges."""
+(Python's own ``fnmatch`` is the oracle), dtype short names and ranges, and which
+casts can overflow."""
 
 from __future__ import annotations
 
@@ -112,3 +113,54 @@ def test_dtype_ranges_agree_with_torch(torch):
         if dtype is None:
             continue
         assert by_name[name]["max"] == torch.finfo(dtype).max, name
+
+
+def test_cast_rules():
+    f16 = _core.cast_rule("F32", "F16")
+    assert f16 == {
+        "overflow_from": 65520.0,
+        "underflow_to": 2.0**-25,
+        "narrows_range": True,
+        "saturates": False,
+    }
+    bf16 = _core.cast_rule("float32", "bf16")  # any accepted names
+    assert bf16["overflow_from"] == pytest.approx(3.3961775e38)
+    assert not bf16["narrows_range"]  # only rounding at the very top overflows
+    e4m3 = _core.cast_rule("F32", "F8_E4M3")
+    assert 464.0 < e4m3["overflow_from"] < 464.001 and e4m3["saturates"]
+    assert _core.cast_rule("BF16", "F32") == {
+        "overflow_from": None,
+        "underflow_to": None,
+        "narrows_range": False,
+        "saturates": False,
+    }
+    assert _core.cast_rule("BF16", "F16")["narrows_range"]
+    assert _core.cast_rule("F64", "F32")["narrows_range"]
+    assert not _core.cast_rule("F8_E4M3", "F8_E5M2")["narrows_range"]
+    with pytest.raises(_core.DtypeError, match="cannot cast I64 to F16"):
+        _core.cast_rule("I64", "F16")
+    with pytest.raises(_core.DtypeError, match="unknown dtype"):
+        _core.cast_rule("F32", "nope")
+
+
+def test_cast_rule_thresholds_agree_with_torch(torch):
+    """The thresholds are where torch's own cast starts to overflow / underflow."""
+    for src, dst in [("float32", "float16"), ("float32", "bfloat16"), ("bfloat16", "float16"),
+                     ("float32", "float8_e5m2"), ("float16", "float8_e5m2")]:  # fmt: skip
+        rule = _core.cast_rule(src, dst)
+        s, d = getattr(torch, src), getattr(torch, dst)
+        at = torch.tensor([rule["overflow_from"]], dtype=torch.float64).to(s)
+        assert float(at.double()) == rule["overflow_from"], (src, dst)
+        below = neighbour(torch, at, -1)
+        assert torch.isinf(at.to(d)).all() and torch.isfinite(below.to(d)).all(), (src, dst)
+        if rule["underflow_to"] is not None:
+            last = torch.tensor([rule["underflow_to"]], dtype=torch.float64).to(s)
+            assert float(last.double()) == rule["underflow_to"], (src, dst)
+            above = neighbour(torch, last, 1)
+            assert float(last.to(d)) == 0.0 and float(above.to(d)) != 0.0, (src, dst)
+
+
+def neighbour(torch, x, step: int):
+    """The float ``step`` bit patterns away from positive ``x``."""
+    ints = {2: torch.int16, 4: torch.int32}[x.element_size()]
+    return (x.view(ints) + step).view(x.dtype)

@@ -20,6 +20,7 @@ __all__ = [
     "__version__",
     "available_kernels",
     "cast_into",
+    "cast_rule",
     "dtypes",
     "execute_plan",
     "parse_dtype",
@@ -77,6 +78,19 @@ class DtypeInfo(TypedDict):
     max: float | None
 
 @type_check_only
+class CastRule(TypedDict):
+    #: The smallest finite source magnitude that overflows (to ±inf/NaN, or
+    #: saturates to ±448 for e4m3fn); None when nothing can.
+    overflow_from: float | None
+    #: The largest non-zero source magnitude that becomes 0; None when none can.
+    underflow_to: float | None
+    #: The target's largest finite value is below half the source's: whole
+    #: binades overflow (f32 -> f16), not just rounding at the top (f32 -> bf16).
+    narrows_range: bool
+    #: Overflow clamps to the largest finite value under the default policy (e4m3fn).
+    saturates: bool
+
+@type_check_only
 class HeaderDict(TypedDict):
     metadata: dict[str, str] | None
     tensors: list[tuple[str, str, list[int], tuple[int, int]]]
@@ -90,6 +104,9 @@ def target_dtypes(
     """For each (tensor name, safetensors dtype), the dtype it gets converting to
     ``target``: its own when not a castable float or matched by a ``keep`` glob
     (``fnmatch.fnmatchcase`` semantics), else ``target``."""
+
+def cast_rule(src: str, dst: str) -> CastRule:
+    """What casting ``src`` to ``dst`` can lose; DtypeError unless both are castable."""
 
 def available_kernels() -> list[str]: ...
 def select_kernel(name: str | None = None) -> str: ...

@@ -4,7 +4,7 @@
 use std::io;
 use std::path::PathBuf;
 
-use crate::dtype::DType;
+use crate::dtype::{DType, CASTABLE};
 
 /// Everything that can go wrong in the core.
 #[derive(Debug, thiserror::Error)]
@@ -148,6 +148,19 @@ impl Error {
         Error::Io {
             path: path.into(),
             source,
+        }
+    }
+
+    /// `from -> to` is not a cast fastcast performs.
+    pub fn not_castable(from: DType, to: DType) -> Error {
+        Error::NotCastable {
+            from,
+            to,
+            castable: CASTABLE
+                .iter()
+                .map(|d| d.safetensors_name())
+                .collect::<Vec<_>>()
+                .join(", "),
         }
     }
 

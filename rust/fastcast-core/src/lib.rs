@@ -29,4 +29,4 @@ pub use error::{Error, HeaderProblem, Result};
 pub use exec::{execute, ExecOptions, ExecStats, Plan, Progress, ShardRecord};
 pub use header::{Header, TensorInfo};
 pub use keep::{target_dtype, KeepRule};
-pub use loss::{LossRule, LossStats};
+pub use loss::{narrows_range, LossRule, LossStats};

@@ -57,9 +57,9 @@ pub struct LossRule {
     /// Whether `inf_bits` is an infinity (false: e4m3fn, where it is NaN).
     has_inf: bool,
     /// Smallest finite |x| bits that overflow, if any do.
-    overflow_from: Option<u64>,
+    overflow_bits: Option<u64>,
     /// Largest non-zero |x| bits that become zero, if any do.
-    underflow_to: Option<u64>,
+    underflow_bits: Option<u64>,
 }
 
 /// Where a finite positive source value (as abs bits) lands.
@@ -79,6 +79,15 @@ fn decode_f32(from: DType, bits: u64) -> f32 {
         DType::F8E4M3 => scalar::e4m3_to_f32(bits as u8),
         DType::F8E5M2 => scalar::e5m2_to_f32(bits as u8),
         _ => unreachable!("decode_f32: {from} is not castable"),
+    }
+}
+
+/// The value of |x| bits of `from`, exactly (f64 holds every castable value).
+fn decode(from: DType, bits: u64) -> f64 {
+    if from == DType::F64 {
+        f64::from_bits(bits)
+    } else {
+        decode_f32(from, bits) as f64
     }
 }
 
@@ -146,9 +155,9 @@ impl LossRule {
             _ => unreachable!("LossRule: {from} is not castable"),
         };
         let max_finite = inf_bits - 1;
-        let overflow_from =
+        let overflow_bits =
             first_true(1, max_finite, |b| landing(from, to, b) == Landing::Overflow);
-        let underflow_to = first_true(1, max_finite, |b| landing(from, to, b) != Landing::Zero)
+        let underflow_bits = first_true(1, max_finite, |b| landing(from, to, b) != Landing::Zero)
             .and_then(|first_nonzero| first_nonzero.checked_sub(1))
             .filter(|&b| b >= 1);
         LossRule {
@@ -156,9 +165,32 @@ impl LossRule {
             abs_mask,
             inf_bits,
             has_inf,
-            overflow_from,
-            underflow_to,
+            overflow_bits,
+            underflow_bits,
         }
+    }
+
+    /// The smallest finite source magnitude that overflows (to ±inf, NaN, or
+    /// saturated to ±448 for e4m3fn), or `None` when nothing can.
+    ///
+    /// ```
+    /// use fastcast_core::{DType, LossRule};
+    /// assert_eq!(LossRule::new(DType::F32, DType::F16).overflow_from(), Some(65520.0));
+    /// assert_eq!(LossRule::new(DType::F16, DType::F32).overflow_from(), None);
+    /// ```
+    pub fn overflow_from(&self) -> Option<f64> {
+        self.overflow_bits.map(|b| decode(self.from, b))
+    }
+
+    /// The largest non-zero source magnitude that becomes zero, or `None`
+    /// when no non-zero value can.
+    ///
+    /// ```
+    /// use fastcast_core::{DType, LossRule};
+    /// assert_eq!(LossRule::new(DType::F32, DType::F16).underflow_to(), Some(2f64.powi(-25)));
+    /// ```
+    pub fn underflow_to(&self) -> Option<f64> {
+        self.underflow_bits.map(|b| decode(self.from, b))
     }
 
     /// Count what casting `src` (little-endian elements of the rule's source
@@ -195,8 +227,8 @@ impl LossRule {
             inf_code,
             finite_end,
             // Thresholds that never trigger when the cast cannot overflow/underflow.
-            overflow_from: self.overflow_from.unwrap_or(finite_end),
-            underflow_to: self.underflow_to.unwrap_or(0),
+            overflow_from: self.overflow_bits.unwrap_or(finite_end),
+            underflow_to: self.underflow_bits.unwrap_or(0),
         };
         let counts = match self.from.size() {
             8 => count_u64(src, &limits),
@@ -211,15 +243,34 @@ impl LossRule {
             underflow: counts.underflow,
             nan_in: counts.nan,
             inf_in: counts.inf,
-            max_abs: if max == 0 {
-                0.0
-            } else if self.from == DType::F64 {
-                f64::from_bits(max)
-            } else {
-                decode_f32(self.from, max) as f64
-            },
+            max_abs: decode(self.from, max),
         }
     }
+}
+
+/// True when casting `from` to `to` shrinks the exponent range: the
+/// target's largest finite value is less than half the source's, so whole
+/// binades of source values overflow (f32 -> f16, bf16 -> f16, f64 -> f32,
+/// f32 -> fp8). False when at most rounding at the very top can overflow
+/// (f32 -> bf16, f16 -> e5m2) or nothing can, and for non-castable dtypes.
+///
+/// ```
+/// use fastcast_core::{loss::narrows_range, DType};
+/// assert!(narrows_range(DType::BF16, DType::F16));
+/// assert!(!narrows_range(DType::F32, DType::BF16));
+/// ```
+pub fn narrows_range(from: DType, to: DType) -> bool {
+    match (from.max_finite(), to.max_finite()) {
+        (Some(src), Some(dst)) => dst < src / 2.0,
+        _ => false,
+    }
+}
+
+/// True when values overflowing into `to` saturate to its largest finite
+/// value under `policy` instead of becoming ±inf/NaN: e4m3fn, which has no
+/// infinity, when saturating.
+pub fn saturates(to: DType, policy: Fp8Overflow) -> bool {
+    to == DType::F8E4M3 && policy == Fp8Overflow::Saturate
 }
 
 /// A rule's thresholds, widened to u64 (narrowed again per element width).
@@ -303,14 +354,99 @@ mod tests {
     #[test]
     fn thresholds_are_the_documented_ones() {
         let f16 = LossRule::new(DType::F32, DType::F16);
-        assert_eq!(f16.overflow_from, Some(65520f32.to_bits() as u64));
-        assert_eq!(f16.underflow_to, Some(2f32.powi(-25).to_bits() as u64));
+        assert_eq!(f16.overflow_bits, Some(65520f32.to_bits() as u64));
+        assert_eq!(f16.underflow_bits, Some(2f32.powi(-25).to_bits() as u64));
         let e5m2 = LossRule::new(DType::F32, DType::F8E5M2);
-        assert_eq!(e5m2.overflow_from, Some(61440f32.to_bits() as u64));
+        assert_eq!(e5m2.overflow_bits, Some(61440f32.to_bits() as u64));
         let e4m3 = LossRule::new(DType::F32, DType::F8E4M3);
-        assert_eq!(e4m3.overflow_from, Some(464f32.to_bits() as u64 + 1));
+        assert_eq!(e4m3.overflow_bits, Some(464f32.to_bits() as u64 + 1));
         let widen = LossRule::new(DType::BF16, DType::F32);
-        assert_eq!((widen.overflow_from, widen.underflow_to), (None, None));
+        assert_eq!((widen.overflow_bits, widen.underflow_bits), (None, None));
+    }
+
+    #[test]
+    fn thresholds_decode_to_values() {
+        let rule = |from, to| LossRule::new(from, to);
+        let f16 = rule(DType::F32, DType::F16);
+        assert_eq!(f16.overflow_from(), Some(65520.0));
+        assert_eq!(f16.underflow_to(), Some(2f64.powi(-25)));
+        let just_above_464 = f32::from_bits(464f32.to_bits() + 1) as f64;
+        assert_eq!(
+            rule(DType::F32, DType::F8E4M3).overflow_from(),
+            Some(just_above_464)
+        );
+        assert!(just_above_464 > 464.0 && just_above_464 < 464.0001);
+        // f32 -> bf16 overflows only by rounding up from the midpoint between
+        // bf16's largest finite value (0x7F7F) and inf: 0x7F7F8000, 3.3961775e38.
+        let bf16 = rule(DType::F32, DType::BF16);
+        assert_eq!(
+            bf16.overflow_from(),
+            Some(f32::from_bits(0x7F7F_8000) as f64)
+        );
+        assert_eq!(bf16.overflow_from(), Some(3.39617752923046e38));
+        // Only f32 subnormals up to half bf16's smallest subnormal (2^-133) vanish.
+        assert_eq!(bf16.underflow_to(), Some(2f64.powi(-134)));
+        assert_eq!(rule(DType::BF16, DType::F16).overflow_from(), Some(65536.0));
+        let f64_to_f32 = rule(DType::F64, DType::F32);
+        assert!(f64_to_f32.overflow_from().unwrap() > f32::MAX as f64);
+        assert!(f64_to_f32.underflow_to().unwrap() < f32::from_bits(1) as f64);
+        for d in CASTABLE {
+            let same = rule(d, d);
+            assert_eq!(
+                (same.overflow_from(), same.underflow_to()),
+                (None, None),
+                "{d}"
+            );
+        }
+    }
+
+    #[test]
+    fn narrows_range_on_every_pair() {
+        use DType::*;
+        // Written out from the maxima: F64 1.8e308, F32 3.4e38, BF16 3.39e38,
+        // F16 65504, E5M2 57344, E4M3 448. Narrowing: below half the source's.
+        let narrowing = [
+            (F64, F32),
+            (F64, F16),
+            (F64, BF16),
+            (F64, F8E4M3),
+            (F64, F8E5M2),
+            (F32, F16),
+            (F32, F8E4M3),
+            (F32, F8E5M2),
+            (BF16, F16),
+            (BF16, F8E4M3),
+            (BF16, F8E5M2),
+            (F16, F8E4M3),
+            (F8E5M2, F8E4M3),
+        ];
+        for from in CASTABLE {
+            for to in CASTABLE {
+                let expected = narrowing.contains(&(from, to));
+                assert_eq!(narrows_range(from, to), expected, "{from} -> {to}");
+                // The same fact from the other rule: narrowing is exactly when
+                // values at most half the source's maximum overflow.
+                let half = from.max_finite().unwrap() / 2.0;
+                let rule = LossRule::new(from, to);
+                assert_eq!(
+                    rule.overflow_from().is_some_and(|x| x <= half),
+                    expected,
+                    "{from} -> {to}"
+                );
+            }
+        }
+        // Only rounding at the very top: these can overflow, but do not narrow.
+        assert!(LossRule::new(F32, BF16).overflow_from().is_some());
+        assert!(LossRule::new(F16, F8E5M2).overflow_from() == Some(61440.0));
+        assert!(!narrows_range(I64, F16) && !narrows_range(F32, U8));
+    }
+
+    #[test]
+    fn only_e4m3_saturates_and_only_when_asked() {
+        for to in CASTABLE {
+            assert_eq!(saturates(to, Fp8Overflow::Saturate), to == DType::F8E4M3);
+            assert!(!saturates(to, Fp8Overflow::Nan));
+        }
     }
 
     #[test]

@@ -11,6 +11,7 @@ use std::sync::{mpsc, Arc};
 use std::time::Duration;
 
 use fastcast_core::exec::{self, ExecOptions, Plan, Progress};
+use fastcast_core::loss::{self, LossRule};
 use fastcast_core::{
     dtype, keep, CastOptions, DType, Error, Fp8Overflow, Header, KeepRule, Kernel, LossStats,
 };
@@ -82,6 +83,25 @@ fn target_dtypes(
         let from = safetensors_dtype(dtype)?;
         out.push(keep::target_dtype(name, from, to, &rule).safetensors_name());
     }
+    Ok(out)
+}
+
+/// What casting `src` to `dst` can lose: the smallest finite magnitude that
+/// overflows, the largest non-zero one that becomes 0, whether the exponent
+/// range shrinks, and whether overflow saturates under the default policy.
+#[pyfunction]
+fn cast_rule<'py>(py: Python<'py>, src: &str, dst: &str) -> PyResult<Bound<'py, PyDict>> {
+    let from: DType = src.parse().map_err(CoreError)?;
+    let to: DType = dst.parse().map_err(CoreError)?;
+    if !(from.is_castable() && to.is_castable()) {
+        return Err(CoreError(Error::not_castable(from, to)).into());
+    }
+    let rule = LossRule::new(from, to);
+    let out = PyDict::new(py);
+    out.set_item("overflow_from", rule.overflow_from())?;
+    out.set_item("underflow_to", rule.underflow_to())?;
+    out.set_item("narrows_range", loss::narrows_range(from, to))?;
+    out.set_item("saturates", loss::saturates(to, Fp8Overflow::default()))?;
     Ok(out)
 }
 
@@ -414,6 +434,7 @@ fn _core(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_function(wrap_pyfunction!(parse_dtype, m)?)?;
     m.add_function(wrap_pyfunction!(dtypes, m)?)?;
     m.add_function(wrap_pyfunction!(target_dtypes, m)?)?;
+    m.add_function(wrap_pyfunction!(cast_rule, m)?)?;
     m.add_function(wrap_pyfunction!(available_kernels, m)?)?;
     m.add_function(wrap_pyfunction!(select_kernel, m)?)?;
     m.add_function(wrap_pyfunction!(cast_into, m)?)?;

@@ -14,7 +14,7 @@ use rayon::prelude::*;
 
 pub use scalar::Fp8Overflow;
 
-use crate::dtype::{DType, CASTABLE};
+use crate::dtype::DType;
 use crate::error::{Error, Result};
 
 /// A kernel path: the portable loops, or one of the SIMD tiers.
@@ -125,15 +125,7 @@ pub const PARALLEL_CHUNK_ELEMS: usize = 64 * 1024;
 /// hold the same whole number of elements. Returns the element count.
 pub fn check_buffers(from: DType, to: DType, src_len: usize, dst_len: usize) -> Result<usize> {
     if from != to && !(from.is_castable() && to.is_castable()) {
-        return Err(Error::NotCastable {
-            from,
-            to,
-            castable: CASTABLE
-                .iter()
-                .map(|d| d.safetensors_name())
-                .collect::<Vec<_>>()
-                .join(", "),
-        });
+        return Err(Error::not_castable(from, to));
     }
     if !src_len.is_multiple_of(from.size()) {
         return Err(Error::Buffer {

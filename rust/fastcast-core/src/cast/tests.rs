@@ -5,6 +5,7 @@
 use proptest::prelude::*;
 
 use super::*;
+use crate::dtype::CASTABLE;
 
 fn bytes_of<const N: usize>(items: impl IntoIterator<Item = [u8; N]>) -> Vec<u8> {
     items.into_iter().flatten().collect()
