@@ -1,6 +1,6 @@
 """Type stubs for fastcast._core, the Rust extension module (see rust/fastcast-py)."""
 
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from os import PathLike
 from pathlib import Path
 from typing import Any, Literal, TypedDict, type_check_only
@@ -49,11 +49,18 @@ class ModelFolderError(FastcastError):
 class OutputExistsError(FastcastError):
     """The output folder exists and is not empty."""
 
-class InsufficientSpaceError(FastcastError):
-    """Not enough free disk space for the output."""
+class InsufficientSpaceError(FastcastError, OSError):
+    """Not enough free disk space for the output. An OSError: ``errno`` is ENOSPC
+    (or EDQUOT) and ``filename`` the file being written."""
 
 class LossError(FastcastError):
-    """strict mode: a cast would lose range (values overflowed), so nothing was written."""
+    """A cast would lose range (values overflowed), so nothing was put in place.
+
+    ``tensors`` lists (tensor name, overflow count), worst first.
+    """
+
+    tensors: list[tuple[str, int]]
+    def __init__(self, message: str, tensors: Iterable[tuple[str, int]] = ()) -> None: ...
 
 @type_check_only
 class LossCounts(TypedDict):

@@ -20,8 +20,8 @@ use pyo3::prelude::*;
 use pyo3::types::{PyDict, PyList};
 
 use errors::{
-    CoreError, DtypeError, FastcastError, InsufficientSpaceError, InvalidSafetensorsError,
-    LossError, ModelFolderError, OutputExistsError,
+    insufficient_space_error, loss_error, CoreError, DtypeError, FastcastError,
+    InvalidSafetensorsError, ModelFolderError, OutputExistsError,
 };
 
 /// Parse a user-typed dtype name into its safetensors name.
@@ -426,11 +426,8 @@ fn _core(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add("DtypeError", py.get_type::<DtypeError>())?;
     m.add("ModelFolderError", py.get_type::<ModelFolderError>())?;
     m.add("OutputExistsError", py.get_type::<OutputExistsError>())?;
-    m.add(
-        "InsufficientSpaceError",
-        py.get_type::<InsufficientSpaceError>(),
-    )?;
-    m.add("LossError", py.get_type::<LossError>())?;
+    m.add("InsufficientSpaceError", insufficient_space_error(py)?)?;
+    m.add("LossError", loss_error(py)?)?;
     m.add_function(wrap_pyfunction!(parse_dtype, m)?)?;
     m.add_function(wrap_pyfunction!(dtypes, m)?)?;
     m.add_function(wrap_pyfunction!(target_dtypes, m)?)?;
