@@ -9,9 +9,9 @@
 //! optionally fsyncs them. Prints the checksum so the reads stay live.
 
 use std::fs::{File, OpenOptions};
-use std::os::unix::fs::FileExt;
 use std::path::PathBuf;
 
+use fastcast_core::positional::write_all_at;
 use memmap2::Mmap;
 use rayon::prelude::*;
 
@@ -74,9 +74,7 @@ fn main() {
                 .fold(tail, u64::wrapping_add);
             let out_off = (offset as f64 * ratio) as u64;
             let out_len = ((end as f64 * ratio) as u64 - out_off) as usize;
-            outputs[i]
-                .write_all_at(&zeros[..out_len.min(CHUNK)], out_off)
-                .expect("write");
+            write_all_at(&outputs[i], &zeros[..out_len.min(CHUNK)], out_off).expect("write");
             sum
         })
         .reduce(|| 0, u64::wrapping_add);

@@ -14,7 +14,7 @@ use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Mutex;
 
-use memmap2::{Advice, Mmap};
+use memmap2::Mmap;
 use rayon::prelude::*;
 use serde::Deserialize;
 use xxhash_rust::xxh3::xxh3_64;
@@ -24,6 +24,7 @@ use crate::dtype::DType;
 use crate::error::{Error, Result};
 use crate::header::{Header, TensorInfo};
 use crate::loss::{LossRule, LossStats};
+use crate::positional;
 use crate::shard_file::{self, ShardFile};
 
 /// A whole conversion: input files and the output shards to produce.
@@ -353,25 +354,20 @@ pub fn shard_digest(plan: &Plan, index: usize, chunk_bytes: usize) -> Result<u64
         return Ok(0); // cannot match a real digest's header part
     }
     let mut head = vec![0u8; header.data_start() as usize];
-    read_exact_at(&file, &mut head, 0, &shard.path)?;
+    positional::read_exact_at(&file, &mut head, 0).map_err(|e| Error::io(&shard.path, e))?;
     let mut hashes: Vec<(u64, u64)> = chunks_of(&jobs, chunk_bytes)
         .par_iter()
         .map(|c| {
             let job = &jobs[c.job];
             let offset = job.dst_start + span(job.to, c.begin);
             let mut buf = vec![0u8; span(job.to, c.end - c.begin) as usize];
-            read_exact_at(&file, &mut buf, offset, &shard.path)?;
+            positional::read_exact_at(&file, &mut buf, offset)
+                .map_err(|e| Error::io(&shard.path, e))?;
             Ok((offset, xxh3_64(&buf)))
         })
         .collect::<Result<_>>()?;
     hashes.sort_unstable();
     Ok(combine_digest(&head, &hashes))
-}
-
-fn read_exact_at(file: &File, buf: &mut [u8], offset: u64, path: &Path) -> Result<()> {
-    use std::os::unix::fs::FileExt;
-    file.read_exact_at(buf, offset)
-        .map_err(|e| Error::io(path, e))
 }
 
 /// A shard's digest: its header bytes and its chunks' hashes in offset order.
@@ -437,7 +433,8 @@ fn map_sources(sources: &[SourceFile]) -> Result<Vec<Mmap>> {
             // mmap-based reader; the size check above catches the common case
             // of a file replaced between planning and running.
             let map = unsafe { Mmap::map(&file) }.map_err(|e| Error::io(&s.path, e))?;
-            let _ = map.advise(Advice::Sequential);
+            #[cfg(unix)]
+            let _ = map.advise(memmap2::Advice::Sequential);
             Ok(map)
         })
         .collect()
@@ -610,6 +607,7 @@ fn write_shard(
 /// stays flat however large the model, and the pages are easy to reclaim
 /// under memory pressure. Safe for a read-only file mapping: a page touched
 /// again is simply faulted back in.
+#[cfg(target_os = "linux")]
 fn release_pages(range: &[u8]) {
     static PAGE: std::sync::OnceLock<usize> = std::sync::OnceLock::new();
     // SAFETY: sysconf has no preconditions.
@@ -633,6 +631,10 @@ fn release_pages(range: &[u8]) {
         }
     }
 }
+
+/// Off Linux, nothing: the OS reclaims clean mapped file pages on its own terms.
+#[cfg(not(target_os = "linux"))]
+fn release_pages(_range: &[u8]) {}
 
 #[cfg(test)]
 mod tests;

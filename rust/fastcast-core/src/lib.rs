@@ -10,6 +10,7 @@
 //! - [`loss`]: what a cast loses (overflow, underflow, NaN/inf, max |x|);
 //! - [`exec`]: runs a conversion plan: parallel chunks, bounded buffers,
 //!   writes at final offsets into [`shard_file`]s renamed into place when done;
+//! - [`positional`]: reads and writes at an offset, on Unix and Windows;
 //! - [`error`]: the one error type, naming the file and the problem.
 //!
 //! No Python here: the crate is tested, benchmarked and fuzzed on its own.
@@ -21,6 +22,7 @@ pub mod exec;
 pub mod header;
 pub mod keep;
 pub mod loss;
+pub mod positional;
 pub mod shard_file;
 
 pub use cast::{cast, cast_parallel, CastOptions, Fp8Overflow, Kernel};

@@ -3,11 +3,11 @@
 
 use std::collections::VecDeque;
 use std::fs::{self, File, OpenOptions};
-use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
 use std::sync::Mutex;
 
 use crate::error::{Error, Result};
+use crate::positional;
 
 /// A file written at offsets by many threads, which appears under its final
 /// name only through [`ShardFile::commit`]. Dropping it uncommitted removes
@@ -18,6 +18,7 @@ pub struct ShardFile {
     temp: PathBuf,
     path: PathBuf,
     committed: bool,
+    #[cfg_attr(not(target_os = "linux"), allow(dead_code))]
     pending: Mutex<Pending>,
 }
 
@@ -27,6 +28,7 @@ pub const WRITEBACK_WINDOW: u64 = 64 << 20;
 
 /// Written ranges whose writeback has started but not been waited for.
 #[derive(Default)]
+#[cfg_attr(not(target_os = "linux"), allow(dead_code))]
 struct Pending {
     ranges: VecDeque<(u64, u64)>,
     bytes: u64,
@@ -67,6 +69,19 @@ impl ShardFile {
     }
 
     fn reserve(&self, len: u64) -> Result<()> {
+        #[cfg(target_os = "linux")]
+        if self.fallocate(len)? {
+            return Ok(());
+        }
+        // Elsewhere, or where the filesystem cannot: a sparse file; a full
+        // disk then shows at write time.
+        self.file.set_len(len).map_err(|e| Error::io(&self.path, e))
+    }
+
+    /// `posix_fallocate` the whole file: true when done, false when the
+    /// filesystem does not support it (some network and FUSE ones).
+    #[cfg(target_os = "linux")]
+    fn fallocate(&self, len: u64) -> Result<bool> {
         use std::os::fd::AsRawFd;
         let Ok(off_len) = libc::off_t::try_from(len) else {
             return Err(Error::io(
@@ -74,30 +89,24 @@ impl ShardFile {
                 std::io::Error::other("file too large"),
             ));
         };
-        if len > 0 {
-            // SAFETY: the descriptor is open for writing and owned by `self.file`.
-            let rc = unsafe { libc::posix_fallocate(self.file.as_raw_fd(), 0, off_len) };
-            match rc {
-                0 => return Ok(()),
-                // Filesystems without fallocate (some network and FUSE ones):
-                // fall back to a sparse file and find out at write time.
-                libc::EOPNOTSUPP | libc::ENOSYS | libc::EINVAL => {}
-                errno => {
-                    return Err(Error::io(
-                        &self.path,
-                        std::io::Error::from_raw_os_error(errno),
-                    ))
-                }
-            }
+        if len == 0 {
+            return Ok(false);
         }
-        self.file.set_len(len).map_err(|e| Error::io(&self.path, e))
+        // SAFETY: the descriptor is open for writing and owned by `self.file`.
+        let rc = unsafe { libc::posix_fallocate(self.file.as_raw_fd(), 0, off_len) };
+        match rc {
+            0 => Ok(true),
+            libc::EOPNOTSUPP | libc::ENOSYS | libc::EINVAL => Ok(false),
+            errno => Err(Error::io(
+                &self.path,
+                std::io::Error::from_raw_os_error(errno),
+            )),
+        }
     }
 
     /// Write `bytes` at `offset`; safe to call from many threads at once.
     pub fn write_at(&self, bytes: &[u8], offset: u64) -> Result<()> {
-        self.file
-            .write_all_at(bytes, offset)
-            .map_err(|e| Error::io(&self.path, e))
+        positional::write_all_at(&self.file, bytes, offset).map_err(|e| Error::io(&self.path, e))
     }
 
     /// Record that `[offset, offset + len)` is written: start writing it back
@@ -107,6 +116,10 @@ impl ShardFile {
     /// keeps a huge conversion from flooding the page cache and lets it run
     /// inside a memory cgroup (where page cache counts against the cap), and
     /// the final sync has almost nothing left to do.
+    ///
+    /// Linux only (`sync_file_range`, `posix_fadvise`); elsewhere nothing is
+    /// done early and the final sync writes everything.
+    #[cfg(target_os = "linux")]
     pub fn written(&self, offset: u64, len: u64) {
         use std::os::fd::AsRawFd;
         let fd = self.file.as_raw_fd();
@@ -151,17 +164,24 @@ impl ShardFile {
         }
     }
 
+    /// Off Linux nothing is written back early: the final sync does it all.
+    #[cfg(not(target_os = "linux"))]
+    pub fn written(&self, _offset: u64, _len: u64) {}
+
     /// Sync (unless `fsync` is false) and rename into place.
     ///
     /// After a sync the file's pages are clean, so they are dropped from the
     /// page cache: a 150 GB conversion must not evict everything else.
     pub fn commit(mut self, fsync: bool) -> Result<()> {
         if fsync {
-            use std::os::fd::AsRawFd;
             self.file.sync_all().map_err(|e| Error::io(&self.path, e))?;
-            // SAFETY: advisory syscall on a descriptor owned by `self.file`.
-            unsafe {
-                libc::posix_fadvise(self.file.as_raw_fd(), 0, 0, libc::POSIX_FADV_DONTNEED);
+            #[cfg(target_os = "linux")]
+            {
+                use std::os::fd::AsRawFd;
+                // SAFETY: advisory syscall on a descriptor owned by `self.file`.
+                unsafe {
+                    libc::posix_fadvise(self.file.as_raw_fd(), 0, 0, libc::POSIX_FADV_DONTNEED);
+                }
             }
         }
         fs::rename(&self.temp, &self.path).map_err(|e| Error::io(&self.path, e))?;
@@ -179,10 +199,17 @@ impl Drop for ShardFile {
 }
 
 /// Sync a directory so that renames into it survive a crash.
+#[cfg(unix)]
 pub fn sync_dir(dir: &Path) -> Result<()> {
     File::open(dir)
         .and_then(|d| d.sync_all())
         .map_err(|e| Error::io(dir, e))
+}
+
+/// Windows cannot open a directory to sync it; NTFS journals the rename.
+#[cfg(not(unix))]
+pub fn sync_dir(_dir: &Path) -> Result<()> {
+    Ok(())
 }
 
 #[cfg(test)]
