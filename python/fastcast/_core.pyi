@@ -3,20 +3,24 @@
 from collections.abc import Callable, Iterable, Sequence
 from os import PathLike
 from pathlib import Path
-from typing import Any, Literal, TypedDict, type_check_only
+from typing import Any, Final, Literal, TypedDict, final, type_check_only
 
 import numpy as np
 from numpy.typing import NDArray
 from typing_extensions import Buffer
 
 __all__ = [
+    "PARTIAL_SUFFIX",
+    "PLAN_VERSION",
     "DtypeError",
+    "ExecStats",
     "FastcastError",
     "InsufficientSpaceError",
     "InvalidSafetensorsError",
     "LossError",
     "ModelFolderError",
     "OutputExistsError",
+    "ShardRecord",
     "__version__",
     "available_kernels",
     "cast_into",
@@ -26,6 +30,7 @@ __all__ = [
     "parse_dtype",
     "partial_path",
     "read_header",
+    "read_journal",
     "scan_plan",
     "select_kernel",
     "shard_digest",
@@ -33,6 +38,10 @@ __all__ = [
 ]
 
 __version__: str
+#: The plan format this build reads; a ``Plan`` of another version is refused.
+PLAN_VERSION: Final = 1
+#: What ends the hidden name of a file still being written (see ``partial_path``).
+PARTIAL_SUFFIX: Final = ".fastcast-partial"
 
 class FastcastError(Exception):
     """Base class of fastcast's errors."""
@@ -98,6 +107,84 @@ class CastRule(TypedDict):
     saturates: bool
 
 @type_check_only
+class SourcePlan(TypedDict):
+    path: str
+    #: Bytes when the plan was made; a file of another size is refused.
+    size: int
+
+@type_check_only
+class TensorPlan(TypedDict):
+    name: str
+    shape: list[int]
+    #: Index into ``Plan["sources"]``.
+    source: int
+    src_dtype: str
+    dst_dtype: str
+    #: [begin, end) in the source file, header included.
+    src_offsets: tuple[int, int]
+    #: [begin, end) in the output's data buffer.
+    dst_offsets: tuple[int, int]
+
+@type_check_only
+class ShardPlan(TypedDict):
+    #: Output-relative name, as journaled (``unet/model-00001-of-00002.safetensors``).
+    name: str
+    #: Where the executor writes it (possibly inside a staging folder).
+    path: str
+    #: ``__metadata__`` to write, in order.
+    metadata: list[tuple[str, str]] | None
+    #: In the order the header lists them.
+    tensors: list[TensorPlan]
+
+@type_check_only
+class Plan(TypedDict):
+    """What ``execute_plan``, ``scan_plan`` and ``shard_digest`` run."""
+
+    version: int
+    sources: list[SourcePlan]
+    shards: list[ShardPlan]
+
+@final
+class ShardRecord:
+    """A shard as written and journaled."""
+
+    #: Output-relative name (``ShardPlan["name"]``).
+    @property
+    def name(self) -> str: ...
+    @property
+    def size(self) -> int: ...
+    #: xxh3 over the header and the per-chunk hashes (``shard_digest``).
+    @property
+    def digest(self) -> int: ...
+    #: The chunk size the digest was computed with.
+    @property
+    def chunk_bytes(self) -> int: ...
+    #: Loss counts of the shard's cast tensors, in plan order.
+    @property
+    def losses(self) -> list[tuple[str, LossCounts]]: ...
+
+@final
+class ExecStats:
+    """What ``execute_plan`` did."""
+
+    @property
+    def tensors_cast(self) -> int: ...
+    @property
+    def tensors_copied(self) -> int: ...
+    @property
+    def bytes_read(self) -> int: ...
+    @property
+    def bytes_written(self) -> int: ...
+    @property
+    def shards_written(self) -> int: ...
+    #: Loss counts of every cast tensor, in plan order.
+    @property
+    def losses(self) -> list[tuple[str, LossCounts]]: ...
+    #: Every shard written, in plan order.
+    @property
+    def shards(self) -> list[ShardRecord]: ...
+
+@type_check_only
 class HeaderDict(TypedDict):
     metadata: dict[str, str] | None
     tensors: list[tuple[str, str, list[int], tuple[int, int]]]
@@ -129,7 +216,7 @@ def cast_into(
 ) -> None: ...
 def read_header(path: str | PathLike[Any]) -> HeaderDict: ...
 def execute_plan(
-    plan_json: str,
+    plan: Plan,
     *,
     progress: Callable[[int], object] | None = None,
     threads: int | None = None,
@@ -137,14 +224,24 @@ def execute_plan(
     chunk_bytes: int | None = None,
     kernel: str | None = None,
     fp8_overflow: Literal["saturate", "nan"] = "saturate",
-    strict: bool = False,
     journal: str | PathLike[Any] | None = None,
-) -> dict[str, Any]: ...
+) -> ExecStats:
+    """Write every shard of ``plan`` (partial name, sync, rename to its ``path``,
+    journal), with the GIL released. Losses are counted, never refused."""
+
 def scan_plan(
-    plan_json: str,
+    plan: Plan,
     *,
     progress: Callable[[int], object] | None = None,
     threads: int | None = None,
-) -> list[tuple[str, LossCounts]]: ...
-def shard_digest(plan_json: str, index: int, chunk_bytes: int) -> int: ...
+) -> list[tuple[str, LossCounts]]:
+    """What converting would lose, per cast tensor, reading the inputs only."""
+
+def shard_digest(plan: Plan, index: int, chunk_bytes: int) -> int:
+    """Shard ``index``'s digest, recomputed from the file at its ``path``."""
+
+def read_journal(path: str | PathLike[Any]) -> list[ShardRecord]:
+    """A resume journal's records in order; a torn last line is skipped, a
+    missing journal is empty."""
+
 def partial_path(path: str | PathLike[Any]) -> Path: ...

@@ -2,7 +2,7 @@
 //! one) and says what is wrong in words a user can act on.
 
 use std::io;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 
 use crate::dtype::{DType, CASTABLE};
 
@@ -48,13 +48,10 @@ pub enum Error {
         actual: u64,
     },
 
-    /// A conversion plan that contradicts itself or the input files.
-    #[error("{}: inconsistent plan: {problem}", path.display())]
+    /// A conversion plan that contradicts itself or the input files (the
+    /// path is the shard concerned, empty when the plan as a whole is wrong).
+    #[error("{}inconsistent plan: {problem}", located(path))]
     Plan { path: PathBuf, problem: String },
-
-    /// `--strict` and some values overflowed: nothing was put in place.
-    #[error("refusing to write (strict): {} value(s) overflowed in {} tensor(s): {}", tensors.iter().map(|t| t.1).sum::<u64>(), tensors.len(), overflow_list(tensors))]
-    Overflow { tensors: Vec<(String, u64)> },
 
     /// The run was asked to stop (Ctrl-C); nothing partial was left behind.
     #[error("cancelled")]
@@ -173,18 +170,13 @@ impl Error {
     }
 }
 
-/// "a (12), b (3), ... and 4 more": the worst few of a list of (name, count).
-fn overflow_list(tensors: &[(String, u64)]) -> String {
-    const SHOWN: usize = 5;
-    let mut parts: Vec<String> = tensors
-        .iter()
-        .take(SHOWN)
-        .map(|(name, n)| format!("{name} ({n})"))
-        .collect();
-    if tensors.len() > SHOWN {
-        parts.push(format!("and {} more", tensors.len() - SHOWN));
+/// `"path: "`, or nothing for an empty path.
+fn located(path: &Path) -> String {
+    if path.as_os_str().is_empty() {
+        String::new()
+    } else {
+        format!("{}: ", path.display())
     }
-    parts.join(", ")
 }
 
 pub type Result<T, E = Error> = std::result::Result<T, E>;

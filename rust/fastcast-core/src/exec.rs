@@ -9,7 +9,6 @@
 
 use std::cell::RefCell;
 use std::fs::File;
-use std::io::Write;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Mutex;
@@ -23,15 +22,38 @@ use crate::cast::{self, CastOptions};
 use crate::dtype::DType;
 use crate::error::{Error, Result};
 use crate::header::{Header, TensorInfo};
+use crate::journal::{self, ShardRecord};
 use crate::loss::{LossRule, LossStats};
 use crate::positional;
 use crate::shard_file::{self, ShardFile};
 
+/// The plan format this build reads; see [`Plan::version`].
+pub const PLAN_VERSION: u32 = 1;
+
 /// A whole conversion: input files and the output shards to produce.
 #[derive(Debug, Clone, Deserialize)]
 pub struct Plan {
+    /// The format of this plan, [`PLAN_VERSION`]: a plan made for another
+    /// version is refused rather than half understood.
+    pub version: u32,
     pub sources: Vec<SourceFile>,
     pub shards: Vec<ShardPlan>,
+}
+
+impl Plan {
+    /// Refuse a plan in a format this build does not read.
+    pub fn check_version(&self) -> Result<()> {
+        if self.version == PLAN_VERSION {
+            return Ok(());
+        }
+        Err(Error::Plan {
+            path: PathBuf::new(),
+            problem: format!(
+                "plan version {}, this fastcast reads version {PLAN_VERSION}",
+                self.version
+            ),
+        })
+    }
 }
 
 /// An input file and the size it had when the plan was made.
@@ -44,6 +66,10 @@ pub struct SourceFile {
 /// One output file.
 #[derive(Debug, Clone, Deserialize)]
 pub struct ShardPlan {
+    /// The shard's output-relative name, as the journal records it
+    /// (`unet/diffusion_pytorch_model-00001-of-00002.safetensors`).
+    pub name: String,
+    /// Where to write it (possibly inside a private staging folder).
     pub path: PathBuf,
     /// `__metadata__` to write, in order.
     pub metadata: Option<Vec<(String, String)>>,
@@ -74,11 +100,8 @@ pub struct ExecOptions {
     pub chunk_bytes: usize,
     /// Sync each shard before renaming it into place.
     pub fsync: bool,
-    /// Refuse to put anything in place if any value overflowed: shards wait
-    /// under their temporary names until every one is written and checked.
-    pub strict: bool,
-    /// A file to which each committed shard's name, size and digest are
-    /// appended (one JSON line, synced), so an interrupted run can resume.
+    /// A file to which each committed shard's [`ShardRecord`] is appended
+    /// (one JSON line, synced; see [`journal`]), so an interrupted run can resume.
     pub journal: Option<PathBuf>,
 }
 
@@ -88,7 +111,6 @@ impl Default for ExecOptions {
             cast: CastOptions::default(),
             chunk_bytes: DEFAULT_CHUNK_BYTES,
             fsync: true,
-            strict: false,
             journal: None,
         }
     }
@@ -118,20 +140,8 @@ pub struct ExecStats {
     pub shards_written: u64,
     /// Loss counts of every cast tensor, in plan order.
     pub losses: Vec<(String, LossStats)>,
-    /// Every shard written: final path, size and content digest.
+    /// Every shard written, in plan order: name, size, digest, its losses.
     pub shards: Vec<ShardRecord>,
-}
-
-/// A shard as committed, for the journal and for resuming.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct ShardRecord {
-    pub path: PathBuf,
-    pub size: u64,
-    /// xxh3 over the header and the per-chunk hashes in offset order; see
-    /// [`shard_digest`].
-    pub digest: u64,
-    /// The chunk size the digest was computed with.
-    pub chunk_bytes: usize,
 }
 
 /// A tensor whose plan has been checked, ready to run.
@@ -183,16 +193,20 @@ fn span(dtype: DType, n: u64) -> u64 {
     }
 }
 
-/// Run `plan`: every shard is written under a temporary name, synced and
-/// renamed into place in plan order; the output folder is synced at the end.
+/// Run `plan`: every shard is written under a temporary name, synced,
+/// renamed to its `path` and journaled, in plan order; the folders written
+/// into are synced at the end.
 ///
 /// Stops early (removing the shard in progress) on the first error or when
-/// `progress.cancel` is set.
+/// `progress.cancel` is set. Shards already put in place stay, journaled.
+/// Whether what a cast lost is acceptable is for the caller to decide from
+/// the returned losses (write into a staging folder to be able to refuse).
 ///
-/// Each finished shard is handed to a committer thread that syncs and renames
-/// it while the workers go on with the next shard, so the sync overlaps the
-/// casting instead of stalling it.
+/// Each finished shard is handed to a committer thread that syncs, renames
+/// and journals it while the workers go on with the next shard, so the sync
+/// overlaps the casting instead of stalling it.
 pub fn execute(plan: &Plan, opts: &ExecOptions, progress: &Progress) -> Result<ExecStats> {
+    plan.check_version()?;
     let maps = map_sources(&plan.sources)?;
     let mut stats = ExecStats::default();
     // Validate every shard before writing any: a bad plan writes nothing.
@@ -212,13 +226,15 @@ pub fn execute(plan: &Plan, opts: &ExecOptions, progress: &Progress) -> Result<E
                 if failed.is_none() {
                     failed = shard
                         .commit(fsync)
-                        .and_then(|()| append_journal(journal.as_deref(), &record, fsync))
+                        .and_then(|()| match &journal {
+                            Some(path) => journal::append(path, &record, fsync),
+                            None => Ok(()),
+                        })
                         .err();
                 }
             }
             failed.map_or(Ok(()), Err)
         });
-        let mut held = Vec::new(); // strict mode: nothing is committed until all is checked
         let mut written = Ok(());
         for (shard, (header, jobs)) in plan.shards.iter().zip(&checked) {
             let (file, digest) = match write_shard(shard, header, jobs, opts, progress) {
@@ -229,29 +245,21 @@ pub fn execute(plan: &Plan, opts: &ExecOptions, progress: &Progress) -> Result<E
                 }
             };
             let record = ShardRecord {
-                path: shard.path.clone(),
+                name: shard.name.clone(),
                 size: header.data_start() + header.data_len(),
                 digest,
                 chunk_bytes: opts.chunk_bytes,
+                losses: jobs
+                    .iter()
+                    .filter(|job| job.rule.is_some())
+                    .map(|job| (job.plan.name.clone(), job.loss()))
+                    .collect(),
             };
             tally(&mut stats, &record, jobs);
-            if opts.strict {
-                held.push((file, record));
-            } else if to_commit.send((file, record)).is_err() {
+            if to_commit.send((file, record)).is_err() {
                 break; // the committer stopped: its error is reported below
             }
         }
-        if written.is_ok() && opts.strict {
-            written = refuse_overflow(&stats.losses);
-            if written.is_ok() {
-                for item in held.drain(..) {
-                    if to_commit.send(item).is_err() {
-                        break;
-                    }
-                }
-            }
-        }
-        drop(held); // anything still held is deleted
         drop(to_commit);
         let committed = committer.join().unwrap_or_else(|_| {
             Err(Error::Plan {
@@ -284,60 +292,17 @@ fn tally(stats: &mut ExecStats, record: &ShardRecord, jobs: &[Job]) {
             stats.tensors_copied += 1;
         } else {
             stats.tensors_cast += 1;
-            stats.losses.push((job.plan.name.clone(), job.loss()));
         }
     }
+    stats.losses.extend(record.losses.iter().cloned());
     stats.shards.push(record.clone());
-}
-
-/// `--strict`: an error naming every tensor that overflowed, worst first.
-fn refuse_overflow(losses: &[(String, LossStats)]) -> Result<()> {
-    let mut bad: Vec<(String, u64)> = losses
-        .iter()
-        .filter(|(_, l)| l.overflow > 0)
-        .map(|(n, l)| (n.clone(), l.overflow))
-        .collect();
-    if bad.is_empty() {
-        return Ok(());
-    }
-    bad.sort_by(|a, b| b.1.cmp(&a.1).then_with(|| a.0.cmp(&b.0)));
-    Err(Error::Overflow { tensors: bad })
-}
-
-/// Append a committed shard to the resume journal, durably.
-fn append_journal(journal: Option<&Path>, record: &ShardRecord, fsync: bool) -> Result<()> {
-    let Some(path) = journal else {
-        return Ok(());
-    };
-    let name = record
-        .path
-        .file_name()
-        .map(|n| n.to_string_lossy().into_owned())
-        .unwrap_or_default();
-    let line = format!(
-        "{{\"file\":{},\"size\":{},\"digest\":\"{:016x}\",\"chunk_bytes\":{}}}\n",
-        serde_json::to_string(&name).expect("strings serialize"),
-        record.size,
-        record.digest,
-        record.chunk_bytes
-    );
-    let mut file = std::fs::OpenOptions::new()
-        .create(true)
-        .append(true)
-        .open(path)
-        .map_err(|e| Error::io(path, e))?;
-    file.write_all(line.as_bytes())
-        .map_err(|e| Error::io(path, e))?;
-    if fsync {
-        file.sync_data().map_err(|e| Error::io(path, e))?;
-    }
-    Ok(())
 }
 
 /// Recompute the digest of shard `index` of `plan` from the file already at its
 /// final path, with the chunk size it was written with. Used to check, not
 /// trust, the shards a resumed run would reuse.
 pub fn shard_digest(plan: &Plan, index: usize, chunk_bytes: usize) -> Result<u64> {
+    plan.check_version()?;
     let maps = map_sources(&plan.sources)?;
     let shard = plan.shards.get(index).ok_or_else(|| Error::Plan {
         path: PathBuf::new(),
@@ -384,6 +349,7 @@ fn combine_digest(header: &[u8], chunks: &[(u64, u64)]) -> u64 {
 /// Loss counts of every cast tensor of `plan`, reading the inputs only: what
 /// a conversion would lose, predicted without writing anything.
 pub fn scan(plan: &Plan, progress: &Progress) -> Result<Vec<(String, LossStats)>> {
+    plan.check_version()?;
     let maps = map_sources(&plan.sources)?;
     let mut out = Vec::new();
     for shard in &plan.shards {

@@ -10,6 +10,7 @@
 //! - [`loss`]: what a cast loses (overflow, underflow, NaN/inf, max |x|);
 //! - [`exec`]: runs a conversion plan: parallel chunks, bounded buffers,
 //!   writes at final offsets into [`shard_file`]s renamed into place when done;
+//! - [`journal`]: the resume journal, one line per shard put in place;
 //! - [`positional`]: reads and writes at an offset, on Unix and Windows;
 //! - [`error`]: the one error type, naming the file and the problem.
 //!
@@ -20,6 +21,7 @@ pub mod dtype;
 pub mod error;
 pub mod exec;
 pub mod header;
+pub mod journal;
 pub mod keep;
 pub mod loss;
 pub mod positional;
@@ -28,7 +30,8 @@ pub mod shard_file;
 pub use cast::{cast, cast_parallel, CastOptions, Fp8Overflow, Kernel};
 pub use dtype::DType;
 pub use error::{Error, HeaderProblem, Result};
-pub use exec::{execute, ExecOptions, ExecStats, Plan, Progress, ShardRecord};
+pub use exec::{execute, ExecOptions, ExecStats, Plan, Progress, PLAN_VERSION};
 pub use header::{Header, TensorInfo};
+pub use journal::ShardRecord;
 pub use keep::{target_dtype, KeepRule};
 pub use loss::{narrows_range, LossRule, LossStats};

@@ -9,11 +9,13 @@
 //! pass over the source bytes that the compiler vectorises. It reads the same
 //! chunk the kernel just cast, while it is still in cache.
 
+use serde::{Deserialize, Serialize};
+
 use crate::cast::scalar::{self, Fp8Overflow};
 use crate::dtype::DType;
 
 /// Per-tensor (or total) loss counts of a cast.
-#[derive(Clone, Copy, Debug, Default, PartialEq)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Serialize, Deserialize)]
 pub struct LossStats {
     /// Elements looked at.
     pub elements: u64,

@@ -34,6 +34,9 @@ struct Pending {
     bytes: u64,
 }
 
+/// What ends the name of a file still being written (see [`temp_path`]).
+pub const PARTIAL_SUFFIX: &str = ".fastcast-partial";
+
 /// The temporary name used while `path` is being written: hidden, in the same
 /// folder (so the rename is atomic), and recognisable for cleanup.
 pub fn temp_path(path: &Path) -> PathBuf {
@@ -41,7 +44,7 @@ pub fn temp_path(path: &Path) -> PathBuf {
         .file_name()
         .map(|n| n.to_string_lossy().into_owned())
         .unwrap_or_default();
-    path.with_file_name(format!(".{name}.fastcast-partial"))
+    path.with_file_name(format!(".{name}{PARTIAL_SUFFIX}"))
 }
 
 impl ShardFile {

@@ -127,13 +127,6 @@ impl From<CoreError> for PyErr {
             Error::SourceChanged { .. } => ModelFolderError::new_err(message),
             Error::Plan { .. } => FastcastError::new_err(message),
             Error::Cancelled => PyKeyboardInterrupt::new_err(message),
-            Error::Overflow { tensors } => Python::attach(|py| {
-                Ok(PyErr::from_type(
-                    loss_error(py)?.clone(),
-                    (message, tensors),
-                ))
-            })
-            .unwrap_or_else(|e: PyErr| e),
             Error::Header { .. } => InvalidSafetensorsError::new_err(message),
             Error::UnknownDtype { .. } | Error::NotCastable { .. } => DtypeError::new_err(message),
             Error::Buffer { .. } | Error::KernelUnavailable { .. } => {

@@ -4,6 +4,7 @@
 //! decision about bytes is made in fastcast-core.
 
 mod errors;
+mod results;
 
 use std::path::PathBuf;
 use std::sync::atomic::Ordering;
@@ -13,8 +14,9 @@ use std::time::Duration;
 use fastcast_core::exec::{self, ExecOptions, Plan, Progress};
 use fastcast_core::loss::{self, LossRule};
 use fastcast_core::{
-    dtype, keep, CastOptions, DType, Error, Fp8Overflow, Header, KeepRule, Kernel, LossStats,
+    dtype, keep, CastOptions, DType, Error, Fp8Overflow, Header, KeepRule, Kernel,
 };
+use fastcast_core::{journal, shard_file};
 use pyo3::buffer::PyBuffer;
 use pyo3::prelude::*;
 use pyo3::types::{PyDict, PyList};
@@ -23,6 +25,7 @@ use errors::{
     insufficient_space_error, loss_error, CoreError, DtypeError, FastcastError,
     InvalidSafetensorsError, ModelFolderError, OutputExistsError,
 };
+use results::{loss_list, ExecStats, LossCounts, ShardRecord};
 
 /// Parse a user-typed dtype name into its safetensors name.
 #[pyfunction]
@@ -239,28 +242,30 @@ fn read_header(py: Python<'_>, path: PathBuf) -> PyResult<Bound<'_, PyDict>> {
 /// How often the executor's watcher wakes to report progress and check for Ctrl-C.
 const WATCH_INTERVAL: Duration = Duration::from_millis(100);
 
-/// Run a conversion plan (JSON made by `fastcast.plan`) with the GIL released.
+/// Run a conversion plan (a `Plan` dict, version [`exec::PLAN_VERSION`]) with
+/// the GIL released.
 ///
+/// Each shard is written under a hidden partial name, synced (unless
+/// `fsync=False`), renamed to its `path` and appended to `journal`.
 /// `progress(bytes_done)` is called about ten times a second with the input
 /// bytes processed so far; Ctrl-C (or an exception from `progress`) stops the
-/// run within a chunk, removes the shard in progress and re-raises. Returns
-/// the run's counts, and per cast tensor its loss counts, as a dict.
+/// run within a chunk, removes the shard in progress and re-raises. Nothing is
+/// refused for what a cast loses: the returned `ExecStats` has the counts.
 #[pyfunction]
-#[pyo3(signature = (plan_json, *, progress=None, threads=None, fsync=true, chunk_bytes=None, kernel=None, fp8_overflow="saturate", strict=false, journal=None))]
+#[pyo3(signature = (plan, *, progress=None, threads=None, fsync=true, chunk_bytes=None, kernel=None, fp8_overflow="saturate", journal=None))]
 #[allow(clippy::too_many_arguments)]
 fn execute_plan<'py>(
     py: Python<'py>,
-    plan_json: &str,
+    plan: &Bound<'py, PyAny>,
     progress: Option<Bound<'py, PyAny>>,
     threads: Option<usize>,
     fsync: bool,
     chunk_bytes: Option<usize>,
     kernel: Option<&str>,
     fp8_overflow: &str,
-    strict: bool,
     journal: Option<PathBuf>,
-) -> PyResult<Bound<'py, PyDict>> {
-    let plan = parse_plan(plan_json)?;
+) -> PyResult<ExecStats> {
+    let plan = plan_from(plan)?;
     let opts = ExecOptions {
         cast: CastOptions {
             fp8_overflow: overflow_from(fp8_overflow)?,
@@ -268,73 +273,55 @@ fn execute_plan<'py>(
         },
         chunk_bytes: chunk_bytes.unwrap_or(exec::DEFAULT_CHUNK_BYTES).max(1),
         fsync,
-        strict,
         journal,
     };
     let stats = watch(py, threads, progress, move |w| {
         exec::execute(&plan, &opts, w)
     })?;
-    let out = PyDict::new(py);
-    out.set_item("tensors_cast", stats.tensors_cast)?;
-    out.set_item("tensors_copied", stats.tensors_copied)?;
-    out.set_item("bytes_read", stats.bytes_read)?;
-    out.set_item("bytes_written", stats.bytes_written)?;
-    out.set_item("shards_written", stats.shards_written)?;
-    out.set_item("losses", losses_to_py(py, &stats.losses)?)?;
-    Ok(out)
+    Ok(ExecStats::from(&stats))
 }
 
-/// Loss counts of every tensor `plan_json` would cast, reading the inputs only
+/// Loss counts of every tensor `plan` would cast, reading the inputs only
 /// (what `fastcast inspect --dtype` predicts). Returns `[(name, counts)]`.
 #[pyfunction]
-#[pyo3(signature = (plan_json, *, progress=None, threads=None))]
+#[pyo3(signature = (plan, *, progress=None, threads=None))]
 fn scan_plan<'py>(
     py: Python<'py>,
-    plan_json: &str,
+    plan: &Bound<'py, PyAny>,
     progress: Option<Bound<'py, PyAny>>,
     threads: Option<usize>,
-) -> PyResult<Bound<'py, PyList>> {
-    let plan = parse_plan(plan_json)?;
+) -> PyResult<Vec<(String, LossCounts)>> {
+    let plan = plan_from(plan)?;
     let losses = watch(py, threads, progress, move |w| exec::scan(&plan, w))?;
-    losses_to_py(py, &losses)
+    Ok(loss_list(&losses))
 }
 
 /// The digest of shard `index` of the plan, recomputed from the file at its
-/// final path (to check the shards a resumed run would reuse).
+/// `path` (to check the shards a resumed run would reuse).
 #[pyfunction]
 fn shard_digest(
     py: Python<'_>,
-    plan_json: &str,
+    plan: &Bound<'_, PyAny>,
     index: usize,
     chunk_bytes: usize,
 ) -> PyResult<u64> {
-    let plan = parse_plan(plan_json)?;
+    let plan = plan_from(plan)?;
     Ok(py
         .detach(|| exec::shard_digest(&plan, index, chunk_bytes))
         .map_err(CoreError)?)
 }
 
-fn parse_plan(plan_json: &str) -> PyResult<Plan> {
-    serde_json::from_str(plan_json)
-        .map_err(|e| FastcastError::new_err(format!("malformed plan: {e}")))
+/// The records of a resume journal, in the order written; a torn last line
+/// is skipped and a missing journal has none.
+#[pyfunction]
+fn read_journal(py: Python<'_>, path: PathBuf) -> PyResult<Vec<ShardRecord>> {
+    let records = py.detach(|| journal::read(&path)).map_err(CoreError)?;
+    Ok(records.iter().map(ShardRecord::from).collect())
 }
 
-fn losses_to_py<'py>(
-    py: Python<'py>,
-    losses: &[(String, LossStats)],
-) -> PyResult<Bound<'py, PyList>> {
-    let list = PyList::empty(py);
-    for (name, l) in losses {
-        let counts = PyDict::new(py);
-        counts.set_item("elements", l.elements)?;
-        counts.set_item("overflow", l.overflow)?;
-        counts.set_item("underflow", l.underflow)?;
-        counts.set_item("nan_in", l.nan_in)?;
-        counts.set_item("inf_in", l.inf_in)?;
-        counts.set_item("max_abs", l.max_abs)?;
-        list.append((name, counts))?;
-    }
-    Ok(list)
+/// A `Plan` dict as the core's plan. Its version is checked where it is used.
+fn plan_from(plan: &Bound<'_, PyAny>) -> PyResult<Plan> {
+    pythonize::depythonize(plan).map_err(|e| FastcastError::new_err(format!("malformed plan: {e}")))
 }
 
 /// Run `work` on its own thread, inside a rayon pool of `threads`, with the GIL
@@ -408,16 +395,21 @@ fn watch<T: Send + 'static>(
     Ok(value)
 }
 
-/// The hidden name a file is written under until it is complete.
+/// The hidden name a file is written under until it is complete (it ends
+/// with `PARTIAL_SUFFIX`).
 #[pyfunction]
 fn partial_path(path: PathBuf) -> PathBuf {
-    fastcast_core::shard_file::temp_path(&path)
+    shard_file::temp_path(&path)
 }
 
 #[pymodule]
 fn _core(m: &Bound<'_, PyModule>) -> PyResult<()> {
     let py = m.py();
     m.add("__version__", env!("CARGO_PKG_VERSION"))?;
+    m.add("PLAN_VERSION", exec::PLAN_VERSION)?;
+    m.add("PARTIAL_SUFFIX", shard_file::PARTIAL_SUFFIX)?;
+    m.add_class::<ExecStats>()?;
+    m.add_class::<ShardRecord>()?;
     m.add("FastcastError", py.get_type::<FastcastError>())?;
     m.add(
         "InvalidSafetensorsError",
@@ -439,6 +431,7 @@ fn _core(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_function(wrap_pyfunction!(execute_plan, m)?)?;
     m.add_function(wrap_pyfunction!(scan_plan, m)?)?;
     m.add_function(wrap_pyfunction!(shard_digest, m)?)?;
+    m.add_function(wrap_pyfunction!(read_journal, m)?)?;
     m.add_function(wrap_pyfunction!(partial_path, m)?)?;
     Ok(())
 }

@@ -56,11 +56,13 @@ fn plan_for(src: &Path, out: &Path, n: u64, to: &str) -> Plan {
     let data_start = Header::read(src).unwrap().data_start();
     let to_size = to.parse::<DType>().unwrap().size() as u64;
     Plan {
+        version: PLAN_VERSION,
         sources: vec![SourceFile {
             path: src.to_owned(),
             size,
         }],
         shards: vec![ShardPlan {
+            name: out.file_name().unwrap().to_string_lossy().into_owned(),
             path: out.to_owned(),
             metadata: Some(vec![("format".into(), "pt".into())]),
             tensors: vec![
@@ -186,36 +188,86 @@ fn cancelling_leaves_no_file_behind() {
     assert_eq!(names, vec![std::ffi::OsString::from("in.safetensors")]);
 }
 
+/// The plan of `plan_for` split in two shards: `step` alone (copied), then
+/// `a` alone (cast), in a subfolder as diffusers layouts have them.
+fn two_shards(src: &Path, dir: &Path, n: u64, to: &str) -> Plan {
+    let mut plan = plan_for(src, &dir.join("unused"), n, to);
+    let mut a = plan.shards[0].clone();
+    let mut step = plan.shards[0].clone();
+    step.tensors.truncate(1);
+    a.tensors.remove(0);
+    a.tensors[0].dst_offsets.1 -= 8;
+    a.tensors[0].dst_offsets.0 = 0;
+    for (shard, name) in [
+        (&mut step, "unet/m-00001-of-00002.safetensors"),
+        (&mut a, "unet/m-00002-of-00002.safetensors"),
+    ] {
+        shard.name = name.into();
+        shard.path = dir.join(name);
+    }
+    plan.shards = vec![step, a];
+    plan
+}
+
 #[test]
-fn loss_counts_and_strict_mode() {
-    let dir = Scratch::new("strict");
+fn each_shard_record_carries_its_own_losses() {
+    let dir = Scratch::new("losses");
     let n = 1000;
     let (src, values) = source(&dir.0, n); // |x| up to 1e3: fine in f16 ...
-    let out = dir.0.join("out.safetensors");
-    let plan = plan_for(&src, &out, n as u64, "F8_E4M3"); // ... but not in e4m3 (> 448)
+    fs::create_dir_all(dir.0.join("unet")).unwrap();
+    let plan = two_shards(&src, &dir.0, n as u64, "F8_E4M3"); // ... but not in e4m3 (> 448)
     let over = values.iter().filter(|v| v.abs() > 464.0).count() as u64;
     assert!(over > 0);
-    let strict = ExecOptions {
-        strict: true,
+    let journal = dir.0.join("journal.jsonl");
+    let opts = ExecOptions {
+        journal: Some(journal.clone()),
         ..ExecOptions::default()
     };
-    let err = execute(&plan, &strict, &Progress::default()).unwrap_err();
-    assert!(matches!(&err, Error::Overflow { tensors } if tensors == &[("a".to_string(), over)]));
-    assert!(err.to_string().contains(&format!("a ({over})")), "{err}");
-    assert_eq!(
-        fs::read_dir(&dir.0).unwrap().count(),
-        1,
-        "strict leaves nothing behind"
-    );
+    let stats = execute(&plan, &opts, &Progress::default()).unwrap();
 
-    let stats = execute(&plan, &ExecOptions::default(), &Progress::default()).unwrap();
-    let (name, loss) = &stats.losses[0];
+    // Overflow is counted, not refused: deciding is the caller's job, and
+    // every shard is in place and journaled.
+    let [step, a] = &stats.shards[..] else {
+        panic!("two records: {:?}", stats.shards)
+    };
+    assert_eq!(step.name, "unet/m-00001-of-00002.safetensors");
+    assert!(step.losses.is_empty(), "a copied tensor has no loss counts");
+    assert_eq!(a.name, "unet/m-00002-of-00002.safetensors");
+    let [(name, loss)] = &a.losses[..] else {
+        panic!("one cast tensor: {:?}", a.losses)
+    };
     assert_eq!(
         (name.as_str(), loss.overflow, loss.elements),
         ("a", over, n as u64)
     );
     let max = values.iter().fold(0f32, |m, v| m.max(v.abs()));
     assert_eq!(loss.max_abs, max as f64);
+    assert_eq!(
+        stats.losses, a.losses,
+        "the run's losses are the shards', in order"
+    );
+    for (shard, record) in plan.shards.iter().zip(&stats.shards) {
+        assert_eq!(fs::metadata(&shard.path).unwrap().len(), record.size);
+    }
+    assert_eq!(journal::read(&journal).unwrap(), stats.shards);
+}
+
+#[test]
+fn a_plan_of_another_version_is_refused() {
+    let dir = Scratch::new("version");
+    let (src, _) = source(&dir.0, 10);
+    let out = dir.0.join("out.safetensors");
+    let mut plan = plan_for(&src, &out, 10, "F16");
+    plan.version = 2;
+    let expected = "inconsistent plan: plan version 2, this fastcast reads version 1";
+    let err = execute(&plan, &ExecOptions::default(), &Progress::default()).unwrap_err();
+    assert!(matches!(err, Error::Plan { .. }), "{err}");
+    assert_eq!(err.to_string(), expected);
+    let err = scan(&plan, &Progress::default()).unwrap_err();
+    assert_eq!(err.to_string(), expected);
+    let err = shard_digest(&plan, 0, 1000).unwrap_err();
+    assert_eq!(err.to_string(), expected);
+    assert_eq!(fs::read_dir(&dir.0).unwrap().count(), 1, "nothing written");
 }
 
 #[test]
@@ -238,7 +290,8 @@ fn journal_and_digest_describe_the_file_on_disk() {
         line.contains(&format!("\"digest\":\"{:016x}\"", record.digest)),
         "{line}"
     );
-    assert!(line.contains("\"file\":\"out.safetensors\""), "{line}");
+    assert!(line.starts_with("{\"name\":\"out.safetensors\""), "{line}");
+    assert_eq!(journal::read(&journal).unwrap(), stats.shards);
 
     // One changed byte changes the digest.
     let mut bytes = fs::read(&out).unwrap();

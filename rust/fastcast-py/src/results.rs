@@ -1,0 +1,130 @@
+//! What the core returns, as typed Python objects: frozen classes for a run's
+//! stats and its shard records, a `LossCounts` dict per cast tensor.
+
+use fastcast_core::{exec, journal, LossStats};
+use pyo3::prelude::*;
+use pyo3::types::{PyDict, PyString};
+
+/// One tensor's loss counts, which Python sees as a `LossCounts` dict.
+#[derive(Clone, Copy, PartialEq)]
+pub struct LossCounts(pub LossStats);
+
+impl<'py> IntoPyObject<'py> for &LossCounts {
+    type Target = PyDict;
+    type Output = Bound<'py, PyDict>;
+    type Error = PyErr;
+
+    fn into_pyobject(self, py: Python<'py>) -> PyResult<Bound<'py, PyDict>> {
+        let l = &self.0;
+        let counts = PyDict::new(py);
+        counts.set_item("elements", l.elements)?;
+        counts.set_item("overflow", l.overflow)?;
+        counts.set_item("underflow", l.underflow)?;
+        counts.set_item("nan_in", l.nan_in)?;
+        counts.set_item("inf_in", l.inf_in)?;
+        counts.set_item("max_abs", l.max_abs)?;
+        Ok(counts)
+    }
+}
+
+impl<'py> IntoPyObject<'py> for LossCounts {
+    type Target = PyDict;
+    type Output = Bound<'py, PyDict>;
+    type Error = PyErr;
+
+    fn into_pyobject(self, py: Python<'py>) -> PyResult<Bound<'py, PyDict>> {
+        (&self).into_pyobject(py)
+    }
+}
+
+/// `[(tensor name, counts)]` as Python will see it.
+pub fn loss_list(losses: &[(String, LossStats)]) -> Vec<(String, LossCounts)> {
+    losses
+        .iter()
+        .map(|(name, l)| (name.clone(), LossCounts(*l)))
+        .collect()
+}
+
+/// A shard as written and journaled: output-relative name, size, content
+/// digest (and the chunk size it was computed with), and the loss counts of
+/// its cast tensors in plan order.
+#[pyclass(module = "fastcast._core", frozen, get_all, eq, skip_from_py_object)]
+#[derive(Clone, PartialEq)]
+pub struct ShardRecord {
+    pub name: String,
+    pub size: u64,
+    pub digest: u64,
+    pub chunk_bytes: usize,
+    pub losses: Vec<(String, LossCounts)>,
+}
+
+#[pymethods]
+impl ShardRecord {
+    fn __repr__(&self, py: Python<'_>) -> PyResult<String> {
+        Ok(format!(
+            "ShardRecord(name={}, size={}, digest=0x{:016x}, chunk_bytes={}, losses=<{} tensors>)",
+            PyString::new(py, &self.name).repr()?,
+            self.size,
+            self.digest,
+            self.chunk_bytes,
+            self.losses.len()
+        ))
+    }
+}
+
+impl From<&journal::ShardRecord> for ShardRecord {
+    fn from(r: &journal::ShardRecord) -> ShardRecord {
+        ShardRecord {
+            name: r.name.clone(),
+            size: r.size,
+            digest: r.digest,
+            chunk_bytes: r.chunk_bytes,
+            losses: loss_list(&r.losses),
+        }
+    }
+}
+
+/// What `execute_plan` did: counts, the loss counts of every cast tensor in
+/// plan order, and a record of every shard written.
+#[pyclass(module = "fastcast._core", frozen, get_all, eq, skip_from_py_object)]
+#[derive(Clone, PartialEq)]
+pub struct ExecStats {
+    pub tensors_cast: u64,
+    pub tensors_copied: u64,
+    pub bytes_read: u64,
+    pub bytes_written: u64,
+    pub shards_written: u64,
+    pub losses: Vec<(String, LossCounts)>,
+    pub shards: Vec<ShardRecord>,
+}
+
+#[pymethods]
+impl ExecStats {
+    fn __repr__(&self) -> String {
+        format!(
+            "ExecStats(tensors_cast={}, tensors_copied={}, bytes_read={}, bytes_written={}, \
+             shards_written={}, losses=<{} tensors>, shards=<{} records>)",
+            self.tensors_cast,
+            self.tensors_copied,
+            self.bytes_read,
+            self.bytes_written,
+            self.shards_written,
+            self.losses.len(),
+            self.shards.len()
+        )
+    }
+}
+
+impl From<&exec::ExecStats> for ExecStats {
+    fn from(s: &exec::ExecStats) -> ExecStats {
+        ExecStats {
+            tensors_cast: s.tensors_cast,
+            tensors_copied: s.tensors_copied,
+            bytes_read: s.bytes_read,
+            bytes_written: s.bytes_written,
+            shards_written: s.shards_written,
+            losses: loss_list(&s.losses),
+            shards: s.shards.iter().map(ShardRecord::from).collect(),
+        }
+    }
+}

@@ -1,0 +1,137 @@
+"""The plan contract with the core: a versioned ``Plan`` dict in, typed results out
+(``ExecStats``, ``ShardRecord``), and the resume journal read back by the core."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+import fastcast
+from conftest import require
+from fastcast import _core
+
+VALUES = np.array([1.0, -2.5, 7e4, 65519.0, 65520.0, -1e9, 1e-9, 0.0], np.float32)
+
+
+@pytest.fixture
+def source(tmp_path) -> Path:
+    st = require("safetensors.numpy")
+    path = tmp_path / "in.safetensors"
+    st.save_file({"ids": np.arange(3, dtype=np.int64), "w": VALUES}, str(path))
+    return path
+
+
+def two_shard_plan(source: Path, out: Path, version: int = _core.PLAN_VERSION) -> _core.Plan:
+    """``ids`` copied into one shard, ``w`` cast to F16 into another, both in a
+    subfolder (as diffusers layouts have them)."""
+    header = _core.read_header(source)
+    start = header["data_start"]
+    entries = {name: (dtype, shape, offsets) for name, dtype, shape, offsets in header["tensors"]}
+
+    def tensor(name: str, dst: str, dst_size: int) -> _core.TensorPlan:
+        dtype, shape, (begin, end) = entries[name]
+        numel = int(np.prod(shape))
+        return {
+            "name": name,
+            "shape": shape,
+            "source": 0,
+            "src_dtype": dtype,
+            "dst_dtype": dst,
+            "src_offsets": (start + begin, start + end),
+            "dst_offsets": (0, numel * dst_size),
+        }
+
+    def shard(name: str, t: _core.TensorPlan) -> _core.ShardPlan:
+        return {"name": name, "path": str(out / name), "metadata": [("format", "pt")],
+                "tensors": [t]}  # fmt: skip
+
+    return {
+        "version": version,
+        "sources": [{"path": str(source), "size": source.stat().st_size}],
+        "shards": [
+            shard("unet/a.safetensors", tensor("ids", "I64", 8)),
+            shard("unet/b.safetensors", tensor("w", "F16", 2)),
+        ],
+    }
+
+
+def test_execute_returns_typed_stats_and_journals_each_shard(tmp_path, source):
+    out = tmp_path / "out"
+    (out / "unet").mkdir(parents=True)
+    plan = two_shard_plan(source, out)
+    journal = tmp_path / "journal.jsonl"
+    stats = _core.execute_plan(plan, journal=journal, chunk_bytes=4)
+
+    assert isinstance(stats, _core.ExecStats)
+    assert (stats.tensors_cast, stats.tensors_copied, stats.shards_written) == (1, 1, 2)
+    assert stats.bytes_read == 3 * 8 + VALUES.nbytes
+    assert stats.bytes_written == sum((out / s["name"]).stat().st_size for s in plan["shards"])
+    [(name, counts)] = stats.losses
+    assert name == "w"
+    assert counts == {"elements": 8, "overflow": 3, "underflow": 1, "nan_in": 0, "inf_in": 0,
+                      "max_abs": 1e9}  # fmt: skip
+    with pytest.raises(AttributeError):
+        stats.tensors_cast = 0  # type: ignore[misc]
+
+    a, b = stats.shards
+    assert isinstance(a, _core.ShardRecord)
+    assert (a.name, b.name) == ("unet/a.safetensors", "unet/b.safetensors")
+    assert a.losses == [] and b.losses == stats.losses
+    assert b.size == (out / "unet" / "b.safetensors").stat().st_size
+    assert b.chunk_bytes == 4
+    assert [_core.shard_digest(plan, i, 4) for i in range(2)] == [a.digest, b.digest]
+    assert "ShardRecord(name='unet/a.safetensors'" in repr(a)
+
+    assert _core.read_journal(journal) == stats.shards
+    lines = [json.loads(line) for line in journal.read_text().splitlines()]
+    assert [line["name"] for line in lines] == ["unet/a.safetensors", "unet/b.safetensors"]
+    assert lines[1]["digest"] == f"{b.digest:016x}"
+    assert lines[1]["losses"] == [["w", counts]]
+    assert not list(out.rglob(f"*{_core.PARTIAL_SUFFIX}"))
+
+
+def test_a_torn_or_missing_journal(tmp_path, source):
+    out = tmp_path / "out"
+    (out / "unet").mkdir(parents=True)
+    journal = tmp_path / "journal.jsonl"
+    assert _core.read_journal(journal) == []
+    stats = _core.execute_plan(two_shard_plan(source, out), journal=journal)
+    text = journal.read_bytes()
+    journal.write_bytes(text[:-10])  # killed while appending the second line
+    assert _core.read_journal(journal) == stats.shards[:1]
+
+
+def test_scan_predicts_what_execute_counts(tmp_path, source):
+    plan = two_shard_plan(source, tmp_path)
+    (tmp_path / "unet").mkdir()
+    assert _core.scan_plan(plan) == _core.execute_plan(plan, fsync=False).losses
+
+
+def test_another_plan_version_is_refused(tmp_path, source):
+    plan = two_shard_plan(source, tmp_path, version=2)
+    message = "plan version 2, this fastcast reads version 1"
+    with pytest.raises(fastcast.FastcastError, match=message):
+        _core.execute_plan(plan)
+    with pytest.raises(fastcast.FastcastError, match=message):
+        _core.scan_plan(plan)
+    with pytest.raises(fastcast.FastcastError, match=message):
+        _core.shard_digest(plan, 0, 1 << 20)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["in.safetensors"]
+
+
+def test_a_malformed_plan_is_refused(tmp_path, source):
+    plan = dict(two_shard_plan(source, tmp_path))
+    del plan["version"]
+    with pytest.raises(fastcast.FastcastError, match=r"malformed plan: .*version"):
+        _core.execute_plan(plan)  # type: ignore[arg-type]
+    with pytest.raises(fastcast.FastcastError, match="malformed plan"):
+        _core.scan_plan({"version": 1, "sources": "nope", "shards": []})  # type: ignore[typeddict-item]
+
+
+def test_partial_names_share_one_suffix(tmp_path):
+    assert _core.PARTIAL_SUFFIX == ".fastcast-partial"
+    partial = _core.partial_path(tmp_path / "model.safetensors")
+    assert partial == tmp_path / f".model.safetensors{_core.PARTIAL_SUFFIX}"
