@@ -110,24 +110,7 @@ mod hex_digest {
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    struct Scratch(std::path::PathBuf);
-
-    impl Scratch {
-        fn new(name: &str) -> Scratch {
-            let dir = std::env::temp_dir()
-                .join(format!("fastcast-journal-{}-{name}", std::process::id()));
-            let _ = std::fs::remove_dir_all(&dir);
-            std::fs::create_dir_all(&dir).unwrap();
-            Scratch(dir)
-        }
-    }
-
-    impl Drop for Scratch {
-        fn drop(&mut self) {
-            let _ = std::fs::remove_dir_all(&self.0);
-        }
-    }
+    use crate::scratch::Scratch;
 
     fn record(name: &str, digest: u64) -> ShardRecord {
         ShardRecord {
@@ -154,7 +137,7 @@ mod tests {
 
     #[test]
     fn records_round_trip_in_order() {
-        let dir = Scratch::new("round-trip");
+        let dir = Scratch::new("journal-round-trip");
         let path = dir.0.join("journal.jsonl");
         let written = vec![
             record("model-00001-of-00002.safetensors", u64::MAX),
@@ -180,7 +163,7 @@ mod tests {
 
     #[test]
     fn a_torn_last_line_is_skipped() {
-        let dir = Scratch::new("torn");
+        let dir = Scratch::new("journal-torn");
         let path = dir.0.join("journal.jsonl");
         append(&path, &record("a.safetensors", 1), true).unwrap();
         append(&path, &record("b.safetensors", 2), true).unwrap();
@@ -199,7 +182,7 @@ mod tests {
 
     #[test]
     fn a_missing_journal_is_empty_and_a_bad_digest_is_skipped() {
-        let dir = Scratch::new("missing");
+        let dir = Scratch::new("journal-missing");
         assert_eq!(read(&dir.0.join("nope.jsonl")).unwrap(), vec![]);
         let path = dir.0.join("journal.jsonl");
         std::fs::write(

@@ -25,6 +25,8 @@ pub mod journal;
 pub mod keep;
 pub mod loss;
 pub mod positional;
+#[cfg(test)]
+mod scratch;
 pub mod shard_file;
 
 pub use cast::{cast, cast_parallel, CastOptions, Fp8Overflow, Kernel};

@@ -70,12 +70,12 @@ pub fn read_exact_at(file: &File, mut buf: &mut [u8], mut offset: u64) -> io::Re
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::scratch::Scratch;
 
     #[test]
     fn writes_land_at_their_offsets_and_short_reads_fail() {
-        let dir = std::env::temp_dir().join(format!("fastcast-positional-{}", std::process::id()));
-        std::fs::create_dir_all(&dir).unwrap();
-        let path = dir.join("f.bin");
+        let dir = Scratch::new("positional");
+        let path = dir.0.join("f.bin");
         let file = File::options()
             .create(true)
             .truncate(true)
@@ -93,6 +93,5 @@ mod tests {
         let mut past = [0u8; 8];
         let err = read_exact_at(&file, &mut past, big.len() as u64).unwrap_err();
         assert_eq!(err.kind(), io::ErrorKind::UnexpectedEof);
-        std::fs::remove_dir_all(&dir).unwrap();
     }
 }

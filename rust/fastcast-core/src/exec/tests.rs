@@ -4,23 +4,7 @@ use std::fs;
 
 use super::*;
 use crate::cast::Fp8Overflow;
-
-struct Scratch(PathBuf);
-
-impl Scratch {
-    fn new(name: &str) -> Scratch {
-        let dir = std::env::temp_dir().join(format!("fastcast-exec-{}-{name}", std::process::id()));
-        let _ = fs::remove_dir_all(&dir);
-        fs::create_dir_all(&dir).unwrap();
-        Scratch(dir)
-    }
-}
-
-impl Drop for Scratch {
-    fn drop(&mut self) {
-        let _ = fs::remove_dir_all(&self.0);
-    }
-}
+use crate::scratch::Scratch;
 
 /// Write a safetensors file of f32 tensors `a` (n values) and an i64 `step`.
 fn source(dir: &Path, n: usize) -> (PathBuf, Vec<f32>) {
