@@ -5,7 +5,8 @@
 
 Llama- or Mixtral-shaped tensors (names and shapes as transformers saves them,
 tied embeddings for llama), a config.json claiming the dtype, a
-generation_config.json and a tokenizer_config.json, shards packed like
+generation_config.json, a tokenizer_config.json and a sentence-transformers
+``1_Pooling/config.json`` (a copied subfolder), shards packed like
 ``save_pretrained`` plus ``model.safetensors.index.json``. Values are normal
 with std 0.02 (norm weights 1.0), written in 8 MiB blocks, so a 100 GB model
 takes 8 MiB of memory. Used by README's example and by the benchmarks.
@@ -22,9 +23,9 @@ from typing import NamedTuple
 import numpy as np
 
 import fastcast
-from fastcast.dtype_table import torch_name
-from fastcast.plan import pack, shard_names
-from fastcast.units import parse_size
+from fastcast._dtypes import torch_name
+from fastcast._plan import pack, shard_names
+from fastcast._units import parse_size
 
 BLOCK = 8 << 20
 NP_BITS = {"F32": np.uint32, "BF16": np.uint16, "F16": np.uint16}
@@ -179,6 +180,11 @@ def main() -> None:
     (args.out / "config.json").write_text(json.dumps(config, indent=2) + "\n")
     (args.out / "generation_config.json").write_text('{\n  "do_sample": false\n}\n')
     (args.out / "tokenizer_config.json").write_text('{\n  "model_max_length": 4096\n}\n')
+    # A copied subfolder, as embedding models built on Llama/Mistral have
+    # (sentence-transformers' pooling settings): resume and copy paths must handle one.
+    (args.out / "1_Pooling").mkdir(exist_ok=True)
+    pooling = {"word_embedding_dimension": dims["hidden_size"], "pooling_mode_lasttoken": True}
+    (args.out / "1_Pooling" / "config.json").write_text(json.dumps(pooling, indent=2) + "\n")
     total = sum(int(np.prod(s)) for _, s in tensors) * itemsize
     print(
         f"wrote {args.out}: {args.arch}, {len(tensors)} tensors, "

@@ -23,7 +23,7 @@ import pytest
 import fastcast
 from conftest import require
 from fastcast import _core
-from fastcast.plan import pack
+from fastcast._plan import pack
 from folders import load_all, save_folder, snapshot, tensors
 
 
@@ -74,7 +74,7 @@ def test_convert_casts_floats_copies_the_rest_and_fixes_config(tmp_path, torch, 
     assert config["quantization_config"] == {"dtype": "int4"}
     assert (out / "tokenizer.json").read_bytes() == (src / "tokenizer.json").read_bytes()
     assert (out / "1_Pooling" / "config.json").exists()
-    assert report.config["torch_dtype"] == ("float32", "bfloat16")
+    assert report.config["config.json"]["torch_dtype"] == ("float32", "bfloat16")
 
 
 def test_default_shard_size_gives_one_file_and_no_index(tmp_path, model):
@@ -206,19 +206,25 @@ def test_stale_weights_and_vcs_folders_are_not_copied(tmp_path, model):
     report = fastcast.convert(src, "bf16", output=tmp_path / "out", progress=False)
     out = tmp_path / "out"
     assert not (out / "pytorch_model.bin").exists() and not (out / ".git").exists()
-    assert any("pytorch_model.bin" in w for w in report.warnings)
+    assert "pytorch_model.bin" in report.skipped
+    assert "pytorch_model.bin (weights in another format)" in report.summary()
 
 
-def test_overwrite_replaces_an_existing_output(tmp_path, model):
+def test_overwrite_replaces_only_a_previous_conversion(tmp_path, model):
     src, _ = model
     out = tmp_path / "out"
-    out.mkdir()
-    (out / "old.txt").write_text("old")
+    fastcast.convert(src, "fp16", output=out, shard_size="9KB", progress=False)
+    assert (out / "model.safetensors.index.json").exists()
     with pytest.raises(fastcast.OutputExistsError, match=r"not empty.*--overwrite"):
         fastcast.convert(src, "bf16", output=out, progress=False)
-    assert snapshot(out) == {"old.txt": b"old"}
     fastcast.convert(src, "bf16", output=out, overwrite=True, progress=False)
-    assert not (out / "old.txt").exists() and (out / "model.safetensors").exists()
+    # the previous run's shards and index were fastcast's: replaced, none left over
+    assert sorted(p.name for p in out.glob("model*")) == ["model.safetensors"]
+    (out / "old.txt").write_text("a user's notes")
+    before = snapshot(out)
+    with pytest.raises(fastcast.OutputExistsError, match=r"fastcast did not write \(old.txt\)"):
+        fastcast.convert(src, "fp16", output=out, overwrite=True, progress=False)
+    assert snapshot(out) == before
 
 
 def test_inspect_reports_dtypes_and_the_config_trap(tmp_path, torch, st_torch):
@@ -367,8 +373,8 @@ def test_not_enough_space(tmp_path, model, monkeypatch):
 
 def test_interrupt_inside_the_executor_removes_the_partial_shard(tmp_path, model):
     src, _ = model
-    from fastcast.model_dir import open_model
-    from fastcast.plan import plan_conversion
+    from fastcast._model_dir import open_model
+    from fastcast._plan import plan_conversion
 
     plan = plan_conversion(open_model(src), "BF16", 10**9)
     out = tmp_path / "out"
@@ -379,7 +385,7 @@ def test_interrupt_inside_the_executor_removes_the_partial_shard(tmp_path, model
         raise KeyboardInterrupt
 
     with pytest.raises(KeyboardInterrupt):
-        _core.execute_plan(plan.to_json(out, sizes), progress=interrupt)
+        _core.execute_plan(plan.to_dict(out, sizes), progress=interrupt)
     assert list(out.iterdir()) == []
 
 
@@ -421,7 +427,7 @@ def test_ctrl_c_on_the_cli_stops_cleanly(tmp_path):
         text=True,
     )
     deadline = time.monotonic() + 60
-    while not any(out.glob(".*.fastcast-partial")) and proc.poll() is None:
+    while not any(out.rglob("*.fastcast-partial")) and proc.poll() is None:
         assert time.monotonic() < deadline
         time.sleep(0.005)
     proc.send_signal(signal.SIGINT)
@@ -432,9 +438,9 @@ def test_ctrl_c_on_the_cli_stops_cleanly(tmp_path):
     assert time.monotonic() - sent < 1.5, "Ctrl-C must stop the run within about a second"
     assert proc.returncode == 130
     assert "Traceback" not in err and "interrupted" in err
-    assert not list(out.glob(".*.fastcast-partial")), "the partial shard must be removed"
-    assert not (out / "model.safetensors.index.json").exists()
-    for shard in out.glob("*.safetensors"):  # completed shards are whole and valid
+    assert not list(out.rglob("*.fastcast-partial")), "the partial shard must be removed"
+    assert not list(out.glob("*.safetensors")), "nothing is put in place"
+    for shard in out.rglob("*.safetensors"):  # shards finished before it are whole
         fastcast.read_header(shard)
 
 

@@ -1,7 +1,8 @@
 """Faults for real: a full disk (a small tmpfs), permission denied (an
-unprivileged user), SIGKILL and SIGINT mid-run. Afterwards no file under a
-final name is partial, the input is intact, and --resume finishes the job,
-reusing the completed shards only after checking them.
+unprivileged user), SIGKILL and SIGINT mid-run. Afterwards nothing is under a
+final name (finished shards wait in the output's hidden staging folder), the
+input is intact, and --resume finishes the job, reusing the completed shards
+only after checking them.
 
 Mounting and switching users need root; where that is missing these tests skip
 locally and fail in CI (CI runs as root)."""
@@ -37,7 +38,8 @@ def need(condition: bool, why: str) -> None:
 
 @pytest.fixture(scope="module")
 def big_model(tmp_path_factory) -> Path:
-    """A 240 MB fp32 Llama-shaped checkpoint: 8 output shards at 15 MB in bf16."""
+    """A 240 MB fp32 Llama-shaped checkpoint (with a ``1_Pooling/`` subfolder): 8
+    output shards at 15 MB in bf16."""
     path = tmp_path_factory.mktemp("faults") / "model"
     subprocess.run(
         [
@@ -59,11 +61,20 @@ def cli(*args: str, **kw) -> list[str]:
     return [sys.executable, "-m", "fastcast.cli", *args]
 
 
-def final_shards_are_whole(out: Path) -> None:
-    """Every file under a final name parses and has exactly the size its header says."""
-    for shard in out.glob("*.safetensors"):
+STAGING = ".fastcast-staging"
+
+
+def nothing_in_place(out: Path) -> None:
+    """An unfinished run put nothing under a final name; the shards it finished are
+    whole (each parses and has exactly the size its header says)."""
+    assert sorted(p.name for p in out.iterdir()) == [STAGING]
+    for shard in (out / STAGING).glob("*.safetensors"):
         header = fastcast.read_header(shard)  # raises on a partial file
         assert header["data_start"] > 0
+
+
+def staged_shards(out: Path) -> list[str]:
+    return sorted(p.name for p in (out / STAGING).glob("model-*.safetensors"))
 
 
 def fresh_copy(model: Path, tmp_path: Path) -> Path:
@@ -77,14 +88,14 @@ def same_files(a: Path, b: Path) -> None:
 
 
 def interrupted_run(model: Path, out: Path, sig: int) -> subprocess.CompletedProcess[str]:
-    """Start a conversion and send ``sig`` once two shards are in place."""
+    """Start a conversion and send ``sig`` once two shards are finished."""
     proc = subprocess.Popen(
         cli("convert", str(model), "-o", str(out), "--dtype", "bf16", "--shard-size", "15MB",
             "--threads", "1", "--max-memory", "512KiB"),
         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
     )  # fmt: skip
     deadline = time.monotonic() + 120
-    while len(list(out.glob("model-*.safetensors"))) < 2 and proc.poll() is None:
+    while len(list(out.glob(f"{STAGING}/model-*.safetensors"))) < 2 and proc.poll() is None:
         assert time.monotonic() < deadline
         time.sleep(0.002)
     proc.send_signal(sig)
@@ -100,11 +111,11 @@ def test_killed_run_resumes_reusing_checked_shards(tmp_path, big_model, sig):
     out = tmp_path / "out"
     r = interrupted_run(big_model, out, sig)
     assert r.returncode in (-signal.SIGKILL, 130), r.stderr
-    final_shards_are_whole(out)
-    assert not (out / "model.safetensors.index.json").exists(), "unfinished: no index"
+    nothing_in_place(out)
     if sig == signal.SIGINT:
-        assert not list(out.glob(".*.fastcast-partial")), "Ctrl-C cleans its partial file"
-    done = sorted(p.name for p in out.glob("model-*.safetensors"))
+        assert not list(out.rglob("*.fastcast-partial")), "Ctrl-C cleans its partial file"
+        assert "--resume" in r.stderr, "Ctrl-C says how to finish the run"
+    done = staged_shards(out)
     assert len(done) >= 2
 
     again = subprocess.run(cli("convert", str(big_model), "-o", str(out), "--dtype", "bf16",
@@ -124,7 +135,7 @@ def test_killed_run_resumes_reusing_checked_shards(tmp_path, big_model, sig):
 def test_resume_redoes_a_shard_that_changed(tmp_path, big_model):
     out = tmp_path / "out"
     interrupted_run(big_model, out, signal.SIGKILL)
-    first = sorted(out.glob("model-*.safetensors"))[0]
+    first = out / STAGING / staged_shards(out)[0]
     raw = bytearray(first.read_bytes())
     raw[-5] ^= 0xFF  # silent corruption of a completed shard
     first.write_bytes(bytes(raw))
@@ -144,11 +155,25 @@ def test_resume_refuses_other_settings(tmp_path, big_model):
         )
 
 
-def test_resume_of_a_finished_or_fresh_output_just_converts(tmp_path, big_model):
+def test_resume_of_a_fresh_or_finished_output(tmp_path, big_model):
+    new = tmp_path / "new"
     report = fastcast.convert(
-        big_model, "bf16", output=tmp_path / "new", shard_size="15MB", resume=True, progress=False
+        big_model, "bf16", output=new, shard_size="15MB", resume=True, progress=False
     )
-    assert report.reused == [] and not (tmp_path / "new" / ".fastcast-run.json").exists()
+    assert report.reused == [] and not report.already_done
+    assert sorted(p.name for p in new.iterdir())[:2] == ["1_Pooling", "config.json"]
+    assert not (new / STAGING).exists()
+    before = {p: (p.stat().st_mtime_ns, p.read_bytes()) for p in new.rglob("*") if p.is_file()}
+    r = subprocess.run(cli("convert", str(big_model), "-o", str(new), "--dtype", "bf16",
+                           "--shard-size", "15MB", "--resume"), capture_output=True, text=True,
+                       check=False)  # fmt: skip
+    assert r.returncode == 0, r.stderr
+    assert "already converted" in r.stdout and "nothing to do" in r.stdout
+    after = {p: (p.stat().st_mtime_ns, p.read_bytes()) for p in new.rglob("*") if p.is_file()}
+    assert after == before, "a finished output is left exactly as it was"
+    with pytest.raises(fastcast.OutputExistsError, match=r"finished conversion .other inputs"):
+        fastcast.convert(big_model, "fp16", output=new, shard_size="15MB", resume=True,
+                         progress=False)  # fmt: skip
 
 
 def mount_tmpfs(path: Path, size: str) -> bool:
@@ -172,10 +197,9 @@ def test_disk_full_mid_run_then_resume(tmp_path, big_model, monkeypatch):
                 warnings.simplefilter("ignore")
                 fastcast.convert(big_model, "bf16", output=out, shard_size="15MB", progress=False)
         monkeypatch.undo()
-        final_shards_are_whole(out)
-        assert not list(out.glob(".*.fastcast-partial"))
-        assert not (out / "model.safetensors.index.json").exists()
-        completed = sorted(p.name for p in out.glob("model-*.safetensors"))
+        nothing_in_place(out)
+        assert not list(out.rglob("*.fastcast-partial"))
+        completed = staged_shards(out)
         assert 1 <= len(completed) < 8
         assert snapshot(big_model) == before
 

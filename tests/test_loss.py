@@ -38,16 +38,37 @@ def lossy(tmp_path, torch, st_torch):
     return save_folder(st_torch, tmp_path / "m", state), state
 
 
+def saturation_start(torch, dtype):
+    """Where a saturating cast to ``dtype`` stops rounding and starts clamping, asked of
+    torch: halfway from its largest value to the next step up (the step is the gap
+    below the largest value, in the same binade); a tie there rounds to the largest
+    value when its last mantissa bit is even. Returns (boundary, tie_is_overflow)."""
+    t = getattr(torch, dtype)
+    top = torch.tensor([torch.finfo(t).max]).to(t)
+    below = (top.view(torch.uint8) - 1).view(t)
+    step = float(top.float() - below.float())
+    tie_rounds_down = int(top.view(torch.uint8)) % 2 == 0
+    return float(top.float()) + step / 2, not tie_rounds_down
+
+
 def torch_counts(torch, x, dtype):
     """Overflow/underflow as torch's own cast shows them."""
     y = x.to(getattr(torch, dtype)).float()
     finite = torch.isfinite(x)
-    if dtype == "float8_e4m3fn":  # saturates: overflow is |x| past the last rounding step
-        over = finite & (x.abs() > 464)
+    if dtype == "float8_e4m3fn":  # saturates, so overflow is |x| past the last rounding step
+        boundary, tie_overflows = saturation_start(torch, dtype)
+        over = finite & ((x.abs() >= boundary) if tie_overflows else (x.abs() > boundary))
     else:
         over = finite & ~torch.isfinite(y)
     under = finite & (x != 0) & (y == 0)
     return int(over.sum()), int(under.sum())
+
+
+def test_saturation_boundary_is_asked_of_torch(torch):
+    boundary, tie_overflows = saturation_start(torch, "float8_e4m3fn")
+    assert (boundary, tie_overflows) == (464.0, False)  # 448 + 32/2; 448 = 0x7E is even
+    x = torch.tensor([boundary, float(torch.nextafter(torch.tensor(boundary), torch.tensor(1e9)))])
+    assert x.to(torch.float8_e4m3fn).float().tolist() == [448.0, 448.0]  # both clamp or round
 
 
 @pytest.mark.parametrize("dtype", ["float16", "bfloat16", "float8_e4m3fn", "float8_e5m2"])
@@ -96,8 +117,10 @@ def test_strict_refuses_and_puts_nothing_in_place(tmp_path, lossy):
     message = str(info.value)
     assert "refusing to write (strict)" in message
     assert "a.big (3)" in message and "b.wide (" in message
-    assert not list(out.glob("*.safetensors")) and not list(out.glob(".*partial"))
-    assert not (out / "config.json").exists()
+    tensors = info.value.tensors  # (name, overflowed), worst first
+    assert dict(tensors)["a.big"] == 3 and {n for n, _ in tensors} == {"a.big", "b.wide"}
+    assert [n for _, n in tensors] == sorted((n for _, n in tensors), reverse=True)
+    assert not out.exists(), "a refusal leaves no output folder at all"
     report = fastcast.convert(src, "bf16", output=tmp_path / "ok", strict=True, progress=False)
     assert report.overflowed == 0  # bf16 keeps f32's range: nothing to refuse
 

@@ -1,7 +1,8 @@
 """fastcast: re-type and re-shard safetensors checkpoints, bit-exact with PyTorch.
 
-The public API lives here; the heavy lifting is in the Rust extension
-``fastcast._core``. Nothing in this package needs torch at run time.
+The public API lives here; the modules behind it are private (``_convert``,
+``_verify``...), and the heavy lifting is in the Rust extension ``fastcast._core``.
+Nothing in this package needs torch at run time, except ``verify``.
 
 >>> import numpy as np, fastcast
 >>> fastcast.parse_dtype("torch.bfloat16")
@@ -10,6 +11,8 @@ The public API lives here; the heavy lifting is in the Rust extension
 array([3.14], dtype=float16)
 """
 
+from fastcast._arrays import cast_array
+from fastcast._convert import ConversionReport, convert
 from fastcast._core import (
     DtypeError,
     FastcastError,
@@ -25,12 +28,10 @@ from fastcast._core import (
     read_header,
     select_kernel,
 )
-from fastcast.arrays import cast_array
-from fastcast.convert import ConversionReport, convert
-from fastcast.inspection import ModelInspection, inspect
-from fastcast.loss import FastcastWarning, OverflowWarning, RangeRiskWarning, TensorLoss
-from fastcast.units import parse_size
-from fastcast.verify import VerifyReport, verify
+from fastcast._inspect import ModelInspection, inspect
+from fastcast._loss import FastcastWarning, OverflowWarning, RangeRiskWarning, TensorLoss
+from fastcast._units import parse_size
+from fastcast._verify import VerifyReport, verify
 
 __all__ = [
     "ConversionReport",

@@ -9,7 +9,7 @@ from collections.abc import Sequence
 from typing import TextIO
 
 import fastcast
-from fastcast.convert import DEFAULT_SHARD_SIZE
+from fastcast._convert import DEFAULT_SHARD_SIZE
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -46,12 +46,18 @@ def add_convert(commands: argparse._SubParsersAction[argparse.ArgumentParser]) -
         help="re-type and re-shard a model folder",
         description="Cast the float tensors of a model folder (or one .safetensors file)\n"
         "to DTYPE, bit-exact with torch's tensor.to(), and re-shard them like\n"
-        "transformers' save_pretrained. Integer and bool tensors are copied;\n"
-        "config.json's dtype is updated; every other file is copied. The input\n"
-        "is never modified; shards appear under their final names only when complete.",
+        "transformers' save_pretrained. Weights are found at any depth (diffusers'\n"
+        "unet/, vae/...). Integer and bool tensors are copied; config.json dtypes are\n"
+        "updated; other files are copied, except weights in other formats (.bin, .pth,\n"
+        "onnx/, original/...) and variants (model.fp16.safetensors: see --variant).\n"
+        "The input is never modified. Everything is written to a hidden staging folder\n"
+        "in the output and put in place only when the whole conversion succeeded;\n"
+        "fastcast.json in the output records how it was made.",
         epilog="examples:\n"
         "  fastcast convert model/ --dtype bf16 --shard-size 5GB\n"
-        "  fastcast convert model/ -o out/ --dtype fp16 --shard-size 2GiB --threads 8",
+        "  fastcast convert model/ -o out/ --dtype fp16 --shard-size 2GiB --threads 8\n"
+        "  fastcast convert tiny-sd/ --dtype bf16 --variant fp16\n"
+        "  fastcast convert model/ --dtype bf16 --resume      # finish an interrupted run",
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     convert.add_argument("model", help="model folder, or a single .safetensors file")
@@ -59,7 +65,16 @@ def add_convert(commands: argparse._SubParsersAction[argparse.ArgumentParser]) -
         "--dtype", "-d", required=True, help="target: bf16, fp16, fp32, fp64, fp8_e4m3, fp8_e5m2"
     )
     convert.add_argument(
-        "--output", "-o", help="output folder (default: <model>-<dtype> beside the input)"
+        "--output",
+        "-o",
+        help="output folder (default: <model>-<dtype> beside the input as typed; for a "
+        "Hugging Face cache snapshot, ./<repo>-<dtype>)",
+    )
+    convert.add_argument(
+        "--variant",
+        metavar="NAME",
+        help="convert the NAME variant (model.NAME.safetensors, as diffusers saves fp16 "
+        "weights) instead of the plain weights, writing it under the plain names",
     )
     convert.add_argument(
         "--shard-size",
@@ -83,13 +98,18 @@ def add_convert(commands: argparse._SubParsersAction[argparse.ArgumentParser]) -
     )
     convert.add_argument("--report", metavar="FILE", help="also write the report as JSON")
     convert.add_argument(
-        "--overwrite", action="store_true", help="replace an existing, non-empty output folder"
+        "--overwrite",
+        action="store_true",
+        help="replace a previous conversion in the output folder; only files a fastcast run "
+        "recorded writing (or that this run writes) are replaced, and only once the new "
+        "output is complete: a folder holding anything else is refused",
     )
     convert.add_argument(
         "--resume",
         action="store_true",
         help="finish an interrupted conversion into the same output, reusing the shards it "
-        "completed (each checked against its recorded digest)",
+        "completed (each checked against its recorded digest); says so and exits 0 if the "
+        "output is already finished",
     )
     convert.add_argument(
         "--no-fsync",
@@ -131,13 +151,28 @@ def add_verify(commands: argparse._SubParsersAction[argparse.ArgumentParser]) ->
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     verify.add_argument("output", help="the converted folder (or .safetensors file)")
-    verify.add_argument("--against", required=True, help="the folder it was converted from")
+    verify.add_argument(
+        "--against",
+        help="the model it was converted from (default: the source its fastcast.json names)",
+    )
     verify.add_argument(
         "--device",
         default="auto",
         help="auto (every GPU, else the CPU), cpu, cuda, or a list like cuda:0,cuda:1",
     )
-    verify.add_argument("--dtype", help="the conversion's target (default: inferred)")
+    verify.add_argument(
+        "--dtype", help="the conversion's target (default: from fastcast.json, else inferred)"
+    )
+    verify.add_argument(
+        "--keep",
+        action="append",
+        metavar="PATTERN",
+        help="tensors left in their source dtype, as given to convert (default: from "
+        "fastcast.json; needed only for folders converted by something else)",
+    )
+    verify.add_argument(
+        "--variant", metavar="NAME", help="the source variant converted (default: fastcast.json)"
+    )
     verify.add_argument(
         "--load",
         action="store_true",
@@ -164,6 +199,7 @@ def add_inspect(commands: argparse._SubParsersAction[argparse.ArgumentParser]) -
     inspect.add_argument(
         "--keep", action="append", default=[], metavar="PATTERN", help="as for convert"
     )
+    inspect.add_argument("--variant", metavar="NAME", help="as for convert")
     inspect.set_defaults(run=run_inspect)
 
 
@@ -174,6 +210,7 @@ def run_convert(args: argparse.Namespace) -> int:
         output=args.output,
         shard_size=args.shard_size,
         keep=args.keep,
+        variant=args.variant,
         strict=args.strict,
         report=args.report,
         overwrite=args.overwrite,
@@ -187,9 +224,7 @@ def run_convert(args: argparse.Namespace) -> int:
     if not args.quiet:
         print(report.summary())
     if args.verify:
-        checked = fastcast.verify(
-            report.output, args.model, dtype=report.dtype, progress=False if args.quiet else None
-        )
+        checked = fastcast.verify(report.output, progress=False if args.quiet else None)
         if not args.quiet or not checked.ok:
             print(checked.summary())
         return 0 if checked.ok else 1
@@ -201,6 +236,8 @@ def run_verify(args: argparse.Namespace) -> int:
         args.output,
         args.against,
         dtype=args.dtype,
+        keep=args.keep,
+        variant=args.variant,
         device=args.device,
         load=args.load,
         progress=False if args.quiet else None,
@@ -214,7 +251,9 @@ def run_inspect(args: argparse.Namespace) -> int:
     for i, model in enumerate(args.model):
         if i:
             print()
-        print(fastcast.inspect(model, dtype=args.dtype, keep=args.keep).render())
+        print(
+            fastcast.inspect(model, dtype=args.dtype, keep=args.keep, variant=args.variant).render()
+        )
     return 0
 
 
@@ -262,17 +301,30 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         code: int = args.run(args)
         return code
-    except KeyboardInterrupt:
-        print(
-            "fastcast: interrupted; no partial file was left under a final name",
-            file=sys.stderr,
-        )
+    except KeyboardInterrupt as e:
+        print(f"fastcast: interrupted; nothing was put in place{resume_hint(e)}", file=sys.stderr)
         return 130
     except (fastcast.FastcastError, OSError, ValueError) as e:
         if args.debug:
             raise
-        print(f"fastcast: error: {e}", file=sys.stderr)
+        print(f"fastcast: error: {describe_error(e)}{resume_hint(e)}", file=sys.stderr)
         return 1
+
+
+def describe_error(e: BaseException) -> str:
+    """One line naming the file and the problem: ``out/x: No space left on device``."""
+    if isinstance(e, OSError) and e.filename is not None and e.strerror:
+        target = f" -> {e.filename2}" if e.filename2 is not None else ""
+        return f"{e.filename}{target}: {e.strerror}"
+    return str(e)
+
+
+def resume_hint(e: BaseException) -> str:
+    """What a failed run kept for later, if anything."""
+    out = getattr(e, "fastcast_resumable", None)
+    if out is None:
+        return ""
+    return f"; the finished shards are kept in {out}: run the same command with --resume"
 
 
 if __name__ == "__main__":

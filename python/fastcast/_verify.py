@@ -14,7 +14,6 @@ torch is imported only here, only when verifying: conversion never needs it.
 
 from __future__ import annotations
 
-import fnmatch
 import importlib.util
 import json
 import os
@@ -28,17 +27,12 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from fastcast import _core
-from fastcast.dtype_table import from_torch_name, is_castable, torch_name
-from fastcast.model_dir import (
-    ModelFolder,
-    TensorEntry,
-    config_dtypes,
-    open_model,
-    read_config,
-    tree_size,
-)
-from fastcast.progress import ByteProgress
-from fastcast.units import format_bytes
+from fastcast._config import config_dtypes, is_transformers_config, read_config
+from fastcast._dtypes import from_torch_name, is_castable, torch_name
+from fastcast._model_dir import ModelFolder, SourceFile, TensorEntry, WeightSet, open_model
+from fastcast._progress import ByteProgress
+from fastcast._record import RECORD_NAME, STAGING_DIR, read_record
+from fastcast._units import format_bytes
 
 if TYPE_CHECKING:
     import torch
@@ -102,6 +96,21 @@ class VerifyReport:
 # --- structure ---------------------------------------------------------------------
 
 
+@dataclass(frozen=True)
+class Pairing:
+    """What verify compares: each output weight set with the source set it came from
+    (by output name: ``unet/diffusion_pytorch_model``), and the rules of the run."""
+
+    sets: list[tuple[WeightSet, WeightSet]]
+    target: str
+    keep: list[str]
+
+    def expected(self, tensors: Sequence[TensorEntry]) -> dict[str, str]:
+        """Tensor name -> the dtype the conversion should have stored (core's rule)."""
+        dtypes = _core.target_dtypes([(t.name, t.dtype) for t in tensors], self.target, self.keep)
+        return {t.name: d for t, d in zip(tensors, dtypes, strict=True)}
+
+
 def infer_dtype(out: ModelFolder) -> str:
     """The target a conversion used: the castable dtype holding most output bytes."""
     by_bytes: dict[str, int] = {}
@@ -113,78 +122,103 @@ def infer_dtype(out: ModelFolder) -> str:
     return max(by_bytes, key=lambda d: by_bytes[d])
 
 
-def expected_dtype(src: TensorEntry, target: str, keep: Sequence[str]) -> str:
-    if not is_castable(src.dtype):
-        return src.dtype
-    if any(fnmatch.fnmatchcase(src.name, p) for p in keep):
-        return src.dtype
-    return target
+def pair_sets(
+    src: ModelFolder, out: ModelFolder
+) -> tuple[list[tuple[WeightSet, WeightSet]], list[str]]:
+    """Output sets matched with source sets by name; a problem line for each set that
+    is in one and not the other."""
+    theirs = {ws.key: ws for ws in src.weight_sets}
+    ours = {ws.key: ws for ws in out.weight_sets}
+    if (src.is_file and out.is_file) or len(theirs) == len(ours) == 1:
+        return [(src.weight_sets[0], out.weight_sets[0])], []
+    problems = [f"weight set {k} is missing from the output" for k in theirs if k not in ours]
+    problems += [f"weight set {k} is not in the source" for k in ours if k not in theirs]
+    return [(theirs[k], ours[k]) for k in theirs if k in ours], problems
 
 
-def check_structure(
-    src: ModelFolder, out: ModelFolder, target: str, keep: Sequence[str]
-) -> list[str]:
+def check_structure(src: ModelFolder, out: ModelFolder, pairing: Pairing) -> list[str]:
     """Every structural problem, as one line each (empty when all is well)."""
     problems: list[str] = list(out.warnings)
-    want = {t.name: t for t in src.tensors}
-    have = {t.name: t for t in out.tensors}
-    problems += [f"tensor {n!r} is missing from the output" for n in want if n not in have]
-    problems += [f"tensor {n!r} is not in the source" for n in have if n not in want]
-    for name, s in want.items():
-        o = have.get(name)
-        if o is None:
-            continue
-        if o.shape != s.shape:
-            problems.append(
-                f"tensor {name!r} ({o.file.name}) has shape {list(o.shape)}, "
-                f"the source {list(s.shape)}"
-            )
-        expected = expected_dtype(s, target, keep)
-        if o.dtype != expected:
-            problems.append(
-                f"tensor {name!r} ({o.file.name}) is stored as {o.dtype}, expected {expected}"
-            )
-    for ws in out.weight_sets:
-        if ws.index is None:
-            continue
-        meta = json.loads(ws.index.read_text(encoding="utf-8")).get("metadata", {})
-        total = sum(t.nbytes for t in ws.tensors)
-        if isinstance(meta, dict) and meta.get("total_size") not in (None, total):
-            problems.append(
-                f"{ws.index.name}: metadata.total_size is {meta['total_size']}, "
-                f"the shards hold {total} bytes"
-            )
-    problems += check_config(src, out, target)
+    for source, converted in pairing.sets:
+        where = f" in {converted.key}" if len(pairing.sets) > 1 else ""
+        want = {t.name: t for t in source.tensors}
+        have = {t.name: t for t in converted.tensors}
+        expected = pairing.expected(source.tensors)
+        problems += [
+            f"tensor {n!r}{where} is missing from the output" for n in want if n not in have
+        ]
+        problems += [f"tensor {n!r}{where} is not in the source" for n in have if n not in want]
+        for name, s in want.items():
+            o = have.get(name)
+            if o is None:
+                continue
+            if o.shape != s.shape:
+                problems.append(
+                    f"tensor {name!r} ({o.file.name}) has shape {list(o.shape)}, "
+                    f"the source {list(s.shape)}"
+                )
+            if o.dtype != expected[name]:
+                problems.append(
+                    f"tensor {name!r} ({o.file.name}) is stored as {o.dtype}, "
+                    f"expected {expected[name]}"
+                )
+        if converted.index is not None:
+            meta = json.loads(converted.index.read_text(encoding="utf-8")).get("metadata", {})
+            total = sum(t.nbytes for t in converted.tensors)
+            if isinstance(meta, dict) and meta.get("total_size") not in (None, total):
+                problems.append(
+                    f"{converted.index.name}: metadata.total_size is {meta['total_size']}, "
+                    f"the shards hold {total} bytes"
+                )
+    problems += check_configs(out, pairing.target)
     problems += check_files(src, out)
     return problems
 
 
-def check_config(src: ModelFolder, out: ModelFolder, target: str) -> list[str]:
-    if out.config is None:
-        return [f"{out.root}: config.json is missing"] if src.config else []
+def check_configs(out: ModelFolder, target: str) -> list[str]:
+    """Each config.json beside the weights claims the target, if it claims a dtype (a
+    transformers config must)."""
+    problems = []
     expected = torch_name(target)
-    claims = config_dtypes(read_config(out.config))
-    if not claims:
-        return [f"{out.config}: has no dtype; expected torch_dtype={expected}"]
-    return [
-        f"{out.config}: says {key}={value}, but the weights are {target} ({expected})"
-        for key, value in claims.items()
-        if from_torch_name(value) != target
-    ]
+    for rel in out.configs:
+        path = out.root / rel
+        config = read_config(path)
+        claims = config_dtypes(config)
+        if not claims and is_transformers_config(config):
+            problems.append(f"{path}: has no dtype; expected torch_dtype={expected}")
+        problems += [
+            f"{path}: says {key}={value}, but the weights are {target} ({expected})"
+            for key, value in claims.items()
+            if from_torch_name(value) != target
+        ]
+    return problems
 
 
 def check_files(src: ModelFolder, out: ModelFolder) -> list[str]:
+    """The source's other files came along; nothing stray or half-written is left."""
     problems = []
-    for copy in src.copies:
-        twin = out.root / copy.name
-        if not twin.exists():
-            problems.append(f"{copy.name}: in the source but not in the output")
-        elif tree_size(twin) != tree_size(copy):
-            problems.append(f"{copy.name}: differs in size from the source's")
+    if not src.is_file:
+        for rel in src.copies + [c for c in src.configs if c not in out.configs]:
+            twin = out.root / rel
+            if not twin.exists():
+                problems.append(f"{rel}: in the source but not in the output")
+            elif twin.stat().st_size != (src.root / rel).stat().st_size:
+                problems.append(f"{rel}: differs in size from the source's")
     for stale in out.skipped:
-        problems.append(f"{stale.name}: stray file in the output")
-    for partial in out.root.glob(".*.fastcast-partial"):
-        problems.append(f"{partial.name}: a half-written file (interrupted conversion?)")
+        if stale.reason == "weights in another format" or stale.reason.startswith("variant"):
+            problems.append(f"{stale.path}: stray file in the output ({stale.reason})")
+    if not out.is_file:
+        if (out.root / STAGING_DIR).exists():
+            problems.append(f"{STAGING_DIR}/: an unfinished conversion (finish it with --resume)")
+        for partial in out.root.rglob(f"*{_core.PARTIAL_SUFFIX}"):
+            problems.append(f"{partial.name}: a half-written file (interrupted conversion?)")
+        record = read_record(out.root)
+        if record is not None:
+            problems += [
+                f"{rel}: written by the conversion (see {RECORD_NAME}) but missing"
+                for rel in record.files
+                if not (out.root / rel).exists()
+            ]
     return problems
 
 
@@ -269,12 +303,7 @@ def compare(
 
 
 def verify_values(
-    src: ModelFolder,
-    out: ModelFolder,
-    target: str,
-    keep: Sequence[str],
-    devices: list[str],
-    progress: bool | None,
+    pairing: Pairing, devices: list[str], progress: bool | None
 ) -> tuple[int, int, list[TensorMismatch]]:
     """Compare every output tensor with torch's cast of its source, file by file.
 
@@ -283,9 +312,13 @@ def verify_values(
     """
     from safetensors import safe_open
 
-    sources = {t.name: t for t in src.tensors}
-    files = [f for ws in out.weight_sets for f in ws.files]
-    total = sum(t.nbytes for f in files for t in f.tensors)
+    # Each output file, with the source tensors of its set and their expected dtypes.
+    files: list[tuple[SourceFile, dict[str, TensorEntry], dict[str, str]]] = []
+    for source, converted in pairing.sets:
+        sources = {t.name: t for t in source.tensors}
+        expected = pairing.expected(source.tensors)
+        files += [(f, sources, expected) for f in converted.files]
+    total = sum(t.nbytes for f, _, _ in files for t in f.tensors)
 
     lock = threading.Lock()
 
@@ -298,7 +331,10 @@ def verify_values(
         with lock:
             return max(devices, key=lambda d: torch.cuda.mem_get_info(d)[0])
 
-    def check_file(f: Any) -> tuple[int, int, list[TensorMismatch]]:
+    def check_file(
+        job: tuple[SourceFile, dict[str, TensorEntry], dict[str, str]],
+    ) -> tuple[int, int, list[TensorMismatch]]:
+        f, sources, expected_dtypes = job
         device = roomiest()
         found: list[TensorMismatch] = []
         checked = nbytes = 0
@@ -313,7 +349,7 @@ def verify_values(
                     opened[s.file] = stack.enter_context(
                         safe_open(str(s.file), framework="pt", device=device)
                     )
-                expected = expected_dtype(s, target, keep)
+                expected = expected_dtypes[s.name]
                 got = handle.get_tensor(t.name)
                 if got.dtype != torch_dtype(expected) or got.shape != s.shape:
                     continue  # a structural problem, reported there
@@ -350,11 +386,20 @@ def torch_dtype(name: str) -> torch.dtype:
     return dtype
 
 
-def load_model(output: Path, devices: list[str]) -> dict[str, int]:
-    """Load the whole converted model as a user would; bytes resident per device."""
+def load_model(out: ModelFolder, devices: list[str]) -> dict[str, int]:
+    """Load the whole converted model as a user would (transformers, for a folder with
+    a transformers config.json; else every weight file with safetensors); bytes
+    resident per device."""
     import torch
 
-    if importlib.util.find_spec("transformers") is not None and (output / "config.json").exists():
+    output = out.root
+    config = output / "config.json"
+    if (
+        importlib.util.find_spec("transformers") is not None
+        and not out.is_file
+        and config.exists()
+        and is_transformers_config(read_config(config))
+    ):
         import transformers
 
         kwargs: dict[str, Any] = {}
@@ -369,7 +414,7 @@ def load_model(output: Path, devices: list[str]) -> dict[str, int]:
     from safetensors.torch import load_file
 
     usage = {}
-    for i, f in enumerate(sorted(output.glob("*.safetensors"))):
+    for i, f in enumerate(f.path for ws in out.weight_sets for f in ws.files):
         device = devices[i % len(devices)]
         state = load_file(str(f), device=device)
         usage[device] = usage.get(device, 0) + sum(
@@ -383,37 +428,54 @@ def load_model(output: Path, devices: list[str]) -> dict[str, int]:
 
 def verify(
     output: str | os.PathLike[str],
-    against: str | os.PathLike[str],
+    against: str | os.PathLike[str] | None = None,
     *,
     dtype: str | None = None,
-    keep: Sequence[str] = (),
+    keep: Sequence[str] | None = None,
+    variant: str | None = None,
     device: str = "auto",
     load: bool = False,
     progress: bool | None = None,
 ) -> VerifyReport:
-    """Check ``output`` against the folder it was converted from.
+    """Check ``output`` against the model it was converted from.
 
-    ``dtype`` is the conversion's target (default: inferred from the output);
-    ``keep`` lists name patterns left in their source dtype. ``device`` is
-    ``auto`` (every GPU, else the CPU), ``cpu``, ``cuda`` or a list such as
-    ``cuda:0,cuda:1``. ``load`` also loads the whole model as a user would.
+    A fastcast output remembers how it was made (its ``fastcast.json``): the source,
+    the target dtype, the ``keep`` patterns and the variant, so none of these needs
+    saying; each argument given overrides the record (for folders made elsewhere,
+    ``against`` is required and ``dtype`` is inferred from the stored weights).
+    ``device`` is ``auto`` (every GPU, else the CPU), ``cpu``, ``cuda`` or a list
+    such as ``cuda:0,cuda:1``. ``load`` also loads the whole model as a user would.
     Problems and mismatches are reported, not raised; check ``report.ok``.
 
-    >>> fastcast.verify("model-bf16/", against="model/").ok  # doctest: +SKIP
+    >>> fastcast.verify("model-bf16/").ok  # doctest: +SKIP
     True
     """
     started = time.perf_counter()
-    src = open_model(against)
+    record = read_record(Path(output)) if Path(output).is_dir() else None
+    if against is None:
+        if record is None:
+            raise _core.ModelFolderError(
+                f"{output}: has no {RECORD_NAME} saying what it was converted from; "
+                "pass --against SOURCE"
+            )
+        against = record.source
+    if record is not None:
+        keep = list(record.keep) if keep is None else keep
+        variant = record.variant if variant is None else variant
+        dtype = record.dtype if dtype is None else dtype
+    src = open_model(against, variant)
     out = open_model(output)
     target = _core.parse_dtype(dtype) if dtype else infer_dtype(out)
     devices = pick_devices(device)
     label = ", ".join(devices) if devices[0] != "cpu" else f"cpu ({os.cpu_count()} threads)"
     report = VerifyReport(Path(output), Path(against), target, label)
-    report.problems = check_structure(src, out, target, keep)
+    sets, unpaired = pair_sets(src, out)
+    pairing = Pairing(sets, target, list(keep or ()))
+    report.problems = unpaired + check_structure(src, out, pairing)
     report.tensors_checked, report.bytes_checked, report.mismatches = verify_values(
-        src, out, target, keep, devices, progress
+        pairing, devices, progress
     )
     if load:
-        report.load = load_model(Path(output), devices)
+        report.load = load_model(out, devices)
     report.seconds = time.perf_counter() - started
     return report

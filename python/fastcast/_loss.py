@@ -7,8 +7,9 @@ from collections.abc import Iterable, Sequence
 from dataclasses import asdict, dataclass
 from typing import Any
 
-from fastcast.dtype_table import SHORT_NAMES
-from fastcast.units import format_bytes
+from fastcast import _core
+from fastcast._dtypes import max_finite, short_name
+from fastcast._units import format_bytes
 
 
 class FastcastWarning(UserWarning):
@@ -45,15 +46,17 @@ class TensorLoss:
         return asdict(self)
 
 
-#: What overflow means for each target, in words.
-OVERFLOW_RESULT = {
-    "F16": "±inf (|x| >= 65520)",
-    "BF16": "±inf (|x| beyond 3.39e38)",
-    "F32": "±inf (|x| beyond 3.40e38)",
-    "F8_E5M2": "±inf (|x| >= 61440)",
-    "F8_E4M3": "±448 when saturating, NaN otherwise (|x| > 464)",
-    "F64": "nothing",
-}
+def overflow_result(src: str, dst: str) -> str:
+    """What overflow does casting ``src`` to ``dst``, in words, from the core's rule:
+    ``±inf (|x| >= 65520)``, ``±448 when saturating, NaN otherwise (|x| >= 464.00003)``."""
+    rule = _core.cast_rule(src, dst)
+    start = rule["overflow_from"]
+    if start is None:
+        return "nothing (no value overflows)"
+    where = f"|x| >= {start:.8g}"
+    if rule["saturates"]:
+        return f"±{max_finite(dst):g} when saturating, NaN otherwise ({where})"
+    return f"±inf ({where})"
 
 
 def total(losses: Iterable[TensorLoss]) -> TensorLoss:
@@ -88,10 +91,11 @@ def describe(losses: Sequence[TensorLoss]) -> list[str]:
     else:
         over = sum(1 for x in losses if x.overflow)
         under = sum(1 for x in losses if x.underflow)
-        targets = sorted({x.dtype_to for x in losses if x.overflow})
+        pairs = sorted({(x.dtype_from, x.dtype_to) for x in losses if x.overflow})
+        results = sorted({overflow_result(a, b) for a, b in pairs})
         lines.append(
             f"loss: {t.overflow} value(s) overflowed in {over} tensor(s)"
-            + (f" (to {', '.join(OVERFLOW_RESULT.get(d, d) for d in targets)})" if over else "")
+            + (f" (to {', '.join(results)})" if over else "")
             + f"; {t.underflow} non-zero value(s) became 0 in {under} tensor(s)"
         )
         for w in worst(losses):
@@ -105,22 +109,22 @@ def describe(losses: Sequence[TensorLoss]) -> list[str]:
 
 
 def narrowing_risks(casts: Iterable[tuple[str, str, int]]) -> list[str]:
-    """Warnings for casts that can overflow by construction, before anything runs.
+    """Warnings for casts whose target has a narrower range than the source (the
+    core's ``narrows_range``: f32 to f16, anything to fp8...), before anything runs.
+    Casts that can overflow only by rounding at the very top of the range (f32 to
+    bf16) are not warned about; their overflow is still counted and reported.
 
     ``casts`` holds (source dtype, target dtype, bytes) per tensor.
     """
     risky: dict[tuple[str, str], list[int]] = {}
     for src, dst, nbytes in casts:
-        wider_range = src in ("F32", "F64", "BF16") and dst == "F16"
-        to_fp8 = dst in ("F8_E4M3", "F8_E5M2") and src != dst
-        f64_to_32 = src == "F64" and dst in ("F32", "BF16")
-        if wider_range or to_fp8 or f64_to_32:
+        if src != dst and _core.cast_rule(src, dst)["narrows_range"]:
             entry = risky.setdefault((src, dst), [0, 0])
             entry[0] += 1
             entry[1] += nbytes
     return [
         f"casting {n} {src} tensor(s) ({format_bytes(b)}) to {dst} can overflow: values "
-        f"beyond its range become {OVERFLOW_RESULT[dst]}; every such value is counted and "
-        f"reported (predict it first with: fastcast inspect MODEL --dtype {SHORT_NAMES[dst]})"
+        f"beyond its range become {overflow_result(src, dst)}; every such value is counted "
+        f"and reported (predict it first with: fastcast inspect MODEL --dtype {short_name(dst)})"
         for (src, dst), (n, b) in sorted(risky.items())
     ]

@@ -1,7 +1,7 @@
-"""The core's dtype table, as Python lookups: sizes, castability, torch names.
+"""The core's dtype table, as Python lookups: sizes, castability, short and torch names.
 
-One place for what every module asks about a dtype, built once from
-``_core.dtypes()`` (the Rust enum is the source of truth).
+Built once from ``_core.dtypes()``: the Rust enum is the one source of truth, so
+nothing here re-types a size, a name or a range.
 """
 
 from __future__ import annotations
@@ -11,14 +11,9 @@ from fastcast import _core
 _DTYPES = {d["name"]: d for d in _core.dtypes()}
 _BY_TORCH_NAME = {d["torch_name"]: d["name"] for d in _core.dtypes()}
 
-#: Short name of each target dtype, for folder names and messages (``model-bf16``).
-SHORT_NAMES = {
-    "BF16": "bf16",
-    "F16": "fp16",
-    "F32": "fp32",
-    "F64": "fp64",
-    "F8_E4M3": "fp8_e4m3",
-    "F8_E5M2": "fp8_e5m2",
+#: Short name of each castable dtype, for folder names and messages (``model-bf16``).
+SHORT_NAMES: dict[str, str] = {
+    d["name"]: d["short_name"] for d in _core.dtypes() if d["short_name"] is not None
 }
 
 
@@ -40,3 +35,14 @@ def torch_name(dtype: str) -> str:
 def from_torch_name(name: str) -> str | None:
     """``"bfloat16"`` or ``"torch.bfloat16"`` -> ``"BF16"``; None if unknown."""
     return _BY_TORCH_NAME.get(name.removeprefix("torch."))
+
+
+def short_name(dtype: str) -> str:
+    """``"BF16"`` -> ``"bf16"``; the safetensors name in lower case if it has none."""
+    return SHORT_NAMES.get(dtype, dtype.lower())
+
+
+def max_finite(dtype: str) -> float | None:
+    """The largest finite value of a castable dtype (448 for fp8 e4m3fn)."""
+    value = _DTYPES[dtype]["max"]
+    return None if value is None else float(value)

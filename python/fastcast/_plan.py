@@ -6,11 +6,14 @@ casts bytes. Packing follows transformers' ``save_pretrained(max_shard_size=...)
 the current shard past the limit starts a new one; a tensor larger than the
 limit gets a shard of its own at once, while the current shard stays open.
 Only tensor bytes count toward the limit.
+
+Which tensors are cast, and to what, is the core's rule (``_core.target_dtypes``:
+floats go to the target unless a ``keep`` glob matches; everything else keeps its
+dtype), so that convert, inspect and verify cannot disagree about it.
 """
 
 from __future__ import annotations
 
-import fnmatch
 import json
 from collections.abc import Collection, Sequence
 from dataclasses import dataclass, field
@@ -18,8 +21,8 @@ from pathlib import Path
 from typing import Any, Protocol, TypeVar
 
 from fastcast import _core
-from fastcast.dtype_table import element_size, is_castable
-from fastcast.model_dir import ModelFolder, TensorEntry, WeightSet
+from fastcast._dtypes import element_size
+from fastcast._model_dir import ModelFolder, TensorEntry, WeightSet, join
 
 
 @dataclass
@@ -30,6 +33,9 @@ class PlannedTensor:
     dtype: str
     nbytes: int
     offsets: tuple[int, int] = (0, 0)
+    label: str = ""
+    """The name reports use: the tensor's, after its set's folder if it has one
+    (``2_Dense/linear.weight``): names repeat across a pipeline's components."""
 
     @property
     def is_cast(self) -> bool:
@@ -51,14 +57,15 @@ class PlannedShard:
 
 @dataclass
 class SetPlan:
-    """The output of one weight set: shards and, when there are several, an index."""
+    """The output of one weight set: shards and, when there are several, an index.
+    Names are relative to the output (``unet/diffusion_pytorch_model.safetensors``)."""
 
-    prefix: str
+    key: str
     shards: list[PlannedShard]
 
     @property
     def index_name(self) -> str | None:
-        return f"{self.prefix}.safetensors.index.json" if len(self.shards) > 1 else None
+        return f"{self.key}.safetensors.index.json" if len(self.shards) > 1 else None
 
     def index(self) -> dict[str, Any]:
         """The index json transformers writes: total_size, total_parameters, weight_map."""
@@ -68,7 +75,9 @@ class SetPlan:
                 "total_size": sum(t.nbytes for t in tensors),
                 "total_parameters": sum(t.entry.numel for t in tensors),
             },
-            "weight_map": {t.entry.name: s.name for s in self.shards for t in s.tensors},
+            "weight_map": {
+                t.entry.name: s.name.rpartition("/")[2] for s in self.shards for t in s.tensors
+            },
         }
 
     def index_json(self) -> str:
@@ -92,17 +101,20 @@ class ConversionPlan:
     def tensors(self) -> list[PlannedTensor]:
         return [t for s in self.shards for t in s.tensors]
 
-    def to_json(
-        self, output: Path, sizes: dict[Path, int], only: Collection[str] | None = None
-    ) -> str:
-        """The plan as the Rust executor reads it (see exec.rs); ``only`` keeps just
-        the shards of those names (a resumed run writes the rest)."""
+    def to_dict(
+        self, folder: Path, sizes: dict[Path, int], only: Collection[str] | None = None
+    ) -> _core.Plan:
+        """The plan as the Rust executor takes it (see exec.rs), writing each shard at
+        its name below ``folder``; ``only`` keeps just the shards of those names (a
+        resumed run writes the rest)."""
         source_ids = {p: i for i, p in enumerate(self.sources)}
-        doc = {
+        return {
+            "version": _core.PLAN_VERSION,
             "sources": [{"path": str(p), "size": sizes[p]} for p in self.sources],
             "shards": [
                 {
-                    "path": str(output / shard.name),
+                    "name": shard.name,
+                    "path": str(folder / shard.name),
                     "metadata": list(shard.metadata.items()),
                     "tensors": [
                         {
@@ -111,8 +123,8 @@ class ConversionPlan:
                             "source": source_ids[t.entry.file],
                             "src_dtype": t.entry.dtype,
                             "dst_dtype": t.dtype,
-                            "src_offsets": list(t.entry.offsets),
-                            "dst_offsets": list(t.offsets),
+                            "src_offsets": t.entry.offsets,
+                            "dst_offsets": t.offsets,
                         }
                         for t in shard.tensors
                     ],
@@ -121,20 +133,12 @@ class ConversionPlan:
                 if only is None or shard.name in only
             ],
         }
-        return json.dumps(doc)
 
 
-def is_kept(name: str, keep: Sequence[str]) -> bool:
-    """True when ``name`` matches a ``--keep`` glob (``*.norm.weight``, ``*gate*``)."""
-    return any(fnmatch.fnmatchcase(name, pattern) for pattern in keep)
-
-
-def target_dtype(entry: TensorEntry, dtype: str, keep: Sequence[str] = ()) -> str:
-    """Floats fastcast casts go to ``dtype``, unless kept by a ``--keep`` pattern;
-    everything else (integers, bool, packed formats) keeps its dtype."""
-    if not is_castable(entry.dtype) or is_kept(entry.name, keep):
-        return entry.dtype
-    return dtype
+def target_dtypes(tensors: Sequence[TensorEntry], dtype: str, keep: Sequence[str]) -> list[str]:
+    """What each tensor becomes: the core's rule (floats to ``dtype`` unless a ``keep``
+    glob matches their name; integers, bool and packed formats never change)."""
+    return _core.target_dtypes([(t.name, t.dtype) for t in tensors], dtype, list(keep))
 
 
 def output_nbytes(entry: TensorEntry, dtype: str) -> int:
@@ -187,23 +191,26 @@ def lay_out(tensors: list[PlannedTensor]) -> list[PlannedTensor]:
 
 
 def shard_names(prefix: str, count: int) -> list[str]:
-    """``model.safetensors`` alone, else ``model-00001-of-00003.safetensors``..."""
+    """``model.safetensors`` alone, else ``model-00001-of-00003.safetensors``...
+    (``prefix`` may have a folder: ``unet/diffusion_pytorch_model``)."""
     if count == 1:
         return [f"{prefix}.safetensors"]
     return [f"{prefix}-{i:05d}-of-{count:05d}.safetensors" for i in range(1, count + 1)]
 
 
 def plan_set(ws: WeightSet, dtype: str, shard_size: int, keep: Sequence[str] = ()) -> SetPlan:
-    planned = []
-    for entry in ws.tensors:
-        to = target_dtype(entry, dtype, keep)
-        planned.append(PlannedTensor(entry, to, output_nbytes(entry, to)))
+    """One weight set's output, named after the set without its variant."""
+    entries = ws.tensors
+    planned = [
+        PlannedTensor(entry, to, output_nbytes(entry, to), label=join(ws.folder, entry.name))
+        for entry, to in zip(entries, target_dtypes(entries, dtype, keep), strict=True)
+    ]
     groups = pack(planned, shard_size)
     # The source's metadata is kept; transformers needs a format, so one is added if absent.
     metadata = {"format": "pt", **ws.metadata}
-    names = shard_names(ws.prefix, len(groups))
+    names = shard_names(ws.key, len(groups))
     return SetPlan(
-        ws.prefix,
+        ws.key,
         [PlannedShard(n, lay_out(g), dict(metadata)) for n, g in zip(names, groups, strict=True)],
     )
 
@@ -221,9 +228,9 @@ def plan_conversion(
         for name in [s.name for s in sp.shards] + ([sp.index_name] if sp.index_name else []):
             if name in written:
                 raise _core.ModelFolderError(
-                    f"{model.root}: weight sets {written[name]!r} and {sp.prefix!r} would both "
+                    f"{model.root}: weight sets {written[name]!r} and {sp.key!r} would both "
                     f"write {name}"
                 )
-            written[name] = sp.prefix
+            written[name] = sp.key
     sources = list(dict.fromkeys(f.path for ws in model.weight_sets for f in ws.files))
     return ConversionPlan(dtype, shard_size, sets, sources)

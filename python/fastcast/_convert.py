@@ -1,0 +1,608 @@
+"""``fastcast.convert``: a model folder in, a re-typed, re-sharded model folder out.
+
+Four steps, one undo path (``_output.py`` holds the output folder's side of it):
+
+prepare  read and validate the input, plan every file of the output, decide what the
+         output folder allows (fresh, resume, overwrite, or nothing to do), check the
+         disk; nothing is written;
+stage    copy the other files and write every shard under the output's hidden staging
+         folder; the Rust executor journals each finished shard with its digest and
+         its tensors' loss counts;
+check    ``strict``: refuse if any value overflowed, in reused shards too;
+commit   the record, config.json and the indexes are staged, then everything is
+         renamed into place, indexes last.
+
+A refusal removes exactly what the run created. An interrupted or failed run keeps
+its finished shards, and only them, for ``resume=True``, which reuses each after
+checking it against its journaled digest, and takes its loss counts from the journal
+instead of reading its inputs again.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+import time
+import warnings
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+from fastcast import _core
+from fastcast._config import config_dtypes, read_config, retype_config, to_json
+from fastcast._core import InsufficientSpaceError, LossError, ModelFolderError, OutputExistsError
+from fastcast._dtypes import SHORT_NAMES, is_castable, short_name, torch_name
+from fastcast._hf_cache import cache_snapshot
+from fastcast._loss import OverflowWarning, RangeRiskWarning, TensorLoss, describe, narrowing_risks
+from fastcast._model_dir import ModelFolder, describe_skipped, open_model
+from fastcast._output import Run, prepare
+from fastcast._plan import ConversionPlan, plan_conversion
+from fastcast._progress import ByteProgress
+from fastcast._record import RECORD_NAME, OutputRecord
+from fastcast._units import format_bytes, parse_size
+
+DEFAULT_SHARD_SIZE = "5GB"
+#: Room for headers, the index and config.json on top of the tensor bytes.
+HEADER_ALLOWANCE = 1 << 20
+DEFAULT_CHUNK_BYTES = 8 << 20
+
+
+@dataclass(frozen=True)
+class ConversionReport:
+    """What a conversion did; ``summary()`` renders it for people, ``to_dict()``
+    for machines (``--report``)."""
+
+    source: Path
+    output: Path
+    dtype: str
+    shards: list[str]
+    indexes: list[str]
+    tensors_cast: int
+    tensors_copied: int
+    bytes_read: int
+    bytes_written: int
+    seconds: float
+    config: dict[str, dict[str, tuple[str, str]]] = field(default_factory=dict)
+    """Per config file (relative), each dtype key changed: (before, after)."""
+    copied: list[str] = field(default_factory=list)
+    skipped: list[str] = field(default_factory=list)
+    kept: list[str] = field(default_factory=list)
+    reused: list[str] = field(default_factory=list)
+    loss: list[TensorLoss] = field(default_factory=list)
+    warnings: list[str] = field(default_factory=list)
+    already_done: bool = False
+    """True when the output already held this conversion (``resume=True``)."""
+    skipped_why: list[str] = field(default_factory=list)
+
+    @property
+    def throughput(self) -> float:
+        """Input bytes per second."""
+        return self.bytes_read / self.seconds if self.seconds > 0 else 0.0
+
+    @property
+    def overflowed(self) -> int:
+        return sum(t.overflow for t in self.loss)
+
+    def summary(self) -> str:
+        if self.already_done:
+            return "\n".join(
+                [
+                    f"already converted: {self.output} holds {self.source} in {self.dtype} "
+                    "with these settings; nothing to do",
+                    *(f"  warning: {w}" for w in self.warnings),
+                ]
+            )
+        lines = [
+            f"converted {self.source} -> {self.output} ({self.dtype})",
+            f"  tensors: {self.tensors_cast} cast, {self.tensors_copied} copied as they were"
+            + (f" ({len(self.kept)} kept by --keep)" if self.kept else ""),
+            f"  bytes: {format_bytes(self.bytes_read)} read, "
+            f"{format_bytes(self.bytes_written)} written in {len(self.shards)} "
+            f"shard{'s' if len(self.shards) != 1 else ''}"
+            + (f" + {', '.join(self.indexes)}" if self.indexes else ""),
+            f"  time: {self.seconds:.1f} s ({format_bytes(self.throughput)}/s)",
+        ]
+        if self.reused:
+            lines.append(f"  resumed: {len(self.reused)} shard(s) reused after checking")
+        lines.extend(f"  {line}" for line in describe(self.loss))
+        for name, changes in self.config.items():
+            told = ", ".join(f"{k}: {old} -> {new}" for k, (old, new) in changes.items())
+            lines.append(f"  {name}: {told}")
+        if self.copied:
+            lines.append(f"  copied: {', '.join(self.copied)}")
+        lines.extend(f"  skipped: {line}" for line in self.skipped_why)
+        lines.extend(f"  warning: {w}" for w in self.warnings)
+        return "\n".join(lines)
+
+    def to_dict(self) -> dict[str, Any]:
+        """Everything in the report, JSON-ready."""
+        return {
+            "source": str(self.source),
+            "output": str(self.output),
+            "dtype": self.dtype,
+            "shards": self.shards,
+            "indexes": self.indexes,
+            "tensors_cast": self.tensors_cast,
+            "tensors_copied": self.tensors_copied,
+            "bytes_read": self.bytes_read,
+            "bytes_written": self.bytes_written,
+            "seconds": self.seconds,
+            "config": {f: {k: list(v) for k, v in c.items()} for f, c in self.config.items()},
+            "copied": self.copied,
+            "skipped": self.skipped,
+            "kept": self.kept,
+            "reused": self.reused,
+            "already_done": self.already_done,
+            "loss_total": {
+                "overflow": self.overflowed,
+                "underflow": sum(t.underflow for t in self.loss),
+                "nan_in": sum(t.nan_in for t in self.loss),
+                "inf_in": sum(t.inf_in for t in self.loss),
+            },
+            "loss": [t.to_dict() for t in self.loss],
+            "warnings": self.warnings,
+        }
+
+
+# --- prepare ---------------------------------------------------------------------------
+
+
+def parse_target(dtype: str) -> str:
+    """The target dtype's safetensors name; DtypeError for one fastcast cannot write."""
+    target = _core.parse_dtype(dtype)
+    if target not in SHORT_NAMES:
+        raise _core.DtypeError(
+            f"cannot convert to {dtype!r}: the target must be one of "
+            + ", ".join(SHORT_NAMES.values())
+        )
+    return target
+
+
+def default_output(model: ModelFolder, source: Path, dtype: str) -> Path:
+    """``<model>-<dtype>`` beside the input as it was typed (a link stays a link:
+    ``my-llama`` gives ``my-llama-bf16`` beside it), or, where that would be inside a
+    Hugging Face cache, ``./<repo name>-<dtype>`` in the working directory."""
+    short = short_name(dtype)
+    typed = Path(os.path.abspath(source))
+    name = model.weight_sets[0].prefix if model.is_file else typed.name
+    beside = typed.parent / f"{name}-{short}"
+    if cache_snapshot(beside) is None:
+        return beside
+    snapshot = cache_snapshot(typed)
+    inner = snapshot.inner.parts if snapshot else ()
+    if model.is_file:
+        inner = inner[:-1]
+    stem = "-".join([snapshot.name if snapshot else name, *inner])
+    return Path.cwd() / f"{stem}-{short}"
+
+
+def check_not_inside(out: Path, model: ModelFolder, source: Path) -> None:
+    """Refuse an output that is, holds or sits inside the input."""
+    real_out = out.resolve()
+    root = model.root.resolve()
+    if model.is_file:
+        if real_out == source.resolve():
+            raise OutputExistsError(f"{out}: is the input file")
+    elif real_out == root or root in real_out.parents:
+        raise OutputExistsError(f"{out}: is inside the input folder {model.root}")
+    if real_out in root.parents or (model.is_file and real_out == root):
+        raise OutputExistsError(f"{out}: holds the input {source}; choose another folder")
+
+
+def check_space(output: Path, need: int) -> None:
+    """Fail before writing anything when the output's filesystem is too full. A
+    previous output being replaced stays until the new one is complete, so its space
+    is not counted as free."""
+    probe = output
+    while not probe.exists():
+        probe = probe.parent
+    free = shutil.disk_usage(probe).free
+    if need > free:
+        raise InsufficientSpaceError(
+            28,  # ENOSPC
+            f"not enough disk space: the output needs {format_bytes(need)}, "
+            f"{format_bytes(free)} is free",
+            str(output),
+        )
+
+
+def chunk_bytes_for(max_memory: int | str | None, threads: int) -> int:
+    """Per-thread buffer size that keeps all buffers within half of ``max_memory``
+    (the other half is headroom for the interpreter and the plan)."""
+    if max_memory is None:
+        return DEFAULT_CHUNK_BYTES
+    budget = parse_size(max_memory) // 2
+    chunk = budget // threads
+    if chunk < 64 * 1024:
+        raise ValueError(
+            f"max_memory {max_memory!r} is too small for {threads} threads "
+            f"(needs at least {format_bytes(threads * 128 * 1024)})"
+        )
+    return min(chunk, 64 << 20)
+
+
+def fingerprint(folder: ModelFolder, plan: ConversionPlan, fp8_overflow: str) -> str:
+    """What a resumed run must share with the run it finishes: the same inputs
+    (by path, size and mtime), the same plan, the same fastcast."""
+    doc = {
+        "fastcast": _core.__version__,
+        "inputs": [[str(p), p.stat().st_size, p.stat().st_mtime_ns] for p in plan.sources],
+        "dtype": plan.dtype,
+        "shard_size": plan.shard_size,
+        "fp8_overflow": fp8_overflow,
+        "shards": [[s.name, [(t.entry.name, t.dtype) for t in s.tensors]] for s in plan.shards],
+        "root": str(folder.root.resolve()),
+    }
+    return hashlib.sha256(json.dumps(doc, sort_keys=True).encode()).hexdigest()
+
+
+@dataclass(frozen=True)
+class ConfigFix:
+    """One config.json of the output: its new text, or None to copy it unchanged."""
+
+    rel: str
+    text: str | None
+    changes: dict[str, tuple[str, str]]
+
+
+def fix_configs(folder: ModelFolder, target: str) -> list[ConfigFix]:
+    """Every config.json beside the weights, with its dtype claims set to the target."""
+    fixes = []
+    for rel in folder.configs:
+        config = read_config(folder.root / rel)
+        retyped = retype_config(config, torch_name(target))
+        if retyped == config:
+            fixes.append(ConfigFix(rel, None, {}))
+            continue
+        before, after = config_dtypes(config), config_dtypes(retyped)
+        changes = {k: (before.get(k, "(none)"), v) for k, v in after.items() if before.get(k) != v}
+        fixes.append(ConfigFix(rel, to_json(retyped), changes))
+    return fixes
+
+
+def commit_order(plan: ConversionPlan, folder: ModelFolder, configs: list[ConfigFix]) -> list[str]:
+    """Every file of the output, in the order it is put in place: shards and copies,
+    the record, config.json files, and the indexes last (an index marks a finished set)."""
+    return [
+        *(s.name for s in plan.shards),
+        *folder.copies,
+        RECORD_NAME,
+        *(c.rel for c in configs),
+        *(sp.index_name for sp in plan.sets if sp.index_name),
+    ]
+
+
+# --- stage and check -------------------------------------------------------------------
+
+
+def reusable_shards(run: Run, plan: ConversionPlan, staged: _core.Plan) -> dict[str, Any]:
+    """Shards an interrupted run finished that are still right: in the journal and
+    staged with the journaled size and digest (checked, not trusted). Mid-commit, every
+    shard was finished and checked already; some are in place."""
+    records = {r.name: r for r in _core.read_journal(run.journal)}
+    if run.manifest.phase == "committing":
+        missing = [s.name for s in plan.shards if s.name not in records]
+        if missing:
+            raise OutputExistsError(
+                f"{run.out}: the interrupted commit's journal lacks {missing[0]}; "
+                "pass --overwrite to start over"
+            )
+        return {s.name: records[s.name] for s in plan.shards}
+    reused = {}
+    for i, shard in enumerate(plan.shards):
+        rec = records.get(shard.name)
+        path = run.staging / shard.name
+        if rec is None or not path.is_file() or path.stat().st_size != rec.size:
+            continue
+        if _core.shard_digest(staged, i, rec.chunk_bytes) == rec.digest:
+            reused[shard.name] = rec
+    return reused
+
+
+def shard_losses(plan: ConversionPlan, records: dict[str, Any]) -> list[TensorLoss]:
+    """Loss counts of every cast tensor, in plan order, matched within each shard (a
+    tensor name is unique in a shard, not across a pipeline's components)."""
+    losses = []
+    for shard in plan.shards:
+        planned = {t.entry.name: t for t in shard.tensors}
+        for name, counts in records[shard.name].losses:
+            t = planned[name]
+            losses.append(TensorLoss(t.label, t.entry.dtype, t.dtype, **counts))
+    return losses
+
+
+def overflowed(losses: Sequence[TensorLoss]) -> list[tuple[str, int]]:
+    """(tensor, values overflowed) for every tensor that overflowed, worst first."""
+    return sorted(((t.name, t.overflow) for t in losses if t.overflow), key=lambda x: (-x[1], x[0]))
+
+
+def refuse_overflow(bad: list[tuple[str, int]], why: str = "") -> None:
+    """``strict``: a LossError naming every tensor that overflowed, worst first."""
+    if not bad:
+        return
+    shown = ", ".join(f"{name} ({n})" for name, n in bad[:5])
+    if len(bad) > 5:
+        shown += f", and {len(bad) - 5} more"
+    raise LossError(
+        f"refusing to write (strict){why}: {sum(n for _, n in bad)} value(s) overflowed "
+        f"in {len(bad)} tensor(s): {shown}",
+        bad,
+    )
+
+
+def run_executor(
+    plan: ConversionPlan,
+    run: Run,
+    todo: list[str],
+    threads: int,
+    chunk: int,
+    fp8_overflow: Literal["saturate", "nan"],
+    progress: bool | None,
+    sizes: dict[Path, int],
+) -> _core.ExecStats | None:
+    """Hand the shards still to write to the Rust executor, with a progress bar in
+    input bytes."""
+    if not todo:
+        return None
+    total_bytes = sum(t.entry.nbytes for s in plan.shards if s.name in todo for t in s.tensors)
+    for name in todo:
+        run.staged(name)  # the shard's folder
+    try:
+        with ByteProgress(total_bytes, "converting", progress) as update:
+            return _core.execute_plan(
+                plan.to_dict(run.staging, sizes, only=set(todo)),
+                progress=update,
+                threads=threads,
+                fsync=run.fsync,
+                chunk_bytes=chunk,
+                fp8_overflow=fp8_overflow,
+                journal=run.journal,
+            )
+    except FileNotFoundError as e:
+        raise ModelFolderError(f"{e.filename}: {e.strerror} (removed while converting?)") from None
+
+
+# --- the API ---------------------------------------------------------------------------
+
+
+def convert(
+    model: str | os.PathLike[str],
+    dtype: str,
+    *,
+    output: str | os.PathLike[str] | None = None,
+    shard_size: int | str = DEFAULT_SHARD_SIZE,
+    keep: Sequence[str] = (),
+    variant: str | None = None,
+    strict: bool = False,
+    overwrite: bool = False,
+    resume: bool = False,
+    threads: int | None = None,
+    fsync: bool = True,
+    max_memory: int | str | None = None,
+    fp8_overflow: Literal["saturate", "nan"] = "saturate",
+    report: str | os.PathLike[str] | None = None,
+    progress: bool | None = None,
+) -> ConversionReport:
+    """Convert a model folder (or one .safetensors file) to ``dtype``, re-sharded.
+
+    Float tensors are cast bit-exactly as ``torch.Tensor.to`` would; integer and
+    bool tensors are copied, and so are float tensors whose names match a ``keep``
+    glob. Weight sets are found at any depth (diffusers' ``unet/``, ``vae/``...) and
+    packed like transformers' ``save_pretrained(max_shard_size=shard_size)``;
+    config.json dtypes are updated; other files are copied, except weights in other
+    formats and variants (``variant="fp16"`` converts ``*.fp16.safetensors`` instead,
+    under the plain names). The output defaults to ``<model>-<dtype>`` beside the input
+    (``./<repo>-<dtype>`` for a Hugging Face cache snapshot) and records how it was
+    made in ``fastcast.json``. Nothing appears in it until the whole conversion
+    succeeded. It must be new or empty unless ``overwrite`` (which replaces only a
+    previous conversion's files) or ``resume`` (which finishes an interrupted run, or
+    says there is nothing to do). Every overflow and underflow is counted
+    (``report.loss``); range-narrowing casts warn (``RangeRiskWarning``) first;
+    ``strict`` refuses to put anything in place if a value overflowed (``LossError``).
+    Memory stays bounded (``max_memory`` caps the buffers). Raises a
+    ``FastcastError`` subclass, or an ``OSError``, naming the file and the problem.
+
+    >>> report = convert("model/", "bf16", shard_size="5GB")  # doctest: +SKIP
+    >>> print(report.summary())  # doctest: +SKIP
+    """
+    started = time.perf_counter()
+    target = parse_target(dtype)
+    limit = parse_size(shard_size)
+    n_threads = threads if threads is not None else (os.cpu_count() or 1)
+    if n_threads < 1:
+        raise ValueError(f"threads must be at least 1, not {threads}")
+    chunk = chunk_bytes_for(max_memory, n_threads)
+    keep = list(keep)
+
+    # prepare: nothing is written
+    source = Path(model)
+    folder = open_model(source, variant)
+    out = Path(output) if output is not None else default_output(folder, source, target)
+    check_not_inside(out, folder, source)
+    plan = plan_conversion(folder, target, limit, keep)
+    configs = fix_configs(folder, target)
+    stamp = fingerprint(folder, plan, fp8_overflow)
+    run = prepare(
+        out,
+        fingerprint=stamp,
+        files=commit_order(plan, folder, configs),
+        overwrite=overwrite,
+        resume=resume,
+    )
+    run.fsync = fsync
+    notes = []
+    if cache_snapshot(out) is not None:
+        notes.append(
+            f"{out} is inside a Hugging Face cache, which lists it as a revision and may "
+            "delete it in a cleanup"
+        )
+    if run.mode == "finished":
+        return already_done(run, folder, source, target, strict, notes)
+    notes += folder.warnings
+    sizes = {p: p.stat().st_size for p in plan.sources}
+    reused = (
+        reusable_shards(run, plan, plan.to_dict(run.staging, sizes))
+        if (run.mode == "resume")
+        else {}
+    )
+    todo = [s.name for s in plan.shards if s.name not in reused]
+    if run.manifest.phase == "staging":
+        need = (
+            sum(s.data_bytes for s in plan.shards if s.name in todo)
+            + sum((folder.root / c).stat().st_size for c in folder.copies)
+            + HEADER_ALLOWANCE * (len(todo) + 1)
+        )
+        check_space(out, need)
+    risks = narrowing_risks((t.entry.dtype, t.dtype, t.entry.nbytes) for t in plan.tensors)
+    for risk in risks:
+        warnings.warn(risk, RangeRiskWarning, stacklevel=2)
+
+    with run:
+        stats = None
+        if run.manifest.phase == "staging":
+            # stage: the other files, then the shards
+            for rel in folder.copies:
+                run.copy(rel, folder.root / rel)
+            stats = run_executor(plan, run, todo, n_threads, chunk, fp8_overflow, progress, sizes)
+        # check: every shard's loss counts, journaled ones for reused shards
+        losses = shard_losses(
+            plan, {**reused, **{r.name: r for r in stats.shards}} if stats else reused
+        )
+        if strict:
+            refuse_overflow(
+                overflowed(losses),
+                " (including shards reused from the interrupted run)" if reused else "",
+            )
+        # commit
+        if run.manifest.phase == "staging":
+            for fix in configs:
+                if fix.text is None:
+                    run.copy(fix.rel, folder.root / fix.rel)
+                else:
+                    run.write_text(fix.rel, fix.text)
+            for sp in plan.sets:
+                if sp.index_name:
+                    run.write_text(sp.index_name, sp.index_json())
+            record = make_record(run, source, plan, keep, variant, fp8_overflow, stamp, losses)
+            run.write_text(RECORD_NAME, record.to_json())
+        run.commit()
+
+    kept = [
+        t.entry.name
+        for t in plan.tensors
+        if not t.is_cast and t.entry.dtype != target and is_castable(t.entry.dtype)
+    ]
+    if kept:
+        notes.append(
+            f"{len(kept)} tensor(s) kept in their source dtype by --keep; config.json says "
+            f"{target}, and transformers casts them to that on load unless the model class "
+            "keeps them (e.g. _keep_in_fp32_modules)"
+        )
+    result = ConversionReport(
+        source=source,
+        output=out,
+        dtype=target,
+        shards=[s.name for s in plan.shards],
+        indexes=[sp.index_name for sp in plan.sets if sp.index_name],
+        tensors_cast=sum(1 for t in plan.tensors if t.is_cast),
+        tensors_copied=sum(1 for t in plan.tensors if not t.is_cast),
+        bytes_read=stats.bytes_read if stats else 0,
+        bytes_written=stats.bytes_written if stats else 0,
+        seconds=time.perf_counter() - started,
+        config={c.rel: c.changes for c in configs if c.changes},
+        copied=list(folder.copies),
+        skipped=[s.path for s in folder.skipped],
+        skipped_why=describe_skipped(folder.skipped),
+        kept=kept,
+        reused=sorted(reused),
+        loss=losses,
+        warnings=notes + risks,
+    )
+    if result.overflowed:
+        warnings.warn(
+            f"{result.overflowed} value(s) overflowed converting to {target}; see the loss "
+            "report (--strict refuses instead)",
+            OverflowWarning,
+            stacklevel=2,
+        )
+    if report is not None:
+        write_report(Path(report), result, fsync)
+    return result
+
+
+def make_record(
+    run: Run,
+    source: Path,
+    plan: ConversionPlan,
+    keep: list[str],
+    variant: str | None,
+    fp8_overflow: str,
+    stamp: str,
+    losses: list[TensorLoss],
+) -> OutputRecord:
+    files = [f for f in run.manifest.files if f != RECORD_NAME]
+    return OutputRecord(
+        fastcast=_core.__version__,
+        source=os.path.abspath(source),
+        dtype=plan.dtype,
+        keep=keep,
+        variant=variant,
+        fp8_overflow=fp8_overflow,
+        shard_size=plan.shard_size,
+        fingerprint=stamp,
+        files=files,
+        folders=sorted({p.as_posix() for f in files for p in Path(f).parents[:-1]}),
+        overflowed=overflowed(losses),
+        underflowed=sum(t.underflow for t in losses),
+    )
+
+
+def already_done(
+    run: Run, folder: ModelFolder, source: Path, target: str, strict: bool, notes: list[str]
+) -> ConversionReport:
+    """``resume`` on a finished output with the same inputs and settings: nothing to do
+    (``strict`` still refuses one whose values overflowed)."""
+    record = run.record
+    assert record is not None
+    if strict:
+        refuse_overflow(record.overflowed, f" (the finished output in {run.out} holds them)")
+    if record.overflowed:
+        total = sum(c for _, c in record.overflowed)
+        notes.append(
+            f"it holds {total} overflowed value(s) in {len(record.overflowed)} tensor(s) "
+            f"(see {run.out / RECORD_NAME})"
+        )
+    shards = [f for f in record.files if f.endswith(".safetensors")]
+    return ConversionReport(
+        source=source,
+        output=run.out,
+        dtype=target,
+        shards=shards,
+        indexes=[f for f in record.files if f.endswith(".index.json")],
+        tensors_cast=0,
+        tensors_copied=0,
+        bytes_read=0,
+        bytes_written=0,
+        seconds=0.0,
+        reused=shards,
+        warnings=notes,
+        already_done=True,
+        skipped=[s.path for s in folder.skipped],
+    )
+
+
+def write_report(path: Path, result: ConversionReport, fsync: bool) -> None:
+    """``--report``: the report as JSON, written under a temporary name then renamed."""
+    temp = Path(_core.partial_path(path))
+    try:
+        with open(temp, "w", encoding="utf-8") as f:
+            f.write(json.dumps(result.to_dict(), indent=2) + "\n")
+            f.flush()
+            if fsync:
+                os.fsync(f.fileno())
+        os.replace(temp, path)
+    finally:
+        temp.unlink(missing_ok=True)

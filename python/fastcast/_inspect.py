@@ -1,0 +1,209 @@
+"""``fastcast.inspect``: what a model folder holds, read-only, headers only."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from fastcast import _core
+from fastcast._config import CONFIG_NAME, config_dtypes, read_config
+from fastcast._dtypes import from_torch_name, is_castable, torch_name
+from fastcast._loss import TensorLoss, describe
+from fastcast._model_dir import ModelFolder, describe_skipped, open_model
+from fastcast._plan import plan_conversion
+from fastcast._progress import ByteProgress
+from fastcast._record import STAGING_DIR, read_record
+from fastcast._units import format_bytes
+
+
+@dataclass(frozen=True)
+class DtypeCount:
+    dtype: str
+    tensors: int
+    bytes: int
+
+
+@dataclass(frozen=True)
+class WeightSetInfo:
+    prefix: str
+    """The set's name in the model (``unet/diffusion_pytorch_model``)."""
+    index: str | None
+    shards: list[str]
+    variant: str | None = None
+
+
+@dataclass(frozen=True)
+class ModelInspection:
+    """Shards, tensors, stored dtypes and what config.json claims about them."""
+
+    path: Path
+    weight_sets: list[WeightSetInfo]
+    tensors: int
+    bytes: int
+    dtypes: list[DtypeCount]
+    config_dtypes: dict[str, str] = field(default_factory=dict)
+    """Dtype claims by key: ``torch_dtype``, ``text_config.dtype`` for the top
+    config.json, ``text_encoder/config.json:torch_dtype`` for the others."""
+    warnings: list[str] = field(default_factory=list)
+    skipped: list[str] = field(default_factory=list)
+    made_by: str | None = None
+    """For a fastcast output, how it was made (from its fastcast.json)."""
+    #: With ``dtype=``: what converting to it would lose, per cast tensor.
+    predicted: list[TensorLoss] | None = None
+    predicted_dtype: str | None = None
+
+    @property
+    def float_dtype(self) -> str | None:
+        """The float dtype holding most of the float bytes, if any."""
+        floats = [d for d in self.dtypes if is_castable(d.dtype)]
+        return max(floats, key=lambda d: d.bytes).dtype if floats else None
+
+    def render(self) -> str:
+        lines = [f"{self.path}"]
+        for ws in self.weight_sets:
+            lines.append(
+                f"  {ws.prefix}: {len(ws.shards)} shard{'s' if len(ws.shards) != 1 else ''}"
+                + (f" (index {ws.index})" if ws.index else f" ({ws.shards[0]})")
+                + (f", variant {ws.variant}" if ws.variant else "")
+            )
+        lines.append(f"  {self.tensors} tensors, {format_bytes(self.bytes)}")
+        lines.append(f"  {'dtype':<12}{'tensors':>9}{'bytes':>12}{'share':>8}")
+        for d in self.dtypes:
+            share = 100 * d.bytes / self.bytes if self.bytes else 0
+            lines.append(f"  {d.dtype:<12}{d.tensors:>9}{format_bytes(d.bytes):>12}{share:>7.1f}%")
+        by_file: dict[str, list[str]] = {}
+        for key, value in self.config_dtypes.items():
+            file, colon, name = key.rpartition(":")
+            by_file.setdefault(file if colon else CONFIG_NAME, []).append(f"{name}={value}")
+        for file, claims in by_file.items():
+            lines.append(f"  {file}: {', '.join(claims)}")
+        if not by_file:
+            lines.append("  config.json: no dtype")
+        if self.made_by:
+            lines.append(f"  made by {self.made_by}")
+        lines.extend(f"  skipped: {s}" for s in self.skipped)
+        if self.predicted is not None:
+            lines.append(f"  converting to {self.predicted_dtype} would give:")
+            lines.extend(f"    {line}" for line in describe(self.predicted))
+        lines.extend(f"  warning: {w}" for w in self.warnings)
+        return "\n".join(lines)
+
+
+def claims_of(folder: ModelFolder) -> dict[str, str]:
+    """Every dtype claim of the configs beside the weights, keyed as
+    ``ModelInspection.config_dtypes`` documents."""
+    claims: dict[str, str] = {}
+    for rel in folder.configs:
+        prefix = "" if rel == CONFIG_NAME else f"{rel}:"
+        for key, value in config_dtypes(read_config(folder.root / rel)).items():
+            claims[prefix + key] = value
+    return claims
+
+
+def mismatches(folder: ModelFolder) -> list[str]:
+    """A warning per config.json whose dtype claim disagrees with the float weights
+    beside it: the "config says float32 but the weights are bf16" trap."""
+    found = []
+    for rel in folder.configs:
+        where = rel.rpartition("/")[0]
+        by_bytes: dict[str, int] = {}
+        for ws in folder.weight_sets:
+            if ws.folder == where:
+                for t in ws.tensors:
+                    if is_castable(t.dtype):
+                        by_bytes[t.dtype] = by_bytes.get(t.dtype, 0) + t.nbytes
+        if not by_bytes:
+            continue
+        stored = max(by_bytes, key=lambda d: by_bytes[d])
+        for key, claimed in config_dtypes(read_config(folder.root / rel)).items():
+            name = from_torch_name(claimed)
+            if name is not None and name != stored:
+                found.append(
+                    f"{rel} says {key}={claimed} but the float weights are stored as "
+                    f"{stored} ({torch_name(stored)}); loaders trusting the config will "
+                    "up- or down-cast them"
+                )
+    return found
+
+
+def inspect(
+    model: str | os.PathLike[str],
+    *,
+    dtype: str | None = None,
+    keep: Sequence[str] = (),
+    variant: str | None = None,
+    progress: bool | None = None,
+) -> ModelInspection:
+    """Describe a model folder (or a .safetensors file) from its headers alone.
+
+    Lists the weight sets at every depth, the stored dtypes, what each config.json
+    claims, what a conversion would skip, and warns when a config disagrees with the
+    stored float weights. With ``dtype``, also reads every tensor (read-only) and
+    predicts what converting to it would lose: overflow, underflow, NaN/inf already
+    there, max |x|.
+
+    >>> print(inspect("model/", dtype="fp16").render())  # doctest: +SKIP
+    """
+    folder = open_model(model, variant)
+    counts: dict[str, list[int]] = {}
+    for t in folder.tensors:
+        c = counts.setdefault(t.dtype, [0, 0])
+        c[0] += 1
+        c[1] += t.nbytes
+    dtypes = [DtypeCount(d, n, b) for d, (n, b) in sorted(counts.items(), key=lambda i: -i[1][1])]
+    target = _core.parse_dtype(dtype) if dtype is not None else None
+    predicted = predict_loss(folder, target, keep, progress) if target is not None else None
+    notes = list(folder.warnings) + mismatches(folder)
+    made_by = None
+    if not folder.is_file:
+        record = read_record(folder.root)
+        if record is not None:
+            made_by = (
+                f"fastcast {record.fastcast} from {record.source} ({record.dtype}"
+                + (f", keep {' '.join(record.keep)}" if record.keep else "")
+                + (f", variant {record.variant}" if record.variant else "")
+                + ")"
+            )
+        if (folder.root / STAGING_DIR).exists():
+            notes.append(
+                f"an unfinished conversion is in {STAGING_DIR}/: run the same convert "
+                "command with --resume to finish it"
+            )
+    return ModelInspection(
+        path=Path(model),
+        weight_sets=[
+            WeightSetInfo(
+                ws.key,
+                ws.index.name if ws.index else None,
+                [f.path.name for f in ws.files],
+                ws.variant,
+            )
+            for ws in folder.weight_sets
+        ],
+        tensors=len(folder.tensors),
+        bytes=sum(t.nbytes for t in folder.tensors),
+        dtypes=dtypes,
+        config_dtypes=claims_of(folder),
+        warnings=notes,
+        skipped=describe_skipped(folder.skipped),
+        made_by=made_by,
+        predicted=predicted,
+        predicted_dtype=target,
+    )
+
+
+def predict_loss(
+    folder: ModelFolder, dtype: str, keep: Sequence[str], progress: bool | None
+) -> list[TensorLoss]:
+    """Scan the inputs as a conversion to ``dtype`` would, writing nothing."""
+    plan = plan_conversion(folder, dtype, 2**62, keep)
+    sizes = {p: p.stat().st_size for p in plan.sources}
+    cast = [t for t in plan.tensors if t.is_cast]  # scan_plan reports them in plan order
+    with ByteProgress(sum(t.entry.nbytes for t in cast), "scanning", progress) as update:
+        found = _core.scan_plan(plan.to_dict(folder.root, sizes), progress=update)
+    return [
+        TensorLoss(t.label, t.entry.dtype, t.dtype, **counts)
+        for t, (_, counts) in zip(cast, found, strict=True)
+    ]

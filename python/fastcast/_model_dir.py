@@ -1,0 +1,443 @@
+"""The model folder: which files hold the weights, what is copied, what is skipped.
+
+A model is a folder, or one ``.safetensors`` file. Its *weight sets* are found at any
+depth: an index (``model.safetensors.index.json``,
+``unet/diffusion_pytorch_model.safetensors.index.json``...) with the shards it names,
+or a standalone ``.safetensors`` file. Every other file is copied, except
+
+- weights in other formats, at any depth (``.bin .pt .pth .ckpt .h5 .msgpack .ot .onnx
+  .gguf .tflite``...) and the folders that hold exports (``onnx/``, ``openvino/``,
+  ``original/``, ``coreml/``): next to the converted weights they would be stale
+  duplicates in another dtype;
+- variants (``model.fp16.safetensors``, ``model.safetensors.index.fp16.json``): an
+  output holds one set of weights, so a variant is converted (under the plain name)
+  only when chosen with ``variant=``, and skipped with a warning otherwise;
+- version control and caches (``.git/``, ``.cache/``...) and fastcast's own files.
+
+Paths named by an index must stay inside the folder, and files found in it may link
+only to somewhere inside it or, in a Hugging Face cache, to the same repository's
+``blobs/``. The path the user typed is trusted as it is: it may be a link anywhere.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from fastcast import _core
+from fastcast._config import CONFIG_NAME
+from fastcast._core import ModelFolderError
+from fastcast._hf_cache import is_blob_of
+from fastcast._record import RECORD_NAME, STAGING_DIR
+
+WEIGHTS_SUFFIX = ".safetensors"
+INDEX = re.compile(r"^(?P<prefix>.+)\.safetensors\.index(?:\.(?P<variant>[^.]+))?\.json$")
+SHARD = re.compile(r"^(?P<stem>.+)-\d{5}-of-\d{5}\.safetensors$")
+#: Weights in other formats (and their indexes): never copied, at any depth.
+OTHER_FORMAT = re.compile(
+    r"\.(bin|pt|pth|ckpt|h5|msgpack|ot|onnx|onnx_data|gguf|tflite|mlmodel|nemo)"
+    r"(\.index(\.[^.]+)?\.json)?$|\.ckpt\.",
+    re.IGNORECASE,
+)
+#: Folders of exports and original-format checkpoints: never copied, at any depth.
+EXPORT_FOLDERS = {"onnx", "openvino", "original", "coreml"}
+#: Version control, caches: never read or copied.
+NEVER_COPIED = {".git", ".hg", ".svn", ".cache", "__pycache__", ".ipynb_checkpoints"}
+#: Variant names recognised in ``X.<variant>.safetensors`` without a plain ``X`` beside
+#: it (a plain twin makes any name a variant; ``sd_xl_base_1.0.safetensors`` is not one).
+KNOWN_VARIANTS = {"fp16", "bf16", "fp32", "fp64", "fp8", "ema", "non_ema"}
+#: What a conversion leaves in its output; a source's copy is never copied.
+FASTCAST_FILES = {RECORD_NAME, STAGING_DIR}
+
+
+@dataclass(frozen=True)
+class TensorEntry:
+    """One tensor of an input file; ``offsets`` are absolute in the file."""
+
+    name: str
+    dtype: str
+    shape: tuple[int, ...]
+    file: Path
+    offsets: tuple[int, int]
+
+    @property
+    def nbytes(self) -> int:
+        return self.offsets[1] - self.offsets[0]
+
+    @property
+    def numel(self) -> int:
+        n = 1
+        for d in self.shape:
+            n *= d
+        return n
+
+
+@dataclass(frozen=True)
+class SourceFile:
+    """An input safetensors file with its validated header."""
+
+    path: Path
+    size: int
+    metadata: dict[str, str] | None
+    tensors: list[TensorEntry]
+
+
+@dataclass(frozen=True)
+class WeightSet:
+    """Files converted together into one output set (shards plus index)."""
+
+    folder: str
+    """Folder relative to the model (``""`` at the top, ``"unet"``...)."""
+    prefix: str
+    """``model``, ``diffusion_pytorch_model``, ``adapter_model``..."""
+    variant: str | None
+    """The variant the files carry (``fp16``), dropped in the output's names."""
+    index: Path | None
+    files: list[SourceFile]
+
+    @property
+    def key(self) -> str:
+        """The output's name for the set: ``unet/diffusion_pytorch_model``."""
+        return f"{self.folder}/{self.prefix}" if self.folder else self.prefix
+
+    @property
+    def tensors(self) -> list[TensorEntry]:
+        """Tensors in source order: files in name order, each in data order."""
+        return [t for f in self.files for t in f.tensors]
+
+    @property
+    def metadata(self) -> dict[str, str]:
+        merged: dict[str, str] = {}
+        for f in self.files:
+            for k, v in (f.metadata or {}).items():
+                merged.setdefault(k, v)
+        return merged
+
+
+@dataclass(frozen=True)
+class Skipped:
+    """A file or folder (``onnx/``) left out of the output, and why."""
+
+    path: str
+    reason: str
+
+
+@dataclass(frozen=True)
+class ModelFolder:
+    """What a model folder (or a lone .safetensors file) holds."""
+
+    root: Path
+    is_file: bool
+    weight_sets: list[WeightSet]
+    configs: list[str] = field(default_factory=list)
+    """config.json files (relative) beside weights: their dtype claims follow the cast."""
+    copies: list[str] = field(default_factory=list)
+    """Files (relative) copied as they are."""
+    skipped: list[Skipped] = field(default_factory=list)
+    warnings: list[str] = field(default_factory=list)
+
+    @property
+    def tensors(self) -> list[TensorEntry]:
+        return [t for s in self.weight_sets for t in s.tensors]
+
+
+def inside(root: Path, path: Path) -> bool:
+    """True when ``path``, links resolved, is inside ``root`` (links resolved too) or
+    is a blob of the Hugging Face cache repository whose snapshot ``root`` is."""
+    real_root = root.resolve()
+    real = path.resolve()
+    return real == real_root or real_root in real.parents or is_blob_of(path, root)
+
+
+def read_source(path: Path) -> SourceFile:
+    """Read and validate one safetensors file's header."""
+    if not path.is_file():
+        raise ModelFolderError(f"{path}: not a regular file")
+    header = _core.read_header(path)
+    start = header["data_start"]
+    tensors = [
+        TensorEntry(name, dtype, tuple(shape), path, (start + b, start + e))
+        for name, dtype, shape, (b, e) in header["tensors"]
+    ]
+    tensors.sort(key=lambda t: t.offsets)
+    return SourceFile(path, path.stat().st_size, header["metadata"], tensors)
+
+
+def index_shards(index: Path) -> dict[str, list[str]]:
+    """Shard file name -> tensor names, from an index, checked for hostile paths."""
+    try:
+        data = json.loads(index.read_text(encoding="utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise ModelFolderError(f"{index}: not valid JSON: {e}") from None
+    weight_map = data.get("weight_map") if isinstance(data, dict) else None
+    if not isinstance(weight_map, dict) or not all(
+        isinstance(k, str) and isinstance(v, str) for k, v in weight_map.items()
+    ):
+        raise ModelFolderError(f"{index}: has no weight_map of tensor names to file names")
+    shards: dict[str, list[str]] = {}
+    for tensor, file in weight_map.items():
+        rel = Path(file)
+        if rel.is_absolute() or ".." in rel.parts or file.strip() == "":
+            raise ModelFolderError(
+                f"{index}: tensor {tensor!r} points to {file!r}, outside the model folder"
+            )
+        shards.setdefault(file, []).append(tensor)
+    return dict(sorted(shards.items()))
+
+
+def read_indexed_set(
+    index: Path, root: Path, folder: str, prefix: str, variant: str | None
+) -> WeightSet:
+    """A weight set from an index: every shard read, index and headers cross-checked
+    both ways (a tensor the index names must be in its shard, and a tensor a shard
+    holds must be in the index: otherwise which copy loaders use is ambiguous)."""
+    shards = index_shards(index)
+    listed = {tensor for tensors in shards.values() for tensor in tensors}
+    files = []
+    for name, in_this_shard in shards.items():
+        path = index.parent / name
+        if not path.exists():
+            raise ModelFolderError(f"{index}: names shard {name!r}, which does not exist")
+        if not inside(root, path):
+            raise ModelFolderError(f"{path}: links outside the model folder {root}")
+        source = read_source(path)
+        present = {t.name for t in source.tensors}
+        missing = [t for t in in_this_shard if t not in present]
+        if missing:
+            raise ModelFolderError(
+                f"{index}: says {missing[0]!r} is in {name}, but {path} has no such tensor"
+                + (f" (and {len(missing) - 1} more)" if len(missing) > 1 else "")
+            )
+        files.append(source)
+    extra = [(t.name, f.path.name) for f in files for t in f.tensors if t.name not in listed]
+    if extra:
+        raise ModelFolderError(
+            f"{index}: does not list tensor {extra[0][0]!r}, which {extra[0][1]} holds"
+            + (f" (and {len(extra) - 1} more)" if len(extra) > 1 else "")
+        )
+    return WeightSet(folder, prefix, variant, index, files)
+
+
+def check_no_duplicates(sets: Iterable[WeightSet]) -> None:
+    """Reject a tensor held by two files of one set: which copy is right is ambiguous."""
+    for ws in sets:
+        where: dict[str, Path] = {}
+        for f in ws.files:
+            for t in f.tensors:
+                if t.name in where:
+                    raise ModelFolderError(
+                        f"{f.path}: tensor {t.name!r} is also in {where[t.name]}; "
+                        "which copy is right is ambiguous"
+                    )
+                where[t.name] = f.path
+
+
+def split_variant(stem: str, names: set[str]) -> tuple[str, str | None]:
+    """``model.fp16`` -> (``model``, ``fp16``) when that is a variant: a known variant
+    name, or any name beside the plain ``model.safetensors`` (or its index).
+
+    >>> split_variant("model.fp16", set()), split_variant("sd_xl_base_1.0", set())
+    (('model', 'fp16'), ('sd_xl_base_1.0', None))
+    """
+    prefix, dot, variant = stem.rpartition(".")
+    if not dot or not prefix or not re.fullmatch(r"[A-Za-z0-9_]+", variant):
+        return stem, None
+    plain = {f"{prefix}{WEIGHTS_SUFFIX}", f"{prefix}.safetensors.index.json"}
+    if variant in KNOWN_VARIANTS or plain & names:
+        return prefix, variant
+    return stem, None
+
+
+def join(folder: str, name: str) -> str:
+    return f"{folder}/{name}" if folder else name
+
+
+class _Scan:
+    """One walk over a model folder, sorting every entry into weights, copies, skips."""
+
+    def __init__(self, root: Path, variant: str | None) -> None:
+        self.root = root
+        self.variant = variant
+        self.sets: list[WeightSet] = []
+        self.configs: list[str] = []
+        self.copies: list[str] = []
+        self.skipped: list[Skipped] = []
+        self.warnings: list[str] = []
+        self.claimed: set[Path] = set()
+        self.seen: set[Path] = set()
+
+    def skip(self, rel: str, reason: str) -> None:
+        self.skipped.append(Skipped(rel, reason))
+
+    def folder(self, rel: str) -> None:
+        path = self.root / rel if rel else self.root
+        real = path.resolve()
+        if real in self.seen:
+            self.skip(rel + "/", "a link to a folder already read")
+            return
+        self.seen.add(real)
+        files, folders = [], []
+        for entry in sorted(path.iterdir(), key=lambda e: e.name):
+            name, child = entry.name, join(rel, entry.name)
+            if name in NEVER_COPIED or name.endswith(_core.PARTIAL_SUFFIX):
+                continue
+            if not rel and name in FASTCAST_FILES:
+                continue  # a previous conversion's record: this one writes its own
+            if entry.is_dir():
+                if not inside(self.root, entry):
+                    raise ModelFolderError(f"{entry}: links outside the model folder {self.root}")
+                if name.lower() in EXPORT_FOLDERS or name.endswith(".mlpackage"):
+                    self.skip(child + "/", "weights in another format")
+                else:
+                    folders.append(name)
+            elif entry.is_file():
+                files.append(name)
+            else:
+                self.skip(child, "not a regular file (a broken link?)")
+        self.files(rel, path, files)
+        for name in folders:
+            self.folder(join(rel, name))
+
+    def files(self, rel: str, path: Path, names: list[str]) -> None:
+        present = set(names)
+        indexes: dict[str | None, list[tuple[str, str]]] = {}
+        singles: dict[str | None, list[tuple[str, str]]] = {}
+        shards: list[tuple[str, str | None]] = []
+        for name in names:
+            if self.is_claimed(path / name):
+                continue
+            index = INDEX.match(name)
+            shard = SHARD.match(name)
+            if index:
+                indexes.setdefault(index["variant"], []).append((name, index["prefix"]))
+            elif shard:
+                shards.append((name, split_variant(shard["stem"], present)[1]))
+            elif name.endswith(WEIGHTS_SUFFIX):
+                prefix, variant = split_variant(name[: -len(WEIGHTS_SUFFIX)], present)
+                singles.setdefault(variant, []).append((name, prefix))
+            elif OTHER_FORMAT.search(name):
+                self.skip(join(rel, name), "weights in another format")
+            elif name != CONFIG_NAME:
+                self.check_inside(path / name)
+                self.copies.append(join(rel, name))
+        chosen = self.choose_variant(rel, set(indexes) | set(singles) | {v for _, v in shards})
+        for variant, found in indexes.items():
+            for name, prefix in found:
+                if variant == chosen:
+                    ws = read_indexed_set(path / name, self.root, rel, prefix, variant)
+                    self.sets.append(ws)
+                    self.claimed.update(f.path.absolute() for f in ws.files)
+                else:
+                    self.skip_variant(rel, name, variant)
+        for variant, found in singles.items():
+            for name, prefix in found:
+                if variant != chosen:
+                    self.skip_variant(rel, name, variant)
+                elif not self.is_claimed(path / name):
+                    self.check_inside(path / name)
+                    source = read_source(path / name)
+                    self.sets.append(WeightSet(rel, prefix, variant, None, [source]))
+        for name, variant in shards:
+            if self.is_claimed(path / name):
+                continue
+            if variant != chosen:
+                self.skip_variant(rel, name, variant)
+            else:
+                self.skip(join(rel, name), "a shard no index names")
+                self.warnings.append(
+                    f"{join(rel, name)} looks like a shard but no index names it; not converted"
+                )
+        if CONFIG_NAME in present:
+            config = join(rel, CONFIG_NAME)
+            self.check_inside(path / CONFIG_NAME)
+            has_weights = any(ws.folder == rel for ws in self.sets)
+            (self.configs if has_weights else self.copies).append(config)
+
+    def choose_variant(self, rel: str, found: set[str | None]) -> str | None:
+        """The variant this folder's weights are read from: the one asked for if the
+        folder has it, else the plain weights. A folder with only variants (and none
+        asked for) is an error rather than a silently weightless output."""
+        if self.variant in found:
+            return self.variant
+        if None in found or not found:
+            return None
+        variants = ", ".join(sorted(v for v in found if v))
+        where = f"{self.root / rel}" if rel else f"{self.root}"
+        raise ModelFolderError(
+            f"{where}: holds only variant weights ({variants}); choose one with "
+            f"--variant {min(v for v in found if v)}"
+        )
+
+    def skip_variant(self, rel: str, name: str, variant: str | None) -> None:
+        path = join(rel, name)
+        if variant is None:
+            self.skip(path, f"plain weights (variant {self.variant} chosen)")
+            return
+        self.skip(path, f"variant {variant}")
+        warning = f"variant {variant} not converted (convert it instead with --variant {variant})"
+        if warning not in self.warnings:
+            self.warnings.append(warning)
+
+    def is_claimed(self, path: Path) -> bool:
+        return path.absolute() in self.claimed
+
+    def check_inside(self, path: Path) -> None:
+        if not inside(self.root, path):
+            raise ModelFolderError(f"{path}: links outside the model folder {self.root}")
+
+
+def open_model(path: str | os.PathLike[str], variant: str | None = None) -> ModelFolder:
+    """Find the weights, configs and other files of a model folder or a lone file.
+
+    ``variant`` (``"fp16"``) converts ``X.fp16.safetensors`` files instead of the
+    plain ones, in every folder that has them. Raises ModelFolderError (a
+    FastcastError) naming the file and the problem.
+
+    >>> open_model("tiny-sd/").weight_sets[0].key  # doctest: +SKIP
+    'text_encoder/model'
+    """
+    p = Path(path)
+    if not p.exists():
+        raise ModelFolderError(f"{p}: no such file or folder")
+    if p.is_file():
+        if not p.name.endswith(WEIGHTS_SUFFIX):
+            raise ModelFolderError(f"{p}: not a .safetensors file or a model folder")
+        siblings = {e.name for e in p.parent.iterdir()} if p.parent.is_dir() else set()
+        prefix, found = split_variant(p.name[: -len(WEIGHTS_SUFFIX)], siblings)
+        source = read_source(p)  # the user named it: no containment check
+        return ModelFolder(p.parent, True, [WeightSet("", prefix, found, None, [source])])
+    scan = _Scan(p, variant)
+    scan.folder("")
+    if not scan.sets:
+        hint = ""
+        if any(s.reason == "weights in another format" for s in scan.skipped):
+            hint = " (.bin/.pt/.pth files are pickles; fastcast reads safetensors)"
+        if (p / STAGING_DIR).is_dir():
+            hint = (
+                f" (an unfinished conversion is in {STAGING_DIR}/: run the same convert "
+                "command with --resume to finish it)"
+            )
+        raise ModelFolderError(f"{p}: no .safetensors weights found{hint}")
+    if variant is not None and not any(ws.variant == variant for ws in scan.sets):
+        raise ModelFolderError(f"{p}: has no weights of variant {variant!r}")
+    check_no_duplicates(scan.sets)
+    return ModelFolder(p, False, scan.sets, scan.configs, scan.copies, scan.skipped, scan.warnings)
+
+
+def describe_skipped(skipped: list[Skipped], shown: int = 6) -> list[str]:
+    """``onnx/, original/, pytorch_model.bin (weights in another format)``, one line per
+    reason, naming a few files each."""
+    by_reason: dict[str, list[str]] = {}
+    for s in skipped:
+        by_reason.setdefault(s.reason, []).append(s.path)
+    lines = []
+    for reason, paths in by_reason.items():
+        names = ", ".join(paths[:shown]) + (
+            f" and {len(paths) - shown} more" if len(paths) > shown else ""
+        )
+        lines.append(f"{names} ({reason})")
+    return lines
