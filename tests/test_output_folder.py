@@ -64,6 +64,10 @@ def test_one_run_at_a_time(tmp_path):
         fcntl.flock(held.fileno(), fcntl.LOCK_EX)
         with pytest.raises(fastcast.OutputExistsError, match="another fastcast run"):
             fastcast.convert(layout.model, "fp16", output=out, resume=True, progress=False)
+        staged = tree(out)
+        with pytest.raises(fastcast.OutputExistsError, match="another fastcast run"):
+            fastcast.convert(layout.model, "bf16", output=out, overwrite=True, progress=False)
+        assert tree(out) == staged, "the running conversion's staging folder is left alone"
     report = fastcast.convert(layout.model, "fp16", output=out, resume=True, progress=False)
     assert len(report.reused) == len(report.shards)
 

@@ -278,7 +278,9 @@ def commit_order(plan: ConversionPlan, folder: ModelFolder, configs: list[Config
 # --- stage and check -------------------------------------------------------------------
 
 
-def reusable_shards(run: Run, plan: ConversionPlan, staged: _core.Plan) -> dict[str, Any]:
+def reusable_shards(
+    run: Run, plan: ConversionPlan, staged: _core.Plan
+) -> dict[str, _core.ShardRecord]:
     """Shards an interrupted run finished that are still right: in the journal and
     staged with the journaled size and digest (checked, not trusted). Mid-commit, every
     shard was finished and checked already; some are in place."""
@@ -302,7 +304,7 @@ def reusable_shards(run: Run, plan: ConversionPlan, staged: _core.Plan) -> dict[
     return reused
 
 
-def shard_losses(plan: ConversionPlan, records: dict[str, Any]) -> list[TensorLoss]:
+def shard_losses(plan: ConversionPlan, records: dict[str, _core.ShardRecord]) -> list[TensorLoss]:
     """Loss counts of every cast tensor, in plan order, matched within each shard (a
     tensor name is unique in a shard, not across a pipeline's components)."""
     losses = []
@@ -443,11 +445,9 @@ def convert(
         return already_done(run, folder, source, target, strict, notes)
     notes += folder.warnings
     sizes = {p: p.stat().st_size for p in plan.sources}
-    reused = (
-        reusable_shards(run, plan, plan.to_dict(run.staging, sizes))
-        if (run.mode == "resume")
-        else {}
-    )
+    reused: dict[str, _core.ShardRecord] = {}
+    if run.mode == "resume":
+        reused = reusable_shards(run, plan, plan.to_dict(run.staging, sizes))
     todo = [s.name for s in plan.shards if s.name not in reused]
     if run.manifest.phase == "staging":
         need = (
@@ -462,34 +462,65 @@ def convert(
 
     with run:
         stats = None
-        if run.manifest.phase == "staging":
-            # stage: the other files, then the shards
+        staging = run.manifest.phase == "staging"  # else a kill mid-commit: just finish it
+        if staging:
             for rel in folder.copies:
                 run.copy(rel, folder.root / rel)
             stats = run_executor(plan, run, todo, n_threads, chunk, fp8_overflow, progress, sizes)
         # check: every shard's loss counts, journaled ones for reused shards
-        losses = shard_losses(
-            plan, {**reused, **{r.name: r for r in stats.shards}} if stats else reused
-        )
+        written = {r.name: r for r in stats.shards} if stats else {}
+        losses = shard_losses(plan, {**reused, **written})
         if strict:
             refuse_overflow(
                 overflowed(losses),
                 " (including shards reused from the interrupted run)" if reused else "",
             )
-        # commit
-        if run.manifest.phase == "staging":
-            for fix in configs:
-                if fix.text is None:
-                    run.copy(fix.rel, folder.root / fix.rel)
-                else:
-                    run.write_text(fix.rel, fix.text)
-            for sp in plan.sets:
-                if sp.index_name:
-                    run.write_text(sp.index_name, sp.index_json())
+        if staging:
             record = make_record(run, source, plan, keep, variant, fp8_overflow, stamp, losses)
-            run.write_text(RECORD_NAME, record.to_json())
+            stage_metadata(run, folder, plan, configs, record)
         run.commit()
+    return finish_report(
+        source, out, plan, folder, configs, stats, reused, losses, notes + risks, started,
+        report, fsync,
+    )  # fmt: skip
 
+
+def stage_metadata(
+    run: Run,
+    folder: ModelFolder,
+    plan: ConversionPlan,
+    configs: list[ConfigFix],
+    record: OutputRecord,
+) -> None:
+    """Stage what describes the weights: config.json files, indexes, the record."""
+    for fix in configs:
+        if fix.text is None:
+            run.copy(fix.rel, folder.root / fix.rel)
+        else:
+            run.write_text(fix.rel, fix.text)
+    for sp in plan.sets:
+        if sp.index_name:
+            run.write_text(sp.index_name, sp.index_json())
+    run.write_text(RECORD_NAME, record.to_json())
+
+
+def finish_report(
+    source: Path,
+    out: Path,
+    plan: ConversionPlan,
+    folder: ModelFolder,
+    configs: list[ConfigFix],
+    stats: _core.ExecStats | None,
+    reused: dict[str, _core.ShardRecord],
+    losses: list[TensorLoss],
+    notes: list[str],
+    started: float,
+    report: str | os.PathLike[str] | None,
+    fsync: bool,
+) -> ConversionReport:
+    """The report of a committed conversion; warns if values overflowed; writes
+    ``--report``."""
+    target = plan.dtype
     kept = [
         t.entry.name
         for t in plan.tensors
@@ -519,14 +550,14 @@ def convert(
         kept=kept,
         reused=sorted(reused),
         loss=losses,
-        warnings=notes + risks,
+        warnings=notes,
     )
     if result.overflowed:
         warnings.warn(
             f"{result.overflowed} value(s) overflowed converting to {target}; see the loss "
             "report (--strict refuses instead)",
             OverflowWarning,
-            stacklevel=2,
+            stacklevel=3,  # the caller of convert()
         )
     if report is not None:
         write_report(Path(report), result, fsync)

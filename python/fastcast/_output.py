@@ -128,6 +128,7 @@ class Run:
         self.fsync = True
         self._lock: IO[bytes] | None = None
         self._began = False
+        self._made_staging = False
 
     # --- stage -------------------------------------------------------------------
 
@@ -138,19 +139,28 @@ class Run:
             self._take_lock()
             for partial in self.staging.rglob(f"*{_core.PARTIAL_SUFFIX}"):
                 partial.unlink()
-        else:
+            self._began = True
+            return self
+        making = self.out / STAGING_PARTIAL
+        try:
             missing = [p for p in (self.out, *self.out.parents) if not p.exists()]
             for folder in reversed(missing):
                 folder.mkdir()
                 self.manifest.created.append(str(folder.absolute()))
             if self.staging.exists():  # an interrupted run's, replaced (--overwrite)
+                self._take_lock()  # refused while that run is still writing
                 shutil.rmtree(self.staging)
-            making = self.out / STAGING_PARTIAL
+                self._release_lock()
             shutil.rmtree(making, ignore_errors=True)  # one a kill left half made
             making.mkdir()
             (making / MANIFEST_NAME).write_text(self._manifest_json(), encoding="utf-8")
             os.replace(making, self.staging)
+            self._made_staging = True
             self._take_lock()
+        except BaseException:
+            shutil.rmtree(making, ignore_errors=True)
+            self.undo()
+            raise
         self._began = True
         return self
 
@@ -247,7 +257,7 @@ class Run:
         """Remove exactly what this run created: its staging folder, then the folders
         it made for the output, innermost first, if they are still empty."""
         self._release_lock()
-        if self.mode != "resume":
+        if self._made_staging:
             shutil.rmtree(self.staging, ignore_errors=True)
         for folder in reversed([Path(p) for p in self.manifest.created]):
             try:
