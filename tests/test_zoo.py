@@ -228,3 +228,5 @@ def test_a_project_folder_is_never_touched(tmp_path, extra):
         assert ".git/" in line and "src/" in line and "notes.md" in line
     assert tree(target.model) == before
     refused(cli("inspect", target.model), "no .safetensors weights")
+    refused(cli("verify", target.model), "pass --against")
+    assert tree(target.model) == before
