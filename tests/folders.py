@@ -40,7 +40,8 @@ def save_folder(st, folder: Path, state: dict, shards: int = 1, prefix: str = "m
         "hidden_size": 64,
         "torch_dtype": "float32",
         "text_config": {"model_type": "tiny_text", "dtype": "float32", "vocab_size": 32},
-        "quantization_config": {"dtype": "int4"},
+        # A nested dict that is not a sub-config: its "dtype" is not the model's.
+        "rope_scaling": {"type": "linear", "factor": 2.0, "dtype": "int4"},
         "z_last": 1,
     }
     (folder / "config.json").write_text(json.dumps(config, indent=2))

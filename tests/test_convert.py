@@ -62,7 +62,7 @@ def test_convert_casts_floats_copies_the_rest_and_fixes_config(tmp_path, torch, 
         "hidden_size",
         "torch_dtype",
         "text_config",
-        "quantization_config",
+        "rope_scaling",
         "z_last",
     ]
     assert config["torch_dtype"] == "bfloat16"
@@ -71,7 +71,7 @@ def test_convert_casts_floats_copies_the_rest_and_fixes_config(tmp_path, torch, 
         "dtype": "bfloat16",
         "vocab_size": 32,
     }
-    assert config["quantization_config"] == {"dtype": "int4"}
+    assert config["rope_scaling"] == {"type": "linear", "factor": 2.0, "dtype": "int4"}
     assert (out / "tokenizer.json").read_bytes() == (src / "tokenizer.json").read_bytes()
     assert (out / "1_Pooling" / "config.json").exists()
     assert report.config["config.json"]["torch_dtype"] == ("float32", "bfloat16")

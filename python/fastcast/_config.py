@@ -74,6 +74,16 @@ def retype_config(config: dict[str, Any], torch_name: str, top: bool = True) -> 
     return out
 
 
+def without_quantization(config: dict[str, Any]) -> dict[str, Any]:
+    """``config`` without ``quantization_config``, at the top or in a sub-config: a
+    dequantized model is a plain one, and loaders would treat it as quantized."""
+    return {
+        key: without_quantization(value) if isinstance(value, dict) else value
+        for key, value in config.items()
+        if key != "quantization_config"
+    }
+
+
 def to_json(config: dict[str, Any]) -> str:
     """config.json as transformers writes it: 2-space indent, key order kept."""
     return json.dumps(config, indent=2, ensure_ascii=False) + "\n"

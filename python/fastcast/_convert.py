@@ -32,8 +32,20 @@ from pathlib import Path
 from typing import Any, Literal
 
 from fastcast import _core
-from fastcast._config import config_dtypes, read_config, retype_config, to_json
-from fastcast._core import InsufficientSpaceError, LossError, ModelFolderError, OutputExistsError
+from fastcast._config import (
+    config_dtypes,
+    read_config,
+    retype_config,
+    to_json,
+    without_quantization,
+)
+from fastcast._core import (
+    InsufficientSpaceError,
+    LossError,
+    ModelFolderError,
+    OutputExistsError,
+    QuantizedModelError,
+)
 from fastcast._dtypes import SHORT_NAMES, is_castable, short_name, torch_name
 from fastcast._hf_cache import cache_snapshot
 from fastcast._loss import OverflowWarning, RangeRiskWarning, TensorLoss, describe, narrowing_risks
@@ -41,6 +53,15 @@ from fastcast._model_dir import ModelFolder, describe_skipped, open_model
 from fastcast._output import Run, prepare
 from fastcast._plan import ConversionPlan, plan_conversion
 from fastcast._progress import ByteProgress
+from fastcast._quant import (
+    Quantization,
+    check_dequantize,
+    check_keep,
+    detect,
+    fp8_weights,
+    refusal,
+    roles,
+)
 from fastcast._record import RECORD_NAME, OutputRecord
 from fastcast._units import format_bytes, parse_size
 
@@ -62,6 +83,7 @@ class ConversionReport:
     indexes: list[str]
     tensors_cast: int
     tensors_copied: int
+    tensors_dequantized: int
     bytes_read: int
     bytes_written: int
     seconds: float
@@ -97,7 +119,9 @@ class ConversionReport:
             )
         lines = [
             f"converted {self.source} -> {self.output} ({self.dtype})",
-            f"  tensors: {self.tensors_cast} cast, {self.tensors_copied} copied as they were"
+            f"  tensors: {self.tensors_cast} cast, "
+            + (f"{self.tensors_dequantized} dequantized, " if self.tensors_dequantized else "")
+            + f"{self.tensors_copied} copied as they were"
             + (f" ({len(self.kept)} kept by --keep)" if self.kept else ""),
             f"  bytes: {format_bytes(self.bytes_read)} read, "
             f"{format_bytes(self.bytes_written)} written in {len(self.shards)} "
@@ -127,6 +151,7 @@ class ConversionReport:
             "indexes": self.indexes,
             "tensors_cast": self.tensors_cast,
             "tensors_copied": self.tensors_copied,
+            "tensors_dequantized": self.tensors_dequantized,
             "bytes_read": self.bytes_read,
             "bytes_written": self.bytes_written,
             "seconds": self.seconds,
@@ -248,17 +273,24 @@ class ConfigFix:
     changes: dict[str, tuple[str, str]]
 
 
-def fix_configs(folder: ModelFolder, target: str) -> list[ConfigFix]:
-    """Every config.json beside the weights, with its dtype claims set to the target."""
+def fix_configs(
+    folder: ModelFolder, target: str, drop_quantization: bool = False
+) -> list[ConfigFix]:
+    """Every config.json beside the weights, with its dtype claims set to the target
+    (and, for a dequantized model, without quantization_config)."""
     fixes = []
     for rel in folder.configs:
         config = read_config(folder.root / rel)
         retyped = retype_config(config, torch_name(target))
+        if drop_quantization:
+            retyped = without_quantization(retyped)
         if retyped == config:
             fixes.append(ConfigFix(rel, None, {}))
             continue
         before, after = config_dtypes(config), config_dtypes(retyped)
         changes = {k: (before.get(k, "(none)"), v) for k, v in after.items() if before.get(k) != v}
+        if drop_quantization and without_quantization(config) != config:
+            changes["quantization_config"] = ("present", "removed")
         fixes.append(ConfigFix(rel, to_json(retyped), changes))
     return fixes
 
@@ -378,6 +410,8 @@ def convert(
     shard_size: int | str = DEFAULT_SHARD_SIZE,
     keep: Sequence[str] = (),
     variant: str | None = None,
+    keep_quantized: bool = False,
+    dequantize: bool = False,
     strict: bool = False,
     overwrite: bool = False,
     resume: bool = False,
@@ -396,7 +430,13 @@ def convert(
     packed like transformers' ``save_pretrained(max_shard_size=shard_size)``;
     config.json dtypes are updated; other files are copied, except weights in other
     formats and variants (``variant="fp16"`` converts ``*.fp16.safetensors`` instead,
-    under the plain names). The output defaults to ``<model>-<dtype>`` beside the input
+    under the plain names). A quantized model (``quantization_config``, or
+    quantization tensors) is refused (``QuantizedModelError``) unless
+    ``keep_quantized``, which casts only what is not quantization state and keeps the
+    quantization byte for byte, or ``dequantize``, which writes a plain model: fp8
+    weights times their scales, multiplied in fp32 and rounded once to ``dtype``
+    (bf16, fp16 or fp32), the scales left out, ``quantization_config`` removed.
+    The output defaults to ``<model>-<dtype>`` beside the input
     (``./<repo>-<dtype>`` for a Hugging Face cache snapshot) and records how it was
     made in ``fastcast.json``. Nothing appears in it until the whole conversion
     succeeded. It must be new or empty unless ``overwrite`` (which replaces only a
@@ -418,14 +458,28 @@ def convert(
         raise ValueError(f"threads must be at least 1, not {threads}")
     chunk = chunk_bytes_for(max_memory, n_threads)
     keep = list(keep)
+    if keep_quantized and dequantize:
+        raise ValueError("keep_quantized and dequantize exclude each other: keep or dequantize")
 
     # prepare: nothing is written
     source = Path(model)
     folder = open_model(source, variant)
     out = Path(output) if output is not None else default_output(folder, source, target)
     check_not_inside(out, folder, source)
-    plan = plan_conversion(folder, target, limit, keep)
-    configs = fix_configs(folder, target)
+    quant = detect(folder)
+    dequantized = None
+    if quant is not None and dequantize:
+        check_dequantize(folder, quant, target)
+        found = fp8_weights(folder, quant, roles(folder))
+        dequantized = {key: (w.scale, w.block) for key, w in found.items()}
+    elif quant is not None:
+        if not keep_quantized:
+            raise QuantizedModelError(refusal(folder, quant, target))
+        check_keep(folder, quant, target)
+    plan = plan_conversion(
+        folder, target, limit, keep, quantized=quant is not None, dequantize=dequantized
+    )
+    configs = fix_configs(folder, target, drop_quantization=dequantized is not None)
     stamp = fingerprint(folder, plan, fp8_overflow)
     run = prepare(
         out,
@@ -436,6 +490,9 @@ def convert(
     )
     run.fsync = fsync
     notes = []
+    if (keep_quantized or dequantize) and quant is None:
+        flag = "--keep-quantized" if keep_quantized else "--dequantize"
+        notes.append(f"the model is not quantized: {flag} changed nothing")
     if cache_snapshot(out) is not None:
         notes.append(
             f"{out} is inside a Hugging Face cache, which lists it as a revision and may "
@@ -476,7 +533,10 @@ def convert(
                 " (including shards reused from the interrupted run)" if reused else "",
             )
         if staging:
-            record = make_record(run, source, plan, keep, variant, fp8_overflow, stamp, losses)
+            mode = "dequantize" if dequantized is not None else "keep"
+            record = make_record(
+                run, source, plan, keep, variant, fp8_overflow, stamp, losses, quant, mode
+            )
             stage_metadata(run, folder, plan, configs, record)
         run.commit()
     return finish_report(
@@ -538,8 +598,9 @@ def finish_report(
         dtype=target,
         shards=[s.name for s in plan.shards],
         indexes=[sp.index_name for sp in plan.sets if sp.index_name],
-        tensors_cast=sum(1 for t in plan.tensors if t.is_cast),
+        tensors_cast=sum(1 for t in plan.tensors if t.is_cast and t.scaled is None),
         tensors_copied=sum(1 for t in plan.tensors if not t.is_cast),
+        tensors_dequantized=sum(1 for t in plan.tensors if t.scaled is not None),
         bytes_read=stats.bytes_read if stats else 0,
         bytes_written=stats.bytes_written if stats else 0,
         seconds=time.perf_counter() - started,
@@ -573,6 +634,8 @@ def make_record(
     fp8_overflow: str,
     stamp: str,
     losses: list[TensorLoss],
+    quant: Quantization | None,
+    mode: str,
 ) -> OutputRecord:
     files = [f for f in run.manifest.files if f != RECORD_NAME]
     return OutputRecord(
@@ -588,6 +651,9 @@ def make_record(
         folders=sorted({p.as_posix() for f in files for p in Path(f).parents[:-1]}),
         overflowed=overflowed(losses),
         underflowed=sum(t.underflow for t in losses),
+        quantization=None
+        if quant is None
+        else {"method": quant.method, "scheme": quant.scheme, "mode": mode},
     )
 
 
@@ -615,6 +681,7 @@ def already_done(
         indexes=[f for f in record.files if f.endswith(".index.json")],
         tensors_cast=0,
         tensors_copied=0,
+        tensors_dequantized=0,
         bytes_read=0,
         bytes_written=0,
         seconds=0.0,

@@ -3,7 +3,7 @@
 from collections.abc import Callable, Iterable, Sequence
 from os import PathLike
 from pathlib import Path
-from typing import Any, Final, Literal, TypedDict, final, type_check_only
+from typing import Any, Final, Literal, NotRequired, TypedDict, final, type_check_only
 
 import numpy as np
 from numpy.typing import NDArray
@@ -20,6 +20,7 @@ __all__ = [
     "LossError",
     "ModelFolderError",
     "OutputExistsError",
+    "QuantizedModelError",
     "ShardRecord",
     "__version__",
     "available_kernels",
@@ -29,6 +30,7 @@ __all__ = [
     "execute_plan",
     "parse_dtype",
     "partial_path",
+    "quant_roles",
     "read_header",
     "read_journal",
     "scan_plan",
@@ -54,6 +56,9 @@ class DtypeError(FastcastError):
 
 class ModelFolderError(FastcastError):
     """A model folder that cannot be converted as it is."""
+
+class QuantizedModelError(ModelFolderError):
+    """A quantized checkpoint that a plain cast would corrupt."""
 
 class OutputExistsError(FastcastError):
     """The output folder exists and is not empty."""
@@ -113,6 +118,27 @@ class SourcePlan(TypedDict):
     size: int
 
 @type_check_only
+class OperandPlan(TypedDict):
+    """Another tensor a dequantization reads (a scale), anywhere in the inputs."""
+
+    name: str
+    #: Index into ``Plan["sources"]``.
+    source: int
+    dtype: str
+    shape: list[int]
+    #: [begin, end) in the source file, header included.
+    offsets: tuple[int, int]
+
+@type_check_only
+class DequantPlan(TypedDict):
+    """fp8 values times one scale per ``block`` (rows, columns of the 2-D weight),
+    multiplied in fp32, then rounded once to the target."""
+
+    kind: Literal["fp8_scaled"]
+    scale: OperandPlan
+    block: tuple[int, int]
+
+@type_check_only
 class TensorPlan(TypedDict):
     name: str
     shape: list[int]
@@ -124,6 +150,8 @@ class TensorPlan(TypedDict):
     src_offsets: tuple[int, int]
     #: [begin, end) in the output's data buffer.
     dst_offsets: tuple[int, int]
+    #: Set when the tensor is dequantized rather than cast.
+    dequant: NotRequired[DequantPlan]
 
 @type_check_only
 class ShardPlan(TypedDict):
@@ -193,11 +221,21 @@ class HeaderDict(TypedDict):
 def parse_dtype(name: str) -> str: ...
 def dtypes() -> list[DtypeInfo]: ...
 def target_dtypes(
-    tensors: Sequence[tuple[str, str]], target: str, keep: Sequence[str]
+    tensors: Sequence[tuple[str, str]],
+    target: str,
+    keep: Sequence[str],
+    *,
+    quantized: bool = False,
 ) -> list[str]:
     """For each (tensor name, safetensors dtype), the dtype it gets converting to
-    ``target``: its own when not a castable float or matched by a ``keep`` glob
-    (``fnmatch.fnmatchcase`` semantics), else ``target``."""
+    ``target``: its own when not a castable float, matched by a ``keep`` glob
+    (``fnmatch.fnmatchcase`` semantics) or, with ``quantized``, holding quantization
+    state (see ``quant_roles``); else ``target``."""
+
+def quant_roles(names: Sequence[str]) -> list[str]:
+    """Each tensor's role in its model's quantization, from every tensor name of the
+    model: "plain", "quantized weight", "scale", "zero point", "group index",
+    "quant state" or "pinned fp32"."""
 
 def cast_rule(src: str, dst: str) -> CastRule:
     """What casting ``src`` to ``dst`` can lose; DtypeError unless both are castable."""

@@ -9,17 +9,28 @@ from pathlib import Path
 
 from fastcast import _core
 from fastcast._config import CONFIG_NAME, config_dtypes, read_config
-from fastcast._dtypes import from_torch_name, is_castable, torch_name
+from fastcast._dtypes import from_torch_name, is_castable, short_name, torch_name
 from fastcast._loss import TensorLoss, describe
 from fastcast._model_dir import ModelFolder, describe_skipped, open_model
 from fastcast._plan import plan_conversion
 from fastcast._progress import ByteProgress
+from fastcast._quant import DEQUANTIZES, Quantization, detect, roles
 from fastcast._record import STAGING_DIR, read_record
 from fastcast._units import format_bytes
 
 
 @dataclass(frozen=True)
 class DtypeCount:
+    dtype: str
+    tensors: int
+    bytes: int
+
+
+@dataclass(frozen=True)
+class RoleCount:
+    """Tensors of one quantization role and dtype (``scale``, ``F32``)."""
+
+    role: str
     dtype: str
     tensors: int
     bytes: int
@@ -50,6 +61,10 @@ class ModelInspection:
     skipped: list[str] = field(default_factory=list)
     made_by: str | None = None
     """For a fastcast output, how it was made (from its fastcast.json)."""
+    quantization: str | None = None
+    """For a quantized model: its method, scheme and where that was found."""
+    roles: list[RoleCount] = field(default_factory=list)
+    """For a quantized model: tensors by role in the quantization, and dtype."""
     #: With ``dtype=``: what converting to it would lose, per cast tensor.
     predicted: list[TensorLoss] | None = None
     predicted_dtype: str | None = None
@@ -81,6 +96,13 @@ class ModelInspection:
             lines.append(f"  {file}: {', '.join(claims)}")
         if not by_file:
             lines.append("  config.json: no dtype")
+        if self.quantization:
+            lines.append(f"  quantized: {self.quantization}")
+            lines.append(f"  {'role':<18}{'dtype':<10}{'tensors':>9}{'bytes':>12}")
+            for r in self.roles:
+                lines.append(
+                    f"  {r.role:<18}{r.dtype:<10}{r.tensors:>9}{format_bytes(r.bytes):>12}"
+                )
         if self.made_by:
             lines.append(f"  made by {self.made_by}")
         lines.extend(f"  skipped: {s}" for s in self.skipped)
@@ -102,9 +124,11 @@ def claims_of(folder: ModelFolder) -> dict[str, str]:
     return claims
 
 
-def mismatches(folder: ModelFolder) -> list[str]:
+def mismatches(folder: ModelFolder, role_of: dict[tuple[str, str], str]) -> list[str]:
     """A warning per config.json whose dtype claim disagrees with the float weights
-    beside it: the "config says float32 but the weights are bf16" trap."""
+    beside it: the "config says float32 but the weights are bf16" trap. Only tensors
+    that are not quantization state count (an fp8 model's weights are fp8 whatever
+    its torch_dtype says, and rightly so)."""
     found = []
     for rel in folder.configs:
         where = rel.rpartition("/")[0]
@@ -112,7 +136,7 @@ def mismatches(folder: ModelFolder) -> list[str]:
         for ws in folder.weight_sets:
             if ws.folder == where:
                 for t in ws.tensors:
-                    if is_castable(t.dtype):
+                    if is_castable(t.dtype) and role_of.get((ws.key, t.name), "plain") == "plain":
                         by_bytes[t.dtype] = by_bytes.get(t.dtype, 0) + t.nbytes
         if not by_bytes:
             continue
@@ -154,8 +178,14 @@ def inspect(
         c[1] += t.nbytes
     dtypes = [DtypeCount(d, n, b) for d, (n, b) in sorted(counts.items(), key=lambda i: -i[1][1])]
     target = _core.parse_dtype(dtype) if dtype is not None else None
-    predicted = predict_loss(folder, target, keep, progress) if target is not None else None
-    notes = list(folder.warnings) + mismatches(folder)
+    quant = detect(folder)
+    role_of = roles(folder) if quant is not None else {}
+    predicted = None
+    if target is not None:
+        predicted = predict_loss(folder, target, keep, quant is not None, progress)
+    notes = list(folder.warnings) + mismatches(folder, role_of)
+    if quant is not None and target is not None:
+        notes.append(would_do(quant, role_of, target))
     made_by = None
     if not folder.is_file:
         record = read_record(folder.root)
@@ -164,6 +194,11 @@ def inspect(
                 f"fastcast {record.fastcast} from {record.source} ({record.dtype}"
                 + (f", keep {' '.join(record.keep)}" if record.keep else "")
                 + (f", variant {record.variant}" if record.variant else "")
+                + (
+                    f", {record.quantization['method']} quantization kept"
+                    if record.quantization
+                    else ""
+                )
                 + ")"
             )
         if (folder.root / STAGING_DIR).exists():
@@ -189,16 +224,60 @@ def inspect(
         warnings=notes,
         skipped=describe_skipped(folder.skipped),
         made_by=made_by,
+        quantization=quant.describe() if quant is not None else None,
+        roles=role_counts(folder, role_of),
         predicted=predicted,
         predicted_dtype=target,
     )
 
 
+def role_counts(folder: ModelFolder, role_of: dict[tuple[str, str], str]) -> list[RoleCount]:
+    """Tensors and bytes per (role, dtype), state roles first."""
+    counts: dict[tuple[str, str], list[int]] = {}
+    for ws in folder.weight_sets:
+        for t in ws.tensors:
+            role = role_of.get((ws.key, t.name))
+            if role is not None:
+                c = counts.setdefault((role, t.dtype), [0, 0])
+                c[0] += 1
+                c[1] += t.nbytes
+    order = {"quantized weight": 0, "scale": 1, "zero point": 2, "group index": 3}
+    return [
+        RoleCount(role, dt, n, b)
+        for (role, dt), (n, b) in sorted(
+            counts.items(), key=lambda kv: (order.get(kv[0][0], 4 if kv[0][0] != "plain" else 5),
+                                            kv[0])
+        )
+    ]  # fmt: skip
+
+
+def would_do(quant: Quantization, role_of: dict[tuple[str, str], str], target: str) -> str:
+    """What ``convert --dtype target`` would do with a quantized model."""
+    state = sum(1 for role in role_of.values() if role != "plain")
+    weights = sum(1 for role in role_of.values() if role == "quantized weight")
+    return (
+        f"convert --dtype {short_name(target)} refuses this model ({quant.method}); with "
+        f"--keep-quantized it casts only the {len(role_of) - state} tensors that are not "
+        f"quantization state and keeps the other {state} byte for byte (the prediction "
+        "above is for that)"
+        + (
+            f"; with --dequantize it writes a plain model, its {weights} quantized weights "
+            "times their scales"
+            if quant.method in DEQUANTIZES
+            else ""
+        )
+    )
+
+
 def predict_loss(
-    folder: ModelFolder, dtype: str, keep: Sequence[str], progress: bool | None
+    folder: ModelFolder,
+    dtype: str,
+    keep: Sequence[str],
+    quantized: bool,
+    progress: bool | None,
 ) -> list[TensorLoss]:
     """Scan the inputs as a conversion to ``dtype`` would, writing nothing."""
-    plan = plan_conversion(folder, dtype, 2**62, keep)
+    plan = plan_conversion(folder, dtype, 2**62, keep, quantized)
     sizes = {p: p.stat().st_size for p in plan.sources}
     cast = [t for t in plan.tensors if t.is_cast]  # scan_plan reports them in plan order
     with ByteProgress(sum(t.entry.nbytes for t in cast), "scanning", progress) as update:

@@ -15,7 +15,7 @@ dtype), so that convert, inspect and verify cannot disagree about it.
 from __future__ import annotations
 
 import json
-from collections.abc import Collection, Sequence
+from collections.abc import Collection, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Protocol, TypeVar
@@ -23,6 +23,15 @@ from typing import Any, Protocol, TypeVar
 from fastcast import _core
 from fastcast._dtypes import element_size
 from fastcast._model_dir import ModelFolder, TensorEntry, WeightSet, join
+
+
+@dataclass(frozen=True)
+class Scaled:
+    """How a dequantized tensor's values come back: its fp8 values times ``scale``,
+    one scale per ``block`` (rows x columns of the weight seen as 2-D)."""
+
+    scale: TensorEntry
+    block: tuple[int, int]
 
 
 @dataclass
@@ -36,6 +45,8 @@ class PlannedTensor:
     label: str = ""
     """The name reports use: the tensor's, after its set's folder if it has one
     (``2_Dense/linear.weight``): names repeat across a pipeline's components."""
+    scaled: Scaled | None = None
+    """Set when the tensor is dequantized rather than cast."""
 
     @property
     def is_cast(self) -> bool:
@@ -116,18 +127,7 @@ class ConversionPlan:
                     "name": shard.name,
                     "path": str(folder / shard.name),
                     "metadata": list(shard.metadata.items()),
-                    "tensors": [
-                        {
-                            "name": t.entry.name,
-                            "shape": list(t.entry.shape),
-                            "source": source_ids[t.entry.file],
-                            "src_dtype": t.entry.dtype,
-                            "dst_dtype": t.dtype,
-                            "src_offsets": t.entry.offsets,
-                            "dst_offsets": t.offsets,
-                        }
-                        for t in shard.tensors
-                    ],
+                    "tensors": [tensor_dict(t, source_ids) for t in shard.tensors],
                 }
                 for shard in self.shards
                 if only is None or shard.name in only
@@ -135,10 +135,42 @@ class ConversionPlan:
         }
 
 
-def target_dtypes(tensors: Sequence[TensorEntry], dtype: str, keep: Sequence[str]) -> list[str]:
+def tensor_dict(t: PlannedTensor, source_ids: dict[Path, int]) -> _core.TensorPlan:
+    """One tensor of the plan as the executor reads it."""
+    out: _core.TensorPlan = {
+        "name": t.entry.name,
+        "shape": list(t.entry.shape),
+        "source": source_ids[t.entry.file],
+        "src_dtype": t.entry.dtype,
+        "dst_dtype": t.dtype,
+        "src_offsets": t.entry.offsets,
+        "dst_offsets": t.offsets,
+    }
+    if t.scaled is not None:
+        scale = t.scaled.scale
+        out["dequant"] = {
+            "kind": "fp8_scaled",
+            "scale": {
+                "name": scale.name,
+                "source": source_ids[scale.file],
+                "dtype": scale.dtype,
+                "shape": list(scale.shape),
+                "offsets": scale.offsets,
+            },
+            "block": t.scaled.block,
+        }
+    return out
+
+
+def target_dtypes(
+    tensors: Sequence[TensorEntry], dtype: str, keep: Sequence[str], quantized: bool = False
+) -> list[str]:
     """What each tensor becomes: the core's rule (floats to ``dtype`` unless a ``keep``
-    glob matches their name; integers, bool and packed formats never change)."""
-    return _core.target_dtypes([(t.name, t.dtype) for t in tensors], dtype, list(keep))
+    glob matches their name or, with ``quantized``, they hold quantization state;
+    integers, bool and packed formats never change)."""
+    return _core.target_dtypes(
+        [(t.name, t.dtype) for t in tensors], dtype, list(keep), quantized=quantized
+    )
 
 
 def output_nbytes(entry: TensorEntry, dtype: str) -> int:
@@ -198,13 +230,33 @@ def shard_names(prefix: str, count: int) -> list[str]:
     return [f"{prefix}-{i:05d}-of-{count:05d}.safetensors" for i in range(1, count + 1)]
 
 
-def plan_set(ws: WeightSet, dtype: str, shard_size: int, keep: Sequence[str] = ()) -> SetPlan:
-    """One weight set's output, named after the set without its variant."""
+def plan_set(
+    ws: WeightSet,
+    dtype: str,
+    shard_size: int,
+    keep: Sequence[str] = (),
+    quantized: bool = False,
+    dequantize: Mapping[str, tuple[str, tuple[int, int]]] | None = None,
+) -> SetPlan:
+    """One weight set's output, named after the set without its variant.
+
+    ``dequantize`` maps each quantized weight to (its scale tensor, block): those are
+    written dequantized to ``dtype``, and every other quantization-state tensor is
+    left out (the output is a plain model)."""
     entries = ws.tensors
-    planned = [
-        PlannedTensor(entry, to, output_nbytes(entry, to), label=join(ws.folder, entry.name))
-        for entry, to in zip(entries, target_dtypes(entries, dtype, keep), strict=True)
-    ]
+    by_name = {t.name: t for t in entries}
+    roles = _core.quant_roles(list(by_name)) if dequantize is not None else []
+    planned = []
+    targets = target_dtypes(entries, dtype, keep, quantized or dequantize is not None)
+    for i, (entry, to) in enumerate(zip(entries, targets, strict=True)):
+        label = join(ws.folder, entry.name)
+        if dequantize is not None and entry.name in dequantize:
+            scale, block = dequantize[entry.name]
+            scaled = Scaled(by_name[scale], block)
+            nbytes = entry.numel * element_size(dtype)
+            planned.append(PlannedTensor(entry, dtype, nbytes, label=label, scaled=scaled))
+        elif dequantize is None or roles[i] in ("plain", "pinned fp32"):
+            planned.append(PlannedTensor(entry, to, output_nbytes(entry, to), label=label))
     groups = pack(planned, shard_size)
     # The source's metadata is kept; transformers needs a format, so one is added if absent.
     metadata = {"format": "pt", **ws.metadata}
@@ -216,13 +268,27 @@ def plan_set(ws: WeightSet, dtype: str, shard_size: int, keep: Sequence[str] = (
 
 
 def plan_conversion(
-    model: ModelFolder, dtype: str, shard_size: int, keep: Sequence[str] = ()
+    model: ModelFolder,
+    dtype: str,
+    shard_size: int,
+    keep: Sequence[str] = (),
+    quantized: bool = False,
+    dequantize: Mapping[tuple[str, str], tuple[str, tuple[int, int]]] | None = None,
 ) -> ConversionPlan:
-    """Plan the output of every weight set of ``model``.
+    """Plan the output of every weight set of ``model``; ``quantized`` leaves every
+    quantization-state tensor as it is, ``dequantize`` ((set key, weight) -> (scale,
+    block)) writes those weights dequantized and the rest of the state not at all.
 
     >>> # plan_conversion(open_model("model/"), "BF16", parse_size("5GB"), keep=["*norm*"])
     """
-    sets = [plan_set(ws, dtype, shard_size, keep) for ws in model.weight_sets]
+    sets = [
+        plan_set(
+            ws, dtype, shard_size, keep, quantized,
+            None if dequantize is None
+            else {name: how for (key, name), how in dequantize.items() if key == ws.key},
+        )
+        for ws in model.weight_sets
+    ]  # fmt: skip
     written: dict[str, str] = {}
     for sp in sets:
         for name in [s.name for s in sp.shards] + ([sp.index_name] if sp.index_name else []):

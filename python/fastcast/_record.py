@@ -43,6 +43,9 @@ class OutputRecord:
     overflowed: list[tuple[str, int]] = field(default_factory=list)
     """Tensors whose values overflowed, with counts, worst first."""
     underflowed: int = 0
+    quantization: dict[str, str] | None = None
+    """For a quantized source: its ``method`` and ``scheme``, and ``mode``: ``keep``
+    (quantization state copied as it was) or ``dequantize`` (a plain model)."""
     format: int = RECORD_FORMAT
 
     def to_json(self) -> str:

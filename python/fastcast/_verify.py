@@ -22,7 +22,7 @@ import time
 from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import ExitStack
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -31,7 +31,8 @@ from fastcast._config import config_dtypes, is_transformers_config, read_config
 from fastcast._dtypes import from_torch_name, is_castable, torch_name
 from fastcast._model_dir import ModelFolder, SourceFile, TensorEntry, WeightSet, open_model
 from fastcast._progress import ByteProgress
-from fastcast._record import RECORD_NAME, STAGING_DIR, read_record
+from fastcast._quant import Quantization, detect, fp8_weights, roles
+from fastcast._record import RECORD_NAME, STAGING_DIR, OutputRecord, read_record
 from fastcast._units import format_bytes
 
 if TYPE_CHECKING:
@@ -49,11 +50,12 @@ class TensorMismatch:
     index: tuple[int, ...]
     got: float
     want: float
+    oracle: str = "torch's cast"
 
     def describe(self) -> str:
         return (
             f"{self.name} ({self.file}): {self.count} of {self.numel} elements differ from "
-            f"torch's cast; worst at {list(self.index)}: stored {self.got!r}, "
+            f"{self.oracle}; worst at {list(self.index)}: stored {self.got!r}, "
             f"torch gives {self.want!r}"
         )
 
@@ -104,19 +106,43 @@ class Pairing:
     sets: list[tuple[WeightSet, WeightSet]]
     target: str
     keep: list[str]
+    quantization: Quantization | None = None
+    """The source's quantization (kept as it was, unless ``dequantized``)."""
+    dequantized: dict[str, dict[str, tuple[str, tuple[int, int]]]] = field(default_factory=dict)
+    """Per source set: each dequantized weight's (scale tensor, block)."""
 
-    def expected(self, tensors: Sequence[TensorEntry]) -> dict[str, str]:
-        """Tensor name -> the dtype the conversion should have stored (core's rule)."""
-        dtypes = _core.target_dtypes([(t.name, t.dtype) for t in tensors], self.target, self.keep)
-        return {t.name: d for t, d in zip(tensors, dtypes, strict=True)}
+    def expected(self, source: WeightSet) -> dict[str, str | None]:
+        """Tensor name -> the dtype the conversion should have stored (the core's
+        rule), or None for quantization state a dequantization leaves out."""
+        tensors = source.tensors
+        dtypes = _core.target_dtypes(
+            [(t.name, t.dtype) for t in tensors],
+            self.target,
+            self.keep,
+            quantized=self.quantization is not None,
+        )
+        scaled = self.dequantized.get(source.key)
+        if scaled is None:
+            return {t.name: d for t, d in zip(tensors, dtypes, strict=True)}
+        roles = _core.quant_roles([t.name for t in tensors])
+        return {
+            t.name: self.target if t.name in scaled
+            else d if role in ("plain", "pinned fp32")
+            else None
+            for t, d, role in zip(tensors, dtypes, roles, strict=True)
+        }  # fmt: skip
 
 
 def infer_dtype(out: ModelFolder) -> str:
-    """The target a conversion used: the castable dtype holding most output bytes."""
+    """The target a conversion used: the castable dtype holding most output bytes,
+    quantization state aside (an fp8 model's weights are fp8 whatever it was cast to)."""
     by_bytes: dict[str, int] = {}
-    for t in out.tensors:
-        if is_castable(t.dtype):
-            by_bytes[t.dtype] = by_bytes.get(t.dtype, 0) + t.nbytes
+    for ws in out.weight_sets:
+        tensors = ws.tensors
+        roles = _core.quant_roles([t.name for t in tensors])
+        for t, role in zip(tensors, roles, strict=True):
+            if is_castable(t.dtype) and role == "plain":
+                by_bytes[t.dtype] = by_bytes.get(t.dtype, 0) + t.nbytes
     if not by_bytes:
         raise _core.ModelFolderError(f"{out.root}: holds no float tensors to verify")
     return max(by_bytes, key=lambda d: by_bytes[d])
@@ -141,9 +167,10 @@ def check_structure(src: ModelFolder, out: ModelFolder, pairing: Pairing) -> lis
     problems: list[str] = list(out.warnings)
     for source, converted in pairing.sets:
         where = f" in {converted.key}" if len(pairing.sets) > 1 else ""
-        want = {t.name: t for t in source.tensors}
+        expected = pairing.expected(source)
+        role_of = dict(zip(expected, _core.quant_roles(list(expected)), strict=True))
+        want = {t.name: t for t in source.tensors if expected[t.name] is not None}
         have = {t.name: t for t in converted.tensors}
-        expected = pairing.expected(source.tensors)
         problems += [
             f"tensor {n!r}{where} is missing from the output" for n in want if n not in have
         ]
@@ -157,7 +184,14 @@ def check_structure(src: ModelFolder, out: ModelFolder, pairing: Pairing) -> lis
                     f"tensor {name!r} ({o.file.name}) has shape {list(o.shape)}, "
                     f"the source {list(s.shape)}"
                 )
-            if o.dtype != expected[name]:
+            if o.dtype != expected[name] and pairing.quantization and role_of[name] != "plain":
+                problems.append(
+                    f"tensor {name!r} ({o.file.name}) is quantization state ({role_of[name]}) "
+                    f"of a {pairing.quantization.method} model, stored as {o.dtype} instead of "
+                    f"{expected[name]}: a blanket cast, which breaks the model (the scales are "
+                    "not applied); convert it again with --keep-quantized"
+                )
+            elif o.dtype != expected[name]:
                 problems.append(
                     f"tensor {name!r} ({o.file.name}) is stored as {o.dtype}, "
                     f"expected {expected[name]}"
@@ -223,6 +257,18 @@ def check_files(src: ModelFolder, out: ModelFolder) -> list[str]:
 
 
 # --- values -------------------------------------------------------------------------
+
+
+def was_dequantized(out: ModelFolder, record: OutputRecord | None) -> bool:
+    """Whether a quantized source's conversion dequantized it: its record says so, or
+    (made elsewhere) the output holds no quantization state."""
+    if record is not None and record.quantization is not None:
+        return record.quantization.get("mode") == "dequantize"
+    return all(
+        role == "plain" or role == "pinned fp32"
+        for ws in out.weight_sets
+        for role in _core.quant_roles([t.name for t in ws.tensors])
+    )
 
 
 def pick_devices(device: str) -> list[str]:
@@ -312,13 +358,15 @@ def verify_values(
     """
     from safetensors import safe_open
 
-    # Each output file, with the source tensors of its set and their expected dtypes.
-    files: list[tuple[SourceFile, dict[str, TensorEntry], dict[str, str]]] = []
+    # Each output file, with its set's source tensors, their expected dtypes, and the
+    # dequantized weights' (scale, block).
+    files: list[FileJob] = []
     for source, converted in pairing.sets:
         sources = {t.name: t for t in source.tensors}
-        expected = pairing.expected(source.tensors)
-        files += [(f, sources, expected) for f in converted.files]
-    total = sum(t.nbytes for f, _, _ in files for t in f.tensors)
+        expected = pairing.expected(source)
+        scaled = pairing.dequantized.get(source.key, {})
+        files += [(f, sources, expected, scaled) for f in converted.files]
+    total = sum(t.nbytes for f, *_ in files for t in f.tensors)
 
     lock = threading.Lock()
 
@@ -331,31 +379,42 @@ def verify_values(
         with lock:
             return max(devices, key=lambda d: torch.cuda.mem_get_info(d)[0])
 
-    def check_file(
-        job: tuple[SourceFile, dict[str, TensorEntry], dict[str, str]],
-    ) -> tuple[int, int, list[TensorMismatch]]:
-        f, sources, expected_dtypes = job
+    def check_file(job: FileJob) -> tuple[int, int, list[TensorMismatch]]:
+        f, sources, expected_dtypes, scaled = job
         device = roomiest()
         found: list[TensorMismatch] = []
         checked = nbytes = 0
         with ExitStack() as stack:
             handle = stack.enter_context(safe_open(str(f.path), framework="pt", device=device))
             opened: dict[Path, Any] = {}
+
+            def read(entry: TensorEntry) -> torch.Tensor:
+                if entry.file not in opened:
+                    opened[entry.file] = stack.enter_context(
+                        safe_open(str(entry.file), framework="pt", device=device)
+                    )
+                tensor: torch.Tensor = opened[entry.file].get_tensor(entry.name)
+                return tensor
+
             for t in f.tensors:
                 s = sources.get(t.name)
-                if s is None:
+                expected = expected_dtypes.get(t.name)
+                if s is None or expected is None:
                     continue
-                if s.file not in opened:
-                    opened[s.file] = stack.enter_context(
-                        safe_open(str(s.file), framework="pt", device=device)
-                    )
-                expected = expected_dtypes[s.name]
                 got = handle.get_tensor(t.name)
                 if got.dtype != torch_dtype(expected) or got.shape != s.shape:
                     continue  # a structural problem, reported there
-                # torch's own cast, on the same device: the independent oracle.
-                want = opened[s.file].get_tensor(s.name).to(torch_dtype(expected))
+                # torch on the same device is the independent oracle: its own cast, or the
+                # reference dequantization (fp32 product, then its own cast).
+                if t.name in scaled:
+                    scale, block = scaled[t.name]
+                    values = dequantize_reference(read(s), read(sources[scale]), block)
+                    want = values.to(torch_dtype(expected))
+                else:
+                    want = read(s).to(torch_dtype(expected))
                 mismatch = compare(t.name, f.path.name, got, want, expected)
+                if mismatch and t.name in scaled:
+                    mismatch = replace(mismatch, oracle="torch's reference dequantization")
                 if mismatch:
                     found.append(mismatch)
                 checked += 1
@@ -377,6 +436,31 @@ def verify_values(
             results = list(pool.map(check_file, files))
     mismatches = [m for r in results for m in r[2]]
     return sum(r[0] for r in results), sum(r[1] for r in results), mismatches
+
+
+#: An output file to check: its set's source tensors by name, the expected dtypes, and
+#: the dequantized weights' (scale tensor, block).
+FileJob = tuple[
+    SourceFile,
+    dict[str, TensorEntry],
+    dict[str, str | None],
+    dict[str, tuple[str, tuple[int, int]]],
+]
+
+
+def dequantize_reference(
+    q: torch.Tensor, scale: torch.Tensor, block: tuple[int, int]
+) -> torch.Tensor:
+    """The reference math of fp8 dequantization, in torch: each fp8 value as fp32
+    times its block's scale as fp32 (an fp32 product, as DeepSeek's ``weight_dequant``
+    and compressed-tensors compute it), the weight seen as 2-D with partial edge
+    blocks cut to the weight."""
+    cols = q.shape[-1] if q.dim() else 1
+    rows = q.numel() // cols if cols else 0
+    br, bc = block
+    grid = scale.float().reshape(-(-rows // br), -(-cols // bc))
+    full = grid.repeat_interleave(br, 0)[:rows].repeat_interleave(bc, 1)[:, :cols]
+    return (q.float().reshape(rows, cols) * full).reshape(q.shape)
 
 
 def torch_dtype(name: str) -> torch.dtype:
@@ -470,7 +554,12 @@ def verify(
     label = ", ".join(devices) if devices[0] != "cpu" else f"cpu ({os.cpu_count()} threads)"
     report = VerifyReport(Path(output), Path(against), target, label)
     sets, unpaired = pair_sets(src, out)
-    pairing = Pairing(sets, target, list(keep or ()))
+    quant = detect(src)
+    dequantized: dict[str, dict[str, tuple[str, tuple[int, int]]]] = {}
+    if quant is not None and was_dequantized(out, record):
+        for (key, name), w in fp8_weights(src, quant, roles(src)).items():
+            dequantized.setdefault(key, {})[name] = (w.scale, w.block)
+    pairing = Pairing(sets, target, list(keep or ()), quant, dequantized)
     report.problems = unpaired + check_structure(src, out, pairing)
     report.tensors_checked, report.bytes_checked, report.mismatches = verify_values(
         pairing, devices, progress

@@ -92,6 +92,22 @@ def add_convert(commands: argparse._SubParsersAction[argparse.ArgumentParser]) -
         "(repeatable), e.g. --keep '*norm*' --keep '*.gate.weight'",
     )
     convert.add_argument(
+        "--keep-quantized",
+        action="store_true",
+        help="for a quantized model (fp8, bitsandbytes, GPTQ, AWQ, compressed-tensors): cast "
+        "only the tensors that are not quantization state, keep every packed weight, scale, "
+        "zero point and quant state byte for byte, and keep quantization_config (without "
+        "this, a quantized model is refused)",
+    )
+    convert.add_argument(
+        "--dequantize",
+        action="store_true",
+        help="for a quantized fp8 model (DeepSeek/FineGrained blocks, compressed-tensors, "
+        "FBGEMM, vLLM): write a plain model in DTYPE (bf16, fp16 or fp32), each weight "
+        "its fp8 values times their scales, multiplied in fp32 and rounded once; the "
+        "scales and quantization_config are left out",
+    )
+    convert.add_argument(
         "--strict",
         action="store_true",
         help="refuse to write anything if any value overflows (default: convert and warn)",
@@ -211,6 +227,8 @@ def run_convert(args: argparse.Namespace) -> int:
         shard_size=args.shard_size,
         keep=args.keep,
         variant=args.variant,
+        keep_quantized=args.keep_quantized,
+        dequantize=args.dequantize,
         strict=args.strict,
         report=args.report,
         overwrite=args.overwrite,

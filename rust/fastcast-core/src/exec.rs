@@ -19,6 +19,7 @@ use serde::Deserialize;
 use xxhash_rust::xxh3::xxh3_64;
 
 use crate::cast::{self, CastOptions};
+use crate::dequant::{Dequant, Fp8Scales, Operand};
 use crate::dtype::DType;
 use crate::error::{Error, Result};
 use crate::header::{Header, TensorInfo};
@@ -90,6 +91,10 @@ pub struct TensorPlan {
     pub src_offsets: (u64, u64),
     /// `[begin, end)` in the output's data buffer.
     pub dst_offsets: (u64, u64),
+    /// When the source is quantized: how to reconstruct its values, which
+    /// are then rounded once to `dst_dtype`.
+    #[serde(default)]
+    pub dequant: Option<Dequant>,
 }
 
 /// How a plan runs.
@@ -152,13 +157,31 @@ struct Job<'a> {
     src: &'a [u8],
     /// Offset of the tensor's first byte in the output file.
     dst_start: u64,
-    /// Loss thresholds, for tensors that are cast.
+    /// Loss thresholds, for tensors that are cast (for dequantized ones, of
+    /// the f32 values to the target).
     rule: Option<LossRule>,
+    /// For a quantized source: its decoded scales.
+    dequant: Option<Fp8Scales>,
     /// Loss counts gathered chunk by chunk.
     stats: Mutex<LossStats>,
 }
 
 impl Job<'_> {
+    /// The source bytes of chunk `c`.
+    fn src_of(&self, c: &Chunk) -> &[u8] {
+        &self.src[span(self.from, c.begin) as usize..span(self.from, c.end) as usize]
+    }
+
+    /// Bytes per element of the values the target is rounded from: the
+    /// source's, or f32 for a dequantized tensor.
+    fn value_size(&self) -> usize {
+        if self.dequant.is_some() {
+            4
+        } else {
+            self.from.size()
+        }
+    }
+
     /// Add the loss of casting `src` (a chunk of this job's source) to its counts.
     fn count_loss(&self, src: &[u8]) {
         if let Some(rule) = &self.rule {
@@ -361,9 +384,11 @@ pub fn scan(plan: &Plan, progress: &Progress) -> Result<Vec<(String, LossStats)>
                     return Err(Error::Cancelled);
                 }
                 let job = &jobs[c.job];
-                let src =
-                    &job.src[span(job.from, c.begin) as usize..span(job.from, c.end) as usize];
-                job.count_loss(src);
+                let src = job.src_of(c);
+                match &job.dequant {
+                    Some(scales) => with_values(job, scales, c, |values| job.count_loss(values)),
+                    None => job.count_loss(src),
+                }
                 release_pages(src);
                 progress
                     .bytes_done
@@ -452,6 +477,26 @@ fn check_shard<'a>(
                 t.shape
             )));
         }
+        let dequant = match &t.dequant {
+            None => None,
+            Some(Dequant::Fp8Scaled { scale, block }) => {
+                let bytes = operand_bytes(scale, plan, maps).map_err(&bad)?;
+                let scales = Fp8Scales::new(
+                    from,
+                    &t.shape,
+                    *block,
+                    scale.dtype.parse()?,
+                    &scale.shape,
+                    bytes,
+                )
+                .map_err(|e| bad(format!("tensor {:?}: {e}", t.name)))?;
+                Some(scales)
+            }
+        };
+        let rule = match &dequant {
+            Some(_) => Some(LossRule::new(DType::F32, to)),
+            None => (from != to).then(|| LossRule::new(from, to)),
+        };
         infos.push(TensorInfo {
             name: t.name.clone(),
             dtype: to,
@@ -464,7 +509,8 @@ fn check_shard<'a>(
             to,
             src: &map[begin as usize..end as usize],
             dst_start: 0,
-            rule: (from != to).then(|| LossRule::new(from, to)),
+            rule,
+            dequant,
             stats: Mutex::new(LossStats::default()),
         });
     }
@@ -489,6 +535,22 @@ fn check_shard<'a>(
     Ok((checked, jobs))
 }
 
+/// The bytes of operand `op` (a scale...), checked to lie in its source.
+fn operand_bytes<'a>(op: &Operand, plan: &Plan, maps: &'a [Mmap]) -> Result<&'a [u8], String> {
+    let map = maps
+        .get(op.source)
+        .ok_or_else(|| format!("operand {:?} names source {}", op.name, op.source))?;
+    let (begin, end) = op.offsets;
+    if begin > end || end > map.len() as u64 {
+        return Err(format!(
+            "operand {:?}: bytes [{begin}, {end}) are outside {}",
+            op.name,
+            plan.sources[op.source].path.display()
+        ));
+    }
+    Ok(&map[begin as usize..end as usize])
+}
+
 /// Split jobs into chunks of at most `chunk_bytes` on either side.
 fn chunks_of(jobs: &[Job], chunk_bytes: usize) -> Vec<Chunk> {
     let mut chunks = Vec::new();
@@ -499,7 +561,7 @@ fn chunks_of(jobs: &[Job], chunk_bytes: usize) -> Vec<Chunk> {
         } else {
             job.src.len() as u64 / job.from.size() as u64
         };
-        let widest = job.from.size().max(job.to.size()) as u64;
+        let widest = job.from.size().max(job.to.size()).max(job.value_size()) as u64;
         let per_chunk = (chunk_bytes as u64 / widest).max(1);
         let mut begin = 0;
         while begin < units {
@@ -514,6 +576,17 @@ fn chunks_of(jobs: &[Job], chunk_bytes: usize) -> Vec<Chunk> {
 thread_local! {
     /// Each worker's reusable output buffer: at most one chunk per thread.
     static BUFFER: RefCell<Vec<u8>> = const { RefCell::new(Vec::new()) };
+    /// Each worker's dequantized values (f32) of its chunk.
+    static VALUES: RefCell<Vec<u8>> = const { RefCell::new(Vec::new()) };
+}
+
+/// Hand `sink` the f32 values of chunk `c` of a dequantized job.
+fn with_values<T>(job: &Job, scales: &Fp8Scales, c: &Chunk, sink: impl FnOnce(&[u8]) -> T) -> T {
+    VALUES.with_borrow_mut(|values| {
+        values.resize(4 * (c.end - c.begin) as usize, 0);
+        scales.dequantize(job.src_of(c), c.begin, values);
+        sink(values)
+    })
 }
 
 fn write_shard(
@@ -534,23 +607,30 @@ fn write_shard(
                 return Err(Error::Cancelled);
             }
             let job = &jobs[c.job];
-            let src_begin = span(job.from, c.begin) as usize;
-            let src = &job.src[src_begin..span(job.from, c.end) as usize];
+            let src = job.src_of(c);
             let offset = job.dst_start + span(job.to, c.begin);
             let written = span(job.to, c.end - c.begin);
-            let hash = if job.from == job.to {
-                out.write_at(src, offset)?;
-                xxh3_64(src)
-            } else {
-                BUFFER.with_borrow_mut(|buf| -> Result<u64> {
-                    buf.resize(written as usize, 0);
-                    cast::cast(src, job.from, buf, job.to, &opts.cast)?;
-                    out.write_at(buf, offset)?;
-                    Ok(xxh3_64(buf))
-                })?
+            // Round `values` (elements of `from`) to the target, write, count.
+            let put = |values: &[u8], from: DType| -> Result<u64> {
+                let hash = if from == job.to {
+                    out.write_at(values, offset)?;
+                    xxh3_64(values)
+                } else {
+                    BUFFER.with_borrow_mut(|buf| -> Result<u64> {
+                        buf.resize(written as usize, 0);
+                        cast::cast(values, from, buf, job.to, &opts.cast)?;
+                        out.write_at(buf, offset)?;
+                        Ok(xxh3_64(buf))
+                    })?
+                };
+                // The values are still in cache: counting is nearly free.
+                job.count_loss(values);
+                Ok(hash)
             };
-            // The source chunk is still in cache: counting is nearly free.
-            job.count_loss(src);
+            let hash = match &job.dequant {
+                Some(scales) => with_values(job, scales, c, |values| put(values, DType::F32))?,
+                None => put(src, job.from)?,
+            };
             if opts.fsync {
                 out.written(offset, written);
             }

@@ -14,6 +14,7 @@
 //! - a `[` with no closing `]` is a literal `[`. There is no escaping.
 
 use crate::dtype::DType;
+use crate::quant::{self, Role};
 
 /// A set of glob patterns; a name is kept when any of them matches it.
 ///
@@ -101,6 +102,43 @@ pub fn target_dtype(name: &str, src: DType, target: DType, keep: &KeepRule) -> D
     } else {
         target
     }
+}
+
+/// What every tensor of a conversion to `target` becomes: [`target_dtype`]
+/// for each, except that with `quantized` a tensor holding quantization
+/// state (see [`quant::roles`]: packed and fp8 weights, scales, zero
+/// points, bitsandbytes state, fp32-pinned tensors) keeps its dtype.
+///
+/// ```
+/// use fastcast_core::{keep::target_dtypes, DType, KeepRule};
+/// let t = [("l.weight", DType::F8E4M3), ("l.weight_scale_inv", DType::F32),
+///          ("norm.weight", DType::F32)];
+/// let none = KeepRule::default();
+/// assert_eq!(target_dtypes(&t, DType::BF16, &none, true),
+///            [DType::F8E4M3, DType::F32, DType::BF16]);
+/// assert_eq!(target_dtypes(&t, DType::BF16, &none, false),
+///            [DType::BF16, DType::BF16, DType::BF16]);
+/// ```
+pub fn target_dtypes(
+    tensors: &[(impl AsRef<str>, DType)],
+    target: DType,
+    keep: &KeepRule,
+    quantized: bool,
+) -> Vec<DType> {
+    let roles = if quantized {
+        let names: Vec<&str> = tensors.iter().map(|(n, _)| n.as_ref()).collect();
+        quant::roles(&names)
+    } else {
+        vec![Role::Plain; tensors.len()]
+    };
+    tensors
+        .iter()
+        .zip(roles)
+        .map(|((name, src), role)| match role {
+            Role::Plain => target_dtype(name.as_ref(), *src, target, keep),
+            _ => *src,
+        })
+        .collect()
 }
 
 /// Compile a pattern the way CPython's `fnmatch.translate` reads it.

@@ -5,8 +5,12 @@
 //!   once, and written back;
 //! - [`cast`]: conversion kernels bit-exact with `torch.Tensor.to` on the
 //!   CPU, a scalar reference per pair and SIMD paths chosen at run time;
+//! - [`dequant`]: a quantized weight's values (fp8 times its block scales),
+//!   for the executor to round once to the target;
 //! - [`keep`]: `--keep` globs (Python's `fnmatch` semantics) and what dtype
 //!   each tensor of a conversion gets;
+//! - [`quant`]: which tensors of a quantized checkpoint hold its quantization
+//!   state, so that no cast touches them;
 //! - [`loss`]: what a cast loses (overflow, underflow, NaN/inf, max |x|);
 //! - [`exec`]: runs a conversion plan: parallel chunks, bounded buffers,
 //!   writes at final offsets into [`shard_file`]s renamed into place when done;
@@ -17,6 +21,7 @@
 //! No Python here: the crate is tested, benchmarked and fuzzed on its own.
 
 pub mod cast;
+pub mod dequant;
 pub mod dtype;
 pub mod error;
 pub mod exec;
@@ -25,6 +30,7 @@ pub mod journal;
 pub mod keep;
 pub mod loss;
 pub mod positional;
+pub mod quant;
 #[cfg(test)]
 mod scratch;
 pub mod shard_file;
@@ -35,5 +41,5 @@ pub use error::{Error, HeaderProblem, Result};
 pub use exec::{execute, ExecOptions, ExecStats, Plan, Progress, PLAN_VERSION};
 pub use header::{Header, TensorInfo};
 pub use journal::ShardRecord;
-pub use keep::{target_dtype, KeepRule};
+pub use keep::{target_dtype, target_dtypes, KeepRule};
 pub use loss::{narrows_range, LossRule, LossStats};

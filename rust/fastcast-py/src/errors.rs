@@ -46,6 +46,13 @@ create_exception!(
 );
 create_exception!(
     fastcast,
+    QuantizedModelError,
+    ModelFolderError,
+    "A quantized checkpoint that a plain cast would corrupt: convert it with \
+     keep_quantized=True (cast only what is not quantization state) or dequantize=True."
+);
+create_exception!(
+    fastcast,
     OutputExistsError,
     FastcastError,
     "The output folder exists and is not empty (pass overwrite=True to replace it)."

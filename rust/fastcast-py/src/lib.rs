@@ -16,14 +16,14 @@ use fastcast_core::loss::{self, LossRule};
 use fastcast_core::{
     dtype, keep, CastOptions, DType, Error, Fp8Overflow, Header, KeepRule, Kernel,
 };
-use fastcast_core::{journal, shard_file};
+use fastcast_core::{journal, quant, shard_file};
 use pyo3::buffer::PyBuffer;
 use pyo3::prelude::*;
 use pyo3::types::{PyDict, PyList};
 
 use errors::{
     insufficient_space_error, loss_error, CoreError, DtypeError, FastcastError,
-    InvalidSafetensorsError, ModelFolderError, OutputExistsError,
+    InvalidSafetensorsError, ModelFolderError, OutputExistsError, QuantizedModelError,
 };
 use results::{loss_list, ExecStats, LossCounts, ShardRecord};
 
@@ -65,13 +65,16 @@ fn safetensors_dtype(name: &str) -> Result<DType, CoreError> {
 }
 
 /// For each `(tensor name, safetensors dtype)`, the dtype it gets converting
-/// to `target`: unchanged when not a castable float or matched by a `keep`
-/// glob (`fnmatch.fnmatchcase` semantics), else `target`.
+/// to `target`: unchanged when not a castable float, matched by a `keep` glob
+/// (`fnmatch.fnmatchcase` semantics) or, with `quantized`, holding
+/// quantization state (see `quant_roles`); else `target`.
 #[pyfunction]
+#[pyo3(signature = (tensors, target, keep, *, quantized=false))]
 fn target_dtypes(
     tensors: Vec<(String, String)>,
     target: &str,
     keep: Vec<String>,
+    quantized: bool,
 ) -> PyResult<Vec<&'static str>> {
     let to: DType = target.parse().map_err(CoreError)?;
     if !to.is_castable() {
@@ -80,13 +83,23 @@ fn target_dtypes(
             dtype::CASTABLE.map(DType::safetensors_name).join(", ")
         )));
     }
-    let rule = KeepRule::new(&keep);
-    let mut out = Vec::with_capacity(tensors.len());
-    for (name, dtype) in &tensors {
-        let from = safetensors_dtype(dtype)?;
-        out.push(keep::target_dtype(name, from, to, &rule).safetensors_name());
-    }
-    Ok(out)
+    let typed = tensors
+        .into_iter()
+        .map(|(name, dtype)| Ok((name, safetensors_dtype(&dtype)?)))
+        .collect::<PyResult<Vec<_>>>()?;
+    let dtypes = keep::target_dtypes(&typed, to, &KeepRule::new(&keep), quantized);
+    Ok(dtypes.into_iter().map(DType::safetensors_name).collect())
+}
+
+/// The role of each tensor in its model's quantization ("plain", "quantized
+/// weight", "scale", "zero point", "group index", "quant state", "pinned
+/// fp32"), from every tensor name of the model.
+#[pyfunction]
+fn quant_roles(names: Vec<String>) -> Vec<&'static str> {
+    quant::roles(&names)
+        .into_iter()
+        .map(quant::Role::name)
+        .collect()
 }
 
 /// What casting `src` to `dst` can lose: the smallest finite magnitude that
@@ -417,12 +430,14 @@ fn _core(m: &Bound<'_, PyModule>) -> PyResult<()> {
     )?;
     m.add("DtypeError", py.get_type::<DtypeError>())?;
     m.add("ModelFolderError", py.get_type::<ModelFolderError>())?;
+    m.add("QuantizedModelError", py.get_type::<QuantizedModelError>())?;
     m.add("OutputExistsError", py.get_type::<OutputExistsError>())?;
     m.add("InsufficientSpaceError", insufficient_space_error(py)?)?;
     m.add("LossError", loss_error(py)?)?;
     m.add_function(wrap_pyfunction!(parse_dtype, m)?)?;
     m.add_function(wrap_pyfunction!(dtypes, m)?)?;
     m.add_function(wrap_pyfunction!(target_dtypes, m)?)?;
+    m.add_function(wrap_pyfunction!(quant_roles, m)?)?;
     m.add_function(wrap_pyfunction!(cast_rule, m)?)?;
     m.add_function(wrap_pyfunction!(available_kernels, m)?)?;
     m.add_function(wrap_pyfunction!(select_kernel, m)?)?;

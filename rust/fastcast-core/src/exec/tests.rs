@@ -58,6 +58,7 @@ fn plan_for(src: &Path, out: &Path, n: u64, to: &str) -> Plan {
                     dst_dtype: "I64".into(),
                     src_offsets: (data_start + 4 * n, data_start + 4 * n + 8),
                     dst_offsets: (0, 8),
+                    dequant: None,
                 },
                 TensorPlan {
                     name: "a".into(),
@@ -67,6 +68,7 @@ fn plan_for(src: &Path, out: &Path, n: u64, to: &str) -> Plan {
                     dst_dtype: to.into(),
                     src_offsets: (data_start, data_start + 4 * n),
                     dst_offsets: (8, 8 + to_size * n),
+                    dequant: None,
                 },
             ],
         }],
@@ -283,4 +285,117 @@ fn journal_and_digest_describe_the_file_on_disk() {
     bytes[last] ^= 1;
     fs::write(&out, &bytes).unwrap();
     assert_ne!(shard_digest(&plan, 0, 1000).unwrap(), record.digest);
+}
+
+/// A one-tensor safetensors file of raw `bytes`; returns the tensor's absolute offsets.
+fn one_tensor(path: &Path, name: &str, dtype: DType, shape: Vec<u64>, bytes: &[u8]) -> (u64, u64) {
+    let header = Header {
+        metadata: None,
+        tensors: vec![TensorInfo {
+            name: name.into(),
+            dtype,
+            shape,
+            data_offsets: (0, bytes.len() as u64),
+        }],
+        header_len: 0,
+    };
+    let mut file = header.to_bytes();
+    let start = file.len() as u64;
+    file.extend_from_slice(bytes);
+    fs::write(path, &file).unwrap();
+    (start, start + bytes.len() as u64)
+}
+
+#[test]
+fn dequantizes_fp8_with_a_scale_in_another_file() {
+    use crate::cast::scalar;
+    use crate::dequant::{Dequant, Operand};
+
+    let dir = Scratch::new("dequant");
+    let (rows, cols) = (5u64, 7u64); // 2x3 blocks: a 3x3 grid with partial edges
+    let q: Vec<u8> = (0..rows * cols)
+        .map(|k| scalar::f32_to_e4m3((k as f32 - 17.0) * 9.0, Fp8Overflow::Saturate))
+        .collect();
+    let mut scales: Vec<f32> = (0..9).map(|i| 0.25 + i as f32).collect();
+    scales[8] = 1000.0; // the last block: 160 * 1000 overflows fp16
+    let weight = dir.0.join("w.safetensors");
+    let scale = dir.0.join("s.safetensors");
+    let w_at = one_tensor(&weight, "l.weight", DType::F8E4M3, vec![rows, cols], &q);
+    let s_bytes: Vec<u8> = scales.iter().flat_map(|x| x.to_le_bytes()).collect();
+    let s_at = one_tensor(
+        &scale,
+        "l.weight_scale_inv",
+        DType::F32,
+        vec![3, 3],
+        &s_bytes,
+    );
+    let out = dir.0.join("out.safetensors");
+    let plan = Plan {
+        version: PLAN_VERSION,
+        sources: [&weight, &scale]
+            .iter()
+            .map(|p| SourceFile {
+                path: p.to_path_buf(),
+                size: fs::metadata(p).unwrap().len(),
+            })
+            .collect(),
+        shards: vec![ShardPlan {
+            name: "out.safetensors".into(),
+            path: out.clone(),
+            metadata: None,
+            tensors: vec![TensorPlan {
+                name: "l.weight".into(),
+                shape: vec![rows, cols],
+                source: 0,
+                src_dtype: "F8_E4M3".into(),
+                dst_dtype: "F16".into(),
+                src_offsets: w_at,
+                dst_offsets: (0, 2 * rows * cols),
+                dequant: Some(Dequant::Fp8Scaled {
+                    scale: Operand {
+                        name: "l.weight_scale_inv".into(),
+                        source: 1,
+                        dtype: "F32".into(),
+                        shape: vec![3, 3],
+                        offsets: s_at,
+                    },
+                    block: (2, 3),
+                }),
+            }],
+        }],
+    };
+    let opts = ExecOptions {
+        chunk_bytes: 12, // three f32 values a chunk: rows and blocks split everywhere
+        ..ExecOptions::default()
+    };
+    let stats = execute(&plan, &opts, &Progress::default()).unwrap();
+    let bytes = fs::read(&out).unwrap();
+    let header = Header::parse(&out, &bytes).unwrap();
+    let data = &bytes[header.data_start() as usize..];
+    let mut overflowed = 0;
+    for k in 0..(rows * cols) as usize {
+        let (i, j) = (k as u64 / cols, k as u64 % cols);
+        let value = scalar::e4m3_to_f32(q[k]) * scales[((i / 2) * 3 + j / 3) as usize];
+        let want = scalar::f32_to_f16(value);
+        assert_eq!(
+            u16::from_le_bytes([data[2 * k], data[2 * k + 1]]),
+            want,
+            "element {k}"
+        );
+        overflowed += u64::from(value.is_finite() && value.abs() >= 65520.0);
+    }
+    assert!(overflowed > 0);
+    assert_eq!(stats.losses.len(), 1);
+    assert_eq!(stats.losses[0].1.overflow, overflowed);
+    assert_eq!(stats.losses[0].1.elements, rows * cols);
+
+    // A scale grid that does not fit the weight is refused before anything is written.
+    let mut bad = plan.clone();
+    if let Some(Dequant::Fp8Scaled { block, .. }) = &mut bad.shards[0].tensors[0].dequant {
+        *block = (3, 3);
+    }
+    fs::remove_file(&out).unwrap();
+    let err = execute(&bad, &ExecOptions::default(), &Progress::default()).unwrap_err();
+    assert!(err.to_string().contains("needs 2x3"), "{err}");
+    assert!(!out.exists());
 }
