@@ -581,16 +581,23 @@ def finish_report(
     """The report of a committed conversion; warns if values overflowed; writes
     ``--report``."""
     target = plan.dtype
-    kept = [
-        t.entry.name
+    uncast = [
+        t
         for t in plan.tensors
         if not t.is_cast and t.entry.dtype != target and is_castable(t.entry.dtype)
     ]
+    kept = [t.entry.name for t in uncast if t.role == "plain"]
+    pinned = [t.label for t in uncast if t.role == "pinned fp32"]
     if kept:
         notes.append(
             f"{len(kept)} tensor(s) kept in their source dtype by --keep; config.json says "
             f"{target}, and transformers casts them to that on load unless the model class "
             "keeps them (e.g. _keep_in_fp32_modules)"
+        )
+    if pinned:
+        notes.append(
+            f"{len(pinned)} tensor(s) left in fp32, as the model class pins them "
+            f"({', '.join(pinned[:3])}{' ...' if len(pinned) > 3 else ''})"
         )
     result = ConversionReport(
         source=source,

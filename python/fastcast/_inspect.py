@@ -58,6 +58,8 @@ class ModelInspection:
     """Dtype claims by key: ``torch_dtype``, ``text_config.dtype`` for the top
     config.json, ``text_encoder/config.json:torch_dtype`` for the others."""
     warnings: list[str] = field(default_factory=list)
+    notes: list[str] = field(default_factory=list)
+    """What converting would do, for a quantized model."""
     skipped: list[str] = field(default_factory=list)
     made_by: str | None = None
     """For a fastcast output, how it was made (from its fastcast.json)."""
@@ -109,6 +111,7 @@ class ModelInspection:
         if self.predicted is not None:
             lines.append(f"  converting to {self.predicted_dtype} would give:")
             lines.extend(f"    {line}" for line in describe(self.predicted))
+        lines.extend(f"  note: {n}" for n in self.notes)
         lines.extend(f"  warning: {w}" for w in self.warnings)
         return "\n".join(lines)
 
@@ -184,8 +187,7 @@ def inspect(
     if target is not None:
         predicted = predict_loss(folder, target, keep, quant is not None, progress)
     notes = list(folder.warnings) + mismatches(folder, role_of)
-    if quant is not None and target is not None:
-        notes.append(would_do(quant, role_of, target))
+    advice = [would_do(quant, role_of, target)] if quant and target else []
     made_by = None
     if not folder.is_file:
         record = read_record(folder.root)
@@ -222,6 +224,7 @@ def inspect(
         dtypes=dtypes,
         config_dtypes=claims_of(folder),
         warnings=notes,
+        notes=advice,
         skipped=describe_skipped(folder.skipped),
         made_by=made_by,
         quantization=quant.describe() if quant is not None else None,

@@ -47,6 +47,8 @@ class PlannedTensor:
     (``2_Dense/linear.weight``): names repeat across a pipeline's components."""
     scaled: Scaled | None = None
     """Set when the tensor is dequantized rather than cast."""
+    role: str = "plain"
+    """Its role in a quantized model's quantization (``pinned fp32``...)."""
 
     @property
     def is_cast(self) -> bool:
@@ -245,18 +247,22 @@ def plan_set(
     left out (the output is a plain model)."""
     entries = ws.tensors
     by_name = {t.name: t for t in entries}
-    roles = _core.quant_roles(list(by_name)) if dequantize is not None else []
+    quantized = quantized or dequantize is not None
+    roles = _core.quant_roles(list(by_name)) if quantized else ["plain"] * len(entries)
     planned = []
-    targets = target_dtypes(entries, dtype, keep, quantized or dequantize is not None)
+    targets = target_dtypes(entries, dtype, keep, quantized)
     for i, (entry, to) in enumerate(zip(entries, targets, strict=True)):
         label = join(ws.folder, entry.name)
         if dequantize is not None and entry.name in dequantize:
             scale, block = dequantize[entry.name]
             scaled = Scaled(by_name[scale], block)
             nbytes = entry.numel * element_size(dtype)
-            planned.append(PlannedTensor(entry, dtype, nbytes, label=label, scaled=scaled))
+            planned.append(
+                PlannedTensor(entry, dtype, nbytes, label=label, scaled=scaled, role=roles[i])
+            )
         elif dequantize is None or roles[i] in ("plain", "pinned fp32"):
-            planned.append(PlannedTensor(entry, to, output_nbytes(entry, to), label=label))
+            nbytes = output_nbytes(entry, to)
+            planned.append(PlannedTensor(entry, to, nbytes, label=label, role=roles[i]))
     groups = pack(planned, shard_size)
     # The source's metadata is kept; transformers needs a format, so one is added if absent.
     metadata = {"format": "pt", **ws.metadata}
