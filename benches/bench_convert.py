@@ -1,6 +1,7 @@
 """End-to-end conversion benchmark: fastcast against the I/O floor and the usual scripts.
 
     python3 benches/bench_convert.py [--quick] [--repeats 3] [--models llama,mixtral]
+    python3 benches/bench_convert.py --models deepseek-fp8    # --dequantize
 
 Generates synthetic checkpoints once (streamed, cached in benches/.cache/):
 a Llama-shaped fp32 model of about 5 GB in 2 GB shards and a Mixtral-shaped bf16
@@ -11,7 +12,10 @@ model with many expert tensors. Then, on the same input, runs interleaved
                output holds, no cast (rust/fastcast-core/examples/io_floor.rs),
                with and without fsync
   script       per shard: safetensors.torch.load_file -> .to(dtype) -> save_file
+               (for block fp8: compressed-tensors' own CPU converter,
+               convert_checkpoint with FP8BlockDequantizer)
   transformers from_pretrained(dtype=...) -> save_pretrained(max_shard_size=...)
+               (not for block fp8: transformers 5.23 mis-reads partial blocks)
   fastcast     the CLI, and fastcast.convert() from Python
 
 For each: wall time, CPU seconds (user+sys), peak RSS and peak anonymous memory
@@ -58,6 +62,8 @@ class Model:
     shard_size: str
     target: str
     out_shard_size: str
+    #: A quantized checkpoint converted with --dequantize.
+    dequantize: bool = False
 
     @property
     def path(self) -> Path:
@@ -128,6 +134,35 @@ def contenders(model: Model, out: Path, floor_bytes: int) -> dict[str, list[str]
     floor = str(ROOT / "target" / "release" / "examples" / "io_floor")
     torch_dtype = fastcast.dtypes()
     torch_name = next(d["torch_name"] for d in torch_dtype if d["name"] == model.target)
+    if model.dequantize:
+        return {
+            "floor (fsync)": [floor, "--fsync", str(out), str(floor_bytes), *shards],
+            "floor (no fsync)": [floor, str(out), str(floor_bytes), *shards],
+            "script": python_cmd(
+                f"""
+                import torch
+                from compressed_tensors.entrypoints.convert import convert_checkpoint
+                from compressed_tensors.entrypoints.convert.converters.fp8block_dequantizer \\
+                    import FP8BlockDequantizer
+                conv = FP8BlockDequantizer.from_pretrained(
+                    {str(model.path)!r}, dtype=torch.{torch_name})
+                convert_checkpoint({str(model.path)!r}, {str(out)!r}, conv, device="cpu")
+                """
+            ),
+            "fastcast (CLI)": [
+                sys.executable, "-m", "fastcast.cli", "convert", str(model.path), "-o", str(out),
+                "--dtype", model.target, "--shard-size", model.out_shard_size, "--dequantize",
+                "--quiet",
+            ],
+            "fastcast (API)": python_cmd(
+                f"""
+                import fastcast
+                fastcast.convert({str(model.path)!r}, {model.target!r}, output={str(out)!r},
+                                 shard_size={model.out_shard_size!r}, dequantize=True,
+                                 progress=False)
+                """
+            ),
+        }  # fmt: skip
     return {
         "floor (fsync)": [floor, "--fsync", str(out), str(floor_bytes), *shards],
         "floor (no fsync)": [floor, str(out), str(floor_bytes), *shards],
@@ -190,7 +225,7 @@ def run_model(model: Model, repeats: int) -> tuple[dict[str, Row], int]:
     out = CACHE / f"out-{model.name}"
     report = fastcast.convert(
         model.path, model.target, output=out, shard_size=model.out_shard_size,
-        overwrite=True, progress=False,
+        overwrite=True, dequantize=model.dequantize, progress=False,
     )  # fmt: skip
     floor_bytes = report.bytes_written
     cmds = contenders(model, out, floor_bytes)
@@ -328,7 +363,7 @@ def kernel_speed() -> list[str]:
 def table(model: Model, rows: dict[str, Row], floor_bytes: int) -> list[str]:
     floor = rows["floor (fsync)"]
     script = rows["script"]
-    hf = rows["transformers"]
+    hf = rows.get("transformers")
     lines = [
         f"### {model.name}: {model.size} {model.dtype} in {model.shard_size} shards -> "
         f"{model.target}, {model.out_shard_size} shards ({floor_bytes / 1e9:.2f} GB out)",
@@ -339,9 +374,10 @@ def table(model: Model, rows: dict[str, Row], floor_bytes: int) -> list[str]:
     ]
     for row in rows.values():
         wall, cpu = row.median("wall"), row.median("cpu")
+        vs_hf = f"{wall / hf.median('wall'):.2f}x" if hf else "-"
         lines.append(
             f"| {row.label} | {wall:.2f} | {wall / floor.median('wall'):.2f}x "
-            f"| {wall / script.median('wall'):.2f}x | {wall / hf.median('wall'):.2f}x "
+            f"| {wall / script.median('wall'):.2f}x | {vs_hf} "
             f"| {cpu:.2f} | {cpu / max(floor.median('cpu'), 1e-3):.2f}x "
             f"| {row.median('peak_rss') / 2**20:.0f} | {row.median('peak_anon') / 2**20:.0f} |"
         )
@@ -363,6 +399,9 @@ def main() -> None:
                        "BF16", "2GB" if not scale else "50MB"),
         "mixtral": Model("mixtral", "mixtral", scale or "3GB", "bf16",
                          "2GB" if not scale else "100MB", "F16", "2GB" if not scale else "50MB"),
+        "deepseek-fp8": Model("deepseek-fp8", "llama", scale or "5GB", "fp8",
+                              "2GB" if not scale else "100MB", "BF16",
+                              "2GB" if not scale else "50MB", dequantize=True),
     }  # fmt: skip
     chosen = [models[m] for m in args.models.split(",")]
     repeats = 1 if args.quick else args.repeats

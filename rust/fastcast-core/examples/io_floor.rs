@@ -72,9 +72,16 @@ fn main() {
             let sum = words
                 .map(|c| u64::from_le_bytes(c.try_into().expect("8 bytes")))
                 .fold(tail, u64::wrapping_add);
+            // The output may be larger than the input (a dequantization doubles it):
+            // write every byte of this chunk's share, in pieces of at most CHUNK.
             let out_off = (offset as f64 * ratio) as u64;
-            let out_len = ((end as f64 * ratio) as u64 - out_off) as usize;
-            write_all_at(&outputs[i], &zeros[..out_len.min(CHUNK)], out_off).expect("write");
+            let out_end = (end as f64 * ratio) as u64;
+            let mut at = out_off;
+            while at < out_end {
+                let n = ((out_end - at) as usize).min(CHUNK);
+                write_all_at(&outputs[i], &zeros[..n], at).expect("write");
+                at += n as u64;
+            }
             sum
         })
         .reduce(|| 0, u64::wrapping_add);
