@@ -19,7 +19,7 @@ use serde::Deserialize;
 use xxhash_rust::xxh3::xxh3_64;
 
 use crate::cast::{self, CastOptions};
-use crate::dequant::{Dequant, Fp8Scales, Operand};
+use crate::dequant::{Dequant, Dequantizer, Operand};
 use crate::dtype::DType;
 use crate::error::{Error, Result};
 use crate::header::{Header, TensorInfo};
@@ -157,28 +157,56 @@ struct Job<'a> {
     src: &'a [u8],
     /// Offset of the tensor's first byte in the output file.
     dst_start: u64,
+    /// Elements of the output tensor.
+    numel: u64,
     /// Loss thresholds, for tensors that are cast (for dequantized ones, of
     /// the f32 values to the target).
     rule: Option<LossRule>,
-    /// For a quantized source: its decoded scales.
-    dequant: Option<Fp8Scales>,
+    /// For a quantized source: how its values are reconstructed.
+    dequant: Option<Dequantizer<'a>>,
     /// Loss counts gathered chunk by chunk.
     stats: Mutex<LossStats>,
+    /// Chunks not yet done, for a source every chunk reads whole (released
+    /// after the last one).
+    pending: AtomicU64,
 }
 
 impl Job<'_> {
-    /// The source bytes of chunk `c`.
+    /// The source bytes of chunk `c` (for a dequantized tensor, those its
+    /// output elements read).
     fn src_of(&self, c: &Chunk) -> &[u8] {
-        &self.src[span(self.from, c.begin) as usize..span(self.from, c.end) as usize]
+        match &self.dequant {
+            Some(d) => {
+                let (begin, end) = d.source_range(c.begin, c.end);
+                &self.src[begin..end]
+            }
+            None => &self.src[span(self.from, c.begin) as usize..span(self.from, c.end) as usize],
+        }
     }
 
-    /// Bytes per element of the values the target is rounded from: the
-    /// source's, or f32 for a dequantized tensor.
-    fn value_size(&self) -> usize {
-        if self.dequant.is_some() {
-            4
-        } else {
-            self.from.size()
+    /// Input bytes chunk `c` accounts for in progress: its source bytes, or
+    /// its share of a source every chunk reads whole (the shares add up to it).
+    fn src_done(&self, c: &Chunk) -> u64 {
+        match &self.dequant {
+            Some(d) if d.reads_whole_source() => {
+                let len = self.src.len() as u128;
+                let share = |k: u64| (len * k as u128 / self.numel.max(1) as u128) as u64;
+                share(c.end) - share(c.begin)
+            }
+            _ => self.src_of(c).len() as u64,
+        }
+    }
+
+    /// Done with chunk `c`: release the input pages it alone read (a source
+    /// every chunk reads whole, after its last chunk).
+    fn release(&self, c: &Chunk) {
+        match &self.dequant {
+            Some(d) if d.reads_whole_source() => {
+                if self.pending.fetch_sub(1, Ordering::AcqRel) == 1 {
+                    release_pages(self.src);
+                }
+            }
+            _ => release_pages(self.src_of(c)),
         }
     }
 
@@ -384,15 +412,14 @@ pub fn scan(plan: &Plan, progress: &Progress) -> Result<Vec<(String, LossStats)>
                     return Err(Error::Cancelled);
                 }
                 let job = &jobs[c.job];
-                let src = job.src_of(c);
                 match &job.dequant {
-                    Some(scales) => with_values(job, scales, c, |values| job.count_loss(values)),
-                    None => job.count_loss(src),
+                    Some(d) => with_values(job, d, c, |values| job.count_loss(values)),
+                    None => job.count_loss(job.src_of(c)),
                 }
-                release_pages(src);
+                job.release(c);
                 progress
                     .bytes_done
-                    .fetch_add(src.len() as u64, Ordering::Relaxed);
+                    .fetch_add(job.src_done(c), Ordering::Relaxed);
                 Ok(())
             })?;
         for job in &jobs {
@@ -464,33 +491,32 @@ fn check_shard<'a>(
             .iter()
             .try_fold(1u64, |a, &d| a.checked_mul(d))
             .ok_or_else(|| bad(format!("tensor {:?}: shape overflows", t.name)))?;
-        if from != to {
-            cast::check_buffers(from, to, 0, 0)?;
-        }
-        let src_bits = numel.checked_mul(from.bits());
-        if src_bits != Some((end - begin) * 8) {
-            return Err(bad(format!(
-                "tensor {:?}: {} bytes in {} do not hold {from} {:?}",
-                t.name,
-                end - begin,
-                source.display(),
-                t.shape
-            )));
-        }
+        let src = &map[begin as usize..end as usize];
         let dequant = match &t.dequant {
-            None => None,
-            Some(Dequant::Fp8Scaled { scale, block }) => {
-                let bytes = operand_bytes(scale, plan, maps).map_err(&bad)?;
-                let scales = Fp8Scales::new(
-                    from,
-                    &t.shape,
-                    *block,
-                    scale.dtype.parse()?,
-                    &scale.shape,
-                    bytes,
-                )
-                .map_err(|e| bad(format!("tensor {:?}: {e}", t.name)))?;
-                Some(scales)
+            None => {
+                if from != to {
+                    cast::check_buffers(from, to, 0, 0)?;
+                }
+                let src_bits = numel.checked_mul(from.bits());
+                if src_bits != Some((end - begin) * 8) {
+                    return Err(bad(format!(
+                        "tensor {:?}: {} bytes in {} do not hold {from} {:?}",
+                        t.name,
+                        end - begin,
+                        source.display(),
+                        t.shape
+                    )));
+                }
+                None
+            }
+            // The source is packed as its format packs it (the dequantizer
+            // checks its size); the f32 values are what is rounded.
+            Some(how) => {
+                cast::check_buffers(DType::F32, to, 0, 0)?;
+                let operand = |op: &'a Operand| operand_bytes(op, plan, maps);
+                let d = Dequantizer::new(how, from, &t.shape, src.len(), &operand)
+                    .map_err(|e| bad(format!("tensor {:?}: {e}", t.name)))?;
+                Some(d)
             }
         };
         let rule = match &dequant {
@@ -507,11 +533,13 @@ fn check_shard<'a>(
             plan: t,
             from,
             to,
-            src: &map[begin as usize..end as usize],
+            src,
             dst_start: 0,
+            numel,
             rule,
             dequant,
             stats: Mutex::new(LossStats::default()),
+            pending: AtomicU64::new(0),
         });
     }
     let header = Header {
@@ -551,24 +579,32 @@ fn operand_bytes<'a>(op: &Operand, plan: &Plan, maps: &'a [Mmap]) -> Result<&'a 
     Ok(&map[begin as usize..end as usize])
 }
 
-/// Split jobs into chunks of at most `chunk_bytes` on either side.
+/// Split jobs into chunks of at most `chunk_bytes` on either side (a
+/// dequantized tensor's chunks hold whole packed units of its output, so may
+/// be larger: one output row of GPTQ/AWQ at least).
 fn chunks_of(jobs: &[Job], chunk_bytes: usize) -> Vec<Chunk> {
     let mut chunks = Vec::new();
     for (i, job) in jobs.iter().enumerate() {
-        // Sub-byte tensors are copied, never cast: count them in bytes.
-        let units = if job.from.bits() < 8 {
-            job.src.len() as u64
-        } else {
-            job.src.len() as u64 / job.from.size() as u64
+        let (units, align, widest) = match &job.dequant {
+            Some(d) => (job.numel, d.align(), job.to.size().max(4)),
+            // Sub-byte tensors are copied, never cast: count them in bytes.
+            None if job.from.bits() < 8 => (job.src.len() as u64, 1, 1),
+            None => (
+                job.src.len() as u64 / job.from.size() as u64,
+                1,
+                job.from.size().max(job.to.size()),
+            ),
         };
-        let widest = job.from.size().max(job.to.size()).max(job.value_size()) as u64;
-        let per_chunk = (chunk_bytes as u64 / widest).max(1);
+        let per_chunk = ((chunk_bytes as u64 / widest as u64) / align).max(1) * align;
+        let first = chunks.len();
         let mut begin = 0;
         while begin < units {
             let end = (begin + per_chunk).min(units);
             chunks.push(Chunk { job: i, begin, end });
             begin = end;
         }
+        job.pending
+            .store((chunks.len() - first) as u64, Ordering::Release);
     }
     chunks
 }
@@ -581,10 +617,10 @@ thread_local! {
 }
 
 /// Hand `sink` the f32 values of chunk `c` of a dequantized job.
-fn with_values<T>(job: &Job, scales: &Fp8Scales, c: &Chunk, sink: impl FnOnce(&[u8]) -> T) -> T {
+fn with_values<T>(job: &Job, d: &Dequantizer, c: &Chunk, sink: impl FnOnce(&[u8]) -> T) -> T {
     VALUES.with_borrow_mut(|values| {
         values.resize(4 * (c.end - c.begin) as usize, 0);
-        scales.dequantize(job.src_of(c), c.begin, values);
+        d.dequantize(job.src_of(c), c.begin, values);
         sink(values)
     })
 }
@@ -607,7 +643,6 @@ fn write_shard(
                 return Err(Error::Cancelled);
             }
             let job = &jobs[c.job];
-            let src = job.src_of(c);
             let offset = job.dst_start + span(job.to, c.begin);
             let written = span(job.to, c.end - c.begin);
             // Round `values` (elements of `from`) to the target, write, count.
@@ -628,16 +663,16 @@ fn write_shard(
                 Ok(hash)
             };
             let hash = match &job.dequant {
-                Some(scales) => with_values(job, scales, c, |values| put(values, DType::F32))?,
-                None => put(src, job.from)?,
+                Some(d) => with_values(job, d, c, |values| put(values, DType::F32))?,
+                None => put(job.src_of(c), job.from)?,
             };
             if opts.fsync {
                 out.written(offset, written);
             }
-            release_pages(src);
+            job.release(c);
             progress
                 .bytes_done
-                .fetch_add(src.len() as u64, Ordering::Relaxed);
+                .fetch_add(job.src_done(c), Ordering::Relaxed);
             Ok((offset, hash))
         })
         .collect::<Result<_>>()?;

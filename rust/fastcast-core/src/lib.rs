@@ -5,7 +5,8 @@
 //!   once, and written back;
 //! - [`cast`]: conversion kernels bit-exact with `torch.Tensor.to` on the
 //!   CPU, a scalar reference per pair and SIMD paths chosen at run time;
-//! - [`dequant`]: a quantized weight's values (fp8 times its block scales),
+//! - [`dequant`]: a quantized weight's values (fp8 times its block scales,
+//!   bitsandbytes 4-bit and LLM.int8, GPTQ, AWQ) as fp32,
 //!   for the executor to round once to the target;
 //! - [`keep`]: `--keep` globs (Python's `fnmatch` semantics) and what dtype
 //!   each tensor of a conversion gets;

@@ -399,3 +399,173 @@ fn dequantizes_fp8_with_a_scale_in_another_file() {
     assert!(err.to_string().contains("needs 2x3"), "{err}");
     assert!(!out.exists());
 }
+
+#[test]
+fn dequantizes_gptq_and_bnb_under_their_output_names_in_any_chunking() {
+    use crate::cast::scalar;
+    use crate::dequant::{Dequant, Operand};
+
+    let dir = Scratch::new("dequant-int");
+    let mut files = Vec::new();
+    let mut put = |name: &str, dtype: DType, shape: Vec<u64>, bytes: Vec<u8>| {
+        let path = dir.0.join(format!("{}.safetensors", files.len()));
+        let at = one_tensor(&path, name, dtype, shape.clone(), &bytes);
+        files.push(path);
+        let op = Operand {
+            name: name.into(),
+            source: files.len() - 1,
+            dtype: dtype.safetensors_name().into(),
+            shape,
+            offsets: at,
+        };
+        (op, bytes)
+    };
+    let words = |v: Vec<u32>| v.iter().flat_map(|w| w.to_le_bytes()).collect::<Vec<u8>>();
+    // GPTQ 4-bit, 16 outputs x 16 inputs in two groups of 8, permuted.
+    let (qweight, qweight_bytes) = put(
+        "l.qweight",
+        DType::I32,
+        vec![2, 16],
+        words((0..32u32).map(|k| k.wrapping_mul(0x9E37_79B9)).collect()),
+    );
+    let (qzeros, _) = put(
+        "l.qzeros",
+        DType::I32,
+        vec![2, 2],
+        words(vec![0x7777_7777, 0x1234_5678, 0x89AB_CDEF, 0x7777_7777]),
+    );
+    let scales: Vec<u8> = (0..32)
+        .flat_map(|k| scalar::f32_to_f16(0.001 * (k + 1) as f32).to_le_bytes())
+        .collect();
+    let (scales, _) = put("l.scales", DType::F16, vec![2, 16], scales);
+    let g: Vec<u32> = (0..16u32).map(|i| (i * 5 % 16) / 8).collect();
+    let (g_idx, _) = put("l.g_idx", DType::I32, vec![16], words(g));
+    // bnb 4-bit, 45 values (odd) in blocks of 8 with F32 absmax.
+    let (packed, packed_bytes) = put(
+        "b.weight",
+        DType::U8,
+        vec![23, 1],
+        (0..23u8).map(|k| k.wrapping_mul(37)).collect(),
+    );
+    let absmax: Vec<u8> = (0..6)
+        .flat_map(|b| (1.5f32 + b as f32).to_le_bytes())
+        .collect();
+    let (absmax, _) = put("b.weight.absmax", DType::F32, vec![6], absmax);
+    let code: Vec<u8> = (0..16)
+        .flat_map(|c| (c as f32 / 7.5 - 1.0).to_le_bytes())
+        .collect();
+    let (quant_map, _) = put("b.weight.quant_map", DType::F32, vec![16], code);
+
+    let gptq = Dequant::Gptq {
+        qzeros,
+        scales,
+        g_idx: Some(g_idx),
+        group_size: 8,
+        bits: 4,
+        zero_plus_one: true,
+    };
+    let bnb = Dequant::Bnb4 {
+        absmax,
+        quant_map,
+        blocksize: 8,
+        nested: None,
+    };
+    let out = dir.0.join("out.safetensors");
+    let tensor = |name: &str, shape: Vec<u64>, src: &Operand, at: u64, how: &Dequant| {
+        let n: u64 = shape.iter().product();
+        TensorPlan {
+            name: name.into(),
+            shape,
+            source: src.source,
+            src_dtype: src.dtype.clone(),
+            dst_dtype: "BF16".into(),
+            src_offsets: src.offsets,
+            dst_offsets: (at, at + 2 * n),
+            dequant: Some(how.clone()),
+        }
+    };
+    let plan = Plan {
+        version: PLAN_VERSION,
+        sources: files
+            .iter()
+            .map(|p| SourceFile {
+                path: p.clone(),
+                size: fs::metadata(p).unwrap().len(),
+            })
+            .collect(),
+        shards: vec![ShardPlan {
+            name: "out.safetensors".into(),
+            path: out.clone(),
+            metadata: None,
+            tensors: vec![
+                tensor("l.weight", vec![16, 16], &qweight, 0, &gptq),
+                tensor("b.weight", vec![5, 9], &packed, 512, &bnb),
+            ],
+        }],
+    };
+    // What each tensor must hold: its whole dequantization, rounded once.
+    let expected = |how: &Dequant, from: DType, shape: &[u64], src: &[u8]| -> Vec<u8> {
+        let maps: Vec<Vec<u8>> = files.iter().map(|p| fs::read(p).unwrap()).collect();
+        let operand = |op: &Operand| -> Result<&[u8], String> {
+            Ok(&maps[op.source][op.offsets.0 as usize..op.offsets.1 as usize])
+        };
+        let d = Dequantizer::new(how, from, shape, src.len(), &operand).unwrap();
+        let n: u64 = shape.iter().product();
+        let mut values = vec![0u8; 4 * n as usize];
+        d.dequantize(src, 0, &mut values);
+        values
+            .chunks_exact(4)
+            .flat_map(|b| {
+                scalar::f32_to_bf16(f32::from_le_bytes([b[0], b[1], b[2], b[3]])).to_le_bytes()
+            })
+            .collect()
+    };
+    let want_l = expected(&gptq, DType::I32, &[16, 16], &qweight_bytes);
+    let want_b = expected(&bnb, DType::U8, &[5, 9], &packed_bytes);
+
+    for chunk_bytes in [8usize, 60, 1 << 20] {
+        let progress = Progress::default();
+        let opts = ExecOptions {
+            chunk_bytes, // 8: one GPTQ row and two bnb values a chunk
+            ..ExecOptions::default()
+        };
+        let stats = execute(&plan, &opts, &progress).unwrap();
+        let bytes = fs::read(&out).unwrap();
+        let header = Header::parse(&out, &bytes).unwrap();
+        let names: Vec<&str> = header.tensors.iter().map(|t| t.name.as_str()).collect();
+        assert_eq!(names, ["l.weight", "b.weight"]);
+        assert_eq!(header.tensors[0].shape, [16, 16]);
+        let data = &bytes[header.data_start() as usize..];
+        assert_eq!(&data[..512], &want_l[..], "chunk {chunk_bytes}");
+        assert_eq!(&data[512..], &want_b[..], "chunk {chunk_bytes}");
+        let losses: Vec<(&str, u64)> = stats
+            .losses
+            .iter()
+            .map(|(n, l)| (n.as_str(), l.elements))
+            .collect();
+        assert_eq!(losses, [("l.weight", 256), ("b.weight", 45)]);
+        // Progress counts each source once, however many chunks read it whole.
+        assert_eq!(
+            progress.bytes_done.load(Ordering::Relaxed),
+            (qweight_bytes.len() + packed_bytes.len()) as u64
+        );
+        assert_eq!(
+            shard_digest(&plan, 0, chunk_bytes).unwrap(),
+            stats.shards[0].digest
+        );
+        assert_eq!(scan(&plan, &Progress::default()).unwrap(), stats.losses);
+    }
+
+    // A GPTQ operand of the wrong shape is refused before anything is written.
+    let mut bad = plan.clone();
+    if let Some(Dequant::Gptq { scales, .. }) = &mut bad.shards[0].tensors[0].dequant {
+        scales.shape = vec![1, 32];
+    }
+    fs::remove_file(&out).unwrap();
+    let err = execute(&bad, &ExecOptions::default(), &Progress::default()).unwrap_err();
+    assert!(
+        err.to_string().contains("tensor \"l.weight\"") && err.to_string().contains("l.scales"),
+        "{err}"
+    );
+    assert!(!out.exists());
+}
