@@ -712,15 +712,11 @@ impl<'a> PackedInts<'a> {
                 "{src_len} qweight bytes for a {rows}x{cols} weight (needs I32 {qweight:?})"
             ));
         }
-        let groups = match &g_idx {
-            Some(_) => scales.shape.first().copied().unwrap_or(0),
-            None => {
-                if group_size == 0 {
-                    return Err(format!("a {what} group size of 0"));
-                }
-                cols.div_ceil(group_size)
-            }
-        };
+        // As AutoGPTQ and AutoAWQ size their buffers, with or without g_idx.
+        if group_size == 0 {
+            return Err(format!("a {what} group size of 0"));
+        }
+        let groups = cols.div_ceil(group_size);
         scales.expect(
             "the scales",
             &[DType::F16, DType::BF16, DType::F32],
@@ -1063,28 +1059,16 @@ mod tests {
         Dequantizer::new(plan, from, shape, src_len, &find)
     }
 
-    /// Dequantize `src` in chunks of `chunk` elements (rounded up to the
-    /// dequantizer's alignment), each given only its source range.
-    fn chunked(d: &Dequantizer, src: &[u8], numel: u64, chunk: u64) -> Vec<u32> {
-        let chunk = chunk.div_ceil(d.align()) * d.align();
-        let mut out = vec![0u8; 4 * numel as usize];
-        let mut begin = 0;
-        while begin < numel {
-            let end = (begin + chunk).min(numel);
-            let (b, e) = d.source_range(begin, end);
-            d.dequantize(
-                &src[b..e],
-                begin,
-                &mut out[4 * begin as usize..4 * end as usize],
-            );
-            begin = end;
-        }
-        floats(&out).iter().map(|x| x.to_bits()).collect()
-    }
-
-    /// Chunks starting anywhere, odd ones included (bnb's alignment is only
-    /// the executor's habit; the decoder reads a low nibble first if asked).
-    fn unaligned(d: &Dequantizer, src: &[u8], numel: u64, chunk: u64) -> Vec<u32> {
+    /// Dequantize `src` in chunks of `chunk` elements, each given only its
+    /// source range; `aligned` rounds `chunk` up to the dequantizer's
+    /// alignment, as the executor does (else chunks start anywhere: bnb's
+    /// odd starts read a low nibble first).
+    fn chunked(d: &Dequantizer, src: &[u8], numel: u64, chunk: u64, aligned: bool) -> Vec<u32> {
+        let chunk = if aligned {
+            chunk.div_ceil(d.align()) * d.align()
+        } else {
+            chunk
+        };
         let mut out = vec![0u8; 4 * numel as usize];
         let mut begin = 0;
         while begin < numel {
@@ -1185,8 +1169,10 @@ mod tests {
                 let d = build(plan, from, &[7, 29], w.packed.len(), &data).unwrap();
                 assert_eq!(d.align(), 2);
                 for chunk in [1u64, 2, 3, 5, 8, 9, 64, 203] {
-                    assert_eq!(chunked(&d, &w.packed, n, chunk), bits(&want), "{chunk}");
-                    assert_eq!(unaligned(&d, &w.packed, n, chunk), bits(&want), "{chunk}");
+                    for aligned in [true, false] {
+                        let got = chunked(&d, &w.packed, n, chunk, aligned);
+                        assert_eq!(got, bits(&want), "{chunk} {aligned}");
+                    }
                 }
             }
         }
@@ -1237,7 +1223,11 @@ mod tests {
             .map(|k| cb[k] as i8 as f32 * scb[k / cols as usize] * RECIPROCAL_127)
             .collect();
         for chunk in [1u64, 3, 7, 8, 35] {
-            assert_eq!(chunked(&d, &cb, rows * cols, chunk), bits(&want), "{chunk}");
+            assert_eq!(
+                chunked(&d, &cb, rows * cols, chunk, true),
+                bits(&want),
+                "{chunk}"
+            );
         }
         // ... which is not always (CB * SCB) / 127.
         let divided = (0..(rows * cols) as usize)
@@ -1388,7 +1378,7 @@ mod tests {
                 let want = bits_of(&p.reference(u32::from(v1)));
                 for chunk in [1u64, 80, 160, 17 * 80, 48 * 80] {
                     assert_eq!(
-                        chunked(&d, &p.qweight, rows * cols, chunk),
+                        chunked(&d, &p.qweight, rows * cols, chunk, true),
                         want,
                         "{bits} bits, permuted {permute}, v1 {v1}, chunk {chunk}"
                     );
@@ -1398,7 +1388,7 @@ mod tests {
                     let plan = gptq_plan(&p, bits, group, false, v1);
                     let d =
                         build(&plan, DType::I32, &[rows, cols], p.qweight.len(), &data).unwrap();
-                    assert_eq!(chunked(&d, &p.qweight, rows * cols, 7 * 80), want);
+                    assert_eq!(chunked(&d, &p.qweight, rows * cols, 7 * 80, true), want);
                 }
             }
         }
@@ -1420,7 +1410,7 @@ mod tests {
         let data = p.data();
         let plan = gptq_plan(&p, 4, 8, true, true);
         let d = build(&plan, DType::I32, &[8, 8], p.qweight.len(), &data).unwrap();
-        let got = chunked(&d, &p.qweight, 64, 64);
+        let got = chunked(&d, &p.qweight, 64, 64, true);
         assert_eq!(f32::from_bits(got[0]), -16.0 * p.scales[0]);
     }
 
@@ -1439,14 +1429,18 @@ mod tests {
         let d = build(&plan, DType::I32, &[rows, cols], p.qweight.len(), &data).unwrap();
         let want = bits(&p.reference(0));
         for chunk in [1u64, 60, 3 * 60, 17 * 60, 40 * 60] {
-            assert_eq!(chunked(&d, &p.qweight, rows * cols, chunk), want, "{chunk}");
+            assert_eq!(
+                chunked(&d, &p.qweight, rows * cols, chunk, true),
+                want,
+                "{chunk}"
+            );
         }
         // The order matters: reading nibbles in order gives something else.
         let mut wrong = data.clone();
         let z: Vec<u32> = pack_cols(&p.zeros, 2, rows as usize, 4, &[0, 1, 2, 3, 4, 5, 6, 7]);
         wrong.insert("qzeros".into(), i32_bytes(&z));
         let d = build(&plan, DType::I32, &[rows, cols], p.qweight.len(), &wrong).unwrap();
-        assert_ne!(chunked(&d, &p.qweight, rows * cols, 60), want);
+        assert_ne!(chunked(&d, &p.qweight, rows * cols, 60, true), want);
     }
 
     #[test]

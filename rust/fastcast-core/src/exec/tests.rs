@@ -287,6 +287,17 @@ fn journal_and_digest_describe_the_file_on_disk() {
     assert_ne!(shard_digest(&plan, 0, 1000).unwrap(), record.digest);
 }
 
+/// The plan's sources: these files at their current sizes.
+fn sources_of(paths: &[PathBuf]) -> Vec<SourceFile> {
+    paths
+        .iter()
+        .map(|p| SourceFile {
+            path: p.clone(),
+            size: fs::metadata(p).unwrap().len(),
+        })
+        .collect()
+}
+
 /// A one-tensor safetensors file of raw `bytes`; returns the tensor's absolute offsets.
 fn one_tensor(path: &Path, name: &str, dtype: DType, shape: Vec<u64>, bytes: &[u8]) -> (u64, u64) {
     let header = Header {
@@ -332,13 +343,7 @@ fn dequantizes_fp8_with_a_scale_in_another_file() {
     let out = dir.0.join("out.safetensors");
     let plan = Plan {
         version: PLAN_VERSION,
-        sources: [&weight, &scale]
-            .iter()
-            .map(|p| SourceFile {
-                path: p.to_path_buf(),
-                size: fs::metadata(p).unwrap().len(),
-            })
-            .collect(),
+        sources: sources_of(&[weight.clone(), scale.clone()]),
         shards: vec![ShardPlan {
             name: "out.safetensors".into(),
             path: out.clone(),
@@ -486,13 +491,7 @@ fn dequantizes_gptq_and_bnb_under_their_output_names_in_any_chunking() {
     };
     let plan = Plan {
         version: PLAN_VERSION,
-        sources: files
-            .iter()
-            .map(|p| SourceFile {
-                path: p.clone(),
-                size: fs::metadata(p).unwrap().len(),
-            })
-            .collect(),
+        sources: sources_of(&files),
         shards: vec![ShardPlan {
             name: "out.safetensors".into(),
             path: out.clone(),
