@@ -51,14 +51,14 @@ from fastcast._hf_cache import cache_snapshot
 from fastcast._loss import OverflowWarning, RangeRiskWarning, TensorLoss, describe, narrowing_risks
 from fastcast._model_dir import ModelFolder, describe_skipped, open_model
 from fastcast._output import Run, prepare
-from fastcast._plan import ConversionPlan, plan_conversion
+from fastcast._plan import ConversionPlan, PlannedTensor, plan_conversion
 from fastcast._progress import ByteProgress
 from fastcast._quant import (
     Quantization,
     check_dequantize,
     check_keep,
     detect,
-    fp8_weights,
+    quantized_weights,
     refusal,
     roles,
 )
@@ -258,10 +258,18 @@ def fingerprint(folder: ModelFolder, plan: ConversionPlan, fp8_overflow: str) ->
         "dtype": plan.dtype,
         "shard_size": plan.shard_size,
         "fp8_overflow": fp8_overflow,
-        "shards": [[s.name, [(t.entry.name, t.dtype) for t in s.tensors]] for s in plan.shards],
+        "shards": [[s.name, [planned_fingerprint(t) for t in s.tensors]] for s in plan.shards],
         "root": str(folder.root.resolve()),
     }
     return hashlib.sha256(json.dumps(doc, sort_keys=True).encode()).hexdigest()
+
+
+def planned_fingerprint(t: PlannedTensor) -> list[Any]:
+    """A planned tensor's part of the fingerprint: name and dtype, and for a dequantized
+    one what decides its values (its source, operands and the config's parameters)."""
+    if t.dequant is None:
+        return [t.name, t.dtype]
+    return [t.name, t.dtype, t.dequant.weight.describe()]
 
 
 @dataclass(frozen=True)
@@ -338,13 +346,14 @@ def reusable_shards(
 
 def shard_losses(plan: ConversionPlan, records: dict[str, _core.ShardRecord]) -> list[TensorLoss]:
     """Loss counts of every cast tensor, in plan order, matched within each shard (a
-    tensor name is unique in a shard, not across a pipeline's components)."""
+    tensor name is unique in a shard, not across a pipeline's components). A
+    dequantized tensor's loss is that of rounding its fp32 values."""
     losses = []
     for shard in plan.shards:
-        planned = {t.entry.name: t for t in shard.tensors}
+        planned = {t.name: t for t in shard.tensors}
         for name, counts in records[shard.name].losses:
             t = planned[name]
-            losses.append(TensorLoss(t.label, t.entry.dtype, t.dtype, **counts))
+            losses.append(TensorLoss(t.label, t.values_dtype, t.dtype, **counts))
     return losses
 
 
@@ -433,9 +442,11 @@ def convert(
     under the plain names). A quantized model (``quantization_config``, or
     quantization tensors) is refused (``QuantizedModelError``) unless
     ``keep_quantized``, which casts only what is not quantization state and keeps the
-    quantization byte for byte, or ``dequantize``, which writes a plain model: fp8
-    weights times their scales, multiplied in fp32 and rounded once to ``dtype``
-    (bf16, fp16 or fp32), the scales left out, ``quantization_config`` removed.
+    quantization byte for byte, or ``dequantize``, which writes a plain model: each
+    quantized weight (fp8 with its scales, bitsandbytes 4-bit and LLM.int8, GPTQ, AWQ)
+    computed in fp32 as its format's reference computes it and rounded once to
+    ``dtype`` (bf16, fp16 or fp32), the quantization state left out,
+    ``quantization_config`` removed.
     The output defaults to ``<model>-<dtype>`` beside the input
     (``./<repo>-<dtype>`` for a Hugging Face cache snapshot) and records how it was
     made in ``fastcast.json``. Nothing appears in it until the whole conversion
@@ -470,8 +481,7 @@ def convert(
     dequantized = None
     if quant is not None and dequantize:
         check_dequantize(folder, quant, target)
-        found = fp8_weights(folder, quant, roles(folder))
-        dequantized = {key: (w.scale, w.block) for key, w in found.items()}
+        dequantized = quantized_weights(folder, quant, roles(folder))
     elif quant is not None:
         if not keep_quantized:
             raise QuantizedModelError(refusal(folder, quant, target))
@@ -513,7 +523,12 @@ def convert(
             + HEADER_ALLOWANCE * (len(todo) + 1)
         )
         check_space(out, need)
-    risks = narrowing_risks((t.entry.dtype, t.dtype, t.entry.nbytes) for t in plan.tensors)
+    risks = narrowing_risks(
+        (t.entry.dtype, t.dtype, t.entry.nbytes) for t in plan.tensors if t.dequant is None
+    ) + narrowing_risks(
+        ((t.values_dtype, t.dtype, t.values_nbytes) for t in plan.tensors if t.dequant),
+        dequantized=True,
+    )
     for risk in risks:
         warnings.warn(risk, RangeRiskWarning, stacklevel=2)
 
@@ -605,9 +620,9 @@ def finish_report(
         dtype=target,
         shards=[s.name for s in plan.shards],
         indexes=[sp.index_name for sp in plan.sets if sp.index_name],
-        tensors_cast=sum(1 for t in plan.tensors if t.is_cast and t.scaled is None),
+        tensors_cast=sum(1 for t in plan.tensors if t.is_cast and t.dequant is None),
         tensors_copied=sum(1 for t in plan.tensors if not t.is_cast),
-        tensors_dequantized=sum(1 for t in plan.tensors if t.scaled is not None),
+        tensors_dequantized=sum(1 for t in plan.tensors if t.dequant is not None),
         bytes_read=stats.bytes_read if stats else 0,
         bytes_written=stats.bytes_written if stats else 0,
         seconds=time.perf_counter() - started,

@@ -130,7 +130,7 @@ class OperandPlan(TypedDict):
     offsets: tuple[int, int]
 
 @type_check_only
-class DequantPlan(TypedDict):
+class Fp8ScaledPlan(TypedDict):
     """fp8 values times one scale per ``block`` (rows, columns of the 2-D weight),
     multiplied in fp32, then rounded once to the target."""
 
@@ -139,7 +139,71 @@ class DequantPlan(TypedDict):
     block: tuple[int, int]
 
 @type_check_only
+class NestedAbsmaxPlan(TypedDict):
+    """bitsandbytes double quant: absmax = ``quant_map[absmax_u8] * absmax[b //
+    blocksize] + offset`` (a product, then a sum, in fp32)."""
+
+    #: ``x.weight.nested_absmax``, F32.
+    absmax: OperandPlan
+    #: ``x.weight.nested_quant_map``, 256 F32 values.
+    quant_map: OperandPlan
+    blocksize: int
+    #: ``nested_offset`` of the quant state (held as an f32, as bitsandbytes does).
+    offset: float
+
+@type_check_only
+class Bnb4Plan(TypedDict):
+    """bitsandbytes nf4/fp4: ``quant_map[nibble] * absmax[k // blocksize]`` over the
+    flat weight, two codes a byte, high nibble first, whatever the container dtype.
+    The tensor's ``shape`` is the original one, from the quant state."""
+
+    kind: Literal["bnb4"]
+    #: ``x.weight.absmax``: F32, or U8 codes with ``nested``.
+    absmax: OperandPlan
+    #: ``x.weight.quant_map``, 16 F32 values.
+    quant_map: OperandPlan
+    blocksize: int
+    nested: NestedAbsmaxPlan | None
+
+@type_check_only
+class Int8RowsPlan(TypedDict):
+    """bitsandbytes LLM.int8: ``CB * SCB[row] * f32(1 / 127)``, in that order."""
+
+    kind: Literal["int8_rows"]
+    #: ``x.SCB``, one F32 per row.
+    scb: OperandPlan
+
+@type_check_only
+class GptqPlan(TypedDict):
+    """GPTQ, 2, 4 or 8 bits: ``W[o, i] = scales[g, o] * (q[i, o] - z[g, o])`` with ``g``
+    = ``g_idx[i]`` (or ``i // group_size``), ``z`` the stored zero plus one for v1.
+    The tensor is named ``x.weight``, shape ``[out, in]``; its source is ``x.qweight``."""
+
+    kind: Literal["gptq"]
+    qzeros: OperandPlan
+    scales: OperandPlan
+    g_idx: OperandPlan | None
+    group_size: int
+    bits: int
+    #: ``checkpoint_format: gptq`` (v1) stores each zero minus one.
+    zero_plus_one: bool
+
+@type_check_only
+class AwqPlan(TypedDict):
+    """AutoAWQ GEMM, 4 bits, order ``[0, 2, 4, 6, 1, 3, 5, 7]``: ``W[o, i] = scales[i //
+    group_size, o] * (q[i, o] - z[i // group_size, o])``, named ``x.weight``, shape
+    ``[out, in]``; its source is ``x.qweight``."""
+
+    kind: Literal["awq"]
+    qzeros: OperandPlan
+    scales: OperandPlan
+    group_size: int
+    bits: int
+
+@type_check_only
 class TensorPlan(TypedDict):
+    #: The output tensor's name and shape (a dequantized one's may differ from its
+    #: source's: GPTQ/AWQ ``x.qweight`` becomes ``x.weight``).
     name: str
     shape: list[int]
     #: Index into ``Plan["sources"]``.
@@ -150,8 +214,8 @@ class TensorPlan(TypedDict):
     src_offsets: tuple[int, int]
     #: [begin, end) in the output's data buffer.
     dst_offsets: tuple[int, int]
-    #: Set when the tensor is dequantized rather than cast.
-    dequant: NotRequired[DequantPlan]
+    #: Set when the tensor is dequantized rather than cast (``kind`` says how).
+    dequant: NotRequired[Fp8ScaledPlan | Bnb4Plan | Int8RowsPlan | GptqPlan | AwqPlan]
 
 @type_check_only
 class ShardPlan(TypedDict):

@@ -108,13 +108,14 @@ def describe(losses: Sequence[TensorLoss]) -> list[str]:
     return lines
 
 
-def narrowing_risks(casts: Iterable[tuple[str, str, int]]) -> list[str]:
+def narrowing_risks(casts: Iterable[tuple[str, str, int]], dequantized: bool = False) -> list[str]:
     """Warnings for casts whose target has a narrower range than the source (the
     core's ``narrows_range``: f32 to f16, anything to fp8...), before anything runs.
     Casts that can overflow only by rounding at the very top of the range (f32 to
     bf16) are not warned about; their overflow is still counted and reported.
 
-    ``casts`` holds (source dtype, target dtype, bytes) per tensor.
+    ``casts`` holds (source dtype, target dtype, bytes) per tensor; ``dequantized``
+    says they are dequantized weights (their fp32 values, rounded to the target).
     """
     risky: dict[tuple[str, str], list[int]] = {}
     for src, dst, nbytes in casts:
@@ -122,9 +123,15 @@ def narrowing_risks(casts: Iterable[tuple[str, str, int]]) -> list[str]:
             entry = risky.setdefault((src, dst), [0, 0])
             entry[0] += 1
             entry[1] += nbytes
-    return [
-        f"casting {n} {src} tensor(s) ({format_bytes(b)}) to {dst} can overflow: values "
-        f"beyond its range become {overflow_result(src, dst)}; every such value is counted "
-        f"and reported (predict it first with: fastcast inspect MODEL --dtype {short_name(dst)})"
-        for (src, dst), (n, b) in sorted(risky.items())
-    ]
+    warnings = []
+    for (src, dst), (n, size) in sorted(risky.items()):
+        what = f"casting {n} {src} tensor(s) ({format_bytes(size)})"
+        hint = f"predict it first with: fastcast inspect MODEL --dtype {short_name(dst)}"
+        if dequantized:
+            what = f"dequantizing {n} weight(s) ({format_bytes(size)} as fp32)"
+            hint = "--strict refuses to write them"
+        warnings.append(
+            f"{what} to {dst} can overflow: values beyond its range become "
+            f"{overflow_result(src, dst)}; every such value is counted and reported ({hint})"
+        )
+    return warnings

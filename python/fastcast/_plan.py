@@ -15,23 +15,31 @@ dtype), so that convert, inspect and verify cannot disagree about it.
 from __future__ import annotations
 
 import json
+import math
 from collections.abc import Collection, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Protocol, TypeVar
+from typing import TYPE_CHECKING, Any, Protocol, TypeAlias, TypeVar
 
 from fastcast import _core
 from fastcast._dtypes import element_size
 from fastcast._model_dir import ModelFolder, TensorEntry, WeightSet, join
+from fastcast._quant import QuantizedWeight
+
+if TYPE_CHECKING:
+    #: How the executor reconstructs a dequantized tensor (``kind`` says which).
+    DequantPlan: TypeAlias = (
+        _core.Fp8ScaledPlan | _core.Bnb4Plan | _core.Int8RowsPlan | _core.GptqPlan | _core.AwqPlan
+    )
 
 
 @dataclass(frozen=True)
-class Scaled:
-    """How a dequantized tensor's values come back: its fp8 values times ``scale``,
-    one scale per ``block`` (rows x columns of the weight seen as 2-D)."""
+class Dequantized:
+    """How a dequantized tensor's values come back: the weight (see
+    ``_quant.QuantizedWeight``) and the entries of the tensors it reads, by role."""
 
-    scale: TensorEntry
-    block: tuple[int, int]
+    weight: QuantizedWeight
+    operands: dict[str, TensorEntry]
 
 
 @dataclass
@@ -45,14 +53,39 @@ class PlannedTensor:
     label: str = ""
     """The name reports use: the tensor's, after its set's folder if it has one
     (``2_Dense/linear.weight``): names repeat across a pipeline's components."""
-    scaled: Scaled | None = None
-    """Set when the tensor is dequantized rather than cast."""
+    dequant: Dequantized | None = None
+    """Set when the tensor is dequantized rather than cast (``entry`` is then the
+    tensor holding its quantized values)."""
     role: str = "plain"
     """Its role in a quantized model's quantization (``pinned fp32``...)."""
 
     @property
     def is_cast(self) -> bool:
         return self.dtype != self.entry.dtype
+
+    @property
+    def name(self) -> str:
+        """Its name in the output (GPTQ/AWQ ``x.qweight`` is dequantized to ``x.weight``)."""
+        return self.dequant.weight.name if self.dequant else self.entry.name
+
+    @property
+    def shape(self) -> tuple[int, ...]:
+        """Its shape in the output (bitsandbytes 4-bit: the original shape)."""
+        return self.dequant.weight.shape if self.dequant else self.entry.shape
+
+    @property
+    def numel(self) -> int:
+        return math.prod(self.shape)
+
+    @property
+    def values_dtype(self) -> str:
+        """The dtype of the values rounded to ``dtype``: the source's, or F32 for a
+        dequantized tensor (its values are computed in fp32)."""
+        return "F32" if self.dequant else self.entry.dtype
+
+    @property
+    def values_nbytes(self) -> int:
+        return self.numel * 4 if self.dequant else self.entry.nbytes
 
 
 @dataclass
@@ -86,10 +119,10 @@ class SetPlan:
         return {
             "metadata": {
                 "total_size": sum(t.nbytes for t in tensors),
-                "total_parameters": sum(t.entry.numel for t in tensors),
+                "total_parameters": sum(t.numel for t in tensors),
             },
             "weight_map": {
-                t.entry.name: s.name.rpartition("/")[2] for s in self.shards for t in s.tensors
+                t.name: s.name.rpartition("/")[2] for s in self.shards for t in s.tensors
             },
         }
 
@@ -140,28 +173,70 @@ class ConversionPlan:
 def tensor_dict(t: PlannedTensor, source_ids: dict[Path, int]) -> _core.TensorPlan:
     """One tensor of the plan as the executor reads it."""
     out: _core.TensorPlan = {
-        "name": t.entry.name,
-        "shape": list(t.entry.shape),
+        "name": t.name,
+        "shape": list(t.shape),
         "source": source_ids[t.entry.file],
         "src_dtype": t.entry.dtype,
         "dst_dtype": t.dtype,
         "src_offsets": t.entry.offsets,
         "dst_offsets": t.offsets,
     }
-    if t.scaled is not None:
-        scale = t.scaled.scale
-        out["dequant"] = {
-            "kind": "fp8_scaled",
-            "scale": {
-                "name": scale.name,
-                "source": source_ids[scale.file],
-                "dtype": scale.dtype,
-                "shape": list(scale.shape),
-                "offsets": scale.offsets,
-            },
-            "block": t.scaled.block,
-        }
+    if t.dequant is not None:
+        out["dequant"] = dequant_dict(t.dequant, source_ids)
     return out
+
+
+def dequant_dict(d: Dequantized, source_ids: dict[Path, int]) -> DequantPlan:
+    """How the executor reconstructs a dequantized tensor (see dequant.rs)."""
+
+    def operand(role: str) -> _core.OperandPlan:
+        e = d.operands[role]
+        return {
+            "name": e.name,
+            "source": source_ids[e.file],
+            "dtype": e.dtype,
+            "shape": list(e.shape),
+            "offsets": e.offsets,
+        }
+
+    w, p = d.weight, d.weight.params
+    if w.kind == "fp8_scaled":
+        return {"kind": "fp8_scaled", "scale": operand("scale"), "block": p["block"]}
+    if w.kind == "bnb4":
+        nested: _core.NestedAbsmaxPlan | None = None
+        if "nested_absmax" in d.operands:
+            nested = {
+                "absmax": operand("nested_absmax"),
+                "quant_map": operand("nested_quant_map"),
+                "blocksize": p["nested_blocksize"],
+                "offset": p["offset"],
+            }
+        return {
+            "kind": "bnb4",
+            "absmax": operand("absmax"),
+            "quant_map": operand("quant_map"),
+            "blocksize": p["blocksize"],
+            "nested": nested,
+        }
+    if w.kind == "int8_rows":
+        return {"kind": "int8_rows", "scb": operand("scb")}
+    if w.kind == "gptq":
+        return {
+            "kind": "gptq",
+            "qzeros": operand("qzeros"),
+            "scales": operand("scales"),
+            "g_idx": operand("g_idx") if "g_idx" in d.operands else None,
+            "group_size": p["group_size"],
+            "bits": p["bits"],
+            "zero_plus_one": p["zero_plus_one"],
+        }
+    return {
+        "kind": "awq",
+        "qzeros": operand("qzeros"),
+        "scales": operand("scales"),
+        "group_size": p["group_size"],
+        "bits": p["bits"],
+    }
 
 
 def target_dtypes(
@@ -238,13 +313,14 @@ def plan_set(
     shard_size: int,
     keep: Sequence[str] = (),
     quantized: bool = False,
-    dequantize: Mapping[str, tuple[str, tuple[int, int]]] | None = None,
+    dequantize: Mapping[str, QuantizedWeight] | None = None,
 ) -> SetPlan:
     """One weight set's output, named after the set without its variant.
 
-    ``dequantize`` maps each quantized weight to (its scale tensor, block): those are
-    written dequantized to ``dtype``, and every other quantization-state tensor is
-    left out (the output is a plain model)."""
+    ``dequantize`` maps each tensor holding a quantized weight's values to the weight:
+    those are written dequantized to ``dtype`` (under the weight's name and shape, in
+    the place of the source tensor), and every other quantization-state tensor is left
+    out (the output is a plain model)."""
     entries = ws.tensors
     by_name = {t.name: t for t in entries}
     quantized = quantized or dequantize is not None
@@ -254,11 +330,12 @@ def plan_set(
     for i, (entry, to) in enumerate(zip(entries, targets, strict=True)):
         label = join(ws.folder, entry.name)
         if dequantize is not None and entry.name in dequantize:
-            scale, block = dequantize[entry.name]
-            scaled = Scaled(by_name[scale], block)
-            nbytes = entry.numel * element_size(dtype)
+            w = dequantize[entry.name]
+            how = Dequantized(w, {role: by_name[n] for role, n in w.operands.items()})
+            nbytes = math.prod(w.shape) * element_size(dtype)
+            label = join(ws.folder, w.name)
             planned.append(
-                PlannedTensor(entry, dtype, nbytes, label=label, scaled=scaled, role=roles[i])
+                PlannedTensor(entry, dtype, nbytes, label=label, dequant=how, role=roles[i])
             )
         elif dequantize is None or roles[i] in ("plain", "pinned fp32"):
             nbytes = output_nbytes(entry, to)
@@ -279,11 +356,12 @@ def plan_conversion(
     shard_size: int,
     keep: Sequence[str] = (),
     quantized: bool = False,
-    dequantize: Mapping[tuple[str, str], tuple[str, tuple[int, int]]] | None = None,
+    dequantize: Mapping[tuple[str, str], QuantizedWeight] | None = None,
 ) -> ConversionPlan:
     """Plan the output of every weight set of ``model``; ``quantized`` leaves every
-    quantization-state tensor as it is, ``dequantize`` ((set key, weight) -> (scale,
-    block)) writes those weights dequantized and the rest of the state not at all.
+    quantization-state tensor as it is, ``dequantize`` ((set key, source tensor) ->
+    quantized weight) writes those weights dequantized and the rest of the state not at
+    all.
 
     >>> # plan_conversion(open_model("model/"), "BF16", parse_size("5GB"), keep=["*norm*"])
     """

@@ -8,19 +8,23 @@ so that planning, inspecting and verifying cannot disagree about it.
 
 A cast never touches quantization state: a quantized model is refused unless the user
 says what to do with it (``keep_quantized``: cast only the rest and keep the
-quantization as it is).
+quantization as it is; ``dequantize``: write a plain model, each quantized weight
+reconstructed by the core as its format's reference computes it, from the tensors and
+parameters found here).
 """
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+import json
+import math
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Literal
 
 from fastcast import _core
 from fastcast._config import read_config
 from fastcast._dtypes import short_name
-from fastcast._model_dir import ModelFolder
+from fastcast._model_dir import ModelFolder, TensorEntry
 
 #: Roles that mean a model is quantized (fp32-pinned tensors alone do not).
 STATE_ROLES = {"quantized weight", "scale", "zero point", "group index", "quant state"}
@@ -204,22 +208,52 @@ def check_keep(folder: ModelFolder, quant: Quantization, target: str) -> None:
 
 # --- dequantization --------------------------------------------------------------------
 
-#: Methods --dequantize handles (fp8 in every scheme of the reference).
-DEQUANTIZES = {"fp8", "fbgemm_fp8", "compressed-tensors"}
+#: Methods --dequantize handles: fp8 in every scheme of the reference, bitsandbytes 4-bit
+#: and LLM.int8, GPTQ (v1 and v2; 2, 4 and 8 bits) and AutoAWQ GEMM.
+DEQUANTIZES = {"fp8", "fbgemm_fp8", "compressed-tensors", "bitsandbytes", "gptq", "awq"}
 #: Targets --dequantize writes.
 DEQUANTIZE_TARGETS = ("BF16", "F16", "F32")
 #: DeepSeek's block size, for block-fp8 weights whose config does not say it.
 DEFAULT_FP8_BLOCK = (128, 128)
+#: The code types bitsandbytes 4-bit writes (``quant_state.bitsandbytes__<type>``).
+BNB_4BIT_TYPES = ("nf4", "fp4")
+#: GPTQ widths whose values fill int32 words evenly (3-bit values straddle words).
+GPTQ_BITS = (2, 4, 8)
+#: The dtypes GPTQ/AWQ scales come in (fp16 from every producer; the others decode exactly).
+SCALE_DTYPES = ("F16", "BF16", "F32")
+#: Where a quant state tensor's JSON stops being plausible.
+QUANT_STATE_MAX_BYTES = 1 << 16
+
+Kind = Literal["fp8_scaled", "bnb4", "int8_rows", "gptq", "awq"]
 
 
 @dataclass(frozen=True)
-class Fp8Weight:
-    """A quantized fp8 weight, its scale tensor, and the block each scale covers
-    (rows x columns of the weight seen as 2-D)."""
+class QuantizedWeight:
+    """A quantized weight and how its values come back exactly.
 
-    weight: str
-    scale: str
-    block: tuple[int, int]
+    The output tensor is ``name`` with ``shape`` (GPTQ/AWQ: ``x.weight``, ``[out,
+    in]``; bitsandbytes 4-bit: the original shape from its quant state); its
+    quantized values are in ``source`` (``x.weight``, or GPTQ/AWQ's ``x.qweight``);
+    ``operands`` names the other tensors it reads, by their role in the core's
+    dequantization ``kind`` (``scale``, ``absmax``, ``qzeros``...), and ``params``
+    holds the format's numbers (``block``, ``blocksize``, ``bits``...).
+
+    >>> QuantizedWeight("fp8_scaled", "x.weight", "x.weight", (4, 4),
+    ...                 {"scale": "x.weight_scale"}, {"block": (4, 4)}).kind
+    'fp8_scaled'
+    """
+
+    kind: Kind
+    name: str
+    source: str
+    shape: tuple[int, ...]
+    operands: dict[str, str]
+    params: dict[str, Any]
+
+    def describe(self) -> dict[str, Any]:
+        """Everything that decides its values, JSON-ready (for fingerprints)."""
+        return {"kind": self.kind, "source": self.source, "operands": self.operands,
+                "params": self.params}  # fmt: skip
 
 
 def quantization_settings(folder: ModelFolder) -> dict[str, Any]:
@@ -229,6 +263,47 @@ def quantization_settings(folder: ModelFolder) -> dict[str, Any]:
         if found is not None:
             return found[1]
     return {}
+
+
+def cannot(t: TensorEntry, quant: Quantization, why: str) -> _core.QuantizedModelError:
+    """The refusal for a weight --dequantize cannot reconstruct exactly, naming it."""
+    return _core.QuantizedModelError(
+        f"{t.file}: {t.name} ({t.dtype} {list(t.shape)}) is quantized with "
+        f"{quant.describe()} in a way --dequantize does not reconstruct exactly: {why}; "
+        "nothing was written"
+    )
+
+
+def expect(
+    owner: TensorEntry,
+    quant: Quantization,
+    tensors: dict[str, TensorEntry],
+    what: str,
+    name: str,
+    dtypes: tuple[str, ...],
+    shape: tuple[int, ...] | None = None,
+) -> TensorEntry:
+    """Tensor ``name`` of ``tensors`` (``owner``'s ``what``), checked to exist with one of
+    ``dtypes`` and ``shape``; else the refusal naming ``owner``."""
+    t = tensors.get(name)
+    if t is None:
+        raise cannot(owner, quant, f"its {what} {name} is missing")
+    if t.dtype not in dtypes or (shape is not None and t.shape != shape):
+        needs = " or ".join(dtypes) + (f" {list(shape)}" if shape is not None else "")
+        raise cannot(owner, quant, f"its {what} {name} is {t.dtype} {list(t.shape)}, not {needs}")
+    return t
+
+
+def read_tensor_bytes(t: TensorEntry) -> bytes:
+    """A small tensor's raw bytes (a quant state's JSON, a weight format byte)."""
+    with open(t.file, "rb") as f:
+        f.seek(t.offsets[0])
+        return f.read(t.nbytes)
+
+
+def integer(value: object) -> int | None:
+    """``value`` when it is an int (and not a bool), else None."""
+    return value if isinstance(value, int) and not isinstance(value, bool) else None
 
 
 def ct_block(qc: dict[str, Any], rows: int, cols: int) -> tuple[int, int] | None:
@@ -275,37 +350,281 @@ def fp8_block(
     return (rows, cols) if scale_numel == 1 else None
 
 
-def fp8_weights(
-    folder: ModelFolder, quant: Quantization, role_of: dict[tuple[str, str], str]
-) -> dict[tuple[str, str], Fp8Weight]:
-    """Every quantized fp8 weight of the model, with its scale and block; a
-    QuantizedModelError naming the first weight that cannot be dequantized exactly."""
-    qc = quantization_settings(folder)
-    found = {}
+def quantized_tensors(
+    folder: ModelFolder, role_of: dict[tuple[str, str], str]
+) -> list[tuple[str, TensorEntry, dict[str, TensorEntry]]]:
+    """(set key, tensor, its set's tensors by name) of every quantized weight."""
+    found = []
     for ws in folder.weight_sets:
         tensors = {t.name: t for t in ws.tensors}
         for name, t in tensors.items():
-            if role_of.get((ws.key, name)) != "quantized weight":
-                continue
-            prefix = name.removesuffix(".weight")
-            scale = next(
-                (tensors[s] for s in (f"{prefix}.weight_scale_inv", f"{prefix}.weight_scale")
-                 if s in tensors), None,
-            )  # fmt: skip
-            cols = t.shape[-1] if t.shape else 1
-            rows = t.numel // cols if cols else 0
-            block = None
-            if scale is not None and t.dtype in ("F8_E4M3", "F8_E5M2"):
-                inverse = scale.name.endswith("_inv")
-                block = fp8_block(quant, qc, rows, cols, scale.numel, inverse)
-            if scale is None or block is None:
-                raise _core.QuantizedModelError(
-                    f"{t.file}: {name} ({t.dtype}) is quantized with {quant.describe()} in a "
-                    "way --dequantize does not reconstruct exactly (no scale, or its block is "
-                    "not given by the config); nothing was written"
-                )
-            found[(ws.key, name)] = Fp8Weight(name, scale.name, block)
+            if role_of.get((ws.key, name)) == "quantized weight":
+                found.append((ws.key, t, tensors))
     return found
+
+
+def fp8_weights(
+    folder: ModelFolder, quant: Quantization, role_of: dict[tuple[str, str], str]
+) -> dict[tuple[str, str], QuantizedWeight]:
+    """Every quantized fp8 weight of the model, with its scale and block."""
+    qc = quantization_settings(folder)
+    found = {}
+    for key, t, tensors in quantized_tensors(folder, role_of):
+        prefix = t.name.removesuffix(".weight")
+        scale = next(
+            (tensors[s] for s in (f"{prefix}.weight_scale_inv", f"{prefix}.weight_scale")
+             if s in tensors), None,
+        )  # fmt: skip
+        cols = t.shape[-1] if t.shape else 1
+        rows = t.numel // cols if cols else 0
+        block = None
+        if scale is not None and t.dtype in ("F8_E4M3", "F8_E5M2"):
+            inverse = scale.name.endswith("_inv")
+            block = fp8_block(quant, qc, rows, cols, scale.numel, inverse)
+        if scale is None or block is None:
+            raise cannot(t, quant, "no scale, or its block is not given by the config")
+        found[(key, t.name)] = QuantizedWeight(
+            "fp8_scaled", t.name, t.name, t.shape, {"scale": scale.name}, {"block": block}
+        )
+    return found
+
+
+def bnb_weights(
+    folder: ModelFolder, quant: Quantization, role_of: dict[tuple[str, str], str]
+) -> dict[tuple[str, str], QuantizedWeight]:
+    """Every bitsandbytes weight: LLM.int8 (``x.SCB`` beside it) or 4-bit (a
+    ``x.weight.quant_state.bitsandbytes__*`` beside it, read for the block sizes, the
+    original shape and the double-quant offset)."""
+    found = {}
+    for key, t, tensors in quantized_tensors(folder, role_of):
+        x = t.name.removesuffix(".weight")
+        if f"{x}.SCB" in tensors:
+            found[(key, t.name)] = bnb_int8_weight(t, tensors, quant)
+        else:
+            found[(key, t.name)] = bnb_4bit_weight(t, tensors, quant)
+    return found
+
+
+def bnb_int8_weight(
+    t: TensorEntry, tensors: dict[str, TensorEntry], quant: Quantization
+) -> QuantizedWeight:
+    """LLM.int8: ``x.weight`` I8 rows, ``x.SCB`` F32 per row, ``x.weight_format`` 0."""
+    x = t.name.removesuffix(".weight")
+    if t.dtype != "I8" or len(t.shape) != 2:
+        raise cannot(t, quant, "an LLM.int8 weight is I8 [out, in]")
+    scb = expect(t, quant, tensors, "row scale", f"{x}.SCB", ("F32",), (t.shape[0],))
+    if f"{x}.weight_format" in tensors:
+        fmt = expect(t, quant, tensors, "weight format", f"{x}.weight_format", ("U8",))
+        value = read_tensor_bytes(fmt)
+        if value != b"\0":
+            raise cannot(
+                t, quant, f"its weight_format is {list(value)}, a tiled layout of older "
+                "bitsandbytes (only 0, row-major, is read)",
+            )  # fmt: skip
+    return QuantizedWeight("int8_rows", t.name, t.name, t.shape, {"scb": scb.name}, {})
+
+
+def bnb_quant_state(
+    t: TensorEntry, tensors: dict[str, TensorEntry], quant: Quantization
+) -> tuple[str, dict[str, Any]]:
+    """(code type, JSON) of a 4-bit weight's ``quant_state.bitsandbytes__<type>``."""
+    states = [n for n in tensors if n.startswith(f"{t.name}.quant_state.bitsandbytes__")]
+    if len(states) != 1:
+        why = "it has no quant_state" if not states else f"it has {len(states)} quant states"
+        raise cannot(t, quant, why)
+    qs = tensors[states[0]]
+    code = qs.name.rsplit("__", 1)[1]
+    if code not in BNB_4BIT_TYPES:
+        raise cannot(t, quant, f"its quant state {qs.name} names the code {code!r}, not nf4 or fp4")
+    if qs.dtype != "U8" or qs.nbytes > QUANT_STATE_MAX_BYTES:
+        raise cannot(t, quant, f"its quant state {qs.name} is {qs.dtype} {list(qs.shape)}, not "
+                     "the U8 bytes of a JSON object")  # fmt: skip
+    try:
+        state = json.loads(read_tensor_bytes(qs).decode("utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise cannot(t, quant, f"its quant state {qs.name} is not JSON ({e})") from None
+    if not isinstance(state, dict):
+        raise cannot(t, quant, f"its quant state {qs.name} is not a JSON object")
+    if state.get("quant_type", code) != code:
+        raise cannot(t, quant, f"its quant state {qs.name} says quant_type "
+                     f"{state.get('quant_type')!r}")  # fmt: skip
+    return code, state
+
+
+def bnb_4bit_weight(
+    t: TensorEntry, tensors: dict[str, TensorEntry], quant: Quantization
+) -> QuantizedWeight:
+    """nf4/fp4: packed nibbles (any container dtype), ``absmax`` F32 or, with double
+    quant, U8 codes with ``nested_absmax`` and ``nested_quant_map``; the JSON quant state
+    gives ``blocksize``, ``shape`` and (double quant) ``nested_blocksize`` and
+    ``nested_offset``."""
+    _, state = bnb_quant_state(t, tensors, quant)
+    blocksize = integer(state.get("blocksize"))
+    shape = state.get("shape")
+    if (
+        blocksize is None
+        or blocksize <= 0
+        or not isinstance(shape, list)
+        or any(integer(d) is None or d < 0 for d in shape)
+    ):
+        raise cannot(t, quant, "its quant state lacks a positive blocksize or a shape "
+                     f"(blocksize {state.get('blocksize')!r}, shape {shape!r})")  # fmt: skip
+    shape = tuple(int(d) for d in shape)
+    n = math.prod(shape)
+    if t.nbytes != -(-n // 2):
+        raise cannot(t, quant, f"its {t.nbytes} bytes do not hold the {n} 4-bit values of "
+                     f"shape {list(shape)} (needs {-(-n // 2)})")  # fmt: skip
+    blocks = -(-n // blocksize)
+    name = t.name
+    code = expect(t, quant, tensors, "quant map", f"{name}.quant_map", ("F32",), (16,))
+    operands = {"quant_map": code.name, "absmax": f"{name}.absmax"}
+    params: dict[str, Any] = {"blocksize": blocksize}
+    absmax = tensors.get(f"{name}.absmax")
+    if absmax is not None and absmax.dtype == "U8":  # double quant
+        expect(t, quant, tensors, "absmax", absmax.name, ("U8",), (blocks,))
+        nested_blocksize = integer(state.get("nested_blocksize"))
+        offset = state.get("nested_offset")
+        if (
+            nested_blocksize is None
+            or nested_blocksize <= 0
+            or not isinstance(offset, int | float)
+            or isinstance(offset, bool)
+            or state.get("nested_dtype", "float32") != "float32"
+        ):
+            raise cannot(t, quant, "its absmax is double-quantized but the quant state lacks "
+                         "a positive nested_blocksize, a numeric nested_offset or a float32 "
+                         "nested_dtype")  # fmt: skip
+        groups = -(-blocks // nested_blocksize)
+        outer = expect(t, quant, tensors, "nested absmax", f"{name}.nested_absmax", ("F32",),
+                       (groups,))  # fmt: skip
+        nested_code = expect(t, quant, tensors, "nested quant map", f"{name}.nested_quant_map",
+                             ("F32",), (256,))  # fmt: skip
+        operands |= {"nested_absmax": outer.name, "nested_quant_map": nested_code.name}
+        params |= {"nested_blocksize": nested_blocksize, "offset": float(offset)}
+    else:
+        expect(t, quant, tensors, "absmax", f"{name}.absmax", ("F32",), (blocks,))
+        if f"{name}.nested_absmax" in tensors:
+            raise cannot(t, quant, "it has a nested absmax but its absmax is not 8-bit")
+    return QuantizedWeight("bnb4", name, name, shape, operands, params)
+
+
+def packed_output(
+    t: TensorEntry, tensors: dict[str, TensorEntry], quant: Quantization, qc: dict[str, Any]
+) -> tuple[str, str]:
+    """(prefix, output name) of a GPTQ/AWQ ``x.qweight``, refusing anything else, an
+    output name the set already uses, or a model without the quantization_config that
+    says how it is packed."""
+    if not qc:
+        raise cannot(t, quant, "no quantization_config says its bits and group size")
+    if not t.name.endswith(".qweight"):
+        raise cannot(t, quant, f"{quant.method} weights are x.qweight tensors")
+    x = t.name.removesuffix(".qweight")
+    if f"{x}.weight" in tensors:
+        raise cannot(t, quant, f"{x}.weight, its dequantized name, is taken")
+    if t.dtype != "I32" or len(t.shape) != 2:
+        raise cannot(t, quant, "a qweight is I32, 2-D")
+    return x, f"{x}.weight"
+
+
+def gptq_weights(
+    folder: ModelFolder, quant: Quantization, role_of: dict[tuple[str, str], str]
+) -> dict[tuple[str, str], QuantizedWeight]:
+    """Every GPTQ ``x.qweight`` ``[in * bits / 32, out]``, with ``qzeros``, ``scales``
+    and ``g_idx``; bits, group size and format (v1 stores zero minus one) from the
+    quantization_config."""
+    qc = quantization_settings(folder)
+    found = {}
+    for key, t, tensors in quantized_tensors(folder, role_of):
+        x, name = packed_output(t, tensors, quant, qc)
+        bits = integer(qc.get("bits"))
+        if bits not in GPTQ_BITS:
+            why = ", whose values straddle int32 words" if bits == 3 else ""
+            raise cannot(
+                t, quant, f"it is {qc.get('bits')}-bit GPTQ{why} (2, 4 and 8 bits are unpacked)"
+            )
+        fmt = qc.get("checkpoint_format", "gptq")
+        if fmt not in ("gptq", "gptq_v2"):
+            raise cannot(t, quant, f"checkpoint_format {fmt!r} (gptq and gptq_v2 are read)")
+        if qc.get("dynamic"):
+            raise cannot(t, quant, "its config overrides settings per module (dynamic)")
+        per = 32 // bits
+        inputs, outputs = t.shape[0] * per, t.shape[1]
+        if outputs % per:
+            raise cannot(t, quant, f"{outputs} outputs do not pack into {bits}-bit zeros")
+        group = integer(qc.get("group_size"))
+        if group is None or group == 0 or group < -1:
+            raise cannot(t, quant, f"group_size {qc.get('group_size')!r}")
+        group = inputs if group == -1 else group
+        groups = -(-inputs // group)  # with or without g_idx, as AutoGPTQ sizes them
+        scales = expect(t, quant, tensors, "scales", f"{x}.scales", SCALE_DTYPES,
+                        (groups, outputs))  # fmt: skip
+        qzeros = expect(t, quant, tensors, "zeros", f"{x}.qzeros", ("I32",),
+                        (groups, outputs // per))  # fmt: skip
+        operands = {"qzeros": qzeros.name, "scales": scales.name}
+        if f"{x}.g_idx" in tensors:  # else inputs are grouped in order
+            g_idx = expect(t, quant, tensors, "group index", f"{x}.g_idx", ("I32",), (inputs,))
+            operands["g_idx"] = g_idx.name
+        params = {"group_size": group, "bits": bits, "zero_plus_one": fmt == "gptq"}
+        found[(key, t.name)] = QuantizedWeight(
+            "gptq", name, t.name, (outputs, inputs), operands, params
+        )
+    return found
+
+
+def awq_weights(
+    folder: ModelFolder, quant: Quantization, role_of: dict[tuple[str, str], str]
+) -> dict[tuple[str, str], QuantizedWeight]:
+    """Every AutoAWQ GEMM ``x.qweight`` ``[in, out / 8]``, with ``qzeros`` and
+    ``scales``; bits, group size, version and zero point from the quantization_config."""
+    qc = quantization_settings(folder)
+    found = {}
+    for key, t, tensors in quantized_tensors(folder, role_of):
+        x, name = packed_output(t, tensors, quant, qc)
+        bits = integer(qc.get("bits", qc.get("w_bit")))
+        version = str(qc.get("version", "gemm")).lower()
+        if bits != 4 or version != "gemm" or qc.get("zero_point", True) is not True:
+            raise cannot(
+                t,
+                quant,
+                f"{bits}-bit AWQ {version}, zero_point "
+                f"{qc.get('zero_point', True)} (4-bit GEMM with zero points is read)",
+            )
+        group = integer(qc.get("group_size", qc.get("q_group_size")))
+        if group is None or group <= 0:
+            raise cannot(t, quant, f"group_size {qc.get('group_size')!r}")
+        inputs, outputs = t.shape[0], t.shape[1] * 8
+        groups = -(-inputs // group)
+        scales = expect(t, quant, tensors, "scales", f"{x}.scales", SCALE_DTYPES,
+                        (groups, outputs))  # fmt: skip
+        qzeros = expect(t, quant, tensors, "zeros", f"{x}.qzeros", ("I32",), (groups, t.shape[1]))
+        found[(key, t.name)] = QuantizedWeight(
+            "awq", name, t.name, (outputs, inputs),
+            {"qzeros": qzeros.name, "scales": scales.name}, {"group_size": group, "bits": 4},
+        )  # fmt: skip
+    return found
+
+
+#: Each method's reader of its quantized weights.
+READERS: dict[str, Callable[..., dict[tuple[str, str], QuantizedWeight]]] = {
+    "fp8": fp8_weights,
+    "fbgemm_fp8": fp8_weights,
+    "compressed-tensors": fp8_weights,
+    "bitsandbytes": bnb_weights,
+    "gptq": gptq_weights,
+    "awq": awq_weights,
+}
+
+
+def quantized_weights(
+    folder: ModelFolder, quant: Quantization, role_of: dict[tuple[str, str], str]
+) -> dict[tuple[str, str], QuantizedWeight]:
+    """Every quantized weight of the model and how to dequantize it exactly, by (set
+    key, source tensor name); a QuantizedModelError naming the first weight that cannot
+    be reconstructed exactly.
+
+    >>> # quantized_weights(folder, detect(folder), roles(folder))
+    """
+    return READERS[quant.method](folder, quant, role_of)
 
 
 def check_dequantize(folder: ModelFolder, quant: Quantization, target: str) -> None:

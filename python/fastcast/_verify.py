@@ -16,10 +16,11 @@ from __future__ import annotations
 
 import importlib.util
 import json
+import math
 import os
 import threading
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import ExitStack
 from dataclasses import dataclass, field, replace
@@ -31,7 +32,7 @@ from fastcast._config import config_dtypes, is_transformers_config, read_config
 from fastcast._dtypes import from_torch_name, is_castable, torch_name
 from fastcast._model_dir import ModelFolder, SourceFile, TensorEntry, WeightSet, open_model
 from fastcast._progress import ByteProgress
-from fastcast._quant import Quantization, detect, fp8_weights, roles
+from fastcast._quant import Quantization, QuantizedWeight, detect, quantized_weights, roles
 from fastcast._record import RECORD_NAME, STAGING_DIR, OutputRecord, read_record
 from fastcast._units import format_bytes
 
@@ -108,12 +109,14 @@ class Pairing:
     keep: list[str]
     quantization: Quantization | None = None
     """The source's quantization (kept as it was, unless ``dequantized``)."""
-    dequantized: dict[str, dict[str, tuple[str, tuple[int, int]]]] = field(default_factory=dict)
-    """Per source set: each dequantized weight's (scale tensor, block)."""
+    dequantized: dict[str, dict[str, QuantizedWeight]] = field(default_factory=dict)
+    """Per source set: each dequantized weight, by its name in the output."""
 
-    def expected(self, source: WeightSet) -> dict[str, str | None]:
-        """Tensor name -> the dtype the conversion should have stored (the core's
-        rule), or None for quantization state a dequantization leaves out."""
+    def expected(self, source: WeightSet) -> dict[str, tuple[str, tuple[int, ...]]]:
+        """Every tensor the output should hold -> the dtype (the core's rule) and shape
+        the conversion should have stored: a dequantized model holds its plain tensors
+        and its dequantized weights (under their names and shapes), no other
+        quantization state."""
         tensors = source.tensors
         dtypes = _core.target_dtypes(
             [(t.name, t.dtype) for t in tensors],
@@ -121,16 +124,19 @@ class Pairing:
             self.keep,
             quantized=self.quantization is not None,
         )
-        scaled = self.dequantized.get(source.key)
-        if scaled is None:
-            return {t.name: d for t, d in zip(tensors, dtypes, strict=True)}
+        weights = self.dequantized.get(source.key)
+        if weights is None:
+            return {t.name: (d, t.shape) for t, d in zip(tensors, dtypes, strict=True)}
+        by_source = {w.source: w for w in weights.values()}
         roles = _core.quant_roles([t.name for t in tensors])
-        return {
-            t.name: self.target if t.name in scaled
-            else d if role in ("plain", "pinned fp32")
-            else None
-            for t, d, role in zip(tensors, dtypes, roles, strict=True)
-        }  # fmt: skip
+        want = {}
+        for t, d, role in zip(tensors, dtypes, roles, strict=True):
+            w = by_source.get(t.name)
+            if w is not None:
+                want[w.name] = (self.target, w.shape)
+            elif role in ("plain", "pinned fp32"):
+                want[t.name] = (d, t.shape)
+        return want
 
 
 def infer_dtype(out: ModelFolder) -> str:
@@ -167,34 +173,32 @@ def check_structure(src: ModelFolder, out: ModelFolder, pairing: Pairing) -> lis
     problems: list[str] = list(out.warnings)
     for source, converted in pairing.sets:
         where = f" in {converted.key}" if len(pairing.sets) > 1 else ""
-        expected = pairing.expected(source)
-        role_of = dict(zip(expected, _core.quant_roles(list(expected)), strict=True))
-        want = {t.name: t for t in source.tensors if expected[t.name] is not None}
+        want = pairing.expected(source)
+        role_of = dict(zip(want, _core.quant_roles(list(want)), strict=True))
         have = {t.name: t for t in converted.tensors}
         problems += [
             f"tensor {n!r}{where} is missing from the output" for n in want if n not in have
         ]
         problems += [f"tensor {n!r}{where} is not in the source" for n in have if n not in want]
-        for name, s in want.items():
+        for name, (dtype, shape) in want.items():
             o = have.get(name)
             if o is None:
                 continue
-            if o.shape != s.shape:
+            if o.shape != shape:
                 problems.append(
                     f"tensor {name!r} ({o.file.name}) has shape {list(o.shape)}, "
-                    f"the source {list(s.shape)}"
+                    f"the source {list(shape)}"
                 )
-            if o.dtype != expected[name] and pairing.quantization and role_of[name] != "plain":
+            if o.dtype != dtype and pairing.quantization and role_of[name] != "plain":
                 problems.append(
                     f"tensor {name!r} ({o.file.name}) is quantization state ({role_of[name]}) "
                     f"of a {pairing.quantization.method} model, stored as {o.dtype} instead of "
-                    f"{expected[name]}: a blanket cast, which breaks the model (the scales are "
+                    f"{dtype}: a blanket cast, which breaks the model (the scales are "
                     "not applied); convert it again with --keep-quantized"
                 )
-            elif o.dtype != expected[name]:
+            elif o.dtype != dtype:
                 problems.append(
-                    f"tensor {name!r} ({o.file.name}) is stored as {o.dtype}, "
-                    f"expected {expected[name]}"
+                    f"tensor {name!r} ({o.file.name}) is stored as {o.dtype}, expected {dtype}"
                 )
         if converted.index is not None:
             meta = json.loads(converted.index.read_text(encoding="utf-8")).get("metadata", {})
@@ -358,14 +362,14 @@ def verify_values(
     """
     from safetensors import safe_open
 
-    # Each output file, with its set's source tensors, their expected dtypes, and the
-    # dequantized weights' (scale, block).
+    # Each output file, with its set's source tensors, the expected dtypes and shapes,
+    # and the dequantized weights.
     files: list[FileJob] = []
     for source, converted in pairing.sets:
         sources = {t.name: t for t in source.tensors}
         expected = pairing.expected(source)
-        scaled = pairing.dequantized.get(source.key, {})
-        files += [(f, sources, expected, scaled) for f in converted.files]
+        weights = pairing.dequantized.get(source.key, {})
+        files += [(f, sources, expected, weights) for f in converted.files]
     total = sum(t.nbytes for f, *_ in files for t in f.tensors)
 
     lock = threading.Lock()
@@ -380,7 +384,7 @@ def verify_values(
             return max(devices, key=lambda d: torch.cuda.mem_get_info(d)[0])
 
     def check_file(job: FileJob) -> tuple[int, int, list[TensorMismatch]]:
-        f, sources, expected_dtypes, scaled = job
+        f, sources, expected_tensors, weights = job
         device = roomiest()
         found: list[TensorMismatch] = []
         checked = nbytes = 0
@@ -388,7 +392,8 @@ def verify_values(
             handle = stack.enter_context(safe_open(str(f.path), framework="pt", device=device))
             opened: dict[Path, Any] = {}
 
-            def read(entry: TensorEntry) -> torch.Tensor:
+            def read(name: str) -> torch.Tensor:
+                entry = sources[name]
                 if entry.file not in opened:
                     opened[entry.file] = stack.enter_context(
                         safe_open(str(entry.file), framework="pt", device=device)
@@ -397,23 +402,21 @@ def verify_values(
                 return tensor
 
             for t in f.tensors:
-                s = sources.get(t.name)
-                expected = expected_dtypes.get(t.name)
-                if s is None or expected is None:
-                    continue
+                if t.name not in expected_tensors:
+                    continue  # not in the source: a structural problem, reported there
+                expected, shape = expected_tensors[t.name]
                 got = handle.get_tensor(t.name)
-                if got.dtype != torch_dtype(expected) or got.shape != s.shape:
+                if got.dtype != torch_dtype(expected) or tuple(got.shape) != shape:
                     continue  # a structural problem, reported there
                 # torch on the same device is the independent oracle: its own cast, or the
-                # reference dequantization (fp32 product, then its own cast).
-                if t.name in scaled:
-                    scale, block = scaled[t.name]
-                    values = dequantize_reference(read(s), read(sources[scale]), block)
-                    want = values.to(torch_dtype(expected))
+                # reference dequantization (fp32, then its own cast).
+                w = weights.get(t.name)
+                if w is not None:
+                    want = dequantize_reference(w, read).to(torch_dtype(expected))
                 else:
-                    want = read(s).to(torch_dtype(expected))
+                    want = read(t.name).to(torch_dtype(expected))
                 mismatch = compare(t.name, f.path.name, got, want, expected)
-                if mismatch and t.name in scaled:
+                if mismatch and w is not None:
                     mismatch = replace(mismatch, oracle="torch's reference dequantization")
                 if mismatch:
                     found.append(mismatch)
@@ -438,29 +441,126 @@ def verify_values(
     return sum(r[0] for r in results), sum(r[1] for r in results), mismatches
 
 
-#: An output file to check: its set's source tensors by name, the expected dtypes, and
-#: the dequantized weights' (scale tensor, block).
+#: An output file to check: its set's source tensors by name, the expected dtypes and
+#: shapes, and the dequantized weights by output name.
 FileJob = tuple[
     SourceFile,
     dict[str, TensorEntry],
-    dict[str, str | None],
-    dict[str, tuple[str, tuple[int, int]]],
+    dict[str, tuple[str, tuple[int, ...]]],
+    dict[str, QuantizedWeight],
 ]
 
+#: bitsandbytes' LLM.int8 multiplier (``int8_vectorwise_dequant``): 1/127 as an f32.
+RECIPROCAL_127 = 7.874015718698502e-3
+#: AutoAWQ GEMM: output ``j`` of each group of eight sits in nibble ``AWQ_NIBBLE[j]``
+#: (the inverse of the packing order [0, 2, 4, 6, 1, 3, 5, 7]).
+AWQ_NIBBLE = (0, 4, 1, 5, 2, 6, 3, 7)
 
-def dequantize_reference(
-    q: torch.Tensor, scale: torch.Tensor, block: tuple[int, int]
-) -> torch.Tensor:
-    """The reference math of fp8 dequantization, in torch: each fp8 value as fp32
-    times its block's scale as fp32 (an fp32 product, as DeepSeek's ``weight_dequant``
-    and compressed-tensors compute it), the weight seen as 2-D with partial edge
-    blocks cut to the weight."""
+
+def dequantize_reference(w: QuantizedWeight, read: Callable[[str], torch.Tensor]) -> torch.Tensor:
+    """The reference math of ``w``'s format in torch, on the device its tensors are
+    read to (``read(name)``): fp32 values, each as the format's own library computes
+    it, independent of fastcast's core. Round once to the target to compare."""
+    q = read(w.source)
+    ops = {role: read(name) for role, name in w.operands.items()}
+    p = w.params
+    if w.kind == "fp8_scaled":
+        return fp8_reference(q, ops["scale"], p["block"])
+    if w.kind == "bnb4":
+        return bnb4_reference(q, ops, w.shape, p)
+    if w.kind == "int8_rows":
+        # bitsandbytes' order: (CB * SCB) * f32(1/127), not / 127.
+        return q.float() * ops["scb"].float().view(-1, 1) * RECIPROCAL_127
+    if w.kind == "gptq":
+        g_idx = ops.get("g_idx")
+        return gptq_reference(q, ops["qzeros"], ops["scales"], g_idx, p)
+    return awq_reference(q, ops["qzeros"], ops["scales"], p["group_size"])
+
+
+def fp8_reference(q: torch.Tensor, scale: torch.Tensor, block: tuple[int, int]) -> torch.Tensor:
+    """fp8: each value as fp32 times its block's scale as fp32 (an fp32 product, as
+    DeepSeek's ``weight_dequant`` and compressed-tensors compute it), the weight seen
+    as 2-D with partial edge blocks cut to the weight."""
     cols = q.shape[-1] if q.dim() else 1
     rows = q.numel() // cols if cols else 0
     br, bc = block
     grid = scale.float().reshape(-(-rows // br), -(-cols // bc))
     full = grid.repeat_interleave(br, 0)[:rows].repeat_interleave(bc, 1)[:, :cols]
     return (q.float().reshape(rows, cols) * full).reshape(q.shape)
+
+
+def bnb4_reference(
+    packed: torch.Tensor,
+    ops: dict[str, torch.Tensor],
+    shape: tuple[int, ...],
+    p: dict[str, Any],
+) -> torch.Tensor:
+    """bitsandbytes nf4/fp4: the container's bytes, two codes each (high nibble first),
+    ``quant_map[code] * absmax[k // blocksize]``; with double quant the absmax is
+    ``nested_quant_map[absmax_u8] * nested_absmax[b // nested_blocksize]``, then plus the
+    offset as an f32 (``dequantize_blockwise``, then ``+=``)."""
+    import torch
+
+    n = math.prod(shape)
+    data = packed.contiguous().view(torch.uint8).reshape(-1)
+    codes = torch.stack([data >> 4, data & 0xF], dim=1).reshape(-1)[:n].long()
+    absmax = ops["absmax"]
+    if "nested_absmax" in ops:
+        outer = ops["nested_absmax"].float().repeat_interleave(p["nested_blocksize"])
+        absmax = ops["nested_quant_map"].float()[absmax.long()] * outer[: absmax.numel()]
+        absmax = absmax + torch.tensor(p["offset"], dtype=torch.float32, device=absmax.device)
+    per_value = absmax.float().repeat_interleave(p["blocksize"])[:n]
+    return (ops["quant_map"].float()[codes] * per_value).reshape(shape)
+
+
+def unpack_words(
+    words: torch.Tensor, bits: int, order: Sequence[int] | None = None
+) -> torch.Tensor:
+    """int32 words ``[..., m]`` -> ``[..., m * 32 // bits]`` values, low bits first (value
+    ``j`` of a word at slot ``order[j]`` when given)."""
+    import torch
+
+    slots = list(order) if order is not None else list(range(32 // bits))
+    shifts = torch.tensor(slots, dtype=torch.int32, device=words.device) * bits
+    values = (words.unsqueeze(-1) >> shifts) & ((1 << bits) - 1)
+    return values.reshape(*words.shape[:-1], -1)
+
+
+def gptq_reference(
+    qweight: torch.Tensor,
+    qzeros: torch.Tensor,
+    scales: torch.Tensor,
+    g_idx: torch.Tensor | None,
+    p: dict[str, Any],
+) -> torch.Tensor:
+    """GPTQ: ``W[o, i] = scales[g, o] * (q[i, o] - z[g, o])``, ``q`` packed along the
+    inputs, ``z`` along the outputs, ``z`` the stored zero plus one for v1, ``g`` =
+    ``g_idx[i]`` (else ``i // group_size``); ``[out, in]``."""
+    import torch
+
+    bits = p["bits"]
+    inputs = qweight.shape[0] * 32 // bits
+    q = unpack_words(qweight.t(), bits).t()  # [in, out]
+    zeros = unpack_words(qzeros, bits) + int(p["zero_plus_one"])  # [groups, out]
+    g = (
+        g_idx.long()
+        if g_idx is not None
+        else torch.arange(inputs, device=qweight.device) // p["group_size"]
+    )
+    return (scales.float()[g] * (q - zeros[g]).float()).t().contiguous()
+
+
+def awq_reference(
+    qweight: torch.Tensor, qzeros: torch.Tensor, scales: torch.Tensor, group_size: int
+) -> torch.Tensor:
+    """AutoAWQ GEMM: values packed along the outputs in AWQ's order, ``W[o, i] =
+    scales[i // group_size, o] * (q[i, o] - z[i // group_size, o])``; ``[out, in]``."""
+    import torch
+
+    q = unpack_words(qweight, 4, AWQ_NIBBLE)  # [in, out]
+    zeros = unpack_words(qzeros, 4, AWQ_NIBBLE)  # [groups, out]
+    g = torch.arange(q.shape[0], device=qweight.device) // group_size
+    return (scales.float()[g] * (q - zeros[g]).float()).t().contiguous()
 
 
 def torch_dtype(name: str) -> torch.dtype:
@@ -555,10 +655,10 @@ def verify(
     report = VerifyReport(Path(output), Path(against), target, label)
     sets, unpaired = pair_sets(src, out)
     quant = detect(src)
-    dequantized: dict[str, dict[str, tuple[str, tuple[int, int]]]] = {}
+    dequantized: dict[str, dict[str, QuantizedWeight]] = {}
     if quant is not None and was_dequantized(out, record):
-        for (key, name), w in fp8_weights(src, quant, roles(src)).items():
-            dequantized.setdefault(key, {})[name] = (w.scale, w.block)
+        for (key, _), w in quantized_weights(src, quant, roles(src)).items():
+            dequantized.setdefault(key, {})[w.name] = w
     pairing = Pairing(sets, target, list(keep or ()), quant, dequantized)
     report.problems = unpaired + check_structure(src, out, pairing)
     report.tensors_checked, report.bytes_checked, report.mismatches = verify_values(

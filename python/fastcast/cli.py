@@ -102,10 +102,11 @@ def add_convert(commands: argparse._SubParsersAction[argparse.ArgumentParser]) -
     convert.add_argument(
         "--dequantize",
         action="store_true",
-        help="for a quantized fp8 model (DeepSeek/FineGrained blocks, compressed-tensors, "
-        "FBGEMM, vLLM): write a plain model in DTYPE (bf16, fp16 or fp32), each weight "
-        "its fp8 values times their scales, multiplied in fp32 and rounded once; the "
-        "scales and quantization_config are left out",
+        help="for a quantized model (fp8: DeepSeek/FineGrained blocks, compressed-tensors, "
+        "FBGEMM, vLLM; bitsandbytes 4-bit and LLM.int8; GPTQ; AWQ): write a plain model in "
+        "DTYPE (bf16, fp16 or fp32), each weight computed in fp32 as its format's library "
+        "computes it and rounded once; the quantization state and quantization_config are "
+        "left out",
     )
     convert.add_argument(
         "--strict",
