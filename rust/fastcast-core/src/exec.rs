@@ -5,9 +5,12 @@
 //! shard, at which offset, in which dtype). Nothing here decides layout; it
 //! checks that the plan is self-consistent and matches the files on disk,
 //! then moves bytes. No tensor, shard or model is ever held in memory: at any
-//! moment each worker thread holds one chunk of at most `chunk_bytes`.
+//! moment each worker thread holds one chunk of at most `chunk_bytes` (a
+//! dequantized or quantized tensor's chunk holds whole packed units or
+//! block-rows of it, so may be larger: see `chunks_of`).
 
 use std::cell::RefCell;
+use std::collections::HashMap;
 use std::fs::File;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
@@ -26,6 +29,7 @@ use crate::header::{Header, TensorInfo};
 use crate::journal::{self, ShardRecord};
 use crate::loss::{LossRule, LossStats};
 use crate::positional;
+use crate::quantize::{Fp8Blocks, Quantize};
 use crate::shard_file::{self, ShardFile};
 
 /// The plan format this build reads; see [`Plan::version`].
@@ -95,6 +99,10 @@ pub struct TensorPlan {
     /// are then rounded once to `dst_dtype`.
     #[serde(default)]
     pub dequant: Option<Dequant>,
+    /// When the tensor is written by quantizing its source (a float weight):
+    /// the weight's e4m3 values, or its scales.
+    #[serde(default)]
+    pub quantize: Option<Quantize>,
 }
 
 /// How a plan runs.
@@ -164,6 +172,8 @@ struct Job<'a> {
     rule: Option<LossRule>,
     /// For a quantized source: how its values are reconstructed.
     dequant: Option<Dequantizer<'a>>,
+    /// For a tensor quantized from its source: its values or its scales.
+    quantize: Option<Quantizing<'a>>,
     /// Loss counts gathered chunk by chunk.
     stats: Mutex<LossStats>,
     /// Chunks not yet done, for a source every chunk reads whole (released
@@ -171,23 +181,45 @@ struct Job<'a> {
     pending: AtomicU64,
 }
 
+/// A tensor written by quantizing its source, a float weight.
+enum Quantizing<'a> {
+    /// The weight's e4m3 values.
+    Weight(Fp8Blocks),
+    /// The weight's scales; `weight` is the weight's output name.
+    Scale { blocks: Fp8Blocks, weight: &'a str },
+}
+
 impl Job<'_> {
     /// The source bytes of chunk `c` (for a dequantized tensor, those its
-    /// output elements read).
+    /// output elements read; for scales, the block-rows of the weight they
+    /// cover).
     fn src_of(&self, c: &Chunk) -> &[u8] {
-        match &self.dequant {
-            Some(d) => {
+        match (&self.dequant, &self.quantize) {
+            (Some(d), _) => {
                 let (begin, end) = d.source_range(c.begin, c.end);
                 &self.src[begin..end]
             }
-            None => &self.src[span(self.from, c.begin) as usize..span(self.from, c.end) as usize],
+            (_, Some(Quantizing::Scale { blocks, .. })) => {
+                let per_block_row = blocks.grid()[1];
+                let (at, len) =
+                    blocks.block_rows_bytes(c.begin / per_block_row, c.end / per_block_row);
+                &self.src[at..at + len]
+            }
+            _ => &self.src[span(self.from, c.begin) as usize..span(self.from, c.end) as usize],
         }
+    }
+
+    /// Whether this job reads input bytes that count as read: scales re-read
+    /// their weight's, already counted for the weight.
+    fn counts_its_reads(&self) -> bool {
+        !matches!(self.quantize, Some(Quantizing::Scale { .. }))
     }
 
     /// Input bytes chunk `c` accounts for in progress: its source bytes, or
     /// its share of a source every chunk reads whole (the shares add up to it).
     fn src_done(&self, c: &Chunk) -> u64 {
         match &self.dequant {
+            _ if !self.counts_its_reads() => 0,
             Some(d) if d.reads_whole_source() => {
                 let len = self.src.len() as u128;
                 let share = |k: u64| (len * k as u128 / self.numel.max(1) as u128) as u64;
@@ -213,12 +245,16 @@ impl Job<'_> {
     /// Add the loss of casting `src` (a chunk of this job's source) to its counts.
     fn count_loss(&self, src: &[u8]) {
         if let Some(rule) = &self.rule {
-            let found = rule.scan(src);
-            self.stats
-                .lock()
-                .unwrap_or_else(|e| e.into_inner())
-                .merge(&found);
+            self.add_loss(&rule.scan(src));
         }
+    }
+
+    /// Add loss counts found for a chunk.
+    fn add_loss(&self, found: &LossStats) {
+        self.stats
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .merge(found);
     }
 
     /// Loss counts so far.
@@ -338,7 +374,9 @@ fn tally(stats: &mut ExecStats, record: &ShardRecord, jobs: &[Job]) {
     stats.shards_written += 1;
     stats.bytes_written += record.size;
     for job in jobs {
-        stats.bytes_read += job.src.len() as u64;
+        if job.counts_its_reads() {
+            stats.bytes_read += job.src.len() as u64;
+        }
         if job.from == job.to {
             stats.tensors_copied += 1;
         } else {
@@ -412,9 +450,14 @@ pub fn scan(plan: &Plan, progress: &Progress) -> Result<Vec<(String, LossStats)>
                     return Err(Error::Cancelled);
                 }
                 let job = &jobs[c.job];
-                match &job.dequant {
-                    Some(d) => with_values(job, d, c, |values| job.count_loss(values)),
-                    None => job.count_loss(job.src_of(c)),
+                match (&job.dequant, &job.quantize) {
+                    (Some(d), _) => with_values(job, d, c, |values| job.count_loss(values)),
+                    (_, Some(q)) => {
+                        with_quantized(job, q, c, &CastOptions::default(), |_, loss| {
+                            loss.inspect(|l| job.add_loss(l));
+                        })
+                    }
+                    (None, None) => job.count_loss(job.src_of(c)),
                 }
                 job.release(c);
                 progress
@@ -492,36 +535,59 @@ fn check_shard<'a>(
             .try_fold(1u64, |a, &d| a.checked_mul(d))
             .ok_or_else(|| bad(format!("tensor {:?}: shape overflows", t.name)))?;
         let src = &map[begin as usize..end as usize];
-        let dequant = match &t.dequant {
-            None => {
+        // The source holds a tensor of `shape` (the output's, or for scales
+        // their weight's).
+        let holds = |shape: &[u64]| {
+            let numel = shape.iter().try_fold(1u64, |a, &d| a.checked_mul(d));
+            if numel.and_then(|n| n.checked_mul(from.bits())) == Some((end - begin) * 8) {
+                return Ok(());
+            }
+            Err(bad(format!(
+                "tensor {:?}: {} bytes in {} do not hold {from} {shape:?}",
+                t.name,
+                end - begin,
+                source.display(),
+            )))
+        };
+        let (dequant, quantize) = match (&t.dequant, &t.quantize) {
+            (None, None) => {
                 if from != to {
                     cast::check_buffers(from, to, 0, 0)?;
                 }
-                let src_bits = numel.checked_mul(from.bits());
-                if src_bits != Some((end - begin) * 8) {
-                    return Err(bad(format!(
-                        "tensor {:?}: {} bytes in {} do not hold {from} {:?}",
-                        t.name,
-                        end - begin,
-                        source.display(),
-                        t.shape
-                    )));
-                }
-                None
+                holds(&t.shape)?;
+                (None, None)
             }
             // The source is packed as its format packs it (the dequantizer
             // checks its size); the f32 values are what is rounded.
-            Some(how) => {
+            (Some(how), None) => {
                 cast::check_buffers(DType::F32, to, 0, 0)?;
                 let operand = |op: &'a Operand| operand_bytes(op, plan, maps);
                 let d = Dequantizer::new(how, from, &t.shape, src.len(), &operand)
                     .map_err(|e| bad(format!("tensor {:?}: {e}", t.name)))?;
-                Some(d)
+                (Some(d), None)
+            }
+            (None, Some(how)) => {
+                let q = quantizing(t, how, from, to)
+                    .map_err(|e| bad(format!("tensor {:?}: {e}", t.name)))?;
+                holds(match how {
+                    Quantize::Fp8Weight { .. } => &t.shape,
+                    Quantize::Fp8Scale { weight_shape, .. } => weight_shape,
+                })?;
+                (None, Some(q))
+            }
+            (Some(_), Some(_)) => {
+                return Err(bad(format!(
+                    "tensor {:?} is both dequantized and quantized",
+                    t.name
+                )))
             }
         };
-        let rule = match &dequant {
-            Some(_) => Some(LossRule::new(DType::F32, to)),
-            None => (from != to).then(|| LossRule::new(from, to)),
+        // For a quantized weight: the loss of rounding each W / s to e4m3
+        // (counted by the quantizer, with the input's NaN and inf).
+        let rule = match (&dequant, &quantize) {
+            (Some(_), _) | (_, Some(Quantizing::Weight(_))) => Some(LossRule::new(DType::F32, to)),
+            (_, Some(Quantizing::Scale { .. })) => None,
+            (None, None) => (from != to).then(|| LossRule::new(from, to)),
         };
         infos.push(TensorInfo {
             name: t.name.clone(),
@@ -538,6 +604,7 @@ fn check_shard<'a>(
             numel,
             rule,
             dequant,
+            quantize,
             stats: Mutex::new(LossStats::default()),
             pending: AtomicU64::new(0),
         });
@@ -563,6 +630,43 @@ fn check_shard<'a>(
     Ok((checked, jobs))
 }
 
+/// How tensor `t` is quantized from its source (`from`), checked: a weight's
+/// values are F8_E4M3 of its shape, its scales F32 of the block grid.
+fn quantizing<'a>(
+    t: &'a TensorPlan,
+    how: &'a Quantize,
+    from: DType,
+    to: DType,
+) -> Result<Quantizing<'a>, String> {
+    match how {
+        Quantize::Fp8Weight { block } => {
+            if to != DType::F8E4M3 {
+                return Err(format!("fp8 values written as {to} (they are F8_E4M3)"));
+            }
+            Ok(Quantizing::Weight(Fp8Blocks::new(from, &t.shape, *block)?))
+        }
+        Quantize::Fp8Scale {
+            block,
+            weight,
+            weight_shape,
+        } => {
+            if to != DType::F32 {
+                return Err(format!("fp8 scales written as {to} (they are F32)"));
+            }
+            let blocks = Fp8Blocks::new(from, weight_shape, *block)?;
+            if t.shape != blocks.grid() {
+                return Err(format!(
+                    "scales of shape {:?} for {weight:?} {weight_shape:?} in {block:?} blocks \
+                     (needs {:?})",
+                    t.shape,
+                    blocks.grid()
+                ));
+            }
+            Ok(Quantizing::Scale { blocks, weight })
+        }
+    }
+}
+
 /// The bytes of operand `op` (a scale...), checked to lie in its source.
 fn operand_bytes<'a>(op: &Operand, plan: &Plan, maps: &'a [Mmap]) -> Result<&'a [u8], String> {
     let map = maps
@@ -579,23 +683,36 @@ fn operand_bytes<'a>(op: &Operand, plan: &Plan, maps: &'a [Mmap]) -> Result<&'a 
     Ok(&map[begin as usize..end as usize])
 }
 
-/// Split jobs into chunks of at most `chunk_bytes` on either side (a
-/// dequantized tensor's chunks hold whole packed units of its output, so may
-/// be larger: one output row of GPTQ/AWQ at least).
+/// Split jobs into chunks of at most `chunk_bytes` on either side, in the
+/// order they run: plan order, except that scales run right after the weight
+/// they are computed from, whose pages are then still in the page cache.
+///
+/// A dequantized tensor's chunks hold whole packed units of its output (one
+/// output row of GPTQ/AWQ at least), a quantized weight's whole block-rows
+/// (the blocks whose amax its scales need), so these may be larger than
+/// `chunk_bytes`: one block-row of a very wide weight (128 rows of it, in
+/// f32, for `fp8`) is the smallest chunk that can be quantized.
 fn chunks_of(jobs: &[Job], chunk_bytes: usize) -> Vec<Chunk> {
     let mut chunks = Vec::new();
-    for (i, job) in jobs.iter().enumerate() {
-        let (units, align, widest) = match &job.dequant {
-            Some(d) => (job.numel, d.align(), job.to.size().max(4)),
+    for i in run_order(jobs) {
+        let job = &jobs[i];
+        let (units, align, widest) = match (&job.dequant, &job.quantize) {
+            (Some(d), _) => (job.numel, d.align(), job.to.size().max(4) as u64),
+            // Each element's f32 value is held while its block is scaled.
+            (_, Some(Quantizing::Weight(b))) => (job.numel, b.block_row_elements(), 4),
+            // Each scale reads a block of the weight.
+            (_, Some(Quantizing::Scale { blocks, .. })) => {
+                (job.numel, blocks.grid()[1], 4 * blocks.block_elements())
+            }
             // Sub-byte tensors are copied, never cast: count them in bytes.
-            None if job.from.bits() < 8 => (job.src.len() as u64, 1, 1),
-            None => (
+            (None, None) if job.from.bits() < 8 => (job.src.len() as u64, 1, 1),
+            (None, None) => (
                 job.src.len() as u64 / job.from.size() as u64,
                 1,
-                job.from.size().max(job.to.size()),
+                job.from.size().max(job.to.size()) as u64,
             ),
         };
-        let per_chunk = ((chunk_bytes as u64 / widest as u64) / align).max(1) * align;
+        let per_chunk = ((chunk_bytes as u64 / widest) / align).max(1) * align;
         let first = chunks.len();
         let mut begin = 0;
         while begin < units {
@@ -609,10 +726,39 @@ fn chunks_of(jobs: &[Job], chunk_bytes: usize) -> Vec<Chunk> {
     chunks
 }
 
+/// The order jobs run in: plan order, each weight's scales right after it
+/// (scales whose weight is in another shard stay where the plan put them).
+fn run_order(jobs: &[Job]) -> Vec<usize> {
+    let index: HashMap<&str, usize> = jobs
+        .iter()
+        .enumerate()
+        .map(|(i, job)| (job.plan.name.as_str(), i))
+        .collect();
+    let mut after: HashMap<usize, Vec<usize>> = HashMap::new();
+    let mut deferred = vec![false; jobs.len()];
+    for (i, job) in jobs.iter().enumerate() {
+        if let Some(Quantizing::Scale { weight, .. }) = &job.quantize {
+            if let Some(&w) = index.get(weight) {
+                after.entry(w).or_default().push(i);
+                deferred[i] = true;
+            }
+        }
+    }
+    let mut order = Vec::with_capacity(jobs.len());
+    for i in (0..jobs.len()).filter(|&i| !deferred[i]) {
+        order.push(i);
+        order.extend(after.remove(&i).unwrap_or_default());
+    }
+    // A scale naming another scale (never planned) would be lost: keep it.
+    order.extend(after.into_values().flatten());
+    order
+}
+
 thread_local! {
     /// Each worker's reusable output buffer: at most one chunk per thread.
     static BUFFER: RefCell<Vec<u8>> = const { RefCell::new(Vec::new()) };
-    /// Each worker's dequantized values (f32) of its chunk.
+    /// Each worker's dequantized (or quantized, before rounding) f32 values
+    /// of its chunk.
     static VALUES: RefCell<Vec<u8>> = const { RefCell::new(Vec::new()) };
 }
 
@@ -622,6 +768,32 @@ fn with_values<T>(job: &Job, d: &Dequantizer, c: &Chunk, sink: impl FnOnce(&[u8]
         values.resize(4 * (c.end - c.begin) as usize, 0);
         d.dequantize(job.src_of(c), c.begin, values);
         sink(values)
+    })
+}
+
+/// Hand `sink` the bytes chunk `c` of a quantizing job writes: e4m3 values
+/// (with their loss counts) or F32 scales (no loss: not a rounding).
+fn with_quantized<T>(
+    job: &Job,
+    q: &Quantizing,
+    c: &Chunk,
+    opts: &CastOptions,
+    sink: impl FnOnce(&[u8], Option<&LossStats>) -> T,
+) -> T {
+    let n = (c.end - c.begin) as usize;
+    BUFFER.with_borrow_mut(|buf| match q {
+        Quantizing::Weight(blocks) => VALUES.with_borrow_mut(|values| {
+            buf.resize(n, 0);
+            let loss = blocks.quantize(job.src_of(c), values, buf, opts);
+            sink(buf, Some(&loss))
+        }),
+        Quantizing::Scale { blocks, .. } => {
+            let mut scales = vec![0f32; n];
+            blocks.scales(job.src_of(c), &mut scales);
+            buf.clear();
+            buf.extend(scales.iter().flat_map(|s| s.to_le_bytes()));
+            sink(buf, None)
+        }
     })
 }
 
@@ -645,26 +817,33 @@ fn write_shard(
             let job = &jobs[c.job];
             let offset = job.dst_start + span(job.to, c.begin);
             let written = span(job.to, c.end - c.begin);
+            // Write `bytes` (already in the target dtype), hash them.
+            let put = |bytes: &[u8]| -> Result<u64> {
+                out.write_at(bytes, offset)?;
+                Ok(xxh3_64(bytes))
+            };
             // Round `values` (elements of `from`) to the target, write, count.
-            let put = |values: &[u8], from: DType| -> Result<u64> {
+            let cast_put = |values: &[u8], from: DType| -> Result<u64> {
                 let hash = if from == job.to {
-                    out.write_at(values, offset)?;
-                    xxh3_64(values)
+                    put(values)?
                 } else {
                     BUFFER.with_borrow_mut(|buf| -> Result<u64> {
                         buf.resize(written as usize, 0);
                         cast::cast(values, from, buf, job.to, &opts.cast)?;
-                        out.write_at(buf, offset)?;
-                        Ok(xxh3_64(buf))
+                        put(buf)
                     })?
                 };
                 // The values are still in cache: counting is nearly free.
                 job.count_loss(values);
                 Ok(hash)
             };
-            let hash = match &job.dequant {
-                Some(d) => with_values(job, d, c, |values| put(values, DType::F32))?,
-                None => put(job.src_of(c), job.from)?,
+            let hash = match (&job.dequant, &job.quantize) {
+                (Some(d), _) => with_values(job, d, c, |values| cast_put(values, DType::F32))?,
+                (_, Some(q)) => with_quantized(job, q, c, &opts.cast, |bytes, loss| {
+                    loss.inspect(|l| job.add_loss(l));
+                    put(bytes)
+                })?,
+                (None, None) => cast_put(job.src_of(c), job.from)?,
             };
             if opts.fsync {
                 out.written(offset, written);

@@ -8,10 +8,12 @@
 //! - [`dequant`]: a quantized weight's values (fp8 times its block scales,
 //!   bitsandbytes 4-bit and LLM.int8, GPTQ, AWQ) as fp32,
 //!   for the executor to round once to the target;
+//! - [`quantize`]: a float weight quantized to fp8 e4m3 in blocks (or rows),
+//!   with its F32 scales, as `--quantize` writes them;
 //! - [`keep`]: `--keep` globs (Python's `fnmatch` semantics) and what dtype
-//!   each tensor of a conversion gets;
+//!   each tensor of a conversion gets (and what `--quantize` does with it);
 //! - [`quant`]: which tensors of a quantized checkpoint hold its quantization
-//!   state, so that no cast touches them;
+//!   state, so that no cast touches them, and which are decoder Linears;
 //! - [`loss`]: what a cast loses (overflow, underflow, NaN/inf, max |x|);
 //! - [`exec`]: runs a conversion plan: parallel chunks, bounded buffers,
 //!   writes at final offsets into [`shard_file`]s renamed into place when done;
@@ -32,6 +34,7 @@ pub mod keep;
 pub mod loss;
 pub mod positional;
 pub mod quant;
+pub mod quantize;
 #[cfg(test)]
 mod scratch;
 pub mod shard_file;

@@ -59,6 +59,7 @@ fn plan_for(src: &Path, out: &Path, n: u64, to: &str) -> Plan {
                     src_offsets: (data_start + 4 * n, data_start + 4 * n + 8),
                     dst_offsets: (0, 8),
                     dequant: None,
+                    quantize: None,
                 },
                 TensorPlan {
                     name: "a".into(),
@@ -69,6 +70,7 @@ fn plan_for(src: &Path, out: &Path, n: u64, to: &str) -> Plan {
                     src_offsets: (data_start, data_start + 4 * n),
                     dst_offsets: (8, 8 + to_size * n),
                     dequant: None,
+                    quantize: None,
                 },
             ],
         }],
@@ -366,6 +368,7 @@ fn dequantizes_fp8_with_a_scale_in_another_file() {
                     },
                     block: (2, 3),
                 }),
+                quantize: None,
             }],
         }],
     };
@@ -487,6 +490,7 @@ fn dequantizes_gptq_and_bnb_under_their_output_names_in_any_chunking() {
             src_offsets: src.offsets,
             dst_offsets: (at, at + 2 * n),
             dequant: Some(how.clone()),
+            quantize: None,
         }
     };
     let plan = Plan {
@@ -566,5 +570,163 @@ fn dequantizes_gptq_and_bnb_under_their_output_names_in_any_chunking() {
         err.to_string().contains("tensor \"l.weight\"") && err.to_string().contains("l.scales"),
         "{err}"
     );
+    assert!(!out.exists());
+}
+
+#[test]
+fn quantizes_weights_and_their_scales_in_any_chunking_scales_after_weights() {
+    use crate::cast::scalar;
+    use crate::quantize::{Fp8Blocks, Quantize};
+
+    let dir = Scratch::new("quantize");
+    // A 6 x 8 bf16 weight in 4 x 3 blocks (a 2 x 3 grid, edges cut), and a
+    // 3 x 5 f16 weight per row; one file each.
+    let wide: Vec<u8> = (0..48)
+        .flat_map(|k| {
+            scalar::f32_to_bf16((k as f32 * 0.7).sin() * (1 + k % 5) as f32).to_le_bytes()
+        })
+        .collect();
+    let rows: Vec<u8> = (0..15)
+        .flat_map(|k| scalar::f32_to_f16((k as f32 - 7.0) / 64.0).to_le_bytes())
+        .collect();
+    let (a, b) = (dir.0.join("a.safetensors"), dir.0.join("b.safetensors"));
+    let a_at = one_tensor(&a, "w.weight", DType::BF16, vec![6, 8], &wide);
+    let b_at = one_tensor(&b, "r.weight", DType::F16, vec![3, 5], &rows);
+    let out = dir.0.join("out.safetensors");
+    let tensor = |name: &str,
+                  shape: Vec<u64>,
+                  src: (usize, &str, (u64, u64)),
+                  to: &str,
+                  at: u64,
+                  how: Quantize| {
+        let n: u64 = shape.iter().product();
+        let size = to.parse::<DType>().unwrap().size() as u64;
+        TensorPlan {
+            name: name.into(),
+            shape,
+            source: src.0,
+            src_dtype: src.1.into(),
+            dst_dtype: to.into(),
+            src_offsets: src.2,
+            dst_offsets: (at, at + size * n),
+            dequant: None,
+            quantize: Some(how),
+        }
+    };
+    let scale = |weight: &str, shape: &[u64], block| Quantize::Fp8Scale {
+        block,
+        weight: weight.into(),
+        weight_shape: shape.to_vec(),
+    };
+    // Data order as the planner lays it out: scales (F32) first.
+    let plan = Plan {
+        version: PLAN_VERSION,
+        sources: sources_of(&[a.clone(), b.clone()]),
+        shards: vec![ShardPlan {
+            name: "out.safetensors".into(),
+            path: out.clone(),
+            metadata: None,
+            tensors: vec![
+                tensor(
+                    "w.weight_scale_inv",
+                    vec![2, 3],
+                    (0, "BF16", a_at),
+                    "F32",
+                    0,
+                    scale("w.weight", &[6, 8], (4, 3)),
+                ),
+                tensor(
+                    "r.weight_scale",
+                    vec![3, 1],
+                    (1, "F16", b_at),
+                    "F32",
+                    24,
+                    scale("r.weight", &[3, 5], (1, 5)),
+                ),
+                tensor(
+                    "w.weight",
+                    vec![6, 8],
+                    (0, "BF16", a_at),
+                    "F8_E4M3",
+                    36,
+                    Quantize::Fp8Weight { block: (4, 3) },
+                ),
+                tensor(
+                    "r.weight",
+                    vec![3, 5],
+                    (1, "F16", b_at),
+                    "F8_E4M3",
+                    84,
+                    Quantize::Fp8Weight { block: (1, 5) },
+                ),
+            ],
+        }],
+    };
+    // Each weight's scales run right after it.
+    let maps = map_sources(&plan.sources).unwrap();
+    let (_, jobs) = check_shard(&plan.shards[0], &plan, &maps).unwrap();
+    assert_eq!(run_order(&jobs), [2, 0, 3, 1]);
+    let order: Vec<usize> = chunks_of(&jobs, 1).iter().map(|c| c.job).collect();
+    assert_eq!(
+        order,
+        [2, 2, 0, 0, 3, 3, 3, 1, 1, 1],
+        "one block-row a chunk at least"
+    );
+
+    // What each tensor holds: the whole weight quantized at once.
+    let whole = |from: DType, shape: &[u64], block, src: &[u8]| {
+        let q = Fp8Blocks::new(from, shape, block).unwrap();
+        let n: u64 = shape.iter().product();
+        let mut values = Vec::new();
+        let mut bytes = vec![0u8; n as usize];
+        let loss = q.quantize(src, &mut values, &mut bytes, &CastOptions::default());
+        let mut s = vec![0f32; q.grid().iter().product::<u64>() as usize];
+        q.scales(src, &mut s);
+        let s: Vec<u8> = s.iter().flat_map(|x| x.to_le_bytes()).collect();
+        (bytes, s, loss)
+    };
+    let (wq, ws, wl) = whole(DType::BF16, &[6, 8], (4, 3), &wide);
+    let (rq, rs, rl) = whole(DType::F16, &[3, 5], (1, 5), &rows);
+    for chunk_bytes in [1usize, 64, 1 << 20] {
+        let progress = Progress::default();
+        let opts = ExecOptions {
+            chunk_bytes,
+            ..ExecOptions::default()
+        };
+        let stats = execute(&plan, &opts, &progress).unwrap();
+        let bytes = fs::read(&out).unwrap();
+        let header = Header::parse(&out, &bytes).unwrap();
+        let data = &bytes[header.data_start() as usize..];
+        assert_eq!(&data[..24], &ws[..], "chunk {chunk_bytes}");
+        assert_eq!(&data[24..36], &rs[..]);
+        assert_eq!(&data[36..84], &wq[..]);
+        assert_eq!(&data[84..], &rq[..]);
+        // Loss for the weights only; the weights' bytes are read once.
+        assert_eq!(
+            stats.losses,
+            [("w.weight".to_string(), wl), ("r.weight".to_string(), rl)]
+        );
+        let read = (wide.len() + rows.len()) as u64;
+        assert_eq!(stats.bytes_read, read);
+        assert_eq!(progress.bytes_done.load(Ordering::Relaxed), read);
+        assert_eq!(
+            shard_digest(&plan, 0, chunk_bytes).unwrap(),
+            stats.shards[0].digest
+        );
+        assert_eq!(scan(&plan, &Progress::default()).unwrap(), stats.losses);
+    }
+
+    // Scales whose grid does not fit the weight are refused before writing.
+    let mut bad = plan.clone();
+    bad.shards[0].tensors[0].shape = vec![3, 2];
+    bad.shards[0].tensors[0].dst_offsets = (0, 24);
+    fs::remove_file(&out).unwrap();
+    let err = execute(&bad, &ExecOptions::default(), &Progress::default()).unwrap_err();
+    assert!(err.to_string().contains("needs [2, 3]"), "{err}");
+    let mut bad = plan.clone();
+    bad.shards[0].tensors[2].dst_dtype = "BF16".into();
+    bad.shards[0].tensors[2].dst_offsets = (36, 132);
+    let err = execute(&bad, &ExecOptions::default(), &Progress::default()).unwrap_err();
+    assert!(err.to_string().contains("they are F8_E4M3"), "{err}");
     assert!(!out.exists());
 }
