@@ -2,6 +2,7 @@
 
     python3 benches/bench_convert.py [--quick] [--repeats 3] [--models llama,mixtral]
     python3 benches/bench_convert.py --models deepseek-fp8    # --dequantize
+    python3 benches/bench_convert.py --models llama-quantize  # --quantize fp8
 
 Generates synthetic checkpoints once (streamed, cached in benches/.cache/):
 a Llama-shaped fp32 model of about 5 GB in 2 GB shards and a Mixtral-shaped bf16
@@ -13,7 +14,9 @@ model with many expert tensors. Then, on the same input, runs interleaved
                with and without fsync
   script       per shard: safetensors.torch.load_file -> .to(dtype) -> save_file
                (for block fp8: compressed-tensors' own CPU converter,
-               convert_checkpoint with FP8BlockDequantizer)
+               convert_checkpoint with FP8BlockDequantizer; for --quantize fp8: the
+               same per-shard script quantizing each decoder Linear in torch, the
+               reference formula vectorised, as one writes it by hand)
   transformers from_pretrained(dtype=...) -> save_pretrained(max_shard_size=...)
                (not for block fp8: transformers 5.23 mis-reads partial blocks)
   fastcast     the CLI, and fastcast.convert() from Python
@@ -64,6 +67,8 @@ class Model:
     out_shard_size: str
     #: A quantized checkpoint converted with --dequantize.
     dequantize: bool = False
+    #: A plain checkpoint converted with --quantize (the scheme).
+    quantize: str | None = None
 
     @property
     def path(self) -> Path:
@@ -163,6 +168,25 @@ def contenders(model: Model, out: Path, floor_bytes: int) -> dict[str, list[str]
                 """
             ),
         }  # fmt: skip
+    if model.quantize:
+        return {
+            "floor (fsync)": [floor, "--fsync", str(out), str(floor_bytes), *shards],
+            "floor (no fsync)": [floor, str(out), str(floor_bytes), *shards],
+            "script": python_cmd(QUANTIZE_SCRIPT.format(shards=shards, out=str(out))),
+            "fastcast (CLI)": [
+                sys.executable, "-m", "fastcast.cli", "convert", str(model.path), "-o", str(out),
+                "--dtype", model.target, "--shard-size", model.out_shard_size,
+                "--quantize", model.quantize, "--quiet",
+            ],
+            "fastcast (API)": python_cmd(
+                f"""
+                import fastcast
+                fastcast.convert({str(model.path)!r}, {model.target!r}, output={str(out)!r},
+                                 shard_size={model.out_shard_size!r},
+                                 quantize={model.quantize!r}, progress=False)
+                """
+            ),
+        }  # fmt: skip
     return {
         "floor (fsync)": [floor, "--fsync", str(out), str(floor_bytes), *shards],
         "floor (no fsync)": [floor, str(out), str(floor_bytes), *shards],
@@ -208,6 +232,29 @@ def contenders(model: Model, out: Path, floor_bytes: int) -> dict[str, list[str]
     }
 
 
+#: The usual hand-written quantizer: per shard, load it, quantize every decoder Linear
+#: (128x128 blocks, s = amax / 448 in fp32, q = e4m3(W / s)) and save it.
+QUANTIZE_SCRIPT = """
+import pathlib, re, torch
+from safetensors.torch import load_file, save_file
+out = pathlib.Path({out!r}); out.mkdir(parents=True, exist_ok=True)
+linear = re.compile(r"\\.layers\\.\\d+\\..*_proj\\.weight$")
+for f in {shards!r}:
+    state = {{}}
+    for k, w in load_file(f).items():
+        if not linear.search(k) or w.shape[0] % 128 or w.shape[1] % 128:
+            state[k] = w
+            continue
+        r, c = w.shape
+        x = w.float().reshape(r // 128, 128, c // 128, 128)
+        s = x.abs().amax(dim=(1, 3)).clamp(min=1e-12) / 448
+        q = (x / s[:, None, :, None]).clamp(-448, 448).to(torch.float8_e4m3fn)
+        state[k] = q.reshape(r, c)
+        state[k.removesuffix("weight") + "weight_scale_inv"] = s
+    save_file(state, str(out / pathlib.Path(f).name), metadata={{"format": "pt"}})
+"""
+
+
 def warm(paths: list[Path]) -> None:
     """Read the inputs once so every contender starts from the same warm page cache."""
     for p in paths:
@@ -225,7 +272,7 @@ def run_model(model: Model, repeats: int) -> tuple[dict[str, Row], int]:
     out = CACHE / f"out-{model.name}"
     report = fastcast.convert(
         model.path, model.target, output=out, shard_size=model.out_shard_size,
-        overwrite=True, dequantize=model.dequantize, progress=False,
+        overwrite=True, dequantize=model.dequantize, quantize=model.quantize, progress=False,
     )  # fmt: skip
     floor_bytes = report.bytes_written
     cmds = contenders(model, out, floor_bytes)
@@ -402,6 +449,9 @@ def main() -> None:
         "deepseek-fp8": Model("deepseek-fp8", "llama", scale or "5GB", "fp8",
                               "2GB" if not scale else "100MB", "BF16",
                               "2GB" if not scale else "50MB", dequantize=True),
+        "llama-quantize": Model("llama-quantize", "llama", scale or "5GB", "bf16",
+                                "2GB" if not scale else "100MB", "BF16",
+                                "2GB" if not scale else "50MB", quantize="fp8"),
     }  # fmt: skip
     chosen = [models[m] for m in args.models.split(",")]
     repeats = 1 if args.quick else args.repeats

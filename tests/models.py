@@ -76,25 +76,34 @@ SENTENCE_TRANSFORMERS_FILES = {
 
 
 def build_llama(
-    path: Path, *, dtype: str = "float32", max_shard_size: str | None = None, seed: int = 0
+    path: Path,
+    *,
+    dtype: str = "float32",
+    max_shard_size: str | None = None,
+    seed: int = 0,
+    **sizes: int | bool,
 ) -> Path:
     """A 2-layer Llama with tied embeddings, saved in ``dtype`` (a torch name).
 
     Tied embeddings mean the file holds ``model.embed_tokens.weight`` and no
     ``lm_head.weight``. ``max_shard_size`` saves it as several shards plus an index.
+    ``sizes`` override the config (``hidden_size=256``, ``tie_word_embeddings=False``...).
     """
     torch = require("torch")
     transformers = require("transformers")
     torch.manual_seed(seed)
-    model = transformers.LlamaForCausalLM(transformers.LlamaConfig(**LLAMA))
+    model = transformers.LlamaForCausalLM(transformers.LlamaConfig(**(LLAMA | sizes)))
     model.to(getattr(torch, dtype))
     kwargs = {} if max_shard_size is None else {"max_shard_size": max_shard_size}
     model.save_pretrained(path, **kwargs)
     return path
 
 
-def build_mixtral(path: Path, *, seed: int = 0) -> Path:
-    """A 2-layer, 4-expert Mixtral in float32.
+def build_mixtral(
+    path: Path, *, dtype: str = "float32", seed: int = 0, **sizes: int | bool
+) -> Path:
+    """A 2-layer, 4-expert Mixtral in ``dtype`` (a torch name); ``sizes`` override the
+    config.
 
     transformers 5 holds the experts fused (``mlp.experts.gate_up_proj``, 3-D) but
     ``save_pretrained`` writes the original per-expert layout
@@ -103,7 +112,8 @@ def build_mixtral(path: Path, *, seed: int = 0) -> Path:
     torch = require("torch")
     transformers = require("transformers")
     torch.manual_seed(seed)
-    model = transformers.MixtralForCausalLM(transformers.MixtralConfig(**MIXTRAL))
+    model = transformers.MixtralForCausalLM(transformers.MixtralConfig(**(MIXTRAL | sizes)))
+    model.to(getattr(torch, dtype))
     model.save_pretrained(path)
     return path
 

@@ -586,17 +586,25 @@ def _fp8(x: Any) -> Any:
     return x.clamp(-E4M3_MAX, E4M3_MAX).to(torch.float8_e4m3fn)
 
 
-def _quantize_fp8_block(w: Any, block: int = 128) -> tuple[Any, Any]:
-    """DeepSeek-V3 block fp8 of the valid region: ``s = amax / 448``, ``q = W / s``."""
+def quantize_fp8(w: Tensor, block: tuple[int, int] = (128, 128)) -> tuple[Tensor, Tensor]:
+    """DeepSeek-V3 block fp8 (and ``fastcast --quantize``): per block of the valid region
+    of ``w`` (``[rows, cols]``, edge blocks cut), in fp32, ``s = amax.clamp(min=1e-12) /
+    448``, ``q = clamp(W / s, -448, 448)`` rounded to e4m3. A per-row scale is the block
+    ``(1, cols)``. Returns ``(q, s)``, ``s`` ``[ceil(rows / b0), ceil(cols / b1)]`` fp32.
+
+    >>> q, s = quantize_fp8(w, (1, w.shape[1]))  # compressed-tensors' FP8_DYNAMIC rows
+    """
     torch = _torch()
+    w = w.float()
     rows, cols = w.shape
-    grid = (-(-rows // block), -(-cols // block))
+    b0, b1 = block
+    grid = (-(-rows // b0), -(-cols // b1))
     scale = torch.empty(grid, dtype=torch.float32)
     q = torch.empty(rows, cols, dtype=torch.float8_e4m3fn)
     for bi in range(grid[0]):
         for bj in range(grid[1]):
-            r = slice(bi * block, (bi + 1) * block)
-            c = slice(bj * block, (bj + 1) * block)
+            r = slice(bi * b0, (bi + 1) * b0)
+            c = slice(bj * b1, (bj + 1) * b1)
             s = w[r, c].abs().amax().clamp(min=1e-12) / E4M3_MAX
             scale[bi, bj] = s
             q[r, c] = _fp8(w[r, c] / s)
@@ -628,7 +636,7 @@ def deepseek_fp8(tmp: Path) -> QuantModel:
         w = _model_dtype(_weight(g, out, inp), bf16)
         if x == "model.layers.0.self_attn.kv_b_proj":
             w[:128, 384:512] = 0  # a pruned block: its scale is the clamped one
-        q, s = _quantize_fp8_block(w)
+        q, s = quantize_fp8(w)
         tensors[f"{x}.weight"] = q
         tensors[f"{x}.weight_scale_inv"] = s
         model.state[f"{x}.weight"] = "quantized weight"

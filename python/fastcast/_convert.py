@@ -34,6 +34,7 @@ from typing import Any, Literal
 from fastcast import _core
 from fastcast._config import (
     config_dtypes,
+    is_transformers_config,
     read_config,
     retype_config,
     to_json,
@@ -49,18 +50,25 @@ from fastcast._core import (
 from fastcast._dtypes import SHORT_NAMES, is_castable, short_name, torch_name
 from fastcast._hf_cache import cache_snapshot
 from fastcast._loss import OverflowWarning, RangeRiskWarning, TensorLoss, describe, narrowing_risks
-from fastcast._model_dir import ModelFolder, describe_skipped, open_model
+from fastcast._model_dir import ModelFolder, describe_skipped, join, open_model
 from fastcast._output import Run, prepare
 from fastcast._plan import ConversionPlan, PlannedTensor, plan_conversion
 from fastcast._progress import ByteProgress
 from fastcast._quant import (
+    QUANTIZE_METHODS,
     Quantization,
+    QuantizeTarget,
     check_dequantize,
     check_keep,
+    check_quantize,
     detect,
+    quantize_config,
+    quantized_layers,
     quantized_weights,
     refusal,
     roles,
+    scheme_of,
+    unquantized_modules,
 )
 from fastcast._record import RECORD_NAME, OutputRecord
 from fastcast._units import format_bytes, parse_size
@@ -98,6 +106,8 @@ class ConversionReport:
     already_done: bool = False
     """True when the output already held this conversion (``resume=True``)."""
     skipped_why: list[str] = field(default_factory=list)
+    tensors_quantized: int = 0
+    """Weights ``--quantize`` wrote in fp8 (each with a scale tensor beside it)."""
 
     @property
     def throughput(self) -> float:
@@ -121,6 +131,11 @@ class ConversionReport:
             f"converted {self.source} -> {self.output} ({self.dtype})",
             f"  tensors: {self.tensors_cast} cast, "
             + (f"{self.tensors_dequantized} dequantized, " if self.tensors_dequantized else "")
+            + (
+                f"{self.tensors_quantized} quantized to fp8 (+ as many scales), "
+                if self.tensors_quantized
+                else ""
+            )
             + f"{self.tensors_copied} copied as they were"
             + (f" ({len(self.kept)} kept by --keep)" if self.kept else ""),
             f"  bytes: {format_bytes(self.bytes_read)} read, "
@@ -152,6 +167,7 @@ class ConversionReport:
             "tensors_cast": self.tensors_cast,
             "tensors_copied": self.tensors_copied,
             "tensors_dequantized": self.tensors_dequantized,
+            "tensors_quantized": self.tensors_quantized,
             "bytes_read": self.bytes_read,
             "bytes_written": self.bytes_written,
             "seconds": self.seconds,
@@ -266,10 +282,13 @@ def fingerprint(folder: ModelFolder, plan: ConversionPlan, fp8_overflow: str) ->
 
 def planned_fingerprint(t: PlannedTensor) -> list[Any]:
     """A planned tensor's part of the fingerprint: name and dtype, and for a dequantized
-    one what decides its values (its source, operands and the config's parameters)."""
-    if t.dequant is None:
-        return [t.name, t.dtype]
-    return [t.name, t.dtype, t.dequant.weight.describe()]
+    or quantized one what decides its values (its source, operands and the config's
+    parameters; its block)."""
+    if t.dequant is not None:
+        return [t.name, t.dtype, t.dequant.weight.describe()]
+    if t.quantized is not None:
+        return [t.name, t.dtype, t.quantized.describe()]
+    return [t.name, t.dtype]
 
 
 @dataclass(frozen=True)
@@ -282,16 +301,23 @@ class ConfigFix:
 
 
 def fix_configs(
-    folder: ModelFolder, target: str, drop_quantization: bool = False
+    folder: ModelFolder,
+    target: str,
+    drop_quantization: bool = False,
+    add_quantization: dict[str, dict[str, Any]] | None = None,
 ) -> list[ConfigFix]:
     """Every config.json beside the weights, with its dtype claims set to the target
-    (and, for a dequantized model, without quantization_config)."""
+    (and, for a dequantized model, without quantization_config; for a quantized one,
+    with the ``quantization_config`` that ``add_quantization`` gives for its path)."""
     fixes = []
     for rel in folder.configs:
         config = read_config(folder.root / rel)
         retyped = retype_config(config, torch_name(target))
         if drop_quantization:
             retyped = without_quantization(retyped)
+        added = (add_quantization or {}).get(rel)
+        if added is not None:
+            retyped["quantization_config"] = added
         if retyped == config:
             fixes.append(ConfigFix(rel, None, {}))
             continue
@@ -299,8 +325,82 @@ def fix_configs(
         changes = {k: (before.get(k, "(none)"), v) for k, v in after.items() if before.get(k) != v}
         if drop_quantization and without_quantization(config) != config:
             changes["quantization_config"] = ("present", "removed")
+        if added is not None:
+            method = str(added["quant_method"])
+            changes["quantization_config"] = ("(none)", f"{method} ({scheme_of(method, added)})")
         fixes.append(ConfigFix(rel, to_json(retyped), changes))
     return fixes
+
+
+@dataclass(frozen=True)
+class Quantizing:
+    """A ``--quantize`` conversion: what it makes of each tensor, per weight set, and the
+    quantization_config it writes, per config.json."""
+
+    scheme: str
+    targets: dict[str, list[QuantizeTarget]]
+    configs: dict[str, dict[str, Any]]
+
+    @property
+    def quantization(self) -> Quantization:
+        """The output's quantization, as detect() will read it back."""
+        method = QUANTIZE_METHODS[self.scheme]
+        config = next(iter(self.configs.values()), {"quant_method": method})
+        return Quantization(method, scheme_of(method, config), "--quantize", True)
+
+
+def plan_quantization(
+    folder: ModelFolder, target: str, keep: Sequence[str], scheme: str
+) -> Quantizing:
+    """What ``--quantize scheme`` makes of every tensor, and the quantization_config of
+    each transformers config.json beside quantized weights (listing the Linear modules
+    its folder's sets leave unquantized)."""
+    targets = quantized_layers(folder, target, keep, scheme)
+    configs = {}
+    for rel in folder.configs:
+        where = rel.rpartition("/")[0]
+        sets = [ws for ws in folder.weight_sets if ws.folder == where]
+        if not is_transformers_config(read_config(folder.root / rel)) or not any(
+            t.fate == "quantize" for ws in sets for t in targets[ws.key]
+        ):
+            continue
+        skipped = [
+            m
+            for ws in sets
+            for m in unquantized_modules([t.name for t in ws.tensors], targets[ws.key])
+        ]
+        configs[rel] = quantize_config(scheme, list(dict.fromkeys(skipped)))
+    return Quantizing(scheme, targets, configs)
+
+
+def quantize_notes(folder: ModelFolder, quantizing: Quantizing, target: str) -> list[str]:
+    """What a ``--quantize`` run leaves unquantized that a user would want to know: the
+    decoder Linears that misfit the blocks (and their fused siblings)."""
+    notes = []
+    for ws in folder.weight_sets:
+        fates = list(zip(ws.tensors, quantizing.targets[ws.key], strict=True))
+        misfits = [join(ws.folder, t.name) for t, q in fates if q.fate == "misfit"]
+        fused = [join(ws.folder, t.name) for t, q in fates if q.fate == "fused misfit"]
+        if misfits:
+            notes.append(
+                f"{len(misfits)} decoder Linear weight(s) left unquantized in "
+                f"{short_name(target)}, their shape not fitting {quantizing.scheme}'s "
+                f"{_core.FP8_BLOCK}x{_core.FP8_BLOCK} blocks (both sides must be multiples "
+                f"of {_core.FP8_BLOCK}), and listed as not to convert: {listing(misfits)}"
+            )
+        if fused:
+            notes.append(
+                f"{len(fused)} more left unquantized because a weight fused with them "
+                f"(q/k/v, gate/up) does not fit, and vLLM needs fused layers in one "
+                f"precision: {listing(fused)}"
+            )
+    return notes
+
+
+def listing(names: Sequence[str], shown: int = 4) -> str:
+    """``a, b, c, d and 3 more``."""
+    more = f" and {len(names) - shown} more" if len(names) > shown else ""
+    return ", ".join(names[:shown]) + more
 
 
 def commit_order(plan: ConversionPlan, folder: ModelFolder, configs: list[ConfigFix]) -> list[str]:
@@ -390,7 +490,7 @@ def run_executor(
     input bytes."""
     if not todo:
         return None
-    total_bytes = sum(t.entry.nbytes for s in plan.shards if s.name in todo for t in s.tensors)
+    total_bytes = sum(t.input_nbytes for s in plan.shards if s.name in todo for t in s.tensors)
     for name in todo:
         run.staged(name)  # the shard's folder
     try:
@@ -421,6 +521,7 @@ def convert(
     variant: str | None = None,
     keep_quantized: bool = False,
     dequantize: bool = False,
+    quantize: str | None = None,
     strict: bool = False,
     overwrite: bool = False,
     resume: bool = False,
@@ -446,7 +547,12 @@ def convert(
     quantized weight (fp8 with its scales, bitsandbytes 4-bit and LLM.int8, GPTQ, AWQ)
     computed in fp32 as its format's reference computes it and rounded once to
     ``dtype`` (bf16, fp16 or fp32), the quantization state left out,
-    ``quantization_config`` removed.
+    ``quantization_config`` removed. ``quantize`` writes a plain model quantized:
+    ``"fp8"`` (128x128 blocks, F32 ``weight_scale_inv``, the ``fp8`` config that
+    transformers and vLLM read) or ``"fp8-channel"`` (compressed-tensors ``FP8_DYNAMIC``,
+    F32 ``weight_scale`` per row); only decoder Linear weights are quantized (``s =
+    amax / 448`` per block, ``q = e4m3(W / s)``), every other tensor goes to ``dtype``
+    (bf16, fp16 or fp32), and the layers that do not fit the blocks stay in it, listed.
     The output defaults to ``<model>-<dtype>`` beside the input
     (``./<repo>-<dtype>`` for a Hugging Face cache snapshot) and records how it was
     made in ``fastcast.json``. Nothing appears in it until the whole conversion
@@ -471,6 +577,14 @@ def convert(
     keep = list(keep)
     if keep_quantized and dequantize:
         raise ValueError("keep_quantized and dequantize exclude each other: keep or dequantize")
+    if quantize is not None:
+        if quantize not in _core.QUANTIZE_SCHEMES:
+            raise ValueError(
+                f"quantize must be one of {', '.join(_core.QUANTIZE_SCHEMES)}, not {quantize!r}"
+            )
+        if keep_quantized or dequantize:
+            flag = "keep_quantized" if keep_quantized else "dequantize"
+            raise ValueError(f"quantize and {flag} exclude each other: quantize a plain model")
 
     # prepare: nothing is written
     source = Path(model)
@@ -479,7 +593,11 @@ def convert(
     check_not_inside(out, folder, source)
     quant = detect(folder)
     dequantized = None
-    if quant is not None and dequantize:
+    quantizing = None
+    if quantize is not None:
+        check_quantize(folder, quant, target)
+        quantizing = plan_quantization(folder, target, keep, quantize)
+    elif quant is not None and dequantize:
         check_dequantize(folder, quant, target)
         dequantized = quantized_weights(folder, quant, roles(folder))
     elif quant is not None:
@@ -487,9 +605,15 @@ def convert(
             raise QuantizedModelError(refusal(folder, quant, target))
         check_keep(folder, quant, target)
     plan = plan_conversion(
-        folder, target, limit, keep, quantized=quant is not None, dequantize=dequantized
+        folder, target, limit, keep, quantized=quant is not None, dequantize=dequantized,
+        quantize=quantizing.targets if quantizing else None,
+    )  # fmt: skip
+    configs = fix_configs(
+        folder,
+        target,
+        drop_quantization=dequantized is not None,
+        add_quantization=quantizing.configs if quantizing else None,
     )
-    configs = fix_configs(folder, target, drop_quantization=dequantized is not None)
     stamp = fingerprint(folder, plan, fp8_overflow)
     run = prepare(
         out,
@@ -511,6 +635,8 @@ def convert(
     if run.mode == "finished":
         return already_done(run, folder, source, target, strict, notes)
     notes += folder.warnings
+    if quantizing is not None:
+        notes += quantize_notes(folder, quantizing, target)
     sizes = {p: p.stat().st_size for p in plan.sources}
     reused: dict[str, _core.ShardRecord] = {}
     if run.mode == "resume":
@@ -524,7 +650,9 @@ def convert(
         )
         check_space(out, need)
     risks = narrowing_risks(
-        (t.entry.dtype, t.dtype, t.entry.nbytes) for t in plan.tensors if t.dequant is None
+        (t.entry.dtype, t.dtype, t.entry.nbytes)
+        for t in plan.tensors
+        if t.dequant is None and t.quantized is None  # quantized weights are scaled to fit
     ) + narrowing_risks(
         ((t.values_dtype, t.dtype, t.values_nbytes) for t in plan.tensors if t.dequant),
         dequantized=True,
@@ -549,6 +677,8 @@ def convert(
             )
         if staging:
             mode = "dequantize" if dequantized is not None else "keep"
+            if quantizing is not None:
+                quant, mode = quantizing.quantization, "quantize"
             record = make_record(
                 run, source, plan, keep, variant, fp8_overflow, stamp, losses, quant, mode
             )
@@ -620,9 +750,14 @@ def finish_report(
         dtype=target,
         shards=[s.name for s in plan.shards],
         indexes=[sp.index_name for sp in plan.sets if sp.index_name],
-        tensors_cast=sum(1 for t in plan.tensors if t.is_cast and t.dequant is None),
+        tensors_cast=sum(
+            1 for t in plan.tensors if t.is_cast and t.dequant is None and t.quantized is None
+        ),
         tensors_copied=sum(1 for t in plan.tensors if not t.is_cast),
         tensors_dequantized=sum(1 for t in plan.tensors if t.dequant is not None),
+        tensors_quantized=sum(
+            1 for t in plan.tensors if t.quantized and t.quantized.kind == "fp8_weight"
+        ),
         bytes_read=stats.bytes_read if stats else 0,
         bytes_written=stats.bytes_written if stats else 0,
         seconds=time.perf_counter() - started,

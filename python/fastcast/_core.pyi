@@ -10,8 +10,10 @@ from numpy.typing import NDArray
 from typing_extensions import Buffer
 
 __all__ = [
+    "FP8_BLOCK",
     "PARTIAL_SUFFIX",
     "PLAN_VERSION",
+    "QUANTIZE_SCHEMES",
     "DtypeError",
     "ExecStats",
     "FastcastError",
@@ -31,6 +33,7 @@ __all__ = [
     "parse_dtype",
     "partial_path",
     "quant_roles",
+    "quantize_targets",
     "read_header",
     "read_journal",
     "scan_plan",
@@ -44,6 +47,10 @@ __version__: str
 PLAN_VERSION: Final = 1
 #: What ends the hidden name of a file still being written (see ``partial_path``).
 PARTIAL_SUFFIX: Final = ".fastcast-partial"
+#: What ``--quantize`` takes: ``fp8`` (128x128 blocks), ``fp8-channel`` (one scale a row).
+QUANTIZE_SCHEMES: Final[tuple[str, ...]]
+#: The block of ``--quantize fp8`` (``weight_block_size: [128, 128]``).
+FP8_BLOCK: Final = 128
 
 class FastcastError(Exception):
     """Base class of fastcast's errors."""
@@ -201,6 +208,25 @@ class AwqPlan(TypedDict):
     bits: int
 
 @type_check_only
+class Fp8WeightPlan(TypedDict):
+    """The e4m3 values of the source weight: per ``block`` (rows, columns of the 2-D
+    weight), ``s = max(amax, 1e-12) / 448`` and ``q = e4m3(clamp(W / s, -448, 448))``,
+    in fp32. The tensor has the weight's shape, dtype ``F8_E4M3``."""
+
+    kind: Literal["fp8_weight"]
+    block: tuple[int, int]
+
+@type_check_only
+class Fp8ScalePlan(TypedDict):
+    """The F32 scales of the source weight (``[ceil(rows / block[0]), ceil(cols /
+    block[1])]``), run right after ``weight`` (its output name) when in the same shard."""
+
+    kind: Literal["fp8_scale"]
+    block: tuple[int, int]
+    weight: str
+    weight_shape: list[int]
+
+@type_check_only
 class TensorPlan(TypedDict):
     #: The output tensor's name and shape (a dequantized one's may differ from its
     #: source's: GPTQ/AWQ ``x.qweight`` becomes ``x.weight``).
@@ -216,6 +242,9 @@ class TensorPlan(TypedDict):
     dst_offsets: tuple[int, int]
     #: Set when the tensor is dequantized rather than cast (``kind`` says how).
     dequant: NotRequired[Fp8ScaledPlan | Bnb4Plan | Int8RowsPlan | GptqPlan | AwqPlan]
+    #: Set when the tensor is quantized from its source, a float weight: its values or
+    #: its scales (whose source is the weight too).
+    quantize: NotRequired[Fp8WeightPlan | Fp8ScalePlan]
 
 @type_check_only
 class ShardPlan(TypedDict):
@@ -300,6 +329,20 @@ def quant_roles(names: Sequence[str]) -> list[str]:
     """Each tensor's role in its model's quantization, from every tensor name of the
     model: "plain", "quantized weight", "scale", "zero point", "group index",
     "quant state" or "pinned fp32"."""
+
+def quantize_targets(
+    tensors: Sequence[tuple[str, str, Sequence[int]]],
+    target: str,
+    keep: Sequence[str],
+    scheme: str,
+) -> list[tuple[str, str, tuple[int, int] | None, tuple[str, list[int]] | None]]:
+    """What ``--quantize`` in ``scheme`` (one of ``QUANTIZE_SCHEMES``) makes of each
+    (tensor name, safetensors dtype, shape) of a plain model converted to ``target``:
+    (dtype, fate, block, scale). The fate is "quantize" (a decoder Linear weight, now
+    F8_E4M3, with ``block`` and its F32 scale's (name, shape)), "misfit" (its shape does
+    not fit the blocks: cast to ``target``), "fused misfit" (fits, but a weight fused
+    with it does not), "kept" (matched by ``keep``: its own dtype), "router" (a router
+    gate) or "other" (``target_dtypes`` of a quantized model)."""
 
 def cast_rule(src: str, dst: str) -> CastRule:
     """What casting ``src`` to ``dst`` can lose; DtypeError unless both are castable."""

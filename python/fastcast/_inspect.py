@@ -196,11 +196,7 @@ def inspect(
                 f"fastcast {record.fastcast} from {record.source} ({record.dtype}"
                 + (f", keep {' '.join(record.keep)}" if record.keep else "")
                 + (f", variant {record.variant}" if record.variant else "")
-                + (
-                    f", {record.quantization['method']} quantization kept"
-                    if record.quantization
-                    else ""
-                )
+                + (quantization_words(record.quantization) if record.quantization else "")
                 + ")"
             )
         if (folder.root / STAGING_DIR).exists():
@@ -232,6 +228,15 @@ def inspect(
         predicted=predicted,
         predicted_dtype=target,
     )
+
+
+def quantization_words(q: dict[str, str]) -> str:
+    """What a fastcast run did with quantization, from its record: ``, fp8 quantization
+    kept``, ``, fp8 dequantized``, ``, quantized to fp8 (e4m3, 128x128 blocks)``."""
+    method, mode = q.get("method", "?"), q.get("mode", "keep")
+    if mode == "quantize":
+        return f", quantized to {method} ({q.get('scheme', '?')})"
+    return f", {method} dequantized" if mode == "dequantize" else f", {method} quantization kept"
 
 
 def role_counts(folder: ModelFolder, role_of: dict[tuple[str, str], str]) -> list[RoleCount]:

@@ -9,7 +9,9 @@ Only tensor bytes count toward the limit.
 
 Which tensors are cast, and to what, is the core's rule (``_core.target_dtypes``:
 floats go to the target unless a ``keep`` glob matches; everything else keeps its
-dtype), so that convert, inspect and verify cannot disagree about it.
+dtype; ``_core.quantize_targets`` for ``--quantize``), so that convert, inspect and
+verify cannot disagree about it. A quantized weight and its scale are packed into the
+same shard: the executor computes the scale right after the weight.
 """
 
 from __future__ import annotations
@@ -19,12 +21,12 @@ import math
 from collections.abc import Collection, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Protocol, TypeAlias, TypeVar
+from typing import TYPE_CHECKING, Any, Literal, Protocol, TypeAlias, TypeVar
 
 from fastcast import _core
 from fastcast._dtypes import element_size
 from fastcast._model_dir import ModelFolder, TensorEntry, WeightSet, join
-from fastcast._quant import QuantizedWeight
+from fastcast._quant import QuantizedWeight, QuantizeTarget
 
 if TYPE_CHECKING:
     #: How the executor reconstructs a dequantized tensor (``kind`` says which).
@@ -40,6 +42,23 @@ class Dequantized:
 
     weight: QuantizedWeight
     operands: dict[str, TensorEntry]
+
+
+@dataclass(frozen=True)
+class Quantized:
+    """A tensor ``--quantize`` writes from a float weight: its e4m3 values, or the F32
+    scales of ``weight`` (every block's amax / 448)."""
+
+    kind: Literal["fp8_weight", "fp8_scale"]
+    name: str
+    shape: tuple[int, ...]
+    block: tuple[int, int]
+    weight: str
+    """The weight's name (the values' own, or the one the scales belong to)."""
+
+    def describe(self) -> dict[str, Any]:
+        """Everything that decides its bytes, JSON-ready (for fingerprints)."""
+        return {"kind": self.kind, "block": self.block, "weight": self.weight}
 
 
 @dataclass
@@ -58,6 +77,8 @@ class PlannedTensor:
     tensor holding its quantized values)."""
     role: str = "plain"
     """Its role in a quantized model's quantization (``pinned fp32``...)."""
+    quantized: Quantized | None = None
+    """Set when ``--quantize`` writes it (``entry`` is then the float weight)."""
 
     @property
     def is_cast(self) -> bool:
@@ -65,13 +86,24 @@ class PlannedTensor:
 
     @property
     def name(self) -> str:
-        """Its name in the output (GPTQ/AWQ ``x.qweight`` is dequantized to ``x.weight``)."""
+        """Its name in the output (GPTQ/AWQ ``x.qweight`` is dequantized to ``x.weight``,
+        a quantized weight's scale is ``x.weight_scale_inv``...)."""
+        if self.quantized:
+            return self.quantized.name
         return self.dequant.weight.name if self.dequant else self.entry.name
 
     @property
     def shape(self) -> tuple[int, ...]:
         """Its shape in the output (bitsandbytes 4-bit: the original shape)."""
+        if self.quantized:
+            return self.quantized.shape
         return self.dequant.weight.shape if self.dequant else self.entry.shape
+
+    @property
+    def input_nbytes(self) -> int:
+        """The input bytes it accounts for (a scale re-reads its weight's: none)."""
+        scale = self.quantized is not None and self.quantized.kind == "fp8_scale"
+        return 0 if scale else self.entry.nbytes
 
     @property
     def numel(self) -> int:
@@ -183,6 +215,16 @@ def tensor_dict(t: PlannedTensor, source_ids: dict[Path, int]) -> _core.TensorPl
     }
     if t.dequant is not None:
         out["dequant"] = dequant_dict(t.dequant, source_ids)
+    q = t.quantized
+    if q is not None and q.kind == "fp8_weight":
+        out["quantize"] = {"kind": "fp8_weight", "block": q.block}
+    elif q is not None:
+        out["quantize"] = {
+            "kind": "fp8_scale",
+            "block": q.block,
+            "weight": q.weight,
+            "weight_shape": list(t.entry.shape),
+        }
     return out
 
 
@@ -266,6 +308,17 @@ class Sized(Protocol):
 SizedT = TypeVar("SizedT", bound=Sized)
 
 
+@dataclass(frozen=True)
+class Bundle:
+    """Tensors that go into one shard together (a quantized weight and its scale)."""
+
+    tensors: list[PlannedTensor]
+
+    @property
+    def nbytes(self) -> int:
+        return sum(t.nbytes for t in self.tensors)
+
+
 def pack(tensors: list[SizedT], limit: int) -> list[list[SizedT]]:
     """Group tensors into shards exactly as huggingface_hub's splitter does."""
     shards: list[list[SizedT]] = []
@@ -307,6 +360,22 @@ def shard_names(prefix: str, count: int) -> list[str]:
     return [f"{prefix}-{i:05d}-of-{count:05d}.safetensors" for i in range(1, count + 1)]
 
 
+def quantized_pair(
+    ws: WeightSet, entry: TensorEntry, how: QuantizeTarget, role: str
+) -> list[PlannedTensor]:
+    """A weight ``--quantize`` quantizes: its e4m3 values, then its F32 scales."""
+    assert how.block is not None and how.scale is not None
+    scale, grid = how.scale
+    values = Quantized("fp8_weight", entry.name, entry.shape, how.block, entry.name)
+    scales = Quantized("fp8_scale", scale, grid, how.block, entry.name)
+    return [
+        PlannedTensor(entry, how.dtype, entry.numel, label=join(ws.folder, entry.name),
+                      role=role, quantized=values),
+        PlannedTensor(entry, "F32", 4 * math.prod(grid), label=join(ws.folder, scale),
+                      role=role, quantized=scales),
+    ]  # fmt: skip
+
+
 def plan_set(
     ws: WeightSet,
     dtype: str,
@@ -314,33 +383,41 @@ def plan_set(
     keep: Sequence[str] = (),
     quantized: bool = False,
     dequantize: Mapping[str, QuantizedWeight] | None = None,
+    quantize: Sequence[QuantizeTarget] | None = None,
 ) -> SetPlan:
     """One weight set's output, named after the set without its variant.
 
     ``dequantize`` maps each tensor holding a quantized weight's values to the weight:
     those are written dequantized to ``dtype`` (under the weight's name and shape, in
     the place of the source tensor), and every other quantization-state tensor is left
-    out (the output is a plain model)."""
+    out (the output is a plain model). ``quantize`` says what ``--quantize`` makes of
+    each tensor (``_quant.quantize_targets``): a quantized weight is written as its
+    e4m3 values and, in the same shard, its scales."""
     entries = ws.tensors
     by_name = {t.name: t for t in entries}
-    quantized = quantized or dequantize is not None
+    quantized = quantized or dequantize is not None or quantize is not None
     roles = _core.quant_roles(list(by_name)) if quantized else ["plain"] * len(entries)
-    planned = []
-    targets = target_dtypes(entries, dtype, keep, quantized)
+    bundles = []
+    if quantize is not None:
+        targets = [q.dtype for q in quantize]
+    else:
+        targets = target_dtypes(entries, dtype, keep, quantized)
     for i, (entry, to) in enumerate(zip(entries, targets, strict=True)):
         label = join(ws.folder, entry.name)
-        if dequantize is not None and entry.name in dequantize:
+        if quantize is not None and quantize[i].fate == "quantize":
+            bundles.append(Bundle(quantized_pair(ws, entry, quantize[i], roles[i])))
+        elif dequantize is not None and entry.name in dequantize:
             w = dequantize[entry.name]
             how = Dequantized(w, {role: by_name[n] for role, n in w.operands.items()})
             nbytes = math.prod(w.shape) * element_size(dtype)
             label = join(ws.folder, w.name)
-            planned.append(
+            bundles.append(Bundle([
                 PlannedTensor(entry, dtype, nbytes, label=label, dequant=how, role=roles[i])
-            )
+            ]))  # fmt: skip
         elif dequantize is None or roles[i] in ("plain", "pinned fp32"):
             nbytes = output_nbytes(entry, to)
-            planned.append(PlannedTensor(entry, to, nbytes, label=label, role=roles[i]))
-    groups = pack(planned, shard_size)
+            bundles.append(Bundle([PlannedTensor(entry, to, nbytes, label=label, role=roles[i])]))
+    groups = [[t for b in group for t in b.tensors] for group in pack(bundles, shard_size)]
     # The source's metadata is kept; transformers needs a format, so one is added if absent.
     metadata = {"format": "pt", **ws.metadata}
     names = shard_names(ws.key, len(groups))
@@ -357,11 +434,13 @@ def plan_conversion(
     keep: Sequence[str] = (),
     quantized: bool = False,
     dequantize: Mapping[tuple[str, str], QuantizedWeight] | None = None,
+    quantize: Mapping[str, Sequence[QuantizeTarget]] | None = None,
 ) -> ConversionPlan:
     """Plan the output of every weight set of ``model``; ``quantized`` leaves every
     quantization-state tensor as it is, ``dequantize`` ((set key, source tensor) ->
     quantized weight) writes those weights dequantized and the rest of the state not at
-    all.
+    all, ``quantize`` (set key -> what ``--quantize`` makes of each tensor) writes fp8
+    weights with their scales.
 
     >>> # plan_conversion(open_model("model/"), "BF16", parse_size("5GB"), keep=["*norm*"])
     """
@@ -370,6 +449,7 @@ def plan_conversion(
             ws, dtype, shard_size, keep, quantized,
             None if dequantize is None
             else {name: how for (key, name), how in dequantize.items() if key == ws.key},
+            None if quantize is None else quantize[ws.key],
         )
         for ws in model.weight_sets
     ]  # fmt: skip

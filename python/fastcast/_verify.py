@@ -32,7 +32,16 @@ from fastcast._config import config_dtypes, is_transformers_config, read_config
 from fastcast._dtypes import from_torch_name, is_castable, torch_name
 from fastcast._model_dir import ModelFolder, SourceFile, TensorEntry, WeightSet, open_model
 from fastcast._progress import ByteProgress
-from fastcast._quant import Quantization, QuantizedWeight, detect, quantized_weights, roles
+from fastcast._quant import (
+    QUANTIZE_METHODS,
+    Quantization,
+    QuantizedWeight,
+    QuantizeTarget,
+    detect,
+    quantize_targets,
+    quantized_weights,
+    roles,
+)
 from fastcast._record import RECORD_NAME, STAGING_DIR, OutputRecord, read_record
 from fastcast._units import format_bytes
 
@@ -111,13 +120,41 @@ class Pairing:
     """The source's quantization (kept as it was, unless ``dequantized``)."""
     dequantized: dict[str, dict[str, QuantizedWeight]] = field(default_factory=dict)
     """Per source set: each dequantized weight, by its name in the output."""
+    quantize: str | None = None
+    """The ``--quantize`` scheme that made the output from a plain source, if one did."""
+
+    def quantized(self, source: WeightSet) -> dict[str, Quantized]:
+        """``--quantize``: each output tensor written by quantizing a weight of ``source``
+        (its values and its scales), by output name."""
+        if self.quantize is None:
+            return {}
+        found = {}
+        tensors = source.tensors
+        for t, q in zip(tensors, self.targets(source), strict=True):
+            if q.fate == "quantize":
+                assert q.block is not None
+                found[t.name] = Quantized(t.name, q.block, scales=False)
+                found[q.scale_name] = Quantized(t.name, q.block, scales=True)
+        return found
+
+    def targets(self, source: WeightSet) -> list[QuantizeTarget]:
+        """What the ``--quantize`` run made of each tensor of ``source`` (the core's rule)."""
+        assert self.quantize is not None
+        return quantize_targets(source.tensors, self.target, self.keep, self.quantize)
 
     def expected(self, source: WeightSet) -> dict[str, tuple[str, tuple[int, ...]]]:
         """Every tensor the output should hold -> the dtype (the core's rule) and shape
         the conversion should have stored: a dequantized model holds its plain tensors
         and its dequantized weights (under their names and shapes), no other
-        quantization state."""
+        quantization state; a quantized one its quantized weights with their scales."""
         tensors = source.tensors
+        if self.quantize is not None:
+            want: dict[str, tuple[str, tuple[int, ...]]] = {}
+            for t, q in zip(tensors, self.targets(source), strict=True):
+                want[t.name] = (q.dtype, t.shape)
+                if q.scale is not None:
+                    want[q.scale[0]] = ("F32", q.scale[1])
+            return want
         dtypes = _core.target_dtypes(
             [(t.name, t.dtype) for t in tensors],
             self.target,
@@ -137,6 +174,16 @@ class Pairing:
             elif role in ("plain", "pinned fp32"):
                 want[t.name] = (d, t.shape)
         return want
+
+
+@dataclass(frozen=True)
+class Quantized:
+    """An output tensor ``--quantize`` wrote from the source weight ``weight``: its e4m3
+    values, or (``scales``) their F32 scales."""
+
+    weight: str
+    block: tuple[int, int]
+    scales: bool
 
 
 def infer_dtype(out: ModelFolder) -> str:
@@ -275,6 +322,20 @@ def was_dequantized(out: ModelFolder, record: OutputRecord | None) -> bool:
     )
 
 
+def quantize_scheme(src: ModelFolder, out: ModelFolder, record: OutputRecord | None) -> str | None:
+    """The ``--quantize`` scheme that made ``out`` from ``src``, if one did: its record
+    says so, or (made elsewhere) a plain source has an output quantized in one of the
+    layouts --quantize writes."""
+    methods = {method: scheme for scheme, method in QUANTIZE_METHODS.items()}
+    if record is not None:
+        q = record.quantization
+        return methods.get(q["method"]) if q and q.get("mode") == "quantize" else None
+    found = detect(out)
+    if found is None or detect(src) is not None:
+        return None
+    return methods.get(found.method)
+
+
 def pick_devices(device: str) -> list[str]:
     """``auto``: every visible GPU, else the CPU; or ``cpu``, ``cuda``, ``cuda:0,cuda:1``."""
     import torch
@@ -369,7 +430,8 @@ def verify_values(
         sources = {t.name: t for t in source.tensors}
         expected = pairing.expected(source)
         weights = pairing.dequantized.get(source.key, {})
-        files += [(f, sources, expected, weights) for f in converted.files]
+        quantized = pairing.quantized(source)
+        files += [(f, sources, expected, weights, quantized) for f in converted.files]
     total = sum(t.nbytes for f, *_ in files for t in f.tensors)
 
     lock = threading.Lock()
@@ -384,7 +446,7 @@ def verify_values(
             return max(devices, key=lambda d: torch.cuda.mem_get_info(d)[0])
 
     def check_file(job: FileJob) -> tuple[int, int, list[TensorMismatch]]:
-        f, sources, expected_tensors, weights = job
+        f, sources, expected_tensors, weights, quantized = job
         device = roomiest()
         found: list[TensorMismatch] = []
         checked = nbytes = 0
@@ -408,16 +470,21 @@ def verify_values(
                 got = handle.get_tensor(t.name)
                 if got.dtype != torch_dtype(expected) or tuple(got.shape) != shape:
                     continue  # a structural problem, reported there
-                # torch on the same device is the independent oracle: its own cast, or the
-                # reference dequantization (fp32, then its own cast).
+                # torch on the same device is the independent oracle: its own cast, the
+                # reference dequantization (fp32, then its own cast) or quantization.
                 w = weights.get(t.name)
+                q = quantized.get(t.name)
                 if w is not None:
                     want = dequantize_reference(w, read).to(torch_dtype(expected))
+                elif q is not None:
+                    want = quantize_reference(read(q.weight), q.block)[int(q.scales)]
                 else:
                     want = read(t.name).to(torch_dtype(expected))
                 mismatch = compare(t.name, f.path.name, got, want, expected)
                 if mismatch and w is not None:
                     mismatch = replace(mismatch, oracle="torch's reference dequantization")
+                if mismatch and q is not None:
+                    mismatch = replace(mismatch, oracle="torch's reference quantization")
                 if mismatch:
                     found.append(mismatch)
                 checked += 1
@@ -442,12 +509,13 @@ def verify_values(
 
 
 #: An output file to check: its set's source tensors by name, the expected dtypes and
-#: shapes, and the dequantized weights by output name.
+#: shapes, the dequantized weights and the quantized tensors, by output name.
 FileJob = tuple[
     SourceFile,
     dict[str, TensorEntry],
     dict[str, tuple[str, tuple[int, ...]]],
     dict[str, QuantizedWeight],
+    dict[str, Quantized],
 ]
 
 #: bitsandbytes' LLM.int8 multiplier (``int8_vectorwise_dequant``): 1/127 as an f32.
@@ -563,6 +631,39 @@ def awq_reference(
     return (scales.float()[g] * (q - zeros[g]).float()).t().contiguous()
 
 
+#: float8_e4m3fn's largest finite value: a block's scale is its amax over it.
+E4M3_MAX = 448.0
+#: The smallest amax a scale is made from (an all-zero block's scale stays positive).
+MIN_AMAX = 1e-12
+
+
+def quantize_reference(
+    w: torch.Tensor, block: tuple[int, int]
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """``--quantize``'s math in torch, on ``w``'s device, independent of fastcast's core:
+    the weight seen as 2-D, per block (edge blocks cut to the weight), ``s =
+    amax.clamp(min=1e-12) / 448`` in fp32 (a NaN in the block makes it NaN), then ``q =
+    (W / s).clamp(-448, 448)`` rounded to float8_e4m3fn. Returns ``(q, s)``, ``s`` the
+    scale grid ``[ceil(rows / block[0]), ceil(cols / block[1])]``."""
+    import torch
+
+    cols = w.shape[-1]
+    rows = w.numel() // cols
+    br, bc = block
+    grid = (-(-rows // br), -(-cols // bc))
+    x = w.float().reshape(rows, cols)
+    magnitude = x.abs()
+    if (grid[0] * br, grid[1] * bc) != (rows, cols):  # edge blocks: pad with zeros
+        magnitude = torch.nn.functional.pad(magnitude, (0, grid[1] * bc - cols,
+                                                        0, grid[0] * br - rows))  # fmt: skip
+    amax = magnitude.reshape(grid[0], br, grid[1], bc).amax(dim=(1, 3))
+    del magnitude
+    s = amax.clamp(min=MIN_AMAX) / E4M3_MAX
+    full = s.repeat_interleave(br, 0)[:rows].repeat_interleave(bc, 1)[:, :cols]
+    q = (x / full).clamp(-E4M3_MAX, E4M3_MAX).to(torch.float8_e4m3fn)
+    return q.reshape(w.shape), s
+
+
 def torch_dtype(name: str) -> torch.dtype:
     import torch
 
@@ -659,7 +760,8 @@ def verify(
     if quant is not None and was_dequantized(out, record):
         for (key, _), w in quantized_weights(src, quant, roles(src)).items():
             dequantized.setdefault(key, {})[w.name] = w
-    pairing = Pairing(sets, target, list(keep or ()), quant, dequantized)
+    scheme = quantize_scheme(src, out, record)
+    pairing = Pairing(sets, target, list(keep or ()), quant, dequantized, scheme)
     report.problems = unpaired + check_structure(src, out, pairing)
     report.tensors_checked, report.bytes_checked, report.mismatches = verify_values(
         pairing, devices, progress

@@ -10,6 +10,7 @@ from typing import TextIO
 
 import fastcast
 from fastcast._convert import DEFAULT_SHARD_SIZE
+from fastcast._core import QUANTIZE_SCHEMES
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -57,6 +58,7 @@ def add_convert(commands: argparse._SubParsersAction[argparse.ArgumentParser]) -
         "  fastcast convert model/ --dtype bf16 --shard-size 5GB\n"
         "  fastcast convert model/ -o out/ --dtype fp16 --shard-size 2GiB --threads 8\n"
         "  fastcast convert tiny-sd/ --dtype bf16 --variant fp16\n"
+        "  fastcast convert model/ --dtype bf16 --quantize fp8\n"
         "  fastcast convert model/ --dtype bf16 --resume      # finish an interrupted run",
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
@@ -107,6 +109,16 @@ def add_convert(commands: argparse._SubParsersAction[argparse.ArgumentParser]) -
         "DTYPE (bf16, fp16 or fp32), each weight computed in fp32 as its format's library "
         "computes it and rounded once; the quantization state and quantization_config are "
         "left out",
+    )
+    convert.add_argument(
+        "--quantize",
+        choices=QUANTIZE_SCHEMES,
+        help="quantize a plain model's decoder Linear weights to fp8 e4m3, one F32 scale "
+        "(amax/448) per block: fp8 = 128x128 blocks, weight_scale_inv, the fp8 config "
+        "(DeepSeek/FineGrained, vLLM); fp8-channel = one scale per row, weight_scale, "
+        "compressed-tensors FP8_DYNAMIC. Embeddings, norms, lm_head, router gates and "
+        "biases, and the layers whose shape does not fit the blocks (listed), go to DTYPE "
+        "(bf16, fp16 or fp32)",
     )
     convert.add_argument(
         "--strict",
@@ -230,6 +242,7 @@ def run_convert(args: argparse.Namespace) -> int:
         variant=args.variant,
         keep_quantized=args.keep_quantized,
         dequantize=args.dequantize,
+        quantize=args.quantize,
         strict=args.strict,
         report=args.report,
         overwrite=args.overwrite,

@@ -179,13 +179,17 @@ impl Fate {
 }
 
 /// What `--quantize` makes of one tensor.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Target {
     /// Its dtype in the output (F8_E4M3 for a quantized weight).
     pub dtype: DType,
     pub fate: Fate,
     /// For a quantized weight: the rows and columns each scale covers.
     pub block: Option<(u64, u64)>,
+    /// For a quantized weight: its F32 scale tensor's name and shape
+    /// (`x.weight_scale_inv` `[ceil(out / 128), ceil(in / 128)]`,
+    /// `x.weight_scale` `[out, 1]`).
+    pub scale: Option<(String, Vec<u64>)>,
 }
 
 /// What `--quantize` in `scheme` makes of every tensor `(name, dtype, shape)`
@@ -252,14 +256,30 @@ pub fn quantize_targets(
         .iter()
         .zip(fates)
         .zip(base)
-        .map(|(((_, src, shape), fate), base)| {
-            let (dtype, block) = match fate {
-                Fate::Quantize => (DType::F8E4M3, Some(scheme.block(shape.as_ref()))),
-                Fate::Misfit | Fate::FusedMisfit => (target, None),
-                Fate::Kept => (*src, None),
-                Fate::Router | Fate::Other => (base, None),
+        .map(|(((name, src, shape), fate), base)| {
+            let dtype = match fate {
+                Fate::Quantize => DType::F8E4M3,
+                Fate::Misfit | Fate::FusedMisfit => target,
+                Fate::Kept => *src,
+                Fate::Router | Fate::Other => base,
             };
-            Target { dtype, fate, block }
+            let (block, scale) = match fate {
+                Fate::Quantize => {
+                    let (shape, name) = (shape.as_ref(), name.as_ref());
+                    let block = scheme.block(shape);
+                    let grid = vec![shape[0].div_ceil(block.0), shape[1].div_ceil(block.1)];
+                    let module = name.strip_suffix(".weight").unwrap_or(name);
+                    let scale = format!("{module}.{}", scheme.scale_suffix());
+                    (Some(block), Some((scale, grid)))
+                }
+                _ => (None, None),
+            };
+            Target {
+                dtype,
+                fate,
+                block,
+                scale,
+            }
         })
         .collect()
 }
@@ -709,6 +729,14 @@ mod tests {
         );
         assert_eq!(kept[1].dtype, DType::BF16);
         assert_eq!(kept[0].block, Some((1, 256)));
+        let scale = Some((
+            "model.layers.0.self_attn.q_proj.weight_scale".into(),
+            vec![256, 1],
+        ));
+        assert_eq!(kept[0].scale, scale);
+        let block = &got[3].scale;
+        let o_proj = "model.layers.0.self_attn.o_proj.weight_scale_inv".to_string();
+        assert_eq!(block, &Some((o_proj, vec![2, 2])));
     }
 
     #[test]

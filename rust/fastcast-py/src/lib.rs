@@ -13,13 +13,14 @@ use std::time::Duration;
 
 use fastcast_core::exec::{self, ExecOptions, Plan, Progress};
 use fastcast_core::loss::{self, LossRule};
+use fastcast_core::quantize::{self, Scheme};
 use fastcast_core::{
     dtype, keep, CastOptions, DType, Error, Fp8Overflow, Header, KeepRule, Kernel,
 };
 use fastcast_core::{journal, quant, shard_file};
 use pyo3::buffer::PyBuffer;
 use pyo3::prelude::*;
-use pyo3::types::{PyDict, PyList};
+use pyo3::types::{PyDict, PyList, PyTuple};
 
 use errors::{
     insufficient_space_error, loss_error, CoreError, DtypeError, FastcastError,
@@ -64,6 +65,18 @@ fn safetensors_dtype(name: &str) -> Result<DType, CoreError> {
     })
 }
 
+/// The target dtype `target` names, refused (DtypeError) unless castable.
+fn castable_target(target: &str) -> PyResult<DType> {
+    let to: DType = target.parse().map_err(CoreError)?;
+    if !to.is_castable() {
+        return Err(DtypeError::new_err(format!(
+            "cannot convert to {to}: the target must be one of {}",
+            dtype::CASTABLE.map(DType::safetensors_name).join(", ")
+        )));
+    }
+    Ok(to)
+}
+
 /// For each `(tensor name, safetensors dtype)`, the dtype it gets converting
 /// to `target`: unchanged when not a castable float, matched by a `keep` glob
 /// (`fnmatch.fnmatchcase` semantics) or, with `quantized`, holding
@@ -76,13 +89,7 @@ fn target_dtypes(
     keep: Vec<String>,
     quantized: bool,
 ) -> PyResult<Vec<&'static str>> {
-    let to: DType = target.parse().map_err(CoreError)?;
-    if !to.is_castable() {
-        return Err(DtypeError::new_err(format!(
-            "cannot convert to {to}: the target must be one of {}",
-            dtype::CASTABLE.map(DType::safetensors_name).join(", ")
-        )));
-    }
+    let to = castable_target(target)?;
     let typed = tensors
         .into_iter()
         .map(|(name, dtype)| Ok((name, safetensors_dtype(&dtype)?)))
@@ -90,6 +97,44 @@ fn target_dtypes(
     let dtypes = keep::target_dtypes(&typed, to, &KeepRule::new(&keep), quantized);
     Ok(dtypes.into_iter().map(DType::safetensors_name).collect())
 }
+
+/// What `--quantize` in `scheme` ("fp8", "fp8-channel") makes of each
+/// `(tensor name, safetensors dtype, shape)` of a plain model converted to
+/// `target`: `(dtype, fate, block, scale)`, the fate being "quantize",
+/// "misfit", "fused misfit", "kept", "router" or "other", and for a quantized
+/// weight the block each scale covers and the scale tensor's name and shape.
+#[pyfunction]
+fn quantize_targets(
+    tensors: Vec<(String, String, Vec<u64>)>,
+    target: &str,
+    keep: Vec<String>,
+    scheme: &str,
+) -> PyResult<Vec<QuantizeTarget>> {
+    let to = castable_target(target)?;
+    let scheme = Scheme::from_name(scheme).ok_or_else(|| {
+        pyo3::exceptions::PyValueError::new_err(format!(
+            "quantize must be one of {}, not {scheme:?}",
+            Scheme::ALL.map(Scheme::name).join(", ")
+        ))
+    })?;
+    let typed = tensors
+        .into_iter()
+        .map(|(name, dtype, shape)| Ok((name, safetensors_dtype(&dtype)?, shape)))
+        .collect::<PyResult<Vec<_>>>()?;
+    let targets = keep::quantize_targets(&typed, to, &KeepRule::new(&keep), scheme);
+    Ok(targets
+        .into_iter()
+        .map(|t| (t.dtype.safetensors_name(), t.fate.name(), t.block, t.scale))
+        .collect())
+}
+
+/// One tensor's `(dtype, fate, block, (scale name, scale shape))` under `--quantize`.
+type QuantizeTarget = (
+    &'static str,
+    &'static str,
+    Option<(u64, u64)>,
+    Option<(String, Vec<u64>)>,
+);
 
 /// The role of each tensor in its model's quantization ("plain", "quantized
 /// weight", "scale", "zero point", "group index", "quant state", "pinned
@@ -421,6 +466,11 @@ fn _core(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add("__version__", env!("CARGO_PKG_VERSION"))?;
     m.add("PLAN_VERSION", exec::PLAN_VERSION)?;
     m.add("PARTIAL_SUFFIX", shard_file::PARTIAL_SUFFIX)?;
+    m.add(
+        "QUANTIZE_SCHEMES",
+        PyTuple::new(py, Scheme::ALL.map(Scheme::name))?,
+    )?;
+    m.add("FP8_BLOCK", quantize::FP8_BLOCK)?;
     m.add_class::<ExecStats>()?;
     m.add_class::<ShardRecord>()?;
     m.add("FastcastError", py.get_type::<FastcastError>())?;
@@ -438,6 +488,7 @@ fn _core(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_function(wrap_pyfunction!(dtypes, m)?)?;
     m.add_function(wrap_pyfunction!(target_dtypes, m)?)?;
     m.add_function(wrap_pyfunction!(quant_roles, m)?)?;
+    m.add_function(wrap_pyfunction!(quantize_targets, m)?)?;
     m.add_function(wrap_pyfunction!(cast_rule, m)?)?;
     m.add_function(wrap_pyfunction!(available_kernels, m)?)?;
     m.add_function(wrap_pyfunction!(select_kernel, m)?)?;
