@@ -365,6 +365,25 @@ def reference_dequantize(model: QuantModel, name: str) -> Tensor:
 # --- writing a folder ----------------------------------------------------------------------
 
 
+def load_all(folder: Path) -> dict[str, Tensor]:
+    """Every tensor of every safetensors file under ``folder``, by name."""
+    st = require("safetensors.torch")
+    out = {}
+    for f in sorted(folder.rglob("*.safetensors")):
+        out.update(st.load_file(str(f)))
+    return out
+
+
+def same_bits(a: Tensor, b: Tensor) -> bool:
+    """Same dtype, shape and bytes (NaN payloads included)."""
+    torch = _torch()
+    return bool(
+        a.dtype == b.dtype
+        and a.shape == b.shape
+        and torch.equal(a.contiguous().view(torch.uint8), b.contiguous().view(torch.uint8))
+    )
+
+
 def _torch() -> Any:
     return require("torch")
 

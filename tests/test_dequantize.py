@@ -18,7 +18,7 @@ import pytest
 import fastcast
 from commands import cli, ok, refused
 from conftest import require
-from quantized import ALL, QuantModel, dequantize_folder
+from quantized import ALL, QuantModel, dequantize_folder, load_all, same_bits
 from zoo import tree
 
 FP8 = ["deepseek-fp8", "ct-fp8-tensor", "ct-fp8-channel", "fbgemm-fp8", "vllm-fp8-static"]
@@ -27,23 +27,6 @@ PACKED = ["gptq-v1", "gptq-v1-desc-act", "gptq-v2", "awq"]
 EVERY = FP8 + BNB + PACKED
 assert sorted(EVERY) == sorted(ALL), "every quantized fixture is dequantized"
 TARGETS = {"bf16": "bfloat16", "fp16": "float16", "fp32": "float32"}
-
-
-def load_all(folder) -> dict:
-    st = require("safetensors.torch")
-    out = {}
-    for f in sorted(folder.rglob("*.safetensors")):
-        out.update(st.load_file(str(f)))
-    return out
-
-
-def same_bits(a, b) -> bool:
-    torch = require("torch")
-    return (
-        a.dtype == b.dtype
-        and a.shape == b.shape
-        and torch.equal(a.view(torch.uint8), b.view(torch.uint8))
-    )
 
 
 def dequantized(name: str, tmp_path, target: str) -> tuple[QuantModel, object]:

@@ -19,7 +19,7 @@ import fastcast
 from commands import cli, killed, ok, refused
 from conftest import require
 from models import build_llama, build_mixtral
-from quantized import ALL, quantize_fp8
+from quantized import ALL, load_all, quantize_fp8, same_bits
 from zoo import tree
 
 #: The target each model's conversion writes (every float dtype --quantize takes).
@@ -64,23 +64,6 @@ def deepseek(tmp_path):
 
 
 MODELS = {"llama": llama, "mixtral": mixtral, "deepseek": deepseek}
-
-
-def load_all(folder) -> dict:
-    st = require("safetensors.torch")
-    out = {}
-    for f in sorted(folder.rglob("*.safetensors")):
-        out.update(st.load_file(str(f)))
-    return out
-
-
-def same_bits(a, b) -> bool:
-    torch = require("torch")
-    return (
-        a.dtype == b.dtype
-        and a.shape == b.shape
-        and torch.equal(a.contiguous().view(torch.uint8), b.contiguous().view(torch.uint8))
-    )
 
 
 def module(name: str) -> str:
