@@ -291,7 +291,8 @@ fn span(dtype: DType, n: u64) -> u64 {
 ///
 /// Each finished shard is handed to a committer thread that syncs, renames
 /// and journals it while the workers go on with the next shard, so the sync
-/// overlaps the casting instead of stalling it.
+/// overlaps the casting instead of stalling it. A failed commit stops the
+/// workers at their next chunk, and its error is the one returned.
 pub fn execute(plan: &Plan, opts: &ExecOptions, progress: &Progress) -> Result<ExecStats> {
     plan.check_version()?;
     let maps = map_sources(&plan.sources)?;
@@ -303,6 +304,8 @@ pub fn execute(plan: &Plan, opts: &ExecOptions, progress: &Progress) -> Result<E
         .map(|shard| check_shard(shard, plan, &maps))
         .collect::<Result<Vec<_>>>()?;
     let (fsync, journal) = (opts.fsync, opts.journal.clone());
+    // Set by the committer when a commit fails: nothing after it can be kept.
+    let stop = &AtomicBool::new(false);
     std::thread::scope(|scope| -> Result<()> {
         let (to_commit, committer_rx) = std::sync::mpsc::channel::<(ShardFile, ShardRecord)>();
         let committer = scope.spawn(move || -> Result<()> {
@@ -318,13 +321,19 @@ pub fn execute(plan: &Plan, opts: &ExecOptions, progress: &Progress) -> Result<E
                             None => Ok(()),
                         })
                         .err();
+                    if failed.is_some() {
+                        stop.store(true, Ordering::Relaxed);
+                    }
                 }
             }
             failed.map_or(Ok(()), Err)
         });
         let mut written = Ok(());
         for (shard, (header, jobs)) in plan.shards.iter().zip(&checked) {
-            let (file, digest) = match write_shard(shard, header, jobs, opts, progress) {
+            if stop.load(Ordering::Relaxed) {
+                break;
+            }
+            let (file, digest) = match write_shard(shard, header, jobs, opts, progress, stop) {
                 Ok(done) => done,
                 Err(e) => {
                     written = Err(e);
@@ -354,7 +363,8 @@ pub fn execute(plan: &Plan, opts: &ExecOptions, progress: &Progress) -> Result<E
                 problem: "the commit thread panicked".into(),
             })
         });
-        written.and(committed)
+        // A failed commit is the cause; the workers' Cancelled its consequence.
+        committed.and(written)
     })?;
     if opts.fsync {
         let mut dirs: Vec<&Path> = Vec::new();
@@ -803,7 +813,9 @@ fn write_shard(
     jobs: &[Job],
     opts: &ExecOptions,
     progress: &Progress,
+    stop: &AtomicBool,
 ) -> Result<(ShardFile, u64)> {
+    let stopped = || progress.cancel.load(Ordering::Relaxed) || stop.load(Ordering::Relaxed);
     let header_bytes = header.to_bytes();
     let total = header.data_start() + header.data_len();
     let out = ShardFile::create(&shard.path, total)?;
@@ -811,7 +823,7 @@ fn write_shard(
     let mut hashes: Vec<(u64, u64)> = chunks_of(jobs, opts.chunk_bytes)
         .par_iter()
         .map(|c| {
-            if progress.cancel.load(Ordering::Relaxed) {
+            if stopped() {
                 return Err(Error::Cancelled);
             }
             let job = &jobs[c.job];
@@ -855,7 +867,7 @@ fn write_shard(
             Ok((offset, hash))
         })
         .collect::<Result<_>>()?;
-    if progress.cancel.load(Ordering::Relaxed) {
+    if stopped() {
         return Err(Error::Cancelled);
     }
     hashes.sort_unstable();

@@ -730,3 +730,51 @@ fn quantizes_weights_and_their_scales_in_any_chunking_scales_after_weights() {
     assert!(err.to_string().contains("they are F8_E4M3"), "{err}");
     assert!(!out.exists());
 }
+
+#[test]
+fn a_failed_commit_stops_the_workers_and_is_the_error() {
+    let dir = Scratch::new("commit-fails");
+    // 16 MiB of f32 per shard, 256 chunks of 64 KiB: casting a shard takes far
+    // longer than the committer thread needs to be scheduled, even on a busy machine.
+    let n = 1 << 22;
+    let (src, _) = source(&dir.0, n);
+    let mut plan = plan_for(&src, &dir.0.join("unused"), n as u64, "F16");
+    let one = plan.shards[0].clone();
+    plan.shards = (0..8)
+        .map(|i| {
+            let mut shard = one.clone();
+            shard.name = format!("m-{i}.safetensors");
+            shard.path = dir.0.join(&shard.name);
+            shard
+        })
+        .collect();
+    // The first shard cannot be renamed into place: a folder holds its name.
+    let blocked = &plan.shards[0].path;
+    fs::create_dir_all(blocked.join("in-the-way")).unwrap();
+    let opts = ExecOptions {
+        chunk_bytes: 64 << 10,
+        fsync: false,
+        ..ExecOptions::default()
+    };
+    let progress = Progress::default();
+    let err = execute(&plan, &opts, &progress).unwrap_err();
+    assert!(
+        err.to_string().contains(&*blocked.to_string_lossy()),
+        "the failed commit is the error: {err}"
+    );
+    let shard_bytes = 4 * n as u64 + 8;
+    let done = progress.bytes_done.load(Ordering::Relaxed);
+    assert!(
+        done <= 4 * shard_bytes,
+        "the workers went on after the failed commit: {done} bytes of {}",
+        8 * shard_bytes
+    );
+    for shard in &plan.shards[1..] {
+        assert!(!shard.path.exists(), "{} put in place", shard.name);
+    }
+    let left: Vec<_> = fs::read_dir(&dir.0)
+        .unwrap()
+        .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+        .collect();
+    assert_eq!(left.len(), 2, "only the input and the folder: {left:?}");
+}
