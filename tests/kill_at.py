@@ -12,6 +12,8 @@ Points:
     replace:N  just before the Nth ``os.replace`` (renames into place)
     executed   right after the Rust executor returns (every shard written, nothing
                after it done)
+    journaled:N  while the executor runs, as soon as its journal holds N finished
+               shards (a thread polls it; the next shards are being written)
 
 The process exits by SIGKILL at the point; if the point is never reached the
 command runs to completion and this script exits 3, so a test can tell.
@@ -23,6 +25,8 @@ import os
 import shutil
 import signal
 import sys
+import threading
+import time
 from collections.abc import Callable
 from typing import Any
 
@@ -42,6 +46,18 @@ def nth_call(n: int) -> Callable[[], bool]:
         return calls[0] == n
 
     return counted
+
+
+def watch(journal: Any, n: int) -> None:
+    """Die once ``journal`` has ``n`` lines (finished shards)."""
+    while True:
+        try:
+            with open(journal, "rb") as f:
+                if f.read().count(b"\n") >= n:
+                    die()
+        except FileNotFoundError:
+            pass
+        time.sleep(0.0005)
 
 
 def install(point: str) -> None:
@@ -80,6 +96,17 @@ def install(point: str) -> None:
             die()
 
         _core.execute_plan = execute_plan  # type: ignore[assignment]
+    elif kind == "journaled":
+        from fastcast import _core
+
+        real_execute = _core.execute_plan
+
+        def watched(*a: Any, **kw: Any) -> Any:
+            journal = kw["journal"]
+            threading.Thread(target=watch, args=(journal, int(arg)), daemon=True).start()
+            return real_execute(*a, **kw)
+
+        _core.execute_plan = watched  # type: ignore[assignment]
     else:
         raise SystemExit(f"kill_at: unknown point {point!r}")
 

@@ -1,0 +1,108 @@
+"""What resuming costs: an interrupted run's finished shards are checked against their
+journaled digests (reading the outputs) but their inputs are not read again: the loss
+counts come from the journal. Measured as the page cache sees it: the inputs are
+evicted after the kill, and after the resume the pages of every input whose shard was
+reused are still not resident, while those converted again are."""
+
+from __future__ import annotations
+
+import ctypes
+import ctypes.util
+import json
+import mmap
+import os
+
+import numpy as np
+import pytest
+
+import fastcast
+from commands import cli, killed, ok
+
+SHARDS = 10
+VALUES = 1 << 18  # 1 MiB of f32 per input shard, 512 KiB of bf16 per output shard
+#: Readahead of the header read (``open_model``) may bring in the start of a file.
+READAHEAD = 256 << 10
+
+libc = ctypes.CDLL(ctypes.util.find_library("c"), use_errno=True)
+libc.mmap.restype = ctypes.c_void_p
+libc.mmap.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int, ctypes.c_int,
+                      ctypes.c_int, ctypes.c_long]  # fmt: skip
+libc.munmap.argtypes = [ctypes.c_void_p, ctypes.c_size_t]
+libc.mincore.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_char_p]
+
+
+def resident(path, begin: int, end: int) -> int:
+    """Bytes of ``path[begin:end]`` (whole pages inside it) in the page cache."""
+    page = mmap.PAGESIZE
+    size = os.path.getsize(path)
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        addr = libc.mmap(None, size, mmap.PROT_READ, mmap.MAP_SHARED, fd, 0)
+        assert addr not in (None, ctypes.c_void_p(-1).value), ctypes.get_errno()
+        try:
+            pages = (size + page - 1) // page
+            vec = ctypes.create_string_buffer(pages)
+            assert libc.mincore(addr, size, vec) == 0, ctypes.get_errno()
+            first, last = -(-begin // page), end // page
+            return sum(vec.raw[i] & 1 for i in range(first, last)) * page
+        finally:
+            libc.munmap(addr, size)
+    finally:
+        os.close(fd)
+
+
+def evict(path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+    finally:
+        os.close(fd)
+
+
+def model(folder):
+    """SHARDS input shards of one f32 tensor each, with an index."""
+    folder.mkdir()
+    weight_map = {}
+    rng = np.random.default_rng(0)
+    st = pytest.importorskip("safetensors.numpy")
+    for i in range(SHARDS):
+        name = f"model-{i + 1:05d}-of-{SHARDS:05d}.safetensors"
+        tensor = f"model.layers.{i}.mlp.up_proj.weight"
+        values = rng.standard_normal(VALUES).astype(np.float32).reshape(512, -1)
+        st.save_file({tensor: values}, str(folder / name), metadata={"format": "pt"})
+        weight_map[tensor] = name
+    index = {"metadata": {"total_size": SHARDS * VALUES * 4}, "weight_map": weight_map}
+    (folder / "model.safetensors.index.json").write_text(json.dumps(index))
+    (folder / "config.json").write_text('{"model_type": "llama", "torch_dtype": "float32"}')
+    return folder
+
+
+def test_resume_reads_no_input_of_a_reused_shard(tmp_path):
+    src = model(tmp_path / "src")
+    out, fresh = tmp_path / "out", tmp_path / "fresh"
+    # 600 KB shards: each output shard holds exactly one input shard's tensor.
+    args = ("--dtype", "bf16", "--shard-size", "600KB", "--threads", "1")
+    killed(f"journaled:{SHARDS // 2}", "convert", src, "-o", out, *args)
+    journal = (out / ".fastcast-staging" / "journal.jsonl").read_text().splitlines()
+    done = {json.loads(line)["name"] for line in journal}
+    assert SHARDS // 2 <= len(done) < SHARDS, done
+    os.sync()
+    inputs = sorted(src.glob("*.safetensors"))
+    for f in inputs:
+        evict(f)
+        assert resident(f, 0, f.stat().st_size) == 0, f"{f.name} could not be evicted"
+
+    report = fastcast.convert(src, "bf16", output=out, shard_size="600KB", resume=True,
+                              progress=False)  # fmt: skip
+    assert sorted(report.reused) == sorted(done)
+    for f in inputs:
+        data = resident(f, READAHEAD, f.stat().st_size)
+        if f.name in done:  # input shard k is output shard k, cast
+            assert data == 0, f"{f.name}: {data} bytes read again for a reused shard"
+        else:
+            assert data > 0, f"{f.name} was converted: its pages must have been read"
+    again = fastcast.convert(src, "bf16", output=fresh, shard_size="600KB", progress=False)
+    assert report.loss == again.loss, "the reused shards' losses come from the journal"
+    for f in sorted(fresh.glob("*.safetensors")):
+        assert f.read_bytes() == (out / f.name).read_bytes(), f.name
+    assert "OK" in ok(cli("verify", out))
