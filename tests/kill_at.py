@@ -14,6 +14,13 @@ Points:
                after it done)
     journaled:N  while the executor runs, as soon as its journal holds N finished
                shards (a thread polls it; the next shards are being written)
+    writing    while the executor runs, as soon as a shard is being written (a
+               partial file exists in the staging folder)
+
+``journaled:N@INT`` and ``writing@INT`` send SIGINT (Ctrl-C) instead: the process goes
+on to handle it, and this script exits with fastcast's exit code. Watching from a
+thread of the process itself, rather than from the test, keeps the signal in time on
+a busy machine.
 
 The process exits by SIGKILL at the point; if the point is never reached the
 command runs to completion and this script exits 3, so a test can tell.
@@ -28,6 +35,7 @@ import sys
 import threading
 import time
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 
@@ -48,19 +56,38 @@ def nth_call(n: int) -> Callable[[], bool]:
     return counted
 
 
-def watch(journal: Any, n: int) -> None:
-    """Die once ``journal`` has ``n`` lines (finished shards)."""
-    while True:
-        try:
-            with open(journal, "rb") as f:
-                if f.read().count(b"\n") >= n:
-                    die()
-        except FileNotFoundError:
-            pass
+#: Set once a watched point was reached and its signal sent.
+reached = threading.Event()
+
+
+def watch(journal: Path, until: Callable[[Path], bool], sig: signal.Signals) -> None:
+    """Send ``sig`` to this process once ``until(journal)`` holds."""
+    while not until(journal):
         time.sleep(0.0005)
+    reached.set()
+    if sig == signal.SIGKILL:
+        die()
+    # CLOCK_MONOTONIC is system-wide: the test can time the stop from here.
+    print(f"kill_at: sent {sig.name} at {time.monotonic()}", file=sys.stderr, flush=True)
+    os.kill(os.getpid(), sig)
+
+
+def journaled(n: int) -> Callable[[Path], bool]:
+    def holds(journal: Path) -> bool:
+        try:
+            return journal.read_bytes().count(b"\n") >= n
+        except FileNotFoundError:
+            return False
+
+    return holds
+
+
+def writing(journal: Path) -> bool:
+    return any(journal.parent.rglob("*.fastcast-partial"))
 
 
 def install(point: str) -> None:
+    point, _, how = point.partition("@")
     kind, _, arg = point.partition(":")
     if kind == "copy":
         nth = nth_call(int(arg))
@@ -96,14 +123,16 @@ def install(point: str) -> None:
             die()
 
         _core.execute_plan = execute_plan  # type: ignore[assignment]
-    elif kind == "journaled":
+    elif kind in ("journaled", "writing"):
         from fastcast import _core
 
+        sig = signal.SIGINT if how == "INT" else signal.SIGKILL
+        until = journaled(int(arg)) if kind == "journaled" else writing
         real_execute = _core.execute_plan
 
         def watched(*a: Any, **kw: Any) -> Any:
-            journal = kw["journal"]
-            threading.Thread(target=watch, args=(journal, int(arg)), daemon=True).start()
+            args = (Path(kw["journal"]), until, sig)
+            threading.Thread(target=watch, args=args, daemon=True).start()
             return real_execute(*a, **kw)
 
         _core.execute_plan = watched  # type: ignore[assignment]
@@ -119,6 +148,8 @@ def main() -> int:
     from fastcast.cli import main as fastcast_main
 
     code = fastcast_main(argv)
+    if reached.is_set():  # a signal fastcast handles (Ctrl-C): its own exit code
+        return code
     print(f"kill_at: {point} was never reached (exit {code})", file=sys.stderr)
     return 3
 
