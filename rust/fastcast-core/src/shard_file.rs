@@ -81,8 +81,11 @@ impl ShardFile {
         self.file.set_len(len).map_err(|e| Error::io(&self.path, e))
     }
 
-    /// `posix_fallocate` the whole file: true when done, false when the
-    /// filesystem does not support it (some network and FUSE ones).
+    /// `fallocate(2)` the whole file: true when done, false when the
+    /// filesystem does not support it (NFSv3, many FUSE ones). Not glibc's
+    /// `posix_fallocate`, which on such filesystems emulates the call by
+    /// writing every block, so that each byte of the shard would be written
+    /// twice; there a sparse file is the better reservation.
     #[cfg(target_os = "linux")]
     fn fallocate(&self, len: u64) -> Result<bool> {
         use std::os::fd::AsRawFd;
@@ -96,14 +99,13 @@ impl ShardFile {
             return Ok(false);
         }
         // SAFETY: the descriptor is open for writing and owned by `self.file`.
-        let rc = unsafe { libc::posix_fallocate(self.file.as_raw_fd(), 0, off_len) };
-        match rc {
-            0 => Ok(true),
-            libc::EOPNOTSUPP | libc::ENOSYS | libc::EINVAL => Ok(false),
-            errno => Err(Error::io(
-                &self.path,
-                std::io::Error::from_raw_os_error(errno),
-            )),
+        if unsafe { libc::fallocate(self.file.as_raw_fd(), 0, 0, off_len) } == 0 {
+            return Ok(true);
+        }
+        let err = std::io::Error::last_os_error();
+        match err.raw_os_error() {
+            Some(libc::EOPNOTSUPP | libc::ENOSYS | libc::EINVAL) => Ok(false),
+            _ => Err(Error::io(&self.path, err)),
         }
     }
 
