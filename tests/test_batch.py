@@ -7,7 +7,8 @@ from __future__ import annotations
 import json
 
 import fastcast
-from commands import cli, ok
+from commands import cli, killed, ok
+from fastcast._jobs import ShardBoard
 from zoo import llama, sentence_transformers, tree
 
 
@@ -110,3 +111,30 @@ def test_two_models_with_one_output_are_refused(tmp_path):
     batch = fastcast.convert_batch([a, a], "bf16", output_dir=tmp_path / "out")
     assert [r.status for r in batch.results] == ["converted", "failed"]
     assert "also the output of" in (batch.results[1].error or "")
+
+
+def test_a_batch_killed_midway_resumes_model_by_model(tmp_path):
+    """SIGKILLed between shards of several models (the queue mixes them): the same
+    command with --resume finishes each, byte for byte what single runs write."""
+    a, c = llama(tmp_path).model, sentence_transformers(tmp_path).model
+    args = ("convert", a, c, "--dtype", "bf16", "-o", tmp_path / "batch", "--shard-size", "1KB")
+    killed("replace:6", *args)
+    out = ok(cli(*args, "--resume"))
+    assert "2 of 2 model(s) done" in out
+    for model in (a, c):
+        got = tree(tmp_path / "batch" / f"{model.name}-bf16")
+        assert got == alone(model, tmp_path / "alone" / model.name, "--shard-size", "1KB")
+
+
+def test_progress_counts_each_shard_once_over_its_attempts():
+    """A retried shard (a worker died) shows the most any attempt did, never the sum."""
+    board = ShardBoard(0, enabled=False)
+    board.add_model("m", 300)
+    board.set("m", "s1", "first", 80)
+    board.set("m", "s1", "second", 50)  # the retry starts over
+    board.set("m", "s2", "a", 100)
+    assert board.shown() == 180
+    board.set("m", "s1", "second", 200)
+    board.set("m", "s1", "first", 90)  # a late report from the dead attempt
+    assert board.shown() == 300
+    board.close()
