@@ -19,6 +19,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 from fastcast._convert import ConversionReport, ShardExecutor, convert, default_output, parse_target
+from fastcast._hf_cache import model_path
 from fastcast._jobs import LocalPool, ShardBoard, ShardPool, shard_executor
 from fastcast._loss import total
 from fastcast._model_dir import open_model
@@ -264,7 +265,7 @@ def plan_jobs(
 
 def default_name(model: str, opts: Mapping[str, Any]) -> str:
     """The folder name ``convert`` would give the model's output (``name-bf16``)."""
-    source = Path(model)
+    source = model_path(model)
     return default_output(open_model(source, opts.get("variant")), source,
                           parse_target(opts["dtype"])).name  # fmt: skip
 

@@ -48,7 +48,7 @@ from fastcast._core import (
     QuantizedModelError,
 )
 from fastcast._dtypes import SHORT_NAMES, is_castable, short_name, torch_name
-from fastcast._hf_cache import cache_snapshot
+from fastcast._hf_cache import cache_snapshot, model_path
 from fastcast._loss import OverflowWarning, RangeRiskWarning, TensorLoss, describe, narrowing_risks
 from fastcast._model_dir import ModelFolder, describe_skipped, join, open_model
 from fastcast._output import Run, prepare
@@ -617,7 +617,7 @@ def convert(
             raise ValueError(f"quantize and {flag} exclude each other: quantize a plain model")
 
     # prepare: nothing is written
-    source = Path(model)
+    source = model_path(model)  # a repo id: its snapshot in the local cache
     folder = open_model(source, variant)
     out = Path(output) if output is not None else default_output(folder, source, target)
     check_not_inside(out, folder, source)
