@@ -308,7 +308,10 @@ def convert_batch(
     board = ShardBoard(0, show)
     try:
         if executor == "ray":
-            raise ValueError("executor='ray' is not there yet")
+            from fastcast._ray_executor import RayPool
+
+            with RayPool.start(ray_address, planned, threads, options.get("max_memory")) as pool:
+                results = run_models(planned, pool, board, pool.threads)
         else:
             local = LocalPool(n_threads, LOCAL_LANES)
             try:
