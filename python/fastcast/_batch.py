@@ -34,8 +34,9 @@ Executor = Literal["local", "ray"]
 
 #: Shards written at once by the local executor, the core's threads split between them.
 #: One: every thread on one shard while the other models are prepared and committed
-#: beside it measured fastest (benches/bench_batch.py: 0.96x three runs; 2 lanes 1.05x,
-#: 3 lanes 1.48x on 2 cores).
+#: beside it. benches/bench_batch.py on a shared 2-core box could not tell 1, 2 and 3
+#: lanes apart (two runs: 0.96x/1.16x, 1.05x/1.07x, 1.48x/0.84x of three runs); measure
+#: on more cores before changing it.
 LOCAL_LANES = 1
 #: Models being prepared, staged or committed at once; their shards share one queue.
 MODELS_AT_ONCE = 4
@@ -260,6 +261,8 @@ def plan_jobs(
             planned.append(ModelResult(job.model, "failed", None, error=one_line(e)))
             continue
         planned.append(ModelJob(job.model, opts))
+    for out in outputs:  # made here, not by models racing to make a shared parent
+        out.parent.mkdir(parents=True, exist_ok=True)
     return planned
 
 
