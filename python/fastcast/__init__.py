@@ -12,6 +12,7 @@ array([3.14], dtype=float16)
 """
 
 from fastcast._arrays import cast_array
+from fastcast._batch import BatchReport, ModelJob, ModelResult, convert_batch, read_jobs
 from fastcast._convert import ConversionReport, convert
 from fastcast._core import (
     DtypeError,
@@ -35,6 +36,7 @@ from fastcast._units import parse_size
 from fastcast._verify import VerifyReport, verify
 
 __all__ = [
+    "BatchReport",
     "ConversionReport",
     "DtypeError",
     "FastcastError",
@@ -44,6 +46,8 @@ __all__ = [
     "LossError",
     "ModelFolderError",
     "ModelInspection",
+    "ModelJob",
+    "ModelResult",
     "OutputExistsError",
     "OverflowWarning",
     "QuantizedModelError",
@@ -54,11 +58,13 @@ __all__ = [
     "available_kernels",
     "cast_array",
     "convert",
+    "convert_batch",
     "dtypes",
     "inspect",
     "parse_dtype",
     "parse_size",
     "read_header",
+    "read_jobs",
     "select_kernel",
     "verify",
 ]

@@ -26,10 +26,10 @@ import os
 import shutil
 import time
 import warnings
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Literal, Protocol
 
 from fastcast import _core
 from fastcast._config import (
@@ -48,7 +48,7 @@ from fastcast._core import (
     QuantizedModelError,
 )
 from fastcast._dtypes import SHORT_NAMES, is_castable, short_name, torch_name
-from fastcast._hf_cache import cache_snapshot
+from fastcast._hf_cache import cache_snapshot, model_path
 from fastcast._loss import OverflowWarning, RangeRiskWarning, TensorLoss, describe, narrowing_risks
 from fastcast._model_dir import ModelFolder, describe_skipped, join, open_model
 from fastcast._output import Run, prepare
@@ -476,6 +476,35 @@ def refuse_overflow(bad: list[tuple[str, int]], why: str = "") -> None:
     )
 
 
+class Executed(Protocol):
+    """What running the shards of one conversion did: the core's ``ExecStats``, or a
+    batch executor's sum over the shards it ran one by one (``_jobs.py``)."""
+
+    @property
+    def bytes_read(self) -> int: ...
+    @property
+    def bytes_written(self) -> int: ...
+    @property
+    def shards(self) -> list[_core.ShardRecord]: ...
+
+
+#: Runs the shards still to write of one conversion into its staging folder, journaling
+#: each: ``run_executor``, or a batch's shared queue or Ray cluster (``_batch.py``).
+ShardExecutor = Callable[
+    [
+        ConversionPlan,
+        Run,
+        list[str],
+        int,
+        int,
+        Literal["saturate", "nan"],
+        bool | None,
+        dict[Path, int],
+    ],
+    Executed | None,
+]
+
+
 def run_executor(
     plan: ConversionPlan,
     run: Run,
@@ -531,6 +560,7 @@ def convert(
     fp8_overflow: Literal["saturate", "nan"] = "saturate",
     report: str | os.PathLike[str] | None = None,
     progress: bool | None = None,
+    _executor: ShardExecutor | None = None,
 ) -> ConversionReport:
     """Convert a model folder (or one .safetensors file) to ``dtype``, re-sharded.
 
@@ -587,7 +617,7 @@ def convert(
             raise ValueError(f"quantize and {flag} exclude each other: quantize a plain model")
 
     # prepare: nothing is written
-    source = Path(model)
+    source = model_path(model)  # a repo id: its snapshot in the local cache
     folder = open_model(source, variant)
     out = Path(output) if output is not None else default_output(folder, source, target)
     check_not_inside(out, folder, source)
@@ -666,7 +696,8 @@ def convert(
         if staging:
             for rel in folder.copies:
                 run.copy(rel, folder.root / rel)
-            stats = run_executor(plan, run, todo, n_threads, chunk, fp8_overflow, progress, sizes)
+            execute = _executor or run_executor  # a batch runs every model's shards together
+            stats = execute(plan, run, todo, n_threads, chunk, fp8_overflow, progress, sizes)
         # check: every shard's loss counts, journaled ones for reused shards
         written = {r.name: r for r in stats.shards} if stats else {}
         losses = shard_losses(plan, {**reused, **written})
@@ -715,7 +746,7 @@ def finish_report(
     plan: ConversionPlan,
     folder: ModelFolder,
     configs: list[ConfigFix],
-    stats: _core.ExecStats | None,
+    stats: Executed | None,
     reused: dict[str, _core.ShardRecord],
     losses: list[TensorLoss],
     notes: list[str],

@@ -11,6 +11,7 @@ detached revision, and a cache cleanup would delete it).
 from __future__ import annotations
 
 import os
+import re
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -66,3 +67,42 @@ def is_blob_of(path: Path, root: Path) -> bool:
         return False
     real = path.resolve()
     return real.parent == snapshot.blobs.resolve()
+
+
+#: ``org/name`` or ``org/name@revision``, as the Hub spells repo ids.
+REPO_ID = re.compile(r"[A-Za-z0-9][\w.-]*/[A-Za-z0-9][\w.-]*(?:@[\w./-]+)?")
+
+
+def model_path(typed: str | os.PathLike[str]) -> Path:
+    """The path of the model ``typed`` names: itself when it exists (a local folder
+    wins over a repo id of the same name) or is no repo id, else the snapshot of
+    ``org/name[@revision]`` in the local Hugging Face cache (``HF_HUB_CACHE``, else
+    ``HF_HOME/hub``), found offline: fastcast never downloads.
+
+    >>> model_path("meta-llama/Llama-3.1-8B@main")  # doctest: +SKIP
+    PosixPath('/root/.cache/huggingface/hub/models--meta-llama--Llama-3.1-8B/snapshots/0e9e...')
+    """
+    path = Path(typed)
+    text = os.fspath(typed)
+    if path.exists() or not REPO_ID.fullmatch(text):
+        return path
+    from fastcast._core import ModelFolderError
+
+    repo, _, revision = text.partition("@")
+    try:
+        from huggingface_hub import constants, snapshot_download
+        from huggingface_hub.errors import HFValidationError, LocalEntryNotFoundError
+    except ImportError:
+        raise ModelFolderError(
+            f"{text}: no such file or folder (to read it as a Hugging Face repo id from the "
+            "local cache: pip install huggingface_hub)"
+        ) from None
+    try:
+        found = snapshot_download(repo, revision=revision or None, local_files_only=True)
+    except (LocalEntryNotFoundError, HFValidationError, FileNotFoundError):
+        raise ModelFolderError(
+            f"{text}: no such folder here, and not in the Hugging Face cache "
+            f"({constants.HF_HUB_CACHE}); fastcast never downloads: "
+            f"hf download {repo}{f' --revision {revision}' if revision else ''} first"
+        ) from None
+    return Path(str(found))

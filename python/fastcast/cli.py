@@ -3,12 +3,15 @@
 from __future__ import annotations
 
 import argparse
+import json
 import sys
 import warnings
 from collections.abc import Sequence
+from pathlib import Path
 from typing import TextIO
 
 import fastcast
+from fastcast._batch import one_line
 from fastcast._convert import DEFAULT_SHARD_SIZE
 from fastcast._core import QUANTIZE_SCHEMES
 
@@ -59,12 +62,19 @@ def add_convert(commands: argparse._SubParsersAction[argparse.ArgumentParser]) -
         "  fastcast convert model/ -o out/ --dtype fp16 --shard-size 2GiB --threads 8\n"
         "  fastcast convert tiny-sd/ --dtype bf16 --variant fp16\n"
         "  fastcast convert model/ --dtype bf16 --quantize fp8\n"
-        "  fastcast convert model/ --dtype bf16 --resume      # finish an interrupted run",
+        "  fastcast convert model/ --dtype bf16 --resume      # finish an interrupted run\n"
+        "  fastcast convert m1/ m2/ m3/ --dtype bf16 -o converted/   # a batch\n"
+        "  fastcast convert --jobs jobs.toml --executor ray --ray-address auto",
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    convert.add_argument("model", help="model folder, or a single .safetensors file")
     convert.add_argument(
-        "--dtype", "-d", required=True, help="target: bf16, fp16, fp32, fp64, fp8_e4m3, fp8_e5m2"
+        "model",
+        nargs="*",
+        help="model folder, a single .safetensors file, or a Hugging Face repo id "
+        "(org/name[@revision], from the local cache); several make a batch",
+    )
+    convert.add_argument(
+        "--dtype", "-d", help="target: bf16, fp16, fp32, fp64, fp8_e4m3, fp8_e5m2 (required)"
     )
     convert.add_argument(
         "--output",
@@ -164,7 +174,36 @@ def add_convert(commands: argparse._SubParsersAction[argparse.ArgumentParser]) -
     convert.add_argument(
         "--quiet", "-q", action="store_true", help="no progress bar and no summary"
     )
+    add_batch_options(convert)
     convert.set_defaults(run=run_convert)
+
+
+def add_batch_options(convert: argparse.ArgumentParser) -> None:
+    batch = convert.add_argument_group(
+        "batches",
+        "With several models (or --jobs, or --executor ray), -o names the folder that "
+        "receives each <name>-<dtype>; one failing model does not stop the others, and a "
+        "table sums them up (exit 1 if any failed).",
+    )
+    batch.add_argument(
+        "--jobs",
+        metavar="FILE",
+        help="a TOML file of [[model]] tables (path, and any of dtype, shard_size, keep, "
+        "output, dequantize...), top-level keys being defaults for all",
+    )
+    batch.add_argument(
+        "--executor",
+        choices=["local", "ray"],
+        default="local",
+        help="where the shards are written: local (one queue on this machine, default) or "
+        "ray (a Ray cluster whose nodes all see the inputs and outputs at the same paths; "
+        "pip install 'fastcast[ray]')",
+    )
+    batch.add_argument(
+        "--ray-address",
+        metavar="ADDR",
+        help="the Ray cluster to join (default: RAY_ADDRESS, else a local one)",
+    )
 
 
 def add_verify(commands: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
@@ -233,8 +272,12 @@ def add_inspect(commands: argparse._SubParsersAction[argparse.ArgumentParser]) -
 
 
 def run_convert(args: argparse.Namespace) -> int:
+    if args.dtype is None and args.jobs is None:
+        raise ValueError("convert needs --dtype (or a --jobs file giving each model's)")
+    if len(args.model) != 1 or args.jobs is not None or args.executor != "local":
+        return run_batch(args)
     report = fastcast.convert(
-        args.model,
+        args.model[0],
         args.dtype,
         output=args.output,
         shard_size=args.shard_size,
@@ -261,6 +304,66 @@ def run_convert(args: argparse.Namespace) -> int:
             print(checked.summary())
         return 0 if checked.ok else 1
     return 0
+
+
+def run_batch(args: argparse.Namespace) -> int:
+    jobs: list[str | fastcast.ModelJob] = list(args.model)
+    output_dir, dtype = args.output, args.dtype
+    defaults: dict[str, object] = {}
+    if args.jobs is not None:
+        listed = fastcast.read_jobs(args.jobs)
+        jobs += listed.jobs
+        defaults = dict(listed.defaults)
+        if "dtype" in defaults:  # the file's settings win, except -o
+            dtype = str(defaults.pop("dtype"))
+        output_dir = output_dir or listed.output_dir  # -o wins
+    if not jobs:
+        raise ValueError("convert needs a model (or --jobs FILE)")
+    # Each model's warnings are in its report, printed with its name.
+    warnings.filterwarnings("ignore", category=fastcast.FastcastWarning)
+    batch = fastcast.convert_batch(
+        jobs,
+        dtype,
+        output_dir=output_dir,
+        executor=args.executor,
+        ray_address=args.ray_address,
+        threads=args.threads,
+        progress=False if args.quiet else None,
+        **{**batch_options(args), **defaults},
+    )
+    if args.report:
+        Path(args.report).write_text(json.dumps(batch.to_dict(), indent=2) + "\n")
+    for failed in batch.failed:
+        print(f"fastcast: error: {failed.model}: {failed.error}", file=sys.stderr)
+    if not args.quiet:
+        print(batch.summary())
+    ok = batch.ok
+    if args.verify:
+        for r in batch.results:
+            if r.status == "converted" and r.output is not None:
+                checked = fastcast.verify(r.output, progress=False if args.quiet else None)
+                if not args.quiet or not checked.ok:
+                    print(checked.summary())
+                ok = ok and checked.ok
+    return 0 if ok else 1
+
+
+def batch_options(args: argparse.Namespace) -> dict[str, object]:
+    """convert's options as given on the command line, for every model of a batch."""
+    return {
+        "shard_size": args.shard_size,
+        "keep": args.keep,
+        "variant": args.variant,
+        "keep_quantized": args.keep_quantized,
+        "dequantize": args.dequantize,
+        "quantize": args.quantize,
+        "strict": args.strict,
+        "overwrite": args.overwrite,
+        "resume": args.resume,
+        "fsync": not args.no_fsync,
+        "max_memory": args.max_memory,
+        "fp8_overflow": args.fp8_overflow,
+    }
 
 
 def run_verify(args: argparse.Namespace) -> int:
@@ -345,10 +448,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 def describe_error(e: BaseException) -> str:
     """One line naming the file and the problem: ``out/x: No space left on device``."""
-    if isinstance(e, OSError) and e.filename is not None and e.strerror:
-        target = f" -> {e.filename2}" if e.filename2 is not None else ""
-        return f"{e.filename}{target}: {e.strerror}"
-    return str(e)
+    return one_line(e)
 
 
 def resume_hint(e: BaseException) -> str:

@@ -1,0 +1,246 @@
+"""``executor="ray"``: a batch's shard jobs as Ray tasks, on the nodes of a cluster.
+
+The driver (this process) plans, stages and commits every model, as with the local
+executor; each shard job (``_jobs.py``) is a Ray task running ``run_shard``, the core
+executor on the model's plan restricted to that shard, writing under its own attempt's
+name. Ray reruns a task whose worker died (up to ``MAX_RETRIES`` times); a rerun is a
+new attempt with a new name, so a half-written attempt never meets a finished one, and
+only the driver renames a finished attempt into place and journals it.
+
+Tensor bytes never pass through Ray: every node reads the inputs and writes the outputs
+at the same paths (a shared filesystem), which ``check_shared_paths`` proves up front
+by having a task on each node read probe files. Tasks ask for ``num_cpus`` = threads and
+``memory`` = ``max_memory``, and are spread over the nodes (``SPREAD``). Progress goes to
+an actor per attempt, absolute; the driver polls it, and ``ShardBoard`` shows each
+shard's best attempt.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import threading
+import uuid
+from collections.abc import Iterator
+from concurrent.futures import Future
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+from fastcast._core import ModelFolderError
+from fastcast._hf_cache import model_path
+from fastcast._jobs import ShardBoard, ShardDone, ShardJob, run_shard
+from fastcast._units import parse_size
+
+#: Reruns of a shard whose worker died (Ray's default).
+MAX_RETRIES = 3
+#: How often the driver reads the attempts' progress.
+POLL_SECONDS = 0.5
+INSTALL_HINT = "the ray executor needs Ray: pip install 'fastcast[ray]'"
+
+
+class AttemptLog:
+    """The Ray actor holding each shard attempt's latest byte count."""
+
+    def __init__(self) -> None:
+        self.counts: dict[tuple[str, str, str], int] = {}
+
+    def set(self, model: str, shard: str, attempt: str, done: int) -> None:
+        self.counts[(model, shard, attempt)] = done
+
+    def snapshot(self) -> dict[tuple[str, str, str], int]:
+        return dict(self.counts)
+
+
+def shard_task(job: ShardJob, log: Any) -> ShardDone:
+    """The Ray task: one shard attempt, reporting to the ``AttemptLog`` actor."""
+    return run_shard(job, lambda attempt, n: log.set.remote(job.model, job.name, attempt, n))
+
+
+def probe_task(expected: list[tuple[str, int, bytes]]) -> list[str]:
+    """On one node: each (path, size, first bytes) as the driver saw it, or what differs."""
+    import socket
+
+    problems = []
+    for path, size, head in expected:
+        try:
+            with open(path, "rb") as f:
+                same = f.read(len(head)) == head and os.fstat(f.fileno()).st_size == size
+        except OSError as e:
+            problems.append(f"{socket.gethostname()} cannot read {path}: {e.strerror}")
+            continue
+        if not same:
+            problems.append(f"{socket.gethostname()} sees another {path} than the driver")
+    return problems
+
+
+class RayPool:
+    """Shard jobs as Ray tasks (see the module docstring); a ``ShardPool``."""
+
+    def __init__(self, ray: Any, threads: int, memory: int | None) -> None:
+        self.ray = ray
+        self.threads = threads
+        options: dict[str, Any] = {
+            "num_cpus": threads,
+            "max_retries": MAX_RETRIES,
+            "scheduling_strategy": "SPREAD",
+        }
+        if memory is not None:
+            options["memory"] = memory
+        self._task = ray.remote(shard_task).options(**options)
+        self._log = ray.remote(num_cpus=0)(AttemptLog).remote()
+        self._refs: dict[Future[ShardDone], Any] = {}
+        self._boards: set[ShardBoard] = set()
+        self._polling = threading.Event()
+        self._poller = threading.Thread(target=self._poll, name="fastcast-ray-progress")
+
+    @classmethod
+    @contextmanager
+    def start(
+        cls,
+        address: str | None,
+        planned: list[Any],
+        threads: int | None,
+        max_memory: int | str | None,
+    ) -> Iterator[RayPool]:
+        """Join the cluster at ``address`` (else ``RAY_ADDRESS``, else start a local one;
+        one already joined is used as it is), check that every node sees the batch's
+        paths, and leave it afterwards if this call joined it."""
+        try:
+            import ray
+        except ImportError:
+            raise ValueError(INSTALL_HINT) from None
+        joined = False
+        if not ray.is_initialized():
+            if address or os.environ.get("RAY_ADDRESS"):
+                ray.init(address=address, logging_level=logging.ERROR)
+            else:
+                ray.init(include_dashboard=False, logging_level=logging.ERROR,
+                         object_store_memory=100 << 20, _node_ip_address="127.0.0.1")  # fmt: skip
+            joined = True
+        try:
+            check_shared_paths(ray, probe_paths(planned), output_folders(planned))
+            pool = cls(ray, threads or 1, None if max_memory is None else parse_size(max_memory))
+            pool._poller.start()
+            try:
+                yield pool
+            finally:
+                pool._polling.set()
+                pool._poller.join()
+        finally:
+            if joined:
+                ray.shutdown()
+
+    def submit(self, job: ShardJob, board: ShardBoard) -> Future[ShardDone]:
+        self._boards.add(board)
+        ref = self._task.remote(job, self._log)
+        future: Future[ShardDone] = Future()
+        self._refs[future] = ref
+        ref.future().add_done_callback(lambda f: self._settle(future, f, job))
+        return future
+
+    def _settle(self, future: Future[ShardDone], done: Future[ShardDone], job: ShardJob) -> None:
+        """The task's outcome as the shard's: its own error (one line), not Ray's."""
+        self._refs.pop(future, None)
+        error = done.exception()
+        if error is None:
+            future.set_result(done.result())
+            return
+        exceptions = self.ray.exceptions
+        if isinstance(error, exceptions.RayTaskError):
+            error = error.cause if isinstance(error.cause, BaseException) else error
+        elif isinstance(error, exceptions.WorkerCrashedError | exceptions.NodeDiedError):
+            error = OSError(
+                f"{job.staged}: the Ray worker writing it died, {MAX_RETRIES + 1} times"
+            )
+        elif isinstance(error, exceptions.TaskCancelledError):
+            error = InterruptedError(f"{job.staged}: cancelled")
+        future.set_exception(error)
+
+    def stop(self, future: Future[ShardDone]) -> None:
+        ref = self._refs.get(future)
+        if ref is not None:
+            self.ray.cancel(ref)
+
+    def cancel(self) -> None:
+        for ref in list(self._refs.values()):
+            self.ray.cancel(ref)
+
+    def _poll(self) -> None:
+        while not self._polling.wait(POLL_SECONDS):
+            try:
+                counts = self.ray.get(self._log.snapshot.remote())
+            except Exception:  # progress is best effort; the tasks' results are not
+                continue
+            for (model, shard, attempt), n in counts.items():
+                for board in self._boards:
+                    board.set(model, shard, attempt, n)
+
+
+def probe_paths(planned: list[Any]) -> list[Path]:
+    """For each model of the batch, a weight file to read on every node."""
+    from fastcast._batch import ModelJob
+
+    found = []
+    for job in planned:
+        if not isinstance(job, ModelJob):
+            continue
+        try:
+            root = model_path(job.model)
+        except ModelFolderError:
+            continue  # the model fails on its own, with its own error
+        if root.is_file():
+            found.append(root)
+        else:
+            found.extend(sorted(root.rglob("*.safetensors"))[:1])
+    return found
+
+
+def output_folders(planned: list[Any]) -> list[Path]:
+    """The nearest existing folder of each output the batch names (a probe goes there)."""
+    from fastcast._batch import ModelJob
+
+    found = set()
+    for job in planned:
+        out = job.options.get("output") if isinstance(job, ModelJob) else None
+        if out is not None:
+            folder = Path(os.path.abspath(out))
+            while not folder.exists():
+                folder = folder.parent
+            found.add(folder if folder.is_dir() else folder.parent)
+    return sorted(found)
+
+
+def check_shared_paths(ray: Any, inputs: list[Path], outputs: list[Path]) -> None:
+    """Every alive node reads each probe (an input, and a file the driver writes where
+    each output will be) as the driver does; else one line naming node and path."""
+    from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
+
+    written = []
+    for folder in outputs:
+        probe_file = folder / f".fastcast-probe-{uuid.uuid4().hex[:8]}"
+        probe_file.write_bytes(uuid.uuid4().bytes)
+        written.append(probe_file)
+    expected = []
+    for p in [*inputs, *written]:
+        with open(p, "rb") as f:
+            expected.append((str(p.resolve()), p.stat().st_size, f.read(64)))
+    try:
+        probe = ray.remote(num_cpus=0)(probe_task)
+        nodes = [n["NodeID"] for n in ray.nodes() if n.get("Alive")]
+        checks = [
+            probe.options(
+                scheduling_strategy=NodeAffinitySchedulingStrategy(node, soft=False)
+            ).remote(expected)
+            for node in nodes
+        ]
+        problems = [p for found in ray.get(checks) for p in found]
+    finally:
+        for w in written:
+            w.unlink(missing_ok=True)
+    if problems:
+        raise ModelFolderError(
+            f"{problems[0]}: with --executor ray every node must see the inputs and outputs "
+            "at the same paths (a shared filesystem)"
+            + (f" ({len(problems) - 1} more such problems)" if len(problems) > 1 else "")
+        )
