@@ -171,12 +171,14 @@ def select_weights(
             f"state dict that are not tensors skipped: {listing(others)}"
         )
     named = [(".".join(e["path"][n:]), e["tensor"]) for e in chosen if "tensor" in e]
+    origin = {".".join(e["path"][n:]): tuple(e["path"]) for e in chosen if "tensor" in e}
     names = [name for name, _ in named]
     if "" in names:
         raise ModelFolderError(f"{path}: holds a tensor with an empty name")
     if strip_prefix:
         if not any(name.startswith(strip_prefix) for name in names):
             raise ModelFolderError(f"{path}: no tensor name starts with {strip_prefix!r}")
+        origin = {name.removeprefix(strip_prefix): p for name, p in origin.items()}
         named = [(name.removeprefix(strip_prefix), t) for name, t in named]
         names = [name for name, _ in named]
         if "" in names:
@@ -200,7 +202,7 @@ def select_weights(
             f"bytes (shape {t['shape']}, stride {t['stride']}): save "
             f"{'them' if len(views) > 1 else 'it'} with .contiguous() first"
         )
-    tensors, tied = dedupe(path, named)
+    tensors, tied = dedupe(path, named, origin)
     if tied:
         pairs = [f"{d} (= {k})" for d, k in tied.items()]
         notes.append(
@@ -217,7 +219,7 @@ def select_weights(
 
 
 def dedupe(
-    path: Path, named: list[tuple[str, TorchTensor]]
+    path: Path, named: list[tuple[str, TorchTensor]], origin: dict[str, tuple[str, ...]]
 ) -> tuple[list[TensorEntry], dict[str, str]]:
     """TensorEntries in file order, each exact alias (same storage, offset, shape,
     stride, dtype) after the first dropped: dropped name -> kept name."""
@@ -234,7 +236,8 @@ def dedupe(
             continue
         first.setdefault(alias, name)
         begin, end = t["offsets"]
-        tensors.append(TensorEntry(name, t["dtype"], tuple(t["shape"]), path, (begin, end)))
+        shape = tuple(t["shape"])
+        tensors.append(TensorEntry(name, t["dtype"], shape, path, (begin, end), origin[name]))
     return tensors, tied
 
 
