@@ -29,12 +29,13 @@ import math
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, TypedDict, cast
+from typing import TYPE_CHECKING, Any
 
 from fastcast import _core
 from fastcast._core import ModelFolderError
 
 if TYPE_CHECKING:
+    from fastcast._core import TorchEntry, TorchFile, TorchTensor
     from fastcast._model_dir import TensorEntry
 
 #: Keys that hold the state dict in training checkpoints, in the order they are tried.
@@ -43,32 +44,6 @@ KNOWN_KEYS = ("state_dict", "model", "module", "model_state_dict")
 DDP_PREFIX = "module."
 #: Names listed in one line before "and N more".
 SHOWN = 4
-
-
-class TorchTensor(TypedDict):
-    """A tensor as the core describes it (see the interface of ``read_torch_file``)."""
-
-    dtype: str
-    shape: list[int]
-    stride: list[int]
-    storage: str
-    storage_offset: int
-    offsets: list[int]
-    contiguous: bool
-
-
-class TorchEntry(TypedDict, total=False):
-    path: list[str]
-    tensor: TorchTensor
-    other: str
-
-
-class TorchFile(TypedDict):
-    format: str
-    prefix: str
-    byteorder: str
-    entries: list[TorchEntry]
-    unreferenced: list[str]
 
 
 @dataclass(frozen=True)
@@ -93,7 +68,7 @@ def listing(names: list[str], shown: int = SHOWN) -> str:
 
 def read_torch_file(path: Path) -> TorchFile:
     """The core's reading of ``path``; InvalidCheckpointError for anything it refuses."""
-    return cast(TorchFile, _core.read_torch_file(path))  # type: ignore[attr-defined]
+    return _core.read_torch_file(path)
 
 
 def read_torch_weights(
@@ -229,8 +204,7 @@ def dedupe(
     tied: dict[str, str] = {}
     tensors = []
     for name, t in named:
-        alias = (t["storage"], t["storage_offset"], tuple(t["shape"]), tuple(t["stride"]))
-        alias += (t["dtype"],)
+        alias = (t["storage"], t["storage_offset"], *t["shape"], "/", *t["stride"], t["dtype"])
         if alias in first and math.prod(t["shape"]) > 0:  # empty tensors share no bytes
             tied[name] = first[alias]
             continue

@@ -45,12 +45,16 @@ def add_convert(commands: argparse._SubParsersAction[argparse.ArgumentParser]) -
     convert = commands.add_parser(
         "convert",
         help="re-type and re-shard a model folder",
-        description="Cast the float tensors of a model folder (or one .safetensors file)\n"
+        description="Cast the float tensors of a model folder (or one weights file)\n"
         "to DTYPE, bit-exact with torch's tensor.to(), and re-shard them like\n"
-        "transformers' save_pretrained. Weights are found at any depth (diffusers'\n"
-        "unet/, vae/...). Integer and bool tensors are copied; config.json dtypes are\n"
-        "updated; other files are copied, except weights in other formats (.bin, .pth,\n"
-        "onnx/, original/...) and variants (model.fp16.safetensors: see --variant).\n"
+        "transformers' save_pretrained, as safetensors. Weights are found at any depth\n"
+        "(diffusers' unet/, vae/...): safetensors, or torch.save files (pytorch_model.bin\n"
+        "and its shards, adapter_model.bin, a lone .pt/.pth/.ckpt), read without running\n"
+        "pickle; where both are present, safetensors win. Without --dtype every tensor\n"
+        "keeps its dtype (a .bin model becomes the same model in safetensors). Integer\n"
+        "and bool tensors are copied; config.json dtypes are updated; other files are\n"
+        "copied, except weights in other formats (onnx/, original/, .gguf...) and\n"
+        "variants (model.fp16.safetensors: see --variant).\n"
         "The input is never modified. Everything is written to a hidden staging folder\n"
         "in the output and put in place only when the whole conversion succeeded;\n"
         "fastcast.json in the output records how it was made.",
@@ -59,12 +63,30 @@ def add_convert(commands: argparse._SubParsersAction[argparse.ArgumentParser]) -
         "  fastcast convert model/ -o out/ --dtype fp16 --shard-size 2GiB --threads 8\n"
         "  fastcast convert tiny-sd/ --dtype bf16 --variant fp16\n"
         "  fastcast convert model/ --dtype bf16 --quantize fp8\n"
-        "  fastcast convert model/ --dtype bf16 --resume      # finish an interrupted run",
+        "  fastcast convert model/ --dtype bf16 --resume      # finish an interrupted run\n"
+        "  fastcast convert old-bin-model/                    # .bin -> safetensors, as is\n"
+        "  fastcast convert ckpt.pth --strip-prefix module. --dtype bf16",
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    convert.add_argument("model", help="model folder, or a single .safetensors file")
     convert.add_argument(
-        "--dtype", "-d", required=True, help="target: bf16, fp16, fp32, fp64, fp8_e4m3, fp8_e5m2"
+        "model", help="model folder, or a single .safetensors or .bin/.pt/.pth/.ckpt file"
+    )
+    convert.add_argument(
+        "--dtype",
+        "-d",
+        help="target: bf16, fp16, fp32, fp64, fp8_e4m3, fp8_e5m2 (default: every tensor "
+        "keeps its dtype; the output defaults to <model>-safetensors)",
+    )
+    convert.add_argument(
+        "--state-dict-key",
+        metavar="KEY",
+        help="torch.save checkpoints: the key holding the state dict (default: the top "
+        "level, else state_dict, model, module or model_state_dict)",
+    )
+    convert.add_argument(
+        "--strip-prefix",
+        metavar="PREFIX",
+        help="torch.save checkpoints: remove PREFIX (e.g. module., as DDP adds) from tensor names",
     )
     convert.add_argument(
         "--output",
@@ -252,6 +274,8 @@ def run_convert(args: argparse.Namespace) -> int:
         max_memory=args.max_memory,
         fp8_overflow=args.fp8_overflow,
         progress=False if args.quiet else None,
+        state_dict_key=args.state_dict_key,
+        strip_prefix=args.strip_prefix,
     )
     if not args.quiet:
         print(report.summary())
