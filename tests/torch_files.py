@@ -453,3 +453,86 @@ def torch_file(root: Any, layout: Layout | None = None, z: Zip | None = None) ->
 
 def numel(shape: Sequence[int]) -> int:
     return math.prod(shape)
+
+
+# --- real files, saved by torch ------------------------------------------------------------
+
+
+def save_llama_bin(folder: Any, shards: int = 1) -> dict[str, Any]:
+    """A tiny tied Llama as transformers' ``save_pretrained(safe_serialization=False)``
+    wrote it: ``torch.save`` of the whole state dict (``lm_head.weight`` sharing the
+    embedding's storage) as ``pytorch_model.bin``, or its shards with
+    ``pytorch_model.bin.index.json``; config.json beside. Returns the state dict."""
+    import json
+
+    import torch
+    from huggingface_hub import split_torch_state_dict_into_shards
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from models import LLAMA
+
+    torch.manual_seed(0)
+    model = LlamaForCausalLM(LlamaConfig(**LLAMA)).eval()
+    model.config.save_pretrained(folder)
+    state = model.state_dict()
+    if shards == 1:
+        torch.save(state, folder / "pytorch_model.bin")
+        return state
+    total = sum(t.numel() * t.element_size() for t in state.values())
+    split = split_torch_state_dict_into_shards(
+        state, filename_pattern="pytorch_model{suffix}.bin", max_shard_size=total // shards + 1
+    )
+    for fname, names in split.filename_to_tensors.items():
+        torch.save({n: state[n] for n in names}, folder / fname)
+    index = {"metadata": split.metadata, "weight_map": split.tensor_to_filename}
+    (folder / "pytorch_model.bin.index.json").write_text(json.dumps(index, indent=2))
+    return state
+
+
+def save_bert_bin(folder: Any) -> dict[str, Any]:
+    """A tiny BERT as older transformers saved it: with the int64 ``position_ids``
+    buffer in the state dict."""
+    import torch
+    from transformers import BertConfig, BertModel
+
+    from models import BERT
+
+    torch.manual_seed(0)
+    model = BertModel(BertConfig(**BERT)).eval()
+    model.config.save_pretrained(folder)
+    state = dict(model.state_dict())
+    state["embeddings.position_ids"] = torch.arange(BERT["max_position_embeddings"])[None]
+    torch.save(state, folder / "pytorch_model.bin")
+    return state
+
+
+def nested_checkpoint(state: dict[str, Any], ddp: bool = False) -> dict[str, Any]:
+    """A training script's ``.pth``: the state dict under ``state_dict`` (names with
+    DDP's ``module.`` prefix if ``ddp``), the epoch, and the optimizer's state."""
+    import torch
+
+    params = [torch.nn.Parameter(t.float().clone()) for t in list(state.values())[:2]]
+    opt = torch.optim.AdamW(params)
+    sum(p.sum() for p in params).backward()
+    opt.step()
+    named = {f"module.{k}" if ddp else k: v for k, v in state.items()}
+    return {"state_dict": named, "epoch": 3, "optimizer": opt.state_dict()}
+
+
+def odd_dtypes() -> dict[str, Any]:
+    """fp8 and unsigned tensors (``_rebuild_tensor_v3``), a scalar, an empty tensor."""
+    import torch
+
+    g = torch.Generator().manual_seed(1)
+    x = torch.randn(16, 8, generator=g)
+    return {
+        "e4m3": x.to(torch.float8_e4m3fn),
+        "e5m2": x.to(torch.float8_e5m2),
+        "u16": torch.randint(0, 2**16, (4, 4), generator=g).to(torch.uint16),
+        "u32": torch.randint(0, 2**31, (4, 4), generator=g).to(torch.uint32),
+        "f32": x,
+        "bf16": x.to(torch.bfloat16),
+        "scalar": torch.tensor(7, dtype=torch.int64),
+        "empty": torch.zeros(0, 3),
+        "mask": x > 0,
+    }
