@@ -227,6 +227,6 @@ def test_a_project_folder_is_never_touched(tmp_path, extra):
     if "--overwrite" in extra:
         assert ".git/" in line and "src/" in line and "notes.md" in line
     assert tree(target.model) == before
-    refused(cli("inspect", target.model), "no .safetensors weights")
+    refused(cli("inspect", target.model), "no .safetensors or .bin weights")
     refused(cli("verify", target.model), "pass --against")
     assert tree(target.model) == before
