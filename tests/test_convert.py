@@ -206,7 +206,7 @@ def test_stale_weights_and_vcs_folders_are_not_copied(tmp_path, model):
     out = tmp_path / "out"
     assert not (out / "pytorch_model.bin").exists() and not (out / ".git").exists()
     assert "pytorch_model.bin" in report.skipped
-    assert "pytorch_model.bin (weights in another format)" in report.summary()
+    assert "pytorch_model.bin (torch .bin weights; the safetensors beside them" in report.summary()
 
 
 def test_overwrite_replaces_only_a_previous_conversion(tmp_path, model):
@@ -272,12 +272,23 @@ def test_missing_folder(tmp_path):
 
 def test_folder_without_weights(tmp_path):
     (tmp_path / "m").mkdir()
-    (tmp_path / "m" / "pytorch_model.bin").write_bytes(b"x")
+    (tmp_path / "m" / "flax_model.msgpack").write_bytes(b"x")
     expect_failure(
         tmp_path / "m",
         tmp_path / "out",
         fastcast.ModelFolderError,
-        "no .safetensors weights found.*pickles",
+        "no .safetensors or .bin weights found",
+    )
+
+
+def test_a_bin_that_is_not_a_torch_file_is_refused(tmp_path):
+    (tmp_path / "m").mkdir()
+    (tmp_path / "m" / "pytorch_model.bin").write_bytes(b"x")
+    expect_failure(
+        tmp_path / "m",
+        tmp_path / "out",
+        fastcast.InvalidCheckpointError,
+        "pytorch_model.bin: not a torch.save file",
     )
 
 

@@ -132,7 +132,7 @@ KILL_POINTS = ["copy:2", "executed", "replace:1", "replace:3", "replace:4"]
 
 
 #: Layouts with fewer than two files to copy: no "copy:2" point to kill at.
-COPYLESS = {"symlinked-file"}
+COPYLESS = {"symlinked-file", "checkpoint-pth"}
 
 
 @pytest.mark.parametrize(
@@ -227,6 +227,6 @@ def test_a_project_folder_is_never_touched(tmp_path, extra):
     if "--overwrite" in extra:
         assert ".git/" in line and "src/" in line and "notes.md" in line
     assert tree(target.model) == before
-    refused(cli("inspect", target.model), "no .safetensors weights")
+    refused(cli("inspect", target.model), "no .safetensors or .bin weights")
     refused(cli("verify", target.model), "pass --against")
     assert tree(target.model) == before

@@ -7,7 +7,9 @@ shape of a real repository: a sentence-transformers model (``1_Pooling/``, weigh
 snapshot), a diffusers pipeline (``model_index.json``, components with their own
 configs, sharded and ``.fp16`` variants), a Llama repository (bf16 shards, ``original/``
 with ``consolidated.00.pth``, ``onnx/``, old ``.bin`` shards, a variant index naming
-shards that are not there), a symlinked single file, and a project folder (``.git/``,
+shards that are not there), an older Llama that has only ``.bin`` shards (tied
+``lm_head``, ``training_args.bin``), a training checkpoint ``.pth`` passed as a file,
+a symlinked single file, and a project folder (``.git/``,
 ``src/``) that someone points ``-o`` at.
 
 Every entry is a :class:`Layout`: the path a user passes to fastcast and what a
@@ -479,6 +481,69 @@ def symlinked_file(tmp: Path) -> Layout:
     )
 
 
+def llama_bin(tmp: Path) -> Layout:
+    """An older Llama repository as the Hub has it: fp32 ``.bin`` shards saved by
+    ``torch.save`` with ``pytorch_model.bin.index.json``, ``lm_head.weight`` tied to the
+    embedding (one storage in the first shard: written once, as transformers does),
+    ``training_args.bin`` (a pickle, not weights) and no safetensors."""
+    torch = _torch()
+    root = tmp / "llama-7b-hf-old"
+    state = _layer_state(7, "model.layers.", 16, torch.float32, n=3)
+    emb = torch.randn(32, 16)
+    names = list(state)
+    first = {"model.embed_tokens.weight": emb, "lm_head.weight": emb}
+    first.update({n: state[n] for n in names[::2]})
+    second = {n: state[n] for n in names[1::2]}
+    weight_map = {}
+    for i, shard in enumerate((first, second)):
+        fname = f"pytorch_model-{i + 1:05d}-of-00002.bin"
+        root.mkdir(parents=True, exist_ok=True)
+        torch.save(shard, root / fname)
+        weight_map.update(dict.fromkeys(shard, fname))
+    _json(root / "pytorch_model.bin.index.json", {"metadata": {}, "weight_map": weight_map})
+    _json(
+        root / "config.json",
+        {
+            "architectures": ["LlamaForCausalLM"],
+            "model_type": "llama",
+            "tie_word_embeddings": True,
+            "torch_dtype": "float32",
+        },
+    )
+    _json(root / "generation_config.json", {"bos_token_id": 1})
+    _json(root / "tokenizer_config.json", {"model_max_length": 2048})
+    _write(root / "training_args.bin", b"PK\x03\x04 a pickled TrainingArguments")
+    expected = {"model.embed_tokens.weight": emb, **state}
+    return Layout(
+        "llama-bin",
+        root,
+        weights={"model": expected},
+        copied={"generation_config.json", "tokenizer_config.json"},
+        skipped={
+            "pytorch_model-00001-of-00002.bin",
+            "pytorch_model-00002-of-00002.bin",
+            "pytorch_model.bin.index.json",
+            "training_args.bin",
+        },
+        model_configs={"config.json"},
+    )
+
+
+def checkpoint_pth(tmp: Path) -> Layout:
+    """A training script's checkpoint passed as a file: the weights under
+    ``state_dict`` beside the epoch and the optimizer's state."""
+    torch = _torch()
+    state = _layer_state(8, "encoder.", 8, torch.float32)
+    path = tmp / "runs" / "epoch3.pth"
+    path.parent.mkdir(parents=True)
+    params = [torch.nn.Parameter(torch.ones(2))]
+    opt = torch.optim.SGD(params, lr=0.1, momentum=0.9)
+    torch.save({"state_dict": state, "epoch": 3, "optimizer": opt.state_dict()}, path)
+    return Layout(
+        "checkpoint-pth", path, weights={"epoch3": state}, default_stem=tmp / "runs" / "epoch3"
+    )
+
+
 def project(tmp: Path) -> Layout:
     """A user's project folder: the wrong place for ``-o``; fastcast must not touch it."""
     root = tmp / "my-project"
@@ -497,6 +562,8 @@ ZOO: dict[str, Callable[[Path], Layout]] = {
     "hf-snapshot": hf_snapshot,
     "hf-link": hf_link,
     "symlinked-file": symlinked_file,
+    "llama-bin": llama_bin,
+    "checkpoint-pth": checkpoint_pth,
 }
 """Model layouts: every user-facing command runs against each."""
 

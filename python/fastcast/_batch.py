@@ -22,7 +22,7 @@ from fastcast._convert import ConversionReport, ShardExecutor, convert, default_
 from fastcast._hf_cache import model_path
 from fastcast._jobs import LocalPool, ShardBoard, ShardPool, shard_executor
 from fastcast._loss import total
-from fastcast._model_dir import open_model
+from fastcast._model_dir import TorchOptions, open_model
 from fastcast._units import format_bytes
 
 if sys.version_info >= (3, 11):
@@ -57,6 +57,8 @@ JOB_OPTIONS = frozenset(
         "resume",
         "fp8_overflow",
         "max_memory",
+        "state_dict_key",
+        "strip_prefix",
     }
 )
 
@@ -238,7 +240,7 @@ def plan_jobs(
     options: Mapping[str, Any],
 ) -> list[ModelJob | ModelResult]:
     """Each model's ``convert`` arguments; a ModelResult for one that fails before
-    (no dtype, an output another model of the batch writes too)."""
+    (an output another model of the batch writes too)."""
     planned: list[ModelJob | ModelResult] = []
     outputs: dict[Path, str] = {}
     for m in models:
@@ -246,8 +248,6 @@ def plan_jobs(
         opts = {**options, **job.options}
         opts.setdefault("dtype", dtype)
         try:
-            if opts["dtype"] is None:
-                raise ValueError("no dtype: give --dtype, or dtype in the jobs file")
             out = opts.get("output")
             if out is None and output_dir is not None:
                 out = Path(output_dir) / default_name(job.model, opts)
@@ -267,10 +267,12 @@ def plan_jobs(
 
 
 def default_name(model: str, opts: Mapping[str, Any]) -> str:
-    """The folder name ``convert`` would give the model's output (``name-bf16``)."""
+    """The folder name ``convert`` would give the model's output (``name-bf16``;
+    ``name-safetensors`` without a dtype)."""
     source = model_path(model)
-    return default_output(open_model(source, opts.get("variant")), source,
-                          parse_target(opts["dtype"])).name  # fmt: skip
+    torch = TorchOptions(opts.get("state_dict_key"), opts.get("strip_prefix"))
+    target = None if opts.get("dtype") is None else parse_target(opts["dtype"])
+    return default_output(open_model(source, opts.get("variant"), torch), source, target).name
 
 
 # --- the API ---------------------------------------------------------------------------

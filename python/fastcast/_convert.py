@@ -27,7 +27,7 @@ import shutil
 import time
 import warnings
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, Literal, Protocol
 
@@ -50,7 +50,7 @@ from fastcast._core import (
 from fastcast._dtypes import SHORT_NAMES, is_castable, short_name, torch_name
 from fastcast._hf_cache import cache_snapshot, model_path
 from fastcast._loss import OverflowWarning, RangeRiskWarning, TensorLoss, describe, narrowing_risks
-from fastcast._model_dir import ModelFolder, describe_skipped, join, open_model
+from fastcast._model_dir import ModelFolder, TorchOptions, describe_skipped, join, open_model
 from fastcast._output import Run, prepare
 from fastcast._plan import ConversionPlan, PlannedTensor, plan_conversion
 from fastcast._progress import ByteProgress
@@ -86,7 +86,8 @@ class ConversionReport:
 
     source: Path
     output: Path
-    dtype: str
+    dtype: str | None
+    """The target; None: every tensor kept its dtype."""
     shards: list[str]
     indexes: list[str]
     tensors_cast: int
@@ -122,13 +123,15 @@ class ConversionReport:
         if self.already_done:
             return "\n".join(
                 [
-                    f"already converted: {self.output} holds {self.source} in {self.dtype} "
+                    f"already converted: {self.output} holds {self.source} in "
+                    f"{self.dtype or 'its own dtypes'} "
                     "with these settings; nothing to do",
                     *(f"  warning: {w}" for w in self.warnings),
                 ]
             )
         lines = [
-            f"converted {self.source} -> {self.output} ({self.dtype})",
+            f"converted {self.source} -> {self.output} "
+            f"({self.dtype or 'every tensor in its own dtype'})",
             f"  tensors: {self.tensors_cast} cast, "
             + (f"{self.tensors_dequantized} dequantized, " if self.tensors_dequantized else "")
             + (
@@ -202,11 +205,12 @@ def parse_target(dtype: str) -> str:
     return target
 
 
-def default_output(model: ModelFolder, source: Path, dtype: str) -> Path:
+def default_output(model: ModelFolder, source: Path, dtype: str | None) -> Path:
     """``<model>-<dtype>`` beside the input as it was typed (a link stays a link:
     ``my-llama`` gives ``my-llama-bf16`` beside it), or, where that would be inside a
-    Hugging Face cache, ``./<repo name>-<dtype>`` in the working directory."""
-    short = short_name(dtype)
+    Hugging Face cache, ``./<repo name>-<dtype>`` in the working directory; without a
+    dtype (every tensor kept as it is), ``<model>-safetensors``."""
+    short = short_name(dtype) if dtype is not None else "safetensors"
     typed = Path(os.path.abspath(source))
     name = model.weight_sets[0].prefix if model.is_file else typed.name
     beside = typed.parent / f"{name}-{short}"
@@ -265,7 +269,9 @@ def chunk_bytes_for(max_memory: int | str | None, threads: int) -> int:
     return min(chunk, 64 << 20)
 
 
-def fingerprint(folder: ModelFolder, plan: ConversionPlan, fp8_overflow: str) -> str:
+def fingerprint(
+    folder: ModelFolder, plan: ConversionPlan, fp8_overflow: str, torch: TorchOptions
+) -> str:
     """What a resumed run must share with the run it finishes: the same inputs
     (by path, size and mtime), the same plan, the same fastcast."""
     doc = {
@@ -274,6 +280,7 @@ def fingerprint(folder: ModelFolder, plan: ConversionPlan, fp8_overflow: str) ->
         "dtype": plan.dtype,
         "shard_size": plan.shard_size,
         "fp8_overflow": fp8_overflow,
+        "torch": [torch.state_dict_key, torch.strip_prefix],
         "shards": [[s.name, [planned_fingerprint(t) for t in s.tensors]] for s in plan.shards],
         "root": str(folder.root.resolve()),
     }
@@ -302,13 +309,15 @@ class ConfigFix:
 
 def fix_configs(
     folder: ModelFolder,
-    target: str,
+    target: str | None,
     drop_quantization: bool = False,
     add_quantization: dict[str, dict[str, Any]] | None = None,
 ) -> list[ConfigFix]:
     """Every config.json beside the weights, with its dtype claims set to the target
     (and, for a dequantized model, without quantization_config; for a quantized one,
     with the ``quantization_config`` that ``add_quantization`` gives for its path)."""
+    if target is None:  # every tensor keeps its dtype: so do the configs
+        return [ConfigFix(rel, None, {}) for rel in folder.configs]
     fixes = []
     for rel in folder.configs:
         config = read_config(folder.root / rel)
@@ -542,7 +551,7 @@ def run_executor(
 
 def convert(
     model: str | os.PathLike[str],
-    dtype: str,
+    dtype: str | None = None,
     *,
     output: str | os.PathLike[str] | None = None,
     shard_size: int | str = DEFAULT_SHARD_SIZE,
@@ -560,9 +569,19 @@ def convert(
     fp8_overflow: Literal["saturate", "nan"] = "saturate",
     report: str | os.PathLike[str] | None = None,
     progress: bool | None = None,
+    state_dict_key: str | None = None,
+    strip_prefix: str | None = None,
     _executor: ShardExecutor | None = None,
 ) -> ConversionReport:
-    """Convert a model folder (or one .safetensors file) to ``dtype``, re-sharded.
+    """Convert a model folder (or one weights file) to ``dtype``, re-sharded.
+
+    The input may hold safetensors or torch.save weights (``pytorch_model.bin`` and its
+    shards, ``adapter_model.bin``, a lone ``.pt/.pth/.ckpt``), which are read without
+    running pickle; of a training checkpoint the state dict is used (the top level, a
+    known key such as ``state_dict``, or ``state_dict_key``), ``strip_prefix``
+    (``"module."``) removed from every name. Without ``dtype`` every tensor keeps its
+    dtype and config.json is unchanged: a ``.bin`` model becomes the same model in
+    safetensors, into ``<model>-safetensors`` by default.
 
     Float tensors are cast bit-exactly as ``torch.Tensor.to`` would; integer and
     bool tensors are copied, and so are float tensors whose names match a ``keep``
@@ -598,13 +617,16 @@ def convert(
     >>> print(report.summary())  # doctest: +SKIP
     """
     started = time.perf_counter()
-    target = parse_target(dtype)
+    target = parse_target(dtype) if dtype is not None else None
     limit = parse_size(shard_size)
     n_threads = threads if threads is not None else (os.cpu_count() or 1)
     if n_threads < 1:
         raise ValueError(f"threads must be at least 1, not {threads}")
     chunk = chunk_bytes_for(max_memory, n_threads)
     keep = list(keep)
+    if target is None and (keep or dequantize or quantize is not None):
+        flag = "keep" if keep else "dequantize" if dequantize else "quantize"
+        raise ValueError(f"{flag} needs a dtype: without one every tensor keeps its own")
     if keep_quantized and dequantize:
         raise ValueError("keep_quantized and dequantize exclude each other: keep or dequantize")
     if quantize is not None:
@@ -618,13 +640,15 @@ def convert(
 
     # prepare: nothing is written
     source = model_path(model)  # a repo id: its snapshot in the local cache
-    folder = open_model(source, variant)
+    folder = open_model(source, variant, TorchOptions(state_dict_key, strip_prefix))
     out = Path(output) if output is not None else default_output(folder, source, target)
     check_not_inside(out, folder, source)
     quant = detect(folder)
     dequantized = None
     quantizing = None
-    if quantize is not None:
+    if target is None:
+        pass  # nothing is cast: a quantized model's state is copied as it is
+    elif quantize is not None:
         check_quantize(folder, quant, target)
         quantizing = plan_quantization(folder, target, keep, quantize)
     elif quant is not None and dequantize:
@@ -644,7 +668,7 @@ def convert(
         drop_quantization=dequantized is not None,
         add_quantization=quantizing.configs if quantizing else None,
     )
-    stamp = fingerprint(folder, plan, fp8_overflow)
+    stamp = fingerprint(folder, plan, fp8_overflow, TorchOptions(state_dict_key, strip_prefix))
     run = prepare(
         out,
         fingerprint=stamp,
@@ -665,7 +689,7 @@ def convert(
     if run.mode == "finished":
         return already_done(run, folder, source, target, strict, notes)
     notes += folder.warnings
-    if quantizing is not None:
+    if quantizing is not None and target is not None:
         notes += quantize_notes(folder, quantizing, target)
     sizes = {p: p.stat().st_size for p in plan.sources}
     reused: dict[str, _core.ShardRecord] = {}
@@ -712,6 +736,12 @@ def convert(
                 quant, mode = quantizing.quantization, "quantize"
             record = make_record(
                 run, source, plan, keep, variant, fp8_overflow, stamp, losses, quant, mode
+            )
+            record = replace(
+                record,
+                state_dict_key=state_dict_key,
+                strip_prefix=strip_prefix,
+                from_torch=any(f.torch for ws in folder.weight_sets for f in ws.files),
             )
             stage_metadata(run, folder, plan, configs, record)
         run.commit()
@@ -760,7 +790,10 @@ def finish_report(
     uncast = [
         t
         for t in plan.tensors
-        if not t.is_cast and t.entry.dtype != target and is_castable(t.entry.dtype)
+        if target is not None
+        and not t.is_cast
+        and t.entry.dtype != target
+        and is_castable(t.entry.dtype)
     ]
     kept = [t.entry.name for t in uncast if t.role == "plain"]
     pinned = [t.label for t in uncast if t.role == "pinned fp32"]
@@ -846,7 +879,12 @@ def make_record(
 
 
 def already_done(
-    run: Run, folder: ModelFolder, source: Path, target: str, strict: bool, notes: list[str]
+    run: Run,
+    folder: ModelFolder,
+    source: Path,
+    target: str | None,
+    strict: bool,
+    notes: list[str],
 ) -> ConversionReport:
     """``resume`` on a finished output with the same inputs and settings: nothing to do
     (``strict`` still refuses one whose values overflowed)."""

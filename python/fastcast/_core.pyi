@@ -18,6 +18,7 @@ __all__ = [
     "ExecStats",
     "FastcastError",
     "InsufficientSpaceError",
+    "InvalidCheckpointError",
     "InvalidSafetensorsError",
     "LossError",
     "ModelFolderError",
@@ -36,6 +37,7 @@ __all__ = [
     "quantize_targets",
     "read_header",
     "read_journal",
+    "read_torch_file",
     "scan_plan",
     "select_kernel",
     "shard_digest",
@@ -57,6 +59,9 @@ class FastcastError(Exception):
 
 class InvalidSafetensorsError(FastcastError):
     """A safetensors file that is corrupt, truncated or hostile."""
+
+class InvalidCheckpointError(FastcastError):
+    """A .bin/.pt/.pth file fastcast refuses to read (hostile, corrupt, unsupported)."""
 
 class DtypeError(FastcastError):
     """An unknown dtype name, or a cast fastcast does not perform."""
@@ -311,6 +316,50 @@ class HeaderDict(TypedDict):
     tensors: list[tuple[str, str, list[int], tuple[int, int]]]
     data_start: int
 
+@type_check_only
+class TorchTensor(TypedDict):
+    """A tensor of a torch.save file and where its elements lie."""
+
+    #: safetensors name: F64 F32 F16 BF16 F8_E4M3 F8_E5M2 I64 I32 I16 I8 U8 U16 U32 U64 BOOL.
+    dtype: str
+    shape: list[int]
+    #: In elements, as pickled.
+    stride: list[int]
+    #: The storage key: the zip member ``<prefix>/data/<storage>`` holds its bytes.
+    storage: str
+    #: In elements.
+    storage_offset: int
+    #: [begin, end) absolute in the file: the elements when ``contiguous``, else the
+    #: smallest range covering every element (``[x, x]`` when there are none).
+    offsets: list[int]
+    #: Row-major strides (those of size-1 dimensions ignored).
+    contiguous: bool
+
+@type_check_only
+class TorchEntry(TypedDict):
+    """A leaf of the pickled object and the dict keys leading to it (``[]``: the root)."""
+
+    path: list[str]
+    #: Set for a tensor (a Parameter is one).
+    tensor: NotRequired[TorchTensor]
+    #: Set for anything else, described: "int", "float", "str", "bool", "None", "bytes",
+    #: "list of 3", "tuple of 2", "empty dict", "dict with non-string keys",
+    #: "object argparse.Namespace", "global torch.float16", "storage".
+    other: NotRequired[str]
+
+@type_check_only
+class TorchFile(TypedDict):
+    """What ``read_torch_file`` returns."""
+
+    format: Literal["zip"]
+    #: The zip's one folder (``archive``, or the saved file's stem).
+    prefix: str
+    byteorder: Literal["little"]
+    #: The object tree flattened through dicts with string keys, in pickle order.
+    entries: list[TorchEntry]
+    #: ``<prefix>/data/<n>`` members that no tensor or storage uses.
+    unreferenced: list[str]
+
 def parse_dtype(name: str) -> str: ...
 def dtypes() -> list[DtypeInfo]: ...
 def target_dtypes(
@@ -360,6 +409,13 @@ def cast_into(
     threads: int | None = None,
 ) -> None: ...
 def read_header(path: str | PathLike[Any]) -> HeaderDict: ...
+def read_torch_file(path: str | PathLike[str]) -> TorchFile:
+    """Read a torch.save file (zip format) without running pickle: its tensors as
+    absolute byte ranges, its other leaves described. Raises InvalidCheckpointError
+    (one line, ``"<path>: <problem>"``) for a file fastcast refuses: legacy or tar
+    format, hostile pickle, corrupt zip, unsupported dtype or tensor kind. Never
+    falls back to pickle or torch."""
+
 def execute_plan(
     plan: Plan,
     *,

@@ -1,9 +1,14 @@
 """The model folder: which files hold the weights, what is copied, what is skipped.
 
-A model is a folder, or one ``.safetensors`` file. Its *weight sets* are found at any
+A model is a folder, or one weights file (``.safetensors``, or a torch.save file:
+``.bin .pt .pth .ckpt``, told by its content). Its *weight sets* are found at any
 depth: an index (``model.safetensors.index.json``,
 ``unet/diffusion_pytorch_model.safetensors.index.json``...) with the shards it names,
-or a standalone ``.safetensors`` file. Every other file is copied, except
+or a standalone ``.safetensors`` file; and torch.save weights (``pytorch_model.bin``,
+its shards with ``pytorch_model.bin.index.json``, ``adapter_model.bin``,
+``diffusion_pytorch_model.bin``), read without running pickle (``_torchfile.py``)
+unless safetensors of the same set sit beside them: safetensors win, and the ``.bin``
+is reported skipped. Every other file is copied, except
 
 - weights in other formats, at any depth (``.bin .pt .pth .ckpt .h5 .msgpack .ot .onnx
   .gguf .tflite``...) and the folders that hold exports (``onnx/``, ``openvino/``,
@@ -37,6 +42,11 @@ from fastcast._record import RECORD_NAME, STAGING_DIR
 WEIGHTS_SUFFIX = ".safetensors"
 INDEX = re.compile(r"^(?P<prefix>.+)\.safetensors\.index(?:\.(?P<variant>[^.]+))?\.json$")
 SHARD = re.compile(r"^(?P<stem>.+)-\d{5}-of-\d{5}\.safetensors$")
+#: torch.save weights a folder is read for: ``pytorch_model.bin``, ``adapter_model.bin``,
+#: ``diffusion_pytorch_model.bin``, ``model.bin`` and their shards (not
+#: ``training_args.bin`` or ``optimizer.bin``, which are not weights).
+TORCH_WEIGHTS = re.compile(r"^(?P<prefix>(?:.*_)?model)(?P<shard>-\d{5}-of-\d{5})?\.bin$")
+TORCH_INDEX = re.compile(r"^(?P<prefix>(?:.*_)?model)\.bin\.index\.json$")
 #: Weights in other formats (and their indexes): never copied, at any depth.
 OTHER_FORMAT = re.compile(
     r"\.(bin|pt|pth|ckpt|h5|msgpack|ot|onnx|onnx_data|gguf|tflite|mlmodel|nemo)"
@@ -63,6 +73,8 @@ class TensorEntry:
     shape: tuple[int, ...]
     file: Path
     offsets: tuple[int, int]
+    pickle_path: tuple[str, ...] | None = None
+    """In a torch.save file: the keys leading to it (verify loads it there with torch)."""
 
     @property
     def nbytes(self) -> int:
@@ -84,6 +96,11 @@ class SourceFile:
     size: int
     metadata: dict[str, str] | None
     tensors: list[TensorEntry]
+    torch: bool = False
+    """A torch.save file (``.bin``...), not safetensors."""
+    tied: dict[str, str] = field(default_factory=dict)
+    """torch.save: tied duplicates not written, each with the name it is written as."""
+    notes: list[str] = field(default_factory=list)
 
 
 @dataclass(frozen=True)
@@ -167,6 +184,31 @@ def read_source(path: Path) -> SourceFile:
     return SourceFile(path, path.stat().st_size, header["metadata"], tensors)
 
 
+@dataclass(frozen=True)
+class TorchOptions:
+    """How the state dict of torch.save files is picked (see ``_torchfile.py``)."""
+
+    state_dict_key: str | None = None
+    strip_prefix: str | None = None
+
+
+def read_torch_source(path: Path, options: TorchOptions) -> SourceFile:
+    """One torch.save file's weights, read by the core without running pickle."""
+    from fastcast._torchfile import read_torch_weights
+
+    if not path.is_file():
+        raise ModelFolderError(f"{path}: not a regular file")
+    w = read_torch_weights(path, options.state_dict_key, options.strip_prefix)
+    tensors = sorted(w.tensors, key=lambda t: t.offsets)
+    return SourceFile(path, path.stat().st_size, None, tensors, True, w.tied, w.notes)
+
+
+def torch_output_prefix(prefix: str) -> str:
+    """The safetensors name transformers gives a ``.bin`` set: ``pytorch_model`` ->
+    ``model``; ``adapter_model``, ``diffusion_pytorch_model`` stay."""
+    return "model" if prefix == "pytorch_model" else prefix
+
+
 def index_shards(index: Path) -> dict[str, list[str]]:
     """Shard file name -> tensor names, from an index, checked for hostile paths."""
     try:
@@ -190,7 +232,12 @@ def index_shards(index: Path) -> dict[str, list[str]]:
 
 
 def read_indexed_set(
-    index: Path, root: Path, folder: str, prefix: str, variant: str | None
+    index: Path,
+    root: Path,
+    folder: str,
+    prefix: str,
+    variant: str | None,
+    torch: TorchOptions | None = None,
 ) -> WeightSet:
     """A weight set from an index: every shard read, index and headers cross-checked
     both ways (a tensor the index names must be in its shard, and a tensor a shard
@@ -204,8 +251,8 @@ def read_indexed_set(
             raise ModelFolderError(f"{index}: names shard {name!r}, which does not exist")
         if not inside(root, path):
             raise ModelFolderError(f"{path}: links outside the model folder {root}")
-        source = read_source(path)
-        present = {t.name for t in source.tensors}
+        source = read_source(path) if torch is None else read_torch_source(path, torch)
+        present = {t.name for t in source.tensors} | set(source.tied)
         missing = [t for t in in_this_shard if t not in present]
         if missing:
             raise ModelFolderError(
@@ -213,7 +260,12 @@ def read_indexed_set(
                 + (f" (and {len(missing) - 1} more)" if len(missing) > 1 else "")
             )
         files.append(source)
-    extra = [(t.name, f.path.name) for f in files for t in f.tensors if t.name not in listed]
+    extra = [
+        (name, f.path.name)
+        for f in files
+        for name in [*(t.name for t in f.tensors), *f.tied]
+        if name not in listed
+    ]
     if extra:
         raise ModelFolderError(
             f"{index}: does not list tensor {extra[0][0]!r}, which {extra[0][1]} holds"
@@ -259,9 +311,10 @@ def join(folder: str, name: str) -> str:
 class _Scan:
     """One walk over a model folder, sorting every entry into weights, copies, skips."""
 
-    def __init__(self, root: Path, variant: str | None) -> None:
+    def __init__(self, root: Path, variant: str | None, torch: TorchOptions) -> None:
         self.root = root
         self.variant = variant
+        self.torch = torch
         self.sets: list[WeightSet] = []
         self.configs: list[str] = []
         self.copies: list[str] = []
@@ -307,8 +360,17 @@ class _Scan:
         indexes: dict[str | None, list[tuple[str, str]]] = {}
         singles: dict[str | None, list[tuple[str, str]]] = {}
         shards: list[tuple[str, str | None]] = []
+        torch_sets: dict[str, tuple[str | None, list[str]]] = {}  # prefix -> index, files
         for name in names:
             if self.is_claimed(path / name):
+                continue
+            torch_index, torch_file = TORCH_INDEX.match(name), TORCH_WEIGHTS.match(name)
+            if torch_index:
+                torch_sets.setdefault(torch_index["prefix"], (None, []))
+                torch_sets[torch_index["prefix"]] = (name, torch_sets[torch_index["prefix"]][1])
+                continue
+            if torch_file:
+                torch_sets.setdefault(torch_file["prefix"], (None, []))[1].append(name)
                 continue
             index = INDEX.match(name)
             shard = SHARD.match(name)
@@ -351,11 +413,48 @@ class _Scan:
                 self.warnings.append(
                     f"{join(rel, name)} looks like a shard but no index names it; not converted"
                 )
+        self.torch_sets(rel, path, torch_sets)
         if CONFIG_NAME in present:
             config = join(rel, CONFIG_NAME)
             self.check_inside(path / CONFIG_NAME)
             has_weights = any(ws.folder == rel for ws in self.sets)
             (self.configs if has_weights else self.copies).append(config)
+
+    def torch_sets(
+        self, rel: str, path: Path, found: dict[str, tuple[str | None, list[str]]]
+    ) -> None:
+        """torch.save weight sets of a folder: skipped where safetensors of the same
+        set were read (safetensors win), read otherwise (an index with its shards, or
+        one file; shards no index names are skipped, as for safetensors)."""
+        have = {ws.prefix for ws in self.sets if ws.folder == rel}
+        for prefix, (index, files) in sorted(found.items()):
+            out = torch_output_prefix(prefix)
+            listed = [*([index] if index else []), *files]
+            if out in have:
+                for name in listed:
+                    self.skip(
+                        join(rel, name),
+                        "torch .bin weights; the safetensors beside them are converted",
+                    )
+                continue
+            if index is not None:
+                self.check_inside(path / index)
+                ws = read_indexed_set(path / index, self.root, rel, out, None, self.torch)
+                self.sets.append(ws)
+                self.claimed.update(f.path.absolute() for f in ws.files)
+                strays = [n for n in files if not self.is_claimed(path / n)]
+            else:
+                single = [n for n in files if TORCH_WEIGHTS.match(n)["shard"] is None]  # type: ignore[index]
+                strays = [n for n in files if n not in single]
+                for name in single:
+                    self.check_inside(path / name)
+                    source = read_torch_source(path / name, self.torch)
+                    self.sets.append(WeightSet(rel, out, None, None, [source]))
+            for name in strays:
+                self.skip(join(rel, name), "a shard no index names")
+                self.warnings.append(
+                    f"{join(rel, name)} looks like a shard but no index names it; not converted"
+                )
 
     def choose_variant(self, rel: str, found: set[str | None]) -> str | None:
         """The variant this folder's weights are read from: the one asked for if the
@@ -390,12 +489,17 @@ class _Scan:
             raise ModelFolderError(f"{path}: links outside the model folder {self.root}")
 
 
-def open_model(path: str | os.PathLike[str], variant: str | None = None) -> ModelFolder:
+def open_model(
+    path: str | os.PathLike[str],
+    variant: str | None = None,
+    torch: TorchOptions | None = None,
+) -> ModelFolder:
     """Find the weights, configs and other files of a model folder or a lone file.
 
     ``variant`` (``"fp16"``) converts ``X.fp16.safetensors`` files instead of the
-    plain ones, in every folder that has them. Raises ModelFolderError (a
-    FastcastError) naming the file and the problem.
+    plain ones, in every folder that has them; ``torch`` says how the state dict of
+    torch.save files is picked. Raises ModelFolderError (a FastcastError) naming the
+    file and the problem, InvalidCheckpointError for a torch.save file refused.
 
     >>> open_model("tiny-sd/").weight_sets[0].key  # doctest: +SKIP
     'text_encoder/model'
@@ -403,29 +507,46 @@ def open_model(path: str | os.PathLike[str], variant: str | None = None) -> Mode
     p = Path(path)
     if not p.exists():
         raise ModelFolderError(f"{p}: no such file or folder")
+    options = torch or TorchOptions()
     if p.is_file():
-        if not p.name.endswith(WEIGHTS_SUFFIX):
-            raise ModelFolderError(f"{p}: not a .safetensors file or a model folder")
+        if not p.name.endswith(WEIGHTS_SUFFIX) or starts_as_zip(p):
+            # Told by content: the core refuses what is not a torch.save zip, and says why.
+            source = read_torch_source(p, options)
+            prefix = torch_output_prefix(p.name.partition(".")[0] or p.name)
+            sets = [WeightSet("", prefix, None, None, [source])]
+            return ModelFolder(p.parent, True, sets, warnings=list(source.notes))
         siblings = {e.name for e in p.parent.iterdir()} if p.parent.is_dir() else set()
         prefix, found = split_variant(p.name[: -len(WEIGHTS_SUFFIX)], siblings)
         source = read_source(p)  # the user named it: no containment check
         return ModelFolder(p.parent, True, [WeightSet("", prefix, found, None, [source])])
-    scan = _Scan(p, variant)
+    scan = _Scan(p, variant, options)
     scan.folder("")
     if not scan.sets:
         hint = ""
         if any(s.reason == "weights in another format" for s in scan.skipped):
-            hint = " (.bin/.pt/.pth files are pickles; fastcast reads safetensors)"
+            hint = (
+                " (fastcast reads pytorch_model.bin-style names in a folder; pass a "
+                "lone .pt/.pth/.ckpt file itself)"
+            )
         if (p / STAGING_DIR).is_dir():
             hint = (
                 f" (an unfinished conversion is in {STAGING_DIR}/: run the same convert "
                 "command with --resume to finish it)"
             )
-        raise ModelFolderError(f"{p}: no .safetensors weights found{hint}")
+        raise ModelFolderError(f"{p}: no .safetensors or .bin weights found{hint}")
     if variant is not None and not any(ws.variant == variant for ws in scan.sets):
         raise ModelFolderError(f"{p}: has no weights of variant {variant!r}")
     check_no_duplicates(scan.sets)
-    return ModelFolder(p, False, scan.sets, scan.configs, scan.copies, scan.skipped, scan.warnings)
+    notes = [n for ws in scan.sets for f in ws.files for n in f.notes]
+    return ModelFolder(
+        p, False, scan.sets, scan.configs, scan.copies, scan.skipped, scan.warnings + notes
+    )
+
+
+def starts_as_zip(path: Path) -> bool:
+    """A zip (a torch.save file) whatever its name says."""
+    with open(path, "rb") as f:
+        return f.read(4) == b"PK\x03\x04"
 
 
 def describe_skipped(skipped: list[Skipped], shown: int = 6) -> list[str]:

@@ -166,7 +166,8 @@ class SetPlan:
 class ConversionPlan:
     """Everything a conversion will write, before anything is written."""
 
-    dtype: str
+    dtype: str | None
+    """The target; None: every tensor keeps its dtype."""
     shard_size: int
     sets: list[SetPlan]
     sources: list[Path] = field(default_factory=list)
@@ -378,7 +379,7 @@ def quantized_pair(
 
 def plan_set(
     ws: WeightSet,
-    dtype: str,
+    dtype: str | None,
     shard_size: int,
     keep: Sequence[str] = (),
     quantized: bool = False,
@@ -400,6 +401,8 @@ def plan_set(
     bundles = []
     if quantize is not None:
         targets = [q.dtype for q in quantize]
+    elif dtype is None:
+        targets = [t.dtype for t in entries]
     else:
         targets = target_dtypes(entries, dtype, keep, quantized)
     for i, (entry, to) in enumerate(zip(entries, targets, strict=True)):
@@ -409,6 +412,7 @@ def plan_set(
         elif dequantize is not None and entry.name in dequantize:
             w = dequantize[entry.name]
             how = Dequantized(w, {role: by_name[n] for role, n in w.operands.items()})
+            assert dtype is not None, "dequantizing needs a target"
             nbytes = math.prod(w.shape) * element_size(dtype)
             label = join(ws.folder, w.name)
             bundles.append(Bundle([
@@ -429,7 +433,7 @@ def plan_set(
 
 def plan_conversion(
     model: ModelFolder,
-    dtype: str,
+    dtype: str | None,
     shard_size: int,
     keep: Sequence[str] = (),
     quantized: bool = False,

@@ -30,7 +30,8 @@ class OutputRecord:
 
     fastcast: str
     source: str
-    dtype: str
+    dtype: str | None
+    """The target; None: every tensor kept its dtype."""
     keep: list[str]
     variant: str | None
     fp8_overflow: str
@@ -46,6 +47,11 @@ class OutputRecord:
     quantization: dict[str, str] | None = None
     """For a quantized source: its ``method`` and ``scheme``, and ``mode``: ``keep``
     (quantization state copied as it was) or ``dequantize`` (a plain model)."""
+    state_dict_key: str | None = None
+    """torch.save sources: the key the state dict was read from, if given."""
+    strip_prefix: str | None = None
+    from_torch: bool = False
+    """The source held torch.save weights (``.bin``...)."""
     format: int = RECORD_FORMAT
 
     def to_json(self) -> str:

@@ -30,7 +30,14 @@ from typing import TYPE_CHECKING, Any
 from fastcast import _core
 from fastcast._config import config_dtypes, is_transformers_config, read_config
 from fastcast._dtypes import from_torch_name, is_castable, torch_name
-from fastcast._model_dir import ModelFolder, SourceFile, TensorEntry, WeightSet, open_model
+from fastcast._model_dir import (
+    ModelFolder,
+    SourceFile,
+    TensorEntry,
+    TorchOptions,
+    WeightSet,
+    open_model,
+)
 from fastcast._progress import ByteProgress
 from fastcast._quant import (
     QUANTIZE_METHODS,
@@ -255,7 +262,8 @@ def check_structure(src: ModelFolder, out: ModelFolder, pairing: Pairing) -> lis
                     f"{converted.index.name}: metadata.total_size is {meta['total_size']}, "
                     f"the shards hold {total} bytes"
                 )
-    problems += check_configs(out, pairing.target)
+    if pairing.keep != ["*"]:  # every tensor kept its dtype: the configs were copied
+        problems += check_configs(out, pairing.target)
     problems += check_files(src, out)
     return problems
 
@@ -456,6 +464,8 @@ def verify_values(
 
             def read(name: str) -> torch.Tensor:
                 entry = sources[name]
+                if entry.pickle_path is not None:  # a torch.save source: torch loads it
+                    return torch_source(entry, opened).to(device)
                 if entry.file not in opened:
                     opened[entry.file] = stack.enter_context(
                         safe_open(str(entry.file), framework="pt", device=device)
@@ -664,6 +674,22 @@ def quantize_reference(
     return q.reshape(w.shape), s
 
 
+def torch_source(entry: TensorEntry, opened: dict[Path, Any]) -> torch.Tensor:
+    """A tensor of a torch.save file as torch itself loads it (``weights_only=True``,
+    mapped): the oracle for what fastcast read from the file without torch."""
+    import torch
+
+    if entry.file not in opened:
+        opened[entry.file] = torch.load(
+            entry.file, map_location="cpu", weights_only=True, mmap=True
+        )
+    value = opened[entry.file]
+    for key in entry.pickle_path or ():
+        value = value[key]
+    assert isinstance(value, torch.Tensor), entry.pickle_path
+    return value.contiguous()
+
+
 def torch_dtype(name: str) -> torch.dtype:
     import torch
 
@@ -721,6 +747,8 @@ def verify(
     device: str = "auto",
     load: bool = False,
     progress: bool | None = None,
+    state_dict_key: str | None = None,
+    strip_prefix: str | None = None,
 ) -> VerifyReport:
     """Check ``output`` against the model it was converted from.
 
@@ -728,6 +756,9 @@ def verify(
     the target dtype, the ``keep`` patterns and the variant, so none of these needs
     saying; each argument given overrides the record (for folders made elsewhere,
     ``against`` is required and ``dtype`` is inferred from the stored weights).
+    A torch.save source is read as convert reads it (``state_dict_key``,
+    ``strip_prefix``: from the record unless given) and its tensors loaded for the
+    comparison by torch itself (``torch.load(weights_only=True, mmap=True)``).
     ``device`` is ``auto`` (every GPU, else the CPU), ``cpu``, ``cuda`` or a list
     such as ``cuda:0,cuda:1``. ``load`` also loads the whole model as a user would.
     Problems and mismatches are reported, not raised; check ``report.ok``.
@@ -744,13 +775,20 @@ def verify(
                 "pass --against SOURCE"
             )
         against = record.source
+    options = TorchOptions(state_dict_key, strip_prefix)
+    kept_dtypes = False
     if record is not None:
         keep = list(record.keep) if keep is None else keep
         variant = record.variant if variant is None else variant
+        kept_dtypes = dtype is None and record.dtype is None
         dtype = record.dtype if dtype is None else dtype
-    src = open_model(against, variant)
+        if state_dict_key is None and strip_prefix is None:
+            options = TorchOptions(record.state_dict_key, record.strip_prefix)
+    src = open_model(against, variant, options)
     out = open_model(output)
     target = _core.parse_dtype(dtype) if dtype else infer_dtype(out)
+    if kept_dtypes:  # converted without a dtype: every tensor kept its own
+        keep = ["*"]
     devices = pick_devices(device)
     label = ", ".join(devices) if devices[0] != "cpu" else f"cpu ({os.cpu_count()} threads)"
     report = VerifyReport(Path(output), Path(against), target, label)

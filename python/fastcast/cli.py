@@ -48,12 +48,16 @@ def add_convert(commands: argparse._SubParsersAction[argparse.ArgumentParser]) -
     convert = commands.add_parser(
         "convert",
         help="re-type and re-shard a model folder",
-        description="Cast the float tensors of a model folder (or one .safetensors file)\n"
+        description="Cast the float tensors of a model folder (or one weights file)\n"
         "to DTYPE, bit-exact with torch's tensor.to(), and re-shard them like\n"
-        "transformers' save_pretrained. Weights are found at any depth (diffusers'\n"
-        "unet/, vae/...). Integer and bool tensors are copied; config.json dtypes are\n"
-        "updated; other files are copied, except weights in other formats (.bin, .pth,\n"
-        "onnx/, original/...) and variants (model.fp16.safetensors: see --variant).\n"
+        "transformers' save_pretrained, as safetensors. Weights are found at any depth\n"
+        "(diffusers' unet/, vae/...): safetensors, or torch.save files (pytorch_model.bin\n"
+        "and its shards, adapter_model.bin, a lone .pt/.pth/.ckpt), read without running\n"
+        "pickle; where both are present, safetensors win. Without --dtype every tensor\n"
+        "keeps its dtype (a .bin model becomes the same model in safetensors). Integer\n"
+        "and bool tensors are copied; config.json dtypes are updated; other files are\n"
+        "copied, except weights in other formats (onnx/, original/, .gguf...) and\n"
+        "variants (model.fp16.safetensors: see --variant).\n"
         "The input is never modified. Everything is written to a hidden staging folder\n"
         "in the output and put in place only when the whole conversion succeeded;\n"
         "fastcast.json in the output records how it was made.",
@@ -63,6 +67,8 @@ def add_convert(commands: argparse._SubParsersAction[argparse.ArgumentParser]) -
         "  fastcast convert tiny-sd/ --dtype bf16 --variant fp16\n"
         "  fastcast convert model/ --dtype bf16 --quantize fp8\n"
         "  fastcast convert model/ --dtype bf16 --resume      # finish an interrupted run\n"
+        "  fastcast convert old-bin-model/                    # .bin -> safetensors, as is\n"
+        "  fastcast convert ckpt.pth --strip-prefix module. --dtype bf16\n"
         "  fastcast convert m1/ m2/ m3/ --dtype bf16 -o converted/   # a batch\n"
         "  fastcast convert --jobs jobs.toml --executor ray --ray-address auto",
         formatter_class=argparse.RawDescriptionHelpFormatter,
@@ -70,11 +76,26 @@ def add_convert(commands: argparse._SubParsersAction[argparse.ArgumentParser]) -
     convert.add_argument(
         "model",
         nargs="*",
-        help="model folder, a single .safetensors file, or a Hugging Face repo id "
-        "(org/name[@revision], from the local cache); several make a batch",
+        help="model folder, a single .safetensors or .bin/.pt/.pth/.ckpt file, or a "
+        "Hugging Face repo id (org/name[@revision], from the local cache); several make "
+        "a batch",
     )
     convert.add_argument(
-        "--dtype", "-d", help="target: bf16, fp16, fp32, fp64, fp8_e4m3, fp8_e5m2 (required)"
+        "--dtype",
+        "-d",
+        help="target: bf16, fp16, fp32, fp64, fp8_e4m3, fp8_e5m2 (default: every tensor "
+        "keeps its dtype; the output defaults to <model>-safetensors)",
+    )
+    convert.add_argument(
+        "--state-dict-key",
+        metavar="KEY",
+        help="torch.save checkpoints: the key holding the state dict (default: the top "
+        "level, else state_dict, model, module or model_state_dict)",
+    )
+    convert.add_argument(
+        "--strip-prefix",
+        metavar="PREFIX",
+        help="torch.save checkpoints: remove PREFIX (e.g. module., as DDP adds) from tensor names",
     )
     convert.add_argument(
         "--output",
@@ -272,8 +293,6 @@ def add_inspect(commands: argparse._SubParsersAction[argparse.ArgumentParser]) -
 
 
 def run_convert(args: argparse.Namespace) -> int:
-    if args.dtype is None and args.jobs is None:
-        raise ValueError("convert needs --dtype (or a --jobs file giving each model's)")
     if len(args.model) != 1 or args.jobs is not None or args.executor != "local":
         return run_batch(args)
     report = fastcast.convert(
@@ -295,6 +314,8 @@ def run_convert(args: argparse.Namespace) -> int:
         max_memory=args.max_memory,
         fp8_overflow=args.fp8_overflow,
         progress=False if args.quiet else None,
+        state_dict_key=args.state_dict_key,
+        strip_prefix=args.strip_prefix,
     )
     if not args.quiet:
         print(report.summary())
@@ -363,6 +384,8 @@ def batch_options(args: argparse.Namespace) -> dict[str, object]:
         "fsync": not args.no_fsync,
         "max_memory": args.max_memory,
         "fp8_overflow": args.fp8_overflow,
+        "state_dict_key": args.state_dict_key,
+        "strip_prefix": args.strip_prefix,
     }
 
 

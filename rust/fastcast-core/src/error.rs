@@ -24,6 +24,11 @@ pub enum Error {
         problem: HeaderProblem,
     },
 
+    /// A torch.save file (`.bin`/`.pt`/`.pth`) that fastcast refuses to read:
+    /// hostile, corrupt or of a kind it does not support. `problem` is one line.
+    #[error("{}: {problem}", path.display())]
+    Checkpoint { path: PathBuf, problem: String },
+
     /// A dtype name nobody recognises.
     #[error("unknown dtype {name:?}; valid dtypes: {valid}")]
     UnknownDtype { name: String, valid: String },

@@ -19,6 +19,8 @@
 //!   writes at final offsets into [`shard_file`]s renamed into place when done;
 //! - [`journal`]: the resume journal, one line per shard put in place;
 //! - [`positional`]: reads and writes at an offset, on Unix and Windows;
+//! - [`torchfile`]: PyTorch `torch.save` files (`.bin`/`.pt`) read without
+//!   running pickle: tensors as absolute byte ranges of the file;
 //! - [`error`]: the one error type, naming the file and the problem.
 //!
 //! No Python here: the crate is tested, benchmarked and fuzzed on its own.
@@ -38,6 +40,7 @@ pub mod quantize;
 #[cfg(test)]
 mod scratch;
 pub mod shard_file;
+pub mod torchfile;
 
 pub use cast::{cast, cast_parallel, CastOptions, Fp8Overflow, Kernel};
 pub use dtype::DType;
@@ -47,3 +50,4 @@ pub use header::{Header, TensorInfo};
 pub use journal::ShardRecord;
 pub use keep::{target_dtype, target_dtypes, KeepRule};
 pub use loss::{narrows_range, LossRule, LossStats};
+pub use torchfile::TorchFile;

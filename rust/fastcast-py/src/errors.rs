@@ -32,6 +32,12 @@ create_exception!(
 );
 create_exception!(
     fastcast,
+    InvalidCheckpointError,
+    FastcastError,
+    "A .bin/.pt/.pth file fastcast refuses to read (hostile, corrupt, unsupported)."
+);
+create_exception!(
+    fastcast,
     DtypeError,
     FastcastError,
     "An unknown dtype name, or a cast fastcast does not perform."
@@ -135,6 +141,7 @@ impl From<CoreError> for PyErr {
             Error::Plan { .. } => FastcastError::new_err(message),
             Error::Cancelled => PyKeyboardInterrupt::new_err(message),
             Error::Header { .. } => InvalidSafetensorsError::new_err(message),
+            Error::Checkpoint { .. } => InvalidCheckpointError::new_err(message),
             Error::UnknownDtype { .. } | Error::NotCastable { .. } => DtypeError::new_err(message),
             Error::Buffer { .. } | Error::KernelUnavailable { .. } => {
                 PyValueError::new_err(message)

@@ -14,6 +14,7 @@ use std::time::Duration;
 use fastcast_core::exec::{self, ExecOptions, Plan, Progress};
 use fastcast_core::loss::{self, LossRule};
 use fastcast_core::quantize::{self, Scheme};
+use fastcast_core::torchfile::{Leaf, TorchFile};
 use fastcast_core::{
     dtype, keep, CastOptions, DType, Error, Fp8Overflow, Header, KeepRule, Kernel,
 };
@@ -24,7 +25,8 @@ use pyo3::types::{PyDict, PyList, PyTuple};
 
 use errors::{
     insufficient_space_error, loss_error, CoreError, DtypeError, FastcastError,
-    InvalidSafetensorsError, ModelFolderError, OutputExistsError, QuantizedModelError,
+    InvalidCheckpointError, InvalidSafetensorsError, ModelFolderError, OutputExistsError,
+    QuantizedModelError,
 };
 use results::{loss_list, ExecStats, LossCounts, ShardRecord};
 
@@ -297,6 +299,44 @@ fn read_header(py: Python<'_>, path: PathBuf) -> PyResult<Bound<'_, PyDict>> {
     Ok(out)
 }
 
+/// Read a torch.save file (`.bin`/`.pt`/`.pth`) without running pickle.
+///
+/// Returns `{"format": "zip", "prefix", "byteorder": "little", "entries",
+/// "unreferenced"}`: each entry is `{"path": [keys], "tensor": {...}}` or
+/// `{"path": [keys], "other": "int"}` (see `_core.pyi`). A file fastcast
+/// refuses raises `InvalidCheckpointError` with one line.
+#[pyfunction]
+fn read_torch_file(py: Python<'_>, path: PathBuf) -> PyResult<Bound<'_, PyDict>> {
+    let file = py.detach(|| TorchFile::read(&path)).map_err(CoreError)?;
+    let out = PyDict::new(py);
+    out.set_item("format", "zip")?;
+    out.set_item("prefix", &file.prefix)?;
+    out.set_item("byteorder", file.byteorder)?;
+    let entries = PyList::empty(py);
+    for entry in &file.entries {
+        let e = PyDict::new(py);
+        e.set_item("path", &entry.path)?;
+        match &entry.leaf {
+            Leaf::Tensor(t) => {
+                let d = PyDict::new(py);
+                d.set_item("dtype", t.dtype.safetensors_name())?;
+                d.set_item("shape", &t.shape)?;
+                d.set_item("stride", &t.stride)?;
+                d.set_item("storage", &t.storage)?;
+                d.set_item("storage_offset", t.storage_offset)?;
+                d.set_item("offsets", [t.offsets.0, t.offsets.1])?;
+                d.set_item("contiguous", t.contiguous)?;
+                e.set_item("tensor", d)?;
+            }
+            Leaf::Other(what) => e.set_item("other", what)?,
+        }
+        entries.append(e)?;
+    }
+    out.set_item("entries", entries)?;
+    out.set_item("unreferenced", &file.unreferenced)?;
+    Ok(out)
+}
+
 /// How often the executor's watcher wakes to report progress and check for Ctrl-C.
 const WATCH_INTERVAL: Duration = Duration::from_millis(100);
 
@@ -478,6 +518,10 @@ fn _core(m: &Bound<'_, PyModule>) -> PyResult<()> {
         "InvalidSafetensorsError",
         py.get_type::<InvalidSafetensorsError>(),
     )?;
+    m.add(
+        "InvalidCheckpointError",
+        py.get_type::<InvalidCheckpointError>(),
+    )?;
     m.add("DtypeError", py.get_type::<DtypeError>())?;
     m.add("ModelFolderError", py.get_type::<ModelFolderError>())?;
     m.add("QuantizedModelError", py.get_type::<QuantizedModelError>())?;
@@ -494,6 +538,7 @@ fn _core(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_function(wrap_pyfunction!(select_kernel, m)?)?;
     m.add_function(wrap_pyfunction!(cast_into, m)?)?;
     m.add_function(wrap_pyfunction!(read_header, m)?)?;
+    m.add_function(wrap_pyfunction!(read_torch_file, m)?)?;
     m.add_function(wrap_pyfunction!(execute_plan, m)?)?;
     m.add_function(wrap_pyfunction!(scan_plan, m)?)?;
     m.add_function(wrap_pyfunction!(shard_digest, m)?)?;
