@@ -709,6 +709,10 @@ impl<'a> Machine<'a> {
                 }
                 return self.tensor_arg(args[0], name, at);
             }
+            // Old files call the class itself: Parameter(data, requires_grad).
+            ("torch.nn.parameter" | "torch.nn", "Parameter") if !args.is_empty() => {
+                return self.tensor_arg(args[0], "Parameter", at);
+            }
             ("torch._tensor", "_rebuild_from_type_v2") => {
                 return self.rebuild_from_type(args, at);
             }

@@ -138,6 +138,19 @@ fn directory(bytes: &Bytes) -> Result<Directory, String> {
             "no zip end-of-central-directory record; truncated?".into()
         });
     }
+    // Another record whose comment would run exactly to the end of the file
+    // is a second reading of the same bytes: readers that scan differently
+    // would see different archives.
+    let from = eocd.saturating_sub(0xFFFF);
+    let hidden = (from..eocd).any(|p| {
+        bytes.u32(p).is_ok_and(|s| s == EOCD_SIG)
+            && bytes
+                .u16(p + 20)
+                .is_ok_and(|c| p + EOCD_LEN + u64::from(c) == len)
+    });
+    if hidden {
+        return Err("two zip end records, one inside the other's comment".into());
+    }
     let disk = bytes.u16(eocd + 4)?;
     let cd_disk = bytes.u16(eocd + 6)?;
     let disk_entries = bytes.u16(eocd + 8)?;
