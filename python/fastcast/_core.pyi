@@ -415,6 +415,7 @@ def read_torch_file(path: str | PathLike[str]) -> TorchFile:
     (one line, ``"<path>: <problem>"``) for a file fastcast refuses: legacy or tar
     format, hostile pickle, corrupt zip, unsupported dtype or tensor kind. Never
     falls back to pickle or torch."""
+
 def execute_plan(
     plan: Plan,
     *,

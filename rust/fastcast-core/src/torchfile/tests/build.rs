@@ -219,6 +219,17 @@ impl Pickle {
             .op(b't')
             .op(b'R')
     }
+    /// `argparse.Namespace(lr=1)` as pickle writes it: NEWOBJ, then BUILD.
+    pub fn namespace(self) -> Pickle {
+        self.global("argparse", "Namespace")
+            .op(b')')
+            .op(0x81)
+            .op(b'}')
+            .str("lr")
+            .int(1)
+            .op(b's')
+            .op(b'b')
+    }
     pub fn stop(self) -> Vec<u8> {
         self.op(b'.').0
     }

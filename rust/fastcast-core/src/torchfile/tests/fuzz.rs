@@ -61,14 +61,7 @@ fn base_pickles() -> Vec<Base> {
         .str("epoch")
         .int(3)
         .str("args")
-        .global("argparse", "Namespace")
-        .op(b')')
-        .op(0x81)
-        .op(b'}')
-        .str("lr")
-        .int(1)
-        .op(b's')
-        .op(b'b')
+        .namespace()
         .op(b'u')
         .stop();
     vec![
