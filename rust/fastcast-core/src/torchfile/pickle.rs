@@ -56,6 +56,9 @@ pub enum Value {
     Object(Box<str>),
 }
 
+// MAX_VALUES is sized for values of at most 32 bytes.
+const _: () = assert!(std::mem::size_of::<Value>() <= 32);
+
 /// `module.name` as a `GLOBAL` gave it.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Global {

@@ -379,6 +379,23 @@ fn unreferenced_storages_are_reported() {
 }
 
 #[test]
+fn tensors_in_lists_are_checked_though_not_listed() {
+    // Lists are leaves, but their tensors' storages are still checked.
+    let list = |numel: i64| {
+        let p = Pickle::default()
+            .op(b']')
+            .mark()
+            .tensor_v2("FloatStorage", "0", numel, 0, &[1], &[1])
+            .op(b'e');
+        torch_file(&dict_w(p), &[("0", &F32_32)])
+    };
+    let f = read(&list(32)).unwrap();
+    assert_eq!(others(&f), [("w".into(), "list of 1")]);
+    assert!(f.unreferenced.is_empty());
+    refused(&list(31), "holds 128 bytes, its storage declares 124");
+}
+
+#[test]
 fn odd_string_keys_are_paths() {
     // (42) empty, newline, slash and 1 MB keys are data here; Python decides.
     let long = "k".repeat(1 << 20);
