@@ -124,7 +124,7 @@ fn refused(path: &Path, problem: String) -> Error {
 
 fn parse_bytes(file: &[u8]) -> Result<TorchFile, String> {
     detect(file)?;
-    let members = zip::members(file)?;
+    let members = zip::members(file, refuse_torchscript)?;
     let layout = layout(file, &members)?;
     // A copy, so the interpreter reads bytes that cannot change under it.
     let pickle = member_bytes(file, layout.pickle).to_vec();
@@ -237,16 +237,6 @@ fn layout<'a>(file: &[u8], members: &'a [zip::Member]) -> Result<Layout<'a>, Str
                 record(file, m)?;
             }
             _ if is_storage(rest) => {}
-            _ if rest == "constants.pkl"
-                || rest == "bytecode.pkl"
-                || rest.starts_with("code/")
-                || rest.starts_with("constants/") =>
-            {
-                return Err(
-                    "a TorchScript archive (torch.jit.save); fastcast reads only torch.save files"
-                        .into(),
-                );
-            }
             _ => {
                 return Err(format!(
                     "unknown zip member {}; torch.save writes only data.pkl, data/<n> and \
@@ -270,6 +260,21 @@ fn layout<'a>(file: &[u8], members: &'a [zip::Member]) -> Result<Layout<'a>, Str
         prefix: prefix.to_owned(),
         pickle,
     })
+}
+
+/// TorchScript archives (`torch.jit.save`) hold code; they are refused by
+/// name, before their (compressed) members are.
+fn refuse_torchscript(name: &str) -> Result<(), String> {
+    let rest = name.split_once('/').map_or(name, |(_, rest)| rest);
+    let script = matches!(rest, "constants.pkl" | "bytecode.pkl")
+        || rest.starts_with("code/")
+        || rest.starts_with("constants/");
+    if script {
+        return Err(
+            "a TorchScript archive (torch.jit.save); fastcast reads only torch.save files".into(),
+        );
+    }
+    Ok(())
 }
 
 /// `data/<1 to 20 digits>`.

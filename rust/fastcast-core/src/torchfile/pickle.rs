@@ -56,6 +56,9 @@ pub enum Value {
     Object(Box<str>),
 }
 
+// MAX_VALUES is sized for values of at most 32 bytes.
+const _: () = assert!(std::mem::size_of::<Value>() <= 32);
+
 /// `module.name` as a `GLOBAL` gave it.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Global {
@@ -709,6 +712,10 @@ impl<'a> Machine<'a> {
                 }
                 return self.tensor_arg(args[0], name, at);
             }
+            // Old files call the class itself: Parameter(data, requires_grad).
+            ("torch.nn.parameter" | "torch.nn", "Parameter") if !args.is_empty() => {
+                return self.tensor_arg(args[0], "Parameter", at);
+            }
             ("torch._tensor", "_rebuild_from_type_v2") => {
                 return self.rebuild_from_type(args, at);
             }
@@ -949,24 +956,21 @@ fn storage_dtype(kind: &Global) -> Result<DType, String> {
 
 /// A `torch.<dtype>` global as `_rebuild_tensor_v3` passes it.
 fn tensor_dtype(name: &str) -> Result<DType, String> {
-    const READ: [DType; 15] = [
-        DType::F64,
-        DType::F32,
-        DType::F16,
-        DType::BF16,
-        DType::F8E4M3,
-        DType::F8E5M2,
-        DType::I64,
-        DType::I32,
-        DType::I16,
-        DType::I8,
-        DType::U8,
-        DType::U16,
-        DType::U32,
-        DType::U64,
-        DType::Bool,
-    ];
-    if let Some(&d) = READ.iter().find(|d| d.torch_name() == name) {
+    // Every dtype but the ones torch.save can hold and fastcast refuses.
+    let unread = |d: &DType| {
+        matches!(
+            d,
+            DType::C64
+                | DType::F8E8M0
+                | DType::F8E4M3Fnuz
+                | DType::F8E5M2Fnuz
+                | DType::F4
+                | DType::F6E2M3
+                | DType::F6E3M2
+        )
+    };
+    let found = crate::dtype::ALL.iter().find(|d| d.torch_name() == name);
+    if let Some(&d) = found.filter(|d| !unread(d)) {
         return Ok(d);
     }
     let kind = if name.starts_with("complex") || matches!(name, "cfloat" | "cdouble" | "chalf") {

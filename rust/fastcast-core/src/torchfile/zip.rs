@@ -80,8 +80,13 @@ struct Directory {
     end: u64,
 }
 
-/// Parse and check every member of the zip in `file`, in central-directory order.
-pub fn members(file: &[u8]) -> Result<Vec<Member>, String> {
+/// Parse and check every member of the zip in `file`, in central-directory
+/// order. `screen` sees each name before anything else about its member is
+/// checked, so that a file of the wrong kind is named as such.
+pub fn members(
+    file: &[u8],
+    screen: impl Fn(&str) -> Result<(), String>,
+) -> Result<Vec<Member>, String> {
     let bytes = Bytes(file);
     let dir = directory(&bytes)?;
     let mut members = Vec::new();
@@ -95,7 +100,7 @@ pub fn members(file: &[u8]) -> Result<Vec<Member>, String> {
                 dir.entries
             ));
         }
-        let (member, local, flags, next) = central_entry(&bytes, at, &dir)?;
+        let (member, local, flags, next) = central_entry(&bytes, at, &dir, &screen)?;
         if !names.insert(member.name.clone()) {
             return Err(format!(
                 "zip member {} appears twice (torch reads the first, Python's zipfile the last)",
@@ -137,6 +142,19 @@ fn directory(bytes: &Bytes) -> Result<Directory, String> {
         } else {
             "no zip end-of-central-directory record; truncated?".into()
         });
+    }
+    // Another record whose comment would run exactly to the end of the file
+    // is a second reading of the same bytes: readers that scan differently
+    // would see different archives.
+    let from = eocd.saturating_sub(0xFFFF);
+    let hidden = (from..eocd).any(|p| {
+        bytes.u32(p).is_ok_and(|s| s == EOCD_SIG)
+            && bytes
+                .u16(p + 20)
+                .is_ok_and(|c| p + EOCD_LEN + u64::from(c) == len)
+    });
+    if hidden {
+        return Err("two zip end records, one inside the other's comment".into());
     }
     let disk = bytes.u16(eocd + 4)?;
     let cd_disk = bytes.u16(eocd + 6)?;
@@ -222,6 +240,7 @@ fn central_entry(
     bytes: &Bytes,
     at: u64,
     dir: &Directory,
+    screen: impl Fn(&str) -> Result<(), String>,
 ) -> Result<(Member, u64, u16, u64), String> {
     if bytes.u32(at)? != CENTRAL_SIG {
         return Err(format!("no central-directory entry at byte {at}"));
@@ -237,6 +256,7 @@ fn central_entry(
     let mut local = u64::from(bytes.u32(at + 42)?);
     let name_bytes = bytes.slice(at + CENTRAL_LEN, name_len)?;
     let name = member_name(name_bytes)?;
+    screen(&name)?;
     let extra = bytes.slice(at + CENTRAL_LEN + name_len, extra_len)?;
     let next = at + CENTRAL_LEN + name_len + extra_len + comment_len;
     if next > dir.end {
