@@ -3,6 +3,7 @@
     python3 benches/bench_convert.py [--quick] [--repeats 3] [--models llama,mixtral]
     python3 benches/bench_convert.py --models deepseek-fp8    # --dequantize
     python3 benches/bench_convert.py --models llama-quantize  # --quantize fp8
+    python3 benches/bench_convert.py --models llama-bin       # torch.save .bin shards
 
 Generates synthetic checkpoints once (streamed, cached in benches/.cache/):
 a Llama-shaped fp32 model of about 5 GB in 2 GB shards and a Mixtral-shaped bf16
@@ -16,7 +17,9 @@ model with many expert tensors. Then, on the same input, runs interleaved
                (for block fp8: compressed-tensors' own CPU converter,
                convert_checkpoint with FP8BlockDequantizer; for --quantize fp8: the
                same per-shard script quantizing each decoder Linear in torch, the
-               reference formula vectorised, as one writes it by hand)
+               reference formula vectorised, as one writes it by hand; for .bin
+               inputs: torch.load(weights_only=True) -> .to(dtype) -> save_file per
+               shard, as safetensors' convert.py does, and the same with mmap=True)
   transformers from_pretrained(dtype=...) -> save_pretrained(max_shard_size=...)
                (not for block fp8: transformers 5.23 mis-reads partial blocks)
   fastcast     the CLI, and fastcast.convert() from Python
@@ -69,6 +72,8 @@ class Model:
     dequantize: bool = False
     #: A plain checkpoint converted with --quantize (the scheme).
     quantize: str | None = None
+    #: Written as torch.save shards (pytorch_model-*.bin + index) instead of safetensors.
+    torch_bin: bool = False
 
     @property
     def path(self) -> Path:
@@ -134,8 +139,25 @@ def python_cmd(code: str) -> list[str]:
     return [sys.executable, "-c", textwrap.dedent(code)]
 
 
+def inputs(model: Model) -> list[Path]:
+    return sorted(model.path.glob("*.bin" if model.torch_bin else "*.safetensors"))
+
+
+#: Per shard, the usual way to turn .bin into safetensors: load it whole (or mapped).
+BIN_SCRIPT = """
+import pathlib, torch
+from safetensors.torch import save_file
+out = pathlib.Path({out!r}); out.mkdir(parents=True, exist_ok=True)
+for f in {shards!r}:
+    state = torch.load(f, weights_only=True, map_location="cpu"{mmap})
+    state = {{k: v.to(torch.{dtype}).contiguous() for k, v in state.items()}}
+    save_file(state, str(out / pathlib.Path(f).with_suffix(".safetensors").name),
+              metadata={{"format": "pt"}})
+"""
+
+
 def contenders(model: Model, out: Path, floor_bytes: int) -> dict[str, list[str]]:
-    shards = sorted(str(p) for p in model.path.glob("*.safetensors"))
+    shards = [str(p) for p in inputs(model)]
     floor = str(ROOT / "target" / "release" / "examples" / "io_floor")
     torch_dtype = fastcast.dtypes()
     torch_name = next(d["torch_name"] for d in torch_dtype if d["name"] == model.target)
@@ -165,6 +187,26 @@ def contenders(model: Model, out: Path, floor_bytes: int) -> dict[str, list[str]
                 fastcast.convert({str(model.path)!r}, {model.target!r}, output={str(out)!r},
                                  shard_size={model.out_shard_size!r}, dequantize=True,
                                  progress=False)
+                """
+            ),
+        }  # fmt: skip
+    if model.torch_bin:
+        return {
+            "floor (fsync)": [floor, "--fsync", str(out), str(floor_bytes), *shards],
+            "floor (no fsync)": [floor, str(out), str(floor_bytes), *shards],
+            "script": python_cmd(BIN_SCRIPT.format(out=str(out), shards=shards, mmap="",
+                                                   dtype=torch_name)),
+            "script (mmap=True)": python_cmd(BIN_SCRIPT.format(
+                out=str(out), shards=shards, mmap=", mmap=True", dtype=torch_name)),
+            "fastcast (CLI)": [
+                sys.executable, "-m", "fastcast.cli", "convert", str(model.path), "-o", str(out),
+                "--dtype", model.target, "--shard-size", model.out_shard_size, "--quiet",
+            ],
+            "fastcast (API)": python_cmd(
+                f"""
+                import fastcast
+                fastcast.convert({str(model.path)!r}, {model.target!r}, output={str(out)!r},
+                                 shard_size={model.out_shard_size!r}, progress=False)
                 """
             ),
         }  # fmt: skip
@@ -255,6 +297,32 @@ for f in {shards!r}:
 """
 
 
+#: Re-save a generated safetensors checkpoint as torch.save shards, one at a time, with
+#: transformers' names and index.
+TO_BIN = """
+import json, pathlib, shutil, torch
+from safetensors.torch import load_file
+src, dst = pathlib.Path({src!r}), pathlib.Path({dst!r})
+dst.mkdir(parents=True, exist_ok=True)
+shards = sorted(src.glob("*.safetensors"))
+weight_map = {{}}
+for i, f in enumerate(shards, 1):
+    name = f"pytorch_model-{{i:05d}}-of-{{len(shards):05d}}.bin"
+    state = load_file(str(f))
+    weight_map.update(dict.fromkeys(state, name))
+    torch.save(state, dst / name)
+    del state
+index = json.loads((src / "model.safetensors.index.json").read_text())
+index["weight_map"] = weight_map
+(dst / "pytorch_model.bin.index.json").write_text(json.dumps(index, indent=2))
+for f in src.iterdir():
+    if f.is_dir():
+        shutil.copytree(f, dst / f.name, dirs_exist_ok=True)
+    elif f.suffix != ".safetensors" and not f.name.startswith("model.safetensors"):
+        shutil.copy(f, dst / f.name)
+"""
+
+
 def warm(paths: list[Path]) -> None:
     """Read the inputs once so every contender starts from the same warm page cache."""
     for p in paths:
@@ -277,7 +345,7 @@ def run_model(model: Model, repeats: int) -> tuple[dict[str, Row], int]:
     floor_bytes = report.bytes_written
     cmds = contenders(model, out, floor_bytes)
     rows = {label: Row(label) for label in cmds}
-    warm(sorted(model.path.glob("*.safetensors")))
+    warm(inputs(model))
     for r in range(repeats):
         for label, cmd in cmds.items():
             shutil.rmtree(out, ignore_errors=True)
@@ -452,6 +520,9 @@ def main() -> None:
         "llama-quantize": Model("llama-quantize", "llama", scale or "5GB", "bf16",
                                 "2GB" if not scale else "100MB", "BF16",
                                 "2GB" if not scale else "50MB", quantize="fp8"),
+        "llama-bin": Model("llama-bin", "llama", scale or "5GB", "fp32",
+                           "2GB" if not scale else "100MB", "BF16",
+                           "2GB" if not scale else "50MB", torch_bin=True),
     }  # fmt: skip
     chosen = [models[m] for m in args.models.split(",")]
     repeats = 1 if args.quick else args.repeats
@@ -461,12 +532,17 @@ def main() -> None:
     )  # fmt: skip
     CACHE.mkdir(exist_ok=True)
     for m in chosen:
-        if not (m.path / "config.json").exists():
+        made = m.path.with_name(m.path.name + "-st") if m.torch_bin else m.path
+        if not (m.path / "config.json").exists() and not (made / "config.json").exists():
             subprocess.run(
-                [sys.executable, str(HERE / "make_model.py"), str(m.path), "--arch", m.arch,
+                [sys.executable, str(HERE / "make_model.py"), str(made), "--arch", m.arch,
                  "--size", m.size, "--dtype", m.dtype, "--shard-size", m.shard_size],
                 check=True,
             )  # fmt: skip
+        if m.torch_bin and not (m.path / "config.json").exists():
+            subprocess.run(python_cmd(TO_BIN.format(src=str(made), dst=str(m.path))),
+                               check=True)  # fmt: skip
+            shutil.rmtree(made)
     lines = [
         f"## fastcast conversion benchmark ({time.strftime('%Y-%m-%d')}, "
         f"{os.cpu_count()} cores, kernel path {fastcast.select_kernel()})",
