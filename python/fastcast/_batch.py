@@ -123,7 +123,9 @@ class BatchReport:
     def bytes_read(self) -> int:
         return sum(r.report.bytes_read for r in self.results if r.report)
 
-    def summary(self) -> str:
+    def summary(self, errors: bool = True) -> str:
+        """The table, a total line, then each failed model's error (unless ``errors`` is
+        False: the CLI prints those on stderr) and each model's warnings."""
         rows = [("model", "status", "bytes", "time", "GB/s", "loss")]
         for r in self.results:
             rep = r.report
@@ -149,7 +151,7 @@ class BatchReport:
             f"({format_bytes(rate)}/s, {self.executor} executor)"
         )
         for r in self.results:
-            if r.error:
+            if r.error and errors:
                 lines.append(f"failed: {r.model}: {r.error}")
             for w in r.report.warnings if r.report else []:
                 lines.append(f"warning: {r.model}: {w}")

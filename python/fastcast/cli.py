@@ -354,10 +354,10 @@ def run_batch(args: argparse.Namespace) -> int:
     )
     if args.report:
         Path(args.report).write_text(json.dumps(batch.to_dict(), indent=2) + "\n")
+    if not args.quiet:
+        print(batch.summary(errors=False), flush=True)
     for failed in batch.failed:
         print(f"fastcast: error: {failed.model}: {failed.error}", file=sys.stderr)
-    if not args.quiet:
-        print(batch.summary())
     ok = batch.ok
     if args.verify:
         for r in batch.results:
