@@ -163,6 +163,8 @@ struct Job<'a> {
     from: DType,
     to: DType,
     src: &'a [u8],
+    /// The whole mapping `src` lies in (released pages must stay inside it).
+    map: &'a [u8],
     /// Offset of the tensor's first byte in the output file.
     dst_start: u64,
     /// Elements of the output tensor.
@@ -235,10 +237,10 @@ impl Job<'_> {
         match &self.dequant {
             Some(d) if d.reads_whole_source() => {
                 if self.pending.fetch_sub(1, Ordering::AcqRel) == 1 {
-                    release_pages(self.src);
+                    release_pages(self.src, self.map);
                 }
             }
-            _ => release_pages(self.src_of(c)),
+            _ => release_pages(self.src_of(c), self.map),
         }
     }
 
@@ -610,6 +612,7 @@ fn check_shard<'a>(
             from,
             to,
             src,
+            map,
             dst_start: 0,
             numel,
             rule,
@@ -874,26 +877,38 @@ fn write_shard(
     Ok((out, combine_digest(&header_bytes, &hashes)))
 }
 
-/// Unmap the whole pages of an input range we are done with. The data stays
-/// in the page cache (re-reads are cheap) but leaves our resident set, so RSS
-/// stays flat however large the model, and the pages are easy to reclaim
-/// under memory pressure. Safe for a read-only file mapping: a page touched
-/// again is simply faulted back in.
+/// Unmap the pages of an input range we are done with. The data stays in the
+/// page cache (re-reads are cheap) but leaves our resident set, so RSS stays
+/// flat however large the model, and the pages are easy to reclaim under
+/// memory pressure. Safe for a read-only file mapping: a page touched again
+/// is simply faulted back in.
+///
+/// The pages around the range go too, and [`FAULT_AROUND`] bytes behind it:
+/// reading a page maps its cached neighbours in the same aligned window
+/// ("fault-around"), so with tensors smaller than that window (a model of
+/// 100k tiny tensors) each fault re-mapped the pages of tensors already done,
+/// and the whole input stayed resident. A neighbour still being read just
+/// faults its page back in.
 #[cfg(target_os = "linux")]
-fn release_pages(range: &[u8]) {
+fn release_pages(range: &[u8], map: &[u8]) {
     static PAGE: std::sync::OnceLock<usize> = std::sync::OnceLock::new();
     // SAFETY: sysconf has no preconditions.
     let page = *PAGE.get_or_init(|| match unsafe { libc::sysconf(libc::_SC_PAGESIZE) } {
         n if n > 0 => n as usize,
         _ => 4096,
     });
-    let start = range.as_ptr() as usize;
-    let first = start.div_ceil(page) * page;
-    let last = (start + range.len()) / page * page;
+    if range.is_empty() {
+        return;
+    }
+    let (base, start) = (map.as_ptr() as usize, range.as_ptr() as usize);
+    let first = start.saturating_sub(FAULT_AROUND).max(base) / page * page;
+    let last =
+        ((start + range.len()).div_ceil(page) * page).min((base + map.len()).div_ceil(page) * page);
     if last > first {
-        // SAFETY: [first, last) lies inside `range`, which is part of a live
-        // read-only file mapping; MADV_DONTNEED only drops our page-table
-        // entries for it, and later reads fault the same file data back in.
+        // SAFETY: [first, last) lies in `map`'s pages (a mapping is whole
+        // pages from a page-aligned base), a live read-only file mapping;
+        // MADV_DONTNEED only drops our page-table entries for it, and later
+        // reads fault the same file data back in.
         unsafe {
             libc::madvise(
                 first as *mut libc::c_void,
@@ -904,9 +919,14 @@ fn release_pages(range: &[u8]) {
     }
 }
 
+/// How far behind a released range pages are released too: Linux's default
+/// `fault_around_bytes`.
+#[cfg(target_os = "linux")]
+const FAULT_AROUND: usize = 64 << 10;
+
 /// Off Linux, nothing: the OS reclaims clean mapped file pages on its own terms.
 #[cfg(not(target_os = "linux"))]
-fn release_pages(_range: &[u8]) {}
+fn release_pages(_range: &[u8], _map: &[u8]) {}
 
 #[cfg(test)]
 mod tests;

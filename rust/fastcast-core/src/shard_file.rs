@@ -26,12 +26,22 @@ pub struct ShardFile {
 /// writer waits for the oldest to reach the disk.
 pub const WRITEBACK_WINDOW: u64 = 64 << 20;
 
-/// Written ranges whose writeback has started but not been waited for.
+/// Written bytes are handed to writeback in spans of at least this much, so
+/// that a shard of many tiny tensors costs a few syscalls per MiB, not a few
+/// per tensor.
+pub const WRITEBACK_KICK: u64 = 1 << 20;
+
+/// Written ranges whose writeback has started but not been waited for, and
+/// the span of those written since the last start.
 #[derive(Default)]
 #[cfg_attr(not(target_os = "linux"), allow(dead_code))]
 struct Pending {
     ranges: VecDeque<(u64, u64)>,
     bytes: u64,
+    /// `[lo, hi)` covering the ranges written since writeback last started,
+    /// and their bytes.
+    unkicked: Option<(u64, u64)>,
+    unkicked_bytes: u64,
 }
 
 /// What ends the name of a file still being written (see [`temp_path`]).
@@ -115,7 +125,8 @@ impl ShardFile {
     }
 
     /// Record that `[offset, offset + len)` is written: start writing it back
-    /// to disk now, and once more than [`WRITEBACK_WINDOW`] bytes are in
+    /// to disk (once [`WRITEBACK_KICK`] bytes have gathered, as one span), and
+    /// once more than [`WRITEBACK_WINDOW`] bytes are in
     /// flight, wait for the oldest ranges to reach the disk and drop them from
     /// the page cache. Dirty and cached output pages so stay bounded, which
     /// keeps a huge conversion from flooding the page cache and lets it run
@@ -134,16 +145,23 @@ impl ShardFile {
                 libc::off64_t::try_from(l).ok()?,
             ))
         };
-        let Some((off, n)) = range(offset, len) else {
-            return;
-        };
-        // SAFETY: a plain syscall on a descriptor owned by `self.file`; a
-        // failure only means less early writeback, which the final sync covers.
-        unsafe { libc::sync_file_range(fd, off, n, libc::SYNC_FILE_RANGE_WRITE) };
-        let settled: Vec<(u64, u64)> = {
+        let (kick, settled): ((u64, u64), Vec<(u64, u64)>) = {
             let mut pending = self.pending.lock().unwrap_or_else(|e| e.into_inner());
-            pending.ranges.push_back((offset, len));
-            pending.bytes += len;
+            let (lo, hi) = pending.unkicked.map_or((offset, offset + len), |(lo, hi)| {
+                (lo.min(offset), hi.max(offset + len))
+            });
+            pending.unkicked_bytes += len;
+            if pending.unkicked_bytes < WRITEBACK_KICK {
+                pending.unkicked = Some((lo, hi));
+                return; // the next ranges, or the final sync, start it
+            }
+            // Threads write neighbouring ranges out of order: the span may
+            // hold a gap another thread fills later, which is harmless to
+            // write back early (and is counted again when that range is).
+            pending.unkicked = None;
+            pending.unkicked_bytes = 0;
+            pending.ranges.push_back((lo, hi - lo));
+            pending.bytes += hi - lo;
             let mut out = Vec::new();
             while pending.bytes > WRITEBACK_WINDOW {
                 let Some(oldest) = pending.ranges.pop_front() else {
@@ -152,8 +170,14 @@ impl ShardFile {
                 pending.bytes -= oldest.1;
                 out.push(oldest);
             }
-            out
+            ((lo, hi - lo), out)
         };
+        if let Some((off, n)) = range(kick.0, kick.1) {
+            // SAFETY: a plain syscall on a descriptor owned by `self.file`; a
+            // failure only means less early writeback, which the final sync
+            // covers.
+            unsafe { libc::sync_file_range(fd, off, n, libc::SYNC_FILE_RANGE_WRITE) };
+        }
         for (o, l) in settled {
             if let Some((off, n)) = range(o, l) {
                 let wait = libc::SYNC_FILE_RANGE_WAIT_BEFORE
