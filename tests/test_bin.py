@@ -149,6 +149,25 @@ def test_a_state_dict_key_chooses_among_several(tmp_path, torch, st):
     assert_same(torch, load_out(st, tmp_path / "out"), a)
 
 
+def test_inspect_and_verify_take_the_same_choice_of_state_dict(tmp_path, torch):
+    """An ambiguous checkpoint: inspect refuses it as convert does, and with the key
+    (or the prefix to strip) describes that state dict; verify --against it with the
+    same flags checks the output of a conversion made with them."""
+    path = tmp_path / "two.ckpt"
+    torch.save({"model": {"module.w": torch.ones(2, 3)},
+                "state_dict": {"module.v": torch.zeros(5)}}, path)  # fmt: skip
+    refused(cli("inspect", path), "ambiguous", "--state-dict-key")
+    shown = ok(cli("inspect", path, "--state-dict-key", "model", "--strip-prefix", "module."))
+    assert "1 tensors" in shown, shown
+    out = tmp_path / "out"
+    flags = ("--state-dict-key", "model", "--strip-prefix", "module.")
+    ok(cli("convert", path, "-o", out, "--dtype", "bf16", *flags))
+    assert "OK" in ok(cli("verify", out))  # from fastcast.json
+    assert "OK" in ok(cli("verify", out, "--against", path, "--dtype", "bf16", *flags))
+    r = cli("verify", out, "--against", path, "--dtype", "bf16", "--state-dict-key", "model")
+    assert r.returncode != 0, "without the prefix stripped, the names do not pair"
+
+
 def test_a_transposed_view_is_refused_by_name(tmp_path, torch):
     w = torch.randn(4, 3)
     path = tmp_path / "views.bin"

@@ -11,7 +11,7 @@ from fastcast import _core
 from fastcast._config import CONFIG_NAME, config_dtypes, read_config
 from fastcast._dtypes import from_torch_name, is_castable, short_name, torch_name
 from fastcast._loss import TensorLoss, describe
-from fastcast._model_dir import ModelFolder, describe_skipped, open_model
+from fastcast._model_dir import ModelFolder, TorchOptions, describe_skipped, open_model
 from fastcast._plan import plan_conversion
 from fastcast._progress import ByteProgress
 from fastcast._quant import DEQUANTIZES, Quantization, detect, roles
@@ -162,18 +162,21 @@ def inspect(
     keep: Sequence[str] = (),
     variant: str | None = None,
     progress: bool | None = None,
+    state_dict_key: str | None = None,
+    strip_prefix: str | None = None,
 ) -> ModelInspection:
-    """Describe a model folder (or a .safetensors file) from its headers alone.
+    """Describe a model folder (or a weights file) from its headers alone.
 
     Lists the weight sets at every depth, the stored dtypes, what each config.json
     claims, what a conversion would skip, and warns when a config disagrees with the
     stored float weights. With ``dtype``, also reads every tensor (read-only) and
     predicts what converting to it would lose: overflow, underflow, NaN/inf already
-    there, max |x|.
+    there, max |x|. ``state_dict_key`` and ``strip_prefix`` choose a torch.save
+    checkpoint's state dict and names, as for ``convert``.
 
     >>> print(inspect("model/", dtype="fp16").render())  # doctest: +SKIP
     """
-    folder = open_model(model, variant)
+    folder = open_model(model, variant, TorchOptions(state_dict_key, strip_prefix))
     counts: dict[str, list[int]] = {}
     for t in folder.tensors:
         c = counts.setdefault(t.dtype, [0, 0])

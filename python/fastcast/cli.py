@@ -86,17 +86,7 @@ def add_convert(commands: argparse._SubParsersAction[argparse.ArgumentParser]) -
         help="target: bf16, fp16, fp32, fp64, fp8_e4m3, fp8_e5m2 (default: every tensor "
         "keeps its dtype; the output defaults to <model>-safetensors)",
     )
-    convert.add_argument(
-        "--state-dict-key",
-        metavar="KEY",
-        help="torch.save checkpoints: the key holding the state dict (default: the top "
-        "level, else state_dict, model, module or model_state_dict)",
-    )
-    convert.add_argument(
-        "--strip-prefix",
-        metavar="PREFIX",
-        help="torch.save checkpoints: remove PREFIX (e.g. module., as DDP adds) from tensor names",
-    )
+    add_torch_options(convert, "the top level, else state_dict, model, module or model_state_dict")
     convert.add_argument(
         "--output",
         "-o",
@@ -267,8 +257,23 @@ def add_verify(commands: argparse._SubParsersAction[argparse.ArgumentParser]) ->
         action="store_true",
         help="also load the whole model as a user would (transformers, device_map=auto)",
     )
+    add_torch_options(verify, "the source's (default: fastcast.json)")
     verify.add_argument("--quiet", "-q", action="store_true", help="print only failures")
     verify.set_defaults(run=run_verify)
+
+
+def add_torch_options(parser: argparse.ArgumentParser, default: str) -> None:
+    """--state-dict-key and --strip-prefix, for commands reading torch.save files."""
+    parser.add_argument(
+        "--state-dict-key",
+        metavar="KEY",
+        help=f"torch.save checkpoints: the key holding the state dict (default: {default})",
+    )
+    parser.add_argument(
+        "--strip-prefix",
+        metavar="PREFIX",
+        help="torch.save checkpoints: remove PREFIX (e.g. module., as DDP adds) from tensor names",
+    )
 
 
 def add_inspect(commands: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
@@ -279,7 +284,9 @@ def add_inspect(commands: argparse._SubParsersAction[argparse.ArgumentParser]) -
         "shards, tensor count, bytes, stored dtypes, what config.json claims, and a warning "
         "when they disagree. Reads headers only; writes nothing.",
     )
-    inspect.add_argument("model", nargs="+", help="model folder(s) or .safetensors file(s)")
+    inspect.add_argument(
+        "model", nargs="+", help="model folder(s), .safetensors or .bin/.pt/.pth/.ckpt file(s)"
+    )
     inspect.add_argument(
         "--dtype",
         help="also predict what converting to this dtype would lose (reads every tensor; "
@@ -289,6 +296,7 @@ def add_inspect(commands: argparse._SubParsersAction[argparse.ArgumentParser]) -
         "--keep", action="append", default=[], metavar="PATTERN", help="as for convert"
     )
     inspect.add_argument("--variant", metavar="NAME", help="as for convert")
+    add_torch_options(inspect, "as for convert")
     inspect.set_defaults(run=run_inspect)
 
 
@@ -399,6 +407,8 @@ def run_verify(args: argparse.Namespace) -> int:
         device=args.device,
         load=args.load,
         progress=False if args.quiet else None,
+        state_dict_key=args.state_dict_key,
+        strip_prefix=args.strip_prefix,
     )
     if not args.quiet or not report.ok:
         print(report.summary())
@@ -410,7 +420,14 @@ def run_inspect(args: argparse.Namespace) -> int:
         if i:
             print()
         print(
-            fastcast.inspect(model, dtype=args.dtype, keep=args.keep, variant=args.variant).render()
+            fastcast.inspect(
+                model,
+                dtype=args.dtype,
+                keep=args.keep,
+                variant=args.variant,
+                state_dict_key=args.state_dict_key,
+                strip_prefix=args.strip_prefix,
+            ).render()
         )
     return 0
 
