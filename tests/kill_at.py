@@ -127,6 +127,11 @@ def install(point: str) -> None:
         from fastcast import _core
 
         sig = signal.SIGINT if how == "INT" else signal.SIGKILL
+        if sig == signal.SIGINT:
+            # As in a terminal: a process started in the background of a
+            # non-interactive shell (as CI scripts start things) inherits SIGINT
+            # ignored, and Python then never raises KeyboardInterrupt.
+            signal.signal(signal.SIGINT, signal.default_int_handler)
         until = journaled(int(arg)) if kind == "journaled" else writing
         real_execute = _core.execute_plan
 
