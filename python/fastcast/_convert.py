@@ -20,6 +20,8 @@ instead of reading its inputs again.
 
 from __future__ import annotations
 
+import functools
+import gc
 import hashlib
 import json
 import os
@@ -29,7 +31,7 @@ import warnings
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import Any, Literal, Protocol
+from typing import Any, Literal, ParamSpec, Protocol, TypeVar
 
 from fastcast import _core
 from fastcast._config import (
@@ -548,7 +550,30 @@ def run_executor(
 
 # --- the API ---------------------------------------------------------------------------
 
+P = ParamSpec("P")
+R = TypeVar("R")
 
+
+def gc_paused(fn: Callable[P, R]) -> Callable[P, R]:
+    """Run ``fn`` with Python's cyclic garbage collector off. Planning a model of 100k
+    tensors makes hundreds of thousands of small, acyclic objects, and the collector,
+    triggered by allocation counts, spent a quarter of such a run re-scanning them;
+    reference counting frees them all the same, and cycles wait for the next collection."""
+
+    @functools.wraps(fn)
+    def paused(*args: P.args, **kwargs: P.kwargs) -> R:
+        was = gc.isenabled()
+        gc.disable()
+        try:
+            return fn(*args, **kwargs)
+        finally:
+            if was:
+                gc.enable()
+
+    return paused
+
+
+@gc_paused
 def convert(
     model: str | os.PathLike[str],
     dtype: str | None = None,

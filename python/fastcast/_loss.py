@@ -3,6 +3,7 @@ the worst tensors, and the range-unsafe casts named before a run starts."""
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Iterable, Sequence
 from dataclasses import asdict, dataclass
 from typing import Any
@@ -46,10 +47,17 @@ class TensorLoss:
         return asdict(self)
 
 
+@functools.cache
+def cast_rule(src: str, dst: str) -> _core.CastRule:
+    """The core's rule for casting ``src`` to ``dst``, asked once per pair (a model may
+    have 100k tensors of the same two dtypes). Read-only: callers share the dict."""
+    return _core.cast_rule(src, dst)
+
+
 def overflow_result(src: str, dst: str) -> str:
     """What overflow does casting ``src`` to ``dst``, in words, from the core's rule:
     ``±inf (|x| >= 65520)``, ``±448 when saturating, NaN otherwise (|x| >= 464.00003)``."""
-    rule = _core.cast_rule(src, dst)
+    rule = cast_rule(src, dst)
     start = rule["overflow_from"]
     if start is None:
         return "nothing (no value overflows)"
@@ -119,7 +127,7 @@ def narrowing_risks(casts: Iterable[tuple[str, str, int]], dequantized: bool = F
     """
     risky: dict[tuple[str, str], list[int]] = {}
     for src, dst, nbytes in casts:
-        if src != dst and _core.cast_rule(src, dst)["narrows_range"]:
+        if src != dst and cast_rule(src, dst)["narrows_range"]:
             entry = risky.setdefault((src, dst), [0, 0])
             entry[0] += 1
             entry[1] += nbytes

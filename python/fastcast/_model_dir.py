@@ -222,12 +222,13 @@ def index_shards(index: Path) -> dict[str, list[str]]:
         raise ModelFolderError(f"{index}: has no weight_map of tensor names to file names")
     shards: dict[str, list[str]] = {}
     for tensor, file in weight_map.items():
+        shards.setdefault(file, []).append(tensor)
+    for file, tensors in shards.items():  # a few files for many tensors: check each once
         rel = Path(file)
         if rel.is_absolute() or ".." in rel.parts or file.strip() == "":
             raise ModelFolderError(
-                f"{index}: tensor {tensor!r} points to {file!r}, outside the model folder"
+                f"{index}: tensor {tensors[0]!r} points to {file!r}, outside the model folder"
             )
-        shards.setdefault(file, []).append(tensor)
     return dict(sorted(shards.items()))
 
 
