@@ -4,6 +4,7 @@
     python3 benches/bench_convert.py --models deepseek-fp8    # --dequantize
     python3 benches/bench_convert.py --models llama-quantize  # --quantize fp8
     python3 benches/bench_convert.py --models llama-bin       # torch.save .bin shards
+    python3 benches/bench_convert.py --models tensors-100k,tensors-100  # many tiny tensors
 
 Generates synthetic checkpoints once (streamed, cached in benches/.cache/):
 a Llama-shaped fp32 model of about 5 GB in 2 GB shards and a Mixtral-shaped bf16
@@ -74,6 +75,9 @@ class Model:
     quantize: str | None = None
     #: Written as torch.save shards (pytorch_model-*.bin + index) instead of safetensors.
     torch_bin: bool = False
+    #: A flat checkpoint of this many equal f32 tensors (``size`` in all, 4 shards), for
+    #: the cost per tensor: DeepSeek-V3 has ~91k tensors.
+    tensors: int | None = None
 
     @property
     def path(self) -> Path:
@@ -229,7 +233,7 @@ def contenders(model: Model, out: Path, floor_bytes: int) -> dict[str, list[str]
                 """
             ),
         }  # fmt: skip
-    return {
+    usual = {
         "floor (fsync)": [floor, "--fsync", str(out), str(floor_bytes), *shards],
         "floor (no fsync)": [floor, str(out), str(floor_bytes), *shards],
         "script": python_cmd(
@@ -272,6 +276,9 @@ def contenders(model: Model, out: Path, floor_bytes: int) -> dict[str, list[str]
             """
         ),
     }
+    if model.tensors is not None:  # not a model transformers can build
+        del usual["transformers"]
+    return usual
 
 
 #: The usual hand-written quantizer: per shard, load it, quantize every decoder Linear
@@ -321,6 +328,29 @@ for f in src.iterdir():
     elif f.suffix != ".safetensors" and not f.name.startswith("model.safetensors"):
         shutil.copy(f, dst / f.name)
 """
+
+
+def make_flat(path: Path, count: int, size: int) -> None:
+    """``count`` f32 tensors of equal size, ``size`` bytes in all, in 4 shards with an
+    index (``model.layers.N.w``)."""
+    from safetensors.numpy import save_file
+
+    numel = size // 4 // count
+    path.mkdir(parents=True)
+    rng = np.random.default_rng(0)
+    weight_map = {}
+    for s in range(4):
+        name = f"model-{s + 1:05d}-of-00004.safetensors"
+        ids = range(s * count // 4, (s + 1) * count // 4)
+        values = rng.standard_normal(len(ids) * numel).astype(np.float32)
+        tensors = {f"model.layers.{i}.w": values[k * numel : (k + 1) * numel]
+                   for k, i in enumerate(ids)}  # fmt: skip
+        save_file(tensors, str(path / name), metadata={"format": "pt"})
+        weight_map.update(dict.fromkeys(tensors, name))
+    index = {"metadata": {"total_size": count * numel * 4}, "weight_map": weight_map}
+    (path / "model.safetensors.index.json").write_text(json.dumps(index))
+    (path / "config.json").write_text('{"model_type": "llama", "torch_dtype": "float32"}')
+    print(f"wrote {path}: {count} tensors of {numel} f32 in 4 shards")
 
 
 def warm(paths: list[Path]) -> None:
@@ -520,6 +550,10 @@ def main() -> None:
         "llama-quantize": Model("llama-quantize", "llama", scale or "5GB", "bf16",
                                 "2GB" if not scale else "100MB", "BF16",
                                 "2GB" if not scale else "50MB", quantize="fp8"),
+        "tensors-100k": Model("tensors-100k", "flat", scale or "400MB", "fp32", "100MB", "BF16",
+                              "2GB", tensors=100_000),
+        "tensors-100": Model("tensors-100", "flat", scale or "400MB", "fp32", "100MB", "BF16",
+                             "2GB", tensors=100),
         "llama-bin": Model("llama-bin", "llama", scale or "5GB", "fp32",
                            "2GB" if not scale else "100MB", "BF16",
                            "2GB" if not scale else "50MB", torch_bin=True),
@@ -533,7 +567,9 @@ def main() -> None:
     CACHE.mkdir(exist_ok=True)
     for m in chosen:
         made = m.path.with_name(m.path.name + "-st") if m.torch_bin else m.path
-        if not (m.path / "config.json").exists() and not (made / "config.json").exists():
+        if m.tensors is not None and not (m.path / "config.json").exists():
+            make_flat(m.path, m.tensors, fastcast.parse_size(m.size))
+        elif not (m.path / "config.json").exists() and not (made / "config.json").exists():
             subprocess.run(
                 [sys.executable, str(HERE / "make_model.py"), str(made), "--arch", m.arch,
                  "--size", m.size, "--dtype", m.dtype, "--shard-size", m.shard_size],
