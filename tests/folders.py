@@ -52,6 +52,7 @@ def save_folder(st, folder: Path, state: dict, shards: int = 1, prefix: str = "m
 
 
 def snapshot(folder: Path) -> dict[str, bytes]:
+    """Every file below ``folder`` (hidden ones too), relative path -> bytes."""
     return {str(p.relative_to(folder)): p.read_bytes() for p in folder.rglob("*") if p.is_file()}
 
 

@@ -9,7 +9,8 @@ import json
 import fastcast
 from commands import cli, killed, ok
 from fastcast._jobs import ShardBoard
-from zoo import llama, sentence_transformers, tree
+from folders import snapshot
+from zoo import llama, sentence_transformers
 
 
 def broken(tmp_path):
@@ -29,7 +30,7 @@ def three_models(tmp_path):
 def alone(model, out, *args):
     """The model converted alone, as a user runs one conversion."""
     ok(cli("convert", model, "-o", out, "--dtype", "bf16", "-q", *args))
-    return tree(out)
+    return snapshot(out)
 
 
 def test_a_broken_model_in_the_middle_stops_nothing(tmp_path):
@@ -44,7 +45,7 @@ def test_a_broken_model_in_the_middle_stops_nothing(tmp_path):
     assert "failed" in table and "converted" in table and "2 of 3 model(s) done" in table
     # The others: byte for byte what converting each alone writes.
     for model in (a, c):
-        got = tree(tmp_path / "batch" / f"{model.name}-bf16")
+        got = snapshot(tmp_path / "batch" / f"{model.name}-bf16")
         assert got == alone(model, tmp_path / "alone" / model.name)
     assert not (tmp_path / "batch" / f"{bad.name}-bf16").exists()
 
@@ -77,11 +78,11 @@ output = "elsewhere/st"
     )
     out = ok(cli("convert", "--jobs", jobs))
     assert "2 of 2 model(s) done" in out
-    got_a = tree(tmp_path / "converted" / f"{a.name}-bf16")
+    got_a = snapshot(tmp_path / "converted" / f"{a.name}-bf16")
     assert got_a == alone(a, tmp_path / "alone-a", "--shard-size", "1KB", "--keep", "*norm*")
-    got_c = tree(tmp_path / "elsewhere" / "st")
+    got_c = snapshot(tmp_path / "elsewhere" / "st")
     ok(cli("convert", c, "-o", tmp_path / "alone-c", "--dtype", "fp16", "-q"))
-    assert got_c == tree(tmp_path / "alone-c")
+    assert got_c == snapshot(tmp_path / "alone-c")
 
 
 def test_jobs_file_mistakes_are_one_line(tmp_path):
@@ -122,7 +123,7 @@ def test_a_batch_killed_midway_resumes_model_by_model(tmp_path):
     out = ok(cli(*args, "--resume"))
     assert "2 of 2 model(s) done" in out
     for model in (a, c):
-        got = tree(tmp_path / "batch" / f"{model.name}-bf16")
+        got = snapshot(tmp_path / "batch" / f"{model.name}-bf16")
         assert got == alone(model, tmp_path / "alone" / model.name, "--shard-size", "1KB")
 
 

@@ -13,20 +13,13 @@ import pytest
 import fastcast
 from commands import cli, killed, ok, refused
 from conftest import require
-from folders import snapshot
+from folders import load_all, snapshot
 from torch_files import nested_checkpoint, odd_dtypes, save_bert_bin, save_llama_bin
 
 
 @pytest.fixture(scope="module")
 def st():
     return require("safetensors.torch")
-
-
-def load_out(st, folder) -> dict:
-    out = {}
-    for f in sorted(folder.glob("*.safetensors")):
-        out.update(st.load_file(str(f)))
-    return out
 
 
 def assert_same(torch, got: dict, state: dict, dtype=None, dropped=()) -> None:
@@ -52,7 +45,7 @@ def test_tied_llama_bin_to_safetensors_without_a_dtype(tmp_path, torch, st):
     out = tmp_path / "llama-safetensors"
     assert "lm_head.weight (= model.embed_tokens.weight)" in stdout
     oracle = torch.load(src / "pytorch_model.bin", weights_only=True)
-    assert_same(torch, load_out(st, out), oracle, dropped={"lm_head.weight"})
+    assert_same(torch, load_all(st, out), oracle, dropped={"lm_head.weight"})
     assert json.loads((out / "config.json").read_text()) == json.loads(
         (src / "config.json").read_text()
     )
@@ -73,7 +66,7 @@ def test_tied_llama_bin_to_bf16_and_transformers_agrees(tmp_path, torch, st):
     out = tmp_path / "out"
     ok(cli("convert", src, "-o", out, "--dtype", "bf16", "--verify"))
     oracle = torch.load(src / "pytorch_model.bin", weights_only=True)
-    assert_same(torch, load_out(st, out), oracle, torch.bfloat16, dropped={"lm_head.weight"})
+    assert_same(torch, load_all(st, out), oracle, torch.bfloat16, dropped={"lm_head.weight"})
     a = transformers.AutoModelForCausalLM.from_pretrained(src, dtype=torch.bfloat16).eval()
     b = transformers.AutoModelForCausalLM.from_pretrained(out).eval()
     assert b.dtype == torch.bfloat16
@@ -88,7 +81,7 @@ def test_sharded_bin_with_index(tmp_path, torch, st):
     assert len(list(src.glob("pytorch_model-*.bin"))) == 3
     out = tmp_path / "out"
     ok(cli("convert", src, "-o", out, "--dtype", "fp16", "--shard-size", "60KB"))
-    got = load_out(st, out)
+    got = load_all(st, out)
     index = json.loads((out / "model.safetensors.index.json").read_text())
     assert set(index["weight_map"]) == set(got)
     assert not (out / "pytorch_model.bin.index.json").exists()
@@ -104,7 +97,7 @@ def test_bert_with_its_int64_buffer(tmp_path, torch, st):
     state = save_bert_bin(src)
     out = tmp_path / "out"
     ok(cli("convert", src, "-o", out, "--dtype", "bf16"))
-    got = load_out(st, out)
+    got = load_all(st, out)
     assert got["embeddings.position_ids"].dtype == torch.int64
     assert_same(torch, got, state, torch.bfloat16)
     b = transformers.AutoModel.from_pretrained(out).eval()
@@ -123,12 +116,12 @@ def test_nested_pth(tmp_path, torch, st, ddp):
     extra = ["--strip-prefix", "module."] if ddp else []
     stdout = ok(cli("convert", path, "-o", out, *extra))
     assert "other keys skipped: 'epoch', 'optimizer'" in stdout
-    assert_same(torch, load_out(st, out), state)
+    assert_same(torch, load_all(st, out), state)
     assert "OK" in ok(cli("verify", out))
     if ddp:
         note = ok(cli("convert", path, "-o", tmp_path / "kept"))
         assert "--strip-prefix module." in note
-        assert all(k.startswith("module.") for k in load_out(st, tmp_path / "kept"))
+        assert all(k.startswith("module.") for k in load_all(st, tmp_path / "kept"))
 
 
 def test_fp8_and_unsigned_tensors_cast_and_copied(tmp_path, torch, st):
@@ -137,7 +130,7 @@ def test_fp8_and_unsigned_tensors_cast_and_copied(tmp_path, torch, st):
     torch.save(state, path)
     out = tmp_path / "out"
     ok(cli("convert", path, "-o", out, "--dtype", "bf16"))
-    assert_same(torch, load_out(st, out), state, torch.bfloat16)
+    assert_same(torch, load_all(st, out), state, torch.bfloat16)
 
 
 def test_a_state_dict_key_chooses_among_several(tmp_path, torch, st):
@@ -146,7 +139,7 @@ def test_a_state_dict_key_chooses_among_several(tmp_path, torch, st):
     torch.save({"model": a, "state_dict": b}, path)
     refused(cli("convert", path, "-o", tmp_path / "out"), "ambiguous", "--state-dict-key")
     ok(cli("convert", path, "-o", tmp_path / "out", "--state-dict-key", "model"))
-    assert_same(torch, load_out(st, tmp_path / "out"), a)
+    assert_same(torch, load_all(st, tmp_path / "out"), a)
 
 
 def test_inspect_and_verify_take_the_same_choice_of_state_dict(tmp_path, torch):
@@ -182,7 +175,7 @@ def test_safetensors_win_over_bin_beside_them(tmp_path, torch, st):
     st.save_file({"x": torch.ones(3)}, str(src / "model.safetensors"), metadata={"format": "pt"})
     (src / "pytorch_model.bin").write_bytes(b"PK\x03\x04 stale and unreadable")
     report = fastcast.convert(src, "bf16", output=tmp_path / "out", progress=False)
-    assert set(load_out(st, tmp_path / "out")) == {"x"}
+    assert set(load_all(st, tmp_path / "out")) == {"x"}
     assert "pytorch_model.bin" in report.skipped
     assert "safetensors beside them" in report.summary()
     del state

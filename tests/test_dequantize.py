@@ -18,8 +18,8 @@ import pytest
 import fastcast
 from commands import cli, ok, refused
 from conftest import require
+from folders import snapshot
 from quantized import ALL, QuantModel, dequantize_folder, load_all, same_bits
-from zoo import tree
 
 FP8 = ["deepseek-fp8", "ct-fp8-tensor", "ct-fp8-channel", "fbgemm-fp8", "vllm-fp8-static"]
 BNB = ["bnb-nf4-dq", "bnb-fp4", "bnb-nf4-bf16-storage", "bnb-int8"]
@@ -178,11 +178,11 @@ def set_quantization_config(model: QuantModel, **changes) -> None:
 def convert_refused(model: QuantModel, tmp_path, *words: str) -> str:
     """--dequantize refused with one line naming ``words``; nothing written, the source
     untouched."""
-    before = tree(model.path)
+    before = snapshot(model.path)
     out = tmp_path / "refused"
     line = refused(cli("convert", model.path, "-o", out, "--dtype", "bf16", "--dequantize"),
                    *words)  # fmt: skip
-    assert not out.exists() and tree(model.path) == before
+    assert not out.exists() and snapshot(model.path) == before
     return line
 
 

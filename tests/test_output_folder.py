@@ -12,7 +12,8 @@ import pytest
 import fastcast
 from commands import killed
 from conftest import require
-from zoo import diffusers, llama, sentence_transformers, tree
+from folders import snapshot
+from zoo import diffusers, llama, sentence_transformers
 
 
 def test_a_record_naming_paths_outside_is_not_trusted(tmp_path):
@@ -64,10 +65,10 @@ def test_one_run_at_a_time(tmp_path):
         fcntl.flock(held.fileno(), fcntl.LOCK_EX)
         with pytest.raises(fastcast.OutputExistsError, match="another fastcast run"):
             fastcast.convert(layout.model, "fp16", output=out, resume=True, progress=False)
-        staged = tree(out)
+        staged = snapshot(out)
         with pytest.raises(fastcast.OutputExistsError, match="another fastcast run"):
             fastcast.convert(layout.model, "bf16", output=out, overwrite=True, progress=False)
-        assert tree(out) == staged, "the running conversion's staging folder is left alone"
+        assert snapshot(out) == staged, "the running conversion's staging folder is left alone"
     report = fastcast.convert(layout.model, "fp16", output=out, resume=True, progress=False)
     assert len(report.reused) == len(report.shards)
 
@@ -121,10 +122,10 @@ def test_inspect_names_an_unfinished_output_and_a_finished_ones_maker(tmp_path):
     info = fastcast.inspect(out)
     assert info.made_by is not None and "(F16, keep *norm*)" in info.made_by
     killed("executed", "convert", layout.model, "-o", tmp_path / "half", "--dtype", "bf16")
-    before = tree(tmp_path / "half")
+    before = snapshot(tmp_path / "half")
     with pytest.raises(fastcast.ModelFolderError, match=r"unfinished conversion.*--resume"):
         fastcast.inspect(tmp_path / "half")  # nothing in place: no weights to show
-    assert tree(tmp_path / "half") == before
+    assert snapshot(tmp_path / "half") == before
 
 
 def test_resume_takes_reused_shards_loss_counts_from_the_journal(tmp_path):

@@ -18,9 +18,9 @@ import pytest
 import fastcast
 from commands import cli, killed, ok, refused
 from conftest import require
+from folders import snapshot
 from models import build_llama, build_mixtral
 from quantized import ALL, load_all, quantize_fp8, same_bits
-from zoo import tree
 
 #: The target each model's conversion writes (every float dtype --quantize takes).
 TARGET = {"llama": "bf16", "mixtral": "fp16", "deepseek": "fp32"}
@@ -304,9 +304,9 @@ def test_what_cannot_be_quantized_is_refused_with_one_line(tmp_path):
          ["would quantize nothing", "fits fp8's 128x128 blocks", "nothing was written"]),
     ]  # fmt: skip
     for args, words in cases:
-        before = tree(args[0])
+        before = snapshot(args[0])
         refused(cli("convert", *args, "-o", out), *words)
-        assert not out.exists() and tree(args[0]) == before, args
+        assert not out.exists() and snapshot(args[0]) == before, args
     ok(cli("convert", tiny, "-o", out, "--dtype", "bf16", "--quantize", "fp8-channel"))
     with pytest.raises(ValueError, match="quantize must be one of fp8, fp8-channel"):
         fastcast.convert(plain, "bf16", output=tmp_path / "o", quantize="int4")

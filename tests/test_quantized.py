@@ -15,8 +15,8 @@ import pytest
 import fastcast
 from commands import cli, ok, refused
 from conftest import require
+from folders import snapshot
 from quantized import ALL, QuantModel
-from zoo import tree
 
 #: The target --keep-quantized writes for each method (GPTQ/AWQ need fp16, FBGEMM bf16).
 KEEP_TARGET = {"gptq": "fp16", "awq": "fp16", "fbgemm_fp8": "bf16"}
@@ -44,13 +44,13 @@ def target_of(model: QuantModel) -> str:
 
 
 def test_a_plain_cast_is_refused_naming_the_method(model, tmp_path):
-    before = tree(model.path)
+    before = snapshot(model.path)
     out = tmp_path / "out"
     line = refused(cli("convert", model.path, "-o", out, "--dtype", "bf16"), "--keep-quantized")
     assert "quantized with" in line and "would corrupt it" in line
     if model.method:
         assert model.method in line
-    assert not out.exists() and tree(model.path) == before
+    assert not out.exists() and snapshot(model.path) == before
 
 
 def test_keep_quantized_keeps_every_state_tensor_byte_for_byte(model, tmp_path):

@@ -14,7 +14,8 @@ import pytest
 import fastcast
 from commands import cli
 from conftest import require
-from zoo import llama, sentence_transformers, tree
+from folders import snapshot
+from zoo import llama, sentence_transformers
 
 pytestmark = pytest.mark.ray
 
@@ -43,7 +44,7 @@ def test_ray_writes_what_the_local_executor_writes(ray_cluster, tmp_path):
     assert local.ok and on_ray.ok, on_ray.summary()
     assert on_ray.executor == "ray"
     for m in models:
-        assert tree(tmp_path / "ray" / f"{m.name}-bf16") == tree(
+        assert snapshot(tmp_path / "ray" / f"{m.name}-bf16") == snapshot(
             tmp_path / "local" / f"{m.name}-bf16"
         )
     # Every attempt's temporary file and journal is gone.
@@ -115,7 +116,7 @@ def test_a_worker_killed_mid_shard_is_retried(ray_cluster, tmp_path):
     assert killed, "no worker was caught mid-shard"
     assert on_ray.ok, on_ray.summary()
     fastcast.convert(model, "bf16", output=tmp_path / "local", shard_size="50MB", progress=False)
-    assert tree(out / "big-bf16") == tree(tmp_path / "local")
+    assert snapshot(out / "big-bf16") == snapshot(tmp_path / "local")
 
 
 def test_without_ray_one_line_says_how_to_install(tmp_path, monkeypatch):

@@ -9,7 +9,8 @@ import subprocess
 import sys
 
 from commands import ok
-from zoo import _hf_cache, llama, tree
+from folders import snapshot
+from zoo import _hf_cache, llama
 
 COMMIT = "0123456789abcdef0123456789abcdef01234567"
 
@@ -27,13 +28,17 @@ def fastcast_in(cwd, env, *args):
 
 
 def test_a_repo_id_converts_the_cached_snapshot_into_the_working_directory(tmp_path):
-    cache, snapshot, _, _ = _hf_cache(tmp_path)
+    cache, snapshot_dir, _, _ = _hf_cache(tmp_path)
     work = tmp_path / "work"
     work.mkdir()
     ok(fastcast_in(work, {"HF_HUB_CACHE": cache}, "convert", "acme/tiny-llama", "-d", "bf16"))
-    got = tree(work / "tiny-llama-bf16")
-    ok(fastcast_in(work, {}, "convert", snapshot, "-o", tmp_path / "direct", "-d", "bf16", "-q"))
-    assert got == tree(tmp_path / "direct")
+    got = snapshot(work / "tiny-llama-bf16")
+    ok(
+        fastcast_in(
+            work, {}, "convert", snapshot_dir, "-o", tmp_path / "direct", "-d", "bf16", "-q"
+        )
+    )
+    assert got == snapshot(tmp_path / "direct")
     assert not list(cache.rglob("*-bf16")), "nothing is written inside the cache"
 
 

@@ -16,7 +16,8 @@ import pytest
 import fastcast
 from commands import cli, killed, refused
 from conftest import require
-from zoo import HOT, diffusers, hf_link, hf_snapshot, llama, project, sentence_transformers, tree
+from folders import snapshot
+from zoo import HOT, diffusers, hf_link, hf_snapshot, llama, project, sentence_transformers
 
 # 1 ----------------------------------------------------------------------------------
 
@@ -29,7 +30,7 @@ def test_1_resume_with_a_subfolder_after_sigkill(tmp_path):
     r = cli("convert", layout.model, "-o", out, "--dtype", "bf16", "--resume")
     assert r.returncode == 0, r.stderr
     cli("convert", layout.model, "-o", tmp_path / "fresh", "--dtype", "bf16")
-    assert tree(out) == tree(tmp_path / "fresh")
+    assert snapshot(out) == snapshot(tmp_path / "fresh")
 
 
 def test_1_resume_after_a_kill_inside_a_folder_copy(tmp_path):
@@ -42,7 +43,7 @@ def test_1_resume_after_a_kill_inside_a_folder_copy(tmp_path):
         r = cli("convert", layout.model, "-o", out, "--dtype", "bf16", "--resume")
     assert r.returncode == 0, r.stderr
     cli("convert", layout.model, "-o", tmp_path / "fresh", "--dtype", "bf16")
-    assert tree(out) == tree(tmp_path / "fresh")
+    assert snapshot(out) == snapshot(tmp_path / "fresh")
 
 
 # 2 ----------------------------------------------------------------------------------
@@ -56,11 +57,11 @@ def test_2_resume_strict_refuses_a_reused_shard_that_overflowed(tmp_path):
         shutil.rmtree(layout.model / folder)
     out = tmp_path / "out"
     killed("executed", "convert", layout.model, "-o", out, "--dtype", "fp16")
-    before = tree(out)
+    before = snapshot(out)
     r = cli("convert", layout.model, "-o", out, "--dtype", "fp16", "--resume", "--strict")
     refused(r, "refusing", "model.layers.hot.weight")
     assert not (out / "model.safetensors.index.json").exists()
-    assert tree(out) == before, "a refusal leaves the interrupted run as it was"
+    assert snapshot(out) == before, "a refusal leaves the interrupted run as it was"
 
 
 # 3 ----------------------------------------------------------------------------------
@@ -83,10 +84,10 @@ def test_3_strict_refusal_with_overwrite_keeps_the_previous_output(tmp_path):
     layout = sentence_transformers(tmp_path)
     out = tmp_path / "out"
     assert cli("convert", layout.model, "-o", out, "--dtype", "bf16").returncode == 0
-    before = tree(out)
+    before = snapshot(out)
     r = cli("convert", layout.model, "-o", out, "--dtype", "fp16", "--strict", "--overwrite")
     refused(r, "refusing")
-    assert tree(out) == before
+    assert snapshot(out) == before
 
 
 # 4 ----------------------------------------------------------------------------------
@@ -96,10 +97,10 @@ def test_4_overwrite_never_deletes_what_fastcast_did_not_write(tmp_path):
     """Was: ``--overwrite`` deleted everything in the target, ``.git/`` and ``src/``."""
     layout = llama(tmp_path)
     target = project(tmp_path)
-    before = tree(target.model)
+    before = snapshot(target.model)
     r = cli("convert", layout.model, "-o", target.model, "--dtype", "fp16", "--overwrite")
     refused(r, ".git", "src", "notes.md")
-    assert tree(target.model) == before
+    assert snapshot(target.model) == before
 
 
 # 5 ----------------------------------------------------------------------------------
@@ -188,10 +189,10 @@ def test_7_default_output_of_a_cache_snapshot_is_never_in_the_cache(tmp_path, bu
     work = tmp_path / "work"
     work.mkdir()
     revisions = cache_revisions(layout.cache)
-    cached = tree(layout.cache)
+    cached = snapshot(layout.cache)
     r = cli("convert", layout.model, "--dtype", "fp16", cwd=work)
     assert r.returncode == 0, r.stderr
-    assert tree(layout.cache) == cached and cache_revisions(layout.cache) == revisions
+    assert snapshot(layout.cache) == cached and cache_revisions(layout.cache) == revisions
     expected = work / layout.default_stem.parent / f"{layout.default_stem.name}-fp16"
     assert (expected / "model.safetensors").exists() and (expected / "config.json").exists()
 

@@ -20,7 +20,8 @@ import pytest
 import fastcast
 from commands import cli, killed, ok, refused
 from conftest import require
-from zoo import TARGETS, ZOO, Layout, llama, tree
+from folders import snapshot
+from zoo import TARGETS, ZOO, Layout, llama
 
 RECORD = "fastcast.json"
 
@@ -58,7 +59,7 @@ def check_output(layout: Layout, out: Path, dtype: str, keep: tuple[str, ...] = 
 
     torch, st = require("torch"), require("safetensors.torch")
     target = getattr(torch, {"BF16": "bfloat16", "F16": "float16", "F32": "float32"}[dtype])
-    files = tree(out)
+    files = snapshot(out)
     expected = {RECORD}
     for key, state in layout.weights.items():
         folder, _, prefix = key.rpartition("/")
@@ -107,11 +108,11 @@ def check_output(layout: Layout, out: Path, dtype: str, keep: tuple[str, ...] = 
 
 
 def test_convert(layout, tmp_path):
-    before = tree(layout.root)
+    before = snapshot(layout.root)
     out = tmp_path / "out"
     ok(cli(*convert_args(layout, out, "bf16")))
     check_output(layout, out, "BF16")
-    assert tree(layout.root) == before, "the input never changes"
+    assert snapshot(layout.root) == before, "the input never changes"
 
 
 def test_default_output(layout, tmp_path):
@@ -151,7 +152,7 @@ def test_resume_after_sigkill(tmp_path, name, point):
         refused(cli(*convert_args(layout, out, "bf16", "--shard-size", "2KB")), "--resume")
     ok(cli(*convert_args(layout, out, "bf16", "--shard-size", "2KB", "--resume")))
     ok(cli(*convert_args(layout, tmp_path / "fresh", "bf16", "--shard-size", "2KB")))
-    assert tree(out) == tree(tmp_path / "fresh")
+    assert snapshot(out) == snapshot(tmp_path / "fresh")
     check_output(layout, out, "BF16")
     again = ok(cli(*convert_args(layout, out, "bf16", "--shard-size", "2KB", "--resume")))
     assert "already converted" in again and "nothing to do" in again
@@ -221,12 +222,12 @@ def test_verify(layout, tmp_path, st):
 def test_a_project_folder_is_never_touched(tmp_path, extra):
     target = TARGETS["project"](tmp_path)
     model = llama(tmp_path)
-    before = tree(target.model)
+    before = snapshot(target.model)
     r = cli("convert", model.model, "-o", target.model, "--dtype", "fp16", *extra)
     line = refused(r)
     if "--overwrite" in extra:
         assert ".git/" in line and "src/" in line and "notes.md" in line
-    assert tree(target.model) == before
+    assert snapshot(target.model) == before
     refused(cli("inspect", target.model), "no .safetensors or .bin weights")
     refused(cli("verify", target.model), "pass --against")
-    assert tree(target.model) == before
+    assert snapshot(target.model) == before

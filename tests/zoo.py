@@ -569,10 +569,3 @@ ZOO: dict[str, Callable[[Path], Layout]] = {
 
 TARGETS: dict[str, Callable[[Path], Layout]] = {"project": project}
 """Folders that are output targets, not models."""
-
-
-def tree(folder: Path) -> dict[str, bytes]:
-    """Every file below ``folder`` (hidden ones too), relative path -> bytes."""
-    return {
-        str(p.relative_to(folder)): p.read_bytes() for p in sorted(folder.rglob("*")) if p.is_file()
-    }
