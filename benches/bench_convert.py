@@ -161,14 +161,40 @@ for f in {shards!r}:
 
 
 def contenders(model: Model, out: Path, floor_bytes: int) -> dict[str, list[str]]:
+    """The commands to time, in the order they run: the floors, the usual scripts for
+    this kind of model, then fastcast's CLI and API with the model's options."""
     shards = [str(p) for p in inputs(model)]
     floor = str(ROOT / "target" / "release" / "examples" / "io_floor")
-    torch_dtype = fastcast.dtypes()
-    torch_name = next(d["torch_name"] for d in torch_dtype if d["name"] == model.target)
+    flags: list[str] = []
+    options: dict[str, object] = {}
+    if model.dequantize:
+        flags, options = ["--dequantize"], {"dequantize": True}
+    if model.quantize:
+        flags, options = ["--quantize", model.quantize], {"quantize": model.quantize}
+    return {
+        "floor (fsync)": [floor, "--fsync", str(out), str(floor_bytes), *shards],
+        "floor (no fsync)": [floor, str(out), str(floor_bytes), *shards],
+        **scripts(model, out, shards),
+        "fastcast (CLI)": [
+            sys.executable, "-m", "fastcast.cli", "convert", str(model.path), "-o", str(out),
+            "--dtype", model.target, "--shard-size", model.out_shard_size, *flags, "--quiet",
+        ],
+        "fastcast (API)": python_cmd(
+            f"""
+            import fastcast
+            fastcast.convert({str(model.path)!r}, {model.target!r}, output={str(out)!r},
+                             shard_size={model.out_shard_size!r}, progress=False,
+                             **{options!r})
+            """
+        ),
+    }  # fmt: skip
+
+
+def scripts(model: Model, out: Path, shards: list[str]) -> dict[str, list[str]]:
+    """The usual ways to do what fastcast does with ``model``."""
+    torch_name = next(d["torch_name"] for d in fastcast.dtypes() if d["name"] == model.target)
     if model.dequantize:
         return {
-            "floor (fsync)": [floor, "--fsync", str(out), str(floor_bytes), *shards],
-            "floor (no fsync)": [floor, str(out), str(floor_bytes), *shards],
             "script": python_cmd(
                 f"""
                 import torch
@@ -179,63 +205,18 @@ def contenders(model: Model, out: Path, floor_bytes: int) -> dict[str, list[str]
                     {str(model.path)!r}, dtype=torch.{torch_name})
                 convert_checkpoint({str(model.path)!r}, {str(out)!r}, conv, device="cpu")
                 """
-            ),
-            "fastcast (CLI)": [
-                sys.executable, "-m", "fastcast.cli", "convert", str(model.path), "-o", str(out),
-                "--dtype", model.target, "--shard-size", model.out_shard_size, "--dequantize",
-                "--quiet",
-            ],
-            "fastcast (API)": python_cmd(
-                f"""
-                import fastcast
-                fastcast.convert({str(model.path)!r}, {model.target!r}, output={str(out)!r},
-                                 shard_size={model.out_shard_size!r}, dequantize=True,
-                                 progress=False)
-                """
-            ),
-        }  # fmt: skip
+            )
+        }
     if model.torch_bin:
         return {
-            "floor (fsync)": [floor, "--fsync", str(out), str(floor_bytes), *shards],
-            "floor (no fsync)": [floor, str(out), str(floor_bytes), *shards],
             "script": python_cmd(BIN_SCRIPT.format(out=str(out), shards=shards, mmap="",
                                                    dtype=torch_name)),
             "script (mmap=True)": python_cmd(BIN_SCRIPT.format(
                 out=str(out), shards=shards, mmap=", mmap=True", dtype=torch_name)),
-            "fastcast (CLI)": [
-                sys.executable, "-m", "fastcast.cli", "convert", str(model.path), "-o", str(out),
-                "--dtype", model.target, "--shard-size", model.out_shard_size, "--quiet",
-            ],
-            "fastcast (API)": python_cmd(
-                f"""
-                import fastcast
-                fastcast.convert({str(model.path)!r}, {model.target!r}, output={str(out)!r},
-                                 shard_size={model.out_shard_size!r}, progress=False)
-                """
-            ),
         }  # fmt: skip
     if model.quantize:
-        return {
-            "floor (fsync)": [floor, "--fsync", str(out), str(floor_bytes), *shards],
-            "floor (no fsync)": [floor, str(out), str(floor_bytes), *shards],
-            "script": python_cmd(QUANTIZE_SCRIPT.format(shards=shards, out=str(out))),
-            "fastcast (CLI)": [
-                sys.executable, "-m", "fastcast.cli", "convert", str(model.path), "-o", str(out),
-                "--dtype", model.target, "--shard-size", model.out_shard_size,
-                "--quantize", model.quantize, "--quiet",
-            ],
-            "fastcast (API)": python_cmd(
-                f"""
-                import fastcast
-                fastcast.convert({str(model.path)!r}, {model.target!r}, output={str(out)!r},
-                                 shard_size={model.out_shard_size!r},
-                                 quantize={model.quantize!r}, progress=False)
-                """
-            ),
-        }  # fmt: skip
+        return {"script": python_cmd(QUANTIZE_SCRIPT.format(shards=shards, out=str(out)))}
     usual = {
-        "floor (fsync)": [floor, "--fsync", str(out), str(floor_bytes), *shards],
-        "floor (no fsync)": [floor, str(out), str(floor_bytes), *shards],
         "script": python_cmd(
             f"""
             import torch, pathlib
@@ -246,38 +227,16 @@ def contenders(model: Model, out: Path, floor_bytes: int) -> dict[str, list[str]
                 save_file(state, str(out / pathlib.Path(f).name), metadata={{"format": "pt"}})
             """
         ),
-        "transformers": python_cmd(
+    }
+    if model.tensors is None:  # a flat checkpoint is not a model transformers can build
+        usual["transformers"] = python_cmd(
             f"""
             import torch, transformers
             m = transformers.AutoModelForCausalLM.from_pretrained(
                 {str(model.path)!r}, dtype=torch.{torch_name})
             m.save_pretrained({str(out)!r}, max_shard_size={model.out_shard_size!r})
             """
-        ),
-        "fastcast (CLI)": [
-            sys.executable,
-            "-m",
-            "fastcast.cli",
-            "convert",
-            str(model.path),
-            "-o",
-            str(out),
-            "--dtype",
-            model.target,
-            "--shard-size",
-            model.out_shard_size,
-            "--quiet",
-        ],
-        "fastcast (API)": python_cmd(
-            f"""
-            import fastcast
-            fastcast.convert({str(model.path)!r}, {model.target!r}, output={str(out)!r},
-                             shard_size={model.out_shard_size!r}, progress=False)
-            """
-        ),
-    }
-    if model.tensors is not None:  # not a model transformers can build
-        del usual["transformers"]
+        )
     return usual
 
 
