@@ -196,8 +196,14 @@ impl LossRule {
     }
 
     /// Count what casting `src` (little-endian elements of the rule's source
-    /// dtype) loses. Runs with AVX2 where the CPU has it.
+    /// dtype) loses. Runs with AVX-512 or AVX2 where the CPU has them: on a
+    /// cold 38 GB f32 -> bf16 run the AVX2 scan took more CPU than the cast.
     pub fn scan(&self, src: &[u8]) -> LossStats {
+        #[cfg(target_arch = "x86_64")]
+        if std::is_x86_feature_detected!("avx512f") && std::is_x86_feature_detected!("avx512bw") {
+            // SAFETY: the CPU has AVX-512F and BW, checked just above.
+            return unsafe { self.scan_avx512(src) };
+        }
         #[cfg(target_arch = "x86_64")]
         if std::is_x86_feature_detected!("avx2") {
             // SAFETY: the CPU has AVX2, checked just above.
@@ -210,6 +216,13 @@ impl LossRule {
     #[cfg(target_arch = "x86_64")]
     #[target_feature(enable = "avx2")]
     unsafe fn scan_avx2(&self, src: &[u8]) -> LossStats {
+        self.scan_portable(src)
+    }
+
+    /// [`LossRule::scan`] compiled for AVX-512 (BW for the 8- and 16-bit lanes).
+    #[cfg(target_arch = "x86_64")]
+    #[target_feature(enable = "avx512f,avx512bw")]
+    unsafe fn scan_avx512(&self, src: &[u8]) -> LossStats {
         self.scan_portable(src)
     }
 
@@ -478,6 +491,59 @@ mod tests {
         assert_eq!(stats.underflow, 2);
         assert_eq!((stats.nan_in, stats.inf_in), (1, 2));
         assert_eq!(stats.max_abs, f32::MAX as f64);
+    }
+
+    /// The vector builds of the scan (AVX2, AVX-512, where this CPU has them)
+    /// count exactly what the portable one and element-by-element scans do,
+    /// on long buffers of random bit patterns with every special value mixed in.
+    #[test]
+    fn every_scan_build_counts_the_same() {
+        let mut state = 0x9E37_79B9_7F4A_7C15u64;
+        let mut next = || {
+            state ^= state << 13;
+            state ^= state >> 7;
+            state ^= state << 17;
+            state
+        };
+        for from in CASTABLE {
+            let size = from.size();
+            let n = 70_001; // not a multiple of any lane count or BLOCK
+            let mut src = Vec::with_capacity(n * size);
+            for i in 0..n {
+                let bits = match i % 7 {
+                    0 => 0,
+                    1 => u64::MAX,                // NaN (all ones)
+                    2 => 1,                       // the smallest subnormal
+                    _ => next() >> (next() % 64), // every magnitude
+                };
+                src.extend_from_slice(&bits.to_le_bytes()[..size]);
+            }
+            for to in CASTABLE {
+                let rule = LossRule::new(from, to);
+                let portable = rule.scan_portable(&src);
+                let mut each = LossStats::default();
+                for e in src.chunks_exact(size) {
+                    each.merge(&rule.scan_portable(e));
+                }
+                assert_eq!(portable, each, "{from}->{to} portable vs per element");
+                #[cfg(target_arch = "x86_64")]
+                {
+                    if std::is_x86_feature_detected!("avx2") {
+                        // SAFETY: checked just above.
+                        let v = unsafe { rule.scan_avx2(&src) };
+                        assert_eq!(v, portable, "{from}->{to} avx2");
+                    }
+                    if std::is_x86_feature_detected!("avx512f")
+                        && std::is_x86_feature_detected!("avx512bw")
+                    {
+                        // SAFETY: checked just above.
+                        let v = unsafe { rule.scan_avx512(&src) };
+                        assert_eq!(v, portable, "{from}->{to} avx512");
+                    }
+                }
+                assert_eq!(rule.scan(&src), portable);
+            }
+        }
     }
 
     /// The rule must agree with the kernels element by element, for every
