@@ -16,7 +16,6 @@ use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Mutex;
 
-use memmap2::Mmap;
 use rayon::prelude::*;
 use serde::Deserialize;
 use xxhash_rust::xxh3::xxh3_64;
@@ -31,6 +30,9 @@ use crate::loss::{LossRule, LossStats};
 use crate::positional;
 use crate::quantize::{Fp8Blocks, Quantize};
 use crate::shard_file::{self, ShardFile};
+use input::Input;
+
+mod input;
 
 /// The plan format this build reads; see [`Plan::version`].
 pub const PLAN_VERSION: u32 = 1;
@@ -163,8 +165,8 @@ struct Job<'a> {
     from: DType,
     to: DType,
     src: &'a [u8],
-    /// The whole mapping `src` lies in (released pages must stay inside it).
-    map: &'a [u8],
+    /// The input `src` lies in (released pages must stay inside it).
+    map: &'a Input,
     /// Offset of the tensor's first byte in the output file.
     dst_start: u64,
     /// Elements of the output tensor.
@@ -207,7 +209,13 @@ impl Job<'_> {
                     blocks.block_rows_bytes(c.begin / per_block_row, c.end / per_block_row);
                 &self.src[at..at + len]
             }
-            _ => &self.src[span(self.from, c.begin) as usize..span(self.from, c.end) as usize],
+            // Through the map: a chunk of whole small tensors reads on into
+            // the ones after this (`chunks_of` checked they follow it).
+            _ => {
+                let at = self.src.as_ptr() as usize - self.map.as_ptr() as usize;
+                &self.map
+                    [at + span(self.from, c.begin) as usize..at + span(self.from, c.end) as usize]
+            }
         }
     }
 
@@ -237,10 +245,10 @@ impl Job<'_> {
         match &self.dequant {
             Some(d) if d.reads_whole_source() => {
                 if self.pending.fetch_sub(1, Ordering::AcqRel) == 1 {
-                    release_pages(self.src, self.map);
+                    input::release(self.src, self.map);
                 }
             }
-            _ => release_pages(self.src_of(c), self.map),
+            _ => input::release(self.src_of(c), self.map),
         }
     }
 
@@ -265,11 +273,28 @@ impl Job<'_> {
     }
 }
 
-/// One unit of parallel work: elements `[begin, end)` of a job.
+/// One unit of parallel work: elements `[begin, end)` of a job; or, when
+/// `last > job`, the whole jobs `job..=last`, small tensors of one dtype pair
+/// that follow each other in their input and in the output, cast, written and
+/// hashed as one (`end` then counts the elements of all of them).
 struct Chunk {
     job: usize,
     begin: u64,
     end: u64,
+    last: usize,
+}
+
+impl Chunk {
+    /// Count what casting `values` (this chunk's source) loses, tensor by tensor.
+    fn count_loss(&self, jobs: &[Job], values: &[u8]) {
+        if self.last == self.job {
+            return jobs[self.job].count_loss(values);
+        }
+        // A chunk of whole tensors: `values` is their sources, end to end.
+        for job in &jobs[self.job..=self.last] {
+            job.count_loss(job.src);
+        }
+    }
 }
 
 /// Bytes for `n` elements of `dtype` (sub-byte dtypes are only ever copied,
@@ -336,7 +361,10 @@ pub fn execute(plan: &Plan, opts: &ExecOptions, progress: &Progress) -> Result<E
                 break;
             }
             let (file, digest) = match write_shard(shard, header, jobs, opts, progress, stop) {
-                Ok(done) => done,
+                Ok(done) => {
+                    input::release_all(jobs.iter().map(|job| (job.map, job.src)));
+                    done
+                }
                 Err(e) => {
                     written = Err(e);
                     break;
@@ -469,7 +497,7 @@ pub fn scan(plan: &Plan, progress: &Progress) -> Result<Vec<(String, LossStats)>
                             loss.inspect(|l| job.add_loss(l));
                         })
                     }
-                    (None, None) => job.count_loss(job.src_of(c)),
+                    (None, None) => c.count_loss(&jobs, job.src_of(c)),
                 }
                 job.release(c);
                 progress
@@ -477,6 +505,7 @@ pub fn scan(plan: &Plan, progress: &Progress) -> Result<Vec<(String, LossStats)>
                     .fetch_add(job.src_done(c), Ordering::Relaxed);
                 Ok(())
             })?;
+        input::release_all(jobs.iter().map(|job| (job.map, job.src)));
         for job in &jobs {
             if job.rule.is_some() {
                 out.push((job.plan.name.clone(), job.loss()));
@@ -488,36 +517,15 @@ pub fn scan(plan: &Plan, progress: &Progress) -> Result<Vec<(String, LossStats)>
 
 /// Map every input read-only and check it still has the size it had when
 /// the plan was made.
-fn map_sources(sources: &[SourceFile]) -> Result<Vec<Mmap>> {
-    sources
-        .iter()
-        .map(|s| {
-            let file = File::open(&s.path).map_err(|e| Error::io(&s.path, e))?;
-            let len = file.metadata().map_err(|e| Error::io(&s.path, e))?.len();
-            if len != s.size {
-                return Err(Error::SourceChanged {
-                    path: s.path.clone(),
-                    expected: s.size,
-                    actual: len,
-                });
-            }
-            // SAFETY: the map is read-only. If another process truncates the
-            // file while we read it, access faults (SIGBUS) as with any
-            // mmap-based reader; the size check above catches the common case
-            // of a file replaced between planning and running.
-            let map = unsafe { Mmap::map(&file) }.map_err(|e| Error::io(&s.path, e))?;
-            #[cfg(unix)]
-            let _ = map.advise(memmap2::Advice::Sequential);
-            Ok(map)
-        })
-        .collect()
+fn map_sources(sources: &[SourceFile]) -> Result<Vec<Input>> {
+    sources.iter().map(Input::open).collect()
 }
 
 /// Check one shard's plan against itself and the inputs; build its header.
 fn check_shard<'a>(
     shard: &'a ShardPlan,
     plan: &Plan,
-    maps: &'a [Mmap],
+    maps: &'a [Input],
 ) -> Result<(Header, Vec<Job<'a>>)> {
     let bad = |problem: String| Error::Plan {
         path: shard.path.clone(),
@@ -597,9 +605,9 @@ fn check_shard<'a>(
         // For a quantized weight: the loss of rounding each W / s to e4m3
         // (counted by the quantizer, with the input's NaN and inf).
         let rule = match (&dequant, &quantize) {
-            (Some(_), _) | (_, Some(Quantizing::Weight(_))) => Some(LossRule::new(DType::F32, to)),
+            (Some(_), _) | (_, Some(Quantizing::Weight(_))) => Some(rule_for(DType::F32, to)),
             (_, Some(Quantizing::Scale { .. })) => None,
-            (None, None) => (from != to).then(|| LossRule::new(from, to)),
+            (None, None) => (from != to).then(|| rule_for(from, to)),
         };
         infos.push(TensorInfo {
             name: t.name.clone(),
@@ -643,6 +651,22 @@ fn check_shard<'a>(
     Ok((checked, jobs))
 }
 
+/// The loss rule of a dtype pair, found once per pair and thread (each is a
+/// bisection over the scalar kernels; a model of 100k tensors asked 100k times).
+fn rule_for(from: DType, to: DType) -> LossRule {
+    thread_local! {
+        static RULES: RefCell<Vec<((DType, DType), LossRule)>> = const { RefCell::new(Vec::new()) };
+    }
+    RULES.with_borrow_mut(|rules| {
+        if let Some((_, rule)) = rules.iter().find(|(pair, _)| *pair == (from, to)) {
+            return *rule;
+        }
+        let rule = LossRule::new(from, to);
+        rules.push(((from, to), rule));
+        rule
+    })
+}
+
 /// How tensor `t` is quantized from its source (`from`), checked: a weight's
 /// values are F8_E4M3 of its shape, its scales F32 of the block grid.
 fn quantizing<'a>(
@@ -681,7 +705,7 @@ fn quantizing<'a>(
 }
 
 /// The bytes of operand `op` (a scale...), checked to lie in its source.
-fn operand_bytes<'a>(op: &Operand, plan: &Plan, maps: &'a [Mmap]) -> Result<&'a [u8], String> {
+fn operand_bytes<'a>(op: &Operand, plan: &Plan, maps: &'a [Input]) -> Result<&'a [u8], String> {
     let map = maps
         .get(op.source)
         .ok_or_else(|| format!("operand {:?} names source {}", op.name, op.source))?;
@@ -706,9 +730,14 @@ fn operand_bytes<'a>(op: &Operand, plan: &Plan, maps: &'a [Mmap]) -> Result<&'a 
 /// `chunk_bytes`: one block-row of a very wide weight (128 rows of it, in
 /// f32, for `fp8`) is the smallest chunk that can be quantized.
 fn chunks_of(jobs: &[Job], chunk_bytes: usize) -> Vec<Chunk> {
-    let mut chunks = Vec::new();
+    let mut chunks: Vec<Chunk> = Vec::new();
     for i in run_order(jobs) {
         let job = &jobs[i];
+        if let Some(c) = chunks.last_mut().filter(|c| joins(jobs, c, i, chunk_bytes)) {
+            c.end += job.src.len() as u64 / job.from.size() as u64;
+            c.last = i;
+            continue;
+        }
         let (units, align, widest) = match (&job.dequant, &job.quantize) {
             (Some(d), _) => (job.numel, d.align(), job.to.size().max(4) as u64),
             // Each element's f32 value is held while its block is scaled.
@@ -730,13 +759,41 @@ fn chunks_of(jobs: &[Job], chunk_bytes: usize) -> Vec<Chunk> {
         let mut begin = 0;
         while begin < units {
             let end = (begin + per_chunk).min(units);
-            chunks.push(Chunk { job: i, begin, end });
+            chunks.push(Chunk {
+                job: i,
+                begin,
+                end,
+                last: i,
+            });
             begin = end;
         }
         job.pending
             .store((chunks.len() - first) as u64, Ordering::Release);
     }
     chunks
+}
+
+/// Whether job `i`, whole, can join chunk `c`: both plain casts or copies of
+/// the same dtypes, `c` whole tensors ending where `i` starts in the same
+/// input and in the output, and the two together within `chunk_bytes`. A
+/// model of 100k tiny tensors so costs a write, a hash and a cast call per
+/// chunk, not per tensor.
+fn joins(jobs: &[Job], c: &Chunk, i: usize, chunk_bytes: usize) -> bool {
+    let (head, tail, next) = (&jobs[c.job], &jobs[c.last], &jobs[i]);
+    let plain = |j: &Job| j.dequant.is_none() && j.quantize.is_none() && j.from.bits() >= 8;
+    let widest = head.from.size().max(head.to.size()) as u64;
+    let units = next.src.len() as u64 / next.from.size().max(1) as u64;
+    i == c.last + 1
+        && c.begin == 0
+        && plain(head)
+        && plain(next)
+        && (next.from, next.to) == (head.from, head.to)
+        && std::ptr::eq(next.map, head.map)
+        && tail.src.as_ptr_range().end == next.src.as_ptr()
+        // `c` is whole: it ends where `tail` ends.
+        && head.dst_start + span(head.to, c.end) == tail.dst_start + span(tail.to, tail.numel)
+        && tail.dst_start + span(tail.to, tail.numel) == next.dst_start
+        && (c.end + units) * widest <= chunk_bytes as u64
 }
 
 /// The order jobs run in: plan order, each weight's scales right after it
@@ -849,7 +906,7 @@ fn write_shard(
                     })?
                 };
                 // The values are still in cache: counting is nearly free.
-                job.count_loss(values);
+                c.count_loss(jobs, values);
                 Ok(hash)
             };
             let hash = match (&job.dequant, &job.quantize) {
@@ -876,77 +933,6 @@ fn write_shard(
     hashes.sort_unstable();
     Ok((out, combine_digest(&header_bytes, &hashes)))
 }
-
-/// Unmap the pages of an input range we are done with. The data stays in the
-/// page cache (re-reads are cheap) but leaves our resident set, so RSS stays
-/// flat however large the model, and the pages are easy to reclaim under
-/// memory pressure. Safe for a read-only file mapping: a page touched again
-/// is simply faulted back in.
-///
-/// A range of [`RELEASE_BLOCK`] or more goes with [`FAULT_AROUND`] bytes
-/// behind it: reading a page maps its cached neighbours in the same aligned
-/// window ("fault-around"), pages of finished data included. Smaller ranges
-/// (a model of 100k tiny tensors) release nothing themselves: the one that
-/// crosses a block boundary of the mapping releases the whole block behind
-/// it. One madvise per tiny tensor cost a TLB shootdown on every core each
-/// (and split huge pages), about a third of the run; now it is one per 2 MiB.
-/// A neighbour still being read just faults its pages back in.
-#[cfg(target_os = "linux")]
-fn release_pages(range: &[u8], map: &[u8]) {
-    static PAGE: std::sync::OnceLock<usize> = std::sync::OnceLock::new();
-    // SAFETY: sysconf has no preconditions.
-    let page = *PAGE.get_or_init(|| match unsafe { libc::sysconf(libc::_SC_PAGESIZE) } {
-        n if n > 0 => n as usize,
-        _ => 4096,
-    });
-    if range.is_empty() {
-        return;
-    }
-    let base = map.as_ptr() as usize;
-    let start = range.as_ptr() as usize;
-    let end = start + range.len();
-    let (lo, hi) = if range.len() >= RELEASE_BLOCK {
-        (start.saturating_sub(FAULT_AROUND), end)
-    } else {
-        let boundary = base + (end - base) / RELEASE_BLOCK * RELEASE_BLOCK;
-        if boundary <= start.max(base) {
-            return; // no block boundary inside this range
-        }
-        (
-            boundary.saturating_sub(RELEASE_BLOCK + FAULT_AROUND),
-            boundary,
-        )
-    };
-    let first = lo.max(base) / page * page;
-    let last = (hi.div_ceil(page) * page).min((base + map.len()).div_ceil(page) * page);
-    if last > first {
-        // SAFETY: [first, last) lies in `map`'s pages (a mapping is whole
-        // pages from a page-aligned base), a live read-only file mapping;
-        // MADV_DONTNEED only drops our page-table entries for it, and later
-        // reads fault the same file data back in.
-        unsafe {
-            libc::madvise(
-                first as *mut libc::c_void,
-                last - first,
-                libc::MADV_DONTNEED,
-            );
-        }
-    }
-}
-
-/// How far behind a released range pages are released too: Linux's default
-/// `fault_around_bytes`.
-#[cfg(target_os = "linux")]
-const FAULT_AROUND: usize = 64 << 10;
-
-/// Ranges smaller than this are released a block at a time (see
-/// [`release_pages`]).
-#[cfg(target_os = "linux")]
-const RELEASE_BLOCK: usize = 2 << 20;
-
-/// Off Linux, nothing: the OS reclaims clean mapped file pages on its own terms.
-#[cfg(not(target_os = "linux"))]
-fn release_pages(_range: &[u8], _map: &[u8]) {}
 
 #[cfg(test)]
 mod tests;

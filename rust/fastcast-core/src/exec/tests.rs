@@ -778,3 +778,149 @@ fn a_failed_commit_stops_the_workers_and_is_the_error() {
         .collect();
     assert_eq!(left.len(), 2, "only the input and the folder: {left:?}");
 }
+
+/// Many tiny f32 tensors, end to end in the input; `step` (i64) in the middle.
+/// Returns the plan (all to F16, `step` copied) and each tensor's values.
+fn tiny_tensors(dir: &Path, count: usize, per: usize) -> (Plan, Vec<Vec<f32>>) {
+    let mut tensors = Vec::new();
+    let mut values = Vec::new();
+    let mut at = 0u64;
+    for i in 0..count {
+        // Tensor i holds i values beyond f16's range (overflow counts differ).
+        let v: Vec<f32> = (0..per)
+            .map(|k| {
+                if k < i % per {
+                    1e6
+                } else {
+                    (k as f32 * 0.1 + i as f32).sin()
+                }
+            })
+            .collect();
+        let len = 4 * per as u64;
+        tensors.push(TensorInfo {
+            name: format!("t{i}"),
+            dtype: DType::F32,
+            shape: vec![per as u64],
+            data_offsets: (at, at + len),
+        });
+        at += len;
+        values.push(v);
+        if i == count / 2 {
+            tensors.push(TensorInfo {
+                name: "step".into(),
+                dtype: DType::I64,
+                shape: vec![],
+                data_offsets: (at, at + 8),
+            });
+            at += 8;
+        }
+    }
+    let header = Header {
+        metadata: None,
+        tensors,
+        header_len: 0,
+    };
+    let mut bytes = header.to_bytes();
+    let start = bytes.len() as u64;
+    for (i, v) in values.iter().enumerate() {
+        bytes.extend(v.iter().flat_map(|x| x.to_le_bytes()));
+        if i == count / 2 {
+            bytes.extend(7i64.to_le_bytes());
+        }
+    }
+    let src = dir.join("tiny.safetensors");
+    fs::write(&src, &bytes).unwrap();
+    let mut plans = Vec::new();
+    let mut dst = 0u64;
+    for t in &header.tensors {
+        let (dtype, out) = if t.dtype == DType::I64 {
+            ("I64", 8)
+        } else {
+            ("F16", 2 * per as u64)
+        };
+        plans.push(TensorPlan {
+            name: t.name.clone(),
+            shape: t.shape.clone(),
+            source: 0,
+            src_dtype: t.dtype.to_string(),
+            dst_dtype: dtype.into(),
+            src_offsets: (start + t.data_offsets.0, start + t.data_offsets.1),
+            dst_offsets: (dst, dst + out),
+            dequant: None,
+            quantize: None,
+        });
+        dst += out;
+    }
+    let plan = Plan {
+        version: PLAN_VERSION,
+        sources: sources_of(&[src]),
+        shards: vec![ShardPlan {
+            name: "out.safetensors".into(),
+            path: dir.join("out.safetensors"),
+            metadata: None,
+            tensors: plans,
+        }],
+    };
+    (plan, values)
+}
+
+#[test]
+fn tiny_tensors_run_in_shared_chunks_with_their_own_losses() {
+    let dir = Scratch::new("tiny");
+    let (plan, values) = tiny_tensors(&dir.0, 301, 7);
+    let maps = map_sources(&plan.sources).unwrap();
+    let (_, jobs) = check_shard(&plan.shards[0], &plan, &maps).unwrap();
+    // 28-byte tensors in 1 KiB chunks: about 36 to a chunk, split where the
+    // i64 `step` (another dtype pair) sits.
+    let chunks = chunks_of(&jobs, 1024);
+    assert!(chunks.len() < 20, "{} chunks for 302 tensors", chunks.len());
+    let step = jobs.iter().position(|j| j.plan.name == "step").unwrap();
+    assert!(chunks.iter().any(|c| c.job == step && c.last == step));
+    let covered: usize = chunks.iter().map(|c| c.last + 1 - c.job).sum();
+    assert_eq!(covered, jobs.len(), "every tensor in exactly one chunk");
+
+    for chunk_bytes in [1024, 1 << 20, 28] {
+        let opts = ExecOptions {
+            chunk_bytes,
+            ..ExecOptions::default()
+        };
+        let out = &plan.shards[0].path;
+        let stats = execute(&plan, &opts, &Progress::default()).unwrap();
+        // Each tensor's own loss: tensor i has i % 7 values beyond f16.
+        assert_eq!(stats.losses.len(), 301);
+        for (name, loss) in &stats.losses {
+            let i: usize = name[1..].parse().unwrap();
+            assert_eq!(
+                (loss.elements, loss.overflow),
+                (7, (i % 7) as u64),
+                "{name}"
+            );
+        }
+        // The bytes are each tensor cast on its own.
+        let bytes = fs::read(out).unwrap();
+        let header = Header::parse(out, &bytes).unwrap();
+        let data = &bytes[header.data_start() as usize..];
+        for (t, v) in header
+            .tensors
+            .iter()
+            .filter(|t| t.name != "step")
+            .zip(&values)
+        {
+            let src: Vec<u8> = v.iter().flat_map(|x| x.to_le_bytes()).collect();
+            let mut want = vec![0u8; src.len() / 2];
+            cast::cast(&src, DType::F32, &mut want, DType::F16, &opts.cast).unwrap();
+            let (a, b) = t.data_offsets;
+            assert_eq!(&data[a as usize..b as usize], &want[..], "{}", t.name);
+        }
+        let s = header.tensors.iter().find(|t| t.name == "step").unwrap();
+        assert_eq!(
+            &data[s.data_offsets.0 as usize..s.data_offsets.1 as usize],
+            &7i64.to_le_bytes()
+        );
+        // The digest a resume recomputes is the one the run recorded.
+        assert_eq!(
+            shard_digest(&plan, 0, chunk_bytes).unwrap(),
+            stats.shards[0].digest
+        );
+    }
+}

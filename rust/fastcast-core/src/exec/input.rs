@@ -1,0 +1,257 @@
+//! The inputs of a run: each file mapped read-only, and which parts of it the
+//! page cache held when the run began, so that the pages the run itself
+//! brought in can be dropped behind it.
+//!
+//! Why drop them: converting a model larger than RAM from a cold cache, the
+//! input's pages fill the page cache within seconds, and from then on every
+//! fault waits for the kernel to reclaim a page first. The same run inside a
+//! 1 GiB memory cgroup (which reclaims early, in small batches) was 1.2x
+//! faster than uncapped. Dropping what we read once, and only that, leaves
+//! the page cache as we found it: an input that was cached stays cached.
+
+use std::fs::File;
+use std::ops::Deref;
+
+use memmap2::Mmap;
+
+use super::SourceFile;
+use crate::error::{Error, Result};
+
+/// An input file, mapped.
+pub(super) struct Input {
+    map: Mmap,
+    #[cfg_attr(not(target_os = "linux"), allow(dead_code))]
+    file: File,
+    /// One bit per [`BLOCK`] of the file: set where the page cache held any
+    /// page of it when the file was opened. Those blocks are never dropped.
+    #[cfg_attr(not(target_os = "linux"), allow(dead_code))]
+    cached: Vec<u64>,
+}
+
+/// The granularity of "was it cached before we came": 2 MiB, the size of a
+/// huge page and of the blocks small ranges are released in.
+pub(super) const BLOCK: usize = 2 << 20;
+
+impl Deref for Input {
+    type Target = [u8];
+
+    fn deref(&self) -> &[u8] {
+        &self.map
+    }
+}
+
+impl Input {
+    /// Map `source` read-only and check it still has the size it had when the
+    /// plan was made; note which of its blocks the page cache holds.
+    pub(super) fn open(source: &SourceFile) -> Result<Input> {
+        let file = File::open(&source.path).map_err(|e| Error::io(&source.path, e))?;
+        let len = file
+            .metadata()
+            .map_err(|e| Error::io(&source.path, e))?
+            .len();
+        if len != source.size {
+            return Err(Error::SourceChanged {
+                path: source.path.clone(),
+                expected: source.size,
+                actual: len,
+            });
+        }
+        // SAFETY: the map is read-only. If another process truncates the
+        // file while we read it, access faults (SIGBUS) as with any
+        // mmap-based reader; the size check above catches the common case of
+        // a file replaced between planning and running.
+        let map = unsafe { Mmap::map(&file) }.map_err(|e| Error::io(&source.path, e))?;
+        #[cfg(unix)]
+        let _ = map.advise(memmap2::Advice::Sequential);
+        let cached = cached_blocks(&map);
+        Ok(Input { map, file, cached })
+    }
+
+    /// Whether block `b` was (partly) in the page cache when we opened the file.
+    #[cfg_attr(not(target_os = "linux"), allow(dead_code))]
+    fn was_cached(&self, b: usize) -> bool {
+        self.cached
+            .get(b / 64)
+            .is_none_or(|word| word & (1 << (b % 64)) != 0)
+    }
+}
+
+/// Which [`BLOCK`]s of `map` have a page in the page cache (`mincore`, a
+/// window at a time); all of them where that cannot be told, so that nothing
+/// is dropped.
+#[cfg(target_os = "linux")]
+fn cached_blocks(map: &[u8]) -> Vec<u64> {
+    let page = page_size();
+    let blocks = map.len().div_ceil(BLOCK);
+    let mut bits = vec![0u64; blocks.div_ceil(64)];
+    const WINDOW: usize = 1 << 30;
+    let mut vec = Vec::new();
+    for start in (0..map.len()).step_by(WINDOW) {
+        let len = WINDOW.min(map.len() - start);
+        vec.resize(len.div_ceil(page), 0u8);
+        // SAFETY: [start, start + len) lies in the live mapping, whose base is
+        // page-aligned (so is `start`, a multiple of WINDOW); `vec` holds one
+        // byte per page of it, as mincore requires.
+        let ok = unsafe {
+            libc::mincore(
+                map.as_ptr().add(start) as *mut libc::c_void,
+                len,
+                vec.as_mut_ptr(),
+            )
+        } == 0;
+        for (i, &v) in vec.iter().enumerate() {
+            if !ok || v & 1 != 0 {
+                let b = (start + i * page) / BLOCK;
+                bits[b / 64] |= 1 << (b % 64);
+            }
+        }
+    }
+    bits
+}
+
+#[cfg(not(target_os = "linux"))]
+fn cached_blocks(_map: &[u8]) -> Vec<u64> {
+    Vec::new()
+}
+
+#[cfg(target_os = "linux")]
+fn page_size() -> usize {
+    static PAGE: std::sync::OnceLock<usize> = std::sync::OnceLock::new();
+    // SAFETY: sysconf has no preconditions.
+    *PAGE.get_or_init(|| match unsafe { libc::sysconf(libc::_SC_PAGESIZE) } {
+        n if n > 0 => n as usize,
+        _ => 4096,
+    })
+}
+
+/// Done with `range` of `input`: unmap its pages, and drop from the page
+/// cache those the run brought in. Unmapped data stays in the page cache
+/// (re-reads are cheap) but leaves our resident set, so RSS stays flat
+/// however large the model. Safe for a read-only file mapping: a page touched
+/// again is simply faulted back in (from the disk, if it was dropped).
+///
+/// A range of [`BLOCK`] or more is unmapped with [`FAULT_AROUND`] bytes
+/// behind it: reading a page maps its cached neighbours in the same aligned
+/// window ("fault-around"), pages of finished data included. Smaller ranges
+/// (a model of 100k tiny tensors) release nothing themselves: the one that
+/// crosses a block boundary of the mapping releases the whole block behind
+/// it. One madvise per tiny tensor cost a TLB shootdown on every core each
+/// (and split huge pages), about a third of the run; now it is one per 2 MiB.
+/// A neighbour still being read just faults its pages back in.
+///
+/// Only whole pages of the range itself are dropped from the cache (not the
+/// fault-around bytes behind it, which another thread may not have read yet).
+#[cfg(target_os = "linux")]
+pub(super) fn release(range: &[u8], input: &Input) {
+    if range.is_empty() {
+        return;
+    }
+    let page = page_size();
+    let base = input.map.as_ptr() as usize;
+    let start = range.as_ptr() as usize;
+    let end = start + range.len();
+    let (lo, hi, drop_from) = if range.len() >= BLOCK {
+        (start.saturating_sub(FAULT_AROUND), end, start)
+    } else {
+        let boundary = base + (end - base) / BLOCK * BLOCK;
+        if boundary <= start.max(base) {
+            return; // no block boundary inside this range
+        }
+        let lo = boundary.saturating_sub(BLOCK + FAULT_AROUND);
+        (lo, boundary, boundary.saturating_sub(BLOCK))
+    };
+    let first = lo.max(base) / page * page;
+    let last = (hi.div_ceil(page) * page).min((base + input.map.len()).div_ceil(page) * page);
+    if last <= first {
+        return;
+    }
+    // SAFETY: [first, last) lies in the map's pages (a mapping is whole pages
+    // from a page-aligned base), a live read-only file mapping; MADV_DONTNEED
+    // only drops our page-table entries for it, and later reads fault the same
+    // file data back in.
+    unsafe {
+        libc::madvise(
+            first as *mut libc::c_void,
+            last - first,
+            libc::MADV_DONTNEED,
+        );
+    }
+    let from = drop_from.max(base).div_ceil(page) * page - base;
+    let to = (hi.min(base + input.map.len()) - base) / page * page;
+    drop_behind(input, from, to);
+}
+
+/// Done with a shard: drop from the page cache the blocks its sources (in
+/// `ranges`, slices of the inputs) cover, those the run brought in. This
+/// takes the pages [`release`] leaves: the page cache holds large folios (up
+/// to 2 MiB here), and one that straddles two chunks is dropped by neither,
+/// being only partly inside each; a quarter of a cold 38 GB input stayed
+/// cached so. The next shard's reading has not begun, so whole blocks can go.
+#[cfg(target_os = "linux")]
+pub(super) fn release_all<'a>(ranges: impl IntoIterator<Item = (&'a Input, &'a [u8])>) {
+    let mut span: Option<(&Input, usize, usize)> = None;
+    let flush = |(input, lo, hi): (&Input, usize, usize)| {
+        let to = (hi.div_ceil(BLOCK) * BLOCK).min(input.map.len());
+        drop_behind(input, lo / BLOCK * BLOCK, to);
+    };
+    for (input, range) in ranges {
+        let lo = range.as_ptr() as usize - input.map.as_ptr() as usize;
+        let hi = lo + range.len();
+        span = match span {
+            Some((i, a, b)) if std::ptr::eq(i, input) && lo <= b.next_multiple_of(BLOCK) => {
+                Some((i, a.min(lo), b.max(hi)))
+            }
+            Some(done) => {
+                flush(done);
+                Some((input, lo, hi))
+            }
+            None => Some((input, lo, hi)),
+        };
+    }
+    if let Some(done) = span {
+        flush(done);
+    }
+}
+
+#[cfg(not(target_os = "linux"))]
+pub(super) fn release_all<'a>(_ranges: impl IntoIterator<Item = (&'a Input, &'a [u8])>) {}
+
+/// Drop file bytes `[from, to)` of `input` from the page cache, except the
+/// blocks that were cached before the run.
+#[cfg(target_os = "linux")]
+fn drop_behind(input: &Input, from: usize, to: usize) {
+    use std::os::fd::AsRawFd;
+    let mut at = from;
+    while at < to {
+        let block_end = ((at / BLOCK + 1) * BLOCK).min(to);
+        if input.was_cached(at / BLOCK) {
+            at = block_end;
+            continue;
+        }
+        // Extend over the following blocks that were not cached either.
+        let mut end = block_end;
+        while end < to && !input.was_cached(end / BLOCK) {
+            end = ((end / BLOCK + 1) * BLOCK).min(to);
+        }
+        // SAFETY: an advisory syscall on a descriptor we own; it drops only
+        // clean pages no one maps, which later reads fetch again.
+        unsafe {
+            libc::posix_fadvise(
+                input.file.as_raw_fd(),
+                at as libc::off64_t,
+                (end - at) as libc::off64_t,
+                libc::POSIX_FADV_DONTNEED,
+            );
+        }
+        at = end;
+    }
+}
+
+/// How far behind a released range pages are unmapped too: Linux's default
+/// `fault_around_bytes`.
+#[cfg(target_os = "linux")]
+const FAULT_AROUND: usize = 64 << 10;
+
+/// Off Linux, nothing: the OS reclaims clean mapped file pages on its own terms.
+#[cfg(not(target_os = "linux"))]
+pub(super) fn release(_range: &[u8], _input: &Input) {}
