@@ -1,17 +1,25 @@
 //! The I/O floor for the conversion benchmark: what any converter must at
 //! least do, with no cast and no layout work.
 //!
-//!     io_floor [--fsync] [--threads N] OUT_DIR OUT_BYTES INPUT...
+//!     io_floor [--fsync] [--stream] [--threads N] OUT_DIR OUT_BYTES INPUT...
 //!
 //! Maps every input, reads every byte (a sum, so the reads cannot be
 //! skipped), and writes OUT_BYTES bytes spread over output files in OUT_DIR
 //! (one per input, in proportion), in parallel 8 MiB chunks with pwrite, then
 //! optionally fsyncs them. Prints the checksum so the reads stay live.
+//!
+//! `--stream` does the same I/O the way fastcast's executor does it on a
+//! model larger than RAM: each input chunk, once summed, is unmapped and
+//! dropped from the page cache, and the outputs are written through
+//! [`ShardFile`] (writeback started as chunks land, a bounded window of dirty
+//! pages, written pages dropped). Without it the page cache fills with the
+//! input and every later read waits for reclaim: a floor fastcast can beat.
 
 use std::fs::{File, OpenOptions};
 use std::path::PathBuf;
 
 use fastcast_core::positional::write_all_at;
+use fastcast_core::shard_file::ShardFile;
 use memmap2::Mmap;
 use rayon::prelude::*;
 
@@ -20,9 +28,10 @@ const CHUNK: usize = 8 << 20;
 fn main() {
     let mut args: Vec<String> = std::env::args().skip(1).collect();
     let fsync = take_flag(&mut args, "--fsync");
+    let stream = take_flag(&mut args, "--stream");
     let threads = take_value(&mut args, "--threads");
     if args.len() < 3 {
-        eprintln!("usage: io_floor [--fsync] [--threads N] OUT_DIR OUT_BYTES INPUT...");
+        eprintln!("usage: io_floor [--fsync] [--stream] [--threads N] OUT_DIR OUT_BYTES INPUT...");
         std::process::exit(2);
     }
     if let Some(n) = threads {
@@ -36,24 +45,32 @@ fn main() {
     let inputs: Vec<PathBuf> = args[2..].iter().map(PathBuf::from).collect();
     std::fs::create_dir_all(&out_dir).expect("output folder");
 
-    let maps: Vec<Mmap> = inputs
+    let files: Vec<File> = inputs
         .iter()
-        .map(|p| {
-            let f = File::open(p).expect("input");
-            // SAFETY: read-only map of a file nobody modifies during the run.
-            unsafe { Mmap::map(&f) }.expect("map")
-        })
+        .map(|p| File::open(p).expect("input"))
+        .collect();
+    let maps: Vec<Mmap> = files
+        .iter()
+        // SAFETY: read-only map of a file nobody modifies during the run.
+        .map(|f| unsafe { Mmap::map(f) }.expect("map"))
         .collect();
     let in_total: u64 = maps.iter().map(|m| m.len() as u64).sum();
     let ratio = out_bytes as f64 / in_total.max(1) as f64;
-    let outputs: Vec<File> = (0..maps.len())
+    let share = |i: usize| (maps[i].len() as f64 * ratio) as u64;
+    let outputs: Vec<Output> = (0..maps.len())
         .map(|i| {
-            OpenOptions::new()
-                .write(true)
-                .create(true)
-                .truncate(true)
-                .open(out_dir.join(format!("floor-{i:05}.bin")))
-                .expect("output")
+            let path = out_dir.join(format!("floor-{i:05}.bin"));
+            if stream {
+                return Output::Streamed(ShardFile::create(&path, share(i)).expect("output"));
+            }
+            Output::Plain(
+                OpenOptions::new()
+                    .write(true)
+                    .create(true)
+                    .truncate(true)
+                    .open(path)
+                    .expect("output"),
+            )
         })
         .collect();
     let zeros = vec![0u8; CHUNK];
@@ -79,17 +96,20 @@ fn main() {
             let mut at = out_off;
             while at < out_end {
                 let n = ((out_end - at) as usize).min(CHUNK);
-                write_all_at(&outputs[i], &zeros[..n], at).expect("write");
+                outputs[i].write(&zeros[..n], at);
                 at += n as u64;
+            }
+            if stream {
+                drop_behind(&files[i], offset, chunk);
             }
             sum
         })
         .reduce(|| 0, u64::wrapping_add);
-    if fsync {
-        outputs
-            .par_iter()
-            .for_each(|f| f.sync_all().expect("fsync"));
-    }
+    outputs.into_par_iter().for_each(|out| match out {
+        Output::Plain(f) if fsync => f.sync_all().expect("fsync"),
+        Output::Plain(_) => {}
+        Output::Streamed(f) => f.commit(fsync).expect("commit"),
+    });
     println!("{checksum:x}");
 }
 
@@ -106,3 +126,47 @@ fn take_value(args: &mut Vec<String>, flag: &str) -> Option<usize> {
     args.remove(i);
     Some(args.remove(i).parse().expect("a number"))
 }
+
+/// An output file: written plainly, or as fastcast's executor writes shards.
+enum Output {
+    Plain(File),
+    Streamed(ShardFile),
+}
+
+impl Output {
+    fn write(&self, bytes: &[u8], at: u64) {
+        match self {
+            Output::Plain(f) => write_all_at(f, bytes, at).expect("write"),
+            Output::Streamed(f) => {
+                f.write_at(bytes, at).expect("write");
+                f.written(at, bytes.len() as u64);
+            }
+        }
+    }
+}
+
+/// Unmap `chunk` (bytes `offset..` of `file`, page-aligned in its map) and
+/// drop it from the page cache.
+#[cfg(target_os = "linux")]
+fn drop_behind(file: &File, offset: usize, chunk: &[u8]) {
+    use std::os::fd::AsRawFd;
+    // SAFETY: `chunk` starts page-aligned (a multiple of CHUNK into a map) in
+    // a live read-only file mapping; dropping our page-table entries and the
+    // clean cached pages only makes later reads fault them back in.
+    unsafe {
+        libc::madvise(
+            chunk.as_ptr() as *mut libc::c_void,
+            chunk.len(),
+            libc::MADV_DONTNEED,
+        );
+        libc::posix_fadvise(
+            file.as_raw_fd(),
+            offset as libc::off64_t,
+            chunk.len() as libc::off64_t,
+            libc::POSIX_FADV_DONTNEED,
+        );
+    }
+}
+
+#[cfg(not(target_os = "linux"))]
+fn drop_behind(_file: &File, _offset: usize, _chunk: &[u8]) {}
