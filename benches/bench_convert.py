@@ -91,6 +91,8 @@ class Sample:
     peak_rss: int
     peak_anon: int
     code: int
+    #: Bytes the command read from storage (page-cache misses), from ru_inblock.
+    read: int = 0
 
 
 @dataclass
@@ -136,7 +138,8 @@ def measure(cmd: list[str], cgroup: Path | None = None) -> Sample:
     if code != 0 and cgroup is None:
         sys.exit(f"benchmark command failed ({code}): {' '.join(cmd)}\n{err[-2000:]}")
     # ru_maxrss is not used: across fork+exec it can report the parent's figure.
-    return Sample(wall, usage.ru_utime + usage.ru_stime, peak_rss, peak_anon, code)
+    cpu = usage.ru_utime + usage.ru_stime
+    return Sample(wall, cpu, peak_rss, peak_anon, code, usage.ru_inblock * 512)
 
 
 def python_cmd(code: str) -> list[str]:
