@@ -54,10 +54,12 @@ from bench_convert import (
     HERE,
     RESULTS,
     ROOT,
+    Model,
     Row,
+    contenders,
+    inputs,
     make_cgroup,
     measure,
-    python_cmd,
     remove_cgroup,
 )
 
@@ -80,10 +82,6 @@ def mem_total() -> int:
         if line.startswith("MemTotal:"):
             return int(line.split()[1]) * 1024
     raise SystemExit("no MemTotal in /proc/meminfo")
-
-
-def inputs(model: Path) -> list[Path]:
-    return sorted(model.glob("*.safetensors"))
 
 
 def resident(paths: list[Path]) -> int:
@@ -126,29 +124,17 @@ def empty_cache(paths: list[Path]) -> str:
     return "fadvise"
 
 
-def commands(model: Path, out: Path, out_bytes: int) -> dict[str, list[str]]:
-    shards = [str(p) for p in inputs(model)]
-    floor = str(ROOT / "target" / "release" / "examples" / "io_floor")
+def commands(model: Model, out: Path, out_bytes: int) -> dict[str, list[str]]:
+    """What bench_convert runs for ``model`` (the floor, fastcast's CLI, the per-shard
+    script), and the floor with ``--stream``."""
+    usual = contenders(model, out, out_bytes)
+    floor = usual["floor (fsync)"]
     return {
-        "floor (fsync)": [floor, "--fsync", str(out), str(out_bytes), *shards],
-        "floor (fsync, streaming)": [
-            floor, "--fsync", "--stream", str(out), str(out_bytes), *shards
-        ],
-        "fastcast": [
-            sys.executable, "-m", "fastcast.cli", "convert", str(model), "-o", str(out),
-            "--dtype", "bf16", "--shard-size", OUT_SHARD, "--quiet",
-        ],
-        "script": python_cmd(
-            f"""
-            import torch, pathlib
-            from safetensors.torch import load_file, save_file
-            out = pathlib.Path({str(out)!r}); out.mkdir(parents=True, exist_ok=True)
-            for f in {shards!r}:
-                state = {{k: v.to(torch.bfloat16) for k, v in load_file(f).items()}}
-                save_file(state, str(out / pathlib.Path(f).name), metadata={{"format": "pt"}})
-            """
-        ),
-    }  # fmt: skip
+        "floor (fsync)": floor,
+        "floor (fsync, streaming)": [floor[0], "--stream", *floor[1:]],
+        "fastcast": usual["fastcast (CLI)"],
+        "script": usual["script"],
+    }
 
 
 def digests(out: Path) -> dict[str, str]:
@@ -182,7 +168,9 @@ def kill_at_journal(cmd: list[str], journal: Path, shards: int) -> int:
     return journal.read_text().count("\n")
 
 
-def run(model: Path, repeats: int, cap: int) -> tuple[list[str], dict[str, list[dict[str, float]]]]:
+def run(
+    model: Model, repeats: int, cap: int
+) -> tuple[list[str], dict[str, list[dict[str, float]]]]:
     out = CACHE / "out-cold"
     total_in = sum(p.stat().st_size for p in inputs(model))
     cmds = commands(model, out, total_in // 2)
@@ -256,7 +244,7 @@ def run(model: Path, repeats: int, cap: int) -> tuple[list[str], dict[str, list[
 
 
 def run_resume(
-    cmd: list[str], model: Path, out: Path, fresh: dict[str, str]
+    cmd: list[str], model: Model, out: Path, fresh: dict[str, str]
 ) -> Callable[[float], list[str]]:
     """SIGKILL at 90% of the output shards, empty the cache, time the resumed run."""
     shards = len([k for k in fresh if k.endswith(".safetensors")])
@@ -286,7 +274,7 @@ def run_resume(
     return lines
 
 
-def resume_only(model: Path) -> tuple[list[str], dict[str, list[dict[str, float]]]]:
+def resume_only(model: Model) -> tuple[list[str], dict[str, list[dict[str, float]]]]:
     """A fresh cold run of the CLI, then the resume scenario against it."""
     out = CACHE / "out-cold"
     cmd = commands(model, out, 0)["fastcast"]
@@ -308,10 +296,10 @@ def main() -> None:
     )
     args = parser.parse_args()
     size = int(args.scale * mem_total() / 1e9 + 0.999)
-    model = CACHE / f"cold-llama-{size}GB"
+    model = Model("cold-llama", "llama", f"{size}GB", "fp32", SHARD, "BF16", OUT_SHARD)
     CACHE.mkdir(exist_ok=True)
     have = shutil.disk_usage(CACHE).free
-    made = (model / "config.json").exists()
+    made = (model.path / "config.json").exists()
     need = (0 if made else size * 10**9) + size * 10**9 // 2 + SPARE
     if have < need:
         print(f"bench_cold: skipped: needs {need / 1e9:.0f} GB free in {CACHE} "
@@ -324,7 +312,7 @@ def main() -> None:
     )  # fmt: skip
     if not made:
         subprocess.run(
-            [sys.executable, str(HERE / "make_model.py"), str(model), "--arch", "llama",
+            [sys.executable, str(HERE / "make_model.py"), str(model.path), "--arch", "llama",
              "--size", f"{size}GB", "--dtype", "fp32", "--shard-size", SHARD],
             check=True,
         )  # fmt: skip
