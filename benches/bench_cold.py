@@ -22,8 +22,8 @@ run, so a cache that could not be emptied shows. Interleaved, per repeat:
   script            per shard: safetensors load_file -> .to(bf16) -> save_file (no
                     fsync; it takes the whole shard in memory)
 
-then once: a resume. fastcast is SIGKILLed as soon as its journal holds 90% of the
-output shards, the cache is emptied, and the resumed run is timed, with the bytes it
+then once: a resume. fastcast is SIGKILLed once it has written 90% of the output's
+bytes (``wchar``), the cache is emptied, and the resumed run is timed, with the bytes it
 read from the disk (ru_inblock); its output must be byte-identical (SHA-256 of every
 output file) to the fresh run's. ``--resume-only`` runs one fresh run and this.
 
@@ -45,7 +45,6 @@ import signal
 import subprocess
 import sys
 import time
-from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
@@ -137,8 +136,8 @@ def commands(model: Model, out: Path, out_bytes: int) -> dict[str, list[str]]:
     }
 
 
-def digests(out: Path) -> dict[str, str]:
-    """SHA-256 of every file under ``out`` (staging excluded), by relative path."""
+def digests(out: Path) -> dict[str, tuple[int, str]]:
+    """Size and SHA-256 of every file under ``out`` (staging excluded), by relative path."""
     found = {}
     for p in sorted(out.rglob("*")):
         if p.is_file() and ".fastcast-staging" not in p.parts:
@@ -146,26 +145,46 @@ def digests(out: Path) -> dict[str, str]:
             with open(p, "rb") as f:
                 while block := f.read(16 << 20):
                     h.update(block)
-            found[str(p.relative_to(out))] = h.hexdigest()
+            found[str(p.relative_to(out))] = (p.stat().st_size, h.hexdigest())
     return found
 
 
-def kill_at_journal(cmd: list[str], journal: Path, shards: int) -> int:
-    """Run ``cmd``; SIGKILL it once ``journal`` holds ``shards`` lines. Returns the
-    number of lines it held at the kill (the process may finish a shard meanwhile)."""
+def journaled(journal: Path) -> tuple[int, int]:
+    """Shards in ``journal`` and their bytes (a torn last line counts as not there)."""
+    shards = nbytes = 0
+    for line in journal.read_text().splitlines():
+        try:
+            nbytes += json.loads(line)["size"]
+        except (ValueError, KeyError):
+            continue
+        shards += 1
+    return shards, nbytes
+
+
+def written(pid: int) -> int:
+    """Bytes process ``pid`` has written so far (``wchar`` of /proc/PID/io)."""
+    for line in Path(f"/proc/{pid}/io").read_text().splitlines():
+        if line.startswith("wchar:"):
+            return int(line.split()[1])
+    raise SystemExit(f"resume: /proc/{pid}/io has no wchar")
+
+
+def kill_at_written(cmd: list[str], at_bytes: int, journal: Path) -> tuple[int, int]:
+    """Run ``cmd``; SIGKILL it once it has written ``at_bytes``. Returns the shards and
+    bytes its journal held at the kill."""
     proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     while proc.poll() is None:
         try:
-            if journal.read_text().count("\n") >= shards:
+            if written(proc.pid) >= at_bytes:
                 proc.send_signal(signal.SIGKILL)
                 break
-        except FileNotFoundError:
+        except FileNotFoundError:  # it just ended
             pass
         time.sleep(0.005)
     proc.wait()
     if proc.returncode != -signal.SIGKILL:
         raise SystemExit(f"resume: the run ended ({proc.returncode}) before it could be killed")
-    return journal.read_text().count("\n")
+    return journaled(journal)
 
 
 def run(
@@ -186,7 +205,7 @@ def run(
     ]
     left: list[int] = []
     how = ""
-    fresh: dict[str, str] = {}
+    fresh: dict[str, tuple[int, str]] = {}
     try:
         for r in range(repeats):
             for row, cmd, cgroup in order:
@@ -202,8 +221,10 @@ def run(
     finally:
         if group:
             remove_cgroup(group)
-    resume = run_resume(cmds["fastcast"], model, out, fresh)
-    shutil.rmtree(out, ignore_errors=True)
+    try:
+        resume = run_resume(cmds["fastcast"], model, out, fresh, rows["fastcast"].median("wall"))
+    finally:
+        shutil.rmtree(out, ignore_errors=True)
     table = [
         rows["floor (fsync)"], rows["floor (fsync, streaming)"], rows["fastcast"],
         *([capped] if group else []), rows["script"],
@@ -238,40 +259,39 @@ def run(
     if not group:
         lines.append("")
         lines.append("(no memory cgroup could be made here: the capped run was skipped)")
-    lines += ["", *resume(rows["fastcast"].median("wall"))]
+    lines += ["", *resume]
     samples = {row.label: [vars(s) for s in row.samples] for row in table}
     return lines, samples
 
 
 def run_resume(
-    cmd: list[str], model: Model, out: Path, fresh: dict[str, str]
-) -> Callable[[float], list[str]]:
-    """SIGKILL at 90% of the output shards, empty the cache, time the resumed run."""
-    shards = len([k for k in fresh if k.endswith(".safetensors")])
-    at = min(shards - 1, -(-shards * 9 // 10))
+    cmd: list[str], model: Model, out: Path, fresh: dict[str, tuple[int, str]], fresh_wall: float
+) -> list[str]:
+    """SIGKILL once 90% of the output is written, empty the cache, time the resumed run."""
+    sizes = [size for k, (size, _) in fresh.items() if k.endswith(".safetensors")]
+    shards, total_out = len(sizes), sum(sizes)
     shutil.rmtree(out, ignore_errors=True)
     empty_cache(inputs(model))
-    held = kill_at_journal(cmd, out / ".fastcast-staging" / "journal.jsonl", at)
+    journal = out / ".fastcast-staging" / "journal.jsonl"
+    held, held_bytes = kill_at_written(cmd, total_out * 9 // 10, journal)
     how = empty_cache(inputs(model))
     sample = measure([*cmd, "--resume"])
     same = digests(out) == fresh
     total_in = sum(p.stat().st_size for p in inputs(model))
-
-    def lines(fresh_wall: float) -> list[str]:
-        return [
-            f"Resume: SIGKILLed with {held} of {shards} output shards journaled, inputs "
-            f"out of the cache ({how}), then resumed: {sample.wall:.2f} s = "
-            f"{sample.wall / fresh_wall:.2f}x the fresh run. It read {sample.read / 1e9:.1f} GB "
-            f"from the disk (ru_inblock): the inputs of the {shards - held} shards left "
-            f"(about {total_in * (shards - held) / shards / 1e9:.1f} GB of the "
-            f"{total_in / 1e9:.1f} GB), and the reused shards, whose digests are checked. "
-            f"output {'byte-identical' if same else 'DIFFERENT'} to the fresh run's "
-            "(SHA-256 of every file)."
-        ]
+    left_in = total_in * (total_out - held_bytes) / total_out  # fp32 -> bf16 halves bytes
 
     if not same:
         print("resume: output differs from the fresh run's", file=sys.stderr)
-    return lines
+    return [
+        f"Resume: SIGKILLed with 90% of the output written, {held} of {shards} output "
+        f"shards journaled ({held_bytes / total_out:.0%} of the output's bytes), inputs out "
+        f"of the cache ({how}), then resumed: {sample.wall:.2f} s = "
+        f"{sample.wall / fresh_wall:.2f}x the fresh run. It read {sample.read / 1e9:.1f} GB "
+        f"from the disk (ru_inblock); the inputs of the shards left hold about "
+        f"{left_in / 1e9:.1f} GB of the {total_in / 1e9:.1f} GB. Output "
+        f"{'byte-identical' if same else 'DIFFERENT'} to the fresh run's (SHA-256 of every "
+        "file)."
+    ]
 
 
 def resume_only(model: Model) -> tuple[list[str], dict[str, list[dict[str, float]]]]:
@@ -281,9 +301,11 @@ def resume_only(model: Model) -> tuple[list[str], dict[str, list[dict[str, float
     shutil.rmtree(out, ignore_errors=True)
     empty_cache(inputs(model))
     fresh = measure(cmd)
-    resume = run_resume(cmd, model, out, digests(out))
-    shutil.rmtree(out, ignore_errors=True)
-    return resume(fresh.wall), {"fastcast": [vars(fresh)]}
+    try:
+        resume = run_resume(cmd, model, out, digests(out), fresh.wall)
+    finally:
+        shutil.rmtree(out, ignore_errors=True)
+    return resume, {"fastcast": [vars(fresh)]}
 
 
 def main() -> None:

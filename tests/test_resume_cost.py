@@ -1,8 +1,8 @@
-"""What resuming costs: an interrupted run's finished shards are checked against their
-journaled digests (reading the outputs) but their inputs are not read again: the loss
-counts come from the journal. Measured as the page cache sees it: the inputs are
-evicted after the kill, and after the resume the pages of every input whose shard was
-reused are still not resident, while those converted again are."""
+"""What resuming costs: an interrupted run's finished shards are trusted when they are
+still the files it synced, else checked against their journaled digests, and their
+inputs are not read again: the loss counts come from the journal. Measured as the page
+cache sees it: the files are evicted after the kill, and after the resume the pages of
+every reused input (and output) are still not resident, while those read are."""
 
 from __future__ import annotations
 
@@ -68,4 +68,34 @@ def test_resume_reads_no_input_of_a_reused_shard(tmp_path):
     assert report.loss == again.loss, "the reused shards' losses come from the journal"
     for f in sorted(fresh.glob("*.safetensors")):
         assert f.read_bytes() == (out / f.name).read_bytes(), f.name
+    assert "OK" in ok(cli("verify", out))
+
+
+def test_resume_reads_no_output_of_a_reused_shard(tmp_path):
+    """A staged shard that is still the file the run synced and journaled (same size,
+    inode and mtime) is trusted without reading it: resuming a run killed at 90% does
+    not re-read 90% of the output. One that was touched since is checked by digest."""
+    src = model(tmp_path / "src")
+    out = tmp_path / "out"
+    args = ("--dtype", "bf16", "--shard-size", "600KB", "--threads", "1")
+    killed(f"journaled:{SHARDS // 2}", "convert", src, "-o", out, *args)
+    staging = out / ".fastcast-staging"
+    journal = (staging / "journal.jsonl").read_text().splitlines()
+    done = [json.loads(line)["name"] for line in journal]
+    touched = staging / done[0]
+    os.utime(touched)  # same bytes, a newer mtime: no longer provably the journaled file
+    os.sync()
+    for name in done:
+        evict(staging / name)
+        assert resident(staging / name, 0, (staging / name).stat().st_size) == 0
+
+    report = fastcast.convert(src, "bf16", output=out, shard_size="600KB", resume=True,
+                              progress=False)  # fmt: skip
+    assert sorted(report.reused) == sorted(done), "the touched shard's digest still matches"
+    for name in done:
+        data = resident(out / name, 0, (out / name).stat().st_size)
+        if name == touched.name:
+            assert data > 0, f"{name} was touched after the kill: it must be re-hashed"
+        else:
+            assert data == 0, f"{name}: {data} bytes of a reused output read again"
     assert "OK" in ok(cli("verify", out))

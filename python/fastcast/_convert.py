@@ -13,9 +13,10 @@ commit   the record, config.json and the indexes are staged, then everything is
          renamed into place, indexes last.
 
 A refusal removes exactly what the run created. An interrupted or failed run keeps
-its finished shards, and only them, for ``resume=True``, which reuses each after
-checking it against its journaled digest, and takes its loss counts from the journal
-instead of reading its inputs again.
+its finished shards, and only them, for ``resume=True``, which reuses each that is
+still the file the run synced (its journaled size, inode and mtime) or, failing that,
+matches its journaled digest, and takes its loss counts from the journal instead of
+reading its inputs again.
 """
 
 from __future__ import annotations
@@ -433,8 +434,9 @@ def reusable_shards(
     run: Run, plan: ConversionPlan, staged: _core.Plan
 ) -> dict[str, _core.ShardRecord]:
     """Shards an interrupted run finished that are still right: in the journal and
-    staged with the journaled size and digest (checked, not trusted). Mid-commit, every
-    shard was finished and checked already; some are in place."""
+    staged either as the very file the run synced (same size, inode and mtime: no byte
+    of it is read) or with the journaled size and digest. Mid-commit, every shard was
+    finished and checked already; some are in place."""
     records = {r.name: r for r in _core.read_journal(run.journal)}
     if run.manifest.phase == "committing":
         missing = [s.name for s in plan.shards if s.name not in records]
@@ -450,7 +452,7 @@ def reusable_shards(
         path = run.staging / shard.name
         if rec is None or not path.is_file() or path.stat().st_size != rec.size:
             continue
-        if _core.shard_digest(staged, i, rec.chunk_bytes) == rec.digest:
+        if rec.unchanged(path) or _core.shard_digest(staged, i, rec.chunk_bytes) == rec.digest:
             reused[shard.name] = rec
     return reused
 

@@ -288,6 +288,10 @@ class ShardRecord:
     #: Loss counts of the shard's cast tensors, in plan order.
     @property
     def losses(self) -> list[tuple[str, LossCounts]]: ...
+    def unchanged(self, path: str | PathLike[Any]) -> bool:
+        """Whether ``path`` is provably the file this record was journaled for: the
+        run synced it and its size, inode and mtime are still those it had then.
+        ``False`` means "compare its digest" (``shard_digest``)."""
 
 @final
 class ExecStats:

@@ -108,7 +108,9 @@ fn main() {
     outputs.into_par_iter().for_each(|out| match out {
         Output::Plain(f) if fsync => f.sync_all().expect("fsync"),
         Output::Plain(_) => {}
-        Output::Streamed(f) => f.commit(fsync).expect("commit"),
+        Output::Streamed(f) => {
+            f.commit(fsync).expect("commit");
+        }
     });
     println!("{checksum:x}");
 }

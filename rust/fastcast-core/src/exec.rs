@@ -333,27 +333,32 @@ pub fn execute(plan: &Plan, opts: &ExecOptions, progress: &Progress) -> Result<E
     let (fsync, journal) = (opts.fsync, opts.journal.clone());
     // Set by the committer when a commit fails: nothing after it can be kept.
     let stop = &AtomicBool::new(false);
-    std::thread::scope(|scope| -> Result<()> {
+    stats.shards = std::thread::scope(|scope| -> Result<Vec<ShardRecord>> {
         let (to_commit, committer_rx) = std::sync::mpsc::channel::<(ShardFile, ShardRecord)>();
-        let committer = scope.spawn(move || -> Result<()> {
+        let committer = scope.spawn(move || -> Result<Vec<ShardRecord>> {
             // Commit in order; after the first failure, drop (and so delete)
-            // everything still queued.
+            // everything still queued. The records come back stamped.
             let mut failed = None;
-            for (shard, record) in committer_rx {
+            let mut committed = Vec::new();
+            for (shard, mut record) in committer_rx {
                 if failed.is_none() {
                     failed = shard
                         .commit(fsync)
-                        .and_then(|()| match &journal {
-                            Some(path) => journal::append(path, &record, fsync),
-                            None => Ok(()),
+                        .and_then(|stamp| {
+                            record.stamp = stamp;
+                            match &journal {
+                                Some(path) => journal::append(path, &record, fsync),
+                                None => Ok(()),
+                            }
                         })
                         .err();
                     if failed.is_some() {
                         stop.store(true, Ordering::Relaxed);
                     }
+                    committed.push(record);
                 }
             }
-            failed.map_or(Ok(()), Err)
+            failed.map_or(Ok(committed), Err)
         });
         let mut written = Ok(());
         for (shard, (header, jobs)) in plan.shards.iter().zip(&checked) {
@@ -380,6 +385,7 @@ pub fn execute(plan: &Plan, opts: &ExecOptions, progress: &Progress) -> Result<E
                     .filter(|job| job.rule.is_some())
                     .map(|job| (job.plan.name.clone(), job.loss()))
                     .collect(),
+                stamp: None, // taken by the committer, once synced
             };
             tally(&mut stats, &record, jobs);
             if to_commit.send((file, record)).is_err() {
@@ -394,7 +400,8 @@ pub fn execute(plan: &Plan, opts: &ExecOptions, progress: &Progress) -> Result<E
             })
         });
         // A failed commit is the cause; the workers' Cancelled its consequence.
-        committed.and(written)
+        let committed = committed?;
+        written.map(|()| committed)
     })?;
     if opts.fsync {
         let mut dirs: Vec<&Path> = Vec::new();
@@ -424,7 +431,6 @@ fn tally(stats: &mut ExecStats, record: &ShardRecord, jobs: &[Job]) {
         }
     }
     stats.losses.extend(record.losses.iter().cloned());
-    stats.shards.push(record.clone());
 }
 
 /// Recompute the digest of shard `index` of `plan` from the file already at its

@@ -1,17 +1,20 @@
 //! The resume journal: one JSON object per line, one line per shard put in
 //! place, appended (and synced) as each is committed. An interrupted run
 //! leaves it behind; the next run reads it to find the shards that are done,
-//! which it then checks against their digests before reusing any.
+//! which it then checks before reusing any: a shard that is still the file
+//! the run synced (its [`FileStamp`] matches) is taken as it is, any other is
+//! hashed and compared with its digest.
 //!
 //! ```text
 //! {"name":"model-00001-of-00002.safetensors","size":4986127360,"digest":"0f3c9a1b22e4d5f6",
 //!  "chunk_bytes":8388608,"losses":[["model.embed_tokens.weight",{"elements":262144000,
-//!  "overflow":0,"underflow":12,"nan_in":0,"inf_in":0,"max_abs":0.8125}]]}
+//!  "overflow":0,"underflow":12,"nan_in":0,"inf_in":0,"max_abs":0.8125}]],
+//!  "stamp":{"inode":1835017,"mtime":[1795000000,123456789]}}
 //! ```
 //! (one line in the file). `digest` is 16 hex digits: JSON numbers past 2^53
 //! do not survive every reader.
 
-use std::fs::OpenOptions;
+use std::fs::{Metadata, OpenOptions};
 use std::io::{self, Write};
 use std::path::Path;
 
@@ -35,6 +38,54 @@ pub struct ShardRecord {
     pub chunk_bytes: usize,
     /// Loss counts of the shard's cast tensors, in plan order.
     pub losses: Vec<(String, LossStats)>,
+    /// The file as synced; absent when the run did not sync (its bytes may
+    /// not have reached the disk) and in journals of older versions.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub stamp: Option<FileStamp>,
+}
+
+impl ShardRecord {
+    /// Whether the file at `path` is provably the one this record was
+    /// journaled for: same size, inode and modification time as when it was
+    /// synced. Any write changes the mtime and a replacement the inode, so a
+    /// match needs no hashing; `false` only means "hash it to find out".
+    pub fn unchanged(&self, path: &Path) -> bool {
+        self.stamp.is_some_and(|s| s.describes(path, self.size))
+    }
+}
+
+/// What tells a synced file from one written since: its inode (a file put in
+/// its place has another) and its modification time to the nanosecond.
+/// A rename keeps both, so a shard stamped under a temporary name still
+/// matches under its final one.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct FileStamp {
+    pub inode: u64,
+    /// Seconds and nanoseconds since the epoch.
+    pub mtime: (i64, i64),
+}
+
+impl FileStamp {
+    /// The stamp of a file from its metadata; `None` where the platform has no inodes.
+    #[cfg(unix)]
+    pub fn of(meta: &Metadata) -> Option<FileStamp> {
+        use std::os::unix::fs::MetadataExt;
+        Some(FileStamp {
+            inode: meta.ino(),
+            mtime: (meta.mtime(), meta.mtime_nsec()),
+        })
+    }
+
+    #[cfg(not(unix))]
+    pub fn of(_meta: &Metadata) -> Option<FileStamp> {
+        None
+    }
+
+    /// Whether the file at `path` has this stamp and `size` bytes.
+    pub fn describes(&self, path: &Path, size: u64) -> bool {
+        std::fs::metadata(path)
+            .is_ok_and(|meta| meta.len() == size && FileStamp::of(&meta) == Some(*self))
+    }
 }
 
 /// Append `record` to the journal at `path` (created if missing) as one line,
@@ -51,6 +102,7 @@ pub struct ShardRecord {
 ///     digest: 0xfeed,
 ///     chunk_bytes: 8 << 20,
 ///     losses: vec![],
+///     stamp: None,
 /// };
 /// journal::append(&path, &record, true).unwrap();
 /// assert_eq!(journal::read(&path).unwrap(), vec![record]);
@@ -132,6 +184,7 @@ mod tests {
                 ),
                 ("lm_head.weight".into(), LossStats::default()),
             ],
+            stamp: None,
         }
     }
 
@@ -178,6 +231,93 @@ mod tests {
         append(&path, &record("c.safetensors", 3), true).unwrap();
         let names: Vec<String> = read(&path).unwrap().into_iter().map(|r| r.name).collect();
         assert_eq!(names, ["a.safetensors", "c.safetensors"]);
+    }
+
+    #[test]
+    fn a_stamp_round_trips_and_older_lines_have_none() {
+        let dir = Scratch::new("journal-stamp");
+        let path = dir.0.join("journal.jsonl");
+        let stamped = ShardRecord {
+            stamp: Some(FileStamp {
+                inode: u64::MAX,
+                mtime: (1_795_000_000, 999_999_999),
+            }),
+            ..record("a.safetensors", 1)
+        };
+        append(&path, &stamped, false).unwrap();
+        let text = std::fs::read_to_string(&path).unwrap();
+        assert!(
+            text.contains(
+                r#""stamp":{"inode":18446744073709551615,"mtime":[1795000000,999999999]}"#
+            ),
+            "{text}"
+        );
+        // A line of an older version, without a stamp, still reads.
+        let old = text.replace(
+            r#","stamp":{"inode":18446744073709551615,"mtime":[1795000000,999999999]}"#,
+            "",
+        );
+        std::fs::write(&path, format!("{text}{old}")).unwrap();
+        assert_eq!(
+            read(&path).unwrap(),
+            vec![stamped, record("a.safetensors", 1)]
+        );
+    }
+
+    #[test]
+    fn only_the_stamped_file_itself_is_unchanged() {
+        let dir = Scratch::new("journal-unchanged");
+        let file = dir.0.join("a.safetensors");
+        std::fs::write(&file, b"0123456789").unwrap();
+        let stamp = FileStamp::of(&std::fs::metadata(&file).unwrap());
+        let rec = ShardRecord {
+            size: 10,
+            stamp,
+            ..record("a.safetensors", 1)
+        };
+        assert!(rec.unchanged(&file));
+        assert!(
+            !ShardRecord {
+                stamp: None,
+                ..rec.clone()
+            }
+            .unchanged(&file),
+            "no stamp: hash it"
+        );
+        assert!(!ShardRecord {
+            size: 11,
+            ..rec.clone()
+        }
+        .unchanged(&file));
+        assert!(!rec.unchanged(&dir.0.join("missing")));
+        // Moved away and back keeps inode and mtime: still the same file.
+        let moved = dir.0.join("b");
+        std::fs::rename(&file, &moved).unwrap();
+        assert!(rec.unchanged(&moved));
+        std::fs::rename(&moved, &file).unwrap();
+        // Rewritten in place with bytes of the same size: a later mtime.
+        std::thread::sleep(std::time::Duration::from_millis(30));
+        std::fs::write(&file, b"9876543210").unwrap();
+        assert!(!rec.unchanged(&file));
+        // Replaced by a copy that got the old mtime back: another inode.
+        let copy = dir.0.join("copy");
+        std::fs::write(&copy, b"0123456789").unwrap();
+        let (secs, nanos) = stamp.unwrap().mtime;
+        let when = std::time::UNIX_EPOCH + std::time::Duration::new(secs as u64, nanos as u32);
+        std::fs::File::options()
+            .write(true)
+            .open(&copy)
+            .unwrap()
+            .set_modified(when)
+            .unwrap();
+        std::fs::rename(&copy, &file).unwrap();
+        let now = FileStamp::of(&std::fs::metadata(&file).unwrap()).unwrap();
+        assert_eq!(
+            now.mtime,
+            stamp.unwrap().mtime,
+            "the copy has the old mtime"
+        );
+        assert!(!rec.unchanged(&file));
     }
 
     #[test]

@@ -7,6 +7,7 @@ use std::path::{Path, PathBuf};
 use std::sync::Mutex;
 
 use crate::error::{Error, Result};
+use crate::journal::FileStamp;
 use crate::positional;
 
 /// A file written at offsets by many threads, which appears under its final
@@ -197,13 +198,18 @@ impl ShardFile {
     #[cfg(not(target_os = "linux"))]
     pub fn written(&self, _offset: u64, _len: u64) {}
 
-    /// Sync (unless `fsync` is false) and rename into place.
+    /// Sync (unless `fsync` is false) and rename into place. Returns the
+    /// synced file's stamp, which a resume trusts instead of re-reading it;
+    /// `None` unsynced, when the bytes may not be on the disk.
     ///
     /// After a sync the file's pages are clean, so they are dropped from the
     /// page cache: a 150 GB conversion must not evict everything else.
-    pub fn commit(mut self, fsync: bool) -> Result<()> {
+    pub fn commit(mut self, fsync: bool) -> Result<Option<FileStamp>> {
+        let mut stamp = None;
         if fsync {
             self.file.sync_all().map_err(|e| Error::io(&self.path, e))?;
+            let meta = self.file.metadata().map_err(|e| Error::io(&self.path, e))?;
+            stamp = FileStamp::of(&meta);
             #[cfg(target_os = "linux")]
             {
                 use std::os::fd::AsRawFd;
@@ -215,7 +221,7 @@ impl ShardFile {
         }
         fs::rename(&self.temp, &self.path).map_err(|e| Error::io(&self.path, e))?;
         self.committed = true;
-        Ok(())
+        Ok(stamp)
     }
 }
 
@@ -261,9 +267,17 @@ mod tests {
         shard.write_at(b"wxyz", 0).unwrap();
         assert!(!path.exists());
         assert!(temp_path(&path).exists());
-        shard.commit(true).unwrap();
+        let stamp = shard.commit(true).unwrap();
         assert_eq!(fs::read(&path).unwrap(), b"wxyzabcd");
         assert!(!temp_path(&path).exists());
+        #[cfg(unix)]
+        assert_eq!(
+            stamp,
+            FileStamp::of(&fs::metadata(&path).unwrap()),
+            "stamped as renamed"
+        );
+        let unsynced = ShardFile::create(&dir.join("b.safetensors"), 1).unwrap();
+        assert_eq!(unsynced.commit(false).unwrap(), None, "no sync, no stamp");
         fs::remove_dir_all(dir).unwrap();
     }
 

@@ -1,6 +1,8 @@
 //! What the core returns, as typed Python objects: frozen classes for a run's
 //! stats and its shard records, a `LossCounts` dict per cast tensor.
 
+use std::path::PathBuf;
+
 use fastcast_core::{exec, journal, LossStats};
 use pyo3::prelude::*;
 use pyo3::types::{PyDict, PyString};
@@ -46,20 +48,33 @@ pub fn loss_list(losses: &[(String, LossStats)]) -> Vec<(String, LossCounts)> {
 }
 
 /// A shard as written and journaled: output-relative name, size, content
-/// digest (and the chunk size it was computed with), and the loss counts of
-/// its cast tensors in plan order.
-#[pyclass(module = "fastcast._core", frozen, get_all, eq, skip_from_py_object)]
+/// digest (and the chunk size it was computed with), the loss counts of its
+/// cast tensors in plan order, and the stamp of the synced file.
+#[pyclass(module = "fastcast._core", frozen, eq, skip_from_py_object)]
 #[derive(Clone, PartialEq)]
 pub struct ShardRecord {
+    #[pyo3(get)]
     pub name: String,
+    #[pyo3(get)]
     pub size: u64,
+    #[pyo3(get)]
     pub digest: u64,
+    #[pyo3(get)]
     pub chunk_bytes: usize,
+    #[pyo3(get)]
     pub losses: Vec<(String, LossCounts)>,
+    stamp: Option<journal::FileStamp>,
 }
 
 #[pymethods]
 impl ShardRecord {
+    /// Whether `path` is provably the file this record was journaled for (see
+    /// `journal::ShardRecord::unchanged`); `False` means "check its digest".
+    fn unchanged(&self, py: Python<'_>, path: PathBuf) -> bool {
+        self.stamp
+            .is_some_and(|stamp| py.detach(|| stamp.describes(&path, self.size)))
+    }
+
     fn __repr__(&self, py: Python<'_>) -> PyResult<String> {
         Ok(format!(
             "ShardRecord(name={}, size={}, digest=0x{:016x}, chunk_bytes={}, losses=<{} tensors>)",
@@ -80,6 +95,7 @@ impl From<&journal::ShardRecord> for ShardRecord {
             digest: r.digest,
             chunk_bytes: r.chunk_bytes,
             losses: loss_list(&r.losses),
+            stamp: r.stamp,
         }
     }
 }
