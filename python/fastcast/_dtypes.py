@@ -17,9 +17,13 @@ SHORT_NAMES: dict[str, str] = {
 }
 
 
+#: Bytes per element (1 for the sub-byte formats, which align to bytes).
+_SIZES = {name: max(1, int(d["bits"]) // 8) for name, d in _DTYPES.items()}
+
+
 def element_size(dtype: str) -> int:
     """Bytes per element (1 for the sub-byte formats, which align to bytes)."""
-    return max(1, int(_DTYPES[dtype]["bits"]) // 8)
+    return _SIZES[dtype]
 
 
 def is_castable(dtype: str) -> bool:

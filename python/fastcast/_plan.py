@@ -21,7 +21,7 @@ import math
 from collections.abc import Collection, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Literal, Protocol, TypeAlias, TypeVar
+from typing import TYPE_CHECKING, Any, Literal, NamedTuple, Protocol, TypeAlias, TypeVar
 
 from fastcast import _core
 from fastcast._dtypes import element_size
@@ -309,15 +309,16 @@ class Sized(Protocol):
 SizedT = TypeVar("SizedT", bound=Sized)
 
 
-@dataclass(frozen=True)
-class Bundle:
-    """Tensors that go into one shard together (a quantized weight and its scale)."""
+class Bundle(NamedTuple):
+    """Tensors that go into one shard together (a quantized weight and its scale), and
+    their bytes. A tuple: a model may have 100k of them."""
 
     tensors: list[PlannedTensor]
+    nbytes: int
 
-    @property
-    def nbytes(self) -> int:
-        return sum(t.nbytes for t in self.tensors)
+    @classmethod
+    def of(cls, tensors: list[PlannedTensor]) -> Bundle:
+        return cls(tensors, sum(t.nbytes for t in tensors))
 
 
 def pack(tensors: list[SizedT], limit: int) -> list[list[SizedT]]:
@@ -326,14 +327,15 @@ def pack(tensors: list[SizedT], limit: int) -> list[list[SizedT]]:
     current: list[SizedT] = []
     current_size = 0
     for t in tensors:
-        if t.nbytes > limit:
+        size = t.nbytes  # read once: 100k tensors
+        if size > limit:
             shards.append([t])
             continue
-        if current_size + t.nbytes > limit:
+        if current_size + size > limit:
             shards.append(current)
             current, current_size = [], 0
         current.append(t)
-        current_size += t.nbytes
+        current_size += size
     if current or not shards:
         shards.append(current)
     return shards
@@ -343,14 +345,14 @@ def lay_out(tensors: list[PlannedTensor]) -> list[PlannedTensor]:
     """Order a shard's data widest dtype first (then source order) and assign
     offsets, so every tensor is aligned to its element size with no padding
     (the header is padded to 8 bytes)."""
-    ordered = sorted(enumerate(tensors), key=lambda it: (-element_size(it[1].dtype), it[0]))
+    # sorted() is stable: source order within each size
+    ordered = sorted(tensors, key=lambda t: -element_size(t.dtype))
     offset = 0
-    out = []
-    for _, t in ordered:
-        t.offsets = (offset, offset + t.nbytes)
-        offset += t.nbytes
-        out.append(t)
-    return out
+    for t in ordered:
+        end = offset + t.nbytes
+        t.offsets = (offset, end)
+        offset = end
+    return ordered
 
 
 def shard_names(prefix: str, count: int) -> list[str]:
@@ -408,7 +410,7 @@ def plan_set(
     for i, (entry, to) in enumerate(zip(entries, targets, strict=True)):
         label = join(ws.folder, entry.name)
         if quantize is not None and quantize[i].fate == "quantize":
-            bundles.append(Bundle(quantized_pair(ws, entry, quantize[i], roles[i])))
+            bundles.append(Bundle.of(quantized_pair(ws, entry, quantize[i], roles[i])))
         elif dequantize is not None and entry.name in dequantize:
             w = dequantize[entry.name]
             how = Dequantized(w, {role: by_name[n] for role, n in w.operands.items()})
@@ -417,10 +419,11 @@ def plan_set(
             label = join(ws.folder, w.name)
             bundles.append(Bundle([
                 PlannedTensor(entry, dtype, nbytes, label=label, dequant=how, role=roles[i])
-            ]))  # fmt: skip
+            ], nbytes))  # fmt: skip
         elif dequantize is None or roles[i] in ("plain", "pinned fp32"):
             nbytes = output_nbytes(entry, to)
-            bundles.append(Bundle([PlannedTensor(entry, to, nbytes, label=label, role=roles[i])]))
+            t = PlannedTensor(entry, to, nbytes, label=label, role=roles[i])
+            bundles.append(Bundle([t], nbytes))
     groups = [[t for b in group for t in b.tensors] for group in pack(bundles, shard_size)]
     # The source's metadata is kept; transformers needs a format, so one is added if absent.
     metadata = {"format": "pt", **ws.metadata}

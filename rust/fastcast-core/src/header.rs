@@ -220,38 +220,48 @@ impl Header {
     /// Tensors are written in `self.tensors` order; `header_len` is ignored
     /// (the result's length prefix is what counts).
     pub fn to_bytes(&self) -> Vec<u8> {
-        let mut json = String::from("{");
-        let quote = |s: &str| serde_json::to_string(s).expect("strings serialize");
+        use std::io::Write;
+        // Written straight into one buffer after the 8-byte length prefix: a
+        // shard may hold 100k tensors.
+        let mut out = vec![0u8; 8];
+        let quote =
+            |out: &mut Vec<u8>, s: &str| serde_json::to_writer(out, s).expect("strings serialize");
+        out.push(b'{');
         if let Some(meta) = &self.metadata {
-            json.push_str("\"__metadata__\":{");
-            let items: Vec<String> = meta
-                .iter()
-                .map(|(k, v)| format!("{}:{}", quote(k), quote(v)))
-                .collect();
-            json.push_str(&items.join(","));
-            json.push('}');
+            out.extend_from_slice(b"\"__metadata__\":{");
+            for (i, (k, v)) in meta.iter().enumerate() {
+                if i > 0 {
+                    out.push(b',');
+                }
+                quote(&mut out, k);
+                out.push(b':');
+                quote(&mut out, v);
+            }
+            out.push(b'}');
         }
         for (i, t) in self.tensors.iter().enumerate() {
             if i > 0 || self.metadata.is_some() {
-                json.push(',');
+                out.push(b',');
             }
-            let shape: Vec<String> = t.shape.iter().map(u64::to_string).collect();
-            json.push_str(&format!(
-                "{}:{{\"dtype\":\"{}\",\"shape\":[{}],\"data_offsets\":[{},{}]}}",
-                quote(&t.name),
-                t.dtype.safetensors_name(),
-                shape.join(","),
-                t.data_offsets.0,
-                t.data_offsets.1
-            ));
+            quote(&mut out, &t.name);
+            out.extend_from_slice(b":{\"dtype\":\"");
+            out.extend_from_slice(t.dtype.safetensors_name().as_bytes());
+            out.extend_from_slice(b"\",\"shape\":[");
+            for (j, d) in t.shape.iter().enumerate() {
+                if j > 0 {
+                    out.push(b',');
+                }
+                write!(out, "{d}").expect("writing to a Vec");
+            }
+            let (begin, end) = t.data_offsets;
+            write!(out, "],\"data_offsets\":[{begin},{end}]}}").expect("writing to a Vec");
         }
-        json.push('}');
-        while !json.len().is_multiple_of(8) {
-            json.push(' ');
+        out.push(b'}');
+        while !(out.len() - 8).is_multiple_of(8) {
+            out.push(b' ');
         }
-        let mut out = Vec::with_capacity(8 + json.len());
-        out.extend_from_slice(&(json.len() as u64).to_le_bytes());
-        out.extend_from_slice(json.as_bytes());
+        let len = (out.len() - 8) as u64;
+        out[..8].copy_from_slice(&len.to_le_bytes());
         out
     }
 }

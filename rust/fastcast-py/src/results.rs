@@ -4,6 +4,7 @@
 use std::path::PathBuf;
 
 use fastcast_core::{exec, journal, LossStats};
+use pyo3::intern;
 use pyo3::prelude::*;
 use pyo3::types::{PyDict, PyString};
 
@@ -17,14 +18,15 @@ impl<'py> IntoPyObject<'py> for &LossCounts {
     type Error = PyErr;
 
     fn into_pyobject(self, py: Python<'py>) -> PyResult<Bound<'py, PyDict>> {
+        // Interned keys: a model of 100k tensors builds 100k of these dicts.
         let l = &self.0;
         let counts = PyDict::new(py);
-        counts.set_item("elements", l.elements)?;
-        counts.set_item("overflow", l.overflow)?;
-        counts.set_item("underflow", l.underflow)?;
-        counts.set_item("nan_in", l.nan_in)?;
-        counts.set_item("inf_in", l.inf_in)?;
-        counts.set_item("max_abs", l.max_abs)?;
+        counts.set_item(intern!(py, "elements"), l.elements)?;
+        counts.set_item(intern!(py, "overflow"), l.overflow)?;
+        counts.set_item(intern!(py, "underflow"), l.underflow)?;
+        counts.set_item(intern!(py, "nan_in"), l.nan_in)?;
+        counts.set_item(intern!(py, "inf_in"), l.inf_in)?;
+        counts.set_item(intern!(py, "max_abs"), l.max_abs)?;
         Ok(counts)
     }
 }
