@@ -135,6 +135,10 @@ impl Default for ExecOptions {
 /// enough that a few threads' buffers stay far below any memory budget.
 pub const DEFAULT_CHUNK_BYTES: usize = 8 << 20;
 
+/// Source bytes cast and then counted at a time within a chunk: small enough
+/// to still be in L2 when the count reads them.
+const CAST_BLOCK: usize = 256 << 10;
+
 /// Shared between the executor and whoever watches it.
 #[derive(Debug, Default)]
 pub struct Progress {
@@ -250,6 +254,33 @@ impl Job<'_> {
             }
             _ => input::release(self.src_of(c), self.map),
         }
+    }
+
+    /// Cast `values` (elements of `from`, a chunk of this job's source) into
+    /// `dst` and count their loss, a cache-sized block at a time: the count
+    /// then reads each block from L2 right after the cast read it, instead
+    /// of the whole chunk again from memory.
+    fn cast_counting(
+        &self,
+        values: &[u8],
+        from: DType,
+        dst: &mut [u8],
+        opts: &CastOptions,
+    ) -> Result<()> {
+        let Some(rule) = &self.rule else {
+            return cast::cast(values, from, dst, self.to, opts);
+        };
+        let elems = CAST_BLOCK / from.size();
+        let mut found = LossStats::default();
+        for (src, out) in values
+            .chunks(elems * from.size())
+            .zip(dst.chunks_mut(elems * self.to.size()))
+        {
+            cast::cast(src, from, out, self.to, opts)?;
+            found.merge(&rule.scan(src));
+        }
+        self.add_loss(&found);
+        Ok(())
     }
 
     /// Add the loss of casting `src` (a chunk of this job's source) to its counts.
@@ -902,18 +933,20 @@ fn write_shard(
             };
             // Round `values` (elements of `from`) to the target, write, count.
             let cast_put = |values: &[u8], from: DType| -> Result<u64> {
-                let hash = if from == job.to {
-                    put(values)?
-                } else {
-                    BUFFER.with_borrow_mut(|buf| -> Result<u64> {
-                        buf.resize(written as usize, 0);
+                if from == job.to {
+                    c.count_loss(jobs, values);
+                    return put(values);
+                }
+                BUFFER.with_borrow_mut(|buf| -> Result<u64> {
+                    buf.resize(written as usize, 0);
+                    if c.last == c.job {
+                        job.cast_counting(values, from, buf, &opts.cast)?;
+                    } else {
                         cast::cast(values, from, buf, job.to, &opts.cast)?;
-                        put(buf)
-                    })?
-                };
-                // The values are still in cache: counting is nearly free.
-                c.count_loss(jobs, values);
-                Ok(hash)
+                        c.count_loss(jobs, values);
+                    }
+                    put(buf)
+                })
             };
             let hash = match (&job.dequant, &job.quantize) {
                 (Some(d), _) => with_values(job, d, c, |values| cast_put(values, DType::F32))?,

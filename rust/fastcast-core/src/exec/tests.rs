@@ -924,3 +924,49 @@ fn tiny_tensors_run_in_shared_chunks_with_their_own_losses() {
         );
     }
 }
+
+#[test]
+fn a_chunk_cast_in_cache_blocks_counts_and_casts_every_block() {
+    let dir = Scratch::new("cast-blocks");
+    let per_block = CAST_BLOCK / 4;
+    let n = 2 * per_block + per_block / 2 + 7; // two whole blocks and a partial one
+    let (src, _) = source(&dir.0, n);
+    // Overflow (> 464 in e4m3) and underflow (below e4m3's smallest subnormal)
+    // on both sides of every block edge and in the last, partial block.
+    let mut bytes = fs::read(&src).unwrap();
+    let data = Header::read(&src).unwrap().data_start() as usize;
+    let mut set =
+        |i: usize, v: f32| bytes[data + 4 * i..data + 4 * i + 4].copy_from_slice(&v.to_le_bytes());
+    for edge in [per_block, 2 * per_block] {
+        set(edge - 1, 1e4);
+        set(edge, -3e-5);
+        set(edge + 1, f32::NAN);
+    }
+    set(n - 1, -2e4);
+    fs::write(&src, &bytes).unwrap();
+    let values = &bytes[data..data + 4 * n];
+
+    let out = dir.0.join("out.safetensors");
+    let plan = plan_for(&src, &out, n as u64, "F8_E4M3");
+    let opts = ExecOptions {
+        chunk_bytes: 4 * n, // one chunk: the blocks are all inside it
+        ..ExecOptions::default()
+    };
+    let stats = execute(&plan, &opts, &Progress::default()).unwrap();
+
+    let expected = LossRule::new(DType::F32, DType::F8E4M3).scan(values);
+    assert!(expected.overflow >= 3 && expected.underflow >= 2 && expected.nan_in == 2);
+    assert_eq!(stats.losses, vec![("a".to_string(), expected)]);
+    let mut cast_whole = vec![0u8; n];
+    cast::cast(
+        values,
+        DType::F32,
+        &mut cast_whole,
+        DType::F8E4M3,
+        &CastOptions::default(),
+    )
+    .unwrap();
+    let written = fs::read(&out).unwrap();
+    let start = Header::read(&out).unwrap().data_start() as usize + 8; // after `step`
+    assert_eq!(&written[start..start + n], &cast_whole[..]);
+}
