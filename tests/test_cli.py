@@ -26,6 +26,15 @@ def test_command_is_installed():
     assert shutil.which("fastcast"), "pip install should put a fastcast command on PATH"
 
 
+def test_python_dash_m_runs_the_command():
+    r = subprocess.run([sys.executable, "-m", "fastcast", "--version"], capture_output=True,
+                       text=True, check=False)  # fmt: skip
+    assert r.returncode == 0 and r.stdout.strip() == f"fastcast {fastcast.__version__}", r.stderr
+    r = subprocess.run([sys.executable, "-m", "fastcast"], capture_output=True, text=True,
+                       check=False)  # fmt: skip
+    assert r.returncode == 2 and "usage: fastcast" in r.stdout
+
+
 def test_dtypes_lists_names_and_kernels():
     r = run("dtypes")
     assert r.returncode == 0, r.stderr
