@@ -464,7 +464,12 @@ def shard_losses(plan: ConversionPlan, records: dict[str, _core.ShardRecord]) ->
     losses = []
     for shard in plan.shards:
         planned = {t.name: t for t in shard.tensors}
-        for name, counts in records[shard.name].losses:
+        # Consumed from the end, so that each count dict is freed as its TensorLoss is
+        # made: with 100k tensors, holding both set the run's peak memory.
+        counted = records[shard.name].losses
+        counted.reverse()
+        while counted:
+            name, counts = counted.pop()
             t = planned[name]
             losses.append(TensorLoss(t.label, t.values_dtype, t.dtype, **counts))
     return losses

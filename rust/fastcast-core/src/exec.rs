@@ -91,8 +91,11 @@ pub struct TensorPlan {
     pub shape: Vec<u64>,
     /// Index into [`Plan::sources`].
     pub source: usize,
-    pub src_dtype: String,
-    pub dst_dtype: String,
+    /// Any name [`DType`] parses (`F32`, `bfloat16`...), read as the plan is.
+    #[serde(deserialize_with = "dtype_named")]
+    pub src_dtype: DType,
+    #[serde(deserialize_with = "dtype_named")]
+    pub dst_dtype: DType,
     /// `[begin, end)` in the source *file* (header included).
     pub src_offsets: (u64, u64),
     /// `[begin, end)` in the output's data buffer.
@@ -100,11 +103,18 @@ pub struct TensorPlan {
     /// When the source is quantized: how to reconstruct its values, which
     /// are then rounded once to `dst_dtype`.
     #[serde(default)]
-    pub dequant: Option<Dequant>,
+    pub dequant: Option<Box<Dequant>>,
     /// When the tensor is written by quantizing its source (a float weight):
     /// the weight's e4m3 values, or its scales.
     #[serde(default)]
-    pub quantize: Option<Quantize>,
+    pub quantize: Option<Box<Quantize>>,
+}
+
+/// A dtype from its name: a plan of 100k tensors would otherwise hold 200k
+/// strings for a handful of dtypes.
+fn dtype_named<'de, D: serde::Deserializer<'de>>(d: D) -> std::result::Result<DType, D::Error> {
+    let name = <std::borrow::Cow<'de, str>>::deserialize(d)?;
+    name.parse().map_err(serde::de::Error::custom)
 }
 
 /// How a plan runs.
@@ -179,9 +189,9 @@ struct Job<'a> {
     /// the f32 values to the target).
     rule: Option<LossRule>,
     /// For a quantized source: how its values are reconstructed.
-    dequant: Option<Dequantizer<'a>>,
+    dequant: Option<Box<Dequantizer<'a>>>,
     /// For a tensor quantized from its source: its values or its scales.
-    quantize: Option<Quantizing<'a>>,
+    quantize: Option<Box<Quantizing<'a>>>,
     /// Loss counts gathered chunk by chunk.
     stats: Mutex<LossStats>,
     /// Chunks not yet done, for a source every chunk reads whole (released
@@ -202,7 +212,7 @@ impl Job<'_> {
     /// output elements read; for scales, the block-rows of the weight they
     /// cover).
     fn src_of(&self, c: &Chunk) -> &[u8] {
-        match (&self.dequant, &self.quantize) {
+        match (self.dequant.as_deref(), self.quantize.as_deref()) {
             (Some(d), _) => {
                 let (begin, end) = d.source_range(c.begin, c.end);
                 &self.src[begin..end]
@@ -226,7 +236,7 @@ impl Job<'_> {
     /// Whether this job reads input bytes that count as read: scales re-read
     /// their weight's, already counted for the weight.
     fn counts_its_reads(&self) -> bool {
-        !matches!(self.quantize, Some(Quantizing::Scale { .. }))
+        !matches!(self.quantize.as_deref(), Some(Quantizing::Scale { .. }))
     }
 
     /// Input bytes chunk `c` accounts for in progress: its source bytes, or
@@ -527,7 +537,7 @@ pub fn scan(plan: &Plan, progress: &Progress) -> Result<Vec<(String, LossStats)>
                     return Err(Error::Cancelled);
                 }
                 let job = &jobs[c.job];
-                match (&job.dequant, &job.quantize) {
+                match (job.dequant.as_deref(), job.quantize.as_deref()) {
                     (Some(d), _) => with_values(job, d, c, |values| job.count_loss(values)),
                     (_, Some(q)) => {
                         with_quantized(job, q, c, &CastOptions::default(), |_, loss| {
@@ -571,8 +581,7 @@ fn check_shard<'a>(
     let mut infos = Vec::with_capacity(shard.tensors.len());
     let mut jobs = Vec::with_capacity(shard.tensors.len());
     for t in &shard.tensors {
-        let from: DType = t.src_dtype.parse()?;
-        let to: DType = t.dst_dtype.parse()?;
+        let (from, to) = (t.src_dtype, t.dst_dtype);
         let map = maps
             .get(t.source)
             .ok_or_else(|| bad(format!("tensor {:?} names source {}", t.name, t.source)))?;
@@ -606,7 +615,7 @@ fn check_shard<'a>(
                 source.display(),
             )))
         };
-        let (dequant, quantize) = match (&t.dequant, &t.quantize) {
+        let (dequant, quantize) = match (t.dequant.as_deref(), t.quantize.as_deref()) {
             (None, None) => {
                 if from != to {
                     cast::check_buffers(from, to, 0, 0)?;
@@ -661,8 +670,8 @@ fn check_shard<'a>(
             dst_start: 0,
             numel,
             rule,
-            dequant,
-            quantize,
+            dequant: dequant.map(Box::new),
+            quantize: quantize.map(Box::new),
             stats: Mutex::new(LossStats::default()),
             pending: AtomicU64::new(0),
         });
@@ -775,7 +784,7 @@ fn chunks_of(jobs: &[Job], chunk_bytes: usize) -> Vec<Chunk> {
             c.last = i;
             continue;
         }
-        let (units, align, widest) = match (&job.dequant, &job.quantize) {
+        let (units, align, widest) = match (job.dequant.as_deref(), job.quantize.as_deref()) {
             (Some(d), _) => (job.numel, d.align(), job.to.size().max(4) as u64),
             // Each element's f32 value is held while its block is scaled.
             (_, Some(Quantizing::Weight(b))) => (job.numel, b.block_row_elements(), 4),
@@ -844,7 +853,7 @@ fn run_order(jobs: &[Job]) -> Vec<usize> {
     let mut after: HashMap<usize, Vec<usize>> = HashMap::new();
     let mut deferred = vec![false; jobs.len()];
     for (i, job) in jobs.iter().enumerate() {
-        if let Some(Quantizing::Scale { weight, .. }) = &job.quantize {
+        if let Some(Quantizing::Scale { weight, .. }) = job.quantize.as_deref() {
             if let Some(&w) = index.get(weight) {
                 after.entry(w).or_default().push(i);
                 deferred[i] = true;
@@ -948,7 +957,7 @@ fn write_shard(
                     put(buf)
                 })
             };
-            let hash = match (&job.dequant, &job.quantize) {
+            let hash = match (job.dequant.as_deref(), job.quantize.as_deref()) {
                 (Some(d), _) => with_values(job, d, c, |values| cast_put(values, DType::F32))?,
                 (_, Some(q)) => with_quantized(job, q, c, &opts.cast, |bytes, loss| {
                     loss.inspect(|l| job.add_loss(l));

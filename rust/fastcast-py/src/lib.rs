@@ -376,7 +376,7 @@ fn execute_plan<'py>(
     let stats = watch(py, threads, progress, move |w| {
         exec::execute(&plan, &opts, w)
     })?;
-    Ok(ExecStats::from(&stats))
+    Ok(ExecStats::from(stats))
 }
 
 /// Loss counts of every tensor `plan` would cast, reading the inputs only
@@ -391,7 +391,7 @@ fn scan_plan<'py>(
 ) -> PyResult<Vec<(String, LossCounts)>> {
     let plan = plan_from(plan)?;
     let losses = watch(py, threads, progress, move |w| exec::scan(&plan, w))?;
-    Ok(loss_list(&losses))
+    Ok(loss_list(losses))
 }
 
 /// The digest of shard `index` of the plan, recomputed from the file at its
@@ -414,7 +414,7 @@ fn shard_digest(
 #[pyfunction]
 fn read_journal(py: Python<'_>, path: PathBuf) -> PyResult<Vec<ShardRecord>> {
     let records = py.detach(|| journal::read(&path)).map_err(CoreError)?;
-    Ok(records.iter().map(ShardRecord::from).collect())
+    Ok(records.into_iter().map(ShardRecord::from).collect())
 }
 
 /// A `Plan` dict as the core's plan. Its version is checked where it is used.

@@ -41,11 +41,12 @@ impl<'py> IntoPyObject<'py> for LossCounts {
     }
 }
 
-/// `[(tensor name, counts)]` as Python will see it.
-pub fn loss_list(losses: &[(String, LossStats)]) -> Vec<(String, LossCounts)> {
+/// `[(tensor name, counts)]` as Python will see it (names moved, not copied:
+/// a model may have 100k of them).
+pub fn loss_list(losses: Vec<(String, LossStats)>) -> Vec<(String, LossCounts)> {
     losses
-        .iter()
-        .map(|(name, l)| (name.clone(), LossCounts(*l)))
+        .into_iter()
+        .map(|(name, l)| (name, LossCounts(l)))
         .collect()
 }
 
@@ -89,14 +90,14 @@ impl ShardRecord {
     }
 }
 
-impl From<&journal::ShardRecord> for ShardRecord {
-    fn from(r: &journal::ShardRecord) -> ShardRecord {
+impl From<journal::ShardRecord> for ShardRecord {
+    fn from(r: journal::ShardRecord) -> ShardRecord {
         ShardRecord {
-            name: r.name.clone(),
+            name: r.name,
             size: r.size,
             digest: r.digest,
             chunk_bytes: r.chunk_bytes,
-            losses: loss_list(&r.losses),
+            losses: loss_list(r.losses),
             stamp: r.stamp,
         }
     }
@@ -133,16 +134,16 @@ impl ExecStats {
     }
 }
 
-impl From<&exec::ExecStats> for ExecStats {
-    fn from(s: &exec::ExecStats) -> ExecStats {
+impl From<exec::ExecStats> for ExecStats {
+    fn from(s: exec::ExecStats) -> ExecStats {
         ExecStats {
             tensors_cast: s.tensors_cast,
             tensors_copied: s.tensors_copied,
             bytes_read: s.bytes_read,
             bytes_written: s.bytes_written,
             shards_written: s.shards_written,
-            losses: loss_list(&s.losses),
-            shards: s.shards.iter().map(ShardRecord::from).collect(),
+            losses: loss_list(s.losses),
+            shards: s.shards.into_iter().map(ShardRecord::from).collect(),
         }
     }
 }

@@ -54,8 +54,8 @@ fn plan_for(src: &Path, out: &Path, n: u64, to: &str) -> Plan {
                     name: "step".into(),
                     shape: vec![],
                     source: 0,
-                    src_dtype: "I64".into(),
-                    dst_dtype: "I64".into(),
+                    src_dtype: DType::I64,
+                    dst_dtype: DType::I64,
                     src_offsets: (data_start + 4 * n, data_start + 4 * n + 8),
                     dst_offsets: (0, 8),
                     dequant: None,
@@ -65,8 +65,8 @@ fn plan_for(src: &Path, out: &Path, n: u64, to: &str) -> Plan {
                     name: "a".into(),
                     shape: vec![n],
                     source: 0,
-                    src_dtype: "F32".into(),
-                    dst_dtype: to.into(),
+                    src_dtype: DType::F32,
+                    dst_dtype: to.parse().unwrap(),
                     src_offsets: (data_start, data_start + 4 * n),
                     dst_offsets: (8, 8 + to_size * n),
                     dequant: None,
@@ -150,7 +150,7 @@ fn source_bounds_and_changes_are_checked() {
     );
 
     let mut plan = plan_for(&src, &out, 10, "F16");
-    plan.shards[0].tensors[0].dst_dtype = "F32".into(); // an integer cast
+    plan.shards[0].tensors[0].dst_dtype = DType::F32; // an integer cast
     let err = execute(&plan, &ExecOptions::default(), &Progress::default()).unwrap_err();
     assert!(err.to_string().contains("cannot cast I64 to F32"), "{err}");
     assert!(!out.exists());
@@ -354,11 +354,11 @@ fn dequantizes_fp8_with_a_scale_in_another_file() {
                 name: "l.weight".into(),
                 shape: vec![rows, cols],
                 source: 0,
-                src_dtype: "F8_E4M3".into(),
-                dst_dtype: "F16".into(),
+                src_dtype: DType::F8E4M3,
+                dst_dtype: DType::F16,
                 src_offsets: w_at,
                 dst_offsets: (0, 2 * rows * cols),
-                dequant: Some(Dequant::Fp8Scaled {
+                dequant: Some(Box::new(Dequant::Fp8Scaled {
                     scale: Operand {
                         name: "l.weight_scale_inv".into(),
                         source: 1,
@@ -367,7 +367,7 @@ fn dequantizes_fp8_with_a_scale_in_another_file() {
                         offsets: s_at,
                     },
                     block: (2, 3),
-                }),
+                })),
                 quantize: None,
             }],
         }],
@@ -399,7 +399,8 @@ fn dequantizes_fp8_with_a_scale_in_another_file() {
 
     // A scale grid that does not fit the weight is refused before anything is written.
     let mut bad = plan.clone();
-    if let Some(Dequant::Fp8Scaled { block, .. }) = &mut bad.shards[0].tensors[0].dequant {
+    if let Some(Dequant::Fp8Scaled { block, .. }) = bad.shards[0].tensors[0].dequant.as_deref_mut()
+    {
         *block = (3, 3);
     }
     fs::remove_file(&out).unwrap();
@@ -485,11 +486,11 @@ fn dequantizes_gptq_and_bnb_under_their_output_names_in_any_chunking() {
             name: name.into(),
             shape,
             source: src.source,
-            src_dtype: src.dtype.clone(),
-            dst_dtype: "BF16".into(),
+            src_dtype: src.dtype.parse().unwrap(),
+            dst_dtype: DType::BF16,
             src_offsets: src.offsets,
             dst_offsets: (at, at + 2 * n),
-            dequant: Some(how.clone()),
+            dequant: Some(Box::new(how.clone())),
             quantize: None,
         }
     };
@@ -561,7 +562,7 @@ fn dequantizes_gptq_and_bnb_under_their_output_names_in_any_chunking() {
 
     // A GPTQ operand of the wrong shape is refused before anything is written.
     let mut bad = plan.clone();
-    if let Some(Dequant::Gptq { scales, .. }) = &mut bad.shards[0].tensors[0].dequant {
+    if let Some(Dequant::Gptq { scales, .. }) = bad.shards[0].tensors[0].dequant.as_deref_mut() {
         scales.shape = vec![1, 32];
     }
     fs::remove_file(&out).unwrap();
@@ -605,12 +606,12 @@ fn quantizes_weights_and_their_scales_in_any_chunking_scales_after_weights() {
             name: name.into(),
             shape,
             source: src.0,
-            src_dtype: src.1.into(),
-            dst_dtype: to.into(),
+            src_dtype: src.1.parse().unwrap(),
+            dst_dtype: to.parse().unwrap(),
             src_offsets: src.2,
             dst_offsets: (at, at + size * n),
             dequant: None,
-            quantize: Some(how),
+            quantize: Some(Box::new(how)),
         }
     };
     let scale = |weight: &str, shape: &[u64], block| Quantize::Fp8Scale {
@@ -724,7 +725,7 @@ fn quantizes_weights_and_their_scales_in_any_chunking_scales_after_weights() {
     let err = execute(&bad, &ExecOptions::default(), &Progress::default()).unwrap_err();
     assert!(err.to_string().contains("needs [2, 3]"), "{err}");
     let mut bad = plan.clone();
-    bad.shards[0].tensors[2].dst_dtype = "BF16".into();
+    bad.shards[0].tensors[2].dst_dtype = DType::BF16;
     bad.shards[0].tensors[2].dst_offsets = (36, 132);
     let err = execute(&bad, &ExecOptions::default(), &Progress::default()).unwrap_err();
     assert!(err.to_string().contains("they are F8_E4M3"), "{err}");
@@ -842,8 +843,8 @@ fn tiny_tensors(dir: &Path, count: usize, per: usize) -> (Plan, Vec<Vec<f32>>) {
             name: t.name.clone(),
             shape: t.shape.clone(),
             source: 0,
-            src_dtype: t.dtype.to_string(),
-            dst_dtype: dtype.into(),
+            src_dtype: t.dtype,
+            dst_dtype: dtype.parse().unwrap(),
             src_offsets: (start + t.data_offsets.0, start + t.data_offsets.1),
             dst_offsets: (dst, dst + out),
             dequant: None,
