@@ -150,15 +150,10 @@ def digests(out: Path) -> dict[str, tuple[int, str]]:
 
 
 def journaled(journal: Path) -> tuple[int, int]:
-    """Shards in ``journal`` and their bytes (a torn last line counts as not there)."""
-    shards = nbytes = 0
-    for line in journal.read_text().splitlines():
-        try:
-            nbytes += json.loads(line)["size"]
-        except (ValueError, KeyError):
-            continue
-        shards += 1
-    return shards, nbytes
+    """Shards in ``journal`` and their bytes, as a resume reads it (the core's reader:
+    a torn last line is not there, nor is a missing journal)."""
+    records = fastcast._core.read_journal(journal)
+    return len(records), sum(r.size for r in records)
 
 
 def written(pid: int) -> int:
@@ -278,7 +273,7 @@ def run_resume(
     sample = measure([*cmd, "--resume"])
     same = digests(out) == fresh
     total_in = sum(p.stat().st_size for p in inputs(model))
-    left_in = total_in * (total_out - held_bytes) / total_out  # fp32 -> bf16 halves bytes
+    left_in = total_in * (total_out - held_bytes) / total_out  # in proportion to the output
 
     if not same:
         print("resume: output differs from the fresh run's", file=sys.stderr)

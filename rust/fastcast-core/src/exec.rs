@@ -395,8 +395,9 @@ pub fn execute(plan: &Plan, opts: &ExecOptions, progress: &Progress) -> Result<E
                         .err();
                     if failed.is_some() {
                         stop.store(true, Ordering::Relaxed);
+                    } else {
+                        committed.push(record);
                     }
-                    committed.push(record);
                 }
             }
             failed.map_or(Ok(committed), Err)
