@@ -131,6 +131,45 @@ def test_a_malformed_plan_is_refused(tmp_path, source):
         _core.scan_plan({"version": 1, "sources": "nope", "shards": []})  # type: ignore[typeddict-item]
 
 
+def test_a_malformed_tensor_is_refused_naming_its_place(tmp_path, source):
+    """The core reads the tensors of a plan field by field (100k of them): a bad one
+    is named by shard, tensor and field, and nothing is written."""
+    broken = [
+        ("shape", "wide", r"shards\[1\]\.tensors\[0\]\.shape: "),
+        ("src_dtype", "F33", r"shards\[1\]\.tensors\[0\]\.src_dtype: .*F33"),
+        ("dst_dtype", 16, r"shards\[1\]\.tensors\[0\]\.dst_dtype: not a string"),
+        ("src_offsets", (1, 2, 3), r"shards\[1\]\.tensors\[0\]\.src_offsets: not a pair"),
+        ("source", -1, r"shards\[1\]\.tensors\[0\]\.source: "),
+        ("name", None, r"shards\[1\]\.tensors\[0\]\.name: "),
+        ("quantize", {"kind": "fp4"}, r"shards\[1\]\.tensors\[0\]\.quantize: .*fp4"),
+    ]
+    for field, value, message in broken:
+        plan = two_shard_plan(source, tmp_path)
+        plan["shards"][1]["tensors"][0][field] = value  # type: ignore[literal-required]
+        with pytest.raises(fastcast.FastcastError, match="malformed plan: " + message):
+            _core.execute_plan(plan)
+    plan = two_shard_plan(source, tmp_path)
+    del plan["shards"][0]["tensors"][0]["dst_offsets"]  # type: ignore[misc]
+    with pytest.raises(fastcast.FastcastError, match=r"tensors\[0\]: missing field `dst_offsets`"):
+        _core.execute_plan(plan)
+    plan = two_shard_plan(source, tmp_path)
+    plan["shards"][0]["tensors"] = "ids"  # type: ignore[typeddict-item]
+    with pytest.raises(fastcast.FastcastError, match=r"shards\[0\]\.tensors: not a list"):
+        _core.execute_plan(plan)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["in.safetensors"]
+
+
+def test_a_plan_read_back_from_json_runs(tmp_path, source):
+    """Offsets as JSON lists, no optional fields: the plan runs as the dict did."""
+    for run in ("json", "dict"):
+        (tmp_path / run / "unet").mkdir(parents=True)
+    plan = json.loads(json.dumps(two_shard_plan(source, tmp_path / "json")))
+    assert plan["shards"][0]["tensors"][0]["src_offsets"].__class__ is list
+    stats = _core.execute_plan(plan, fsync=False)
+    direct = _core.execute_plan(two_shard_plan(source, tmp_path / "dict"), fsync=False)
+    assert [r.digest for r in stats.shards] == [r.digest for r in direct.shards]
+
+
 def test_partial_names_share_one_suffix(tmp_path):
     assert _core.PARTIAL_SUFFIX == ".fastcast-partial"
     partial = _core.partial_path(tmp_path / "model.safetensors")

@@ -4,6 +4,7 @@
 //! decision about bytes is made in fastcast-core.
 
 mod errors;
+mod plan;
 mod results;
 
 use std::path::PathBuf;
@@ -11,7 +12,7 @@ use std::sync::atomic::Ordering;
 use std::sync::{mpsc, Arc};
 use std::time::Duration;
 
-use fastcast_core::exec::{self, ExecOptions, Plan, Progress};
+use fastcast_core::exec::{self, ExecOptions, Progress};
 use fastcast_core::loss::{self, LossRule};
 use fastcast_core::quantize::{self, Scheme};
 use fastcast_core::torchfile::{Leaf, TorchFile};
@@ -28,6 +29,7 @@ use errors::{
     InvalidCheckpointError, InvalidSafetensorsError, ModelFolderError, OutputExistsError,
     QuantizedModelError,
 };
+use plan::plan_from;
 use results::{loss_list, ExecStats, LossCounts, ShardRecord};
 
 /// Parse a user-typed dtype name into its safetensors name.
@@ -415,11 +417,6 @@ fn shard_digest(
 fn read_journal(py: Python<'_>, path: PathBuf) -> PyResult<Vec<ShardRecord>> {
     let records = py.detach(|| journal::read(&path)).map_err(CoreError)?;
     Ok(records.into_iter().map(ShardRecord::from).collect())
-}
-
-/// A `Plan` dict as the core's plan. Its version is checked where it is used.
-fn plan_from(plan: &Bound<'_, PyAny>) -> PyResult<Plan> {
-    pythonize::depythonize(plan).map_err(|e| FastcastError::new_err(format!("malformed plan: {e}")))
 }
 
 /// Run `work` on its own thread, inside a rayon pool of `threads`, with the GIL
