@@ -29,6 +29,7 @@ import os
 import shutil
 import time
 import warnings
+from collections import Counter
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -52,7 +53,13 @@ from fastcast._core import (
 )
 from fastcast._dtypes import SHORT_NAMES, is_castable, short_name, torch_name
 from fastcast._hf_cache import cache_snapshot, model_path
-from fastcast._loss import OverflowWarning, RangeRiskWarning, TensorLoss, describe, narrowing_risks
+from fastcast._loss import (
+    OverflowWarning,
+    RangeRiskWarning,
+    TensorLoss,
+    describe,
+    narrowing_risks,
+)
 from fastcast._model_dir import ModelFolder, TorchOptions, describe_skipped, join, open_model
 from fastcast._output import Run, prepare
 from fastcast._plan import ConversionPlan, PlannedTensor, plan_conversion
@@ -284,7 +291,16 @@ def fingerprint(
         "shard_size": plan.shard_size,
         "fp8_overflow": fp8_overflow,
         "torch": [torch.state_dict_key, torch.strip_prefix],
-        "shards": [[s.name, [planned_fingerprint(t) for t in s.tensors]] for s in plan.shards],
+        "shards": [
+            [
+                s.name,
+                [  # a plain tensor's part inline: a model may have 100k
+                    planned_fingerprint(t) if t.dequant or t.quantized else [t.name, t.dtype]
+                    for t in s.tensors
+                ],
+            ]
+            for s in plan.shards
+        ],
         "root": str(folder.root.resolve()),
     }
     return hashlib.sha256(json.dumps(doc, sort_keys=True).encode()).hexdigest()
@@ -466,10 +482,10 @@ def shard_losses(plan: ConversionPlan, records: dict[str, _core.ShardRecord]) ->
         planned = {t.name: t for t in shard.tensors}
         # Consumed from the end, so that each count dict is freed as its TensorLoss is
         # made: with 100k tensors, holding both set the run's peak memory.
-        counted = records[shard.name].losses
-        counted.reverse()
-        while counted:
-            name, counts = counted.pop()
+        found = records[shard.name].losses
+        found.reverse()
+        while found:
+            name, counts = found.pop()
             t = planned[name]
             losses.append(TensorLoss(t.label, t.values_dtype, t.dtype, **counts))
     return losses
@@ -819,14 +835,12 @@ def finish_report(
     """The report of a committed conversion; warns if values overflowed; writes
     ``--report``."""
     target = plan.dtype
+    tensors = plan.tensors
     uncast = [
         t
-        for t in plan.tensors
-        if target is not None
-        and not t.is_cast
-        and t.entry.dtype != target
-        and is_castable(t.entry.dtype)
-    ]
+        for t in tensors
+        if t.dtype == t.entry.dtype and t.dtype != target and is_castable(t.dtype)
+    ] if target is not None else []  # fmt: skip
     kept = [t.entry.name for t in uncast if t.role == "plain"]
     pinned = [t.label for t in uncast if t.role == "pinned fp32"]
     if kept:
@@ -840,20 +854,17 @@ def finish_report(
             f"{len(pinned)} tensor(s) left in fp32, as the model class pins them "
             f"({', '.join(pinned[:3])}{' ...' if len(pinned) > 3 else ''})"
         )
+    kinds = Counter(tensor_kind(t) for t in tensors)
     result = ConversionReport(
         source=source,
         output=out,
         dtype=target,
         shards=[s.name for s in plan.shards],
         indexes=[sp.index_name for sp in plan.sets if sp.index_name],
-        tensors_cast=sum(
-            1 for t in plan.tensors if t.is_cast and t.dequant is None and t.quantized is None
-        ),
-        tensors_copied=sum(1 for t in plan.tensors if not t.is_cast),
-        tensors_dequantized=sum(1 for t in plan.tensors if t.dequant is not None),
-        tensors_quantized=sum(
-            1 for t in plan.tensors if t.quantized and t.quantized.kind == "fp8_weight"
-        ),
+        tensors_cast=kinds["cast"],
+        tensors_copied=kinds["copied"],
+        tensors_dequantized=kinds["dequantized"],
+        tensors_quantized=kinds["quantized"],
         bytes_read=stats.bytes_read if stats else 0,
         bytes_written=stats.bytes_written if stats else 0,
         seconds=time.perf_counter() - started,
@@ -876,6 +887,18 @@ def finish_report(
     if report is not None:
         write_report(Path(report), result, fsync)
     return result
+
+
+def tensor_kind(t: PlannedTensor) -> str | None:
+    """How the report counts a tensor: copied (the scales of a float weight already
+    in F32 too), cast, dequantized, quantized (the e4m3 values; their scales: None)."""
+    if t.dequant is not None:
+        return "dequantized"
+    if t.quantized is not None and t.quantized.kind == "fp8_weight":
+        return "quantized"
+    if t.dtype == t.entry.dtype:
+        return "copied"
+    return "cast" if t.quantized is None else None
 
 
 def make_record(

@@ -293,10 +293,10 @@ def target_dtypes(
     )
 
 
-def output_nbytes(entry: TensorEntry, dtype: str) -> int:
-    if dtype == entry.dtype:
-        return entry.nbytes
-    return entry.numel * element_size(dtype)
+def planned(entry: TensorEntry, dtype: str, label: str, role: str) -> PlannedTensor:
+    """A tensor written cast to ``dtype`` (or copied, when that is its own)."""
+    nbytes = entry.nbytes if dtype == entry.dtype else entry.numel * element_size(dtype)
+    return PlannedTensor(entry, dtype, nbytes, (0, 0), label, None, role)
 
 
 class Sized(Protocol):
@@ -345,8 +345,9 @@ def lay_out(tensors: list[PlannedTensor]) -> list[PlannedTensor]:
     """Order a shard's data widest dtype first (then source order) and assign
     offsets, so every tensor is aligned to its element size with no padding
     (the header is padded to 8 bytes)."""
-    # sorted() is stable: source order within each size
-    ordered = sorted(tensors, key=lambda t: -element_size(t.dtype))
+    width = {d: element_size(d) for d in {t.dtype for t in tensors}}
+    # sorted() is stable: source order within each size; one size: nothing to sort
+    ordered = sorted(tensors, key=lambda t: -width[t.dtype]) if len(width) > 1 else tensors
     offset = 0
     for t in ordered:
         end = offset + t.nbytes
@@ -397,34 +398,40 @@ def plan_set(
     each tensor (``_quant.quantize_targets``): a quantized weight is written as its
     e4m3 values and, in the same shard, its scales."""
     entries = ws.tensors
-    by_name = {t.name: t for t in entries}
     quantized = quantized or dequantize is not None or quantize is not None
-    roles = _core.quant_roles(list(by_name)) if quantized else ["plain"] * len(entries)
-    bundles = []
+    roles = _core.quant_roles([t.name for t in entries]) if quantized else ["plain"] * len(entries)
     if quantize is not None:
         targets = [q.dtype for q in quantize]
     elif dtype is None:
         targets = [t.dtype for t in entries]
     else:
         targets = target_dtypes(entries, dtype, keep, quantized)
-    for i, (entry, to) in enumerate(zip(entries, targets, strict=True)):
-        label = join(ws.folder, entry.name)
-        if quantize is not None and quantize[i].fate == "quantize":
-            bundles.append(Bundle.of(quantized_pair(ws, entry, quantize[i], roles[i])))
-        elif dequantize is not None and entry.name in dequantize:
-            w = dequantize[entry.name]
-            how = Dequantized(w, {role: by_name[n] for role, n in w.operands.items()})
-            assert dtype is not None, "dequantizing needs a target"
-            nbytes = math.prod(w.shape) * element_size(dtype)
-            label = join(ws.folder, w.name)
-            bundles.append(Bundle([
-                PlannedTensor(entry, dtype, nbytes, label=label, dequant=how, role=roles[i])
-            ], nbytes))  # fmt: skip
-        elif dequantize is None or roles[i] in ("plain", "pinned fp32"):
-            nbytes = output_nbytes(entry, to)
-            t = PlannedTensor(entry, to, nbytes, label=label, role=roles[i])
-            bundles.append(Bundle([t], nbytes))
-    groups = [[t for b in group for t in b.tensors] for group in pack(bundles, shard_size)]
+    if quantize is None and dequantize is None:  # one tensor per entry: packed as they are
+        folder = ws.folder
+        tensors = [
+            planned(entry, to, f"{folder}/{entry.name}" if folder else entry.name, role)
+            for entry, to, role in zip(entries, targets, roles, strict=True)
+        ]
+        groups = pack(tensors, shard_size)
+    else:
+        by_name = {t.name: t for t in entries}
+        bundles = []
+        for i, (entry, to) in enumerate(zip(entries, targets, strict=True)):
+            if quantize is not None and quantize[i].fate == "quantize":
+                bundles.append(Bundle.of(quantized_pair(ws, entry, quantize[i], roles[i])))
+            elif dequantize is not None and entry.name in dequantize:
+                w = dequantize[entry.name]
+                how = Dequantized(w, {role: by_name[n] for role, n in w.operands.items()})
+                assert dtype is not None, "dequantizing needs a target"
+                nbytes = math.prod(w.shape) * element_size(dtype)
+                label = join(ws.folder, w.name)
+                bundles.append(Bundle([
+                    PlannedTensor(entry, dtype, nbytes, label=label, dequant=how, role=roles[i])
+                ], nbytes))  # fmt: skip
+            elif dequantize is None or roles[i] in ("plain", "pinned fp32"):
+                t = planned(entry, to, join(ws.folder, entry.name), roles[i])
+                bundles.append(Bundle([t], t.nbytes))
+        groups = [[t for b in group for t in b.tensors] for group in pack(bundles, shard_size)]
     # The source's metadata is kept; transformers needs a format, so one is added if absent.
     metadata = {"format": "pt", **ws.metadata}
     names = shard_names(ws.key, len(groups))

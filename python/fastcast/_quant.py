@@ -161,9 +161,12 @@ def detect(folder: ModelFolder) -> Quantization | None:
         )
         where = f"{rel} ({key})" if key else rel
         return Quantization(method, scheme_of(method, qc), where, known)
+    if not any(
+        STATE_ROLES.intersection(_core.quant_roles([t.name for t in ws.tensors]))
+        for ws in folder.weight_sets
+    ):
+        return None  # a plain model, told without a table of its 100k names
     table = roles(folder)
-    if not any(role in STATE_ROLES for role in table.values()):
-        return None
     names = [name for _, name in table]
     method, scheme = method_from_tensors(names, {n: r for (_, n), r in table.items()})
     return Quantization(method, scheme, "tensor names", method != "unknown")
