@@ -53,13 +53,7 @@ from fastcast._core import (
 )
 from fastcast._dtypes import SHORT_NAMES, is_castable, short_name, torch_name
 from fastcast._hf_cache import cache_snapshot, model_path
-from fastcast._loss import (
-    OverflowWarning,
-    RangeRiskWarning,
-    TensorLoss,
-    describe,
-    narrowing_risks,
-)
+from fastcast._loss import OverflowWarning, RangeRiskWarning, TensorLoss, describe, narrowing_risks
 from fastcast._model_dir import ModelFolder, TorchOptions, describe_skipped, join, open_model
 from fastcast._output import Run, prepare
 from fastcast._plan import ConversionPlan, PlannedTensor, plan_conversion
@@ -482,10 +476,10 @@ def shard_losses(plan: ConversionPlan, records: dict[str, _core.ShardRecord]) ->
         planned = {t.name: t for t in shard.tensors}
         # Consumed from the end, so that each count dict is freed as its TensorLoss is
         # made: with 100k tensors, holding both set the run's peak memory.
-        found = records[shard.name].losses
-        found.reverse()
-        while found:
-            name, counts = found.pop()
+        counted = records[shard.name].losses
+        counted.reverse()
+        while counted:
+            name, counts = counted.pop()
             t = planned[name]
             losses.append(TensorLoss(t.label, t.values_dtype, t.dtype, **counts))
     return losses
