@@ -285,16 +285,7 @@ def fingerprint(
         "shard_size": plan.shard_size,
         "fp8_overflow": fp8_overflow,
         "torch": [torch.state_dict_key, torch.strip_prefix],
-        "shards": [
-            [
-                s.name,
-                [  # a plain tensor's part inline: a model may have 100k
-                    planned_fingerprint(t) if t.dequant or t.quantized else [t.name, t.dtype]
-                    for t in s.tensors
-                ],
-            ]
-            for s in plan.shards
-        ],
+        "shards": [[s.name, [planned_fingerprint(t) for t in s.tensors]] for s in plan.shards],
         "root": str(folder.root.resolve()),
     }
     return hashlib.sha256(json.dumps(doc, sort_keys=True).encode()).hexdigest()
@@ -833,8 +824,11 @@ def finish_report(
     uncast = [
         t
         for t in tensors
-        if t.dtype == t.entry.dtype and t.dtype != target and is_castable(t.dtype)
-    ] if target is not None else []  # fmt: skip
+        if target is not None
+        and not t.is_cast
+        and t.entry.dtype != target
+        and is_castable(t.entry.dtype)
+    ]
     kept = [t.entry.name for t in uncast if t.role == "plain"]
     pinned = [t.label for t in uncast if t.role == "pinned fp32"]
     if kept:
@@ -890,7 +884,7 @@ def tensor_kind(t: PlannedTensor) -> str | None:
         return "dequantized"
     if t.quantized is not None and t.quantized.kind == "fp8_weight":
         return "quantized"
-    if t.dtype == t.entry.dtype:
+    if not t.is_cast:
         return "copied"
     return "cast" if t.quantized is None else None
 

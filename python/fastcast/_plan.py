@@ -296,7 +296,7 @@ def target_dtypes(
 def planned(entry: TensorEntry, dtype: str, label: str, role: str) -> PlannedTensor:
     """A tensor written cast to ``dtype`` (or copied, when that is its own)."""
     nbytes = entry.nbytes if dtype == entry.dtype else entry.numel * element_size(dtype)
-    return PlannedTensor(entry, dtype, nbytes, (0, 0), label, None, role)
+    return PlannedTensor(entry, dtype, nbytes, label=label, role=role)
 
 
 class Sized(Protocol):
@@ -407,9 +407,8 @@ def plan_set(
     else:
         targets = target_dtypes(entries, dtype, keep, quantized)
     if quantize is None and dequantize is None:  # one tensor per entry: packed as they are
-        folder = ws.folder
         tensors = [
-            planned(entry, to, f"{folder}/{entry.name}" if folder else entry.name, role)
+            planned(entry, to, join(ws.folder, entry.name), role)
             for entry, to, role in zip(entries, targets, roles, strict=True)
         ]
         groups = pack(tensors, shard_size)
