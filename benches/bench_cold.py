@@ -233,18 +233,20 @@ def run(
         f"({how}; at most {max(left) >> 20} MiB of them still cached at any start). "
         "fsync on for fastcast and the floor; the script does not fsync.",
         "",
-        "| run | wall s | GB/s in | vs floor | vs streaming floor | vs script | CPU s "
-        "| read GB | peak RSS MiB | peak anon MiB |",
-        "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
+        "| run | wall s | each run s | GB/s in | vs floor | vs streaming floor | vs script "
+        "| CPU s | read GB | peak RSS MiB | peak anon MiB |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
     for row in table:
         if not row.ok:
             lines.append(f"| {row.label} | did not finish: exit {[s.code for s in row.samples]} "
-                         "| | | | | | | | |")  # fmt: skip
+                         "| | | | | | | | | |")  # fmt: skip
             continue
         wall = row.median("wall")
         lines.append(
-            f"| {row.label} | {wall:.2f} | {total_in / wall / 1e9:.2f} "
+            # Every run, in order: this disk's speed drifts by a third between runs.
+            f"| {row.label} | {wall:.2f} | {' / '.join(f'{s.wall:.1f}' for s in row.samples)} "
+            f"| {total_in / wall / 1e9:.2f} "
             f"| {wall / floor.median('wall'):.2f}x | {wall / stream.median('wall'):.2f}x "
             f"| {wall / script.median('wall'):.2f}x "
             f"| {row.median('cpu'):.2f} | {row.median('read') / 1e9:.1f} "
