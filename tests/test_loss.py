@@ -167,6 +167,39 @@ def test_inspect_predicts_the_loss_without_writing(tmp_path, lossy):
     assert "converting to F16 would give:" in info.render()
 
 
+def test_the_loss_table_reads_as_the_list_it_stands_for(tmp_path, lossy):
+    """A run's losses stay the core's columns (a ``LossTable``) until looked at; the
+    list inspect predicts, made one ``TensorLoss`` at a time, is the oracle."""
+    from fastcast._loss import LossTable, describe, loss_sum, total, with_nonzero
+
+    src, _ = lossy
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", fastcast.FastcastWarning)
+        info = fastcast.inspect(src, dtype="fp16", progress=False)
+        report = fastcast.convert(
+            src, "fp16", output=tmp_path / "o", shard_size="4KB", progress=False
+        )
+    # b.wide (8 KB in fp16) is larger than a shard: it gets the first one, the rest the
+    # second (huggingface_hub's splitter); the table is in plan order
+    assert len(report.shards) == 2, "the table must span more than one shard's columns"
+    table = report.loss
+    rows = sorted(info.predicted, key=lambda t: t.name != "b.wide")
+    assert isinstance(table, LossTable) and not isinstance(rows, LossTable)
+    assert table == rows and rows == table and list(table) == rows and len(table) == len(rows)
+    assert [table[i] for i in range(-len(rows), len(rows))] == rows + rows
+    assert table[1:] == rows[1:] and table[::-1] == rows[::-1]
+    with pytest.raises(IndexError):
+        table[len(rows)]
+    assert total(table) == total(rows) and describe(table) == describe(rows)
+    for field in ("elements", "overflow", "underflow", "nan_in", "inf_in"):
+        assert loss_sum(table, field) == loss_sum(rows, field) == sum(
+            getattr(t, field) for t in rows
+        )
+    assert with_nonzero(table, "overflow") == [t for t in rows if t.overflow] != []
+    assert with_nonzero(table, "overflow", "underflow") == [t for t in rows if t.lossy]
+    assert report.to_dict()["loss"] == [t.to_dict() for t in rows]
+
+
 def test_cli_strict_keep_report_and_inspect(tmp_path, lossy):
     src, _ = lossy
     cli = [sys.executable, "-m", "fastcast.cli"]

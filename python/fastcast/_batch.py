@@ -21,7 +21,7 @@ from typing import Any, Literal
 from fastcast._convert import ConversionReport, ShardExecutor, convert, default_output, parse_target
 from fastcast._hf_cache import model_path
 from fastcast._jobs import LocalPool, ShardBoard, ShardPool, shard_executor
-from fastcast._loss import total
+from fastcast._loss import loss_sum
 from fastcast._model_dir import TorchOptions, open_model
 from fastcast._units import format_bytes
 
@@ -87,10 +87,11 @@ class ModelResult:
     def loss_text(self) -> str:
         if self.report is None or self.report.already_done:
             return "-"
-        t = total(self.report.loss)
-        if not t.overflow and not t.underflow:
+        over = loss_sum(self.report.loss, "overflow")
+        under = loss_sum(self.report.loss, "underflow")
+        if not over and not under:
             return "none"
-        return f"{t.overflow} over, {t.underflow} under"
+        return f"{over} over, {under} under"
 
     def to_dict(self) -> dict[str, Any]:
         return {

@@ -53,10 +53,19 @@ from fastcast._core import (
 )
 from fastcast._dtypes import SHORT_NAMES, is_castable, short_name, torch_name
 from fastcast._hf_cache import cache_snapshot, model_path
-from fastcast._loss import OverflowWarning, RangeRiskWarning, TensorLoss, describe, narrowing_risks
+from fastcast._loss import (
+    LossTable,
+    OverflowWarning,
+    RangeRiskWarning,
+    TensorLoss,
+    describe,
+    loss_sum,
+    narrowing_risks,
+    with_nonzero,
+)
 from fastcast._model_dir import ModelFolder, TorchOptions, describe_skipped, join, open_model
 from fastcast._output import Run, prepare
-from fastcast._plan import ConversionPlan, PlannedTensor, plan_conversion
+from fastcast._plan import ConversionPlan, PlannedShard, PlannedTensor, plan_conversion
 from fastcast._progress import ByteProgress
 from fastcast._quant import (
     QUANTIZE_METHODS,
@@ -106,7 +115,8 @@ class ConversionReport:
     skipped: list[str] = field(default_factory=list)
     kept: list[str] = field(default_factory=list)
     reused: list[str] = field(default_factory=list)
-    loss: list[TensorLoss] = field(default_factory=list)
+    loss: Sequence[TensorLoss] = field(default_factory=list)
+    """Per cast tensor (after a run, a ``LossTable``: made as they are looked at)."""
     warnings: list[str] = field(default_factory=list)
     already_done: bool = False
     """True when the output already held this conversion (``resume=True``)."""
@@ -121,7 +131,7 @@ class ConversionReport:
 
     @property
     def overflowed(self) -> int:
-        return sum(t.overflow for t in self.loss)
+        return loss_sum(self.loss, "overflow")
 
     def summary(self) -> str:
         if self.already_done:
@@ -186,9 +196,9 @@ class ConversionReport:
             "already_done": self.already_done,
             "loss_total": {
                 "overflow": self.overflowed,
-                "underflow": sum(t.underflow for t in self.loss),
-                "nan_in": sum(t.nan_in for t in self.loss),
-                "inf_in": sum(t.inf_in for t in self.loss),
+                "underflow": loss_sum(self.loss, "underflow"),
+                "nan_in": loss_sum(self.loss, "nan_in"),
+                "inf_in": loss_sum(self.loss, "inf_in"),
             },
             "loss": [t.to_dict() for t in self.loss],
             "warnings": self.warnings,
@@ -458,27 +468,34 @@ def reusable_shards(
     return reused
 
 
-def shard_losses(plan: ConversionPlan, records: dict[str, _core.ShardRecord]) -> list[TensorLoss]:
+def shard_losses(plan: ConversionPlan, records: dict[str, _core.ShardRecord]) -> LossTable:
     """Loss counts of every cast tensor, in plan order, matched within each shard (a
     tensor name is unique in a shard, not across a pipeline's components). A
     dequantized tensor's loss is that of rounding its fp32 values."""
-    losses = []
-    for shard in plan.shards:
-        planned = {t.name: t for t in shard.tensors}
-        # Consumed from the end, so that each count dict is freed as its TensorLoss is
-        # made: with 100k tensors, holding both set the run's peak memory.
-        counted = records[shard.name].losses
-        counted.reverse()
-        while counted:
-            name, counts = counted.pop()
-            t = planned[name]
-            losses.append(TensorLoss(t.label, t.values_dtype, t.dtype, **counts))
-    return losses
+    return LossTable(
+        (*records[shard.name].loss_columns(), ShardLabels(shard)) for shard in plan.shards
+    )
+
+
+class ShardLabels:
+    """A shard's tensor names to (label, dtype of the values, dtype written), for the
+    loss records of the few tensors a report names; the table is built on first use."""
+
+    def __init__(self, shard: PlannedShard) -> None:
+        self.shard = shard
+        self.by_name: dict[str, PlannedTensor] | None = None
+
+    def __call__(self, name: str) -> tuple[str, str, str]:
+        if self.by_name is None:
+            self.by_name = {t.name: t for t in self.shard.tensors}
+        t = self.by_name[name]
+        return t.label, t.values_dtype, t.dtype
 
 
 def overflowed(losses: Sequence[TensorLoss]) -> list[tuple[str, int]]:
     """(tensor, values overflowed) for every tensor that overflowed, worst first."""
-    return sorted(((t.name, t.overflow) for t in losses if t.overflow), key=lambda x: (-x[1], x[0]))
+    over = with_nonzero(losses, "overflow")
+    return sorted(((t.name, t.overflow) for t in over), key=lambda x: (-x[1], x[0]))
 
 
 def refuse_overflow(bad: list[tuple[str, int]], why: str = "") -> None:
@@ -811,7 +828,7 @@ def finish_report(
     configs: list[ConfigFix],
     stats: Executed | None,
     reused: dict[str, _core.ShardRecord],
-    losses: list[TensorLoss],
+    losses: Sequence[TensorLoss],
     notes: list[str],
     started: float,
     report: str | os.PathLike[str] | None,
@@ -897,7 +914,7 @@ def make_record(
     variant: str | None,
     fp8_overflow: str,
     stamp: str,
-    losses: list[TensorLoss],
+    losses: Sequence[TensorLoss],
     quant: Quantization | None,
     mode: str,
 ) -> OutputRecord:
@@ -914,7 +931,7 @@ def make_record(
         files=files,
         folders=sorted({p.as_posix() for f in files for p in Path(f).parents[:-1]}),
         overflowed=overflowed(losses),
-        underflowed=sum(t.underflow for t in losses),
+        underflowed=loss_sum(losses, "underflow"),
         quantization=None
         if quant is None
         else {"method": quant.method, "scheme": quant.scheme, "mode": mode},

@@ -288,6 +288,11 @@ class ShardRecord:
     #: Loss counts of the shard's cast tensors, in plan order.
     @property
     def losses(self) -> list[tuple[str, LossCounts]]: ...
+    def loss_columns(self) -> tuple[list[str], bytes]:
+        """The loss counts as columns, without a dict per tensor: the names in plan
+        order, and six native-endian 8-byte columns of ``len(names)`` values each,
+        one after the other: ``elements``, ``overflow``, ``underflow``, ``nan_in``,
+        ``inf_in`` (unsigned) and ``max_abs`` (a double)."""
     def unchanged(self, path: str | PathLike[Any]) -> bool:
         """Whether ``path`` is provably the file this record was journaled for: the
         run synced it and its size, inode and mtime are still those it had then.

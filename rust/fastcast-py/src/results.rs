@@ -6,7 +6,7 @@ use std::path::PathBuf;
 use fastcast_core::{exec, journal, LossStats};
 use pyo3::intern;
 use pyo3::prelude::*;
-use pyo3::types::{PyDict, PyString};
+use pyo3::types::{PyBytes, PyDict, PyString};
 
 /// One tensor's loss counts, which Python sees as a `LossCounts` dict.
 #[derive(Clone, Copy, PartialEq)]
@@ -76,6 +76,30 @@ impl ShardRecord {
     fn unchanged(&self, py: Python<'_>, path: PathBuf) -> bool {
         self.stamp
             .is_some_and(|stamp| py.detach(|| stamp.describes(&path, self.size)))
+    }
+
+    /// The loss counts as columns, without a dict per tensor (a model may have
+    /// 100k): the tensor names in plan order, and one `bytes` of six native-endian
+    /// 8-byte columns of `len(names)` values each: `elements`, `overflow`,
+    /// `underflow`, `nan_in`, `inf_in` (unsigned) and `max_abs` (a double).
+    fn loss_columns<'py>(&self, py: Python<'py>) -> (Vec<&str>, Bound<'py, PyBytes>) {
+        let n = self.losses.len();
+        let names = self.losses.iter().map(|(name, _)| name.as_str()).collect();
+        let columns: [fn(&LossStats) -> [u8; 8]; 6] = [
+            |l| l.elements.to_ne_bytes(),
+            |l| l.overflow.to_ne_bytes(),
+            |l| l.underflow.to_ne_bytes(),
+            |l| l.nan_in.to_ne_bytes(),
+            |l| l.inf_in.to_ne_bytes(),
+            |l| l.max_abs.to_ne_bytes(),
+        ];
+        let mut bytes = Vec::with_capacity(6 * 8 * n);
+        for column in columns {
+            for (_, counts) in &self.losses {
+                bytes.extend_from_slice(&column(&counts.0));
+            }
+        }
+        (names, PyBytes::new(py, &bytes))
     }
 
     fn __repr__(&self, py: Python<'_>) -> PyResult<String> {
