@@ -43,6 +43,36 @@ def test_reads_what_safetensors_writes(tmp_path):
     np.testing.assert_array_equal(np.frombuffer(data[begin:end], np.float32), np.ones(12))
 
 
+def test_entries_are_the_header_in_data_order_with_absolute_offsets(tmp_path):
+    """``read_entries`` (what a conversion reads) against ``read_header``: the same
+    tensors, offsets made absolute, sorted by data position, ties (empty tensors at
+    one offset) in the header's order, one ``file`` object shared by every row."""
+    header = {
+        "__metadata__": {"format": "pt"},
+        "z.first": {"dtype": "F32", "shape": [2], "data_offsets": [0, 8]},
+        "a.last": {"dtype": "BF16", "shape": [1, 3], "data_offsets": [12, 18]},
+        "m.empty": {"dtype": "F16", "shape": [0], "data_offsets": [8, 8]},
+        "b.empty": {"dtype": "I64", "shape": [2, 0], "data_offsets": [8, 8]},
+        "k.mid": {"dtype": "U8", "shape": [4], "data_offsets": [8, 12]},
+    }
+    path = write_raw(tmp_path / "m.safetensors", header, bytes(range(18)))
+    old = fastcast.read_header(path)
+    start = old["data_start"]
+    expected = sorted(
+        (
+            (n, d, tuple(s), path, (start + b, start + e), None)
+            for n, d, s, (b, e) in old["tensors"]
+        ),
+        key=lambda row: row[4],
+    )
+    metadata, rows = fastcast._core.read_entries(path, path)
+    assert metadata == old["metadata"] == {"format": "pt"}
+    assert rows == expected
+    assert [r[0] for r in rows] == ["z.first", "m.empty", "b.empty", "k.mid", "a.last"]
+    assert all(r[3] is path for r in rows)
+    assert fastcast._core.read_entries(write_raw(tmp_path / "n", {}), None) == (None, [])
+
+
 GOOD_ENTRY = {"dtype": "F32", "shape": [2], "data_offsets": [0, 8]}
 
 

@@ -3,11 +3,15 @@
 from collections.abc import Callable, Iterable, Sequence
 from os import PathLike
 from pathlib import Path
-from typing import Any, Final, Literal, NotRequired, TypedDict, final, type_check_only
+from typing import Any, Final, Literal, NotRequired, TypedDict, TypeVar, final, type_check_only
 
 import numpy as np
 from numpy.typing import NDArray
 from typing_extensions import Buffer
+
+_T = TypeVar("_T")
+#: A row of ``read_entries``: name, dtype, shape, file, (begin, end), pickle path.
+_EntryRow = tuple[str, str, tuple[int, ...], _T, tuple[int, int], None]
 
 __all__ = [
     "FP8_BLOCK",
@@ -35,6 +39,7 @@ __all__ = [
     "partial_path",
     "quant_roles",
     "quantize_targets",
+    "read_entries",
     "read_header",
     "read_journal",
     "read_torch_file",
@@ -418,6 +423,13 @@ def cast_into(
     threads: int | None = None,
 ) -> None: ...
 def read_header(path: str | PathLike[Any]) -> HeaderDict: ...
+def read_entries(
+    path: str | PathLike[Any], file: _T
+) -> tuple[dict[str, str] | None, list[_EntryRow[_T]]]:
+    """A safetensors file's metadata and its tensors as the rows of
+    ``_model_dir.TensorEntry``: (name, dtype, shape, ``file``, absolute (begin, end),
+    None), in data order."""
+
 def read_torch_file(path: str | PathLike[str]) -> TorchFile:
     """Read a torch.save file (zip format) without running pickle: its tensors as
     absolute byte ranges, its other leaves described. Raises InvalidCheckpointError

@@ -33,6 +33,7 @@ import re
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import NamedTuple
 
 from fastcast import _core
 from fastcast._config import CONFIG_NAME
@@ -65,10 +66,10 @@ KNOWN_VARIANTS = {"fp16", "bf16", "fp32", "fp64", "fp8", "ema", "non_ema"}
 FASTCAST_FILES = {RECORD_NAME, STAGING_DIR}
 
 
-@dataclass(frozen=True, slots=True)
-class TensorEntry:
-    """One tensor of an input file; ``offsets`` are absolute in the file. Slotted: a
-    model may have 100k tensors."""
+class TensorEntry(NamedTuple):
+    """One tensor of an input file; ``offsets`` are absolute in the file. A named
+    tuple: a model may have 100k tensors, and the core hands over their rows ready
+    made (``_core.read_entries``); immutable and compared field by field."""
 
     name: str
     dtype: str
@@ -173,14 +174,8 @@ def read_source(path: Path) -> SourceFile:
     """Read and validate one safetensors file's header."""
     if not path.is_file():
         raise ModelFolderError(f"{path}: not a regular file")
-    header = _core.read_header(path)
-    start = header["data_start"]
-    tensors = [
-        TensorEntry(name, dtype, tuple(shape), path, (start + b, start + e))
-        for name, dtype, shape, (b, e) in header["tensors"]
-    ]
-    tensors.sort(key=lambda t: t.offsets)
-    return SourceFile(path, path.stat().st_size, header["metadata"], tensors)
+    metadata, rows = _core.read_entries(path, path)
+    return SourceFile(path, path.stat().st_size, metadata, list(map(TensorEntry._make, rows)))
 
 
 @dataclass(frozen=True)

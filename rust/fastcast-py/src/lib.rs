@@ -22,7 +22,7 @@ use fastcast_core::{
 use fastcast_core::{journal, quant, shard_file};
 use pyo3::buffer::PyBuffer;
 use pyo3::prelude::*;
-use pyo3::types::{PyDict, PyList, PyTuple};
+use pyo3::types::{PyDict, PyList, PyString, PyTuple};
 
 use errors::{
     insufficient_space_error, loss_error, CoreError, DtypeError, FastcastError,
@@ -301,6 +301,47 @@ fn read_header(py: Python<'_>, path: PathBuf) -> PyResult<Bound<'_, PyDict>> {
     Ok(out)
 }
 
+/// A safetensors file's tensors as the rows of `_model_dir.TensorEntry`:
+/// `(metadata, [(name, dtype, shape, file, (begin, end), None)])`, offsets
+/// absolute in the file, rows in data order, `file` the object passed (the
+/// caller's `Path`, shared by every row). A model may have 100k tensors: the
+/// offset arithmetic and the sort happen here, and each dtype is one interned
+/// string, instead of per tensor in Python.
+#[pyfunction]
+fn read_entries<'py>(
+    py: Python<'py>,
+    path: PathBuf,
+    file: Bound<'py, PyAny>,
+) -> PyResult<(Option<Bound<'py, PyDict>>, Bound<'py, PyList>)> {
+    let header = py.detach(|| Header::read(&path)).map_err(CoreError)?;
+    let metadata = match &header.metadata {
+        Some(meta) => {
+            let m = PyDict::new(py);
+            for (k, v) in meta {
+                m.set_item(k, v)?;
+            }
+            Some(m)
+        }
+        None => None,
+    };
+    let start = header.data_start();
+    let mut order: Vec<_> = header.tensors.iter().collect();
+    order.sort_by_key(|t| t.data_offsets); // stable: ties keep the header's order
+    let rows = PyList::empty(py);
+    for t in order {
+        let (begin, end) = t.data_offsets;
+        rows.append((
+            &t.name,
+            PyString::intern(py, t.dtype.safetensors_name()),
+            PyTuple::new(py, &t.shape)?,
+            &file,
+            (start + begin, start + end),
+            py.None(),
+        ))?;
+    }
+    Ok((metadata, rows))
+}
+
 /// Read a torch.save file (`.bin`/`.pt`/`.pth`) without running pickle.
 ///
 /// Returns `{"format": "zip", "prefix", "byteorder": "little", "entries",
@@ -535,6 +576,7 @@ fn _core(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_function(wrap_pyfunction!(select_kernel, m)?)?;
     m.add_function(wrap_pyfunction!(cast_into, m)?)?;
     m.add_function(wrap_pyfunction!(read_header, m)?)?;
+    m.add_function(wrap_pyfunction!(read_entries, m)?)?;
     m.add_function(wrap_pyfunction!(read_torch_file, m)?)?;
     m.add_function(wrap_pyfunction!(execute_plan, m)?)?;
     m.add_function(wrap_pyfunction!(scan_plan, m)?)?;
