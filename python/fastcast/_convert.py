@@ -295,10 +295,21 @@ def fingerprint(
         "shard_size": plan.shard_size,
         "fp8_overflow": fp8_overflow,
         "torch": [torch.state_dict_key, torch.strip_prefix],
-        "shards": [[s.name, [planned_fingerprint(t) for t in s.tensors]] for s in plan.shards],
+        "shards": [[s.name, shard_fingerprint(s)] for s in plan.shards],
         "root": str(folder.root.resolve()),
     }
     return hashlib.sha256(json.dumps(doc, sort_keys=True).encode()).hexdigest()
+
+
+def shard_fingerprint(shard: PlannedShard) -> list[list[Any]]:
+    """A shard's tensors' part of the fingerprint (``planned_fingerprint``, inlined for
+    plain tensors: a model may have 100k)."""
+    return [
+        [t.entry.name, t.dtype]
+        if t.dequant is None and t.quantized is None
+        else planned_fingerprint(t)
+        for t in shard.tensors
+    ]
 
 
 def planned_fingerprint(t: PlannedTensor) -> list[Any]:
@@ -555,7 +566,7 @@ def run_executor(
     input bytes."""
     if not todo:
         return None
-    total_bytes = sum(t.input_nbytes for s in plan.shards if s.name in todo for t in s.tensors)
+    total_bytes = sum(s.input_bytes for s in plan.shards if s.name in todo)
     for name in todo:
         run.staged(name)  # the shard's folder
     try:
@@ -753,14 +764,16 @@ def convert(
             + HEADER_ALLOWANCE * (len(todo) + 1)
         )
         check_space(out, need)
+    tensors = plan.tensors
     risks = narrowing_risks(
         (t.entry.dtype, t.dtype, t.entry.nbytes)
-        for t in plan.tensors
+        for t in tensors
         if t.dequant is None and t.quantized is None  # quantized weights are scaled to fit
     ) + narrowing_risks(
-        ((t.values_dtype, t.dtype, t.values_nbytes) for t in plan.tensors if t.dequant),
+        ((t.values_dtype, t.dtype, t.values_nbytes) for t in tensors if t.dequant),
         dequantized=True,
     )
+    del tensors
     for risk in risks:
         warnings.warn(risk, RangeRiskWarning, stacklevel=2)
 
@@ -838,14 +851,11 @@ def finish_report(
     ``--report``."""
     target = plan.dtype
     tensors = plan.tensors
-    uncast = [
+    uncast = [  # cheapest test first: a model may have 100k tensors, nearly all cast
         t
         for t in tensors
-        if target is not None
-        and not t.is_cast
-        and t.entry.dtype != target
-        and is_castable(t.entry.dtype)
-    ]
+        if t.dtype != target and t.dtype == t.entry.dtype and is_castable(t.dtype)
+    ] if target is not None else []  # fmt: skip
     kept = [t.entry.name for t in uncast if t.role == "plain"]
     pinned = [t.label for t in uncast if t.role == "pinned fp32"]
     if kept:
@@ -859,7 +869,12 @@ def finish_report(
             f"{len(pinned)} tensor(s) left in fp32, as the model class pins them "
             f"({', '.join(pinned[:3])}{' ...' if len(pinned) > 3 else ''})"
         )
-    kinds = Counter(tensor_kind(t) for t in tensors)
+    kinds = Counter(
+        ("copied" if t.dtype == t.entry.dtype else "cast")  # tensor_kind() of a plain tensor
+        if t.dequant is None and t.quantized is None
+        else tensor_kind(t)
+        for t in tensors
+    )
     result = ConversionReport(
         source=source,
         output=out,

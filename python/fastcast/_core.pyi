@@ -241,7 +241,7 @@ class TensorPlan(TypedDict):
     #: The output tensor's name and shape (a dequantized one's may differ from its
     #: source's: GPTQ/AWQ ``x.qweight`` becomes ``x.weight``).
     name: str
-    shape: list[int]
+    shape: Sequence[int]
     #: Index into ``Plan["sources"]``.
     source: int
     src_dtype: str

@@ -61,9 +61,9 @@ class Quantized:
         return {"kind": self.kind, "block": self.block, "weight": self.weight}
 
 
-@dataclass
+@dataclass(slots=True)
 class PlannedTensor:
-    """A tensor's place in the output."""
+    """A tensor's place in the output. Slotted: a model may have 100k."""
 
     entry: TensorEntry
     dtype: str
@@ -122,15 +122,19 @@ class PlannedTensor:
 
 @dataclass
 class PlannedShard:
-    """One output file; ``tensors`` in data (and header) order."""
+    """One output file; ``tensors`` in data (and header) order, laid out (see
+    ``lay_out``) when it is made."""
 
     name: str
     tensors: list[PlannedTensor]
     metadata: dict[str, str]
+    data_bytes: int = field(init=False)
+    """The bytes of its tensors' data."""
+    input_bytes: int = field(init=False)
+    """The input bytes its tensors account for (``PlannedTensor.input_nbytes``)."""
 
-    @property
-    def data_bytes(self) -> int:
-        return sum(t.nbytes for t in self.tensors)
+    def __post_init__(self) -> None:
+        self.tensors, self.data_bytes, self.input_bytes = lay_out(self.tensors)
 
 
 @dataclass
@@ -195,7 +199,21 @@ class ConversionPlan:
                     "name": shard.name,
                     "path": str(folder / shard.name),
                     "metadata": list(shard.metadata.items()),
-                    "tensors": [tensor_dict(t, source_ids) for t in shard.tensors],
+                    "tensors": [
+                        {
+                            "name": e.name,
+                            "shape": e.shape,
+                            "source": source_ids[e.file],
+                            "src_dtype": e.dtype,
+                            "dst_dtype": t.dtype,
+                            "src_offsets": e.offsets,
+                            "dst_offsets": t.offsets,
+                        }  # tensor_dict() inlined for plain tensors: a model may have 100k
+                        if t.dequant is None and t.quantized is None
+                        else tensor_dict(t, source_ids)
+                        for t in shard.tensors
+                        for e in (t.entry,)
+                    ],
                 }
                 for shard in self.shards
                 if only is None or shard.name in only
@@ -341,19 +359,21 @@ def pack(tensors: list[SizedT], limit: int) -> list[list[SizedT]]:
     return shards
 
 
-def lay_out(tensors: list[PlannedTensor]) -> list[PlannedTensor]:
+def lay_out(tensors: list[PlannedTensor]) -> tuple[list[PlannedTensor], int, int]:
     """Order a shard's data widest dtype first (then source order) and assign
     offsets, so every tensor is aligned to its element size with no padding
-    (the header is padded to 8 bytes)."""
+    (the header is padded to 8 bytes). Returns the tensors in that order, their data
+    bytes and the input bytes they account for (one pass: 100k tensors)."""
     width = {d: element_size(d) for d in {t.dtype for t in tensors}}
     # sorted() is stable: source order within each size; one size: nothing to sort
     ordered = sorted(tensors, key=lambda t: -width[t.dtype]) if len(width) > 1 else tensors
-    offset = 0
+    offset = read = 0
     for t in ordered:
         end = offset + t.nbytes
         t.offsets = (offset, end)
         offset = end
-    return ordered
+        read += t.input_nbytes
+    return ordered, offset, read
 
 
 def shard_names(prefix: str, count: int) -> list[str]:
@@ -407,10 +427,16 @@ def plan_set(
     else:
         targets = target_dtypes(entries, dtype, keep, quantized)
     if quantize is None and dequantize is None:  # one tensor per entry: packed as they are
+        # planned() inlined, positional: a model may have 100k tensors
+        size = {to: element_size(to) for to in set(targets)}
+        folder = f"{ws.folder}/" if ws.folder else ""
         tensors = [
-            planned(entry, to, join(ws.folder, entry.name), role)
-            for entry, to, role in zip(entries, targets, roles, strict=True)
-        ]
+            PlannedTensor(
+                e, to, e.nbytes if to == e.dtype else math.prod(e.shape) * size[to], (0, 0),
+                f"{folder}{e.name}" if folder else e.name, None, role,
+            )
+            for e, to, role in zip(entries, targets, roles, strict=True)
+        ]  # fmt: skip
         groups = pack(tensors, shard_size)
     else:
         by_name = {t.name: t for t in entries}
@@ -436,7 +462,7 @@ def plan_set(
     names = shard_names(ws.key, len(groups))
     return SetPlan(
         ws.key,
-        [PlannedShard(n, lay_out(g), dict(metadata)) for n, g in zip(names, groups, strict=True)],
+        [PlannedShard(n, g, dict(metadata)) for n, g in zip(names, groups, strict=True)],
     )
 
 
