@@ -4,6 +4,7 @@ reported, warned about, predictable without writing, and refusable (--strict).""
 from __future__ import annotations
 
 import json
+import pickle
 import subprocess
 import sys
 import warnings
@@ -192,12 +193,15 @@ def test_the_loss_table_reads_as_the_list_it_stands_for(tmp_path, lossy):
         table[len(rows)]
     assert total(table) == total(rows) and describe(table) == describe(rows)
     for field in ("elements", "overflow", "underflow", "nan_in", "inf_in"):
-        assert loss_sum(table, field) == loss_sum(rows, field) == sum(
-            getattr(t, field) for t in rows
+        assert (
+            loss_sum(table, field) == loss_sum(rows, field) == sum(getattr(t, field) for t in rows)
         )
     assert with_nonzero(table, "overflow") == [t for t in rows if t.overflow] != []
     assert with_nonzero(table, "overflow", "underflow") == [t for t in rows if t.lossy]
     assert report.to_dict()["loss"] == [t.to_dict() for t in rows]
+    # a report crosses processes (a Ray task's result): the table pickles as its list
+    again = pickle.loads(pickle.dumps(report))
+    assert again == report and type(again.loss) is list and again.loss == rows
 
 
 def test_cli_strict_keep_report_and_inspect(tmp_path, lossy):

@@ -107,6 +107,11 @@ class LossTable(Sequence[TensorLoss]):
 
     __hash__ = None  # type: ignore[assignment]  # like a list
 
+    def __reduce__(self) -> tuple[type[list[TensorLoss]], tuple[list[TensorLoss]]]:
+        """Pickled (a report returned from a Ray task, say) as the list it stands for:
+        the columns are views, and the labels are looked up in the plan."""
+        return list, (list(self),)
+
     def __repr__(self) -> str:
         return f"LossTable(<{self._len} tensors>)"
 
