@@ -295,32 +295,22 @@ def fingerprint(
         "shard_size": plan.shard_size,
         "fp8_overflow": fp8_overflow,
         "torch": [torch.state_dict_key, torch.strip_prefix],
-        "shards": [[s.name, shard_fingerprint(s)] for s in plan.shards],
+        "shards": [[s.name, [planned_fingerprint(t) for t in s.tensors]] for s in plan.shards],
         "root": str(folder.root.resolve()),
     }
     return hashlib.sha256(json.dumps(doc, sort_keys=True).encode()).hexdigest()
-
-
-def shard_fingerprint(shard: PlannedShard) -> list[list[Any]]:
-    """A shard's tensors' part of the fingerprint (``planned_fingerprint``, inlined for
-    plain tensors: a model may have 100k)."""
-    return [
-        [t.entry.name, t.dtype]
-        if t.dequant is None and t.quantized is None
-        else planned_fingerprint(t)
-        for t in shard.tensors
-    ]
 
 
 def planned_fingerprint(t: PlannedTensor) -> list[Any]:
     """A planned tensor's part of the fingerprint: name and dtype, and for a dequantized
     or quantized one what decides its values (its source, operands and the config's
     parameters; its block)."""
+    if t.dequant is None and t.quantized is None:  # plain, tested first: 100k of them
+        return [t.entry.name, t.dtype]
     if t.dequant is not None:
         return [t.name, t.dtype, t.dequant.weight.describe()]
-    if t.quantized is not None:
-        return [t.name, t.dtype, t.quantized.describe()]
-    return [t.name, t.dtype]
+    assert t.quantized is not None
+    return [t.name, t.dtype, t.quantized.describe()]
 
 
 @dataclass(frozen=True)
@@ -773,7 +763,6 @@ def convert(
         ((t.values_dtype, t.dtype, t.values_nbytes) for t in tensors if t.dequant),
         dequantized=True,
     )
-    del tensors
     for risk in risks:
         warnings.warn(risk, RangeRiskWarning, stacklevel=2)
 
@@ -869,12 +858,7 @@ def finish_report(
             f"{len(pinned)} tensor(s) left in fp32, as the model class pins them "
             f"({', '.join(pinned[:3])}{' ...' if len(pinned) > 3 else ''})"
         )
-    kinds = Counter(
-        ("copied" if t.dtype == t.entry.dtype else "cast")  # tensor_kind() of a plain tensor
-        if t.dequant is None and t.quantized is None
-        else tensor_kind(t)
-        for t in tensors
-    )
+    kinds = Counter(tensor_kind(t) for t in tensors)
     result = ConversionReport(
         source=source,
         output=out,
@@ -912,13 +896,14 @@ def finish_report(
 def tensor_kind(t: PlannedTensor) -> str | None:
     """How the report counts a tensor: copied (the scales of a float weight already
     in F32 too), cast, dequantized, quantized (the e4m3 values; their scales: None)."""
+    if t.dequant is None and t.quantized is None:  # plain, tested first: 100k of them
+        return "cast" if t.is_cast else "copied"
     if t.dequant is not None:
         return "dequantized"
-    if t.quantized is not None and t.quantized.kind == "fp8_weight":
+    assert t.quantized is not None
+    if t.quantized.kind == "fp8_weight":
         return "quantized"
-    if not t.is_cast:
-        return "copied"
-    return "cast" if t.quantized is None else None
+    return None if t.is_cast else "copied"  # a scale: counted only when already F32
 
 
 def make_record(

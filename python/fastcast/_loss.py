@@ -140,9 +140,6 @@ class LossTable(Sequence[TensorLoss]):
                 rows.update((p, j) for j, v in enumerate(column) if v)
         return [self._row(p, j) for p, j in sorted(rows)]
 
-    def max_abs(self) -> float:
-        return max((max(m) for _, _, m, _ in self._parts), default=0.0)
-
 
 def loss_sum(losses: Sequence[TensorLoss], field: str) -> int:
     """The total of one of ``COUNTS`` over ``losses``."""
@@ -179,15 +176,6 @@ def overflow_result(src: str, dst: str) -> str:
 
 
 def total(losses: Iterable[TensorLoss]) -> TensorLoss:
-    if isinstance(losses, LossTable):
-        s = losses.sum
-        return TensorLoss(
-            "(total)",
-            ",".join(sorted({t.dtype_from for t in losses})),
-            ",".join(sorted({t.dtype_to for t in losses})),
-            s("elements"), s("overflow"), s("underflow"), s("nan_in"), s("inf_in"),
-            losses.max_abs(),
-        )  # fmt: skip
     items = list(losses)
     return TensorLoss(
         "(total)",

@@ -199,21 +199,7 @@ class ConversionPlan:
                     "name": shard.name,
                     "path": str(folder / shard.name),
                     "metadata": list(shard.metadata.items()),
-                    "tensors": [
-                        {
-                            "name": e.name,
-                            "shape": e.shape,
-                            "source": source_ids[e.file],
-                            "src_dtype": e.dtype,
-                            "dst_dtype": t.dtype,
-                            "src_offsets": e.offsets,
-                            "dst_offsets": t.offsets,
-                        }  # tensor_dict() inlined for plain tensors: a model may have 100k
-                        if t.dequant is None and t.quantized is None
-                        else tensor_dict(t, source_ids)
-                        for t in shard.tensors
-                        for e in (t.entry,)
-                    ],
+                    "tensors": [tensor_dict(t, source_ids) for t in shard.tensors],
                 }
                 for shard in self.shards
                 if only is None or shard.name in only
@@ -222,16 +208,21 @@ class ConversionPlan:
 
 
 def tensor_dict(t: PlannedTensor, source_ids: dict[Path, int]) -> _core.TensorPlan:
-    """One tensor of the plan as the executor reads it."""
+    """One tensor of the plan as the executor reads it. A plain tensor's is its entry's
+    name and shape, returned at once: a model may have 100k."""
+    e = t.entry
     out: _core.TensorPlan = {
-        "name": t.name,
-        "shape": list(t.shape),
-        "source": source_ids[t.entry.file],
-        "src_dtype": t.entry.dtype,
+        "name": e.name,
+        "shape": e.shape,
+        "source": source_ids[e.file],
+        "src_dtype": e.dtype,
         "dst_dtype": t.dtype,
-        "src_offsets": t.entry.offsets,
+        "src_offsets": e.offsets,
         "dst_offsets": t.offsets,
     }
+    if t.dequant is None and t.quantized is None:
+        return out
+    out["name"], out["shape"] = t.name, t.shape  # dequantized or quantized: its own
     if t.dequant is not None:
         out["dequant"] = dequant_dict(t.dequant, source_ids)
     q = t.quantized
@@ -314,7 +305,8 @@ def target_dtypes(
 def planned(entry: TensorEntry, dtype: str, label: str, role: str) -> PlannedTensor:
     """A tensor written cast to ``dtype`` (or copied, when that is its own)."""
     nbytes = entry.nbytes if dtype == entry.dtype else entry.numel * element_size(dtype)
-    return PlannedTensor(entry, dtype, nbytes, label=label, role=role)
+    # positional: a model may have 100k tensors
+    return PlannedTensor(entry, dtype, nbytes, (0, 0), label, None, role)
 
 
 class Sized(Protocol):
@@ -427,16 +419,10 @@ def plan_set(
     else:
         targets = target_dtypes(entries, dtype, keep, quantized)
     if quantize is None and dequantize is None:  # one tensor per entry: packed as they are
-        # planned() inlined, positional: a model may have 100k tensors
-        size = {to: element_size(to) for to in set(targets)}
-        folder = f"{ws.folder}/" if ws.folder else ""
         tensors = [
-            PlannedTensor(
-                e, to, e.nbytes if to == e.dtype else math.prod(e.shape) * size[to], (0, 0),
-                f"{folder}{e.name}" if folder else e.name, None, role,
-            )
+            planned(e, to, join(ws.folder, e.name), role)
             for e, to, role in zip(entries, targets, roles, strict=True)
-        ]  # fmt: skip
+        ]
         groups = pack(tensors, shard_size)
     else:
         by_name = {t.name: t for t in entries}

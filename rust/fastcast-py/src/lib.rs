@@ -277,16 +277,7 @@ fn cast_into(
 fn read_header(py: Python<'_>, path: PathBuf) -> PyResult<Bound<'_, PyDict>> {
     let header = py.detach(|| Header::read(&path)).map_err(CoreError)?;
     let out = PyDict::new(py);
-    match &header.metadata {
-        Some(meta) => {
-            let m = PyDict::new(py);
-            for (k, v) in meta {
-                m.set_item(k, v)?;
-            }
-            out.set_item("metadata", m)?;
-        }
-        None => out.set_item("metadata", py.None())?,
-    }
+    out.set_item("metadata", metadata_dict(py, &header)?)?;
     let tensors = PyList::empty(py);
     for t in &header.tensors {
         tensors.append((
@@ -299,6 +290,18 @@ fn read_header(py: Python<'_>, path: PathBuf) -> PyResult<Bound<'_, PyDict>> {
     out.set_item("tensors", tensors)?;
     out.set_item("data_start", header.data_start())?;
     Ok(out)
+}
+
+/// A header's `__metadata__` as a dict, or `None` when it has none.
+fn metadata_dict<'py>(py: Python<'py>, header: &Header) -> PyResult<Option<Bound<'py, PyDict>>> {
+    let Some(meta) = &header.metadata else {
+        return Ok(None);
+    };
+    let m = PyDict::new(py);
+    for (k, v) in meta {
+        m.set_item(k, v)?;
+    }
+    Ok(Some(m))
 }
 
 /// A safetensors file's tensors as the rows of `_model_dir.TensorEntry`:
@@ -314,16 +317,7 @@ fn read_entries<'py>(
     file: Bound<'py, PyAny>,
 ) -> PyResult<(Option<Bound<'py, PyDict>>, Bound<'py, PyList>)> {
     let header = py.detach(|| Header::read(&path)).map_err(CoreError)?;
-    let metadata = match &header.metadata {
-        Some(meta) => {
-            let m = PyDict::new(py);
-            for (k, v) in meta {
-                m.set_item(k, v)?;
-            }
-            Some(m)
-        }
-        None => None,
-    };
+    let metadata = metadata_dict(py, &header)?;
     let start = header.data_start();
     let mut order: Vec<_> = header.tensors.iter().collect();
     order.sort_by_key(|t| t.data_offsets); // stable: ties keep the header's order
