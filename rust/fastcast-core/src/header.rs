@@ -170,12 +170,7 @@ impl Header {
         // Duplicates first: JSON readers disagree on which copy wins, so a
         // file that lists a name twice means different things to different
         // tools, whatever the entries hold.
-        let mut seen = HashSet::with_capacity(entries.len());
-        if let Some((name, _)) = entries.iter().find(|(name, _)| !seen.insert(name.as_str())) {
-            return Err(bad(HeaderProblem::DuplicateTensor {
-                tensor: name.clone(),
-            }));
-        }
+        check_unique(entries.iter().map(|(name, _)| name.as_str())).map_err(bad)?;
         let mut metadata = None;
         let mut tensors = Vec::with_capacity(entries.len());
         for (name, raw) in entries {
@@ -202,6 +197,35 @@ impl Header {
             tensors,
             header_len: json.len() as u64,
         })
+    }
+
+    /// Check a header built in memory (a shard about to be written) with the
+    /// checks [`Header::parse_json`] makes of one read from a file, given the
+    /// size of its data buffer: unique metadata keys, unique names (none of
+    /// them `__metadata__`), sizes that agree with dtypes and shapes, tensors
+    /// that tile the buffer. Its JSON is not re-read: the
+    /// writer's escaping is `serde_json`'s, and the tests read it back.
+    pub fn check(&self, path: &Path, data_len: u64) -> Result<()> {
+        let bad = |problem| Error::header(path, problem);
+        if let Some(meta) = &self.metadata {
+            let mut seen = HashSet::with_capacity(meta.len());
+            if let Some((k, _)) = meta.iter().find(|(k, _)| !seen.insert(k.as_str())) {
+                return Err(bad(HeaderProblem::BadMetadata {
+                    message: format!("key {k:?} is listed twice"),
+                }));
+            }
+        }
+        check_unique(self.tensors.iter().map(|t| t.name.as_str())).map_err(bad)?;
+        for t in &self.tensors {
+            if t.name == "__metadata__" {
+                return Err(bad(HeaderProblem::BadEntry {
+                    tensor: t.name.clone(),
+                    message: "the format keeps this name for the metadata".into(),
+                }));
+            }
+            check_entry(&t.name, t.dtype, &t.shape, t.data_offsets, data_len).map_err(bad)?;
+        }
+        check_tiling(&self.tensors, data_len).map_err(bad)
     }
 
     /// Bytes of the data buffer.
@@ -286,6 +310,19 @@ fn check_header_len(path: &Path, len: u64, file_len: u64) -> Result<u64> {
     Ok(len)
 }
 
+/// No name may appear twice.
+fn check_unique<'a>(names: impl ExactSizeIterator<Item = &'a str>) -> Result<(), HeaderProblem> {
+    let mut seen = HashSet::with_capacity(names.len());
+    for name in names {
+        if !seen.insert(name) {
+            return Err(HeaderProblem::DuplicateTensor {
+                tensor: name.to_owned(),
+            });
+        }
+    }
+    Ok(())
+}
+
 /// Validate one entry on its own: dtype, shape, offsets, size.
 fn check_tensor(name: String, raw: RawTensor, data_len: u64) -> Result<TensorInfo, HeaderProblem> {
     let dtype =
@@ -293,39 +330,50 @@ fn check_tensor(name: String, raw: RawTensor, data_len: u64) -> Result<TensorInf
             tensor: name.clone(),
             dtype: raw.dtype.clone(),
         })?;
-    let (begin, end) = raw.data_offsets;
+    check_entry(&name, dtype, &raw.shape, raw.data_offsets, data_len)?;
+    Ok(TensorInfo {
+        name,
+        dtype,
+        shape: raw.shape,
+        data_offsets: raw.data_offsets,
+    })
+}
+
+/// An entry's offsets, shape and size: ordered, no overflow, a whole number of
+/// bytes that agrees with its dtype and shape, inside the data buffer.
+fn check_entry(
+    name: &str,
+    dtype: DType,
+    shape: &[u64],
+    (begin, end): (u64, u64),
+    data_len: u64,
+) -> Result<(), HeaderProblem> {
     if begin > end {
         return Err(HeaderProblem::OffsetsReversed {
-            tensor: name,
+            tensor: name.to_owned(),
             begin,
             end,
         });
     }
-    let numel = raw
-        .shape
-        .iter()
-        .try_fold(1u64, |acc, &d| acc.checked_mul(d));
+    let numel = shape.iter().try_fold(1u64, |acc, &d| acc.checked_mul(d));
     let bits = numel.and_then(|n| n.checked_mul(dtype.bits()));
     let Some(bits) = bits else {
         return Err(HeaderProblem::ShapeOverflow {
-            tensor: name,
-            shape: raw.shape,
+            tensor: name.to_owned(),
+            shape: shape.to_vec(),
         });
     };
     if !bits.is_multiple_of(8) {
         return Err(HeaderProblem::BadEntry {
-            tensor: name,
-            message: format!(
-                "{dtype} shape {:?} is not a whole number of bytes",
-                raw.shape
-            ),
+            tensor: name.to_owned(),
+            message: format!("{dtype} shape {shape:?} is not a whole number of bytes"),
         });
     }
     if end - begin != bits / 8 {
         return Err(HeaderProblem::SizeMismatch {
-            tensor: name,
+            tensor: name.to_owned(),
             dtype,
-            shape: raw.shape,
+            shape: shape.to_vec(),
             begin,
             end,
             expected: bits / 8,
@@ -333,17 +381,12 @@ fn check_tensor(name: String, raw: RawTensor, data_len: u64) -> Result<TensorInf
     }
     if end > data_len {
         return Err(HeaderProblem::DataPastEnd {
-            tensor: name,
+            tensor: name.to_owned(),
             end,
             data_len,
         });
     }
-    Ok(TensorInfo {
-        name,
-        dtype,
-        shape: raw.shape,
-        data_offsets: (begin, end),
-    })
+    Ok(())
 }
 
 /// Tensors sorted by offset must cover `[0, data_len)` exactly once.

@@ -137,12 +137,18 @@ pub struct ExecStats {
     pub bytes_read: u64,
     pub bytes_written: u64,
     pub shards_written: u64,
-    pub losses: Vec<(String, LossCounts)>,
     pub shards: Vec<ShardRecord>,
 }
 
 #[pymethods]
 impl ExecStats {
+    /// The shards' loss counts, one after the other (made when asked: the
+    /// report reads each shard's columns instead).
+    #[getter]
+    fn losses(&self) -> Vec<(String, LossCounts)> {
+        self.shards.iter().flat_map(|s| s.losses.clone()).collect()
+    }
+
     fn __repr__(&self) -> String {
         format!(
             "ExecStats(tensors_cast={}, tensors_copied={}, bytes_read={}, bytes_written={}, \
@@ -152,7 +158,7 @@ impl ExecStats {
             self.bytes_read,
             self.bytes_written,
             self.shards_written,
-            self.losses.len(),
+            self.shards.iter().map(|s| s.losses.len()).sum::<usize>(),
             self.shards.len()
         )
     }
@@ -166,7 +172,6 @@ impl From<exec::ExecStats> for ExecStats {
             bytes_read: s.bytes_read,
             bytes_written: s.bytes_written,
             shards_written: s.shards_written,
-            losses: loss_list(s.losses),
             shards: s.shards.into_iter().map(ShardRecord::from).collect(),
         }
     }

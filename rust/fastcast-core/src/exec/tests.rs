@@ -6,6 +6,11 @@ use super::*;
 use crate::cast::Fp8Overflow;
 use crate::scratch::Scratch;
 
+/// The run's loss counts, in plan order.
+fn losses(stats: &ExecStats) -> Vec<(String, LossStats)> {
+    stats.losses().cloned().collect()
+}
+
 /// Write a safetensors file of f32 tensors `a` (n values) and an i64 `step`.
 fn source(dir: &Path, n: usize) -> (PathBuf, Vec<f32>) {
     let values: Vec<f32> = (0..n).map(|i| (i as f32 * 0.37).sin() * 1e3).collect();
@@ -130,6 +135,36 @@ fn a_plan_that_does_not_tile_is_refused_before_writing() {
     );
 }
 
+/// What a reader would refuse in the header the plan makes is refused before
+/// anything is written: a name twice, a metadata key twice, a tensor under the
+/// name the format keeps for the metadata.
+#[test]
+fn a_plan_whose_header_a_reader_would_refuse_writes_nothing() {
+    let dir = Scratch::new("refused-header");
+    let (src, _) = source(&dir.0, 10);
+    let out = dir.0.join("out.safetensors");
+    type Spoil = fn(&mut ShardPlan);
+    let cases: [(&str, Spoil); 3] = [
+        ("listed twice", |s| s.tensors[1].name = "step".into()),
+        ("listed twice", |s| {
+            s.metadata = Some(vec![("a".into(), "1".into()), ("a".into(), "2".into())])
+        }),
+        ("__metadata__", |s| {
+            s.tensors[1].name = "__metadata__".into()
+        }),
+    ];
+    for (expected, spoil) in cases {
+        let mut plan = plan_for(&src, &out, 10, "F16");
+        spoil(&mut plan.shards[0]);
+        let err = execute(&plan, &ExecOptions::default(), &Progress::default())
+            .map(|_| format!("{:?} was written", plan.shards[0]))
+            .unwrap_err();
+        assert!(err.to_string().contains(expected), "{err}");
+        assert!(err.to_string().contains("out.safetensors"), "{err}");
+        assert_eq!(fs::read_dir(&dir.0).unwrap().count(), 1, "only the input");
+    }
+}
+
 #[test]
 fn source_bounds_and_changes_are_checked() {
     let dir = Scratch::new("bounds");
@@ -231,7 +266,8 @@ fn each_shard_record_carries_its_own_losses() {
     let max = values.iter().fold(0f32, |m, v| m.max(v.abs()));
     assert_eq!(loss.max_abs, max as f64);
     assert_eq!(
-        stats.losses, a.losses,
+        losses(&stats),
+        a.losses,
         "the run's losses are the shards', in order"
     );
     for (shard, record) in plan.shards.iter().zip(&stats.shards) {
@@ -393,9 +429,9 @@ fn dequantizes_fp8_with_a_scale_in_another_file() {
         overflowed += u64::from(value.is_finite() && value.abs() >= 65520.0);
     }
     assert!(overflowed > 0);
-    assert_eq!(stats.losses.len(), 1);
-    assert_eq!(stats.losses[0].1.overflow, overflowed);
-    assert_eq!(stats.losses[0].1.elements, rows * cols);
+    assert_eq!(losses(&stats).len(), 1);
+    assert_eq!(losses(&stats)[0].1.overflow, overflowed);
+    assert_eq!(losses(&stats)[0].1.elements, rows * cols);
 
     // A scale grid that does not fit the weight is refused before anything is written.
     let mut bad = plan.clone();
@@ -542,12 +578,11 @@ fn dequantizes_gptq_and_bnb_under_their_output_names_in_any_chunking() {
         let data = &bytes[header.data_start() as usize..];
         assert_eq!(&data[..512], &want_l[..], "chunk {chunk_bytes}");
         assert_eq!(&data[512..], &want_b[..], "chunk {chunk_bytes}");
-        let losses: Vec<(&str, u64)> = stats
-            .losses
-            .iter()
+        let elements: Vec<(&str, u64)> = stats
+            .losses()
             .map(|(n, l)| (n.as_str(), l.elements))
             .collect();
-        assert_eq!(losses, [("l.weight", 256), ("b.weight", 45)]);
+        assert_eq!(elements, [("l.weight", 256), ("b.weight", 45)]);
         // Progress counts each source once, however many chunks read it whole.
         assert_eq!(
             progress.bytes_done.load(Ordering::Relaxed),
@@ -557,7 +592,7 @@ fn dequantizes_gptq_and_bnb_under_their_output_names_in_any_chunking() {
             shard_digest(&plan, 0, chunk_bytes).unwrap(),
             stats.shards[0].digest
         );
-        assert_eq!(scan(&plan, &Progress::default()).unwrap(), stats.losses);
+        assert_eq!(scan(&plan, &Progress::default()).unwrap(), losses(&stats));
     }
 
     // A GPTQ operand of the wrong shape is refused before anything is written.
@@ -704,7 +739,7 @@ fn quantizes_weights_and_their_scales_in_any_chunking_scales_after_weights() {
         assert_eq!(&data[84..], &rq[..]);
         // Loss for the weights only; the weights' bytes are read once.
         assert_eq!(
-            stats.losses,
+            losses(&stats),
             [("w.weight".to_string(), wl), ("r.weight".to_string(), rl)]
         );
         let read = (wide.len() + rows.len()) as u64;
@@ -714,7 +749,7 @@ fn quantizes_weights_and_their_scales_in_any_chunking_scales_after_weights() {
             shard_digest(&plan, 0, chunk_bytes).unwrap(),
             stats.shards[0].digest
         );
-        assert_eq!(scan(&plan, &Progress::default()).unwrap(), stats.losses);
+        assert_eq!(scan(&plan, &Progress::default()).unwrap(), losses(&stats));
     }
 
     // Scales whose grid does not fit the weight are refused before writing.
@@ -888,8 +923,8 @@ fn tiny_tensors_run_in_shared_chunks_with_their_own_losses() {
         let out = &plan.shards[0].path;
         let stats = execute(&plan, &opts, &Progress::default()).unwrap();
         // Each tensor's own loss: tensor i has i % 7 values beyond f16.
-        assert_eq!(stats.losses.len(), 301);
-        for (name, loss) in &stats.losses {
+        assert_eq!(losses(&stats).len(), 301);
+        for (name, loss) in stats.losses() {
             let i: usize = name[1..].parse().unwrap();
             assert_eq!(
                 (loss.elements, loss.overflow),
@@ -957,7 +992,7 @@ fn a_chunk_cast_in_cache_blocks_counts_and_casts_every_block() {
 
     let expected = LossRule::new(DType::F32, DType::F8E4M3).scan(values);
     assert!(expected.overflow >= 3 && expected.underflow >= 2 && expected.nan_in == 2);
-    assert_eq!(stats.losses, vec![("a".to_string(), expected)]);
+    assert_eq!(losses(&stats), vec![("a".to_string(), expected)]);
     let mut cast_whole = vec![0u8; n];
     cast::cast(
         values,
