@@ -170,6 +170,56 @@ def test_a_plan_read_back_from_json_runs(tmp_path, source):
     assert [r.digest for r in stats.shards] == [r.digest for r in direct.shards]
 
 
+def as_rows(plan: _core.Plan) -> _core.Plan:
+    """``plan`` with each tensor as a plain tensor's row (``PlainTensorPlan``)."""
+    fields = ("name", "shape", "source", "src_dtype", "dst_dtype", "src_offsets", "dst_offsets")
+    rows = json.loads(json.dumps(plan))
+    for shard in rows["shards"]:
+        shard["tensors"] = [tuple(t[f] for f in fields) for t in shard["tensors"]]
+    return rows  # type: ignore[no-any-return]
+
+
+def test_plain_tensors_as_rows_run_as_their_dicts_do(tmp_path, source):
+    """A plain tensor may be a row (the planner's form: a model may have 100k): the
+    files are those of the dict form, as tuples or as the lists JSON gives back."""
+    digests = []
+    for run in ("dict", "tuples", "lists"):
+        (tmp_path / run / "unet").mkdir(parents=True)
+        plan = two_shard_plan(source, tmp_path / run)
+        if run != "dict":
+            plan = as_rows(plan)
+        if run == "lists":
+            plan = json.loads(json.dumps(plan))
+            assert plan["shards"][0]["tensors"][0].__class__ is list
+        stats = _core.execute_plan(plan, fsync=False)
+        digests.append([r.digest for r in stats.shards])
+        assert [name for name, _ in stats.losses] == ["w"]
+    assert digests[0] == digests[1] == digests[2]
+    assert [p.read_bytes() for p in sorted((tmp_path / "dict").rglob("*.safetensors"))] == [
+        p.read_bytes() for p in sorted((tmp_path / "lists").rglob("*.safetensors"))
+    ]
+
+
+def test_a_malformed_row_is_refused_naming_its_field(tmp_path, source):
+    broken = [
+        (3, "F33", r"shards\[1\]\.tensors\[0\]\.src_dtype: .*F33"),
+        (5, (1, 2, 3), r"shards\[1\]\.tensors\[0\]\.src_offsets: not a pair"),
+        (0, None, r"shards\[1\]\.tensors\[0\]\.name: "),
+    ]
+    for field, value, message in broken:
+        plan = as_rows(two_shard_plan(source, tmp_path))
+        row = list(plan["shards"][1]["tensors"][0])  # type: ignore[arg-type]
+        row[field] = value
+        plan["shards"][1]["tensors"][0] = tuple(row)  # type: ignore[call-overload]
+        with pytest.raises(fastcast.FastcastError, match="malformed plan: " + message):
+            _core.execute_plan(plan)
+    plan = as_rows(two_shard_plan(source, tmp_path))
+    plan["shards"][0]["tensors"][0] = plan["shards"][0]["tensors"][0][:6]  # type: ignore[index]
+    with pytest.raises(fastcast.FastcastError, match=r"tensors\[0\]: a row of 6 fields, not 7"):
+        _core.execute_plan(plan)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["in.safetensors"]
+
+
 def test_partial_names_share_one_suffix(tmp_path):
     assert _core.PARTIAL_SUFFIX == ".fastcast-partial"
     partial = _core.partial_path(tmp_path / "model.safetensors")

@@ -199,7 +199,7 @@ class ConversionPlan:
                     "name": shard.name,
                     "path": str(folder / shard.name),
                     "metadata": list(shard.metadata.items()),
-                    "tensors": [tensor_dict(t, source_ids) for t in shard.tensors],
+                    "tensors": [tensor_plan(t, source_ids) for t in shard.tensors],
                 }
                 for shard in self.shards
                 if only is None or shard.name in only
@@ -207,22 +207,23 @@ class ConversionPlan:
         }
 
 
-def tensor_dict(t: PlannedTensor, source_ids: dict[Path, int]) -> _core.TensorPlan:
-    """One tensor of the plan as the executor reads it. A plain tensor's is its entry's
-    name and shape, returned at once: a model may have 100k."""
+def tensor_plan(
+    t: PlannedTensor, source_ids: dict[Path, int]
+) -> _core.TensorPlan | _core._PlainTensorPlan:
+    """One tensor of the plan as the executor reads it: a plain tensor as a row of its
+    entry's name and shape (a model may have 100k), any other as a dict."""
     e = t.entry
+    if t.dequant is None and t.quantized is None:
+        return (e.name, e.shape, source_ids[e.file], e.dtype, t.dtype, e.offsets, t.offsets)
     out: _core.TensorPlan = {
-        "name": e.name,
-        "shape": e.shape,
+        "name": t.name,  # dequantized or quantized: its own name and shape
+        "shape": t.shape,
         "source": source_ids[e.file],
         "src_dtype": e.dtype,
         "dst_dtype": t.dtype,
         "src_offsets": e.offsets,
         "dst_offsets": t.offsets,
     }
-    if t.dequant is None and t.quantized is None:
-        return out
-    out["name"], out["shape"] = t.name, t.shape  # dequantized or quantized: its own
     if t.dequant is not None:
         out["dequant"] = dequant_dict(t.dequant, source_ids)
     q = t.quantized

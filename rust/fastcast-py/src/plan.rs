@@ -6,12 +6,14 @@
 //! keys it takes a fraction of that. The rare nested recipes (`dequant`,
 //! `quantize`) and the per-shard and per-source parts still go through serde,
 //! so their formats have one definition: the core's `Deserialize` types.
+//! A plain tensor may come as a row of its seven fields (`PlainTensorPlan`),
+//! which is quicker to make in Python and to read here than a dict.
 
 use fastcast_core::exec::{Plan, ShardPlan, TensorPlan};
 use fastcast_core::DType;
 use pyo3::intern;
 use pyo3::prelude::*;
-use pyo3::types::{PyDict, PyIterator, PyString};
+use pyo3::types::{PyDict, PyIterator, PyList, PyString, PyTuple};
 use serde::de::DeserializeOwned;
 
 use crate::errors::FastcastError;
@@ -74,8 +76,8 @@ fn read_shard(obj: &Bound<'_, PyAny>, i: usize) -> Read<ShardPlan> {
 struct DTypes(Vec<(String, DType)>);
 
 impl DTypes {
-    fn read(&mut self, d: &Bound<'_, PyDict>, key: &Bound<'_, PyString>) -> Read<DType> {
-        let value = required(d, key, "")?;
+    /// `value`, the dtype field `key`, parsed.
+    fn read(&mut self, value: &Bound<'_, PyAny>, key: &str) -> Read<DType> {
         let name = value
             .cast::<PyString>()
             .map_err(|_| Malformed(format!(".{key}: not a string")))?;
@@ -93,20 +95,66 @@ impl DTypes {
     }
 }
 
-/// One tensor; the error says which field (`.shape: ...`), the caller where.
+/// The fields of a plain tensor's row, in order (`_core.PlainTensorPlan`).
+const ROW: [&str; 7] = [
+    "name",
+    "shape",
+    "source",
+    "src_dtype",
+    "dst_dtype",
+    "src_offsets",
+    "dst_offsets",
+];
+
+/// One tensor, a dict or a plain tensor's row (a tuple, or the list JSON
+/// makes of one); the error says which field
+/// (`.shape: ...`), the caller where.
 fn read_tensor(obj: &Bound<'_, PyAny>, dtypes: &mut DTypes) -> Read<TensorPlan> {
+    if let Ok(row) = obj.cast::<PyTuple>() {
+        return read_row(row, dtypes);
+    }
+    if let Ok(row) = obj.cast::<PyList>() {
+        return read_row(&row.to_tuple(), dtypes); // a plan read back from JSON
+    }
     let py = obj.py();
     let t = as_dict(obj, "")?;
+    let field = |key| required(&t, key, "");
     Ok(TensorPlan {
-        name: extract(&t, intern!(py, "name"))?,
-        shape: extract(&t, intern!(py, "shape"))?,
-        source: extract(&t, intern!(py, "source"))?,
-        src_dtype: dtypes.read(&t, intern!(py, "src_dtype"))?,
-        dst_dtype: dtypes.read(&t, intern!(py, "dst_dtype"))?,
-        src_offsets: pair(&t, intern!(py, "src_offsets"))?,
-        dst_offsets: pair(&t, intern!(py, "dst_offsets"))?,
+        name: extract(&field(intern!(py, "name"))?, "name")?,
+        shape: extract(&field(intern!(py, "shape"))?, "shape")?,
+        source: extract(&field(intern!(py, "source"))?, "source")?,
+        src_dtype: dtypes.read(&field(intern!(py, "src_dtype"))?, "src_dtype")?,
+        dst_dtype: dtypes.read(&field(intern!(py, "dst_dtype"))?, "dst_dtype")?,
+        src_offsets: pair(&field(intern!(py, "src_offsets"))?, "src_offsets")?,
+        dst_offsets: pair(&field(intern!(py, "dst_offsets"))?, "dst_offsets")?,
         dequant: optional(&t, intern!(py, "dequant"), "")?,
         quantize: optional(&t, intern!(py, "quantize"), "")?,
+    })
+}
+
+/// A plain tensor (neither dequantized nor quantized) as a row of `ROW`'s
+/// fields: a model may have 100k, and a tuple is quicker to make and to read
+/// than a dict.
+fn read_row(row: &Bound<'_, PyTuple>, dtypes: &mut DTypes) -> Read<TensorPlan> {
+    if row.len() != ROW.len() {
+        return Err(Malformed(format!(
+            ": a row of {} fields, not {} ({})",
+            row.len(),
+            ROW.len(),
+            ROW.join(", ")
+        )));
+    }
+    let field = |i: usize| row.get_borrowed_item(i).expect("in range");
+    Ok(TensorPlan {
+        name: extract(&field(0), ROW[0])?,
+        shape: extract(&field(1), ROW[1])?,
+        source: extract(&field(2), ROW[2])?,
+        src_dtype: dtypes.read(&field(3), ROW[3])?,
+        dst_dtype: dtypes.read(&field(4), ROW[4])?,
+        src_offsets: pair(&field(5), ROW[5])?,
+        dst_offsets: pair(&field(6), ROW[6])?,
+        dequant: None,
+        quantize: None,
     })
 }
 
@@ -141,18 +189,14 @@ fn required<'py>(
 }
 
 /// A field pyo3 extracts (strings, integers, lists of integers).
-fn extract<'py, T: FromPyObjectOwned<'py>>(
-    d: &Bound<'py, PyDict>,
-    key: &Bound<'py, PyString>,
-) -> Read<T> {
-    required(d, key, "")?
+fn extract<'py, T: FromPyObjectOwned<'py>>(value: &Bound<'py, PyAny>, key: &str) -> Read<T> {
+    value
         .extract::<T>()
         .map_err(|e| Malformed(format!(".{key}: {}", Into::<PyErr>::into(e))))
 }
 
 /// `[begin, end)`: a tuple, or a list as JSON gives it.
-fn pair(d: &Bound<'_, PyDict>, key: &Bound<'_, PyString>) -> Read<(u64, u64)> {
-    let value = required(d, key, "")?;
+fn pair(value: &Bound<'_, PyAny>, key: &str) -> Read<(u64, u64)> {
     if let Ok(p) = value.extract::<(u64, u64)>() {
         return Ok(p);
     }
