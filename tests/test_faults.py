@@ -264,3 +264,30 @@ def test_unlisted_tensor_and_unreadable_json(tmp_path, torch):
     with pytest.raises(fastcast.ModelFolderError, match="not valid JSON"):
         fastcast.convert(src, "bf16", output=tmp_path / "o", progress=False)
     assert not (tmp_path / "o").exists()
+
+
+def test_the_resume_fingerprint_tells_plans_apart(tmp_path):
+    """A resumed run must have the plan of the run it finishes: the fingerprint is
+    the same for the same plan, and differs when the tensors' dtypes (``--keep``) or
+    the shards' split differ."""
+    from fastcast._convert import fingerprint
+    from fastcast._model_dir import TorchOptions, open_model
+    from fastcast._plan import plan_conversion
+
+    st = require("safetensors.numpy")
+    import numpy as np
+
+    tmp_path.joinpath("config.json").write_text('{"torch_dtype": "float32"}')
+    tensors = {f"layer.{i}.weight": np.full(64, i, np.float32) for i in range(6)}
+    st.save_file(tensors, str(tmp_path / "model.safetensors"))
+    folder = open_model(tmp_path)
+
+    def stamp(keep: list[str], shard_size: int = 1 << 20) -> str:
+        plan = plan_conversion(folder, "BF16", shard_size, keep=keep)
+        return fingerprint(folder, plan, "saturate", TorchOptions())
+
+    assert stamp([]) == stamp([])
+    assert stamp([]) != stamp(["*"])  # same names in the same order: dtypes alone
+    assert stamp([]) != stamp(["layer.3.weight"])
+    assert stamp(["layer.3.weight"]) != stamp(["layer.4.weight"])
+    assert stamp([]) != stamp([], shard_size=300)

@@ -8,11 +8,15 @@ import pickle
 import subprocess
 import sys
 import warnings
+from collections.abc import Iterator
 
 import pytest
 
 import fastcast
 from conftest import require
+from fastcast import _core
+from fastcast._loss import narrowing_risks
+from fastcast._units import format_bytes
 from folders import save_folder, snapshot
 
 
@@ -271,3 +275,28 @@ def test_non_float_tensors_are_never_cast(tmp_path, torch, st_torch):
         for name in ("q.packed", "q.i8", "q.i32", "q.mask"):
             assert out[name].dtype == state[name].dtype and torch.equal(out[name], state[name])
         assert report.tensors_cast == 1 and report.tensors_copied == 4
+
+
+def test_range_risks_count_each_narrowing_pair_and_its_bytes():
+    """Per pair of dtypes that narrows range: its tensors and bytes, checked against
+    the core's rule tensor by tensor; sizes are not read when no pair narrows."""
+    src = ["F32", "F32", "BF16", "F32", "BF16", "F16", "I64", "F32"]
+    dst = ["F16", "BF16", "F16", "F16", "BF16", "F8_E4M3", "I64", "F8_E4M3"]
+    sizes = [400, 4, 20, 40, 6, 8, 16, 12]
+    expected: dict[tuple[str, str], list[int]] = {}
+    for s, d, n in zip(src, dst, sizes, strict=True):
+        if s != d and _core.cast_rule(s, d)["narrows_range"]:
+            entry = expected.setdefault((s, d), [0, 0])
+            entry[0], entry[1] = entry[0] + 1, entry[1] + n
+    assert len(expected) == 4  # F32->F16, BF16->F16, F16->E4M3, F32->E4M3
+    risks = narrowing_risks(src, dst, iter(sizes))
+    assert len(risks) == len(expected)
+    for (s, d), (n, size) in sorted(expected.items()):
+        line = f"casting {n} {s} tensor(s) ({format_bytes(size)}) to {d} can overflow"
+        assert any(r.startswith(line) for r in risks), (line, risks)
+
+    def unread() -> Iterator[int]:
+        raise AssertionError("sizes read although no pair narrows")
+        yield 0
+
+    assert narrowing_risks(["F32", "BF16", "I64"], ["BF16", "BF16", "I64"], unread()) == []

@@ -295,22 +295,31 @@ def fingerprint(
         "shard_size": plan.shard_size,
         "fp8_overflow": fp8_overflow,
         "torch": [torch.state_dict_key, torch.strip_prefix],
-        "shards": [[s.name, [planned_fingerprint(t) for t in s.tensors]] for s in plan.shards],
+        "shards": [shard_fingerprint(s) for s in plan.shards],
         "root": str(folder.root.resolve()),
     }
     return hashlib.sha256(json.dumps(doc, sort_keys=True).encode()).hexdigest()
 
 
-def planned_fingerprint(t: PlannedTensor) -> list[Any]:
-    """A planned tensor's part of the fingerprint: name and dtype, and for a dequantized
-    or quantized one what decides its values (its source, operands and the config's
-    parameters; its block)."""
-    if t.dequant is None and t.quantized is None:  # plain, tested first: 100k of them
-        return [t.entry.name, t.dtype]
+def shard_fingerprint(s: PlannedShard) -> list[Any]:
+    """A planned shard's part of the fingerprint: its name, its tensors' source names
+    and dtypes (as columns: a model may have 100k), and for each dequantized or
+    quantized one what decides its values (``special_fingerprint``), by position."""
+    return [
+        s.name,
+        [t.entry.name for t in s.tensors],
+        [t.dtype for t in s.tensors],
+        [[i, special_fingerprint(t)] for i, t in enumerate(s.tensors) if t.dequant or t.quantized],
+    ]
+
+
+def special_fingerprint(t: PlannedTensor) -> list[Any]:
+    """What decides a dequantized or quantized tensor's values: its name, and its
+    source's config parameters and operands, or its block."""
     if t.dequant is not None:
-        return [t.name, t.dtype, t.dequant.weight.describe()]
+        return [t.name, t.dequant.weight.describe()]
     assert t.quantized is not None
-    return [t.name, t.dtype, t.quantized.describe()]
+    return [t.name, t.quantized.describe()]
 
 
 @dataclass(frozen=True)
@@ -755,12 +764,15 @@ def convert(
         )
         check_space(out, need)
     tensors = plan.tensors
+    # quantized weights are scaled to fit: not warned about
+    plain = [t for t in tensors if t.dequant is None and t.quantized is None]
+    dequantizing = [t for t in tensors if t.dequant]
     risks = narrowing_risks(
-        (t.entry.dtype, t.dtype, t.entry.nbytes)
-        for t in tensors
-        if t.dequant is None and t.quantized is None  # quantized weights are scaled to fit
+        [t.entry.dtype for t in plain], [t.dtype for t in plain], (t.entry.nbytes for t in plain)
     ) + narrowing_risks(
-        ((t.values_dtype, t.dtype, t.values_nbytes) for t in tensors if t.dequant),
+        [t.values_dtype for t in dequantizing],
+        [t.dtype for t in dequantizing],
+        (t.values_nbytes for t in dequantizing),
         dequantized=True,
     )
     for risk in risks:

@@ -227,21 +227,31 @@ def describe(losses: Sequence[TensorLoss]) -> list[str]:
     return lines
 
 
-def narrowing_risks(casts: Iterable[tuple[str, str, int]], dequantized: bool = False) -> list[str]:
+def narrowing_risks(
+    src: Sequence[str], dst: Sequence[str], nbytes: Iterable[int], dequantized: bool = False
+) -> list[str]:
     """Warnings for casts whose target has a narrower range than the source (the
     core's ``narrows_range``: f32 to f16, anything to fp8...), before anything runs.
     Casts that can overflow only by rounding at the very top of the range (f32 to
     bf16) are not warned about; their overflow is still counted and reported.
 
-    ``casts`` holds (source dtype, target dtype, bytes) per tensor; ``dequantized``
-    says they are dequantized weights (their fp32 values, rounded to the target).
+    Per tensor, as columns: source dtype, target dtype and bytes (``nbytes`` is read
+    only when some pair narrows: a model may have 100k tensors, and a handful of
+    pairs); ``dequantized`` says they are dequantized weights (their fp32 values,
+    rounded to the target).
     """
+    narrowing = {
+        (s, d)
+        for s, d in set(zip(src, dst, strict=True))
+        if s != d and cast_rule(s, d)["narrows_range"]
+    }
     risky: dict[tuple[str, str], list[int]] = {}
-    for src, dst, nbytes in casts:
-        if src != dst and cast_rule(src, dst)["narrows_range"]:
-            entry = risky.setdefault((src, dst), [0, 0])
-            entry[0] += 1
-            entry[1] += nbytes
+    if narrowing:
+        for pair, size in zip(zip(src, dst, strict=True), nbytes, strict=True):
+            if pair in narrowing:
+                entry = risky.setdefault(pair, [0, 0])
+                entry[0] += 1
+                entry[1] += size
     warnings = []
     for (src, dst), (n, size) in sorted(risky.items()):
         what = f"casting {n} {src} tensor(s) ({format_bytes(size)})"
