@@ -852,6 +852,10 @@ fn joins(jobs: &[Job], c: &Chunk, i: usize, chunk_bytes: usize) -> bool {
 /// The order jobs run in: plan order, each weight's scales right after it
 /// (scales whose weight is in another shard stay where the plan put them).
 fn run_order(jobs: &[Job]) -> Vec<usize> {
+    let scale = |job: &Job| matches!(job.quantize.as_deref(), Some(Quantizing::Scale { .. }));
+    if !jobs.iter().any(scale) {
+        return (0..jobs.len()).collect(); // no scales: plan order, no name index
+    }
     let index: HashMap<&str, usize> = jobs
         .iter()
         .enumerate()

@@ -244,9 +244,11 @@ impl Header {
     /// Tensors are written in `self.tensors` order; `header_len` is ignored
     /// (the result's length prefix is what counts).
     pub fn to_bytes(&self) -> Vec<u8> {
-        use std::io::Write;
-        // Written straight into one buffer after the 8-byte length prefix: a
-        // shard may hold 100k tensors.
+        // Written straight into one buffer after the 8-byte length prefix, the
+        // numbers by itoa: a shard may hold 100k tensors.
+        let mut digits = itoa::Buffer::new();
+        let mut number =
+            |out: &mut Vec<u8>, n: u64| out.extend_from_slice(digits.format(n).as_bytes());
         let mut out = vec![0u8; 8];
         let quote =
             |out: &mut Vec<u8>, s: &str| serde_json::to_writer(out, s).expect("strings serialize");
@@ -271,14 +273,18 @@ impl Header {
             out.extend_from_slice(b":{\"dtype\":\"");
             out.extend_from_slice(t.dtype.safetensors_name().as_bytes());
             out.extend_from_slice(b"\",\"shape\":[");
-            for (j, d) in t.shape.iter().enumerate() {
+            for (j, &d) in t.shape.iter().enumerate() {
                 if j > 0 {
                     out.push(b',');
                 }
-                write!(out, "{d}").expect("writing to a Vec");
+                number(&mut out, d);
             }
             let (begin, end) = t.data_offsets;
-            write!(out, "],\"data_offsets\":[{begin},{end}]}}").expect("writing to a Vec");
+            out.extend_from_slice(b"],\"data_offsets\":[");
+            number(&mut out, begin);
+            out.push(b',');
+            number(&mut out, end);
+            out.extend_from_slice(b"]}");
         }
         out.push(b'}');
         while !(out.len() - 8).is_multiple_of(8) {
@@ -310,7 +316,9 @@ fn check_header_len(path: &Path, len: u64, file_len: u64) -> Result<u64> {
     Ok(len)
 }
 
-/// No name may appear twice.
+/// No name may appear twice. (SipHash with a random key, std's default: the
+/// names come from untrusted files, and a fast unkeyed hash lets a header of
+/// colliding names make this quadratic.)
 fn check_unique<'a>(names: impl ExactSizeIterator<Item = &'a str>) -> Result<(), HeaderProblem> {
     let mut seen = HashSet::with_capacity(names.len());
     for name in names {

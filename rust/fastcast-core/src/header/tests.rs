@@ -321,6 +321,34 @@ proptest! {
         prop_assert_eq!(back.tensors, h.tensors);
     }
 
+    /// `Header::check` (a header built in memory) accepts exactly what reading
+    /// its bytes back accepts, whatever one field of one tensor is spoiled to.
+    #[test]
+    fn check_agrees_with_reading_the_bytes_back(
+        mut h in arb_header(),
+        which in any::<prop::sample::Index>(),
+        field in 0u8..6,
+        value in 0u64..64,
+    ) {
+        let n = h.tensors.len();
+        if n > 0 {
+            let other = h.tensors[(which.index(n) + 1) % n].name.clone();
+            let t = &mut h.tensors[which.index(n)];
+            match field {
+                0 => t.data_offsets.0 = value,
+                1 => t.data_offsets.1 = value,
+                2 => t.shape.push(value),
+                3 => t.name = other, // a duplicate, unless n == 1
+                4 => t.name = "__metadata__".into(),
+                _ => h.metadata = Some(vec![("a".into(), "1".into()), ("a".into(), "2".into())]),
+            }
+        }
+        let data_len = h.tensors.iter().map(|t| t.data_offsets.1).max().unwrap_or(0);
+        let bytes = h.to_bytes();
+        let read = Header::parse_json(Path::new("c"), &bytes[8..], data_len);
+        prop_assert_eq!(h.check(Path::new("c"), data_len).is_ok(), read.is_ok(), "{:?}", read);
+    }
+
     #[test]
     fn mutated_files_never_panic(h in arb_header(), at in any::<prop::sample::Index>(), byte in any::<u8>()) {
         let mut bytes = h.to_bytes();
