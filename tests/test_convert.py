@@ -306,6 +306,40 @@ def test_index_naming_an_absent_shard(tmp_path, model):
     )
 
 
+@pytest.mark.parametrize(
+    "text",
+    [
+        "[]",
+        '{"metadata": {}}',
+        '{"weight_map": ["model.step"]}',
+        '{"weight_map": {"model.step": 3}}',
+        '{"weight_map": {"model.step": null}}',
+    ],
+)
+def test_index_without_a_weight_map_of_names_to_files(tmp_path, model, text):
+    src, _ = model
+    index = src / "model.safetensors.index.json"
+    index.write_text(text)
+    expect_failure(
+        src, tmp_path / "out", fastcast.ModelFolderError, "has no weight_map of tensor names"
+    )
+
+
+def test_index_key_listed_twice_takes_the_last_file_as_json_load_does(tmp_path, model):
+    """A weight map naming a tensor twice means its last file (what transformers'
+    json.load reads), wherever the first listing was."""
+    src, _ = model
+    index = src / "model.safetensors.index.json"
+    data = json.loads(index.read_text())
+    (name, file), *_ = data["weight_map"].items()
+    other = next(f for f in data["weight_map"].values() if f != file)
+    text = json.dumps(data["weight_map"])
+    twice = text[:-1] + f", {json.dumps(name)}: {json.dumps(other)}}}"
+    assert json.loads(twice)[name] == other
+    index.write_text('{"weight_map": ' + twice + "}")
+    expect_failure(src, tmp_path / "out", fastcast.ModelFolderError, f"says '{name}' is in {other}")
+
+
 @pytest.mark.parametrize("target", ["../outside.safetensors", "/etc/passwd", "a/../../x"])
 def test_index_paths_escaping_the_folder(tmp_path, model, target):
     src, _ = model

@@ -41,6 +41,7 @@ __all__ = [
     "quantize_targets",
     "read_entries",
     "read_header",
+    "read_index",
     "read_journal",
     "read_torch_file",
     "scan_plan",
@@ -434,6 +435,12 @@ def read_entries(
     """A safetensors file's metadata and its tensors as the rows of
     ``_model_dir.TensorEntry``: (name, dtype, shape, ``file``, absolute (begin, end),
     None), in data order."""
+
+def read_index(path: str | PathLike[Any]) -> list[tuple[str, list[str]]]:
+    """The files a sharded checkpoint's index json names (its ``weight_map``), in name
+    order, each with the tensors it holds in the order the map lists them; the last
+    of repeated keys wins, as with ``json.load``. ``ModelFolderError`` naming the
+    index when it is not JSON or has no ``weight_map`` of names to file names."""
 
 def read_torch_file(path: str | PathLike[str]) -> TorchFile:
     """Read a torch.save file (zip format) without running pickle: its tensors as

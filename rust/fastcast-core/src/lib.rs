@@ -3,6 +3,8 @@
 //! - [`dtype`]: the dtypes of safetensors, their names, which ones cast;
 //! - [`header`]: safetensors headers read from untrusted bytes, validated
 //!   once, and written back;
+//! - [`index`]: which file holds each tensor, from a sharded checkpoint's
+//!   index json;
 //! - [`cast`]: conversion kernels bit-exact with `torch.Tensor.to` on the
 //!   CPU, a scalar reference per pair and SIMD paths chosen at run time;
 //! - [`dequant`]: a quantized weight's values (fp8 times its block scales,
@@ -31,6 +33,7 @@ pub mod dtype;
 pub mod error;
 pub mod exec;
 pub mod header;
+pub mod index;
 pub mod journal;
 pub mod keep;
 pub mod loss;

@@ -19,7 +19,7 @@ use fastcast_core::torchfile::{Leaf, TorchFile};
 use fastcast_core::{
     dtype, keep, CastOptions, DType, Error, Fp8Overflow, Header, KeepRule, Kernel,
 };
-use fastcast_core::{journal, quant, shard_file};
+use fastcast_core::{index, journal, quant, shard_file};
 use pyo3::buffer::PyBuffer;
 use pyo3::prelude::*;
 use pyo3::types::{PyDict, PyList, PyString, PyTuple};
@@ -336,6 +336,26 @@ fn read_entries<'py>(
     Ok((metadata, rows))
 }
 
+/// The files a sharded checkpoint's index json names, in name order, each
+/// with the tensors it holds (see `fastcast_core::index`). Raises
+/// `ModelFolderError` naming the index when it is not JSON or has no
+/// `weight_map` of tensor names to file names.
+#[pyfunction]
+fn read_index(py: Python<'_>, path: PathBuf) -> PyResult<Vec<(String, Vec<String>)>> {
+    let read = py.detach(|| std::fs::read(&path).map(|json| index::files_of(&json)));
+    match read.map_err(|e| CoreError(Error::io(&path, e)))? {
+        Ok(files) => Ok(files),
+        Err(index::IndexProblem::NotJson(e)) => Err(ModelFolderError::new_err(format!(
+            "{}: not valid JSON: {e}",
+            path.display()
+        ))),
+        Err(index::IndexProblem::NoWeightMap) => Err(ModelFolderError::new_err(format!(
+            "{}: has no weight_map of tensor names to file names",
+            path.display()
+        ))),
+    }
+}
+
 /// Read a torch.save file (`.bin`/`.pt`/`.pth`) without running pickle.
 ///
 /// Returns `{"format": "zip", "prefix", "byteorder": "little", "entries",
@@ -571,6 +591,7 @@ fn _core(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_function(wrap_pyfunction!(cast_into, m)?)?;
     m.add_function(wrap_pyfunction!(read_header, m)?)?;
     m.add_function(wrap_pyfunction!(read_entries, m)?)?;
+    m.add_function(wrap_pyfunction!(read_index, m)?)?;
     m.add_function(wrap_pyfunction!(read_torch_file, m)?)?;
     m.add_function(wrap_pyfunction!(execute_plan, m)?)?;
     m.add_function(wrap_pyfunction!(scan_plan, m)?)?;
