@@ -101,14 +101,13 @@ impl<'de> Deserialize<'de> for RawMetadata {
             }
             fn visit_map<A: MapAccess<'de>>(self, mut map: A) -> Result<RawMetadata, A::Error> {
                 let mut entries: Vec<(String, String)> = Vec::new();
-                let mut seen = HashSet::new();
                 while let Some((k, v)) = map.next_entry::<String, String>()? {
-                    if !seen.insert(k.clone()) {
-                        return Err(de::Error::custom(format!("key {k:?} is listed twice")));
-                    }
                     entries.push((k, v));
                 }
-                Ok(RawMetadata(entries))
+                match first_repeat(entries.iter().map(|(k, _)| k.as_str())) {
+                    Some(k) => Err(de::Error::custom(repeated_key(k))),
+                    None => Ok(RawMetadata(entries)),
+                }
             }
         }
         deserializer.deserialize_map(MetadataVisitor)
@@ -203,17 +202,15 @@ impl Header {
     /// checks [`Header::parse_json`] makes of one read from a file, given the
     /// size of its data buffer: unique metadata keys, unique names (none of
     /// them `__metadata__`), sizes that agree with dtypes and shapes, tensors
-    /// that tile the buffer. Its JSON is not re-read: the
-    /// writer's escaping is `serde_json`'s, and the tests read it back.
+    /// that tile the buffer. Its JSON is not re-read: the writer's escaping is
+    /// `serde_json`'s, and the tests read it back.
     pub fn check(&self, path: &Path, data_len: u64) -> Result<()> {
         let bad = |problem| Error::header(path, problem);
-        if let Some(meta) = &self.metadata {
-            let mut seen = HashSet::with_capacity(meta.len());
-            if let Some((k, _)) = meta.iter().find(|(k, _)| !seen.insert(k.as_str())) {
-                return Err(bad(HeaderProblem::BadMetadata {
-                    message: format!("key {k:?} is listed twice"),
-                }));
-            }
+        let keys = self.metadata.iter().flatten().map(|(k, _)| k.as_str());
+        if let Some(k) = first_repeat(keys) {
+            return Err(bad(HeaderProblem::BadMetadata {
+                message: repeated_key(k),
+            }));
         }
         check_unique(self.tensors.iter().map(|t| t.name.as_str())).map_err(bad)?;
         for t in &self.tensors {
@@ -316,19 +313,27 @@ fn check_header_len(path: &Path, len: u64, file_len: u64) -> Result<u64> {
     Ok(len)
 }
 
-/// No name may appear twice. (SipHash with a random key, std's default: the
-/// names come from untrusted files, and a fast unkeyed hash lets a header of
-/// colliding names make this quadratic.)
-fn check_unique<'a>(names: impl ExactSizeIterator<Item = &'a str>) -> Result<(), HeaderProblem> {
-    let mut seen = HashSet::with_capacity(names.len());
-    for name in names {
-        if !seen.insert(name) {
-            return Err(HeaderProblem::DuplicateTensor {
-                tensor: name.to_owned(),
-            });
-        }
+/// No name may appear twice.
+fn check_unique<'a>(names: impl Iterator<Item = &'a str>) -> Result<(), HeaderProblem> {
+    match first_repeat(names) {
+        Some(name) => Err(HeaderProblem::DuplicateTensor {
+            tensor: name.to_owned(),
+        }),
+        None => Ok(()),
     }
-    Ok(())
+}
+
+/// The first of `items` seen before, if any. (SipHash with a random key,
+/// std's default: the names come from untrusted files, and a fast unkeyed
+/// hash lets a header of colliding names make this quadratic.)
+fn first_repeat<'a>(items: impl Iterator<Item = &'a str>) -> Option<&'a str> {
+    let mut seen = HashSet::with_capacity(items.size_hint().0);
+    items.into_iter().find(|item| !seen.insert(*item))
+}
+
+/// What is wrong with `__metadata__` when it lists `key` twice.
+fn repeated_key(key: &str) -> String {
+    format!("key {key:?} is listed twice")
 }
 
 /// Validate one entry on its own: dtype, shape, offsets, size.

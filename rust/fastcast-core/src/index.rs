@@ -35,30 +35,29 @@ pub fn files_of(json: &[u8]) -> Result<Vec<(String, Vec<String>)>, IndexProblem>
             })
         }
     };
-    // A few files, many tensors: each tensor holds its file's number.
-    let mut files: Vec<Cow<str>> = Vec::new();
-    let mut listed: Vec<(Cow<str>, usize)> = Vec::with_capacity(pairs.len());
+    // A few files, many tensors: each tensor holds its file's number. (The
+    // map is usually sorted by tensor name, so the files interleave.)
+    let mut files: Vec<&str> = Vec::new();
+    let mut number: HashMap<&str, usize> = HashMap::new();
+    let mut listed: Vec<(&str, usize)> = Vec::with_capacity(pairs.len());
     let mut place: HashMap<&str, usize> = HashMap::with_capacity(pairs.len());
     for (tensor, file) in &pairs {
-        let f = match files.iter().rposition(|known| known == file) {
-            Some(f) => f,
-            None => {
-                files.push(file.clone());
-                files.len() - 1
-            }
-        };
+        let f = *number.entry(file).or_insert_with(|| {
+            files.push(file);
+            files.len() - 1
+        });
         match place.get(tensor.as_ref()) {
             Some(&i) => listed[i].1 = f,
             None => {
                 place.insert(tensor, listed.len());
-                listed.push((tensor.clone(), f));
+                listed.push((tensor, f));
             }
         }
     }
     let mut grouped: Vec<(String, Vec<String>)> =
         files.iter().map(|f| (f.to_string(), Vec::new())).collect();
     for (tensor, f) in listed {
-        grouped[f].1.push(tensor.into_owned());
+        grouped[f].1.push(tensor.to_owned());
     }
     grouped.retain(|(_, tensors)| !tensors.is_empty()); // a file every tensor left
     grouped.sort_by(|a, b| a.0.cmp(&b.0));
@@ -97,26 +96,9 @@ impl<'de> Deserialize<'de> for Top<'de> {
 struct Pairs<'a>(Vec<(Cow<'a, str>, Cow<'a, str>)>);
 
 /// A JSON string, borrowed when it can be.
-struct Text<'a>(Cow<'a, str>);
-
-impl<'de> Deserialize<'de> for Text<'de> {
-    fn deserialize<D: Deserializer<'de>>(deserializer: D) -> Result<Text<'de>, D::Error> {
-        struct TextVisitor;
-        impl<'de> Visitor<'de> for TextVisitor {
-            type Value = Text<'de>;
-            fn expecting(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
-                f.write_str("a string")
-            }
-            fn visit_borrowed_str<E: de::Error>(self, s: &'de str) -> Result<Text<'de>, E> {
-                Ok(Text(Cow::Borrowed(s)))
-            }
-            fn visit_str<E: de::Error>(self, s: &str) -> Result<Text<'de>, E> {
-                Ok(Text(Cow::Owned(s.to_owned())))
-            }
-        }
-        deserializer.deserialize_str(TextVisitor)
-    }
-}
+#[derive(Deserialize)]
+#[serde(transparent)]
+struct Text<'a>(#[serde(borrow)] Cow<'a, str>);
 
 impl<'de> Deserialize<'de> for Pairs<'de> {
     fn deserialize<D: Deserializer<'de>>(deserializer: D) -> Result<Pairs<'de>, D::Error> {

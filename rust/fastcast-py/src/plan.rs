@@ -6,7 +6,7 @@
 //! keys it takes a fraction of that. The rare nested recipes (`dequant`,
 //! `quantize`) and the per-shard and per-source parts still go through serde,
 //! so their formats have one definition: the core's `Deserialize` types.
-//! A plain tensor may come as a row of its seven fields (`PlainTensorPlan`),
+//! A plain tensor may come as a row of its seven fields (`_PlainTensorPlan`),
 //! which is quicker to make in Python and to read here than a dict.
 
 use fastcast_core::exec::{Plan, ShardPlan, TensorPlan};
@@ -95,7 +95,7 @@ impl DTypes {
     }
 }
 
-/// The fields of a plain tensor's row, in order (`_core.PlainTensorPlan`).
+/// The fields of a plain tensor's row, in order (`_core._PlainTensorPlan`).
 const ROW: [&str; 7] = [
     "name",
     "shape",
@@ -107,8 +107,8 @@ const ROW: [&str; 7] = [
 ];
 
 /// One tensor, a dict or a plain tensor's row (a tuple, or the list JSON
-/// makes of one); the error says which field
-/// (`.shape: ...`), the caller where.
+/// makes of one); the error says which field (`.shape: ...`), the caller
+/// where.
 fn read_tensor(obj: &Bound<'_, PyAny>, dtypes: &mut DTypes) -> Read<TensorPlan> {
     if let Ok(row) = obj.cast::<PyTuple>() {
         return read_row(row, dtypes);
