@@ -65,12 +65,17 @@ def test_entries_are_the_header_in_data_order_with_absolute_offsets(tmp_path):
         ),
         key=lambda row: row[4],
     )
-    metadata, rows = fastcast._core.read_entries(path, path)
+    metadata, entries = fastcast._core.read_entries(path, path)
+    rows = entries.rows()
     assert metadata == old["metadata"] == {"format": "pt"}
     assert rows == expected
+    assert entries.names() == [r[0] for r in rows] and len(entries) == len(rows)
+    assert entries.file is path
     assert [r[0] for r in rows] == ["z.first", "m.empty", "b.empty", "k.mid", "a.last"]
     assert all(r[3] is path for r in rows)
-    assert fastcast._core.read_entries(write_raw(tmp_path / "n", {}), None) == (None, [])
+    empty = write_raw(tmp_path / "n", {})
+    metadata, entries = fastcast._core.read_entries(empty, empty)
+    assert metadata is None and entries.rows() == [] and len(entries) == 0
 
 
 GOOD_ENTRY = {"dtype": "F32", "shape": [2], "data_offsets": [0, 8]}

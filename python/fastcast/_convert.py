@@ -25,6 +25,7 @@ import functools
 import gc
 import hashlib
 import json
+import operator
 import os
 import shutil
 import time
@@ -307,9 +308,9 @@ def shard_fingerprint(s: PlannedShard) -> list[Any]:
     quantized one what decides its values (``special_fingerprint``), by position."""
     return [
         s.name,
-        [t.entry.name for t in s.tensors],
-        [t.dtype for t in s.tensors],
-        [[i, special_fingerprint(t)] for i, t in enumerate(s.tensors) if t.dequant or t.quantized],
+        s.source_names(),
+        s.dtypes(),
+        [[i, special_fingerprint(t)] for i, t in s.special()],
     ]
 
 
@@ -763,12 +764,13 @@ def convert(
             + HEADER_ALLOWANCE * (len(todo) + 1)
         )
         check_space(out, need)
-    tensors = plan.tensors
     # quantized weights are scaled to fit: not warned about
-    plain = [t for t in tensors if t.dequant is None and t.quantized is None]
-    dequantizing = [t for t in tensors if t.dequant]
+    plain = [s.plain_columns() for s in plan.shards]
+    dequantizing = [t for s in plan.shards for _, t in s.special() if t.dequant]
     risks = narrowing_risks(
-        [t.entry.dtype for t in plain], [t.dtype for t in plain], (t.entry.nbytes for t in plain)
+        [d for c in plain for d in c.src_dtypes],
+        [d for c in plain for d in c.dtypes],
+        (n for c in plain for n in c.src_nbytes),
     ) + narrowing_risks(
         [t.values_dtype for t in dequantizing],
         [t.dtype for t in dequantizing],
@@ -851,14 +853,26 @@ def finish_report(
     """The report of a committed conversion; warns if values overflowed; writes
     ``--report``."""
     target = plan.dtype
-    tensors = plan.tensors
-    uncast = [  # cheapest test first: a model may have 100k tensors, nearly all cast
-        t
-        for t in tensors
-        if t.dtype != target and t.dtype == t.entry.dtype and is_castable(t.dtype)
-    ] if target is not None else []  # fmt: skip
-    kept = [t.entry.name for t in uncast if t.role == "plain"]
-    pinned = [t.label for t in uncast if t.role == "pinned fp32"]
+    kinds: Counter[str | None] = Counter()
+    kept: list[str] = []
+    pinned: list[str] = []
+    for shard in plan.shards:
+        if (table := shard.plain) is not None:  # as columns: a model may have 100k tensors
+            src, dst = table.source_dtypes(), table.dtypes()
+            kinds["cast"] += (cast := sum(map(operator.ne, src, dst)))
+            kinds["copied"] += len(dst) - cast
+            if target is not None and cast < len(dst):
+                names = table.names()
+                kept += [names[i] for i, d in enumerate(dst) if d != target and is_castable(d)]
+            continue
+        kinds.update(tensor_kind(t) for t in shard.tensors)
+        uncast = [  # cheapest test first: nearly every tensor is cast
+            t
+            for t in shard.tensors
+            if t.dtype != target and t.dtype == t.entry.dtype and is_castable(t.dtype)
+        ] if target is not None else []  # fmt: skip
+        kept += [t.entry.name for t in uncast if t.role == "plain"]
+        pinned += [t.label for t in uncast if t.role == "pinned fp32"]
     if kept:
         notes.append(
             f"{len(kept)} tensor(s) kept in their source dtype by --keep; config.json says "
@@ -870,7 +884,6 @@ def finish_report(
             f"{len(pinned)} tensor(s) left in fp32, as the model class pins them "
             f"({', '.join(pinned[:3])}{' ...' if len(pinned) > 3 else ''})"
         )
-    kinds = Counter(tensor_kind(t) for t in tensors)
     result = ConversionReport(
         source=source,
         output=out,

@@ -3,15 +3,14 @@
 from collections.abc import Callable, Iterable, Sequence
 from os import PathLike
 from pathlib import Path
-from typing import Any, Final, Literal, NotRequired, TypedDict, TypeVar, final, type_check_only
+from typing import Any, Final, Literal, NotRequired, TypedDict, final, type_check_only
 
 import numpy as np
 from numpy.typing import NDArray
 from typing_extensions import Buffer
 
-_T = TypeVar("_T")
-#: A row of ``read_entries``: name, dtype, shape, file, (begin, end), pickle path.
-_EntryRow = tuple[str, str, tuple[int, ...], _T, tuple[int, int], None]
+#: A row of ``Entries.rows``: name, dtype, shape, file, (begin, end), pickle path.
+_EntryRow = tuple[str, str, tuple[int, ...], Path, tuple[int, int], None]
 
 __all__ = [
     "FP8_BLOCK",
@@ -19,6 +18,7 @@ __all__ = [
     "PLAN_VERSION",
     "QUANTIZE_SCHEMES",
     "DtypeError",
+    "Entries",
     "ExecStats",
     "FastcastError",
     "InsufficientSpaceError",
@@ -27,6 +27,7 @@ __all__ = [
     "LossError",
     "ModelFolderError",
     "OutputExistsError",
+    "PlainShard",
     "QuantizedModelError",
     "ShardRecord",
     "__version__",
@@ -35,8 +36,11 @@ __all__ = [
     "cast_rule",
     "dtypes",
     "execute_plan",
+    "lay_out",
+    "pack",
     "parse_dtype",
     "partial_path",
+    "plan_plain",
     "quant_roles",
     "quantize_targets",
     "read_entries",
@@ -429,12 +433,61 @@ def cast_into(
     threads: int | None = None,
 ) -> None: ...
 def read_header(path: str | PathLike[Any]) -> HeaderDict: ...
-def read_entries(
-    path: str | PathLike[Any], file: _T
-) -> tuple[dict[str, str] | None, list[_EntryRow[_T]]]:
-    """A safetensors file's metadata and its tensors as the rows of
-    ``_model_dir.TensorEntry``: (name, dtype, shape, ``file``, absolute (begin, end),
-    None), in data order."""
+def read_entries(path: str | PathLike[Any], file: Path) -> tuple[dict[str, str] | None, Entries]:
+    """A safetensors file's metadata and its tensors, held by the core in data order,
+    offsets absolute in the file, ``file`` the path their rows name."""
+
+@final
+class Entries:
+    """A safetensors file's tensors (``read_entries``): a model may have 100k, asked
+    for as columns or, where objects are needed, as rows."""
+
+    def __len__(self) -> int: ...
+    @property
+    def file(self) -> Path: ...
+    def names(self) -> list[str]: ...
+    def rows(self) -> list[_EntryRow]:
+        """The rows of ``_model_dir.TensorEntry``: (name, dtype, shape, file, absolute
+        (begin, end), None), in data order."""
+
+@final
+class PlainShard:
+    """An output shard of ``plan_plain``: tensors cast or copied, in data order."""
+
+    def __len__(self) -> int: ...
+    @property
+    def data_bytes(self) -> int: ...
+    @property
+    def input_bytes(self) -> int: ...
+    @property
+    def numel(self) -> int: ...
+    def names(self) -> list[str]: ...
+    def dtypes(self) -> list[str]:
+        """The dtype each tensor is written in."""
+    def source_dtypes(self) -> list[str]: ...
+    def source_nbytes(self) -> list[int]: ...
+    def picks(self) -> list[tuple[int, int, str, int, int, int]]:
+        """(source, row, dtype, nbytes, begin, end) of each tensor: ``source`` indexes
+        the ``Entries`` planned, ``row`` their rows."""
+    def plan_rows(self, source_ids: list[int]) -> list[_PlainTensorPlan]:
+        """Its tensors as the executor's rows, ``source_ids[i]`` the plan's id of the
+        ``i``th ``Entries`` planned."""
+
+def plan_plain(
+    sources: list[Entries], target: str | None, keep: list[str], limit: int
+) -> list[PlainShard]:
+    """The shards of a weight set of plain safetensors files, packed as
+    huggingface_hub packs them and laid out as ``lay_out`` does; ``target`` None
+    keeps every dtype, a float matching a ``keep`` glob keeps its own."""
+
+def pack(sizes: list[int], limit: int) -> list[list[int]]:
+    """Item indices of each shard of at most ``limit`` bytes, as huggingface_hub's
+    splitter packs ``sizes`` (an item over ``limit`` alone, before the shard being
+    filled)."""
+
+def lay_out(tensors: list[tuple[str, int]]) -> list[tuple[int, int, int]]:
+    """(index, begin, end) of each (dtype, bytes) in data order: widest dtype first,
+    stable, end to end from 0."""
 
 def read_index(path: str | PathLike[Any]) -> list[tuple[str, list[str]]]:
     """The files a sharded checkpoint's index json names (its ``weight_map``), in name

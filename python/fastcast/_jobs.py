@@ -247,7 +247,7 @@ def shard_executor(pool: ShardPool, board: ShardBoard, model: str) -> ShardExecu
                 run.staged(shard.name)  # the shard's folder
                 jobs[shard.name] = ShardJob(
                     model, shard.name, plan.to_dict(run.staging, sizes, only={shard.name}),
-                    sum(t.input_nbytes for t in shard.tensors), threads, chunk, run.fsync,
+                    shard.input_bytes, threads, chunk, run.fsync,
                     fp8_overflow,
                 )  # fmt: skip
         board.add_model(model, sum(j.input_bytes for j in jobs.values()))

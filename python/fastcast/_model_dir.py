@@ -31,6 +31,7 @@ import os
 import re
 from collections.abc import Iterable
 from dataclasses import dataclass, field
+from functools import cached_property
 from pathlib import Path
 from typing import NamedTuple
 
@@ -94,12 +95,25 @@ class SourceFile:
     path: Path
     size: int
     metadata: dict[str, str] | None
-    tensors: list[TensorEntry]
+    entries: _core.Entries | list[TensorEntry]
+    """Its tensors in data order: the core's table (safetensors), or a list."""
     torch: bool = False
     """A torch.save file (``.bin``...), not safetensors."""
     tied: dict[str, str] = field(default_factory=dict)
     """torch.save: tied duplicates not written, each with the name it is written as."""
     notes: list[str] = field(default_factory=list)
+
+    @cached_property
+    def tensors(self) -> list[TensorEntry]:
+        """Its tensors in data order, made from the core's table on first use (a plain
+        model's conversion plans without them: ``_plan.plain_set``)."""
+        e = self.entries
+        return e if isinstance(e, list) else list(map(TensorEntry._make, e.rows()))
+
+    def names(self) -> list[str]:
+        """Its tensors' names, in data order."""
+        e = self.entries
+        return [t.name for t in e] if isinstance(e, list) else e.names()
 
 
 @dataclass(frozen=True)
@@ -124,6 +138,10 @@ class WeightSet:
     def tensors(self) -> list[TensorEntry]:
         """Tensors in source order: files in name order, each in data order."""
         return [t for f in self.files for t in f.tensors]
+
+    def names(self) -> list[str]:
+        """The tensors' names, in source order."""
+        return [n for f in self.files for n in f.names()]
 
     @property
     def metadata(self) -> dict[str, str]:
@@ -173,8 +191,8 @@ def read_source(path: Path) -> SourceFile:
     """Read and validate one safetensors file's header."""
     if not path.is_file():
         raise ModelFolderError(f"{path}: not a regular file")
-    metadata, rows = _core.read_entries(path, path)
-    return SourceFile(path, path.stat().st_size, metadata, list(map(TensorEntry._make, rows)))
+    metadata, entries = _core.read_entries(path, path)
+    return SourceFile(path, path.stat().st_size, metadata, entries)
 
 
 @dataclass(frozen=True)
@@ -237,7 +255,7 @@ def read_indexed_set(
         if not inside(root, path):
             raise ModelFolderError(f"{path}: links outside the model folder {root}")
         source = read_source(path) if torch is None else read_torch_source(path, torch)
-        present = {t.name for t in source.tensors}.union(source.tied)
+        present = set(source.names()).union(source.tied)
         if not present.issuperset(in_this_shard):
             missing = [t for t in in_this_shard if t not in present]
             raise ModelFolderError(
@@ -250,7 +268,7 @@ def read_indexed_set(
         extra = [
             (name, f.path.name)
             for f in files
-            for name in [*(t.name for t in f.tensors), *f.tied]
+            for name in [*f.names(), *f.tied]
             if name not in listed
         ]
         raise ModelFolderError(
@@ -263,18 +281,18 @@ def read_indexed_set(
 def check_no_duplicates(sets: Iterable[WeightSet]) -> None:
     """Reject a tensor held by two files of one set: which copy is right is ambiguous."""
     for ws in sets:
-        names = [t.name for f in ws.files for t in f.tensors]
+        names = ws.names()
         if len(set(names)) == len(names):
             continue  # the usual case, told at C speed; else find the first repeat
         where: dict[str, Path] = {}
         for f in ws.files:
-            for t in f.tensors:
-                if t.name in where:
+            for name in f.names():
+                if name in where:
                     raise ModelFolderError(
-                        f"{f.path}: tensor {t.name!r} is also in {where[t.name]}; "
+                        f"{f.path}: tensor {name!r} is also in {where[name]}; "
                         "which copy is right is ambiguous"
                     )
-                where[t.name] = f.path
+                where[name] = f.path
 
 
 def split_variant(stem: str, names: set[str]) -> tuple[str, str | None]:

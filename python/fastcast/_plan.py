@@ -25,7 +25,7 @@ from typing import TYPE_CHECKING, Any, Literal, NamedTuple, Protocol, TypeAlias,
 
 from fastcast import _core
 from fastcast._dtypes import element_size
-from fastcast._model_dir import ModelFolder, TensorEntry, WeightSet, join
+from fastcast._model_dir import ModelFolder, SourceFile, TensorEntry, WeightSet, join
 from fastcast._quant import QuantizedWeight, QuantizeTarget
 
 if TYPE_CHECKING:
@@ -120,21 +120,114 @@ class PlannedTensor:
         return self.numel * 4 if self.dequant else self.entry.nbytes
 
 
-@dataclass
+@dataclass(frozen=True)
+class PlainTensors:
+    """A plain plan's shard as the core holds it (``_core.plan_plain``), and what
+    makes its ``PlannedTensor`` objects when something asks for them."""
+
+    shard: _core.PlainShard
+    files: list[SourceFile]
+    """The files planned: ``shard.picks()`` index them."""
+    folder: str
+    """The weight set's folder, for labels."""
+
+    def made(self) -> list[PlannedTensor]:
+        """The tensors as the Python planner makes them (``planned``)."""
+        entries = [f.tensors for f in self.files]
+        return [
+            planned_at(entries[s][r], dtype, nbytes, (begin, end), self.folder)
+            for s, r, dtype, nbytes, begin, end in self.shard.picks()
+        ]
+
+
+class PlainColumns(NamedTuple):
+    """A shard's plain (neither dequantized nor quantized) tensors as columns."""
+
+    src_dtypes: list[str]
+    dtypes: list[str]
+    src_nbytes: list[int]
+
+
 class PlannedShard:
-    """One output file; ``tensors`` in data (and header) order, laid out (see
-    ``lay_out``) when it is made."""
+    """One output file; its tensors in data (and header) order, laid out (see
+    ``lay_out``) when it is made. A shard of a plain plan keeps its tensors in the
+    core (``PlainTensors``): what the conversion reads of them, it reads as columns,
+    and ``tensors`` makes their objects on first use."""
 
-    name: str
-    tensors: list[PlannedTensor]
-    metadata: dict[str, str]
-    data_bytes: int = field(init=False)
-    """The bytes of its tensors' data."""
-    input_bytes: int = field(init=False)
-    """The input bytes its tensors account for (``PlannedTensor.input_nbytes``)."""
+    __slots__ = ("_tensors", "data_bytes", "input_bytes", "metadata", "name")
 
-    def __post_init__(self) -> None:
-        self.tensors, self.data_bytes, self.input_bytes = lay_out(self.tensors)
+    def __init__(
+        self, name: str, tensors: list[PlannedTensor] | PlainTensors, metadata: dict[str, str]
+    ) -> None:
+        self.name = name
+        self.metadata = metadata
+        self._tensors: list[PlannedTensor] | PlainTensors
+        if isinstance(tensors, PlainTensors):
+            self._tensors = tensors
+            self.data_bytes = tensors.shard.data_bytes
+            """The bytes of its tensors' data."""
+            self.input_bytes = tensors.shard.input_bytes
+            """The input bytes its tensors account for (``PlannedTensor.input_nbytes``)."""
+        else:
+            self._tensors, self.data_bytes, self.input_bytes = lay_out(tensors)
+
+    def __repr__(self) -> str:
+        return f"PlannedShard({self.name!r}, {len(self)} tensors)"
+
+    def __len__(self) -> int:
+        return len(self._tensors) if isinstance(self._tensors, list) else len(self._tensors.shard)
+
+    @property
+    def tensors(self) -> list[PlannedTensor]:
+        if isinstance(self._tensors, PlainTensors):
+            self._tensors = self._tensors.made()
+        return self._tensors
+
+    @property
+    def plain(self) -> _core.PlainShard | None:
+        """The core's table of its tensors, while no objects were made of them."""
+        return self._tensors.shard if isinstance(self._tensors, PlainTensors) else None
+
+    def source_names(self) -> list[str]:
+        """Each tensor's name in its source."""
+        return self.plain.names() if self.plain else [t.entry.name for t in self.tensors]
+
+    def names(self) -> list[str]:
+        """Each tensor's name in the output."""
+        return self.plain.names() if self.plain else [t.name for t in self.tensors]
+
+    def dtypes(self) -> list[str]:
+        """The dtype each tensor is written in."""
+        return self.plain.dtypes() if self.plain else [t.dtype for t in self.tensors]
+
+    def numel(self) -> int:
+        return self.plain.numel if self.plain else sum(t.numel for t in self.tensors)
+
+    def special(self) -> list[tuple[int, PlannedTensor]]:
+        """The dequantized and quantized tensors, with their positions."""
+        if self.plain:
+            return []
+        return [(i, t) for i, t in enumerate(self.tensors) if t.dequant or t.quantized]
+
+    def plain_columns(self) -> PlainColumns:
+        """Its plain tensors' source dtypes, dtypes and source bytes."""
+        if (p := self.plain) is not None:
+            return PlainColumns(p.source_dtypes(), p.dtypes(), p.source_nbytes())
+        plain = [t for t in self.tensors if t.dequant is None and t.quantized is None]
+        return PlainColumns(
+            [t.entry.dtype for t in plain],
+            [t.dtype for t in plain],
+            [t.entry.nbytes for t in plain],
+        )
+
+    def plan_rows(
+        self, source_ids: dict[Path, int]
+    ) -> list[_core.TensorPlan | _core._PlainTensorPlan]:
+        """Its tensors as the executor reads them (``tensor_plan``)."""
+        if isinstance(self._tensors, PlainTensors):
+            plain = self._tensors
+            return list(plain.shard.plan_rows([source_ids[f.path] for f in plain.files]))
+        return [tensor_plan(t, source_ids) for t in self._tensors]
 
 
 @dataclass
@@ -151,15 +244,15 @@ class SetPlan:
 
     def index(self) -> dict[str, Any]:
         """The index json transformers writes: total_size, total_parameters, weight_map."""
-        tensors = [t for s in self.shards for t in s.tensors]
+        weight_map: dict[str, str] = {}
+        for s in self.shards:
+            weight_map.update(dict.fromkeys(s.names(), s.name.rpartition("/")[2]))
         return {
             "metadata": {
-                "total_size": sum(t.nbytes for t in tensors),
-                "total_parameters": sum(t.numel for t in tensors),
+                "total_size": sum(s.data_bytes for s in self.shards),
+                "total_parameters": sum(s.numel() for s in self.shards),
             },
-            "weight_map": {
-                t.name: s.name.rpartition("/")[2] for s in self.shards for t in s.tensors
-            },
+            "weight_map": weight_map,
         }
 
     def index_json(self) -> str:
@@ -199,7 +292,7 @@ class ConversionPlan:
                     "name": shard.name,
                     "path": str(folder / shard.name),
                     "metadata": list(shard.metadata.items()),
-                    "tensors": [tensor_plan(t, source_ids) for t in shard.tensors],
+                    "tensors": shard.plan_rows(source_ids),
                 }
                 for shard in self.shards
                 if only is None or shard.name in only
@@ -310,6 +403,13 @@ def planned(entry: TensorEntry, dtype: str, label: str, role: str) -> PlannedTen
     return PlannedTensor(entry, dtype, nbytes, (0, 0), label, None, role)
 
 
+def planned_at(
+    entry: TensorEntry, dtype: str, nbytes: int, offsets: tuple[int, int], folder: str
+) -> PlannedTensor:
+    """A plain tensor of a plain plan, where the core placed it."""
+    return PlannedTensor(entry, dtype, nbytes, offsets, join(folder, entry.name), None, "plain")
+
+
 class Sized(Protocol):
     """Anything with a byte count: planned tensors, or a benchmark's synthetic specs."""
 
@@ -333,40 +433,23 @@ class Bundle(NamedTuple):
 
 
 def pack(tensors: list[SizedT], limit: int) -> list[list[SizedT]]:
-    """Group tensors into shards exactly as huggingface_hub's splitter does."""
-    shards: list[list[SizedT]] = []
-    current: list[SizedT] = []
-    current_size = 0
-    for t in tensors:
-        size = t.nbytes  # read once: 100k tensors
-        if size > limit:
-            shards.append([t])
-            continue
-        if current_size + size > limit:
-            shards.append(current)
-            current, current_size = [], 0
-        current.append(t)
-        current_size += size
-    if current or not shards:
-        shards.append(current)
-    return shards
+    """Group tensors into shards exactly as huggingface_hub's splitter does
+    (``_core.pack``)."""
+    return [[tensors[i] for i in group] for group in _core.pack([t.nbytes for t in tensors], limit)]
 
 
 def lay_out(tensors: list[PlannedTensor]) -> tuple[list[PlannedTensor], int, int]:
     """Order a shard's data widest dtype first (then source order) and assign
     offsets, so every tensor is aligned to its element size with no padding
-    (the header is padded to 8 bytes). Returns the tensors in that order, their data
-    bytes and the input bytes they account for (one pass: 100k tensors)."""
-    width = {d: element_size(d) for d in {t.dtype for t in tensors}}
-    # sorted() is stable: source order within each size; one size: nothing to sort
-    ordered = sorted(tensors, key=lambda t: -width[t.dtype]) if len(width) > 1 else tensors
-    offset = read = 0
-    for t in ordered:
-        end = offset + t.nbytes
-        t.offsets = (offset, end)
-        offset = end
-        read += t.input_nbytes
-    return ordered, offset, read
+    (``_core.lay_out``; the header is padded to 8 bytes). Returns the tensors in that
+    order, their data bytes and the input bytes they account for."""
+    ordered = []
+    end = 0
+    for i, begin, end in _core.lay_out([(t.dtype, t.nbytes) for t in tensors]):
+        t = tensors[i]
+        t.offsets = (begin, end)
+        ordered.append(t)
+    return ordered, end, sum(t.input_nbytes for t in ordered)
 
 
 def shard_names(prefix: str, count: int) -> list[str]:
@@ -410,8 +493,11 @@ def plan_set(
     out (the output is a plain model). ``quantize`` says what ``--quantize`` makes of
     each tensor (``_quant.quantize_targets``): a quantized weight is written as its
     e4m3 values and, in the same shard, its scales."""
-    entries = ws.tensors
     quantized = quantized or dequantize is not None or quantize is not None
+    tables = [f.entries for f in ws.files if isinstance(f.entries, _core.Entries)]
+    if not quantized and len(tables) == len(ws.files):
+        return plain_set(ws, tables, dtype, shard_size, keep)
+    entries = ws.tensors
     roles = _core.quant_roles([t.name for t in entries]) if quantized else ["plain"] * len(entries)
     if quantize is not None:
         targets = [q.dtype for q in quantize]
@@ -450,6 +536,27 @@ def plan_set(
     return SetPlan(
         ws.key,
         [PlannedShard(n, g, dict(metadata)) for n, g in zip(names, groups, strict=True)],
+    )
+
+
+def plain_set(
+    ws: WeightSet,
+    tables: list[_core.Entries],
+    dtype: str | None,
+    shard_size: int,
+    keep: Sequence[str] = (),
+) -> SetPlan:
+    """A weight set of plain safetensors files (``tables``, its files' tensors), every
+    tensor cast or copied: planned by the core (``_core.plan_plain``) by the same rules
+    as ``plan_set``'s, without an object per tensor (a model may have 100k)."""
+    shards = _core.plan_plain(tables, dtype, list(keep), shard_size)
+    metadata = {"format": "pt", **ws.metadata}
+    return SetPlan(
+        ws.key,
+        [
+            PlannedShard(n, PlainTensors(s, ws.files, ws.folder), dict(metadata))
+            for n, s in zip(shard_names(ws.key, len(shards)), shards, strict=True)
+        ],
     )
 
 

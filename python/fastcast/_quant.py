@@ -68,7 +68,7 @@ def roles(folder: ModelFolder) -> dict[tuple[str, str], str]:
     which live in the same set)."""
     found: dict[tuple[str, str], str] = {}
     for ws in folder.weight_sets:
-        names = [t.name for t in ws.tensors]
+        names = ws.names()
         for name, role in zip(names, _core.quant_roles(names), strict=True):
             found[(ws.key, name)] = role
     return found
@@ -162,8 +162,7 @@ def detect(folder: ModelFolder) -> Quantization | None:
         where = f"{rel} ({key})" if key else rel
         return Quantization(method, scheme_of(method, qc), where, known)
     if not any(
-        STATE_ROLES.intersection(_core.quant_roles([t.name for t in ws.tensors]))
-        for ws in folder.weight_sets
+        STATE_ROLES.intersection(_core.quant_roles(ws.names())) for ws in folder.weight_sets
     ):
         return None  # a plain model, told without a table of its 100k names
     table = roles(folder)

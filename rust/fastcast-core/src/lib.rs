@@ -14,6 +14,8 @@
 //!   with its F32 scales, as `--quantize` writes them;
 //! - [`keep`]: `--keep` globs (Python's `fnmatch` semantics) and what dtype
 //!   each tensor of a conversion gets (and what `--quantize` does with it);
+//! - [`layout`]: which shard each tensor goes to and where in it, and the
+//!   whole plan of a model of plain safetensors files;
 //! - [`quant`]: which tensors of a quantized checkpoint hold its quantization
 //!   state, so that no cast touches them, and which are decoder Linears;
 //! - [`loss`]: what a cast loses (overflow, underflow, NaN/inf, max |x|);
@@ -36,6 +38,7 @@ pub mod header;
 pub mod index;
 pub mod journal;
 pub mod keep;
+pub mod layout;
 pub mod loss;
 pub mod positional;
 pub mod quant;

@@ -6,6 +6,7 @@
 mod errors;
 mod plan;
 mod results;
+mod tables;
 
 use std::path::PathBuf;
 use std::sync::atomic::Ordering;
@@ -22,7 +23,7 @@ use fastcast_core::{
 use fastcast_core::{index, journal, quant, shard_file};
 use pyo3::buffer::PyBuffer;
 use pyo3::prelude::*;
-use pyo3::types::{PyDict, PyList, PyString, PyTuple};
+use pyo3::types::{PyDict, PyList, PyTuple};
 
 use errors::{
     insufficient_space_error, loss_error, CoreError, DtypeError, FastcastError,
@@ -31,6 +32,7 @@ use errors::{
 };
 use plan::plan_from;
 use results::{loss_list, ExecStats, LossCounts, ShardRecord};
+use tables::{Entries, PlainShard};
 
 /// Parse a user-typed dtype name into its safetensors name.
 #[pyfunction]
@@ -304,36 +306,25 @@ fn metadata_dict<'py>(py: Python<'py>, header: &Header) -> PyResult<Option<Bound
     Ok(Some(m))
 }
 
-/// A safetensors file's tensors as the rows of `_model_dir.TensorEntry`:
-/// `(metadata, [(name, dtype, shape, file, (begin, end), None)])`, offsets
-/// absolute in the file, rows in data order, `file` the object passed (the
-/// caller's `Path`, shared by every row). A model may have 100k tensors: the
-/// offset arithmetic and the sort happen here, and each dtype is one interned
-/// string, instead of per tensor in Python.
+/// A safetensors file's metadata and tensors, `(metadata, Entries)`: the
+/// tensors in data order, offsets absolute in the file, `file` the object
+/// passed (the caller's `Path`, put in every row). A model may have 100k
+/// tensors: they stay here until Python asks for columns or rows.
 #[pyfunction]
 fn read_entries<'py>(
     py: Python<'py>,
     path: PathBuf,
-    file: Bound<'py, PyAny>,
-) -> PyResult<(Option<Bound<'py, PyDict>>, Bound<'py, PyList>)> {
+    file: Py<PyAny>,
+) -> PyResult<(Option<Bound<'py, PyDict>>, Entries)> {
     let header = py.detach(|| Header::read(&path)).map_err(CoreError)?;
     let metadata = metadata_dict(py, &header)?;
     let start = header.data_start();
-    let mut order: Vec<_> = header.tensors.iter().collect();
-    order.sort_by_key(|t| t.data_offsets); // stable: ties keep the header's order
-    let rows = PyList::empty(py);
-    for t in order {
-        let (begin, end) = t.data_offsets;
-        rows.append((
-            &t.name,
-            PyString::intern(py, t.dtype.safetensors_name()),
-            PyTuple::new(py, &t.shape)?,
-            &file,
-            (start + begin, start + end),
-            py.None(),
-        ))?;
+    let mut tensors = header.tensors;
+    tensors.sort_by_key(|t| t.data_offsets); // stable: ties keep the header's order
+    for t in &mut tensors {
+        t.data_offsets = (start + t.data_offsets.0, start + t.data_offsets.1);
     }
-    Ok((metadata, rows))
+    Ok((metadata, Entries::new(file, tensors)))
 }
 
 /// The files a sharded checkpoint's index json names, in name order, each
@@ -565,6 +556,8 @@ fn _core(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add("FP8_BLOCK", quantize::FP8_BLOCK)?;
     m.add_class::<ExecStats>()?;
     m.add_class::<ShardRecord>()?;
+    m.add_class::<Entries>()?;
+    m.add_class::<PlainShard>()?;
     m.add("FastcastError", py.get_type::<FastcastError>())?;
     m.add(
         "InvalidSafetensorsError",
@@ -591,6 +584,9 @@ fn _core(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_function(wrap_pyfunction!(cast_into, m)?)?;
     m.add_function(wrap_pyfunction!(read_header, m)?)?;
     m.add_function(wrap_pyfunction!(read_entries, m)?)?;
+    m.add_function(wrap_pyfunction!(tables::plan_plain, m)?)?;
+    m.add_function(wrap_pyfunction!(tables::pack, m)?)?;
+    m.add_function(wrap_pyfunction!(tables::lay_out, m)?)?;
     m.add_function(wrap_pyfunction!(read_index, m)?)?;
     m.add_function(wrap_pyfunction!(read_torch_file, m)?)?;
     m.add_function(wrap_pyfunction!(execute_plan, m)?)?;

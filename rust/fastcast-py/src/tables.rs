@@ -1,0 +1,232 @@
+//! A model's tensors held by the core, for Python to plan without a Python
+//! object per tensor.
+//!
+//! A model may have 100k tensors (DeepSeek-V3 has 91k). Made into Python
+//! objects and planned one by one, they cost a conversion more than its
+//! bytes did. [`Entries`] holds a safetensors file's tensors as its header
+//! gave them, and [`PlainShard`] an output shard of a plain plan
+//! (`fastcast_core::layout::plan_plain`); Python asks them for columns
+//! (names, dtypes) or, where it needs objects, for rows.
+
+use fastcast_core::layout::{self, Placed};
+use fastcast_core::{DType, KeepRule, TensorInfo};
+use pyo3::prelude::*;
+use pyo3::types::{PyList, PyString, PyTuple};
+
+use crate::castable_target;
+
+/// A safetensors file's tensors (`_core.read_entries`), in data order,
+/// offsets absolute in the file.
+#[pyclass(frozen, module = "fastcast._core")]
+pub struct Entries {
+    /// The caller's object for the file (a `Path`), put in every row.
+    file: Py<PyAny>,
+    tensors: Vec<TensorInfo>,
+}
+
+impl Entries {
+    pub fn new(file: Py<PyAny>, tensors: Vec<TensorInfo>) -> Entries {
+        Entries { file, tensors }
+    }
+}
+
+/// Each item's safetensors dtype name, one interned string per dtype.
+fn dtype_names<'py>(
+    py: Python<'py>,
+    dtypes: impl ExactSizeIterator<Item = DType>,
+) -> PyResult<Bound<'py, PyList>> {
+    PyList::new(
+        py,
+        dtypes.map(|d| PyString::intern(py, d.safetensors_name())),
+    )
+}
+
+#[pymethods]
+impl Entries {
+    fn __len__(&self) -> usize {
+        self.tensors.len()
+    }
+
+    /// The file, as the caller named it.
+    #[getter]
+    fn file(&self, py: Python<'_>) -> Py<PyAny> {
+        self.file.clone_ref(py)
+    }
+
+    /// The tensors' names.
+    fn names<'py>(&self, py: Python<'py>) -> PyResult<Bound<'py, PyList>> {
+        PyList::new(py, self.tensors.iter().map(|t| t.name.as_str()))
+    }
+
+    /// The rows of `_model_dir.TensorEntry`: `(name, dtype, shape, file,
+    /// (begin, end), None)`.
+    fn rows<'py>(&self, py: Python<'py>) -> PyResult<Bound<'py, PyList>> {
+        let rows = PyList::empty(py);
+        for t in &self.tensors {
+            rows.append((
+                &t.name,
+                PyString::intern(py, t.dtype.safetensors_name()),
+                PyTuple::new(py, &t.shape)?,
+                &self.file,
+                t.data_offsets,
+                py.None(),
+            ))?;
+        }
+        Ok(rows)
+    }
+}
+
+/// One output shard of a plain plan: tensors of `Entries` cast or copied, in
+/// data order.
+#[pyclass(frozen, module = "fastcast._core")]
+pub struct PlainShard {
+    sources: Vec<Py<Entries>>,
+    placed: Vec<Placed>,
+    /// The bytes of its tensors' data.
+    #[pyo3(get)]
+    data_bytes: u64,
+    /// The input bytes its tensors are read from.
+    #[pyo3(get)]
+    input_bytes: u64,
+    /// The elements of its tensors.
+    #[pyo3(get)]
+    numel: u64,
+}
+
+impl PlainShard {
+    fn source(&self, p: &Placed) -> &TensorInfo {
+        &self.sources[p.source].get().tensors[p.row]
+    }
+}
+
+#[pymethods]
+impl PlainShard {
+    fn __len__(&self) -> usize {
+        self.placed.len()
+    }
+
+    /// Its tensors' names (a plain tensor keeps its source's).
+    fn names<'py>(&self, py: Python<'py>) -> PyResult<Bound<'py, PyList>> {
+        PyList::new(py, self.placed.iter().map(|p| self.source(p).name.as_str()))
+    }
+
+    /// The dtype each tensor is written in.
+    fn dtypes<'py>(&self, py: Python<'py>) -> PyResult<Bound<'py, PyList>> {
+        dtype_names(py, self.placed.iter().map(|p| p.dtype))
+    }
+
+    /// Each tensor's dtype in its source.
+    fn source_dtypes<'py>(&self, py: Python<'py>) -> PyResult<Bound<'py, PyList>> {
+        dtype_names(py, self.placed.iter().map(|p| self.source(p).dtype))
+    }
+
+    /// Each tensor's bytes in its source.
+    fn source_nbytes(&self) -> Vec<u64> {
+        self.placed
+            .iter()
+            .map(|p| self.source(p).nbytes())
+            .collect()
+    }
+
+    /// Where each tensor comes from and goes: `(source, row, dtype, nbytes,
+    /// begin, end)`, `source` indexing the `Entries` the plan was made of and
+    /// `row` its tensors.
+    fn picks(&self) -> Vec<(usize, usize, &'static str, u64, u64, u64)> {
+        self.placed
+            .iter()
+            .map(|p| {
+                let name = p.dtype.safetensors_name();
+                (p.source, p.row, name, p.end - p.begin, p.begin, p.end)
+            })
+            .collect()
+    }
+
+    /// The shard's tensors as the executor's plain rows (`_core._PlainTensorPlan`),
+    /// `source_ids[i]` the plan's id of the `i`th `Entries` the plan was made of.
+    fn plan_rows<'py>(
+        &self,
+        py: Python<'py>,
+        source_ids: Vec<usize>,
+    ) -> PyResult<Bound<'py, PyList>> {
+        let rows = PyList::empty(py);
+        for p in &self.placed {
+            let t = self.source(p);
+            let id = source_ids.get(p.source).ok_or_else(|| {
+                pyo3::exceptions::PyValueError::new_err(format!(
+                    "no plan id for source {} of {}",
+                    p.source,
+                    source_ids.len()
+                ))
+            })?;
+            rows.append((
+                &t.name,
+                PyTuple::new(py, &t.shape)?,
+                id,
+                PyString::intern(py, t.dtype.safetensors_name()),
+                PyString::intern(py, p.dtype.safetensors_name()),
+                t.data_offsets,
+                (p.begin, p.end),
+            ))?;
+        }
+        Ok(rows)
+    }
+}
+
+/// The shards of a weight set of plain safetensors files (see
+/// `fastcast_core::layout::plan_plain`): `sources` its files' tensors, in
+/// the set's order; `target` None keeps every dtype.
+#[pyfunction]
+#[pyo3(signature = (sources, target, keep, limit))]
+pub fn plan_plain(
+    py: Python<'_>,
+    sources: Vec<Py<Entries>>,
+    target: Option<&str>,
+    keep: Vec<String>,
+    limit: u64,
+) -> PyResult<Vec<PlainShard>> {
+    let target = target.map(castable_target).transpose()?;
+    let keep = KeepRule::new(&keep);
+    let tables: Vec<&[TensorInfo]> = sources.iter().map(|e| &e.get().tensors[..]).collect();
+    let shards = py.detach(|| layout::plan_plain(&tables, target, &keep, limit));
+    Ok(shards
+        .into_iter()
+        .map(|placed| {
+            let info = |p: &Placed| &tables[p.source][p.row];
+            PlainShard {
+                data_bytes: placed.last().map_or(0, |p| p.end),
+                input_bytes: placed.iter().map(|p| info(p).nbytes()).sum(),
+                numel: placed.iter().map(|p| info(p).numel()).sum(),
+                sources: sources.iter().map(|s| s.clone_ref(py)).collect(),
+                placed,
+            }
+        })
+        .collect())
+}
+
+/// Group items of `sizes` (bytes) into shards of at most `limit` bytes as
+/// huggingface_hub does (`fastcast_core::layout::pack`): each shard's item
+/// indices.
+#[pyfunction]
+pub fn pack(sizes: Vec<u64>, limit: u64) -> Vec<Vec<usize>> {
+    layout::pack(sizes, limit)
+}
+
+/// A shard's data laid out (`fastcast_core::layout::lay_out`): `tensors` are
+/// `(dtype, bytes)`; returns `(index, begin, end)` in data order.
+#[pyfunction]
+pub fn lay_out(tensors: Vec<(String, u64)>) -> PyResult<Vec<(usize, u64, u64)>> {
+    let mut dtypes: Vec<(String, usize)> = Vec::new();
+    let mut items = Vec::with_capacity(tensors.len());
+    for (name, nbytes) in tensors {
+        let width = match dtypes.iter().find(|(known, _)| *known == name) {
+            Some((_, w)) => *w,
+            None => {
+                let w = crate::safetensors_dtype(&name).map_err(PyErr::from)?.size();
+                dtypes.push((name, w));
+                w
+            }
+        };
+        items.push((width, nbytes));
+    }
+    Ok(layout::lay_out(&items))
+}
