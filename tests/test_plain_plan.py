@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import pickle
 import random
 from pathlib import Path
 
@@ -52,7 +53,7 @@ def columns(sp: SetPlan, source_ids: dict[Path, int]) -> list[object]:
             s.numel(),
             s.plain_columns(),
             s.special(),
-            s.plan_rows(source_ids),
+            list(s.plan_rows(source_ids)),
         )
         for s in sp.shards
     ] + [sp.index()]
@@ -109,6 +110,22 @@ def test_the_core_plans_random_models_as_the_python_planner(tmp_path, seed):
     index = {"metadata": {}, "weight_map": weight_map}
     (model / "model.safetensors.index.json").write_text(json.dumps(index))
     assert check_plans_agree(open_model(model)) == len(CASES)
+
+
+def test_a_plain_shards_rows_pickle_as_the_rows_they_stand_for(tmp_path):
+    """A batch pickles each shard's plan to its worker: the core's rows go as a list."""
+    folder = open_model(ZOO["llama"](tmp_path).model)
+    ws = folder.weight_sets[0]
+    shard = plan_set(ws, "BF16", 10**9).shards[0]
+    table = shard.plain
+    assert table is not None
+    rows = shard.plan_rows({f.path: i for i, f in enumerate(ws.files)})
+    assert isinstance(rows, _core.PlainRows) and len(rows) == len(shard)
+    back = pickle.loads(pickle.dumps(rows))
+    assert back.__class__ is list and back == rows.rows() == list(rows)
+    assert back[0][0] == shard.tensors[0].name
+    with pytest.raises(ValueError, match="plan ids"):
+        table.plan_rows([])
 
 
 def test_pack_and_lay_out_are_the_cores():

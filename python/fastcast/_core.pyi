@@ -1,6 +1,6 @@
 """Type stubs for fastcast._core, the Rust extension module (see rust/fastcast-py)."""
 
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from os import PathLike
 from pathlib import Path
 from typing import Any, Final, Literal, NotRequired, TypedDict, final, type_check_only
@@ -27,6 +27,7 @@ __all__ = [
     "LossError",
     "ModelFolderError",
     "OutputExistsError",
+    "PlainRows",
     "PlainShard",
     "QuantizedModelError",
     "ShardRecord",
@@ -275,7 +276,7 @@ class ShardPlan(TypedDict):
     #: ``__metadata__`` to write, in order.
     metadata: list[tuple[str, str]] | None
     #: In the order the header lists them; a plain tensor as a dict or a row.
-    tensors: list[TensorPlan | _PlainTensorPlan]
+    tensors: list[TensorPlan | _PlainTensorPlan] | PlainRows
 
 @type_check_only
 class Plan(TypedDict):
@@ -469,9 +470,19 @@ class PlainShard:
     def picks(self) -> list[tuple[int, int, str, int, int, int]]:
         """(source, row, dtype, nbytes, begin, end) of each tensor: ``source`` indexes
         the ``Entries`` planned, ``row`` their rows."""
-    def plan_rows(self, source_ids: list[int]) -> list[_PlainTensorPlan]:
-        """Its tensors as the executor's rows, ``source_ids[i]`` the plan's id of the
+    def plan_rows(self, source_ids: list[int]) -> PlainRows:
+        """Its tensors as a plan's ``tensors``, ``source_ids[i]`` the plan's id of the
         ``i``th ``Entries`` planned."""
+
+@final
+class PlainRows:
+    """A plain shard's tensors as a plan's ``tensors``: the core reads them from its
+    table; iterated or pickled, they are the rows they stand for."""
+
+    def __len__(self) -> int: ...
+    def __iter__(self) -> Iterator[_PlainTensorPlan]: ...
+    def __reduce__(self) -> tuple[type[list[Any]], tuple[list[_PlainTensorPlan]]]: ...
+    def rows(self) -> list[_PlainTensorPlan]: ...
 
 def plan_plain(
     sources: list[Entries], target: str | None, keep: list[str], limit: int

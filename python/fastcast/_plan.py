@@ -12,6 +12,11 @@ floats go to the target unless a ``keep`` glob matches; everything else keeps it
 dtype; ``_core.quantize_targets`` for ``--quantize``), so that convert, inspect and
 verify cannot disagree about it. A quantized weight and its scale are packed into the
 same shard: the executor computes the scale right after the weight.
+
+A weight set of plain safetensors files (the usual model) is planned by the core
+(``_core.plan_plain``, ``plain_set``) by the same rules, with the same ``pack`` and
+``lay_out``: a model may have 100k tensors, and an object per tensor cost more than its
+bytes. Its shards make their ``PlannedTensor`` objects only when something asks.
 """
 
 from __future__ import annotations
@@ -222,11 +227,12 @@ class PlannedShard:
 
     def plan_rows(
         self, source_ids: dict[Path, int]
-    ) -> list[_core.TensorPlan | _core._PlainTensorPlan]:
-        """Its tensors as the executor reads them (``tensor_plan``)."""
+    ) -> list[_core.TensorPlan | _core._PlainTensorPlan] | _core.PlainRows:
+        """Its tensors as the executor reads them (``tensor_plan``; a plain shard's
+        straight from the core's table)."""
         if isinstance(self._tensors, PlainTensors):
             plain = self._tensors
-            return list(plain.shard.plan_rows([source_ids[f.path] for f in plain.files]))
+            return plain.shard.plan_rows([source_ids[f.path] for f in plain.files])
         return [tensor_plan(t, source_ids) for t in self._tensors]
 
 

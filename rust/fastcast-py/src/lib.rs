@@ -32,7 +32,7 @@ use errors::{
 };
 use plan::plan_from;
 use results::{loss_list, ExecStats, LossCounts, ShardRecord};
-use tables::{Entries, PlainShard};
+use tables::{Entries, PlainRows, PlainShard};
 
 /// Parse a user-typed dtype name into its safetensors name.
 #[pyfunction]
@@ -422,9 +422,20 @@ fn execute_plan<'py>(
         journal,
     };
     let stats = watch(py, threads, progress, move |w| {
-        exec::execute(&plan, &opts, w)
+        let stats = exec::execute(&plan, &opts, w);
+        drop_later(plan);
+        stats
     })?;
     Ok(ExecStats::from(stats))
+}
+
+/// Free `value` on a thread of its own: a plan of 100k tensors takes tens of
+/// milliseconds to free, which the caller need not wait for.
+fn drop_later<T: Send + 'static>(value: T) {
+    // If no thread can be started, the closure, and `value` with it, is dropped here.
+    let _ = std::thread::Builder::new()
+        .name("fastcast-drop".into())
+        .spawn(move || drop(value));
 }
 
 /// Loss counts of every tensor `plan` would cast, reading the inputs only
@@ -558,6 +569,7 @@ fn _core(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_class::<ShardRecord>()?;
     m.add_class::<Entries>()?;
     m.add_class::<PlainShard>()?;
+    m.add_class::<PlainRows>()?;
     m.add("FastcastError", py.get_type::<FastcastError>())?;
     m.add(
         "InvalidSafetensorsError",

@@ -17,6 +17,7 @@ use pyo3::types::{PyDict, PyIterator, PyList, PyString, PyTuple};
 use serde::de::DeserializeOwned;
 
 use crate::errors::FastcastError;
+use crate::tables::PlainRows;
 
 /// Read `plan`, or raise `FastcastError("malformed plan: <where>: <problem>")`.
 /// Its version is checked where it is used.
@@ -56,12 +57,16 @@ fn read_shard(obj: &Bound<'_, PyAny>, i: usize) -> Read<ShardPlan> {
     let shard = as_dict(obj, &at)?;
     let tensors = required(&shard, intern!(py, "tensors"), &at)?;
     let mut read = Vec::new();
-    let mut dtypes = DTypes::default();
-    for (j, tensor) in iterate(&tensors, &format!("{at}.tensors"))?.enumerate() {
-        let tensor = item(tensor, &at)?;
-        let tensor = read_tensor(&tensor, &mut dtypes)
-            .map_err(|e| Malformed(format!("{at}.tensors[{j}]{e}")))?;
-        read.push(tensor);
+    if let Ok(plain) = tensors.cast::<PlainRows>() {
+        read = plain.get().tensor_plans(); // a plain shard: straight from the table
+    } else {
+        let mut dtypes = DTypes::default();
+        for (j, tensor) in iterate(&tensors, &format!("{at}.tensors"))?.enumerate() {
+            let tensor = item(tensor, &at)?;
+            let tensor = read_tensor(&tensor, &mut dtypes)
+                .map_err(|e| Malformed(format!("{at}.tensors[{j}]{e}")))?;
+            read.push(tensor);
+        }
     }
     Ok(ShardPlan {
         name: serde_field(&shard, intern!(py, "name"), &at)?,

@@ -8,10 +8,11 @@
 //! (`fastcast_core::layout::plan_plain`); Python asks them for columns
 //! (names, dtypes) or, where it needs objects, for rows.
 
+use fastcast_core::exec::TensorPlan;
 use fastcast_core::layout::{self, Placed};
 use fastcast_core::{DType, KeepRule, TensorInfo};
 use pyo3::prelude::*;
-use pyo3::types::{PyList, PyString, PyTuple};
+use pyo3::types::{PyIterator, PyList, PyString, PyTuple};
 
 use crate::castable_target;
 
@@ -141,34 +142,89 @@ impl PlainShard {
             .collect()
     }
 
-    /// The shard's tensors as the executor's plain rows (`_core._PlainTensorPlan`),
-    /// `source_ids[i]` the plan's id of the `i`th `Entries` the plan was made of.
-    fn plan_rows<'py>(
-        &self,
-        py: Python<'py>,
-        source_ids: Vec<usize>,
-    ) -> PyResult<Bound<'py, PyList>> {
+    /// The shard's tensors as a plan's `tensors` (`PlainRows`), `source_ids[i]`
+    /// the plan's id of the `i`th `Entries` the plan was made of.
+    fn plan_rows(slf: Bound<'_, Self>, source_ids: Vec<usize>) -> PyResult<PlainRows> {
+        let sources = slf.get().sources.len();
+        if source_ids.len() != sources {
+            return Err(pyo3::exceptions::PyValueError::new_err(format!(
+                "{} plan ids for the {sources} sources of the plan",
+                source_ids.len()
+            )));
+        }
+        Ok(PlainRows {
+            shard: slf.unbind(),
+            source_ids,
+        })
+    }
+}
+
+/// A plain shard's tensors as a plan's `tensors`: read by the core straight
+/// from the table (`tensor_plans`), with no Python row per tensor; pickled
+/// (a batch sends plans to other processes) as the list of rows it stands for.
+#[pyclass(frozen, module = "fastcast._core")]
+pub struct PlainRows {
+    shard: Py<PlainShard>,
+    source_ids: Vec<usize>,
+}
+
+impl PlainRows {
+    /// The tensors as the executor's plan has them.
+    pub fn tensor_plans(&self) -> Vec<TensorPlan> {
+        let shard = self.shard.get();
+        shard
+            .placed
+            .iter()
+            .map(|p| {
+                let t = shard.source(p);
+                TensorPlan {
+                    name: t.name.clone(),
+                    shape: t.shape.clone(),
+                    source: self.source_ids[p.source],
+                    src_dtype: t.dtype,
+                    dst_dtype: p.dtype,
+                    src_offsets: t.data_offsets,
+                    dst_offsets: (p.begin, p.end),
+                    dequant: None,
+                    quantize: None,
+                }
+            })
+            .collect()
+    }
+}
+
+#[pymethods]
+impl PlainRows {
+    fn __len__(&self) -> usize {
+        self.shard.get().placed.len()
+    }
+
+    /// The executor's plain rows (`_core._PlainTensorPlan`).
+    fn rows<'py>(&self, py: Python<'py>) -> PyResult<Bound<'py, PyList>> {
         let rows = PyList::empty(py);
-        for p in &self.placed {
-            let t = self.source(p);
-            let id = source_ids.get(p.source).ok_or_else(|| {
-                pyo3::exceptions::PyValueError::new_err(format!(
-                    "no plan id for source {} of {}",
-                    p.source,
-                    source_ids.len()
-                ))
-            })?;
+        for t in self.tensor_plans() {
             rows.append((
-                &t.name,
+                t.name,
                 PyTuple::new(py, &t.shape)?,
-                id,
-                PyString::intern(py, t.dtype.safetensors_name()),
-                PyString::intern(py, p.dtype.safetensors_name()),
-                t.data_offsets,
-                (p.begin, p.end),
+                t.source,
+                PyString::intern(py, t.src_dtype.safetensors_name()),
+                PyString::intern(py, t.dst_dtype.safetensors_name()),
+                t.src_offsets,
+                t.dst_offsets,
             ))?;
         }
         Ok(rows)
+    }
+
+    fn __iter__<'py>(&self, py: Python<'py>) -> PyResult<Bound<'py, PyIterator>> {
+        self.rows(py)?.try_iter()
+    }
+
+    fn __reduce__<'py>(
+        &self,
+        py: Python<'py>,
+    ) -> PyResult<(Bound<'py, PyAny>, (Bound<'py, PyList>,))> {
+        Ok((py.get_type::<PyList>().into_any(), (self.rows(py)?,)))
     }
 }
 
