@@ -18,7 +18,7 @@ use crate::keep::{target_dtype, KeepRule};
 ///
 /// ```
 /// use fastcast_core::layout::pack;
-/// assert_eq!(pack([3, 3, 9, 3], 6), vec![vec![0, 1], vec![2], vec![3]]);
+/// assert_eq!(pack([3, 3, 4, 3], 6), vec![vec![0, 1], vec![2], vec![3]]);
 /// assert_eq!(pack([3, 9, 3], 6), vec![vec![1], vec![0, 2]]);
 /// ```
 pub fn pack(sizes: impl IntoIterator<Item = u64>, limit: u64) -> Vec<Vec<usize>> {
