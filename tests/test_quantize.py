@@ -328,6 +328,17 @@ def test_keep_keeps_a_matching_weight_unquantized_and_lists_it(tmp_path):
     assert "OK" in ok(cli("verify", out))
 
 
+def test_scales_of_an_fp32_model_are_not_reported_as_kept_by_keep(tmp_path):
+    """Scales are F32 whatever the target: quantizing an fp32 model leaves them in their
+    weight's dtype, which is not ``--keep`` keeping anything."""
+    folder = build_llama(tmp_path / "llama", dtype="float32", hidden_size=256,
+                         intermediate_size=512, num_key_value_heads=1)  # fmt: skip
+    report = quantize(folder, tmp_path / "out", "fp8", "bf16")
+    assert report["kept"] == []
+    assert not [w for w in report["warnings"] if "--keep" in w]
+    assert report["tensors_quantized"] > 0
+
+
 def test_weights_and_scales_share_shards_in_any_chunking_and_resume(tmp_path):
     """Small shards: every scale sits in its weight's shard. 64 KiB chunks (a chunk is
     then one block-row, 128 rows of 512 f32 values: larger than the chunk, as it must

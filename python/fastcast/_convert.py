@@ -866,10 +866,11 @@ def finish_report(
                 kept += [names[i] for i, d in enumerate(dst) if d != target and is_castable(d)]
             continue
         kinds.update(tensor_kind(t) for t in shard.tensors)
-        uncast = [  # cheapest test first: nearly every tensor is cast
+        uncast = [  # cheapest test first: nearly every tensor is cast; scales are F32 anyway
             t
             for t in shard.tensors
             if t.dtype != target and t.dtype == t.entry.dtype and is_castable(t.dtype)
+            and t.quantized is None
         ] if target is not None else []  # fmt: skip
         kept += [t.entry.name for t in uncast if t.role == "plain"]
         pinned += [t.label for t in uncast if t.role == "pinned fp32"]
