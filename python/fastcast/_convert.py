@@ -52,7 +52,7 @@ from fastcast._core import (
     OutputExistsError,
     QuantizedModelError,
 )
-from fastcast._dtypes import SHORT_NAMES, is_castable, short_name, torch_name
+from fastcast._dtypes import SHORT_NAMES, short_name, torch_name
 from fastcast._hf_cache import cache_snapshot, model_path
 from fastcast._loss import (
     LossTable,
@@ -856,24 +856,14 @@ def finish_report(
     kinds: Counter[str | None] = Counter()
     kept: list[str] = []
     pinned: list[str] = []
-    for shard in plan.shards:
-        if (table := shard.plain) is not None:  # as columns: a model may have 100k tensors
-            src, dst = table.source_dtypes(), table.dtypes()
-            kinds["cast"] += (cast := sum(map(operator.ne, src, dst)))
-            kinds["copied"] += len(dst) - cast
-            if target is not None and cast < len(dst):
-                names = table.names()
-                kept += [names[i] for i, d in enumerate(dst) if d != target and is_castable(d)]
-            continue
-        kinds.update(tensor_kind(t) for t in shard.tensors)
-        uncast = [  # cheapest test first: nearly every tensor is cast; scales are F32 anyway
-            t
-            for t in shard.tensors
-            if t.dtype != target and t.dtype == t.entry.dtype and is_castable(t.dtype)
-            and t.quantized is None
-        ] if target is not None else []  # fmt: skip
-        kept += [t.entry.name for t in uncast if t.role == "plain"]
-        pinned += [t.label for t in uncast if t.role == "pinned fp32"]
+    for shard in plan.shards:  # as columns: a model may have 100k tensors
+        c = shard.plain_columns()
+        kinds["cast"] += (cast := sum(map(operator.ne, c.src_dtypes, c.dtypes)))
+        kinds["copied"] += len(c.dtypes) - cast
+        kinds.update(tensor_kind(t) for _, t in shard.special())
+        uncast = shard.uncast(target) if target is not None else []
+        kept += [name for name, _, role in uncast if role == "plain"]
+        pinned += [label for _, label, role in uncast if role == "pinned fp32"]
     if kept:
         notes.append(
             f"{len(kept)} tensor(s) kept in their source dtype by --keep; config.json says "
@@ -920,16 +910,15 @@ def finish_report(
 
 
 def tensor_kind(t: PlannedTensor) -> str | None:
-    """How the report counts a tensor: copied (the scales of a float weight already
-    in F32 too), cast, dequantized, quantized (the e4m3 values; their scales: None)."""
-    if t.dequant is None and t.quantized is None:  # plain, tested first: 100k of them
-        return "cast" if t.is_cast else "copied"
+    """How the report counts a dequantized or quantized tensor (a plain one is cast or
+    copied: ``finish_report`` counts those as columns): dequantized, quantized (the e4m3
+    values), copied (the scales of a float weight already in F32), else None (scales)."""
     if t.dequant is not None:
         return "dequantized"
     assert t.quantized is not None
     if t.quantized.kind == "fp8_weight":
         return "quantized"
-    return None if t.is_cast else "copied"  # a scale: counted only when already F32
+    return None if t.is_cast else "copied"
 
 
 def make_record(

@@ -110,8 +110,10 @@ class SourceFile:
         e = self.entries
         return e if isinstance(e, list) else list(map(TensorEntry._make, e.rows()))
 
+    @cached_property
     def names(self) -> list[str]:
-        """Its tensors' names, in data order."""
+        """Its tensors' names, in data order (made once: the index check, the duplicate
+        check and quantization detection each read them)."""
         e = self.entries
         return [t.name for t in e] if isinstance(e, list) else e.names()
 
@@ -141,7 +143,7 @@ class WeightSet:
 
     def names(self) -> list[str]:
         """The tensors' names, in source order."""
-        return [n for f in self.files for n in f.names()]
+        return [n for f in self.files for n in f.names]
 
     @property
     def metadata(self) -> dict[str, str]:
@@ -255,7 +257,7 @@ def read_indexed_set(
         if not inside(root, path):
             raise ModelFolderError(f"{path}: links outside the model folder {root}")
         source = read_source(path) if torch is None else read_torch_source(path, torch)
-        present = set(source.names()).union(source.tied)
+        present = set(source.names).union(source.tied)
         if not present.issuperset(in_this_shard):
             missing = [t for t in in_this_shard if t not in present]
             raise ModelFolderError(
@@ -266,10 +268,7 @@ def read_indexed_set(
         unlisted = unlisted or not listed.issuperset(present)
     if unlisted:
         extra = [
-            (name, f.path.name)
-            for f in files
-            for name in [*f.names(), *f.tied]
-            if name not in listed
+            (name, f.path.name) for f in files for name in [*f.names, *f.tied] if name not in listed
         ]
         raise ModelFolderError(
             f"{index}: does not list tensor {extra[0][0]!r}, which {extra[0][1]} holds"
@@ -286,7 +285,7 @@ def check_no_duplicates(sets: Iterable[WeightSet]) -> None:
             continue  # the usual case, told at C speed; else find the first repeat
         where: dict[str, Path] = {}
         for f in ws.files:
-            for name in f.names():
+            for name in f.names:
                 if name in where:
                     raise ModelFolderError(
                         f"{f.path}: tensor {name!r} is also in {where[name]}; "

@@ -29,7 +29,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal, NamedTuple, Protocol, TypeAlias, TypeVar
 
 from fastcast import _core
-from fastcast._dtypes import element_size
+from fastcast._dtypes import element_size, is_castable
 from fastcast._model_dir import ModelFolder, SourceFile, TensorEntry, WeightSet, join
 from fastcast._quant import QuantizedWeight, QuantizeTarget
 
@@ -159,7 +159,7 @@ class PlannedShard:
     core (``PlainTensors``): what the conversion reads of them, it reads as columns,
     and ``tensors`` makes their objects on first use."""
 
-    __slots__ = ("_tensors", "data_bytes", "input_bytes", "metadata", "name")
+    __slots__ = ("_columns", "_tensors", "data_bytes", "input_bytes", "metadata", "name")
 
     def __init__(
         self, name: str, tensors: list[PlannedTensor] | PlainTensors, metadata: dict[str, str]
@@ -167,6 +167,7 @@ class PlannedShard:
         self.name = name
         self.metadata = metadata
         self._tensors: list[PlannedTensor] | PlainTensors
+        self._columns: PlainColumns | None = None
         if isinstance(tensors, PlainTensors):
             self._tensors = tensors
             self.data_bytes = tensors.shard.data_bytes
@@ -180,7 +181,8 @@ class PlannedShard:
         return f"PlannedShard({self.name!r}, {len(self)} tensors)"
 
     def __len__(self) -> int:
-        return len(self._tensors) if isinstance(self._tensors, list) else len(self._tensors.shard)
+        t = self._tensors
+        return len(t.shard) if isinstance(t, PlainTensors) else len(t)
 
     @property
     def tensors(self) -> list[PlannedTensor]:
@@ -195,35 +197,63 @@ class PlannedShard:
 
     def source_names(self) -> list[str]:
         """Each tensor's name in its source."""
-        return self.plain.names() if self.plain else [t.entry.name for t in self.tensors]
+        p = self.plain
+        return p.names() if p is not None else [t.entry.name for t in self.tensors]
 
     def names(self) -> list[str]:
         """Each tensor's name in the output."""
-        return self.plain.names() if self.plain else [t.name for t in self.tensors]
+        p = self.plain
+        return p.names() if p is not None else [t.name for t in self.tensors]
 
     def dtypes(self) -> list[str]:
         """The dtype each tensor is written in."""
-        return self.plain.dtypes() if self.plain else [t.dtype for t in self.tensors]
+        p = self.plain
+        return p.dtypes() if p is not None else [t.dtype for t in self.tensors]
 
     def numel(self) -> int:
-        return self.plain.numel if self.plain else sum(t.numel for t in self.tensors)
+        p = self.plain
+        return p.numel if p is not None else sum(t.numel for t in self.tensors)
 
     def special(self) -> list[tuple[int, PlannedTensor]]:
         """The dequantized and quantized tensors, with their positions."""
-        if self.plain:
+        if self.plain is not None:
             return []
         return [(i, t) for i, t in enumerate(self.tensors) if t.dequant or t.quantized]
 
     def plain_columns(self) -> PlainColumns:
-        """Its plain tensors' source dtypes, dtypes and source bytes."""
-        if (p := self.plain) is not None:
-            return PlainColumns(p.source_dtypes(), p.dtypes(), p.source_nbytes())
-        plain = [t for t in self.tensors if t.dequant is None and t.quantized is None]
-        return PlainColumns(
-            [t.entry.dtype for t in plain],
-            [t.dtype for t in plain],
-            [t.entry.nbytes for t in plain],
-        )
+        """Its plain tensors' source dtypes, dtypes and source bytes (made once: the
+        range check and the report both read them)."""
+        if self._columns is None:
+            if (p := self.plain) is not None:
+                self._columns = PlainColumns(p.source_dtypes(), p.dtypes(), p.source_nbytes())
+            else:
+                plain = [t for t in self.tensors if t.dequant is None and t.quantized is None]
+                self._columns = PlainColumns(
+                    [t.entry.dtype for t in plain],
+                    [t.dtype for t in plain],
+                    [t.entry.nbytes for t in plain],
+                )
+        return self._columns
+
+    def uncast(self, target: str) -> list[tuple[str, str, str]]:
+        """(source name, label, role) of each plain tensor left in a castable dtype other
+        than ``target``, its own: kept by ``--keep``, or pinned to fp32."""
+        c = self.plain_columns()
+        if all(d == target or not is_castable(d) for d in set(c.dtypes)):
+            return []  # the usual case, told from the few distinct dtypes
+        if isinstance(self._tensors, PlainTensors):  # every role plain, no object made
+            names, folder = self._tensors.shard.names(), self._tensors.folder
+            return [
+                (names[i], join(folder, names[i]), "plain")
+                for i, d in enumerate(c.dtypes)
+                if d != target and is_castable(d)  # not the target: the source's own
+            ]
+        return [
+            (t.entry.name, t.label, t.role)
+            for t in self.tensors
+            if t.dequant is None and t.quantized is None
+            and t.dtype != target and t.dtype == t.entry.dtype and is_castable(t.dtype)
+        ]  # fmt: skip
 
     def plan_rows(
         self, source_ids: dict[Path, int]

@@ -76,11 +76,21 @@ fn read_shard(obj: &Bound<'_, PyAny>, i: usize) -> Read<ShardPlan> {
     })
 }
 
-/// The dtype names met so far, parsed: a shard names a handful, 100k times.
+/// The dtype names met so far, parsed: a plan names a handful, 100k times.
 #[derive(Default)]
-struct DTypes(Vec<(String, DType)>);
+pub struct DTypes(Vec<(String, DType)>);
 
 impl DTypes {
+    /// `name`, parsed (once per distinct name).
+    pub fn parse(&mut self, name: &str) -> fastcast_core::Result<DType> {
+        if let Some((_, dtype)) = self.0.iter().find(|(known, _)| known == name) {
+            return Ok(*dtype);
+        }
+        let dtype: DType = name.parse()?;
+        self.0.push((name.to_string(), dtype));
+        Ok(dtype)
+    }
+
     /// `value`, the dtype field `key`, parsed.
     fn read(&mut self, value: &Bound<'_, PyAny>, key: &str) -> Read<DType> {
         let name = value
@@ -89,14 +99,8 @@ impl DTypes {
         let name = name
             .to_str()
             .map_err(|e| Malformed(format!(".{key}: {e}")))?;
-        if let Some((_, dtype)) = self.0.iter().find(|(known, _)| known == name) {
-            return Ok(*dtype);
-        }
-        let dtype: DType = name
-            .parse()
-            .map_err(|e| Malformed(format!(".{key}: {e}")))?;
-        self.0.push((name.to_string(), dtype));
-        Ok(dtype)
+        self.parse(name)
+            .map_err(|e| Malformed(format!(".{key}: {e}")))
     }
 }
 

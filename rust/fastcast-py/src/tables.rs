@@ -15,6 +15,8 @@ use pyo3::prelude::*;
 use pyo3::types::{PyIterator, PyList, PyString, PyTuple};
 
 use crate::castable_target;
+use crate::errors::CoreError;
+use crate::plan::DTypes;
 
 /// A safetensors file's tensors (`_core.read_entries`), in data order,
 /// offsets absolute in the file.
@@ -271,18 +273,10 @@ pub fn pack(sizes: Vec<u64>, limit: u64) -> Vec<Vec<usize>> {
 /// `(dtype, bytes)`; returns `(index, begin, end)` in data order.
 #[pyfunction]
 pub fn lay_out(tensors: Vec<(String, u64)>) -> PyResult<Vec<(usize, u64, u64)>> {
-    let mut dtypes: Vec<(String, usize)> = Vec::new();
-    let mut items = Vec::with_capacity(tensors.len());
-    for (name, nbytes) in tensors {
-        let width = match dtypes.iter().find(|(known, _)| *known == name) {
-            Some((_, w)) => *w,
-            None => {
-                let w = crate::safetensors_dtype(&name).map_err(PyErr::from)?.size();
-                dtypes.push((name, w));
-                w
-            }
-        };
-        items.push((width, nbytes));
-    }
+    let mut dtypes = DTypes::default();
+    let items = tensors
+        .iter()
+        .map(|(name, nbytes)| Ok((dtypes.parse(name).map_err(CoreError)?.size(), *nbytes)))
+        .collect::<PyResult<Vec<_>>>()?;
     Ok(layout::lay_out(&items))
 }
