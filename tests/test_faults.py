@@ -266,6 +266,46 @@ def test_unlisted_tensor_and_unreadable_json(tmp_path, torch):
     assert not (tmp_path / "o").exists()
 
 
+def test_an_index_and_its_shards_that_disagree_are_told_with_counts(tmp_path, torch):
+    """The index cross-check, both ways: a tensor the index puts in a shard that lacks
+    it is told first (naming the index, the tensor, the shard, how many more), then
+    tensors shards hold that the index does not list, counted over every shard."""
+    st = require("safetensors.torch")
+    from folders import save_folder, tensors
+
+    src = save_folder(st, tmp_path / "m", tensors(torch), shards=2)
+    index = src / "model.safetensors.index.json"
+    first, second = sorted(src.glob("model-*.safetensors"))
+    data = json.loads(index.read_text())
+    weight_map = data["weight_map"]
+    moved = [n for n, f in weight_map.items() if f == second.name][:3]
+    for name in moved:
+        weight_map[name] = first.name
+    index.write_text(json.dumps(data))
+    with pytest.raises(fastcast.ModelFolderError) as e:
+        fastcast.convert(src, "bf16", output=tmp_path / "o", progress=False)
+    assert str(e.value) == (
+        f"{index}: says {moved[0]!r} is in {first.name}, but {first} has no such tensor "
+        "(and 2 more)"
+    )
+
+    data["weight_map"] = weight_map = {
+        n: f for n, f in json.loads(index.read_text())["weight_map"].items() if n not in moved
+    }
+    for name in moved:
+        weight_map[name] = second.name
+    dropped = [next(n for n, f in weight_map.items() if f == s.name) for s in (first, second)]
+    for name in dropped:
+        del weight_map[name]
+    index.write_text(json.dumps(data))
+    with pytest.raises(fastcast.ModelFolderError) as e:
+        fastcast.convert(src, "bf16", output=tmp_path / "o", progress=False)
+    assert str(e.value) == (
+        f"{index}: does not list tensor {dropped[0]!r}, which {first.name} holds (and 1 more)"
+    )
+    assert not (tmp_path / "o").exists()
+
+
 def test_the_resume_fingerprint_tells_plans_apart(tmp_path):
     """A resumed run must have the plan of the run it finishes: the fingerprint is
     the same for the same plan, and differs when the tensors' dtypes (``--keep``) or

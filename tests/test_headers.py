@@ -65,7 +65,8 @@ def test_entries_are_the_header_in_data_order_with_absolute_offsets(tmp_path):
         ),
         key=lambda row: row[4],
     )
-    metadata, entries = fastcast._core.read_entries(path, path)
+    empty = write_raw(tmp_path / "n", {})
+    [(metadata, entries), (no_metadata, none)] = fastcast._core.read_entries([path, empty])
     rows = entries.rows()
     assert metadata == old["metadata"] == {"format": "pt"}
     assert rows == expected
@@ -73,9 +74,19 @@ def test_entries_are_the_header_in_data_order_with_absolute_offsets(tmp_path):
     assert entries.file is path
     assert [r[0] for r in rows] == ["z.first", "m.empty", "b.empty", "k.mid", "a.last"]
     assert all(r[3] is path for r in rows)
-    empty = write_raw(tmp_path / "n", {})
-    metadata, entries = fastcast._core.read_entries(empty, empty)
-    assert metadata is None and entries.rows() == [] and len(entries) == 0
+    assert no_metadata is None and none.rows() == [] and len(none) == 0
+
+
+def test_entries_of_many_files_tell_the_first_bad_one(tmp_path):
+    """The headers are read in parallel; the error is the first bad file's, in the
+    order given, whichever thread finishes first."""
+    good = {"a": {"dtype": "F32", "shape": [1], "data_offsets": [0, 4]}}
+    files = [write_raw(tmp_path / f"{i}.safetensors", good, bytes(4)) for i in range(6)]
+    for bad in (files[2], files[4]):
+        bad.write_bytes(bad.read_bytes()[:-1])
+    for _ in range(20):
+        with pytest.raises(fastcast.InvalidSafetensorsError, match=r"2\.safetensors"):
+            fastcast._core.read_entries(files)
 
 
 GOOD_ENTRY = {"dtype": "F32", "shape": [2], "data_offsets": [0, 8]}

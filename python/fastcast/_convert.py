@@ -303,15 +303,10 @@ def fingerprint(
 
 
 def shard_fingerprint(s: PlannedShard) -> list[Any]:
-    """A planned shard's part of the fingerprint: its name, its tensors' source names
-    and dtypes (as columns: a model may have 100k), and for each dequantized or
+    """A planned shard's part of the fingerprint: its name, a digest of its tensors'
+    source names and dtypes (``PlannedShard.digest``), and for each dequantized or
     quantized one what decides its values (``special_fingerprint``), by position."""
-    return [
-        s.name,
-        s.source_names(),
-        s.dtypes(),
-        [[i, special_fingerprint(t)] for i, t in s.special()],
-    ]
+    return [s.name, s.digest(), [[i, special_fingerprint(t)] for i, t in s.special()]]
 
 
 def special_fingerprint(t: PlannedTensor) -> list[Any]:

@@ -3,7 +3,7 @@
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from os import PathLike
 from pathlib import Path
-from typing import Any, Final, Literal, NotRequired, TypedDict, final, type_check_only
+from typing import Any, Final, Literal, NotRequired, TypeAlias, TypedDict, final, type_check_only
 
 import numpy as np
 from numpy.typing import NDArray
@@ -21,6 +21,7 @@ __all__ = [
     "Entries",
     "ExecStats",
     "FastcastError",
+    "Index",
     "InsufficientSpaceError",
     "InvalidCheckpointError",
     "InvalidSafetensorsError",
@@ -37,6 +38,7 @@ __all__ = [
     "cast_rule",
     "dtypes",
     "execute_plan",
+    "first_repeat",
     "lay_out",
     "pack",
     "parse_dtype",
@@ -51,8 +53,10 @@ __all__ = [
     "read_torch_file",
     "scan_plan",
     "select_kernel",
+    "set_roles",
     "shard_digest",
     "target_dtypes",
+    "tensors_digest",
 ]
 
 __version__: str
@@ -434,9 +438,10 @@ def cast_into(
     threads: int | None = None,
 ) -> None: ...
 def read_header(path: str | PathLike[Any]) -> HeaderDict: ...
-def read_entries(path: str | PathLike[Any], file: Path) -> tuple[dict[str, str] | None, Entries]:
-    """A safetensors file's metadata and its tensors, held by the core in data order,
-    offsets absolute in the file, ``file`` the path their rows name."""
+def read_entries(paths: Sequence[Path]) -> list[tuple[dict[str, str] | None, Entries]]:
+    """Each safetensors file's metadata and its tensors, held by the core in data
+    order, offsets absolute in the file, each path the ``file`` its rows name. The
+    headers are read in parallel; on failure, the error of the first failing path."""
 
 @final
 class Entries:
@@ -465,6 +470,8 @@ class PlainShard:
     def names(self) -> list[str]: ...
     def dtypes(self) -> list[str]:
         """The dtype each tensor is written in."""
+    def digest(self) -> str:
+        """``tensors_digest(self.names(), self.dtypes())``."""
     def source_dtypes(self) -> list[str]: ...
     def source_nbytes(self) -> list[int]: ...
     def picks(self) -> list[tuple[int, int, str, int, int, int]]:
@@ -500,11 +507,42 @@ def lay_out(tensors: list[tuple[str, int]]) -> list[tuple[int, int, int]]:
     """(index, begin, end) of each (dtype, bytes) in data order: widest dtype first,
     stable, end to end from 0."""
 
-def read_index(path: str | PathLike[Any]) -> list[tuple[str, list[str]]]:
-    """The files a sharded checkpoint's index json names (its ``weight_map``), in name
-    order, each with the tensors it holds in the order the map lists them; the last
-    of repeated keys wins, as with ``json.load``. ``ModelFolderError`` naming the
-    index when it is not JSON or has no ``weight_map`` of names to file names."""
+def tensors_digest(names: Sequence[str], dtypes: Sequence[str]) -> str:
+    """A digest (xxh3-128, hex) of tensors' source names and the dtypes they are
+    written in, in order: what a resumed run must share with the run it finishes."""
+
+def read_index(path: str | PathLike[Any]) -> Index:
+    """The index json of a sharded checkpoint (its ``weight_map``) as the core's
+    table. ``ModelFolderError`` naming the index when it is not JSON or has no
+    ``weight_map`` of names to file names; the last of repeated keys wins, as with
+    ``json.load``."""
+
+#: A file's tensor names as the name checks take them: its ``Entries`` (no Python
+#: string per tensor) or a list.
+_FileNames: TypeAlias = Entries | Sequence[str]
+
+@final
+class Index:
+    """An index's files, in name order, each with the tensors it holds in map order."""
+
+    def __len__(self) -> int: ...
+    def files(self) -> list[str]: ...
+    def tensors(self, file: str) -> list[str]:
+        """``KeyError`` for a file it does not name."""
+    def cross_check(
+        self, files: Sequence[_FileNames]
+    ) -> tuple[Literal["missing", "unlisted"], int, str, int] | None:
+        """Checked against the names each file it names holds (in ``files()`` order):
+        None, or ``("missing", file position, first name, count)`` for the first file
+        lacking a tensor it names, or ``("unlisted", file position, first name, count
+        in all)`` for tensors the files hold that it does not name."""
+
+def first_repeat(files: Sequence[_FileNames]) -> tuple[str, int, int] | None:
+    """The first tensor of ``files`` (a weight set's, in order) that an earlier file,
+    or the same one earlier, also holds: ``(name, file position, earlier position)``."""
+
+def set_roles(files: Sequence[_FileNames]) -> set[str]:
+    """The roles (``quant_roles``) the tensors of a weight set's files take, each once."""
 
 def read_torch_file(path: str | PathLike[str]) -> TorchFile:
     """Read a torch.save file (zip format) without running pickle: its tensors as

@@ -117,6 +117,18 @@ class SourceFile:
         e = self.entries
         return [t.name for t in e] if isinstance(e, list) else e.names()
 
+    @property
+    def name_table(self) -> _core.Entries | list[str]:
+        """Its tensors' names as the core's name checks take them: its table, with no
+        Python string per tensor, or (a torch.save file) the list."""
+        return self.names if isinstance(self.entries, list) else self.entries
+
+    @property
+    def held(self) -> _core.Entries | list[str]:
+        """The names it holds for an index: its tensors' and (torch.save) the tied
+        duplicates', which the index lists too."""
+        return [*self.names, *self.tied] if self.tied else self.name_table
+
 
 @dataclass(frozen=True)
 class WeightSet:
@@ -191,10 +203,19 @@ def inside(root: Path, path: Path) -> bool:
 
 def read_source(path: Path) -> SourceFile:
     """Read and validate one safetensors file's header."""
-    if not path.is_file():
-        raise ModelFolderError(f"{path}: not a regular file")
-    metadata, entries = _core.read_entries(path, path)
-    return SourceFile(path, path.stat().st_size, metadata, entries)
+    return read_sources([path])[0]
+
+
+def read_sources(paths: list[Path]) -> list[SourceFile]:
+    """Read and validate safetensors files' headers, in parallel (a model of 100k
+    tensors has megabytes of them); the first bad file in ``paths`` order raises."""
+    for path in paths:
+        if not path.is_file():
+            raise ModelFolderError(f"{path}: not a regular file")
+    return [
+        SourceFile(path, path.stat().st_size, metadata, entries)
+        for path, (metadata, entries) in zip(paths, _core.read_entries(paths), strict=True)
+    ]
 
 
 @dataclass(frozen=True)
@@ -222,17 +243,18 @@ def torch_output_prefix(prefix: str) -> str:
     return "model" if prefix == "pytorch_model" else prefix
 
 
-def index_shards(index: Path) -> dict[str, list[str]]:
-    """Shard file name -> tensor names, from an index (read by the core: it may list
-    100k tensors), in file name order, checked for hostile paths."""
-    shards = dict(_core.read_index(index))
-    for file, tensors in shards.items():  # a few files for many tensors: check each once
+def index_shards(index: Path) -> _core.Index:
+    """The shard files an index names, each with its tensors (read by the core: it
+    may list 100k tensors), checked for hostile paths."""
+    table = _core.read_index(index)
+    for file in table.files():  # a few files for many tensors: check each once
         rel = Path(file)
         if rel.is_absolute() or ".." in rel.parts or file.strip() == "":
             raise ModelFolderError(
-                f"{index}: tensor {tensors[0]!r} points to {file!r}, outside the model folder"
+                f"{index}: tensor {table.tensors(file)[0]!r} points to {file!r}, "
+                "outside the model folder"
             )
-    return shards
+    return table
 
 
 def read_indexed_set(
@@ -246,33 +268,29 @@ def read_indexed_set(
     """A weight set from an index: every shard read, index and headers cross-checked
     both ways (a tensor the index names must be in its shard, and a tensor a shard
     holds must be in the index: otherwise which copy loaders use is ambiguous)."""
-    shards = index_shards(index)
-    listed = set().union(*shards.values())
-    files = []
-    unlisted = False
-    for name, in_this_shard in shards.items():
-        path = index.parent / name
+    table = index_shards(index)
+    names = table.files()
+    paths = [index.parent / name for name in names]
+    for name, path in zip(names, paths, strict=True):
         if not path.exists():
             raise ModelFolderError(f"{index}: names shard {name!r}, which does not exist")
         if not inside(root, path):
             raise ModelFolderError(f"{path}: links outside the model folder {root}")
-        source = read_source(path) if torch is None else read_torch_source(path, torch)
-        present = set(source.names).union(source.tied)
-        if not present.issuperset(in_this_shard):
-            missing = [t for t in in_this_shard if t not in present]
+    if torch is None:
+        files = read_sources(paths)
+    else:
+        files = [read_torch_source(path, torch) for path in paths]
+    found = table.cross_check([f.held for f in files])
+    if found is not None:
+        kind, at, first, count = found
+        more = f" (and {count - 1} more)" if count > 1 else ""
+        if kind == "missing":
             raise ModelFolderError(
-                f"{index}: says {missing[0]!r} is in {name}, but {path} has no such tensor"
-                + (f" (and {len(missing) - 1} more)" if len(missing) > 1 else "")
+                f"{index}: says {first!r} is in {names[at]}, but {files[at].path} has no "
+                f"such tensor{more}"
             )
-        files.append(source)
-        unlisted = unlisted or not listed.issuperset(present)
-    if unlisted:
-        extra = [
-            (name, f.path.name) for f in files for name in [*f.names, *f.tied] if name not in listed
-        ]
         raise ModelFolderError(
-            f"{index}: does not list tensor {extra[0][0]!r}, which {extra[0][1]} holds"
-            + (f" (and {len(extra) - 1} more)" if len(extra) > 1 else "")
+            f"{index}: does not list tensor {first!r}, which {files[at].path.name} holds{more}"
         )
     return WeightSet(folder, prefix, variant, index, files)
 
@@ -280,18 +298,13 @@ def read_indexed_set(
 def check_no_duplicates(sets: Iterable[WeightSet]) -> None:
     """Reject a tensor held by two files of one set: which copy is right is ambiguous."""
     for ws in sets:
-        names = ws.names()
-        if len(set(names)) == len(names):
-            continue  # the usual case, told at C speed; else find the first repeat
-        where: dict[str, Path] = {}
-        for f in ws.files:
-            for name in f.names:
-                if name in where:
-                    raise ModelFolderError(
-                        f"{f.path}: tensor {name!r} is also in {where[name]}; "
-                        "which copy is right is ambiguous"
-                    )
-                where[name] = f.path
+        repeat = _core.first_repeat([f.name_table for f in ws.files])
+        if repeat is not None:
+            name, at, earlier = repeat
+            raise ModelFolderError(
+                f"{ws.files[at].path}: tensor {name!r} is also in {ws.files[earlier].path}; "
+                "which copy is right is ambiguous"
+            )
 
 
 def split_variant(stem: str, names: set[str]) -> tuple[str, str | None]:

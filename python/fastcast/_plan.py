@@ -210,6 +210,14 @@ class PlannedShard:
         p = self.plain
         return p.dtypes() if p is not None else [t.dtype for t in self.tensors]
 
+    def digest(self) -> str:
+        """A digest of its tensors' source names and the dtypes they are written in,
+        for a resumed run's fingerprint (made by the core: a model may have 100k)."""
+        p = self.plain
+        if p is not None:
+            return p.digest()
+        return _core.tensors_digest(self.source_names(), self.dtypes())
+
     def numel(self) -> int:
         p = self.plain
         return p.numel if p is not None else sum(t.numel for t in self.tensors)

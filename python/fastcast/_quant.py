@@ -162,7 +162,7 @@ def detect(folder: ModelFolder) -> Quantization | None:
         where = f"{rel} ({key})" if key else rel
         return Quantization(method, scheme_of(method, qc), where, known)
     if not any(
-        STATE_ROLES.intersection(_core.quant_roles(ws.names())) for ws in folder.weight_sets
+        STATE_ROLES & _core.set_roles([f.name_table for f in ws.files]) for ws in folder.weight_sets
     ):
         return None  # a plain model, told without a table of its 100k names
     table = roles(folder)

@@ -40,6 +40,7 @@ pub mod journal;
 pub mod keep;
 pub mod layout;
 pub mod loss;
+pub mod names;
 pub mod positional;
 pub mod quant;
 pub mod quantize;

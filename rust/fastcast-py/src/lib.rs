@@ -4,6 +4,7 @@
 //! decision about bytes is made in fastcast-core.
 
 mod errors;
+mod names;
 mod plan;
 mod results;
 mod tables;
@@ -20,7 +21,7 @@ use fastcast_core::torchfile::{Leaf, TorchFile};
 use fastcast_core::{
     dtype, keep, CastOptions, DType, Error, Fp8Overflow, Header, KeepRule, Kernel,
 };
-use fastcast_core::{index, journal, quant, shard_file};
+use fastcast_core::{journal, quant, shard_file};
 use pyo3::buffer::PyBuffer;
 use pyo3::prelude::*;
 use pyo3::types::{PyDict, PyList, PyTuple};
@@ -306,17 +307,34 @@ fn metadata_dict<'py>(py: Python<'py>, header: &Header) -> PyResult<Option<Bound
     Ok(Some(m))
 }
 
-/// A safetensors file's metadata and tensors, `(metadata, Entries)`: the
-/// tensors in data order, offsets absolute in the file, `file` the object
-/// passed (the caller's `Path`, put in every row). A model may have 100k
-/// tensors: they stay here until Python asks for columns or rows.
+/// Each safetensors file's metadata and tensors, `(metadata, Entries)`, for
+/// `paths` (each path the `file` its rows name): the tensors in data order,
+/// offsets absolute in the file. A model may have 100k tensors: they stay
+/// here until Python asks for columns or rows. The headers (megabytes of
+/// JSON for 100k tensors) are read and checked in parallel; on failure, the
+/// error of the first failing file in `paths` order.
 #[pyfunction]
 fn read_entries<'py>(
     py: Python<'py>,
-    path: PathBuf,
+    paths: Vec<Bound<'py, PyAny>>,
+) -> PyResult<Vec<(Option<Bound<'py, PyDict>>, Entries)>> {
+    let files: Vec<PathBuf> = paths.iter().map(|p| p.extract()).collect::<PyResult<_>>()?;
+    let headers: Vec<_> = py.detach(|| {
+        use rayon::prelude::*;
+        files.par_iter().map(|f| Header::read(f)).collect()
+    });
+    headers
+        .into_iter()
+        .zip(paths)
+        .map(|(header, file)| entries_of(py, header.map_err(CoreError)?, file.unbind()))
+        .collect()
+}
+
+fn entries_of<'py>(
+    py: Python<'py>,
+    header: Header,
     file: Py<PyAny>,
 ) -> PyResult<(Option<Bound<'py, PyDict>>, Entries)> {
-    let header = py.detach(|| Header::read(&path)).map_err(CoreError)?;
     let metadata = metadata_dict(py, &header)?;
     let start = header.data_start();
     let mut tensors = header.tensors;
@@ -325,26 +343,6 @@ fn read_entries<'py>(
         t.data_offsets = (start + t.data_offsets.0, start + t.data_offsets.1);
     }
     Ok((metadata, Entries::new(file, tensors)))
-}
-
-/// The files a sharded checkpoint's index json names, in name order, each
-/// with the tensors it holds (see `fastcast_core::index`). Raises
-/// `ModelFolderError` naming the index when it is not JSON or has no
-/// `weight_map` of tensor names to file names.
-#[pyfunction]
-fn read_index(py: Python<'_>, path: PathBuf) -> PyResult<Vec<(String, Vec<String>)>> {
-    let read = py.detach(|| std::fs::read(&path).map(|json| index::files_of(&json)));
-    match read.map_err(|e| CoreError(Error::io(&path, e)))? {
-        Ok(files) => Ok(files),
-        Err(index::IndexProblem::NotJson(e)) => Err(ModelFolderError::new_err(format!(
-            "{}: not valid JSON: {e}",
-            path.display()
-        ))),
-        Err(index::IndexProblem::NoWeightMap) => Err(ModelFolderError::new_err(format!(
-            "{}: has no weight_map of tensor names to file names",
-            path.display()
-        ))),
-    }
 }
 
 /// Read a torch.save file (`.bin`/`.pt`/`.pth`) without running pickle.
@@ -570,6 +568,7 @@ fn _core(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_class::<Entries>()?;
     m.add_class::<PlainShard>()?;
     m.add_class::<PlainRows>()?;
+    m.add_class::<names::Index>()?;
     m.add("FastcastError", py.get_type::<FastcastError>())?;
     m.add(
         "InvalidSafetensorsError",
@@ -596,10 +595,13 @@ fn _core(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_function(wrap_pyfunction!(cast_into, m)?)?;
     m.add_function(wrap_pyfunction!(read_header, m)?)?;
     m.add_function(wrap_pyfunction!(read_entries, m)?)?;
+    m.add_function(wrap_pyfunction!(names::first_repeat, m)?)?;
+    m.add_function(wrap_pyfunction!(names::set_roles, m)?)?;
     m.add_function(wrap_pyfunction!(tables::plan_plain, m)?)?;
     m.add_function(wrap_pyfunction!(tables::pack, m)?)?;
     m.add_function(wrap_pyfunction!(tables::lay_out, m)?)?;
-    m.add_function(wrap_pyfunction!(read_index, m)?)?;
+    m.add_function(wrap_pyfunction!(tables::tensors_digest, m)?)?;
+    m.add_function(wrap_pyfunction!(names::read_index, m)?)?;
     m.add_function(wrap_pyfunction!(read_torch_file, m)?)?;
     m.add_function(wrap_pyfunction!(execute_plan, m)?)?;
     m.add_function(wrap_pyfunction!(scan_plan, m)?)?;

@@ -10,6 +10,7 @@
 
 use fastcast_core::exec::TensorPlan;
 use fastcast_core::layout::{self, Placed};
+use fastcast_core::names;
 use fastcast_core::{DType, KeepRule, TensorInfo};
 use pyo3::prelude::*;
 use pyo3::types::{PyIterator, PyList, PyString, PyTuple};
@@ -30,6 +31,11 @@ pub struct Entries {
 impl Entries {
     pub fn new(file: Py<PyAny>, tensors: Vec<TensorInfo>) -> Entries {
         Entries { file, tensors }
+    }
+
+    /// The tensors' names, borrowed.
+    pub fn tensor_names(&self) -> Vec<&str> {
+        self.tensors.iter().map(|t| t.name.as_str()).collect()
     }
 }
 
@@ -116,6 +122,17 @@ impl PlainShard {
     /// The dtype each tensor is written in.
     fn dtypes<'py>(&self, py: Python<'py>) -> PyResult<Bound<'py, PyList>> {
         dtype_names(py, self.placed.iter().map(|p| p.dtype))
+    }
+
+    /// A digest of its tensors' source names and the dtypes they are written
+    /// in (`tensors_digest` of `names()` and `dtypes()`), for a resumed run's
+    /// fingerprint.
+    fn digest(&self) -> String {
+        names::digest(
+            self.placed
+                .iter()
+                .map(|p| (self.source(p).name.as_str(), p.dtype.safetensors_name())),
+        )
     }
 
     /// Each tensor's dtype in its source.
@@ -279,4 +296,23 @@ pub fn lay_out(tensors: Vec<(String, u64)>) -> PyResult<Vec<(usize, u64, u64)>> 
         .map(|(name, nbytes)| Ok((dtypes.parse(name).map_err(CoreError)?.size(), *nbytes)))
         .collect::<PyResult<Vec<_>>>()?;
     Ok(layout::lay_out(&items))
+}
+
+/// A digest (`fastcast_core::names::digest`) of tensors given as columns:
+/// their source names and the dtypes they are written in.
+#[pyfunction]
+pub fn tensors_digest(names: Vec<String>, dtypes: Vec<String>) -> PyResult<String> {
+    if names.len() != dtypes.len() {
+        return Err(pyo3::exceptions::PyValueError::new_err(format!(
+            "{} names and {} dtypes",
+            names.len(),
+            dtypes.len()
+        )));
+    }
+    Ok(names::digest(
+        names
+            .iter()
+            .map(String::as_str)
+            .zip(dtypes.iter().map(String::as_str)),
+    ))
 }
