@@ -700,7 +700,7 @@ fn quantizes_weights_and_their_scales_in_any_chunking_scales_after_weights() {
     };
     // Each weight's scales run right after it.
     let maps = map_sources(&plan.sources).unwrap();
-    let (_, jobs) = check_shard(&plan.shards[0], &plan, &maps).unwrap();
+    let Checked { jobs, .. } = check_shard(&plan.shards[0], &plan, &maps).unwrap();
     assert_eq!(run_order(&jobs), [2, 0, 3, 1]);
     let order: Vec<usize> = chunks_of(&jobs, 1).iter().map(|c| c.job).collect();
     assert_eq!(
@@ -905,7 +905,7 @@ fn tiny_tensors_run_in_shared_chunks_with_their_own_losses() {
     let dir = Scratch::new("tiny");
     let (plan, values) = tiny_tensors(&dir.0, 301, 7);
     let maps = map_sources(&plan.sources).unwrap();
-    let (_, jobs) = check_shard(&plan.shards[0], &plan, &maps).unwrap();
+    let Checked { jobs, .. } = check_shard(&plan.shards[0], &plan, &maps).unwrap();
     // 28-byte tensors in 1 KiB chunks: about 36 to a chunk, split where the
     // i64 `step` (another dtype pair) sits.
     let chunks = chunks_of(&jobs, 1024);
