@@ -328,27 +328,43 @@ def settle() -> None:
     os.sync()
 
 
-def run_model(model: Model, repeats: int) -> tuple[dict[str, Row], int]:
-    out = CACHE / f"out-{model.name}"
-    report = fastcast.convert(
-        model.path, model.target, output=out, shard_size=model.out_shard_size,
-        overwrite=True, dequantize=model.dequantize, quantize=model.quantize, progress=False,
-    )  # fmt: skip
-    floor_bytes = report.bytes_written
-    cmds = contenders(model, out, floor_bytes)
-    rows = {label: Row(label) for label in cmds}
-    warm(inputs(model))
+def run_models(models: list[Model], repeats: int) -> dict[str, tuple[dict[str, Row], int]]:
+    """Every model's contenders, repeat by repeat across the models too: this machine
+    drifts (a run can take twice as long an hour later), so a ratio between two models
+    (tensors-100k against tensors-100) means something only when their runs alternate.
+    Returns each model's rows and the bytes its output has."""
+    setups = []
+    for model in models:
+        out = CACHE / f"out-{model.name}"
+        report = fastcast.convert(
+            model.path, model.target, output=out, shard_size=model.out_shard_size,
+            overwrite=True, dequantize=model.dequantize, quantize=model.quantize,
+            progress=False,
+        )  # fmt: skip
+        cmds = contenders(model, out, report.bytes_written)
+        rows = {label: Row(label) for label in cmds}
+        setups.append((model, out, cmds, rows, report.bytes_written))
+    for model in models:
+        warm(inputs(model))
     for r in range(repeats):
-        for label, cmd in cmds.items():
-            shutil.rmtree(out, ignore_errors=True)
-            settle()
-            sample = measure(cmd)
-            rows[label].samples.append(sample)
-            print(
-                f"  [{model.name} {r + 1}/{repeats}] {label:<18} {sample.wall:7.2f} s", flush=True
-            )
-    shutil.rmtree(out, ignore_errors=True)
-    return rows, floor_bytes
+        for model, out, cmds, rows, _ in setups:
+            for label, cmd in cmds.items():
+                shutil.rmtree(out, ignore_errors=True)
+                settle()
+                sample = measure(cmd)
+                rows[label].samples.append(sample)
+                print(
+                    f"  [{model.name} {r + 1}/{repeats}] {label:<18} {sample.wall:7.2f} s",
+                    flush=True,
+                )
+    for _, out, _, _, _ in setups:
+        shutil.rmtree(out, ignore_errors=True)
+    return {model.name: (rows, written) for model, _, _, rows, written in setups}
+
+
+def paired_ratio(a: Row, b: Row) -> float:
+    """The median over repeats of ``a``'s wall time over ``b``'s in the same repeat."""
+    return statistics.median(x.wall / y.wall for x, y in zip(a.samples, b.samples, strict=True))
 
 
 # --- memory cap -----------------------------------------------------------------------
@@ -552,9 +568,21 @@ def main() -> None:
     samples: dict[str, dict[str, list[dict[str, float]]]] = {}
     for m in chosen:
         print(f"{m.name}: {m.path}")
-        rows, floor_bytes = run_model(m, repeats)
+    results = run_models(chosen, repeats)
+    for m in chosen:
+        rows, floor_bytes = results[m.name]
         samples[m.name] = {r.label: [vars(s) for s in r.samples] for r in rows.values()}
         lines += [*table(m, rows, floor_bytes), ""]
+    if {"tensors-100k", "tensors-100"} <= results.keys():
+        many, few = results["tensors-100k"][0], results["tensors-100"][0]
+        lines += [
+            "100k tensors against 100 holding the same bytes, the median of each repeat's "
+            "ratio: " + ", ".join(
+                f"{label} {paired_ratio(many[label], few[label]):.2f}x"
+                for label in ("fastcast (CLI)", "fastcast (API)")
+            ),
+            "",
+        ]  # fmt: skip
     cap = fastcast.parse_size(args.cap)
     capped_model = chosen[0]
     lines += [f"### memory cap ({capped_model.name}, {capped_model.size} input)", ""]

@@ -372,7 +372,7 @@ pub fn execute(plan: &Plan, opts: &ExecOptions, progress: &Progress) -> Result<E
     let maps = map_sources(&plan.sources)?;
     let mut stats = ExecStats::default();
     // Validate every shard before writing any: a bad plan writes nothing.
-    let checked = plan
+    let mut checked = plan
         .shards
         .iter()
         .map(|shard| check_shard(shard, plan, &maps))
@@ -409,12 +409,15 @@ pub fn execute(plan: &Plan, opts: &ExecOptions, progress: &Progress) -> Result<E
             failed.map_or(Ok(committed), Err)
         });
         let mut written = Ok(());
-        for (shard, checked) in plan.shards.iter().zip(&checked) {
-            let Checked { header, jobs, .. } = checked;
+        for (shard, checked) in plan.shards.iter().zip(&mut checked) {
             if stop.load(Ordering::Relaxed) {
                 break;
             }
-            let (file, digest) = match write_shard(shard, checked, opts, progress, stop) {
+            let done = write_shard(shard, checked, opts, progress, stop);
+            // Written: its header's bytes (8 MB for 100k tensors) are not needed.
+            drop(std::mem::take(&mut checked.header_bytes));
+            let Checked { header, jobs, .. } = &*checked;
+            let (file, digest) = match done {
                 Ok(done) => {
                     input::release_all(jobs.iter().map(|job| (job.map, job.src)));
                     done
