@@ -7,7 +7,6 @@
 //! exactly, and sizes agree with dtypes and shapes, so later code can slice
 //! the file by `data_offsets` without further checks.
 
-use foldhash::{HashSet, HashSetExt};
 use std::fs::File;
 use std::io::Read;
 use std::path::Path;
@@ -18,6 +17,7 @@ use serde_json::value::RawValue;
 
 use crate::dtype::DType;
 use crate::error::{Error, HeaderProblem, Result};
+use crate::names::first_repeat_by;
 
 /// The largest header the reference reader accepts (100 MB).
 pub const MAX_HEADER_LEN: u64 = 100_000_000;
@@ -323,13 +323,11 @@ fn check_unique<'a>(names: impl Iterator<Item = &'a str>) -> Result<(), HeaderPr
     }
 }
 
-/// The first of `items` seen before, if any. (A seeded hash, foldhash's:
-/// the names come from untrusted files, and a fast unkeyed hash lets a
-/// header of colliding names make this quadratic; std's SipHash took twice
-/// as long on 100k names.)
+/// The first of `items` seen before, if any (`names::first_repeat_by`: the
+/// names come from untrusted files).
 fn first_repeat<'a>(items: impl Iterator<Item = &'a str>) -> Option<&'a str> {
-    let mut seen = HashSet::with_capacity(items.size_hint().0);
-    items.into_iter().find(|item| !seen.insert(*item))
+    let count = items.size_hint().0;
+    first_repeat_by(items, count, |item| *item)
 }
 
 /// What is wrong with `__metadata__` when it lists `key` twice.

@@ -83,14 +83,32 @@ fn missing<'l>(listed: &'l [String], present: &[&str]) -> Vec<&'l str> {
 /// assert_eq!(first_repeat(&[vec!["a"], vec!["b"]]), None);
 /// ```
 pub fn first_repeat<'a>(files: &[Vec<&'a str>]) -> Option<(&'a str, usize, usize)> {
-    let mut seen = HashSet::with_capacity(files.iter().map(Vec::len).sum());
-    let (f, name) = files
+    let all = files
         .iter()
         .enumerate()
-        .flat_map(|(f, names)| names.iter().map(move |&name| (f, name)))
-        .find(|&(_, name)| !seen.insert(name))?;
+        .flat_map(|(f, names)| names.iter().map(move |&name| (f, name)));
+    let total = files.iter().map(Vec::len).sum();
+    let (f, name) = first_repeat_by(all, total, |&(_, name)| name)?;
     let earlier = files.iter().position(|names| names.contains(&name))?;
     Some((name, f, earlier))
+}
+
+/// The first of `items` (about `count` of them) whose `key` an earlier item
+/// had: the one search for a repeated name, which the header's checks and a
+/// weight set's use, with the seeded hash this module's doc explains.
+///
+/// ```
+/// use fastcast_core::names::first_repeat_by;
+/// let items = [(1, "a"), (2, "b"), (3, "a")];
+/// assert_eq!(first_repeat_by(items.into_iter(), 3, |&(_, k)| k), Some((3, "a")));
+/// ```
+pub fn first_repeat_by<'a, T>(
+    items: impl Iterator<Item = T>,
+    count: usize,
+    key: impl Fn(&T) -> &'a str,
+) -> Option<T> {
+    let mut seen = HashSet::with_capacity(count);
+    items.into_iter().find(|item| !seen.insert(key(item)))
 }
 
 /// A digest (xxh3-128, hex) of `tensors`, each a name and a dtype name, in

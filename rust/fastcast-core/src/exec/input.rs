@@ -163,22 +163,7 @@ pub(super) fn release(range: &[u8], input: &Input) {
         let lo = boundary.saturating_sub(BLOCK + FAULT_AROUND);
         (lo, boundary, boundary.saturating_sub(BLOCK))
     };
-    let first = lo.max(base) / page * page;
-    let last = (hi.div_ceil(page) * page).min((base + input.map.len()).div_ceil(page) * page);
-    if last <= first {
-        return;
-    }
-    // SAFETY: [first, last) lies in the map's pages (a mapping is whole pages
-    // from a page-aligned base), a live read-only file mapping; MADV_DONTNEED
-    // only drops our page-table entries for it, and later reads fault the same
-    // file data back in.
-    unsafe {
-        libc::madvise(
-            first as *mut libc::c_void,
-            last - first,
-            libc::MADV_DONTNEED,
-        );
-    }
+    unmap(input, lo.max(base) - base, hi - base);
     let from = drop_from.max(base).div_ceil(page) * page - base;
     let to = (hi.min(base + input.map.len()) - base) / page * page;
     drop_behind(input, from, to);
@@ -204,20 +189,7 @@ pub(super) fn release_all<'a>(ranges: impl IntoIterator<Item = (&'a Input, &'a [
             lo / BLOCK * BLOCK,
             (hi.div_ceil(BLOCK) * BLOCK).min(input.map.len()),
         );
-        let len = to.saturating_sub(from).div_ceil(page_size()) * page_size();
-        if len > 0 {
-            // SAFETY: [from, from + len) lies in the map's pages (BLOCK is a
-            // multiple of the page size; the end is rounded up to a page of a
-            // mapping made of whole pages), a live read-only file mapping;
-            // reading it again would fault the same data back in.
-            unsafe {
-                libc::madvise(
-                    input.map.as_ptr().add(from) as *mut libc::c_void,
-                    len,
-                    libc::MADV_DONTNEED,
-                );
-            }
-        }
+        unmap(input, from, to);
         drop_behind(input, from, to);
     };
     for (input, range) in ranges {
@@ -241,6 +213,30 @@ pub(super) fn release_all<'a>(ranges: impl IntoIterator<Item = (&'a Input, &'a [
 
 #[cfg(not(target_os = "linux"))]
 pub(super) fn release_all<'a>(_ranges: impl IntoIterator<Item = (&'a Input, &'a [u8])>) {}
+
+/// Unmap the pages of `input` holding bytes `[from, to)` (offsets in the
+/// map, widened to whole pages): they leave our resident set and page
+/// tables, and the page cache may drop them (it keeps a page anyone maps).
+#[cfg(target_os = "linux")]
+fn unmap(input: &Input, from: usize, to: usize) {
+    let page = page_size();
+    let first = from / page * page;
+    let last = to.div_ceil(page).min(input.map.len().div_ceil(page)) * page;
+    if last <= first {
+        return;
+    }
+    // SAFETY: [first, last) lies in the map's pages (a mapping is whole pages
+    // from a page-aligned base, and `last` is at most its last page's end), a
+    // live read-only file mapping; MADV_DONTNEED only drops our page-table
+    // entries for it, and later reads fault the same file data back in.
+    unsafe {
+        libc::madvise(
+            input.map.as_ptr().add(first) as *mut libc::c_void,
+            last - first,
+            libc::MADV_DONTNEED,
+        );
+    }
+}
 
 /// Drop file bytes `[from, to)` of `input` from the page cache, except the
 /// blocks that were cached before the run.
