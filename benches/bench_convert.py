@@ -5,6 +5,7 @@
     python3 benches/bench_convert.py --models llama-quantize  # --quantize fp8
     python3 benches/bench_convert.py --models llama-bin       # torch.save .bin shards
     python3 benches/bench_convert.py --models tensors-100k,tensors-100  # many tiny tensors
+    python3 benches/bench_convert.py --models llama --threads 1,4,16   # thread scaling
 
 Generates synthetic checkpoints once (streamed, cached in benches/.cache/):
 a Llama-shaped fp32 model of about 5 GB in 2 GB shards and a Mixtral-shaped bf16
@@ -23,7 +24,9 @@ model with many expert tensors. Then, on the same input, runs interleaved
                shard, as safetensors' convert.py does, and the same with mmap=True)
   transformers from_pretrained(dtype=...) -> save_pretrained(max_shard_size=...)
                (not for block fp8: transformers 5.23 mis-reads partial blocks)
-  fastcast     the CLI, and fastcast.convert() from Python
+  fastcast     the CLI, and fastcast.convert() from Python; with --threads, the CLI
+               again at each of those thread counts (the scaling table is paired
+               repeat by repeat against the first count)
 
 For each: wall time, CPU seconds (user+sys), peak RSS and peak anonymous memory
 (mapped file pages count in RSS, so RssAnon is the honest number). Then the
@@ -45,6 +48,7 @@ import subprocess
 import sys
 import textwrap
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -163,9 +167,12 @@ for f in {shards!r}:
 """
 
 
-def contenders(model: Model, out: Path, floor_bytes: int) -> dict[str, list[str]]:
+def contenders(
+    model: Model, out: Path, floor_bytes: int, threads: Sequence[int] = ()
+) -> dict[str, list[str]]:
     """The commands to time, in the order they run: the floors, the usual scripts for
-    this kind of model, then fastcast's CLI and API with the model's options."""
+    this kind of model, then fastcast's CLI and API with the model's options, then the
+    CLI at each of ``threads``."""
     shards = [str(p) for p in inputs(model)]
     floor = str(ROOT / "target" / "release" / "examples" / "io_floor")
     flags: list[str] = []
@@ -174,14 +181,15 @@ def contenders(model: Model, out: Path, floor_bytes: int) -> dict[str, list[str]
         flags, options = ["--dequantize"], {"dequantize": True}
     if model.quantize:
         flags, options = ["--quantize", model.quantize], {"quantize": model.quantize}
+    cli = [
+        sys.executable, "-m", "fastcast.cli", "convert", str(model.path), "-o", str(out),
+        "--dtype", model.target, "--shard-size", model.out_shard_size, *flags, "--quiet",
+    ]  # fmt: skip
     return {
         "floor (fsync)": [floor, "--fsync", str(out), str(floor_bytes), *shards],
         "floor (no fsync)": [floor, str(out), str(floor_bytes), *shards],
         **scripts(model, out, shards),
-        "fastcast (CLI)": [
-            sys.executable, "-m", "fastcast.cli", "convert", str(model.path), "-o", str(out),
-            "--dtype", model.target, "--shard-size", model.out_shard_size, *flags, "--quiet",
-        ],
+        "fastcast (CLI)": cli,
         "fastcast (API)": python_cmd(
             f"""
             import fastcast
@@ -190,7 +198,12 @@ def contenders(model: Model, out: Path, floor_bytes: int) -> dict[str, list[str]
                              **{options!r})
             """
         ),
+        **{thread_label(n): [*cli, "--threads", str(n)] for n in threads},
     }  # fmt: skip
+
+
+def thread_label(threads: int) -> str:
+    return f"fastcast (CLI, --threads {threads})"
 
 
 def scripts(model: Model, out: Path, shards: list[str]) -> dict[str, list[str]]:
@@ -328,7 +341,9 @@ def settle() -> None:
     os.sync()
 
 
-def run_models(models: list[Model], repeats: int) -> dict[str, tuple[dict[str, Row], int]]:
+def run_models(
+    models: list[Model], repeats: int, threads: Sequence[int] = ()
+) -> dict[str, tuple[dict[str, Row], int]]:
     """Every model's contenders, repeat by repeat across the models too: this machine
     drifts (a run can take twice as long an hour later), so a ratio between two models
     (tensors-100k against tensors-100) means something only when their runs alternate.
@@ -341,7 +356,7 @@ def run_models(models: list[Model], repeats: int) -> dict[str, tuple[dict[str, R
             overwrite=True, dequantize=model.dequantize, quantize=model.quantize,
             progress=False,
         )  # fmt: skip
-        cmds = contenders(model, out, report.bytes_written)
+        cmds = contenders(model, out, report.bytes_written, threads)
         rows = {label: Row(label) for label in cmds}
         setups.append((model, out, cmds, rows, report.bytes_written))
     for model in models:
@@ -354,7 +369,7 @@ def run_models(models: list[Model], repeats: int) -> dict[str, tuple[dict[str, R
                 sample = measure(cmd)
                 rows[label].samples.append(sample)
                 print(
-                    f"  [{model.name} {r + 1}/{repeats}] {label:<18} {sample.wall:7.2f} s",
+                    f"  [{model.name} {r + 1}/{repeats}] {label:<30} {sample.wall:7.2f} s",
                     flush=True,
                 )
     for _, out, _, _, _ in setups:
@@ -365,6 +380,28 @@ def run_models(models: list[Model], repeats: int) -> dict[str, tuple[dict[str, R
 def paired_ratio(a: Row, b: Row) -> float:
     """The median over repeats of ``a``'s wall time over ``b``'s in the same repeat."""
     return statistics.median(x.wall / y.wall for x, y in zip(a.samples, b.samples, strict=True))
+
+
+def scaling(model: Model, rows: dict[str, Row], threads: Sequence[int]) -> list[str]:
+    """Thread scaling: each count's median wall time, input GB/s and CPU, and its
+    speed-up over the first count, paired repeat by repeat."""
+    size = sum(p.stat().st_size for p in inputs(model))
+    base = rows[thread_label(threads[0])]
+    lines = [
+        f"### threads ({model.name}, {model.size} {model.dtype} -> {model.target}, "
+        f"{os.cpu_count()} cores)",
+        "",
+        f"| --threads | wall s | GB/s in | CPU s | speed-up over {threads[0]} |",
+        "|---:|---:|---:|---:|---:|",
+    ]
+    for n in threads:
+        row = rows[thread_label(n)]
+        wall = row.median("wall")
+        lines.append(
+            f"| {n} | {wall:.2f} | {size / wall / 1e9:.2f} | {row.median('cpu'):.2f} "
+            f"| {1 / paired_ratio(row, base):.2f}x |"
+        )
+    return lines
 
 
 # --- memory cap -----------------------------------------------------------------------
@@ -515,6 +552,12 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--models", default="llama,mixtral")
     parser.add_argument("--cap", default="1GiB", help="memory cap for the capped runs")
+    parser.add_argument(
+        "--threads",
+        type=lambda text: [int(n) for n in text.split(",")],
+        default=[],
+        help="also run the CLI at these thread counts (e.g. 1,4,16) and add a scaling table",
+    )
     args = parser.parse_args()
     scale = "300MB" if args.quick else None
     models = {
@@ -568,11 +611,13 @@ def main() -> None:
     samples: dict[str, dict[str, list[dict[str, float]]]] = {}
     for m in chosen:
         print(f"{m.name}: {m.path}")
-    results = run_models(chosen, repeats)
+    results = run_models(chosen, repeats, args.threads)
     for m in chosen:
         rows, floor_bytes = results[m.name]
         samples[m.name] = {r.label: [vars(s) for s in r.samples] for r in rows.values()}
         lines += [*table(m, rows, floor_bytes), ""]
+        if args.threads:
+            lines += [*scaling(m, rows, args.threads), ""]
     if {"tensors-100k", "tensors-100"} <= results.keys():
         many, few = results["tensors-100k"][0], results["tensors-100"][0]
         lines += [
@@ -592,7 +637,9 @@ def main() -> None:
     text = "\n".join(lines) + "\n"
     print("\n" + text)
     RESULTS.mkdir(exist_ok=True)
-    name = "convert-quick.md" if args.quick else "convert.md"
+    # A scaling run is a run of its own (another machine, say): it keeps the main table.
+    name = ("convert-quick" if args.quick else "convert") + ("-threads" if args.threads else "")
+    name += ".md"
     (RESULTS / name).write_text(text)
     (RESULTS / name.replace(".md", ".json")).write_text(json.dumps(samples, indent=1))
     print(f"written to {RESULTS / name}")
