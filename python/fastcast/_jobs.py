@@ -23,14 +23,15 @@ from collections.abc import Callable
 from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
 from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import Any, Literal, Protocol
-
-from tqdm import tqdm
+from typing import TYPE_CHECKING, Any, Literal, Protocol
 
 from fastcast import _core
 from fastcast._convert import ShardExecutor
 from fastcast._output import Run
 from fastcast._plan import ConversionPlan
+
+if TYPE_CHECKING:
+    from tqdm import tqdm
 
 #: Reports an attempt's progress: (attempt id, input bytes done so far).
 AttemptProgress = Callable[[str, int], None]
@@ -172,6 +173,8 @@ class ShardBoard:
     line per model being written. A shard counts the most any attempt of it did."""
 
     def __init__(self, total: int, enabled: bool) -> None:
+        from tqdm import tqdm  # here, not at import: see ByteProgress
+
         self._lock = threading.Lock()
         self._attempts: dict[tuple[str, str], dict[str, int]] = {}
         self._shown: dict[tuple[str, str], int] = {}
@@ -183,6 +186,8 @@ class ShardBoard:
         )  # fmt: skip
 
     def add_model(self, model: str, total: int) -> None:
+        from tqdm import tqdm
+
         with self._lock:
             self._overall.total = (self._overall.total or 0) + total
             self._overall.refresh()
