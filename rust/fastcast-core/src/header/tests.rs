@@ -268,6 +268,23 @@ fn read_from_disk_checks_the_same_things() {
     std::fs::remove_dir_all(&dir).unwrap();
 }
 
+/// Entries are checked in header order, each parsed on its own, so the first
+/// entry at fault is the one named even when a later one is not well-formed;
+/// a repeated name is told before any entry's problem.
+#[test]
+fn the_first_entry_at_fault_is_named_whatever_follows_it() {
+    let json = r#"{"a":{"dtype":"F32","shape":[3],"data_offsets":[0,8]},"b":{"dtype":7}}"#;
+    assert!(matches!(
+        problem(&file(json, 8)),
+        HeaderProblem::SizeMismatch { tensor, .. } if tensor == "a"
+    ));
+    let json = r#"{"a":{"dtype":"F32","shape":[2],"data_offsets":[0,8]},"b":{"dtype":7},"a":1}"#;
+    assert!(matches!(
+        problem(&file(json, 8)),
+        HeaderProblem::DuplicateTensor { tensor } if tensor == "a"
+    ));
+}
+
 fn arb_header() -> impl Strategy<Value = Header> {
     let dtypes = prop::sample::select(crate::dtype::ALL.to_vec());
     let tensor = (dtypes, prop::collection::vec(0u64..5, 0..4));
