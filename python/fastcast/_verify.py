@@ -756,8 +756,8 @@ def verify(
     the target dtype, the ``keep`` patterns and the variant, so none of these needs
     saying; each argument given overrides the record (for folders made elsewhere,
     ``against`` is required and ``dtype`` is inferred from the stored weights).
-    A torch.save source is read as convert reads it (``state_dict_key``,
-    ``strip_prefix``: from the record unless given) and its tensors loaded for the
+    A torch.save source is read as convert reads it (``state_dict_key`` and
+    ``strip_prefix``: the record's pair unless either is given) and its tensors loaded for the
     comparison by torch itself (``torch.load(weights_only=True, mmap=True)``).
     ``device`` is ``auto`` (every GPU, else the CPU), ``cpu``, ``cuda`` or a list
     such as ``cuda:0,cuda:1``. ``load`` also loads the whole model as a user would.

@@ -257,22 +257,29 @@ def add_verify(commands: argparse._SubParsersAction[argparse.ArgumentParser]) ->
         action="store_true",
         help="also load the whole model as a user would (transformers, device_map=auto)",
     )
-    add_torch_options(verify, "the source's (default: fastcast.json)")
+    recorded = "as fastcast.json records, when neither of these two is given"
+    add_torch_options(verify, recorded, recorded)
     verify.add_argument("--quiet", "-q", action="store_true", help="print only failures")
     verify.set_defaults(run=run_verify)
 
 
-def add_torch_options(parser: argparse.ArgumentParser, default: str) -> None:
+def add_torch_options(
+    parser: argparse.ArgumentParser,
+    key_default: str,
+    prefix_default: str | None = None,
+) -> None:
     """--state-dict-key and --strip-prefix, for commands reading torch.save files."""
     parser.add_argument(
         "--state-dict-key",
         metavar="KEY",
-        help=f"torch.save checkpoints: the key holding the state dict (default: {default})",
+        help=f"torch.save checkpoints: the key holding the state dict (default: {key_default})",
     )
+    default = f" (default: {prefix_default})" if prefix_default else ""
     parser.add_argument(
         "--strip-prefix",
         metavar="PREFIX",
-        help="torch.save checkpoints: remove PREFIX (e.g. module., as DDP adds) from tensor names",
+        help="torch.save checkpoints: remove PREFIX (e.g. module., as DDP adds) from tensor "
+        f"names{default}",
     )
 
 
