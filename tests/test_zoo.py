@@ -231,3 +231,26 @@ def test_a_project_folder_is_never_touched(tmp_path, extra):
     refused(cli("inspect", target.model), "no .safetensors or .bin weights")
     refused(cli("verify", target.model), "pass --against")
     assert snapshot(target.model) == before
+
+
+def test_a_batch_of_the_whole_zoo_matches_each_model_converted_alone(tmp_path):
+    """``convert --jobs`` over every layout at once (each with its own output and
+    variant): each output is a correct conversion, and byte for byte the one that
+    converting that model alone writes."""
+    layouts = [build(tmp_path / "zoo" / name) for name, build in sorted(ZOO.items())]
+    lines = ['dtype = "bf16"', 'shard_size = "5GB"']
+    for layout in layouts:
+        lines += ["[[model]]", f"path = {json.dumps(str(layout.model))}"]
+        lines.append(f"output = {json.dumps(str(tmp_path / 'batch' / layout.name))}")
+        if layout.variant:
+            lines.append(f"variant = {json.dumps(layout.variant)}")
+    jobs = tmp_path / "jobs.toml"
+    jobs.write_text("\n".join(lines) + "\n")
+    before = {layout.name: snapshot(layout.root) for layout in layouts}
+    ok(cli("convert", "--jobs", jobs, "--quiet"))
+    for layout in layouts:
+        alone = tmp_path / "alone" / layout.name
+        ok(cli(*convert_args(layout, alone, "bf16", "--quiet")))
+        check_output(layout, tmp_path / "batch" / layout.name, "BF16")
+        assert snapshot(tmp_path / "batch" / layout.name) == snapshot(alone), layout.name
+        assert snapshot(layout.root) == before[layout.name], "the input never changes"
