@@ -4,7 +4,6 @@
 from __future__ import annotations
 
 import fcntl
-import json
 import os
 import pty
 import struct
@@ -13,25 +12,19 @@ import sys
 import termios
 from pathlib import Path
 
-import numpy as np
 import pytest
-from safetensors.numpy import save_file
 
 import fastcast
 from commands import cli, ok
+from conftest import require
+from folders import save_folder, tensors
 
 
-def small_model(path: Path, seed: int = 0) -> Path:
-    """Two fp32 tensors and a config: enough for every command to show its bar."""
-    path.mkdir(parents=True)
-    rng = np.random.default_rng(seed)
-    tensors = {
-        "model.embed_tokens.weight": rng.standard_normal((64, 32)).astype(np.float32),
-        "model.norm.weight": rng.standard_normal(32).astype(np.float32),
-    }
-    save_file(tensors, str(path / "model.safetensors"), metadata={"format": "pt"})
-    (path / "config.json").write_text(json.dumps({"torch_dtype": "float32"}))
-    return path
+def small_model(path: Path) -> Path:
+    """The tests' small folder (``folders.save_folder``): enough for every command to
+    show its bar."""
+    st, torch = require("safetensors.torch"), require("torch")
+    return save_folder(st, path, tensors(torch))
 
 
 def on_a_terminal(*args: object) -> tuple[int, str]:
@@ -71,7 +64,7 @@ def on_a_terminal(*args: object) -> tuple[int, str]:
     ],
 )
 def test_a_terminal_shows_a_bar_and_quiet_or_a_pipe_shows_none(tmp_path, command, label):
-    model, other = small_model(tmp_path / "m"), small_model(tmp_path / "n", seed=1)
+    model, other = small_model(tmp_path / "m"), small_model(tmp_path / "n")
 
     def args(out: str) -> list[str]:
         return [a.format(model=model, other=other, out=tmp_path / out) for a in command]

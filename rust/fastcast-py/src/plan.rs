@@ -56,18 +56,20 @@ fn read_shard(obj: &Bound<'_, PyAny>, i: usize) -> Read<ShardPlan> {
     let at = format!("shards[{i}]");
     let shard = as_dict(obj, &at)?;
     let tensors = required(&shard, intern!(py, "tensors"), &at)?;
-    let mut read = Vec::new();
-    if let Ok(plain) = tensors.cast::<PlainRows>() {
-        read = plain.get().tensor_plans(); // a plain shard: straight from the table
-    } else {
-        let mut dtypes = DTypes::default();
-        for (j, tensor) in iterate(&tensors, &format!("{at}.tensors"))?.enumerate() {
-            let tensor = item(tensor, &at)?;
-            let tensor = read_tensor(&tensor, &mut dtypes)
-                .map_err(|e| Malformed(format!("{at}.tensors[{j}]{e}")))?;
-            read.push(tensor);
+    let read = match tensors.cast::<PlainRows>() {
+        Ok(plain) => plain.get().tensor_plans(), // a plain shard: straight from the table
+        Err(_) => {
+            let mut dtypes = DTypes::default();
+            let mut read = Vec::new();
+            for (j, tensor) in iterate(&tensors, &format!("{at}.tensors"))?.enumerate() {
+                let tensor = item(tensor, &at)?;
+                let tensor = read_tensor(&tensor, &mut dtypes)
+                    .map_err(|e| Malformed(format!("{at}.tensors[{j}]{e}")))?;
+                read.push(tensor);
+            }
+            read
         }
-    }
+    };
     Ok(ShardPlan {
         name: serde_field(&shard, intern!(py, "name"), &at)?,
         path: serde_field(&shard, intern!(py, "path"), &at)?,
