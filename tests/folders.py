@@ -61,3 +61,13 @@ def load_all(st, folder: Path) -> dict:
     for f in sorted(folder.glob("*.safetensors")):
         out.update(st.load_file(str(f)))
     return out
+
+
+def raw_tensors(path: Path) -> dict[str, tuple[str, bytes]]:
+    """Each tensor of a safetensors file: (dtype, its bytes), whatever its dtype (read
+    by fastcast's header reader; numpy and torch lack some dtypes)."""
+    import fastcast
+
+    header = fastcast.read_header(path)
+    data = path.read_bytes()[header["data_start"] :]
+    return {name: (dtype, data[b:e]) for name, dtype, _, (b, e) in header["tensors"]}

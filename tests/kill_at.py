@@ -17,6 +17,23 @@ Points:
     writing    while the executor runs, as soon as a shard is being written (a
                partial file exists in the staging folder)
 
+    cleanup:N  while the staging folder is removed after a commit (an rmtree of a
+               folder named ``.fastcast-staging...``): just before its Nth removal
+               of a file or folder; ``cleanup:NAME``: right after it removed the
+               file named NAME (``run.json``), whatever order the folder lists
+
+Points where the process is not killed but something happens to it (this script then
+exits with fastcast's exit code):
+    hold-mkdir:FILE    right after the first folder is created, wait until FILE
+               exists (announced on stderr with ``kill_at: holding``): another run
+               can be started in the window between creating and locking
+    hold-execute:FILE  just before the executor runs, wait until FILE exists
+               (announced as above): the run holds its output meanwhile
+    truncate:PATH  while the executor runs, as soon as a shard is being written,
+               truncate the input PATH to half its size (another program did it)
+    enospc:NAME  every write to a file named NAME fails with ENOSPC, as a full disk
+               makes ``write(2)`` fail: with no file name in the error
+
 ``journaled:N@INT`` and ``writing@INT`` send SIGINT (Ctrl-C) instead: the process goes
 on to handle it, and this script exits with fastcast's exit code. Watching from a
 thread of the process itself, rather than from the test, keeps the signal in time on
@@ -28,6 +45,9 @@ command runs to completion and this script exits 3, so a test can tell.
 
 from __future__ import annotations
 
+import builtins
+import errno
+import io
 import os
 import shutil
 import signal
@@ -36,7 +56,7 @@ import threading
 import time
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import IO, Any
 
 
 def die() -> None:
@@ -86,9 +106,124 @@ def writing(journal: Path) -> bool:
     return any(journal.parent.rglob("*.fastcast-partial"))
 
 
+def hold(release: Path) -> None:
+    """Announce the hold on stderr, then wait until ``release`` exists."""
+    reached.set()
+    print("kill_at: holding", file=sys.stderr, flush=True)
+    while not release.exists():
+        time.sleep(0.005)
+
+
+def truncate_when(path: Path, journal: Path) -> None:
+    """Once a shard is being written, truncate ``path`` to half its size."""
+    while not writing(journal):
+        time.sleep(0.0005)
+    os.truncate(path, path.stat().st_size // 2)
+    reached.set()
+
+
+class FullDisk(io.TextIOBase):
+    """A file whose every write fails as on a full disk (the OS names no file)."""
+
+    def __init__(self, inner: IO[Any]) -> None:
+        self.inner = inner
+
+    def write(self, data: Any) -> int:
+        reached.set()
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+    def writelines(self, lines: Any) -> None:
+        self.write("")
+
+    def flush(self) -> None:
+        self.inner.flush()
+
+    def fileno(self) -> int:
+        return self.inner.fileno()
+
+    def close(self) -> None:
+        self.inner.close()
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
 def install(point: str) -> None:
     point, _, how = point.partition("@")
     kind, _, arg = point.partition(":")
+    if kind == "cleanup":
+        nth = nth_call(int(arg)) if arg.isdigit() else lambda: False
+        real_rmtree = shutil.rmtree
+        real_unlink, real_rmdir = os.unlink, os.rmdir
+
+        def counted(real: Callable[..., Any]) -> Callable[..., Any]:
+            def remove(path: Any, *a: Any, **kw: Any) -> Any:
+                if nth():
+                    die()
+                done = real(path, *a, **kw)
+                if Path(os.fsdecode(path)).name == arg:
+                    die()
+                return done
+
+            return remove
+
+        def rmtree(path: Any, *a: Any, **kw: Any) -> Any:
+            if not Path(path).name.startswith(".fastcast-staging"):
+                return real_rmtree(path, *a, **kw)
+            os.unlink, os.rmdir = counted(real_unlink), counted(real_rmdir)  # type: ignore[assignment]
+            try:
+                return real_rmtree(path, *a, **kw)
+            finally:
+                os.unlink, os.rmdir = real_unlink, real_rmdir  # type: ignore[assignment]
+
+        shutil.rmtree = rmtree  # type: ignore[assignment]
+        return
+    if kind == "hold-mkdir":
+        real_mkdir = os.mkdir
+        first = nth_call(1)
+
+        def mkdir(*a: Any, **kw: Any) -> None:
+            real_mkdir(*a, **kw)
+            if first():
+                hold(Path(arg))
+
+        os.mkdir = mkdir  # type: ignore[assignment]
+        return
+    if kind == "hold-execute":
+        from fastcast import _core
+
+        real_run = _core.execute_plan
+
+        def held(*a: Any, **kw: Any) -> Any:
+            hold(Path(arg))
+            return real_run(*a, **kw)
+
+        _core.execute_plan = held  # type: ignore[assignment]
+        return
+    if kind == "truncate":
+        from fastcast import _core
+
+        real_exec = _core.execute_plan
+
+        def truncating(*a: Any, **kw: Any) -> Any:
+            args = (Path(arg), Path(kw["journal"]))
+            threading.Thread(target=truncate_when, args=args, daemon=True).start()
+            return real_exec(*a, **kw)
+
+        _core.execute_plan = truncating  # type: ignore[assignment]
+        return
+    if kind == "enospc":
+        real_open = builtins.open
+
+        def full_open(file: Any, mode: str = "r", *a: Any, **kw: Any) -> Any:
+            f = real_open(file, mode, *a, **kw)
+            writes = any(c in mode for c in "wax+")
+            if writes and isinstance(file, (str, os.PathLike)) and Path(file).name == arg:
+                return FullDisk(f)
+            return f
+
+        builtins.open = io.open = full_open  # type: ignore[assignment]
+        return
     if kind == "copy":
         nth = nth_call(int(arg))
         real_copyfile = shutil.copyfile

@@ -5,6 +5,7 @@ folders made elsewhere, and what an unfinished output looks like to inspect."""
 from __future__ import annotations
 
 import json
+import os
 import shutil
 
 import pytest
@@ -55,20 +56,24 @@ def test_overwrite_removes_the_previous_runs_stale_files_and_folders(tmp_path):
 
 
 def test_one_run_at_a_time(tmp_path):
-    """A second run into an output another run is writing (its staging folder locked)
-    is refused instead of writing into the same files."""
+    """A second run into an output another run is writing (the output folder locked, as
+    a run holds it from before its first write) is refused instead of writing into the
+    same files."""
     fcntl = pytest.importorskip("fcntl")
     layout = llama(tmp_path)
     out = tmp_path / "out"
     killed("executed", "convert", layout.model, "-o", out, "--dtype", "fp16")
-    with open(out / ".fastcast-staging" / "lock", "ab") as held:
-        fcntl.flock(held.fileno(), fcntl.LOCK_EX)
+    held = os.open(out, os.O_RDONLY)
+    try:
+        fcntl.flock(held, fcntl.LOCK_EX)
         with pytest.raises(fastcast.OutputExistsError, match="another fastcast run"):
             fastcast.convert(layout.model, "fp16", output=out, resume=True, progress=False)
         staged = snapshot(out)
         with pytest.raises(fastcast.OutputExistsError, match="another fastcast run"):
             fastcast.convert(layout.model, "bf16", output=out, overwrite=True, progress=False)
         assert snapshot(out) == staged, "the running conversion's staging folder is left alone"
+    finally:
+        os.close(held)
     report = fastcast.convert(layout.model, "fp16", output=out, resume=True, progress=False)
     assert len(report.reused) == len(report.shards)
 

@@ -18,11 +18,13 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
+from fastcast._arguments import as_patterns, thread_count
 from fastcast._convert import ConversionReport, ShardExecutor, convert, default_output, parse_target
 from fastcast._hf_cache import model_path
 from fastcast._jobs import LocalPool, ShardBoard, ShardPool, shard_executor
 from fastcast._loss import loss_sum
 from fastcast._model_dir import TorchOptions, open_model
+from fastcast._report_file import check_report_path, write_report
 from fastcast._units import format_bytes
 
 if sys.version_info >= (3, 11):
@@ -264,18 +266,30 @@ def plan_jobs(
             planned.append(ModelResult(job.model, "failed", None, error=one_line(e)))
             continue
         planned.append(ModelJob(job.model, opts))
-    for out in outputs:  # made here, not by models racing to make a shared parent
-        out.parent.mkdir(parents=True, exist_ok=True)
     return planned
+
+
+def make_parents(planned: Sequence[ModelJob | ModelResult]) -> None:
+    """The folders the outputs go in, made once here, not by models racing to make a
+    shared parent."""
+    for job in planned:
+        out = job.options.get("output") if isinstance(job, ModelJob) else None
+        if out is not None:
+            Path(os.path.abspath(out)).parent.mkdir(parents=True, exist_ok=True)
 
 
 def default_name(model: str, opts: Mapping[str, Any]) -> str:
     """The folder name ``convert`` would give the model's output (``name-bf16``;
     ``name-safetensors`` without a dtype)."""
+    return default_path(model, opts).name
+
+
+def default_path(model: str, opts: Mapping[str, Any]) -> Path:
+    """The output ``convert`` would write the model to without ``output``."""
     source = model_path(model)
     torch = TorchOptions(opts.get("state_dict_key"), opts.get("strip_prefix"))
     target = None if opts.get("dtype") is None else parse_target(opts["dtype"])
-    return default_output(open_model(source, opts.get("variant"), torch), source, target).name
+    return default_output(open_model(source, opts.get("variant"), torch), source, target)
 
 
 # --- the API ---------------------------------------------------------------------------
@@ -290,6 +304,7 @@ def convert_batch(
     ray_address: str | None = None,
     threads: int | None = None,
     progress: bool | None = None,
+    report: str | os.PathLike[str] | None = None,
     **options: Any,
 ) -> BatchReport:
     """Convert several models, each as ``convert`` would, into ``output_dir/<name>-<dtype>``
@@ -300,18 +315,23 @@ def convert_batch(
     that fails is reported (``status == "failed"``, ``error`` its one line) and the
     others go on. ``executor="ray"`` writes the shards on a Ray cluster
     (``ray_address``, else a local one); every node must see the inputs and the outputs
-    at the same paths.
+    at the same paths. ``report`` also writes the batch's report there as JSON (checked
+    before any model is converted: never inside an input or an output).
 
     >>> batch = convert_batch(["llama/", "mistral/"], "bf16", output_dir="out")  # doctest: +SKIP
     >>> print(batch.summary())  # doctest: +SKIP
     """
     if executor not in ("local", "ray"):
         raise ValueError(f"executor must be 'local' or 'ray', not {executor!r}")
-    n_threads = threads if threads is not None else (os.cpu_count() or 1)
-    if n_threads < 1:
-        raise ValueError(f"threads must be at least 1, not {threads}")
+    if "keep" in options:
+        options["keep"] = as_patterns(options["keep"], "keep")
+    n_threads = thread_count(threads) if executor == "local" else (threads or 1)
     started = time.perf_counter()
     planned = plan_jobs(models, dtype, output_dir, options)
+    report_path = None
+    if report is not None:
+        report_path = check_report_path(report, *batch_places(planned, output_dir))
+    make_parents(planned)
     show = sys.stderr.isatty() if progress is None else progress
     board = ShardBoard(0, show)
     try:
@@ -328,7 +348,26 @@ def convert_batch(
                 local.close()
     finally:
         board.close()
-    return BatchReport(results, time.perf_counter() - started, executor)
+    batch = BatchReport(results, time.perf_counter() - started, executor)
+    if report_path is not None:
+        write_report(report_path, batch.to_dict(), fsync=options.get("fsync", True))
+    return batch
+
+
+def batch_places(
+    planned: Sequence[ModelJob | ModelResult], output_dir: str | os.PathLike[str] | None
+) -> tuple[list[Path], list[Path]]:
+    """The models a batch reads and the folders it writes, where a report must not go."""
+    inputs: list[Path] = []
+    outputs: list[Path] = [Path(output_dir)] if output_dir is not None else []
+    for job in planned:
+        if not isinstance(job, ModelJob):
+            continue
+        source = model_path(job.model)
+        inputs.append(source)
+        out = job.options.get("output")
+        outputs.append(Path(out) if out is not None else default_path(job.model, job.options))
+    return inputs, outputs
 
 
 def run_models(

@@ -25,9 +25,39 @@ def read_config(path: Path) -> dict[str, Any]:
         data = json.loads(path.read_text(encoding="utf-8"))
     except (UnicodeDecodeError, json.JSONDecodeError) as e:
         raise ModelFolderError(f"{path}: not valid JSON: {e}") from None
+    except RecursionError:
+        data = TOO_DEEP
+    if data is TOO_DEEP or nesting(data) > MAX_NESTING:
+        raise ModelFolderError(
+            f"{path}: nested more than {MAX_NESTING} levels deep; not a model config"
+        )
     if not isinstance(data, dict):
         raise ModelFolderError(f"{path}: not a JSON object")
     return data
+
+
+#: Deeper than any real config (transformers' nest a few levels); what is deeper would
+#: make every recursive walk of it (ours, transformers') fail.
+MAX_NESTING = 64
+#: What a config too deep for Python's JSON parser reads as.
+TOO_DEEP = object()
+
+
+def nesting(value: object) -> int:
+    """How deep lists and dicts nest in ``value`` (a scalar is 0), walked without
+    recursion."""
+    deepest, stack = 0, [(value, 1)]
+    while stack:
+        item, depth = stack.pop()
+        children = (
+            item.values() if isinstance(item, dict) else item if isinstance(item, list) else None
+        )
+        if children is None:
+            continue
+        deepest = max(deepest, depth)
+        if depth <= MAX_NESTING:
+            stack.extend((child, depth + 1) for child in children)
+    return deepest
 
 
 def is_transformers_config(config: dict[str, Any]) -> bool:

@@ -37,6 +37,7 @@ from pathlib import Path
 from typing import Any, Literal, ParamSpec, Protocol, TypeVar
 
 from fastcast import _core
+from fastcast._arguments import as_patterns, thread_count
 from fastcast._config import (
     config_dtypes,
     is_transformers_config,
@@ -52,7 +53,7 @@ from fastcast._core import (
     OutputExistsError,
     QuantizedModelError,
 )
-from fastcast._dtypes import SHORT_NAMES, short_name, torch_name
+from fastcast._dtypes import SHORT_NAMES, short_name, torch_name, uncastable_notes
 from fastcast._hf_cache import cache_snapshot, model_path
 from fastcast._loss import (
     LossTable,
@@ -85,6 +86,7 @@ from fastcast._quant import (
     unquantized_modules,
 )
 from fastcast._record import RECORD_NAME, OutputRecord
+from fastcast._report_file import check_report_path, write_report
 from fastcast._units import format_bytes, parse_size
 
 DEFAULT_SHARD_SIZE = "5GB"
@@ -274,7 +276,7 @@ def chunk_bytes_for(max_memory: int | str | None, threads: int) -> int:
     (the other half is headroom for the interpreter and the plan)."""
     if max_memory is None:
         return DEFAULT_CHUNK_BYTES
-    budget = parse_size(max_memory) // 2
+    budget = parse_size(max_memory, "max memory") // 2
     chunk = budget // threads
     if chunk < 64 * 1024:
         raise ValueError(
@@ -291,7 +293,10 @@ def fingerprint(
     (by path, size and mtime), the same plan, the same fastcast."""
     doc = {
         "fastcast": _core.__version__,
-        "inputs": [[str(p), p.stat().st_size, p.stat().st_mtime_ns] for p in plan.sources],
+        # resolved: the same model typed another way (../base, a link) is the same run
+        "inputs": [
+            [str(p.resolve()), p.stat().st_size, p.stat().st_mtime_ns] for p in plan.sources
+        ],
         "dtype": plan.dtype,
         "shard_size": plan.shard_size,
         "fp8_overflow": fp8_overflow,
@@ -332,15 +337,22 @@ def fix_configs(
     target: str | None,
     drop_quantization: bool = False,
     add_quantization: dict[str, dict[str, Any]] | None = None,
+    claims: dict[str, Counter[str]] | None = None,
 ) -> list[ConfigFix]:
     """Every config.json beside the weights, with its dtype claims set to the target
     (and, for a dequantized model, without quantization_config; for a quantized one,
-    with the ``quantization_config`` that ``add_quantization`` gives for its path)."""
+    with the ``quantization_config`` that ``add_quantization`` gives for its path).
+    ``claims``: the dtypes written in each folder; a config beside none written in the
+    target keeps its claims (it would name a dtype no weight of it has)."""
     if target is None:  # every tensor keeps its dtype: so do the configs
         return [ConfigFix(rel, None, {}) for rel in folder.configs]
     fixes = []
     for rel in folder.configs:
         config = read_config(folder.root / rel)
+        where = rel.rpartition("/")[0]
+        if claims is not None and not claims.get(where, {target: 1})[target]:
+            fixes.append(ConfigFix(rel, None, {}))
+            continue
         retyped = retype_config(config, torch_name(target))
         if drop_quantization:
             retyped = without_quantization(retyped)
@@ -359,6 +371,50 @@ def fix_configs(
             changes["quantization_config"] = ("(none)", f"{method} ({scheme_of(method, added)})")
         fixes.append(ConfigFix(rel, to_json(retyped), changes))
     return fixes
+
+
+def inputs_of(folder: ModelFolder, source: Path, plan: ConversionPlan) -> list[Path]:
+    """Everything a conversion reads, for the places nothing may be written: the model
+    (its folder, or the file given), every weights file (in a Hugging Face cache, the
+    blobs the snapshot links to) and every file copied."""
+    top = [source] if folder.is_file else [folder.root]
+    others = [folder.root / rel for rel in (*folder.copies, *folder.configs)]
+    return [*top, *plan.sources, *others]
+
+
+def check_headers(plan: ConversionPlan, out: Path, sizes: dict[Path, int]) -> None:
+    """Refuse, before anything is written, a shard whose header safetensors readers
+    would not open (past ``MAX_HEADER_LEN`` bytes: too many tensors, or names too
+    long, for one shard), saying what ``--shard-size`` fixes it."""
+    limit = _core.MAX_HEADER_LEN
+    lengths = _core.header_lengths(plan.to_dict(out, sizes))
+    for shard, length in zip(plan.shards, lengths, strict=True):
+        if length > limit:
+            fits = max(1, shard.data_bytes * limit // length * 9 // 10)
+            raise ModelFolderError(
+                f"{out / shard.name}: its header would be {length:,} bytes for "
+                f"{len(shard):,} tensors, past the {limit:,}-byte limit of safetensors "
+                f"readers; a smaller --shard-size puts fewer tensors in each shard "
+                f"(--shard-size {fits} would do); nothing was written"
+            )
+
+
+def written_dtypes(plan: ConversionPlan) -> dict[str, Counter[str]]:
+    """How many tensors each folder's weights write in each dtype (``unet`` ->
+    {``BF16``: 190...})."""
+    found: dict[str, Counter[str]] = {}
+    for sp in plan.sets:
+        where = sp.key.rpartition("/")[0]
+        for shard in sp.shards:
+            found.setdefault(where, Counter()).update(shard.dtypes())
+    return found
+
+
+def uncastable(written: dict[str, Counter[str]], target: str | None) -> list[str]:
+    """What a user should know of float tensors no cast reaches (``uncastable_notes``)."""
+    if target is None:
+        return []
+    return uncastable_notes(sum(written.values(), Counter()))
 
 
 @dataclass(frozen=True)
@@ -674,12 +730,10 @@ def convert(
     """
     started = time.perf_counter()
     target = parse_target(dtype) if dtype is not None else None
-    limit = parse_size(shard_size)
-    n_threads = threads if threads is not None else (os.cpu_count() or 1)
-    if n_threads < 1:
-        raise ValueError(f"threads must be at least 1, not {threads}")
+    limit = parse_size(shard_size, "shard size")
+    keep = as_patterns(keep, "keep")
+    n_threads = thread_count(threads)
     chunk = chunk_bytes_for(max_memory, n_threads)
-    keep = list(keep)
     if target is None and (keep or dequantize or quantize is not None):
         flag = "keep" if keep else "dequantize" if dequantize else "quantize"
         raise ValueError(f"{flag} needs a dtype: without one every tensor keeps its own")
@@ -718,11 +772,20 @@ def convert(
         folder, target, limit, keep, quantized=quant is not None, dequantize=dequantized,
         quantize=quantizing.targets if quantizing else None,
     )  # fmt: skip
+    report_path = (
+        None
+        if report is None
+        else check_report_path(report, inputs_of(folder, source, plan), [out])
+    )
+    sizes = {p: p.stat().st_size for p in plan.sources}
+    check_headers(plan, out, sizes)
+    claims = written_dtypes(plan)
     configs = fix_configs(
         folder,
-        target,
+        target if target is None or any(target in d for d in claims.values()) else None,
         drop_quantization=dequantized is not None,
         add_quantization=quantizing.configs if quantizing else None,
+        claims=claims,
     )
     stamp = fingerprint(folder, plan, fp8_overflow, TorchOptions(state_dict_key, strip_prefix))
     run = prepare(
@@ -745,9 +808,9 @@ def convert(
     if run.mode == "finished":
         return already_done(run, folder, source, target, strict, notes)
     notes += folder.warnings
+    notes += uncastable(claims, target)
     if quantizing is not None and target is not None:
         notes += quantize_notes(folder, quantizing, target)
-    sizes = {p: p.stat().st_size for p in plan.sources}
     reused: dict[str, _core.ShardRecord] = {}
     if run.mode == "resume":
         reused = reusable_shards(run, plan, plan.to_dict(run.staging, sizes))
@@ -808,7 +871,7 @@ def convert(
         run.commit()
     return finish_report(
         source, out, plan, folder, configs, stats, reused, losses, notes + risks, started,
-        report, fsync,
+        report_path, fsync,
     )  # fmt: skip
 
 
@@ -900,7 +963,7 @@ def finish_report(
             stacklevel=3,  # the caller of convert()
         )
     if report is not None:
-        write_report(Path(report), result, fsync)
+        write_report(Path(report), result.to_dict(), fsync)
     return result
 
 
@@ -986,17 +1049,3 @@ def already_done(
         already_done=True,
         skipped=[s.path for s in folder.skipped],
     )
-
-
-def write_report(path: Path, result: ConversionReport, fsync: bool) -> None:
-    """``--report``: the report as JSON, written under a temporary name then renamed."""
-    temp = Path(_core.partial_path(path))
-    try:
-        with open(temp, "w", encoding="utf-8") as f:
-            f.write(json.dumps(result.to_dict(), indent=2) + "\n")
-            f.flush()
-            if fsync:
-                os.fsync(f.fileno())
-        os.replace(temp, path)
-    finally:
-        temp.unlink(missing_ok=True)

@@ -14,6 +14,7 @@ _EntryRow = tuple[str, str, tuple[int, ...], Path, tuple[int, int], None]
 
 __all__ = [
     "FP8_BLOCK",
+    "MAX_HEADER_LEN",
     "PARTIAL_SUFFIX",
     "PLAN_VERSION",
     "QUANTIZE_SCHEMES",
@@ -39,6 +40,7 @@ __all__ = [
     "dtypes",
     "execute_plan",
     "first_repeat",
+    "header_lengths",
     "lay_out",
     "pack",
     "parse_dtype",
@@ -64,6 +66,8 @@ __version__: str
 PLAN_VERSION: Final = 1
 #: What ends the hidden name of a file still being written (see ``partial_path``).
 PARTIAL_SUFFIX: Final = ".fastcast-partial"
+#: The largest header safetensors readers accept (100 MB); a shard's must not pass it.
+MAX_HEADER_LEN: Final = 100_000_000
 #: What ``--quantize`` takes: ``fp8`` (128x128 blocks), ``fp8-channel`` (one scale a row).
 QUANTIZE_SCHEMES: Final[tuple[str, ...]]
 #: The block of ``--quantize fp8`` (``weight_block_size: [128, 128]``).
@@ -403,10 +407,12 @@ def target_dtypes(
     (``fnmatch.fnmatchcase`` semantics) or, with ``quantized``, holding quantization
     state (see ``quant_roles``); else ``target``."""
 
-def quant_roles(names: Sequence[str]) -> list[str]:
+def quant_roles(names: Sequence[str], dtypes: Sequence[str] | None = None) -> list[str]:
     """Each tensor's role in its model's quantization, from every tensor name of the
-    model: "plain", "quantized weight", "scale", "zero point", "group index",
-    "quant state" or "pinned fp32"."""
+    model and, given ``dtypes``, what they tell (state of a format fastcast does not
+    know: a scale-like float beside fp8 or packed codes): "plain", "quantized weight",
+    "scale", "zero point", "group index", "quant state", "pinned fp32" or "unknown
+    state"."""
 
 def quantize_targets(
     tensors: Sequence[tuple[str, str, Sequence[int]]],
@@ -541,8 +547,9 @@ def first_repeat(files: Sequence[_FileNames]) -> tuple[str, int, int] | None:
     """The first tensor of ``files`` (a weight set's, in order) that an earlier file,
     or the same one earlier, also holds: ``(name, file position, earlier position)``."""
 
-def set_roles(files: Sequence[_FileNames]) -> set[str]:
-    """The roles (``quant_roles``) the tensors of a weight set's files take, each once."""
+def set_roles(files: Sequence[Entries | Sequence[tuple[str, str]]]) -> set[str]:
+    """The roles (``quant_roles``, dtypes included) the tensors of a weight set's files
+    take, each once; a file is its ``Entries`` or (torch.save) its (name, dtype) pairs."""
 
 def read_torch_file(path: str | PathLike[str]) -> TorchFile:
     """Read a torch.save file (zip format) without running pickle: its tensors as
@@ -580,4 +587,10 @@ def read_journal(path: str | PathLike[Any]) -> list[ShardRecord]:
     """A resume journal's records in order; a torn last line is skipped, a
     missing journal is empty."""
 
-def partial_path(path: str | PathLike[Any]) -> Path: ...
+def partial_path(path: str | PathLike[Any]) -> Path:
+    """The hidden name ``path`` is written under until complete: ``.NAME`` plus
+    ``PARTIAL_SUFFIX``, a long name cut and told apart by a hash (within 255 bytes)."""
+
+def header_lengths(plan: Plan) -> list[int]:
+    """The length of each shard's header JSON as the executor will write it (no input
+    is read): a shard past ``MAX_HEADER_LEN`` would be unreadable."""

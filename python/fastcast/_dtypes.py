@@ -6,6 +6,8 @@ nothing here re-types a size, a name or a range.
 
 from __future__ import annotations
 
+from collections.abc import Mapping
+
 from fastcast import _core
 
 _DTYPES = {d["name"]: d for d in _core.dtypes()}
@@ -21,6 +23,11 @@ SHORT_NAMES: dict[str, str] = {
 _SIZES = {name: max(1, int(d["bits"]) // 8) for name, d in _DTYPES.items()}
 
 
+def bits(dtype: str) -> int:
+    """Bits per element (4 for fp4, 6 for fp6)."""
+    return int(_DTYPES[dtype]["bits"])
+
+
 def element_size(dtype: str) -> int:
     """Bytes per element (1 for the sub-byte formats, which align to bytes)."""
     return _SIZES[dtype]
@@ -29,6 +36,11 @@ def element_size(dtype: str) -> int:
 def is_castable(dtype: str) -> bool:
     """True for the float dtypes fastcast converts between."""
     return bool(_DTYPES[dtype]["castable"])
+
+
+def is_float(dtype: str) -> bool:
+    """True for every float dtype, castable or not (fp8 fnuz, fp6, fp4, e8m0...)."""
+    return bool(_DTYPES[dtype]["is_float"])
 
 
 def torch_name(dtype: str) -> str:
@@ -50,3 +62,17 @@ def max_finite(dtype: str) -> float | None:
     """The largest finite value of a castable dtype (448 for fp8 e4m3fn)."""
     value = _DTYPES[dtype]["max"]
     return None if value is None else float(value)
+
+
+def uncastable_notes(counts: Mapping[str, int]) -> list[str]:
+    """A line per float dtype no cast reaches (fp8 fnuz, fp6, fp4...) in ``counts``
+    (dtype -> tensors): a conversion copies them as they are, whatever its target.
+
+    >>> uncastable_notes({"F8_E4M3FNUZ": 2, "F32": 5})
+    ['2 tensor(s) in F8_E4M3FNUZ, a float format fastcast cannot cast: copied as they are']
+    """
+    return [
+        f"{n} tensor(s) in {dtype}, a float format fastcast cannot cast: copied as they are"
+        for dtype, n in sorted(counts.items())
+        if n and is_float(dtype) and not is_castable(dtype)
+    ]

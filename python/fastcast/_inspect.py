@@ -8,8 +8,15 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from fastcast import _core
+from fastcast._arguments import as_patterns
 from fastcast._config import CONFIG_NAME, config_dtypes, read_config
-from fastcast._dtypes import from_torch_name, is_castable, short_name, torch_name
+from fastcast._dtypes import (
+    from_torch_name,
+    is_castable,
+    short_name,
+    torch_name,
+    uncastable_notes,
+)
 from fastcast._loss import TensorLoss, describe
 from fastcast._model_dir import ModelFolder, TorchOptions, describe_skipped, open_model
 from fastcast._plan import plan_conversion
@@ -176,6 +183,7 @@ def inspect(
 
     >>> print(inspect("model/", dtype="fp16").render())  # doctest: +SKIP
     """
+    keep = as_patterns(keep, "keep")
     folder = open_model(model, variant, TorchOptions(state_dict_key, strip_prefix))
     counts: dict[str, list[int]] = {}
     for t in folder.tensors:
@@ -190,6 +198,7 @@ def inspect(
     if target is not None:
         predicted = predict_loss(folder, target, keep, quant is not None, progress)
     notes = list(folder.warnings) + mismatches(folder, role_of)
+    notes += uncastable_notes({d.dtype: d.tensors for d in dtypes})
     advice = [would_do(quant, role_of, target)] if quant and target else []
     made_by = None
     if not folder.is_file:

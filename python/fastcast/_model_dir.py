@@ -39,7 +39,7 @@ from fastcast import _core
 from fastcast._config import CONFIG_NAME
 from fastcast._core import ModelFolderError
 from fastcast._hf_cache import is_blob_of
-from fastcast._record import RECORD_NAME, STAGING_DIR
+from fastcast._record import RECORD_NAME, STAGING_DIR, STAGING_DONE
 
 WEIGHTS_SUFFIX = ".safetensors"
 INDEX = re.compile(r"^(?P<prefix>.+)\.safetensors\.index(?:\.(?P<variant>[^.]+))?\.json$")
@@ -63,7 +63,7 @@ NEVER_COPIED = {".git", ".hg", ".svn", ".cache", "__pycache__", ".ipynb_checkpoi
 #: it (a plain twin makes any name a variant; ``sd_xl_base_1.0.safetensors`` is not one).
 KNOWN_VARIANTS = {"fp16", "bf16", "fp32", "fp64", "fp8", "ema", "non_ema"}
 #: What a conversion leaves in its output; a source's copy is never copied.
-FASTCAST_FILES = {RECORD_NAME, STAGING_DIR}
+FASTCAST_FILES = {RECORD_NAME, STAGING_DIR, STAGING_DONE}
 
 
 class TensorEntry(NamedTuple):
@@ -538,6 +538,8 @@ def open_model(
         prefix, found = split_variant(p.name[: -len(WEIGHTS_SUFFIX)], siblings)
         source = read_source(p)  # the user named it: no containment check
         return ModelFolder(p.parent, True, [WeightSet("", prefix, found, None, [source])])
+    if not p.is_dir():
+        raise ModelFolderError(f"{p}: not a file or folder (a FIFO, a socket or a device)")
     scan = _Scan(p, variant, options)
     scan.folder("")
     if not scan.sets:
@@ -556,10 +558,27 @@ def open_model(
     if variant is not None and not any(ws.variant == variant for ws in scan.sets):
         raise ModelFolderError(f"{p}: has no weights of variant {variant!r}")
     check_no_duplicates(scan.sets)
+    check_utf8_names(p, scan.sets)
     notes = [n for ws in scan.sets for f in ws.files for n in f.notes]
     return ModelFolder(
         p, False, scan.sets, scan.configs, scan.copies, scan.skipped, scan.warnings + notes
     )
+
+
+def check_utf8_names(root: Path, sets: Iterable[WeightSet]) -> None:
+    """Refuse a weight set whose folder or file name is not UTF-8: its output shards
+    would bear the name, and an index (JSON) cannot name them, nor readers find them.
+    Other files so named are copied as they are."""
+    for ws in sets:
+        for f in ws.files:
+            rel = join(ws.folder, f.path.name)
+            try:
+                rel.encode("utf-8")
+            except UnicodeEncodeError:
+                raise ModelFolderError(
+                    f"{root / rel}: a weights file or folder whose name is not valid UTF-8; "
+                    "no index can name its shards: rename it"
+                ) from None
 
 
 def starts_as_zip(path: Path) -> bool:

@@ -542,7 +542,11 @@ def plan_set(
     if not quantized and len(tables) == len(ws.files):
         return plain_set(ws, tables, dtype, shard_size, keep)
     entries = ws.tensors
-    roles = _core.quant_roles([t.name for t in entries]) if quantized else ["plain"] * len(entries)
+    roles = (
+        _core.quant_roles([t.name for t in entries], [t.dtype for t in entries])
+        if quantized
+        else ["plain"] * len(entries)
+    )
     if quantize is not None:
         targets = [q.dtype for q in quantize]
     elif dtype is None:

@@ -24,10 +24,17 @@ from typing import Any, Literal
 from fastcast import _core
 from fastcast._config import read_config
 from fastcast._dtypes import short_name
-from fastcast._model_dir import ModelFolder, TensorEntry
+from fastcast._model_dir import ModelFolder, SourceFile, TensorEntry
 
 #: Roles that mean a model is quantized (fp32-pinned tensors alone do not).
-STATE_ROLES = {"quantized weight", "scale", "zero point", "group index", "quant state"}
+STATE_ROLES = {
+    "quantized weight",
+    "scale",
+    "zero point",
+    "group index",
+    "quant state",
+    "unknown state",
+}
 #: Methods whose every state tensor fastcast recognises, so --keep-quantized is safe.
 KNOWN_METHODS = {"fp8", "fbgemm_fp8", "compressed-tensors", "bitsandbytes", "gptq", "awq"}
 #: compressed-tensors formats whose state tensors fastcast recognises.
@@ -68,8 +75,10 @@ def roles(folder: ModelFolder) -> dict[tuple[str, str], str]:
     which live in the same set)."""
     found: dict[tuple[str, str], str] = {}
     for ws in folder.weight_sets:
-        names = ws.names()
-        for name, role in zip(names, _core.quant_roles(names), strict=True):
+        tensors = ws.tensors
+        names = [t.name for t in tensors]
+        typed = _core.quant_roles(names, [t.dtype for t in tensors])
+        for name, role in zip(names, typed, strict=True):
             found[(ws.key, name)] = role
     return found
 
@@ -131,7 +140,17 @@ def scheme_of(method: str, qc: dict[str, Any]) -> str:
 
 
 def method_from_tensors(names: Sequence[str], role_of: dict[str, str]) -> tuple[str, str]:
-    """(method, scheme) read from tensor names alone, for a model without a config."""
+    """(method, scheme) read from tensor names (and what their dtypes tell of them),
+    for a model without a config."""
+    unknown = [n for n in names if role_of[n] == "unknown state"]
+    if unknown:
+        more = f" and {len(unknown) - 2} more" if len(unknown) > 2 else ""
+        return "unknown", (
+            "scales or zero points of a format fastcast does not know, beside fp8 or "
+            f"packed weights: {', '.join(unknown[:2])}{more}"
+        )
+    if any(name.endswith(".W_q") for name in names):
+        return "hqq", "packed W_q weights with scale and zero"
     for name in names:
         if ".weight.quant_state.bitsandbytes__" in name:
             return "bitsandbytes", f"{name.rsplit('__', 1)[1]} 4-bit"
@@ -161,14 +180,24 @@ def detect(folder: ModelFolder) -> Quantization | None:
         )
         where = f"{rel} ({key})" if key else rel
         return Quantization(method, scheme_of(method, qc), where, known)
-    if not any(
-        STATE_ROLES & _core.set_roles([f.name_table for f in ws.files]) for ws in folder.weight_sets
-    ):
+    if not any(STATE_ROLES & _core.set_roles([typed_table(f) for f in ws.files])
+               for ws in folder.weight_sets):  # fmt: skip
         return None  # a plain model, told without a table of its 100k names
     table = roles(folder)
     names = [name for _, name in table]
-    method, scheme = method_from_tensors(names, {n: r for (_, n), r in table.items()})
-    return Quantization(method, scheme, "tensor names", method != "unknown")
+    role_of = {n: r for (_, n), r in table.items()}
+    method, scheme = method_from_tensors(names, role_of)
+    first = next(n for n in names if role_of[n] in STATE_ROLES)
+    # Every tensor it names is state fastcast keeps byte for byte: --keep-quantized is
+    # safe, even for a format it does not know (it cannot dequantize one).
+    return Quantization(method, scheme, f"tensor names, e.g. {first}", True)
+
+
+def typed_table(f: SourceFile) -> _core.Entries | list[tuple[str, str]]:
+    """A file's tensors as ``_core.set_roles`` takes them: its table (no Python object
+    per tensor), or a torch.save file's (name, dtype) pairs."""
+    e = f.entries
+    return [(t.name, t.dtype) for t in e] if isinstance(e, list) else e
 
 
 def refusal(folder: ModelFolder, quant: Quantization, target: str) -> str:

@@ -120,7 +120,11 @@ class RayPool:
             joined = True
         try:
             check_shared_paths(ray, probe_paths(planned), output_folders(planned))
-            pool = cls(ray, threads or 1, None if max_memory is None else parse_size(max_memory))
+            pool = cls(
+                ray,
+                threads or 1,
+                None if max_memory is None else parse_size(max_memory, "max memory"),
+            )
             pool._poller.start()
             try:
                 yield pool

@@ -12,14 +12,20 @@ An unfinished output holds ``.fastcast-staging/`` instead (see ``_output.py``).
 from __future__ import annotations
 
 import json
-from dataclasses import asdict, dataclass, field
+from collections.abc import Callable
+from dataclasses import MISSING, asdict, dataclass, field
 from pathlib import Path
 from typing import Any
+
+from fastcast._core import ModelFolderError
 
 #: The record of a finished conversion, at the top of its output.
 RECORD_NAME = "fastcast.json"
 #: Where a conversion keeps everything it writes until it commits (hidden, in the output).
 STAGING_DIR = ".fastcast-staging"
+#: A committed run's staging folder, renamed in one step before it is removed: a kill
+#: during the removal leaves a finished output and this, which the next run removes.
+STAGING_DONE = ".fastcast-staging.done"
 #: The record's format; a newer one is read as far as its known fields go.
 RECORD_FORMAT = 1
 
@@ -59,9 +65,17 @@ class OutputRecord:
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> OutputRecord:
-        """A record read back; ValueError when a path in it could reach outside the
+        """A record read back; ValueError saying which field is wrong when one is
+        missing or of the wrong type, or when a path in it could reach outside the
         output (a record is trusted to name files to replace, so it must be tame)."""
         known = {k: v for k, v in data.items() if k in cls.__dataclass_fields__}
+        for name, f in cls.__dataclass_fields__.items():
+            if name not in known:
+                if f.default is MISSING and f.default_factory is MISSING:
+                    raise ValueError(f"{name!r} is missing")
+                continue
+            if not FIELD_CHECKS[name](known[name]):
+                raise ValueError(f"{name!r} is {json.dumps(known[name])[:60]}, not {f.type}")
         record = cls(**known)
         for path in [*record.files, *record.folders]:
             if not is_tame(path):
@@ -69,6 +83,48 @@ class OutputRecord:
         return OutputRecord(
             **{**known, "overflowed": [(str(n), int(c)) for n, c in record.overflowed]}
         )
+
+
+def _strs(value: object) -> bool:
+    return isinstance(value, list) and all(isinstance(v, str) for v in value)
+
+
+def _int(value: object) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _count(pair: object) -> bool:
+    """``[tensor name, count]``."""
+    return isinstance(pair, list) and len(pair) == 2 and isinstance(pair[0], str) and _int(pair[1])
+
+
+def _optional_str(value: object) -> bool:
+    return value is None or isinstance(value, str)
+
+
+#: What each field of a record must hold to be read back (an edited record is not
+#: half trusted: one wrong field and it is refused, naming the field).
+FIELD_CHECKS: dict[str, Callable[[object], bool]] = {
+    "fastcast": lambda v: isinstance(v, str),
+    "source": lambda v: isinstance(v, str),
+    "dtype": _optional_str,
+    "keep": _strs,
+    "variant": _optional_str,
+    "fp8_overflow": lambda v: v in ("saturate", "nan"),
+    "shard_size": lambda v: isinstance(v, int) and not isinstance(v, bool) and v > 0,
+    "fingerprint": lambda v: isinstance(v, str),
+    "files": _strs,
+    "folders": _strs,
+    "overflowed": lambda v: isinstance(v, list) and all(_count(p) for p in v),
+    "underflowed": _int,
+    "quantization": lambda v: (
+        v is None or (isinstance(v, dict) and all(isinstance(x, str) for x in (*v, *v.values())))
+    ),
+    "state_dict_key": _optional_str,
+    "strip_prefix": _optional_str,
+    "from_torch": lambda v: isinstance(v, bool),
+    "format": _int,
+}
 
 
 def is_tame(path: object) -> bool:
@@ -82,9 +138,31 @@ def is_tame(path: object) -> bool:
 def read_record(folder: Path) -> OutputRecord | None:
     """The record in ``folder``, or None if there is none or it cannot be trusted
     (a file someone edited into something else is not evidence of ownership)."""
+    try:
+        return load_record(folder)
+    except ModelFolderError:
+        return None
+
+
+def load_record(folder: Path) -> OutputRecord | None:
+    """The record in ``folder``, None if there is none; ModelFolderError naming the
+    file and what is wrong with it when it is not a record fastcast can read (for
+    ``verify``, which takes its settings from it)."""
     path = folder / RECORD_NAME
+    if not path.is_file() or path.is_symlink():
+        if path.is_symlink() or path.exists():
+            raise ModelFolderError(f"{path}: not a regular file")
+        return None
     try:
         data = json.loads(path.read_text(encoding="utf-8"))
-        return OutputRecord.from_dict(data) if isinstance(data, dict) else None
-    except (OSError, UnicodeDecodeError, ValueError, TypeError):
-        return None
+        if not isinstance(data, dict):
+            raise ValueError("not a JSON object")
+        return OutputRecord.from_dict(data)
+    except (UnicodeDecodeError, ValueError, RecursionError) as e:
+        why = "nested too deeply" if isinstance(e, RecursionError) else str(e)
+        raise ModelFolderError(
+            f"{path}: not a record fastcast can read ({why}); pass the settings as "
+            "options (--against, --dtype...) or convert again"
+        ) from None
+    except OSError as e:
+        raise ModelFolderError(f"{path}: {e.strerror or e}") from None

@@ -128,6 +128,15 @@ def select_weights(
     if root_tensor is not None:
         raise ModelFolderError(f"{path}: holds a single tensor, not a dict of named tensors")
     if not any("tensor" in e for e in entries):
+        objects = [e for e in entries if str(e.get("other", "")).startswith("object ")]
+        if objects:
+            where = describe_path(objects[0]["path"])
+            raise ModelFolderError(
+                f"{path}: holds a pickled {objects[0]['other'].removeprefix('object ')} "
+                f"object at {where} (torch.save of a model, not of its state_dict), whose "
+                "tensors fastcast cannot read without running its code; save "
+                "model.state_dict() instead"
+            )
         raise ModelFolderError(f"{path}: holds no tensors")
     prefix = choose_key(path, entries, state_dict_key)
     n = len(prefix)

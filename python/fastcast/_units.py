@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import re
+from decimal import Decimal
 
 _UNITS = {
     "": 1,
@@ -17,33 +18,43 @@ _UNITS = {
     "TIB": 2**40,
 }
 _SIZE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([A-Za-z]*)\s*$")
+#: The largest size taken (an exabyte): every size becomes a 64-bit count in the core.
+MAX_SIZE = 10**18
 
 
-def parse_size(size: int | str) -> int:
+def parse_size(size: int | str, what: str = "size") -> int:
     """Bytes in ``size``, read as transformers/huggingface_hub read ``max_shard_size``.
 
     KB/MB/GB/TB are powers of 10 (``"5GB"`` is 5,000,000,000); KiB/MiB/GiB/TiB are
-    powers of 2; a plain integer is bytes.
+    powers of 2; a plain integer is bytes. ``what`` names the size in errors
+    (``shard size``).
 
     >>> parse_size("5GB"), parse_size("2GiB"), parse_size(1024), parse_size("1.5MB")
     (5000000000, 2147483648, 1024, 1500000)
     """
     if isinstance(size, bool):
-        raise ValueError(f"not a size: {size!r}")
+        raise ValueError(f"{what}: not a size: {size!r}")
     if isinstance(size, int):
         if size <= 0:
-            raise ValueError(f"size must be positive, not {size}")
-        return size
+            raise ValueError(f"{what} must be positive, not {size}")
+        return checked_size(size, size, what)
     match = _SIZE.match(str(size))
     unit = match.group(2).upper() if match else None
     if not match or unit not in _UNITS:
         raise ValueError(
-            f"not a size: {size!r} (examples: 5GB, 500MB, 2GiB, 1000000; "
+            f"{what}: not a size: {size!r} (examples: 5GB, 500MB, 2GiB, 1000000; "
             "KB/MB/GB/TB are powers of 10, KiB/MiB/GiB/TiB powers of 2)"
         )
-    value = int(float(match.group(1)) * _UNITS[unit])
+    value = int(Decimal(match.group(1)) * _UNITS[unit])  # exact: no float to overflow
     if value <= 0:
-        raise ValueError(f"size must be positive, not {size!r}")
+        raise ValueError(f"{what} must be positive, not {size!r}")
+    return checked_size(value, size, what)
+
+
+def checked_size(value: int, given: int | str, what: str) -> int:
+    """``value``, or a ValueError when it is past ``MAX_SIZE``."""
+    if value > MAX_SIZE:
+        raise ValueError(f"{what} {given!r} is too large (at most 1000PB, {MAX_SIZE} bytes)")
     return value
 
 

@@ -16,20 +16,28 @@ from __future__ import annotations
 
 import importlib.util
 import json
-import math
 import os
 import threading
 import time
 from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
-from contextlib import ExitStack
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from fastcast import _core
+from fastcast._arguments import as_patterns
+from fastcast._compare import (
+    CHUNK_ELEMENTS,
+    MappedFile,
+    Piece,
+    bits_of,
+    compare_run,
+    in_torch,
+    typed,
+)
 from fastcast._config import config_dtypes, is_transformers_config, read_config
-from fastcast._dtypes import from_torch_name, is_castable, torch_name
+from fastcast._dtypes import element_size, from_torch_name, is_castable, torch_name
 from fastcast._model_dir import (
     ModelFolder,
     SourceFile,
@@ -49,7 +57,8 @@ from fastcast._quant import (
     quantized_weights,
     roles,
 )
-from fastcast._record import RECORD_NAME, STAGING_DIR, OutputRecord, read_record
+from fastcast._record import RECORD_NAME, STAGING_DIR, OutputRecord, load_record, read_record
+from fastcast._references import dequantized, quantized
 from fastcast._units import format_bytes
 
 if TYPE_CHECKING:
@@ -129,6 +138,10 @@ class Pairing:
     """Per source set: each dequantized weight, by its name in the output."""
     quantize: str | None = None
     """The ``--quantize`` scheme that made the output from a plain source, if one did."""
+    _expected: dict[str, dict[str, tuple[str, tuple[int, ...]]]] = field(
+        default_factory=dict, compare=False, repr=False
+    )
+    """``expected`` per source set, made once (structure and values both read it)."""
 
     def quantized(self, source: WeightSet) -> dict[str, Quantized]:
         """``--quantize``: each output tensor written by quantizing a weight of ``source``
@@ -154,6 +167,11 @@ class Pairing:
         the conversion should have stored: a dequantized model holds its plain tensors
         and its dequantized weights (under their names and shapes), no other
         quantization state; a quantized one its quantized weights with their scales."""
+        if source.key not in self._expected:
+            self._expected[source.key] = self.make_expected(source)
+        return self._expected[source.key]
+
+    def make_expected(self, source: WeightSet) -> dict[str, tuple[str, tuple[int, ...]]]:
         tensors = source.tensors
         if self.quantize is not None:
             want: dict[str, tuple[str, tuple[int, ...]]] = {}
@@ -172,7 +190,7 @@ class Pairing:
         if weights is None:
             return {t.name: (d, t.shape) for t, d in zip(tensors, dtypes, strict=True)}
         by_source = {w.source: w for w in weights.values()}
-        roles = _core.quant_roles([t.name for t in tensors])
+        roles = _core.quant_roles([t.name for t in tensors], [t.dtype for t in tensors])
         want = {}
         for t, d, role in zip(tensors, dtypes, roles, strict=True):
             w = by_source.get(t.name)
@@ -199,7 +217,7 @@ def infer_dtype(out: ModelFolder) -> str:
     by_bytes: dict[str, int] = {}
     for ws in out.weight_sets:
         tensors = ws.tensors
-        roles = _core.quant_roles([t.name for t in tensors])
+        roles = _core.quant_roles([t.name for t in tensors], [t.dtype for t in tensors])
         for t, role in zip(tensors, roles, strict=True):
             if is_castable(t.dtype) and role == "plain":
                 by_bytes[t.dtype] = by_bytes.get(t.dtype, 0) + t.nbytes
@@ -228,7 +246,8 @@ def check_structure(src: ModelFolder, out: ModelFolder, pairing: Pairing) -> lis
     for source, converted in pairing.sets:
         where = f" in {converted.key}" if len(pairing.sets) > 1 else ""
         want = pairing.expected(source)
-        role_of = dict(zip(want, _core.quant_roles(list(want)), strict=True))
+        typed = _core.quant_roles(list(want), [d for d, _ in want.values()])
+        role_of = dict(zip(want, typed, strict=True))
         have = {t.name: t for t in converted.tensors}
         problems += [
             f"tensor {n!r}{where} is missing from the output" for n in want if n not in have
@@ -265,6 +284,27 @@ def check_structure(src: ModelFolder, out: ModelFolder, pairing: Pairing) -> lis
     if pairing.keep != ["*"]:  # every tensor kept its dtype: the configs were copied
         problems += check_configs(out, pairing.target)
     problems += check_files(src, out)
+    problems += check_readable(out)
+    return problems
+
+
+def check_readable(out: ModelFolder) -> list[str]:
+    """Each output shard opens in safetensors itself, the reader users load it with (a
+    header it refuses, over its 100 MB limit say, makes a shard no one can load).
+    Paths that are not UTF-8 are left out: safetensors opens none."""
+    from safetensors import safe_open
+
+    problems = []
+    for f in (f for ws in out.weight_sets for f in ws.files if not f.torch):
+        try:
+            os.fsencode(f.path).decode("utf-8")
+        except UnicodeDecodeError:
+            continue
+        try:
+            with safe_open(str(f.path), framework="pt") as handle:
+                handle.keys()
+        except Exception as e:  # whatever safetensors raises, it is the finding
+            problems.append(f"{f.path}: safetensors cannot open it: {e}")
     return problems
 
 
@@ -273,7 +313,12 @@ def check_configs(out: ModelFolder, target: str) -> list[str]:
     transformers config must)."""
     problems = []
     expected = torch_name(target)
+    held: dict[str, set[str]] = {}
+    for ws in out.weight_sets:
+        held.setdefault(ws.folder, set()).update(t.dtype for t in ws.tensors)
     for rel in out.configs:
+        if target not in held.get(rel.rpartition("/")[0], {target}):
+            continue  # no weight beside it is in the target (fp4, fnuz...): left as it was
         path = out.root / rel
         config = read_config(path)
         claims = config_dtypes(config)
@@ -326,7 +371,7 @@ def was_dequantized(out: ModelFolder, record: OutputRecord | None) -> bool:
     return all(
         role == "plain" or role == "pinned fp32"
         for ws in out.weight_sets
-        for role in _core.quant_roles([t.name for t in ws.tensors])
+        for role in _core.quant_roles([t.name for t in ws.tensors], [t.dtype for t in ws.tensors])
     )
 
 
@@ -363,160 +408,8 @@ def pick_devices(device: str) -> list[str]:
     return devices
 
 
-def bits_view(t: torch.Tensor) -> torch.Tensor:
-    """The tensor's raw bits as an integer tensor of the same width."""
-    import torch
-
-    width = {1: torch.uint8, 2: torch.int16, 4: torch.int32, 8: torch.int64}[t.element_size()]
-    return t.view(width) if t.dtype != torch.bool else t.view(torch.uint8)
-
-
-def nan_mask(bits: torch.Tensor, dtype: str) -> torch.Tensor:
-    """NaN positions, from bits (torch lacks isnan for fp8 on some devices)."""
-    import torch
-
-    wide = bits.to(torch.int64)
-    masks = {
-        "F64": (0x7FFF_FFFF_FFFF_FFFF, 0x7FF0_0000_0000_0000),
-        "F32": (0x7FFF_FFFF, 0x7F80_0000),
-        "F16": (0x7FFF, 0x7C00),
-        "BF16": (0x7FFF, 0x7F80),
-        "F8_E5M2": (0x7F, 0x7C),
-    }
-    if dtype == "F8_E4M3":
-        return (wide & 0x7F) == 0x7F
-    if dtype not in masks:
-        return bits != bits  # never NaN
-    magnitude, inf = masks[dtype]
-    return (wide & magnitude) > inf
-
-
-def compare(
-    name: str, file: str, got: torch.Tensor, want: torch.Tensor, dtype: str
-) -> TensorMismatch | None:
-    """None when equal bit for bit (any NaN matching any NaN); else the count and
-    the worst element (largest difference; for integers, the first)."""
-    import torch
-
-    a, b = bits_view(got).reshape(-1), bits_view(want).reshape(-1)
-    differ = a != b
-    is_float = is_castable(dtype)
-    if is_float:
-        differ &= ~(nan_mask(a, dtype) & nan_mask(b, dtype))
-    count = int(differ.sum())
-    if count == 0:
-        return None
-    if is_float:
-        gap = (got.reshape(-1).double() - want.reshape(-1).double()).abs()
-        gap = torch.where(differ, torch.nan_to_num(gap, nan=float("inf")), -1.0)
-        flat = int(gap.argmax())
-        got_value = float(got.reshape(-1)[flat].double())
-        want_value = float(want.reshape(-1)[flat].double())
-    else:
-        flat = int(differ.nonzero()[0])
-        got_value, want_value = float(a[flat]), float(b[flat])
-    index: tuple[int, ...] = ()
-    if got.dim():
-        index = tuple(int(i) for i in torch.unravel_index(torch.tensor(flat), got.shape))
-    return TensorMismatch(name, file, count, got.numel(), index, got_value, want_value)
-
-
-def verify_values(
-    pairing: Pairing, devices: list[str], progress: bool | None
-) -> tuple[int, int, list[TensorMismatch]]:
-    """Compare every output tensor with torch's cast of its source, file by file.
-
-    Output files are spread over the devices; on each, one tensor pair at a time
-    is resident. Returns (tensors, bytes, mismatches).
-    """
-    from safetensors import safe_open
-
-    # Each output file, with its set's source tensors, the expected dtypes and shapes,
-    # and the dequantized weights.
-    files: list[FileJob] = []
-    for source, converted in pairing.sets:
-        sources = {t.name: t for t in source.tensors}
-        expected = pairing.expected(source)
-        weights = pairing.dequantized.get(source.key, {})
-        quantized = pairing.quantized(source)
-        files += [(f, sources, expected, weights, quantized) for f in converted.files]
-    total = sum(t.nbytes for f, *_ in files for t in f.tensors)
-
-    lock = threading.Lock()
-
-    def roomiest() -> str:
-        """The GPU with the most free memory now (shards spread by free memory)."""
-        if len(devices) == 1:
-            return devices[0]
-        import torch
-
-        with lock:
-            return max(devices, key=lambda d: torch.cuda.mem_get_info(d)[0])
-
-    def check_file(job: FileJob) -> tuple[int, int, list[TensorMismatch]]:
-        f, sources, expected_tensors, weights, quantized = job
-        device = roomiest()
-        found: list[TensorMismatch] = []
-        checked = nbytes = 0
-        with ExitStack() as stack:
-            handle = stack.enter_context(safe_open(str(f.path), framework="pt", device=device))
-            opened: dict[Path, Any] = {}
-
-            def read(name: str) -> torch.Tensor:
-                entry = sources[name]
-                if entry.pickle_path is not None:  # a torch.save source: torch loads it
-                    return torch_source(entry, opened).to(device)
-                if entry.file not in opened:
-                    opened[entry.file] = stack.enter_context(
-                        safe_open(str(entry.file), framework="pt", device=device)
-                    )
-                tensor: torch.Tensor = opened[entry.file].get_tensor(entry.name)
-                return tensor
-
-            for t in f.tensors:
-                if t.name not in expected_tensors:
-                    continue  # not in the source: a structural problem, reported there
-                expected, shape = expected_tensors[t.name]
-                got = handle.get_tensor(t.name)
-                if got.dtype != torch_dtype(expected) or tuple(got.shape) != shape:
-                    continue  # a structural problem, reported there
-                # torch on the same device is the independent oracle: its own cast, the
-                # reference dequantization (fp32, then its own cast) or quantization.
-                w = weights.get(t.name)
-                q = quantized.get(t.name)
-                if w is not None:
-                    want = dequantize_reference(w, read).to(torch_dtype(expected))
-                elif q is not None:
-                    want = quantize_reference(read(q.weight), q.block)[int(q.scales)]
-                else:
-                    want = read(t.name).to(torch_dtype(expected))
-                mismatch = compare(t.name, f.path.name, got, want, expected)
-                if mismatch and w is not None:
-                    mismatch = replace(mismatch, oracle="torch's reference dequantization")
-                if mismatch and q is not None:
-                    mismatch = replace(mismatch, oracle="torch's reference quantization")
-                if mismatch:
-                    found.append(mismatch)
-                checked += 1
-                nbytes += t.nbytes
-                update_progress(t.nbytes)
-                del got, want
-        return checked, nbytes, found
-
-    done = [0]
-    with ByteProgress(total, "verifying", progress) as update:
-
-        def update_progress(n: int) -> None:
-            with lock:
-                done[0] += n
-                update(done[0])
-
-        workers = len(devices) if devices[0] != "cpu" else min(len(files), os.cpu_count() or 1)
-        with ThreadPoolExecutor(max_workers=max(1, workers)) as pool:
-            results = list(pool.map(check_file, files))
-    mismatches = [m for r in results for m in r[2]]
-    return sum(r[0] for r in results), sum(r[1] for r in results), mismatches
-
+#: The fewest elements a worker compares at once, however many workers share the budget.
+MIN_CHUNK_ELEMENTS = 1 << 20
 
 #: An output file to check: its set's source tensors by name, the expected dtypes and
 #: shapes, the dequantized weights and the quantized tensors, by output name.
@@ -528,150 +421,222 @@ FileJob = tuple[
     dict[str, Quantized],
 ]
 
-#: bitsandbytes' LLM.int8 multiplier (``int8_vectorwise_dequant``): 1/127 as an f32.
-RECIPROCAL_127 = 7.874015718698502e-3
-#: AutoAWQ GEMM: output ``j`` of each group of eight sits in nibble ``AWQ_NIBBLE[j]``
-#: (the inverse of the packing order [0, 2, 4, 6, 1, 3, 5, 7]).
-AWQ_NIBBLE = (0, 4, 1, 5, 2, 6, 3, 7)
+
+def verify_values(
+    pairing: Pairing, devices: list[str], progress: bool | None
+) -> tuple[int, int, list[TensorMismatch]]:
+    """Compare every output tensor with torch's cast of its source (or the format's
+    reference math), file by file, in bounded chunks (see ``_compare.py``).
+
+    Output files are spread over the devices. Returns (tensors, bytes, mismatches).
+    """
+    files: list[FileJob] = []
+    for source, converted in pairing.sets:
+        sources = {t.name: t for t in source.tensors}
+        expected = pairing.expected(source)
+        weights = pairing.dequantized.get(source.key, {})
+        quantized = pairing.quantized(source)
+        files += [(f, sources, expected, weights, quantized) for f in converted.files]
+    total = sum(t.nbytes for f, *_ in files for t in f.tensors)
+    lock = threading.Lock()
+    on_cpu = devices[0] == "cpu"
+    workers = max(1, len(devices) if not on_cpu else min(len(files), os.cpu_count() or 1))
+    chunk = max(MIN_CHUNK_ELEMENTS, CHUNK_ELEMENTS // workers)
+
+    def roomiest() -> str:
+        """The GPU with the most free memory now (shards spread by free memory)."""
+        if len(devices) == 1:
+            return devices[0]
+        import torch
+
+        with lock:
+            return max(devices, key=lambda d: torch.cuda.mem_get_info(d)[0])
+
+    done = [0]
+    with ByteProgress(total, "verifying", progress) as update:
+
+        def update_progress(n: int) -> None:
+            with lock:
+                done[0] += n
+                update(done[0])
+
+        def check(job: FileJob) -> tuple[int, int, list[TensorMismatch]]:
+            return FileCheck(job, roomiest(), chunk, update_progress).run()
+
+        with ThreadPoolExecutor(max_workers=workers) as pool:
+            results = list(pool.map(check, files))
+    mismatches = [m for r in results for m in r[2]]
+    return sum(r[0] for r in results), sum(r[1] for r in results), mismatches
 
 
-def dequantize_reference(w: QuantizedWeight, read: Callable[[str], torch.Tensor]) -> torch.Tensor:
-    """The reference math of ``w``'s format in torch, on the device its tensors are
-    read to (``read(name)``): fp32 values, each as the format's own library computes
-    it, independent of fastcast's core. Round once to the target to compare."""
-    q = read(w.source)
-    ops = {role: read(name) for role, name in w.operands.items()}
-    p = w.params
-    if w.kind == "fp8_scaled":
-        return fp8_reference(q, ops["scale"], p["block"])
-    if w.kind == "bnb4":
-        return bnb4_reference(q, ops, w.shape, p)
-    if w.kind == "int8_rows":
-        # bitsandbytes' order: (CB * SCB) * f32(1/127), not / 127.
-        return q.float() * ops["scb"].float().view(-1, 1) * RECIPROCAL_127
-    if w.kind == "gptq":
-        g_idx = ops.get("g_idx")
-        return gptq_reference(q, ops["qzeros"], ops["scales"], g_idx, p)
-    return awq_reference(q, ops["qzeros"], ops["scales"], p["group_size"])
+class FileCheck:
+    """One output file compared with its sources on one device: plain tensors in runs
+    (``_compare.compare_run``), dequantized and quantized ones against the formats'
+    reference math (``_references``), every tensor a chunk at a time."""
+
+    def __init__(
+        self, job: FileJob, device: str, chunk: int, progress: Callable[[int], None]
+    ) -> None:
+        self.file, self.sources, self.expected, self.weights, self.quantized = job
+        self.device = device
+        self.chunk = chunk
+        self.progress = progress
+        self.mapped: dict[Path, MappedFile] = {}
+        self.loaded: dict[Path, Any] = {}  # torch.save sources, as torch loads them
+        self.mismatches: list[TensorMismatch] = []
+        self.checked = self.nbytes = 0
+
+    def run(self) -> tuple[int, int, list[TensorMismatch]]:
+        plain: list[TensorEntry] = []
+        for t in self.file.tensors:
+            want = self.expected.get(t.name)
+            if want is None or (t.dtype, t.shape) != want:
+                continue  # not in the source, or a structural problem: reported there
+            if t.name in self.weights or t.name in self.quantized:
+                self.special(t)
+                continue
+            if plain and not self.continues(plain[-1], t):
+                self.plain_run(plain)
+                plain = []
+            plain.append(t)
+        if plain:
+            self.plain_run(plain)
+        self.mapped.clear()  # unmapped as their last tensor goes
+        return self.checked, self.nbytes, self.mismatches
+
+    def map(self, path: Path) -> MappedFile:
+        if path not in self.mapped:
+            self.mapped[path] = MappedFile(path)
+        return self.mapped[path]
+
+    def read(self, name: str) -> torch.Tensor:
+        """Source tensor ``name``, whole, on the CPU: a view of its mapped file (a
+        torch.save file's as torch itself loads it, mapped)."""
+        entry = self.sources[name]
+        if entry.pickle_path is not None:
+            return torch_source(entry, self.loaded)
+        raw = self.map(entry.file).bytes(*entry.offsets)
+        return typed(raw, entry.dtype).reshape(entry.shape)
+
+    def continues(self, last: TensorEntry, t: TensorEntry) -> bool:
+        """Whether ``t`` extends the run ending in ``last``: it follows it in the output
+        and its source follows ``last``'s in the same safetensors file, in the same
+        dtype pair."""
+        a, b = self.sources[last.name], self.sources[t.name]
+        return (
+            last.offsets[1] == t.offsets[0]
+            and last.dtype == t.dtype
+            and a.pickle_path is None
+            and b.pickle_path is None
+            and a.file == b.file
+            and a.dtype == b.dtype
+            and a.offsets[1] == b.offsets[0]
+        )
+
+    def plain_run(self, run: list[TensorEntry]) -> None:
+        """Compare tensors cast (or copied) from their sources, as one run of elements;
+        a copy in a dtype no cast touches is compared byte for byte."""
+        first = self.sources[run[0].name]
+        src_dtype, dtype = first.dtype, run[0].dtype
+        as_bytes = src_dtype == dtype and not in_torch(dtype)
+        unit = 1 if as_bytes else element_size(dtype)
+        src_unit = 1 if as_bytes else element_size(src_dtype)
+        pieces, at = [], 0
+        for t in run:
+            n = t.nbytes // unit
+            pieces.append(Piece(t.name, at, at + n, t.shape))
+            at += n
+        out, base, device = self.map(self.file.path), run[0].offsets[0], self.device
+
+        def got(e0: int, e1: int) -> torch.Tensor:
+            raw = out.bytes(base + e0 * unit, base + e1 * unit)
+            return (raw if as_bytes else typed(raw, dtype)).to(device)
+
+        want = self.source_run(first, as_bytes, src_unit, dtype)
+        compare_run(
+            pieces, got, want, "U8" if as_bytes else dtype, self.chunk,
+            done=lambda n: self.progress(n * unit),
+        )  # fmt: skip
+        self.tally(pieces, "torch's cast")
+        self.checked += len(run)
+        self.nbytes += sum(t.nbytes for t in run)
+
+    def source_run(
+        self, first: TensorEntry, as_bytes: bool, unit: int, dtype: str
+    ) -> Callable[[int, int], torch.Tensor]:
+        """Elements ``[e0, e1)`` of a run's sources, cast by torch on the device to
+        ``dtype`` (or, ``as_bytes``, the bytes themselves)."""
+        device = self.device
+        if first.pickle_path is not None:  # a run of one tensor: as torch loads it
+            whole = torch_source(first, self.loaded).reshape(-1)
+            cast = None if as_bytes else torch_dtype(dtype)
+            if as_bytes:
+                whole = bits_of(whole).view(-1).view(torch_dtype("U8"))
+
+            def loaded(e0: int, e1: int) -> torch.Tensor:
+                part = whole[e0:e1].to(device)
+                return part if cast is None else part.to(cast)
+
+            return loaded
+        src, base = self.map(first.file), first.offsets[0]
+
+        def mapped(e0: int, e1: int) -> torch.Tensor:
+            raw = src.bytes(base + e0 * unit, base + e1 * unit)
+            if as_bytes:
+                return raw.to(device)
+            return typed(raw, first.dtype).to(device).to(torch_dtype(dtype))
+
+        return mapped
+
+    def special(self, t: TensorEntry) -> None:
+        """A dequantized tensor against its format's reference (fp32, then torch's own
+        rounding to the output dtype), or a quantized one against --quantize's math."""
+        w = self.weights.get(t.name)
+        if w is not None:
+            ref = dequantized(w, self.read)
+            oracle = "torch's reference dequantization"
+        else:
+            q = self.quantized[t.name]
+            ref = quantized(self.read(q.weight), q.block, q.scales)
+            oracle = "torch's reference quantization"
+        out, device, dtype = self.map(self.file.path), self.device, t.dtype
+        unit = element_size(dtype)
+
+        def got(e0: int, e1: int) -> torch.Tensor:
+            raw = out.bytes(t.offsets[0] + e0 * unit, t.offsets[0] + e1 * unit)
+            return typed(raw, dtype).to(device)
+
+        def want(e0: int, e1: int) -> torch.Tensor:
+            return ref.values(e0, e1, device).to(torch_dtype(dtype))
+
+        piece = Piece(t.name, 0, ref.numel, t.shape)
+        chunk = max(ref.align, self.chunk // ref.cost)
+        compare_run([piece], got, want, dtype, chunk, ref.align, lambda n: self.progress(n * unit))
+        self.tally([piece], oracle)
+        self.checked += 1
+        self.nbytes += t.nbytes
+
+    def tally(self, pieces: list[Piece], oracle: str) -> None:
+        """Each piece with a mismatch, as a ``TensorMismatch``."""
+        for p in pieces:
+            f = p.found
+            if f.count:
+                index = tuple(unravel(f.at, p.shape))
+                self.mismatches.append(
+                    TensorMismatch(
+                        p.name, self.file.path.name, f.count, p.end - p.begin, index,
+                        f.got, f.want, oracle,
+                    )
+                )  # fmt: skip
 
 
-def fp8_reference(q: torch.Tensor, scale: torch.Tensor, block: tuple[int, int]) -> torch.Tensor:
-    """fp8: each value as fp32 times its block's scale as fp32 (an fp32 product, as
-    DeepSeek's ``weight_dequant`` and compressed-tensors compute it), the weight seen
-    as 2-D with partial edge blocks cut to the weight."""
-    cols = q.shape[-1] if q.dim() else 1
-    rows = q.numel() // cols if cols else 0
-    br, bc = block
-    grid = scale.float().reshape(-(-rows // br), -(-cols // bc))
-    full = grid.repeat_interleave(br, 0)[:rows].repeat_interleave(bc, 1)[:, :cols]
-    return (q.float().reshape(rows, cols) * full).reshape(q.shape)
-
-
-def bnb4_reference(
-    packed: torch.Tensor,
-    ops: dict[str, torch.Tensor],
-    shape: tuple[int, ...],
-    p: dict[str, Any],
-) -> torch.Tensor:
-    """bitsandbytes nf4/fp4: the container's bytes, two codes each (high nibble first),
-    ``quant_map[code] * absmax[k // blocksize]``; with double quant the absmax is
-    ``nested_quant_map[absmax_u8] * nested_absmax[b // nested_blocksize]``, then plus the
-    offset as an f32 (``dequantize_blockwise``, then ``+=``)."""
-    import torch
-
-    n = math.prod(shape)
-    data = packed.contiguous().view(torch.uint8).reshape(-1)
-    codes = torch.stack([data >> 4, data & 0xF], dim=1).reshape(-1)[:n].long()
-    absmax = ops["absmax"]
-    if "nested_absmax" in ops:
-        outer = ops["nested_absmax"].float().repeat_interleave(p["nested_blocksize"])
-        absmax = ops["nested_quant_map"].float()[absmax.long()] * outer[: absmax.numel()]
-        absmax = absmax + torch.tensor(p["offset"], dtype=torch.float32, device=absmax.device)
-    per_value = absmax.float().repeat_interleave(p["blocksize"])[:n]
-    return (ops["quant_map"].float()[codes] * per_value).reshape(shape)
-
-
-def unpack_words(
-    words: torch.Tensor, bits: int, order: Sequence[int] | None = None
-) -> torch.Tensor:
-    """int32 words ``[..., m]`` -> ``[..., m * 32 // bits]`` values, low bits first (value
-    ``j`` of a word at slot ``order[j]`` when given)."""
-    import torch
-
-    slots = list(order) if order is not None else list(range(32 // bits))
-    shifts = torch.tensor(slots, dtype=torch.int32, device=words.device) * bits
-    values = (words.unsqueeze(-1) >> shifts) & ((1 << bits) - 1)
-    return values.reshape(*words.shape[:-1], -1)
-
-
-def gptq_reference(
-    qweight: torch.Tensor,
-    qzeros: torch.Tensor,
-    scales: torch.Tensor,
-    g_idx: torch.Tensor | None,
-    p: dict[str, Any],
-) -> torch.Tensor:
-    """GPTQ: ``W[o, i] = scales[g, o] * (q[i, o] - z[g, o])``, ``q`` packed along the
-    inputs, ``z`` along the outputs, ``z`` the stored zero plus one for v1, ``g`` =
-    ``g_idx[i]`` (else ``i // group_size``); ``[out, in]``."""
-    import torch
-
-    bits = p["bits"]
-    inputs = qweight.shape[0] * 32 // bits
-    q = unpack_words(qweight.t(), bits).t()  # [in, out]
-    zeros = unpack_words(qzeros, bits) + int(p["zero_plus_one"])  # [groups, out]
-    g = (
-        g_idx.long()
-        if g_idx is not None
-        else torch.arange(inputs, device=qweight.device) // p["group_size"]
-    )
-    return (scales.float()[g] * (q - zeros[g]).float()).t().contiguous()
-
-
-def awq_reference(
-    qweight: torch.Tensor, qzeros: torch.Tensor, scales: torch.Tensor, group_size: int
-) -> torch.Tensor:
-    """AutoAWQ GEMM: values packed along the outputs in AWQ's order, ``W[o, i] =
-    scales[i // group_size, o] * (q[i, o] - z[i // group_size, o])``; ``[out, in]``."""
-    import torch
-
-    q = unpack_words(qweight, 4, AWQ_NIBBLE)  # [in, out]
-    zeros = unpack_words(qzeros, 4, AWQ_NIBBLE)  # [groups, out]
-    g = torch.arange(q.shape[0], device=qweight.device) // group_size
-    return (scales.float()[g] * (q - zeros[g]).float()).t().contiguous()
-
-
-#: float8_e4m3fn's largest finite value: a block's scale is its amax over it.
-E4M3_MAX = 448.0
-#: The smallest amax a scale is made from (an all-zero block's scale stays positive).
-MIN_AMAX = 1e-12
-
-
-def quantize_reference(
-    w: torch.Tensor, block: tuple[int, int]
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """``--quantize``'s math in torch, on ``w``'s device, independent of fastcast's core:
-    the weight seen as 2-D, per block (edge blocks cut to the weight), ``s =
-    amax.clamp(min=1e-12) / 448`` in fp32 (a NaN in the block makes it NaN), then ``q =
-    (W / s).clamp(-448, 448)`` rounded to float8_e4m3fn. Returns ``(q, s)``, ``s`` the
-    scale grid ``[ceil(rows / block[0]), ceil(cols / block[1])]``."""
-    import torch
-
-    cols = w.shape[-1]
-    rows = w.numel() // cols
-    br, bc = block
-    grid = (-(-rows // br), -(-cols // bc))
-    x = w.float().reshape(rows, cols)
-    magnitude = x.abs()
-    if (grid[0] * br, grid[1] * bc) != (rows, cols):  # edge blocks: pad with zeros
-        magnitude = torch.nn.functional.pad(magnitude, (0, grid[1] * bc - cols,
-                                                        0, grid[0] * br - rows))  # fmt: skip
-    amax = magnitude.reshape(grid[0], br, grid[1], bc).amax(dim=(1, 3))
-    del magnitude
-    s = amax.clamp(min=MIN_AMAX) / E4M3_MAX
-    full = s.repeat_interleave(br, 0)[:rows].repeat_interleave(bc, 1)[:, :cols]
-    q = (x / full).clamp(-E4M3_MAX, E4M3_MAX).to(torch.float8_e4m3fn)
-    return q.reshape(w.shape), s
+def unravel(flat: int, shape: tuple[int, ...]) -> list[int]:
+    """A flat element index as an index into ``shape``."""
+    index = []
+    for dim in reversed(shape):
+        index.append(flat % dim if dim else 0)
+        flat //= dim if dim else 1
+    return index[::-1]
 
 
 def torch_source(entry: TensorEntry, opened: dict[Path, Any]) -> torch.Tensor:
@@ -767,7 +732,8 @@ def verify(
     True
     """
     started = time.perf_counter()
-    record = read_record(Path(output)) if Path(output).is_dir() else None
+    keep = None if keep is None else as_patterns(keep, "keep")
+    record = load_record(Path(output)) if Path(output).is_dir() else None
     if against is None:
         if record is None:
             raise _core.ModelFolderError(

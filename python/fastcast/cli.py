@@ -3,11 +3,9 @@
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 import warnings
 from collections.abc import Sequence
-from pathlib import Path
 from typing import TextIO
 
 import fastcast
@@ -365,10 +363,9 @@ def run_batch(args: argparse.Namespace) -> int:
         ray_address=args.ray_address,
         threads=args.threads,
         progress=False if args.quiet else None,
+        report=args.report,
         **{**batch_options(args), **defaults},
     )
-    if args.report:
-        Path(args.report).write_text(json.dumps(batch.to_dict(), indent=2) + "\n")
     if not args.quiet:
         print(batch.summary(errors=False), flush=True)
     for failed in batch.failed:

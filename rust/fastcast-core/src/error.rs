@@ -58,6 +58,16 @@ pub enum Error {
     #[error("{}inconsistent plan: {problem}", located(path))]
     Plan { path: PathBuf, problem: String },
 
+    /// An output shard whose header would be larger than safetensors readers
+    /// accept (too many tensors, or names too long, for one shard).
+    #[error("{}: its header would be {len} bytes for {tensors} tensors, past the {limit}-byte limit of safetensors readers; a smaller shard size puts fewer tensors in each shard", path.display())]
+    HeaderTooLarge {
+        path: PathBuf,
+        len: u64,
+        limit: u64,
+        tensors: usize,
+    },
+
     /// The run was asked to stop (Ctrl-C); nothing partial was left behind.
     #[error("cancelled")]
     Cancelled,

@@ -24,7 +24,7 @@ use crate::cast::{self, CastOptions};
 use crate::dequant::{Dequant, Dequantizer, Operand};
 use crate::dtype::DType;
 use crate::error::{Error, Result};
-use crate::header::{Header, TensorInfo};
+use crate::header::{self, Entry, Header, TensorInfo, MAX_HEADER_LEN};
 use crate::journal::{self, ShardRecord};
 use crate::loss::{LossRule, LossStats};
 use crate::positional;
@@ -32,6 +32,21 @@ use crate::quantize::{Fp8Blocks, Quantize};
 use crate::shard_file::{self, ShardFile};
 use input::Input;
 
+#[cfg(target_os = "linux")]
+mod fault;
+#[cfg(not(target_os = "linux"))]
+mod fault {
+    //! Elsewhere a shrinking input's fault is not caught: the size checks remain.
+    pub(super) struct Watch;
+    impl Watch {
+        pub(super) fn new(_range: &[u8]) -> Watch {
+            Watch
+        }
+        pub(super) fn faulted(&self) -> bool {
+            false
+        }
+    }
+}
 mod input;
 
 /// The plan format this build reads; see [`Plan::version`].
@@ -414,6 +429,12 @@ pub fn execute(plan: &Plan, opts: &ExecOptions, progress: &Progress) -> Result<E
                 break;
             }
             let done = write_shard(shard, checked, opts, progress, stop);
+            // An input that shrank under the run read as zeros (or failed a
+            // write from its map): the shard is wrong, and the input is named.
+            let done = match shrunk(&maps, done.is_err()) {
+                Some(e) => Err(e),
+                None => done,
+            };
             // Written: its header's bytes (8 MB for 100k tensors) are not needed.
             drop(std::mem::take(&mut checked.header_bytes));
             let Checked { header, jobs, .. } = &*checked;
@@ -561,7 +582,11 @@ pub fn scan(plan: &Plan, progress: &Progress) -> Result<Vec<(String, LossStats)>
                     .bytes_done
                     .fetch_add(job.src_done(c), Ordering::Relaxed);
                 Ok(())
-            })?;
+            })
+            .map_err(|e| shrunk(&maps, true).unwrap_or(e))?;
+        if let Some(e) = shrunk(&maps, false) {
+            return Err(e); // what it read of a shrunk input was zeros
+        }
         input::release_all(jobs.iter().map(|job| (job.map, job.src)));
         for job in &jobs {
             if job.rule.is_some() {
@@ -576,6 +601,23 @@ pub fn scan(plan: &Plan, progress: &Progress) -> Result<Vec<(String, LossStats)>
 /// the plan was made.
 fn map_sources(sources: &[SourceFile]) -> Result<Vec<Input>> {
     sources.iter().map(Input::open).collect()
+}
+
+/// The first input that shrank while mapped, as the error to report: one
+/// whose read faulted, or (`sizes`, after a failed write, which may be a
+/// write from a map whose pages are gone) whose size is now smaller.
+fn shrunk(maps: &[Input], sizes: bool) -> Option<Error> {
+    maps.iter()
+        .filter(|m| sizes || m.faulted())
+        .find_map(Input::shrunk)
+}
+
+#[cfg(test)]
+impl Checked<'_> {
+    /// The JSON length of the header as written (its length prefix).
+    fn header_len_written(&self) -> u64 {
+        self.header_bytes.len() as u64 - 8
+    }
 }
 
 /// A shard checked against its plan and inputs, ready to write: its header
@@ -670,12 +712,7 @@ fn check_shard<'a>(shard: &'a ShardPlan, plan: &Plan, maps: &'a [Input]) -> Resu
             (_, Some(Quantizing::Scale { .. })) => None,
             (None, None) => (from != to).then(|| rule_for(from, to)),
         };
-        infos.push(TensorInfo {
-            name: t.name.clone(),
-            dtype: to,
-            shape: t.shape.clone(),
-            data_offsets: t.dst_offsets,
-        });
+        infos.push(tensor_info(t));
         jobs.push(Job {
             plan: t,
             from,
@@ -708,6 +745,7 @@ fn check_shard<'a>(shard: &'a ShardPlan, plan: &Plan, maps: &'a [Input]) -> Resu
     header.check(&shard.path, data_end)?;
     let header_bytes = header.to_bytes();
     header.header_len = header_bytes.len() as u64 - 8;
+    too_large(shard, header.header_len)?;
     for job in &mut jobs {
         job.dst_start = header.data_start() + job.plan.dst_offsets.0;
     }
@@ -716,6 +754,49 @@ fn check_shard<'a>(shard: &'a ShardPlan, plan: &Plan, maps: &'a [Input]) -> Resu
         header_bytes,
         jobs,
     })
+}
+
+/// Tensor `t`'s entry in its shard's header.
+fn tensor_info(t: &TensorPlan) -> TensorInfo {
+    TensorInfo {
+        name: t.name.clone(),
+        dtype: t.dst_dtype,
+        shape: t.shape.clone(),
+        data_offsets: t.dst_offsets,
+    }
+}
+
+/// Refuse a shard whose header (`len` bytes of JSON) no reader would open.
+fn too_large(shard: &ShardPlan, len: u64) -> Result<()> {
+    if len <= MAX_HEADER_LEN {
+        return Ok(());
+    }
+    Err(Error::HeaderTooLarge {
+        path: shard.path.clone(),
+        len,
+        limit: MAX_HEADER_LEN,
+        tensors: shard.tensors.len(),
+    })
+}
+
+/// The length of each shard's header JSON as the executor will write it,
+/// from the plan alone (no input is read): to refuse, before anything is
+/// written, a shard that safetensors readers would not open.
+pub fn header_lens(plan: &Plan) -> Vec<u64> {
+    plan.shards
+        .iter()
+        .map(|shard| header::json_len(shard.metadata.as_deref(), shard.tensors.iter().map(entry)))
+        .collect()
+}
+
+/// Tensor `t`'s entry in its shard's header, borrowed.
+pub fn entry(t: &TensorPlan) -> Entry<'_> {
+    Entry {
+        name: &t.name,
+        dtype: t.dst_dtype,
+        shape: &t.shape,
+        data_offsets: t.dst_offsets,
+    }
 }
 
 /// The loss rule of a dtype pair, found once per pair and thread (each is a

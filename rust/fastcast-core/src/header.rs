@@ -9,6 +9,7 @@
 
 use std::fs::File;
 use std::io::Read;
+use std::io::Write;
 use std::path::Path;
 
 use serde::de::{self, MapAccess, Visitor};
@@ -241,49 +242,8 @@ impl Header {
     /// Tensors are written in `self.tensors` order; `header_len` is ignored
     /// (the result's length prefix is what counts).
     pub fn to_bytes(&self) -> Vec<u8> {
-        // Written straight into one buffer after the 8-byte length prefix, the
-        // numbers by itoa: a shard may hold 100k tensors.
-        let mut digits = itoa::Buffer::new();
-        let mut number =
-            |out: &mut Vec<u8>, n: u64| out.extend_from_slice(digits.format(n).as_bytes());
         let mut out = vec![0u8; 8];
-        let quote =
-            |out: &mut Vec<u8>, s: &str| serde_json::to_writer(out, s).expect("strings serialize");
-        out.push(b'{');
-        if let Some(meta) = &self.metadata {
-            out.extend_from_slice(b"\"__metadata__\":{");
-            for (i, (k, v)) in meta.iter().enumerate() {
-                if i > 0 {
-                    out.push(b',');
-                }
-                quote(&mut out, k);
-                out.push(b':');
-                quote(&mut out, v);
-            }
-            out.push(b'}');
-        }
-        for (i, t) in self.tensors.iter().enumerate() {
-            if i > 0 || self.metadata.is_some() {
-                out.push(b',');
-            }
-            quote(&mut out, &t.name);
-            out.extend_from_slice(b":{\"dtype\":\"");
-            out.extend_from_slice(t.dtype.safetensors_name().as_bytes());
-            out.extend_from_slice(b"\",\"shape\":[");
-            for (j, &d) in t.shape.iter().enumerate() {
-                if j > 0 {
-                    out.push(b',');
-                }
-                number(&mut out, d);
-            }
-            let (begin, end) = t.data_offsets;
-            out.extend_from_slice(b"],\"data_offsets\":[");
-            number(&mut out, begin);
-            out.push(b',');
-            number(&mut out, end);
-            out.extend_from_slice(b"]}");
-        }
-        out.push(b'}');
+        write_json(&mut out, self.metadata.as_deref(), self.entries());
         while !(out.len() - 8).is_multiple_of(8) {
             out.push(b' ');
         }
@@ -291,6 +251,109 @@ impl Header {
         out[..8].copy_from_slice(&len.to_le_bytes());
         out
     }
+
+    fn entries(&self) -> impl Iterator<Item = Entry<'_>> {
+        self.tensors.iter().map(|t| Entry {
+            name: &t.name,
+            dtype: t.dtype,
+            shape: &t.shape,
+            data_offsets: t.data_offsets,
+        })
+    }
+}
+
+/// A tensor's entry as a header writes it, borrowed from wherever it lives (a
+/// plan of 100k tensors need not be copied to be measured).
+#[derive(Clone, Copy, Debug)]
+pub struct Entry<'a> {
+    pub name: &'a str,
+    pub dtype: DType,
+    pub shape: &'a [u64],
+    pub data_offsets: (u64, u64),
+}
+
+/// The length of the header JSON of `metadata` and `entries` as
+/// [`Header::to_bytes`] writes it, padding included (what `N` will be), with
+/// nothing written: to refuse a header past [`MAX_HEADER_LEN`] before any
+/// file is made.
+///
+/// ```
+/// use fastcast_core::header::{json_len, Entry, Header, TensorInfo};
+/// use fastcast_core::DType;
+/// let t = TensorInfo { name: "w".into(), dtype: DType::BF16, shape: vec![2], data_offsets: (0, 4) };
+/// let e = Entry { name: "w", dtype: DType::BF16, shape: &[2], data_offsets: (0, 4) };
+/// let h = Header { metadata: None, tensors: vec![t], header_len: 0 };
+/// assert_eq!(json_len(None, [e]) + 8, h.to_bytes().len() as u64);
+/// ```
+pub fn json_len<'a>(
+    metadata: Option<&[(String, String)]>,
+    entries: impl IntoIterator<Item = Entry<'a>>,
+) -> u64 {
+    let mut count = Count(0);
+    write_json(&mut count, metadata, entries);
+    count.0.next_multiple_of(8)
+}
+
+/// Counts what is written to it.
+struct Count(u64);
+
+impl Write for Count {
+    fn write(&mut self, bytes: &[u8]) -> std::io::Result<usize> {
+        self.0 += bytes.len() as u64;
+        Ok(bytes.len())
+    }
+
+    fn flush(&mut self) -> std::io::Result<()> {
+        Ok(())
+    }
+}
+
+/// The header JSON, unpadded, into `out` (a buffer, or a [`Count`]): the one
+/// definition of its bytes. Numbers by itoa: a shard may hold 100k tensors.
+fn write_json<'a, W: Write>(
+    out: &mut W,
+    metadata: Option<&[(String, String)]>,
+    entries: impl IntoIterator<Item = Entry<'a>>,
+) {
+    // Writing to memory (or counting) cannot fail.
+    let put = |out: &mut W, bytes: &[u8]| out.write_all(bytes).expect("in memory");
+    let mut digits = itoa::Buffer::new();
+    let quote = |out: &mut W, s: &str| serde_json::to_writer(out, s).expect("strings serialize");
+    put(out, b"{");
+    if let Some(meta) = metadata {
+        put(out, b"\"__metadata__\":{");
+        for (i, (k, v)) in meta.iter().enumerate() {
+            if i > 0 {
+                put(out, b",");
+            }
+            quote(out, k);
+            put(out, b":");
+            quote(out, v);
+        }
+        put(out, b"}");
+    }
+    for (i, t) in entries.into_iter().enumerate() {
+        if i > 0 || metadata.is_some() {
+            put(out, b",");
+        }
+        quote(out, t.name);
+        put(out, b":{\"dtype\":\"");
+        put(out, t.dtype.safetensors_name().as_bytes());
+        put(out, b"\",\"shape\":[");
+        for (j, &d) in t.shape.iter().enumerate() {
+            if j > 0 {
+                put(out, b",");
+            }
+            put(out, digits.format(d).as_bytes());
+        }
+        let (begin, end) = t.data_offsets;
+        put(out, b"],\"data_offsets\":[");
+        put(out, digits.format(begin).as_bytes());
+        put(out, b",");
+        put(out, digits.format(end).as_bytes());
+        put(out, b"]}");
+    }
+    put(out, b"}");
 }
 
 /// Check the untrusted length prefix against the limit and the file size.

@@ -129,8 +129,7 @@ pub fn target_dtypes(
     quantized: bool,
 ) -> Vec<DType> {
     let roles = if quantized {
-        let names: Vec<&str> = tensors.iter().map(|(n, _)| n.as_ref()).collect();
-        quant::roles(&names)
+        quant::typed_roles(tensors)
     } else {
         vec![Role::Plain; tensors.len()]
     };

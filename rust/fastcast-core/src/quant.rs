@@ -39,6 +39,11 @@ pub enum Role {
     /// A float tensor its model class keeps in fp32 (DeepSeek's
     /// `e_score_correction_bias`).
     PinnedF32,
+    /// A float tensor that looks like quantization state of a format fastcast
+    /// does not know: named like a scale or zero point (`scale`, `qscale_act`,
+    /// `weight_zero`...) beside fp8 codes or packed integers in its module
+    /// (see [`typed_roles`]). Never cast, whatever the mode.
+    Unknown,
 }
 
 impl Role {
@@ -52,6 +57,7 @@ impl Role {
             Role::GroupIndex => "group index",
             Role::QuantState => "quant state",
             Role::PinnedF32 => "pinned fp32",
+            Role::Unknown => "unknown state",
         }
     }
 }
@@ -59,6 +65,10 @@ impl Role {
 const SCALES: &[&str] = &[
     ".weight_scale",
     ".weight_scale_inv",
+    // NVFP4 (ModelOpt, compressed-tensors): the per-tensor second-level scales.
+    ".weight_scale_2",
+    ".weight_global_scale",
+    ".input_global_scale",
     ".input_scale",
     ".output_scale",
     ".k_scale",
@@ -76,9 +86,18 @@ const STATE: &[&str] = &[
     ".weight_format",
     ".weight_shape",
 ];
-const PACKED_WEIGHTS: &[&str] = &[".qweight", ".weight_packed"];
+const PACKED_WEIGHTS: &[&str] = &[".qweight", ".weight_packed", HQQ_WEIGHT];
 /// Siblings of `x.weight` that make it a quantized weight.
-const WEIGHT_SIBLINGS: &[&str] = &["weight_scale", "weight_scale_inv", "SCB"];
+const WEIGHT_SIBLINGS: &[&str] = &[
+    "weight_scale",
+    "weight_scale_inv",
+    "weight_scale_2",
+    "weight_global_scale",
+    "SCB",
+];
+/// HQQ's packed weight: every other tensor of its module (`scale`, `zero`, and
+/// the meta it serialises) but the bias is its state.
+const HQQ_WEIGHT: &str = ".W_q";
 const BNB_STATE: &str = ".weight.quant_state.";
 const PINNED_F32: &[&str] = &["e_score_correction_bias"];
 
@@ -98,20 +117,34 @@ fn ends_with_any(name: &str, suffixes: &[&str]) -> bool {
 /// ```
 pub fn roles(names: &[impl AsRef<str>]) -> Vec<Role> {
     let mut quantized_prefixes: HashSet<&str> = HashSet::new();
+    let mut hqq_modules: HashSet<&str> = HashSet::new();
     for name in names.iter().map(AsRef::as_ref) {
         if let Some((prefix, _)) = name.split_once(BNB_STATE) {
             quantized_prefixes.insert(prefix);
+        } else if let Some(module) = name.strip_suffix(HQQ_WEIGHT) {
+            hqq_modules.insert(module);
         } else if let Some((prefix, last)) = name.rsplit_once('.') {
             if WEIGHT_SIBLINGS.contains(&last) {
                 quantized_prefixes.insert(prefix);
             }
         }
     }
+    let hqq_state = |name: &str| match name.rsplit_once('.') {
+        Some((module, last)) if hqq_modules.contains(module) && last != "bias" => match last {
+            "scale" => Some(Role::Scale),
+            "zero" => Some(Role::ZeroPoint),
+            "W_q" => Some(Role::QuantizedWeight),
+            _ => Some(Role::QuantState),
+        },
+        _ => None,
+    };
     names
         .iter()
         .map(AsRef::as_ref)
         .map(|name| {
-            if name.contains(BNB_STATE) || ends_with_any(name, STATE) {
+            if let Some(role) = (!hqq_modules.is_empty()).then(|| hqq_state(name)).flatten() {
+                role
+            } else if name.contains(BNB_STATE) || ends_with_any(name, STATE) {
                 Role::QuantState
             } else if ends_with_any(name, SCALES) {
                 Role::Scale
@@ -132,6 +165,82 @@ pub fn roles(names: &[impl AsRef<str>]) -> Vec<Role> {
             }
         })
         .collect()
+}
+
+/// The roles of tensors `(name, dtype)` ([`roles`], which goes by names), and
+/// what names alone cannot tell: quantization state of a format fastcast does
+/// not know. In a module holding fp8 codes or packed integers (`U8`, `I8`,
+/// `I32`, `U32`), a float tensor named like a scale or a zero point that no
+/// rule knows is [`Role::Unknown`], and the codes beside it, which only that
+/// state makes numbers, a [`Role::QuantizedWeight`]. A plain model's
+/// `logit_scale` or layer scale (no codes beside it) stays plain.
+///
+/// ```
+/// use fastcast_core::quant::{typed_roles, Role};
+/// use fastcast_core::DType;
+/// let t = [("m.weight", DType::F8E4M3), ("m.qscale_weight", DType::F32),
+///          ("m.bias", DType::BF16), ("logit_scale", DType::F32)];
+/// assert_eq!(typed_roles(&t), [Role::QuantizedWeight, Role::Unknown, Role::Plain,
+///            Role::Plain]);
+/// ```
+pub fn typed_roles(tensors: &[(impl AsRef<str>, DType)]) -> Vec<Role> {
+    let names: Vec<&str> = tensors.iter().map(|(n, _)| n.as_ref()).collect();
+    let mut found = roles(&names);
+    let codes = |d: DType| {
+        matches!(
+            d,
+            DType::F8E4M3
+                | DType::F8E5M2
+                | DType::F8E4M3Fnuz
+                | DType::F8E5M2Fnuz
+                | DType::U8
+                | DType::I8
+                | DType::I32
+                | DType::U32
+        )
+    };
+    let state_like = |name: &str| {
+        let l = last(name).to_ascii_lowercase();
+        l.contains("scale") || l.contains("zero")
+    };
+    let with_codes: HashSet<&str> = tensors
+        .iter()
+        .filter(|(_, d)| codes(*d))
+        .map(|(n, _)| module(n.as_ref()))
+        .collect();
+    if with_codes.is_empty() {
+        return found; // no codes anywhere: nothing unknown (the usual plain model)
+    }
+    let suspect: HashSet<&str> = names
+        .iter()
+        .zip(tensors)
+        .zip(&found)
+        .filter(|((n, (_, d)), role)| {
+            **role == Role::Plain && d.is_float() && state_like(n) && with_codes.contains(module(n))
+        })
+        .map(|((n, _), _)| module(n))
+        .collect();
+    for ((name, (_, dtype)), role) in names.iter().zip(tensors).zip(found.iter_mut()) {
+        if *role != Role::Plain || !suspect.contains(module(name)) {
+            continue;
+        }
+        if dtype.is_float() && state_like(name) {
+            *role = Role::Unknown;
+        } else if codes(*dtype) {
+            *role = Role::QuantizedWeight;
+        }
+    }
+    found
+}
+
+/// The module of tensor `name` (`a.b` of `a.b.weight`; `""` at the top).
+fn module(name: &str) -> &str {
+    name.rsplit_once('.').map_or("", |(m, _)| m)
+}
+
+/// The last part of tensor `name` (`weight` of `a.b.weight`).
+fn last(name: &str) -> &str {
+    name.rsplit_once('.').map_or(name, |(_, l)| l)
 }
 
 /// What a tensor of a plain model is to `--quantize`.
@@ -310,6 +419,90 @@ mod tests {
         assert_eq!(
             roles(&packed),
             [Role::QuantizedWeight, Role::QuantState, Role::Scale]
+        );
+    }
+
+    #[test]
+    fn hqq_and_nvfp4_names() {
+        let hqq = [
+            "l.q.W_q",
+            "l.q.scale",
+            "l.q.zero",
+            "l.q.meta_shape",
+            "l.q.bias",
+            "l.norm.scale",
+        ];
+        assert_eq!(
+            roles(&hqq),
+            [
+                Role::QuantizedWeight,
+                Role::Scale,
+                Role::ZeroPoint,
+                Role::QuantState,
+                Role::Plain,
+                Role::Plain
+            ]
+        );
+        let nvfp4 = [
+            "x.weight",
+            "x.weight_scale",
+            "x.weight_scale_2",
+            "x.input_scale",
+            "y.weight_packed",
+            "y.weight_global_scale",
+            "y.input_global_scale",
+        ];
+        assert_eq!(
+            roles(&nvfp4),
+            [
+                Role::QuantizedWeight,
+                Role::Scale,
+                Role::Scale,
+                Role::Scale,
+                Role::QuantizedWeight,
+                Role::Scale,
+                Role::Scale
+            ]
+        );
+    }
+
+    /// Unknown state is told by the codes beside it, never by a name alone.
+    #[test]
+    fn unknown_state_needs_codes_beside_it() {
+        let t = |pairs: &[(&str, DType)]| typed_roles(pairs);
+        // An fp8 weight whose scale has a name no rule knows.
+        assert_eq!(
+            t(&[("m.weight", DType::F8E5M2), ("m.scale", DType::F16)]),
+            [Role::QuantizedWeight, Role::Unknown]
+        );
+        // Packed integers with a zero point under another name.
+        assert_eq!(
+            t(&[
+                ("m.packed", DType::I32),
+                ("m.zeros", DType::BF16),
+                ("m.bias", DType::BF16)
+            ]),
+            [Role::QuantizedWeight, Role::Unknown, Role::Plain]
+        );
+        // A plain model: scales with no codes in their module, and codes with
+        // no scale (a counter, a mask) are what they are.
+        let plain = [
+            ("logit_scale", DType::F32),
+            ("a.ls.scale", DType::F32),
+            ("a.attn.weight", DType::F32),
+            ("a.attn.weight_zero", DType::F32),
+            ("b.position_ids", DType::I64),
+            ("c.mask", DType::U8),
+            ("c.weight", DType::F32),
+        ];
+        assert!(t(&plain).iter().all(|r| *r == Role::Plain));
+        // Known state keeps its role.
+        assert_eq!(
+            t(&[
+                ("m.weight", DType::F8E4M3),
+                ("m.weight_scale_inv", DType::F32)
+            ]),
+            [Role::QuantizedWeight, Role::Scale]
         );
     }
 

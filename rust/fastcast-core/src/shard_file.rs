@@ -48,14 +48,40 @@ struct Pending {
 /// What ends the name of a file still being written (see [`temp_path`]).
 pub const PARTIAL_SUFFIX: &str = ".fastcast-partial";
 
+/// The longest file name most filesystems take, in bytes (Linux's NAME_MAX).
+pub const NAME_MAX: usize = 255;
+
 /// The temporary name used while `path` is being written: hidden, in the same
-/// folder (so the rename is atomic), and recognisable for cleanup.
+/// folder (so the rename is atomic), and recognisable for cleanup. A name
+/// too long to take the suffix (a weights file named in 238 bytes or more)
+/// is cut and told apart by a hash of it:
+/// `.<first bytes>~<16 hex digits>.fastcast-partial`, within [`NAME_MAX`].
+///
+/// ```
+/// use fastcast_core::shard_file::{temp_path, NAME_MAX};
+/// use std::path::Path;
+/// assert_eq!(temp_path(Path::new("out/model.safetensors")),
+///            Path::new("out/.model.safetensors.fastcast-partial"));
+/// let long = format!("{}.safetensors", "w".repeat(240));
+/// let temp = temp_path(Path::new(&long));
+/// assert!(temp.to_str().unwrap().len() <= NAME_MAX);
+/// assert!(temp.to_str().unwrap().ends_with(".fastcast-partial"));
+/// ```
 pub fn temp_path(path: &Path) -> PathBuf {
-    let name = path
-        .file_name()
-        .map(|n| n.to_string_lossy().into_owned())
-        .unwrap_or_default();
-    path.with_file_name(format!(".{name}{PARTIAL_SUFFIX}"))
+    let name = path.file_name().unwrap_or_default();
+    let bytes = name.as_encoded_bytes();
+    if 1 + bytes.len() + PARTIAL_SUFFIX.len() <= NAME_MAX {
+        let mut temp = std::ffi::OsString::from(".");
+        temp.push(name);
+        temp.push(PARTIAL_SUFFIX);
+        return path.with_file_name(temp);
+    }
+    let hash = xxhash_rust::xxh3::xxh3_64(bytes);
+    let keep = NAME_MAX - (1 + 1 + 16 + PARTIAL_SUFFIX.len());
+    // Cut at a character boundary, so the name stays valid UTF-8 if it was.
+    let text = String::from_utf8_lossy(&bytes[..keep]);
+    let head = text.trim_end_matches(char::REPLACEMENT_CHARACTER);
+    path.with_file_name(format!(".{head}~{hash:016x}{PARTIAL_SUFFIX}"))
 }
 
 impl ShardFile {
@@ -64,11 +90,19 @@ impl ShardFile {
     /// fails here rather than halfway through.
     pub fn create(path: &Path, len: u64) -> Result<ShardFile> {
         let temp = temp_path(path);
+        // Whatever is at the temporary name (a killed run's partial file, or a
+        // link someone planted there) goes: its link is removed, never
+        // followed, and the new file is created where none is.
+        match fs::remove_file(&temp) {
+            Err(e) if e.kind() != std::io::ErrorKind::NotFound => {
+                return Err(Error::io(&temp, e));
+            }
+            _ => {}
+        }
         let file = OpenOptions::new()
             .read(true)
             .write(true)
-            .create(true)
-            .truncate(true)
+            .create_new(true)
             .open(&temp)
             .map_err(|e| Error::io(&temp, e))?;
         let shard = ShardFile {
@@ -291,6 +325,51 @@ mod tests {
         }
         assert!(!path.exists());
         assert!(!temp_path(&path).exists());
+        fs::remove_dir_all(dir).unwrap();
+    }
+
+    /// A weights file named in 238 to 255 bytes: its temporary name was its
+    /// name plus 18 bytes, and the run failed on its own temporary file.
+    #[test]
+    fn a_name_of_255_bytes_gets_a_temporary_name_that_fits() {
+        let dir = scratch("long");
+        for len in [237, 238, 250, 255] {
+            let name = format!(
+                "{}.st",
+                "é".repeat((len - 3) / 2) + &"w".repeat((len - 3) % 2)
+            );
+            assert_eq!(name.len(), len);
+            let path = dir.join(&name);
+            let shard = ShardFile::create(&path, 4).unwrap();
+            shard.write_at(b"abcd", 0).unwrap();
+            let temp = temp_path(&path);
+            let temp_name = temp.file_name().unwrap().to_str().unwrap();
+            assert!(temp_name.len() <= NAME_MAX, "{len}: {temp_name}");
+            assert!(temp_name.ends_with(PARTIAL_SUFFIX));
+            shard.commit(false).unwrap();
+            assert_eq!(fs::read(&path).unwrap(), b"abcd");
+        }
+        let a = temp_path(&dir.join("a".repeat(250)));
+        let b = temp_path(&dir.join("a".repeat(249) + "b"));
+        assert_ne!(a, b, "names that share their first bytes stay apart");
+        fs::remove_dir_all(dir).unwrap();
+    }
+
+    /// A link planted at the temporary name (an interrupted output someone
+    /// tampered with) is replaced, never written through.
+    #[cfg(unix)]
+    #[test]
+    fn a_link_at_the_temporary_name_is_not_followed() {
+        let dir = scratch("link");
+        let victim = dir.join("victim.txt");
+        fs::write(&victim, b"precious").unwrap();
+        let path = dir.join("model.safetensors");
+        std::os::unix::fs::symlink(&victim, temp_path(&path)).unwrap();
+        let shard = ShardFile::create(&path, 4).unwrap();
+        shard.write_at(b"abcd", 0).unwrap();
+        shard.commit(false).unwrap();
+        assert_eq!(fs::read(&victim).unwrap(), b"precious");
+        assert_eq!(fs::read(&path).unwrap(), b"abcd");
         fs::remove_dir_all(dir).unwrap();
     }
 }

@@ -137,7 +137,9 @@ impl From<CoreError> for PyErr {
         let message = err.to_string();
         match err {
             Error::Io { path, source } => os_error(&path, &source),
-            Error::SourceChanged { .. } => ModelFolderError::new_err(message),
+            Error::SourceChanged { .. } | Error::HeaderTooLarge { .. } => {
+                ModelFolderError::new_err(message)
+            }
             Error::Plan { .. } => FastcastError::new_err(message),
             Error::Cancelled => PyKeyboardInterrupt::new_err(message),
             Error::Header { .. } => InvalidSafetensorsError::new_err(message),

@@ -145,13 +145,28 @@ type QuantizeTarget = (
 
 /// The role of each tensor in its model's quantization ("plain", "quantized
 /// weight", "scale", "zero point", "group index", "quant state", "pinned
-/// fp32"), from every tensor name of the model.
+/// fp32", "unknown state"), from every tensor name of the model and, when
+/// given, their dtypes (which tell state of formats fastcast does not know).
 #[pyfunction]
-fn quant_roles(names: Vec<String>) -> Vec<&'static str> {
-    quant::roles(&names)
-        .into_iter()
-        .map(quant::Role::name)
-        .collect()
+#[pyo3(signature = (names, dtypes=None))]
+fn quant_roles(names: Vec<String>, dtypes: Option<Vec<String>>) -> PyResult<Vec<&'static str>> {
+    let roles = match dtypes {
+        None => quant::roles(&names),
+        Some(dtypes) => {
+            if dtypes.len() != names.len() {
+                return Err(pyo3::exceptions::PyValueError::new_err(
+                    "one dtype per name",
+                ));
+            }
+            let typed = names
+                .iter()
+                .zip(&dtypes)
+                .map(|(n, d)| Ok((n.as_str(), safetensors_dtype(d)?)))
+                .collect::<Result<Vec<_>, CoreError>>()?;
+            quant::typed_roles(&typed)
+        }
+    };
+    Ok(roles.into_iter().map(quant::Role::name).collect())
 }
 
 /// What casting `src` to `dst` can lose: the smallest finite magnitude that
@@ -466,6 +481,13 @@ fn shard_digest(
         .map_err(CoreError)?)
 }
 
+/// The length of each shard's header JSON as the executor will write it (no
+/// input is read): a shard past `MAX_HEADER_LEN` would be unreadable.
+#[pyfunction]
+fn header_lengths(plan: &Bound<'_, PyAny>) -> PyResult<Vec<u64>> {
+    plan::header_lengths(plan)
+}
+
 /// The records of a resume journal, in the order written; a torn last line
 /// is skipped and a missing journal has none.
 #[pyfunction]
@@ -558,6 +580,7 @@ fn _core(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add("__version__", env!("CARGO_PKG_VERSION"))?;
     m.add("PLAN_VERSION", exec::PLAN_VERSION)?;
     m.add("PARTIAL_SUFFIX", shard_file::PARTIAL_SUFFIX)?;
+    m.add("MAX_HEADER_LEN", fastcast_core::header::MAX_HEADER_LEN)?;
     m.add(
         "QUANTIZE_SCHEMES",
         PyTuple::new(py, Scheme::ALL.map(Scheme::name))?,
@@ -607,6 +630,7 @@ fn _core(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_function(wrap_pyfunction!(scan_plan, m)?)?;
     m.add_function(wrap_pyfunction!(shard_digest, m)?)?;
     m.add_function(wrap_pyfunction!(read_journal, m)?)?;
+    m.add_function(wrap_pyfunction!(header_lengths, m)?)?;
     m.add_function(wrap_pyfunction!(partial_path, m)?)?;
     Ok(())
 }

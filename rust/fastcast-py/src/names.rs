@@ -6,7 +6,7 @@
 use std::path::PathBuf;
 
 use fastcast_core::names::Mismatch;
-use fastcast_core::{index, names, quant, Error};
+use fastcast_core::{index, names, quant, DType, Error};
 use pyo3::exceptions::{PyKeyError, PyValueError};
 use pyo3::prelude::*;
 use pyo3::types::PySet;
@@ -134,16 +134,33 @@ pub fn first_repeat(files: Vec<Bound<'_, PyAny>>) -> PyResult<Option<(String, us
     Ok(names::first_repeat(&all_names(&files)).map(|(n, f, e)| (n.to_string(), f, e)))
 }
 
-/// The roles (`quant_roles`) the tensors of a weight set's `files` take,
-/// each once: a plain model is told without a list of its 100k names.
+/// The roles (`quant_roles`, with dtypes) the tensors of a weight set's
+/// `files` take, each once: a plain model is told without a list of its 100k
+/// names. A file is its `Entries`, or (a torch.save file) a list of
+/// `(name, dtype)` pairs.
 #[pyfunction]
 pub fn set_roles<'py>(
     py: Python<'py>,
     files: Vec<Bound<'py, PyAny>>,
 ) -> PyResult<Bound<'py, PySet>> {
-    let files = file_names(files)?;
-    let names: Vec<&str> = all_names(&files).into_iter().flatten().collect();
-    let mut roles = quant::roles(&names);
+    let mut listed: Vec<Vec<(String, String)>> = Vec::new();
+    let mut tables = Vec::new();
+    for file in files {
+        match file.cast_into::<Entries>() {
+            Ok(table) => tables.push(table),
+            Err(e) => listed.push(e.into_inner().extract()?),
+        }
+    }
+    let mut typed: Vec<(&str, DType)> = Vec::new();
+    for table in &tables {
+        typed.extend(table.get().tensor_dtypes());
+    }
+    for pairs in &listed {
+        for (name, dtype) in pairs {
+            typed.push((name, dtype.parse().map_err(CoreError)?));
+        }
+    }
+    let mut roles = quant::typed_roles(&typed);
     roles.sort_unstable_by_key(|r| r.name());
     roles.dedup();
     PySet::new(py, roles.iter().map(|r| r.name()))

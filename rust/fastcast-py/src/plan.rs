@@ -9,7 +9,10 @@
 //! A plain tensor may come as a row of its seven fields (`_PlainTensorPlan`),
 //! which is quicker to make in Python and to read here than a dict.
 
-use fastcast_core::exec::{Plan, ShardPlan, TensorPlan};
+use std::path::PathBuf;
+
+use fastcast_core::exec::{self, Plan, ShardPlan, SourceFile, TensorPlan};
+use fastcast_core::header::json_len;
 use fastcast_core::DType;
 use pyo3::intern;
 use pyo3::prelude::*;
@@ -44,11 +47,30 @@ fn read_plan(obj: &Bound<'_, PyAny>) -> Read<Plan> {
     for (i, shard) in iterate(&shards, "shards")?.enumerate() {
         read.push(read_shard(&item(shard, "shards")?, i)?);
     }
+    let sources = required(&plan, intern!(py, "sources"), "plan")?;
+    let mut files = Vec::new();
+    for (i, source) in iterate(&sources, "sources")?.enumerate() {
+        let at = format!("sources[{i}]");
+        let source = as_dict(&item(source, "sources")?, &at)?;
+        files.push(SourceFile {
+            path: path_field(&source, intern!(py, "path"), &at)?,
+            size: extract(&required(&source, intern!(py, "size"), &at)?, "size")?,
+        });
+    }
     Ok(Plan {
         version: serde_field(&plan, intern!(py, "version"), "plan")?,
-        sources: serde_field(&plan, intern!(py, "sources"), "plan")?,
+        sources: files,
         shards: read,
     })
+}
+
+/// A path field: a `str` or `os.PathLike`, converted as Python's `os.fsencode`
+/// does, so a folder whose name is not UTF-8 (undecodable bytes arrive as
+/// surrogate escapes) is the same folder here.
+fn path_field(d: &Bound<'_, PyDict>, key: &Bound<'_, PyString>, at: &str) -> Read<PathBuf> {
+    required(d, key, at)?
+        .extract::<PathBuf>()
+        .map_err(|e| Malformed(format!("{at}.{key}: {e}")))
 }
 
 fn read_shard(obj: &Bound<'_, PyAny>, i: usize) -> Read<ShardPlan> {
@@ -58,24 +80,56 @@ fn read_shard(obj: &Bound<'_, PyAny>, i: usize) -> Read<ShardPlan> {
     let tensors = required(&shard, intern!(py, "tensors"), &at)?;
     let read = match tensors.cast::<PlainRows>() {
         Ok(plain) => plain.get().tensor_plans(), // a plain shard: straight from the table
-        Err(_) => {
-            let mut dtypes = DTypes::default();
-            let mut read = Vec::new();
-            for (j, tensor) in iterate(&tensors, &format!("{at}.tensors"))?.enumerate() {
-                let tensor = item(tensor, &at)?;
-                let tensor = read_tensor(&tensor, &mut dtypes)
-                    .map_err(|e| Malformed(format!("{at}.tensors[{j}]{e}")))?;
-                read.push(tensor);
-            }
-            read
-        }
+        Err(_) => read_tensors(&tensors, &at)?,
     };
     Ok(ShardPlan {
         name: serde_field(&shard, intern!(py, "name"), &at)?,
-        path: serde_field(&shard, intern!(py, "path"), &at)?,
+        path: path_field(&shard, intern!(py, "path"), &at)?,
         metadata: optional(&shard, intern!(py, "metadata"), &at)?,
         tensors: read,
     })
+}
+
+/// A shard's `tensors`, dicts or rows, read one by one.
+fn read_tensors(tensors: &Bound<'_, PyAny>, at: &str) -> Read<Vec<TensorPlan>> {
+    let mut dtypes = DTypes::default();
+    let mut read = Vec::new();
+    for (j, tensor) in iterate(tensors, &format!("{at}.tensors"))?.enumerate() {
+        let tensor = item(tensor, at)?;
+        let tensor = read_tensor(&tensor, &mut dtypes)
+            .map_err(|e| Malformed(format!("{at}.tensors[{j}]{e}")))?;
+        read.push(tensor);
+    }
+    Ok(read)
+}
+
+/// The length of each shard's header JSON in `plan` (`_core.header_lengths`),
+/// read without building the executor's plan: a plain shard's straight from
+/// its table, with nothing copied (a model may have 100k tensors).
+pub fn header_lengths(plan: &Bound<'_, PyAny>) -> PyResult<Vec<u64>> {
+    read_header_lengths(plan).map_err(|e| FastcastError::new_err(format!("malformed plan: {e}")))
+}
+
+fn read_header_lengths(obj: &Bound<'_, PyAny>) -> Read<Vec<u64>> {
+    let py = obj.py();
+    let plan = as_dict(obj, "the plan")?;
+    let shards = required(&plan, intern!(py, "shards"), "plan")?;
+    let mut lengths = Vec::new();
+    for (i, shard) in iterate(&shards, "shards")?.enumerate() {
+        let at = format!("shards[{i}]");
+        let shard = as_dict(&item(shard, "shards")?, &at)?;
+        let metadata: Option<Vec<(String, String)>> =
+            optional(&shard, intern!(py, "metadata"), &at)?;
+        let tensors = required(&shard, intern!(py, "tensors"), &at)?;
+        lengths.push(match tensors.cast::<PlainRows>() {
+            Ok(plain) => plain.get().header_len(metadata.as_deref()),
+            Err(_) => {
+                let read = read_tensors(&tensors, &at)?;
+                json_len(metadata.as_deref(), read.iter().map(exec::entry))
+            }
+        });
+    }
+    Ok(lengths)
 }
 
 /// The dtype names met so far, parsed: a plan names a handful, 100k times.

@@ -9,6 +9,7 @@
 //! (names, dtypes) or, where it needs objects, for rows.
 
 use fastcast_core::exec::TensorPlan;
+use fastcast_core::header::{self, Entry};
 use fastcast_core::layout::{self, Placed};
 use fastcast_core::names;
 use fastcast_core::{DType, KeepRule, TensorInfo};
@@ -36,6 +37,11 @@ impl Entries {
     /// The tensors' names, borrowed.
     pub fn tensor_names(&self) -> Vec<&str> {
         self.tensors.iter().map(|t| t.name.as_str()).collect()
+    }
+
+    /// The tensors' names, borrowed, with their dtypes.
+    pub fn tensor_dtypes(&self) -> impl Iterator<Item = (&str, DType)> {
+        self.tensors.iter().map(|t| (t.name.as_str(), t.dtype))
     }
 }
 
@@ -188,6 +194,24 @@ pub struct PlainRows {
 }
 
 impl PlainRows {
+    /// The length of the shard's header JSON with `metadata` (see
+    /// `fastcast_core::header::json_len`), from the table: nothing copied.
+    pub fn header_len(&self, metadata: Option<&[(String, String)]>) -> u64 {
+        let shard = self.shard.get();
+        header::json_len(
+            metadata,
+            shard.placed.iter().map(|p| {
+                let t = shard.source(p);
+                Entry {
+                    name: &t.name,
+                    dtype: p.dtype,
+                    shape: &t.shape,
+                    data_offsets: (p.begin, p.end),
+                }
+            }),
+        )
+    }
+
     /// The tensors as the executor's plan has them.
     pub fn tensor_plans(&self) -> Vec<TensorPlan> {
         let shard = self.shard.get();

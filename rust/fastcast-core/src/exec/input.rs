@@ -13,14 +13,20 @@ use std::fs::File;
 use std::ops::Deref;
 
 use memmap2::Mmap;
+use std::path::PathBuf;
 
+use super::fault::Watch;
 use super::SourceFile;
 use crate::error::{Error, Result};
 
 /// An input file, mapped.
 pub(super) struct Input {
+    /// Unregistered before the map goes (fields drop in order).
+    watch: Watch,
     map: Mmap,
-    #[cfg_attr(not(target_os = "linux"), allow(dead_code))]
+    path: PathBuf,
+    /// Its size when the plan was made, and when it was mapped.
+    size: u64,
     file: File,
     /// One bit per [`BLOCK`] of the file: set where the page cache held any
     /// page of it when the file was opened. Those blocks are never dropped.
@@ -57,17 +63,42 @@ impl Input {
             });
         }
         // SAFETY: the map is read-only. If another process truncates the
-        // file while we read it, access faults (SIGBUS) as with any
-        // mmap-based reader; the size check above catches the common case of
-        // a file replaced between planning and running.
+        // file while we read it, reading past its new end faults (SIGBUS):
+        // `Watch` turns that into zeros read and a flag, which `shrunk`
+        // reports; the size check above catches a file replaced between
+        // planning and running.
         let map = unsafe { Mmap::map(&file) }.map_err(|e| Error::io(&source.path, e))?;
+        let watch = Watch::new(&map);
         // No MADV_SEQUENTIAL, though the reads are sequential: with it, a
         // cold 38.6 GB conversion was slower in each of 6 interleaved pairs
         // (median 31.6 s against 28.2 s without). The kernel's default
         // fault-around and readahead do better; dropping what was read is
         // done here, by `release`.
         let cached = cached_blocks(&map);
-        Ok(Input { map, file, cached })
+        Ok(Input {
+            watch,
+            map,
+            path: source.path.clone(),
+            size: len,
+            file,
+            cached,
+        })
+    }
+
+    /// Whether a read of the map faulted: the file shrank under it.
+    pub(super) fn faulted(&self) -> bool {
+        self.watch.faulted()
+    }
+
+    /// The error to report when the file shrank since it was mapped (a read
+    /// past its new end faulted, or its size says so); None while it is whole.
+    pub(super) fn shrunk(&self) -> Option<Error> {
+        let now = self.file.metadata().map(|m| m.len()).unwrap_or(self.size);
+        (self.watch.faulted() || now < self.size).then(|| Error::SourceChanged {
+            path: self.path.clone(),
+            expected: self.size,
+            actual: now,
+        })
     }
 
     /// Whether block `b` was (partly) in the page cache when we opened the file.
@@ -304,6 +335,41 @@ mod tests {
         for page in range.chunks(4096) {
             black_box(page[0]);
         }
+    }
+
+    /// Another program truncates an input while it is mapped: reading past
+    /// its new end faults (SIGBUS), which killed the process with no message.
+    /// Now the read sees zeros, and the input says it shrank, naming itself.
+    #[test]
+    fn a_file_truncated_under_its_map_is_an_error_not_a_crash() {
+        let dir = Scratch::new("truncated");
+        let path = dir.0.join("in.bin");
+        let size = 64 << 10;
+        std::fs::write(&path, vec![7u8; size]).unwrap();
+        let source = SourceFile {
+            path: path.clone(),
+            size: size as u64,
+        };
+        let input = Input::open(&source).unwrap();
+        assert!(input.shrunk().is_none());
+        File::options()
+            .write(true)
+            .open(&path)
+            .unwrap()
+            .set_len(4096)
+            .unwrap();
+        let tail: u64 = input[8192..].iter().map(|&b| u64::from(b)).sum();
+        assert_eq!(tail, 0, "the missing pages read as zeros");
+        assert_eq!(input[0], 7, "the pages still there are the file's");
+        assert!(input.faulted());
+        let err = input.shrunk().expect("the input shrank").to_string();
+        assert!(
+            err.contains("in.bin") && err.contains("65536") && err.contains("4096"),
+            "{err}"
+        );
+        // A fault outside any watched map is not ours to hide: that the
+        // handler passes it on is what keeps this process's other faults
+        // fatal (not run here: it would end the test process).
     }
 
     /// Two chunks of one shard read by two threads, the later one finishing

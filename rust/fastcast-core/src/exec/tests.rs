@@ -1006,3 +1006,25 @@ fn a_chunk_cast_in_cache_blocks_counts_and_casts_every_block() {
     let start = Header::read(&out).unwrap().data_start() as usize + 8; // after `step`
     assert_eq!(&written[start..start + n], &cast_whole[..]);
 }
+
+/// A shard whose header would pass what safetensors readers accept is refused
+/// before anything is written, even when its tensor data is tiny; the length
+/// the planner measures is the length the executor would have written.
+#[test]
+fn a_header_past_the_limit_is_refused_and_measured_exactly() {
+    let dir = Scratch::new("huge-header");
+    let (src, _) = source(&dir.0, 4);
+    let out = dir.0.join("out.safetensors");
+    let mut plan = plan_for(&src, &out, 4, "BF16");
+    let small = header_lens(&plan)[0];
+    let maps = map_sources(&plan.sources).unwrap();
+    let checked = check_shard(&plan.shards[0], &plan, &maps).unwrap();
+    assert_eq!(small, checked.header_len_written());
+    drop(checked);
+    plan.shards[0].tensors[1].name = "a".repeat(MAX_HEADER_LEN as usize);
+    assert!(header_lens(&plan)[0] > MAX_HEADER_LEN);
+    let err = execute(&plan, &ExecOptions::default(), &Progress::default()).unwrap_err();
+    assert!(matches!(err, Error::HeaderTooLarge { .. }), "{err}");
+    assert!(err.to_string().contains("out.safetensors"), "{err}");
+    assert!(!out.exists() && fs::read_dir(&dir.0).unwrap().count() == 1);
+}
