@@ -10,6 +10,18 @@ help:  ## list the targets
 dev:  ## build the extension in release mode and install fastcast editable, with test deps
 	$(PYTHON) -m pip install -e '.[test,dev]'
 
+.PHONY: wheel
+wheel:  ## an abi3 manylinux2014 x86-64 wheel in dist/ (zig links it, auditwheel checks it)
+	$(PYTHON) -m pip install --quiet 'maturin>=1.9.4,<2' 'ziglang>=0.13' 'auditwheel>=6'
+	rm -rf dist
+	$(PYTHON) -m maturin build --release --zig --compatibility manylinux2014 -o dist
+	$(PYTHON) -m auditwheel show dist/fastcast-*.whl | grep -q 'consistent with the following platform tag' \
+	  && $(PYTHON) -m auditwheel show dist/fastcast-*.whl | grep -A1 'consistent with' | grep -q manylinux_2_17_x86_64
+
+.PHONY: wheel-check
+wheel-check: wheel  ## install the wheel into a fresh venv with no Rust on PATH and convert with it
+	bash .ci/wheel-check
+
 .PHONY: test
 test:  ## the test command README.md gives: core tests, then pytest
 	cargo test --release -p fastcast-core

@@ -56,24 +56,30 @@ def test_convert_casts_floats_copies_the_rest_and_fixes_config(tmp_path, torch, 
         else:
             assert got.dtype == t.dtype and torch.equal(got, t), name
     config = json.loads((out / "config.json").read_text())
+    # Both dtype keys wherever a config names its dtype, each beside its twin: newer
+    # transformers read ``dtype``, older readers (vLLM, sglang...) ``torch_dtype``.
     assert list(config) == [
         "architectures",
         "hidden_size",
         "torch_dtype",
+        "dtype",
         "text_config",
         "rope_scaling",
         "z_last",
     ]
-    assert config["torch_dtype"] == "bfloat16"
+    assert config["torch_dtype"] == config["dtype"] == "bfloat16"
     assert config["text_config"] == {
         "model_type": "tiny_text",
         "dtype": "bfloat16",
+        "torch_dtype": "bfloat16",
         "vocab_size": 32,
     }
     assert config["rope_scaling"] == {"type": "linear", "factor": 2.0, "dtype": "int4"}
     assert (out / "tokenizer.json").read_bytes() == (src / "tokenizer.json").read_bytes()
     assert (out / "1_Pooling" / "config.json").exists()
     assert report.config["config.json"]["torch_dtype"] == ("float32", "bfloat16")
+    assert report.config["config.json"]["dtype"] == ("(none)", "bfloat16")
+    assert report.config["config.json"]["text_config.torch_dtype"] == ("(none)", "bfloat16")
 
 
 def test_default_shard_size_gives_one_file_and_no_index(tmp_path, model):

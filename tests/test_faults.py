@@ -145,7 +145,8 @@ def test_resume_redoes_a_shard_that_changed(tmp_path, big_model):
 def test_resume_refuses_other_settings(tmp_path, big_model):
     out = tmp_path / "out"
     interrupted_run(big_model, out, signal.SIGKILL)
-    with pytest.raises(fastcast.OutputExistsError, match="used other inputs or settings"):
+    # It says what differs (it said "other inputs or settings" before issue 26).
+    with pytest.raises(fastcast.OutputExistsError, match=r"used dtype BF16 \(now F16\)"):
         fastcast.convert(
             big_model, "fp16", output=out, shard_size="15MB", resume=True, progress=False
         )
@@ -167,7 +168,9 @@ def test_resume_of_a_fresh_or_finished_output(tmp_path, big_model):
     assert "already converted" in r.stdout and "nothing to do" in r.stdout
     after = {p: (p.stat().st_mtime_ns, p.read_bytes()) for p in new.rglob("*") if p.is_file()}
     assert after == before, "a finished output is left exactly as it was"
-    with pytest.raises(fastcast.OutputExistsError, match=r"finished conversion .other inputs"):
+    with pytest.raises(
+        fastcast.OutputExistsError, match=r"finished conversion .made with dtype BF16 .now F16"
+    ):
         fastcast.convert(big_model, "fp16", output=new, shard_size="15MB", resume=True,
                          progress=False)  # fmt: skip
 

@@ -22,10 +22,13 @@ pytestmark = pytest.mark.ray
 
 @pytest.fixture(scope="module")
 def ray_cluster():
-    """A local cluster of 2 CPUs for the module (start-up costs seconds)."""
+    """A local cluster of 2 CPUs for the module (start-up costs seconds), of its own:
+    ``address="local"`` never joins a cluster already running on the machine (after
+    following README's recipe, say), which would refuse ``num_cpus``."""
     ray = require("ray")
-    ray.init(num_cpus=2, include_dashboard=False, object_store_memory=100 << 20,
-             _node_ip_address="127.0.0.1", logging_level="ERROR")  # fmt: skip
+    ray.init(address="local", num_cpus=2, include_dashboard=False,
+             object_store_memory=100 << 20, _node_ip_address="127.0.0.1",
+             logging_level="ERROR")  # fmt: skip
     yield ray
     ray.shutdown()
 
@@ -132,3 +135,18 @@ def test_without_ray_one_line_says_how_to_install(tmp_path, monkeypatch):
         r.stderr.strip()
         == "fastcast: error: the ray executor needs Ray: pip install 'fastcast[ray]'"
     )
+
+
+def test_tasks_no_node_can_run_fail_in_one_line(ray_cluster, tmp_path):
+    """Was: --threads 4 on 2-CPU nodes asked every task for 4 CPUs and Ray waited
+    forever, with no fastcast output. Now refused before anything is written."""
+    model = llama(tmp_path).model
+    began = time.monotonic()
+    with pytest.raises(ValueError, match=r"--threads 4: .* the largest node of the cluster has 2"):
+        fastcast.convert_batch([model], "bf16", output_dir=tmp_path / "o", executor="ray",
+                               threads=4)  # fmt: skip
+    with pytest.raises(ValueError, match=r"--max-memory .* largest node"):
+        fastcast.convert_batch([model], "bf16", output_dir=tmp_path / "o", executor="ray",
+                               max_memory="100TB")  # fmt: skip
+    assert time.monotonic() - began < 60
+    assert not (tmp_path / "o").exists() or not any((tmp_path / "o").iterdir())

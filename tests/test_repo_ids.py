@@ -38,7 +38,15 @@ def test_a_repo_id_converts_the_cached_snapshot_into_the_working_directory(tmp_p
             work, {}, "convert", snapshot_dir, "-o", tmp_path / "direct", "-d", "bf16", "-q"
         )
     )
-    assert got == snapshot(tmp_path / "direct")
+    direct = snapshot(tmp_path / "direct")
+    # The same bytes, but the record of a repo id's conversion names the repo and the
+    # commit converted (the snapshot path alone does not say which repo it was).
+    record = json.loads(got.pop("fastcast.json"))
+    direct_record = json.loads(direct.pop("fastcast.json"))
+    assert got == direct
+    assert (record["repo_id"], record["revision"]) == ("acme/tiny-llama", snapshot_dir.name)
+    assert (direct_record["repo_id"], direct_record["revision"]) == (None, None)
+    assert record["source"] == direct_record["source"] == str(snapshot_dir)
     assert not list(cache.rglob("*-bf16")), "nothing is written inside the cache"
 
 

@@ -12,6 +12,7 @@ from __future__ import annotations
 import os
 import sys
 import time
+import tomllib
 from collections.abc import Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -26,11 +27,6 @@ from fastcast._loss import loss_sum
 from fastcast._model_dir import TorchOptions, open_model
 from fastcast._report_file import check_report_path, write_report
 from fastcast._units import format_bytes
-
-if sys.version_info >= (3, 11):
-    import tomllib
-else:  # pragma: no cover
-    import tomli as tomllib
 
 Executor = Literal["local", "ray"]
 
@@ -156,7 +152,7 @@ class BatchReport:
         for r in self.results:
             if r.error and errors:
                 lines.append(f"failed: {r.model}: {r.error}")
-            for w in r.report.warnings if r.report else []:
+            for w in [*r.report.range_risks, *r.report.warnings] if r.report else []:
                 lines.append(f"warning: {r.model}: {w}")
         return "\n".join(lines)
 
@@ -331,7 +327,6 @@ def convert_batch(
     report_path = None
     if report is not None:
         report_path = check_report_path(report, *batch_places(planned, output_dir))
-    make_parents(planned)
     show = sys.stderr.isatty() if progress is None else progress
     board = ShardBoard(0, show)
     try:
@@ -376,6 +371,7 @@ def run_models(
     """Prepare, stage and commit up to ``MODELS_AT_ONCE`` models at a time, their shards
     all going to ``pool``; a failure is the model's result, not the batch's. ``threads``
     sizes each model's buffers (``max_memory`` is shared by that many)."""
+    make_parents(planned)  # once the executor is ready: a cluster not joined writes nothing
     jobs = [p for p in planned if isinstance(p, ModelJob)]
     models = ThreadPoolExecutor(max(1, min(MODELS_AT_ONCE, len(jobs))), "fastcast-model")
     try:

@@ -86,21 +86,28 @@ def config_dtypes(config: dict[str, Any], prefix: str = "") -> dict[str, str]:
 
 
 def retype_config(config: dict[str, Any], torch_name: str, top: bool = True) -> dict[str, Any]:
-    """``config`` with every dtype key set to ``torch_name``; key order kept.
+    """``config`` with its dtype claims set to ``torch_name``; key order kept.
 
-    A transformers config always gets a top-level ``torch_dtype`` (read by every
-    transformers version); ``dtype`` (the newer key) is set wherever it already exists.
+    Both keys, wherever a config names its dtype: transformers >= 4.56 writes and
+    prefers ``dtype``, while older readers (vLLM releases, sglang, unsloth) read only
+    ``torch_dtype``, and a config with one of them right and the other stale (or
+    missing) is read differently by each. So a transformers config gets both at its
+    top, and every sub-config (``text_config``...) that names either gets both.
     """
     out: dict[str, Any] = {}
     for key, value in config.items():
         if key in DTYPE_KEYS and (value is None or isinstance(value, str)):
             out[key] = torch_name
+            for other in DTYPE_KEYS:  # its twin right beside it
+                if other not in config:
+                    out[other] = torch_name
         elif isinstance(value, dict) and is_sub_config(key, value):
             out[key] = retype_config(value, torch_name, top=False)
         else:
             out[key] = value
-    if top and "torch_dtype" not in out and is_transformers_config(config):
-        out["torch_dtype"] = torch_name
+    if top and is_transformers_config(config):
+        for key in DTYPE_KEYS:
+            out.setdefault(key, torch_name)
     return out
 
 

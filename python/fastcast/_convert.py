@@ -54,7 +54,7 @@ from fastcast._core import (
     QuantizedModelError,
 )
 from fastcast._dtypes import SHORT_NAMES, short_name, torch_name, uncastable_notes
-from fastcast._hf_cache import cache_snapshot, model_path
+from fastcast._hf_cache import cache_snapshot, model_path, repo_of
 from fastcast._loss import (
     LossTable,
     OverflowWarning,
@@ -126,6 +126,9 @@ class ConversionReport:
     skipped_why: list[str] = field(default_factory=list)
     tensors_quantized: int = 0
     """Weights ``--quantize`` wrote in fp8 (each with a scale tensor beside it)."""
+    range_risks: list[str] = field(default_factory=list)
+    """The casts that can overflow, announced before the run (``RangeRiskWarning``;
+    the summary does not repeat them)."""
 
     @property
     def throughput(self) -> float:
@@ -205,6 +208,7 @@ class ConversionReport:
             },
             "loss": [t.to_dict() for t in self.loss],
             "warnings": self.warnings,
+            "range_risks": self.range_risks,
         }
 
 
@@ -288,23 +292,24 @@ def chunk_bytes_for(max_memory: int | str | None, threads: int) -> int:
 
 def fingerprint(
     folder: ModelFolder, plan: ConversionPlan, fp8_overflow: str, torch: TorchOptions
-) -> str:
-    """What a resumed run must share with the run it finishes: the same inputs
-    (by path, size and mtime), the same plan, the same fastcast."""
-    doc = {
+) -> tuple[str, dict[str, Any]]:
+    """What a resumed run must share with the run it finishes: the same inputs (by
+    resolved path, size and mtime), the same plan, the same fastcast. Returns its digest
+    and its parts (recorded, so that a refusal can say which part differs)."""
+    # resolved: the same model typed another way (../base, a link) is the same run
+    inputs = [[str(p.resolve()), p.stat().st_size, p.stat().st_mtime_ns] for p in plan.sources]
+    shards = [shard_fingerprint(s) for s in plan.shards]
+    parts: dict[str, Any] = {
         "fastcast": _core.__version__,
-        # resolved: the same model typed another way (../base, a link) is the same run
-        "inputs": [
-            [str(p.resolve()), p.stat().st_size, p.stat().st_mtime_ns] for p in plan.sources
-        ],
+        "model": str(folder.root.resolve()),
         "dtype": plan.dtype,
         "shard_size": plan.shard_size,
         "fp8_overflow": fp8_overflow,
         "torch": [torch.state_dict_key, torch.strip_prefix],
-        "shards": [shard_fingerprint(s) for s in plan.shards],
-        "root": str(folder.root.resolve()),
+        "inputs": inputs,
+        "plan": hashlib.sha256(json.dumps(shards, sort_keys=True).encode()).hexdigest()[:16],
     }
-    return hashlib.sha256(json.dumps(doc, sort_keys=True).encode()).hexdigest()
+    return hashlib.sha256(json.dumps(parts, sort_keys=True).encode()).hexdigest(), parts
 
 
 def shard_fingerprint(s: PlannedShard) -> list[Any]:
@@ -344,16 +349,17 @@ def fix_configs(
     with the ``quantization_config`` that ``add_quantization`` gives for its path).
     ``claims``: the dtypes written in each folder; a config beside none written in the
     target keeps its claims (it would name a dtype no weight of it has)."""
-    if target is None:  # every tensor keeps its dtype: so do the configs
-        return [ConfigFix(rel, None, {}) for rel in folder.configs]
+    if target is None and not add_quantization:  # every tensor keeps its dtype: so do
+        return [ConfigFix(rel, None, {}) for rel in folder.configs]  # the configs
     fixes = []
     for rel in folder.configs:
         config = read_config(folder.root / rel)
         where = rel.rpartition("/")[0]
-        if claims is not None and not claims.get(where, {target: 1})[target]:
-            fixes.append(ConfigFix(rel, None, {}))
+        held = claims.get(where) if claims is not None else None
+        if target is not None and held is not None and not held[target]:
+            fixes.append(ConfigFix(rel, None, {}))  # no weight beside it is in the target
             continue
-        retyped = retype_config(config, torch_name(target))
+        retyped = retype_config(config, torch_name(target)) if target else dict(config)
         if drop_quantization:
             retyped = without_quantization(retyped)
         added = (add_quantization or {}).get(rel)
@@ -435,7 +441,7 @@ class Quantizing:
 
 
 def plan_quantization(
-    folder: ModelFolder, target: str, keep: Sequence[str], scheme: str
+    folder: ModelFolder, target: str | None, keep: Sequence[str], scheme: str
 ) -> Quantizing:
     """What ``--quantize scheme`` makes of every tensor, and the quantization_config of
     each transformers config.json beside quantized weights (listing the Linear modules
@@ -458,7 +464,7 @@ def plan_quantization(
     return Quantizing(scheme, targets, configs)
 
 
-def quantize_notes(folder: ModelFolder, quantizing: Quantizing, target: str) -> list[str]:
+def quantize_notes(folder: ModelFolder, quantizing: Quantizing, target: str | None) -> list[str]:
     """What a ``--quantize`` run leaves unquantized that a user would want to know: the
     decoder Linears that misfit the blocks (and their fused siblings)."""
     notes = []
@@ -469,7 +475,8 @@ def quantize_notes(folder: ModelFolder, quantizing: Quantizing, target: str) -> 
         if misfits:
             notes.append(
                 f"{len(misfits)} decoder Linear weight(s) left unquantized in "
-                f"{short_name(target)}, their shape not fitting {quantizing.scheme}'s "
+                f"{short_name(target) if target else 'their own dtype'}, their shape not "
+                f"fitting {quantizing.scheme}'s "
                 f"{_core.FP8_BLOCK}x{_core.FP8_BLOCK} blocks (both sides must be multiples "
                 f"of {_core.FP8_BLOCK}), and listed as not to convert: {listing(misfits)}"
             )
@@ -639,6 +646,9 @@ def run_executor(
 
 P = ParamSpec("P")
 R = TypeVar("R")
+#: ``stacklevel`` of a warning raised in ``convert``'s body that names the line that
+#: called it (``convert`` runs inside the ``gc_paused`` wrapper: one frame more).
+CALLER = 3
 
 
 def gc_paused(fn: Callable[P, R]) -> Callable[P, R]:
@@ -732,11 +742,19 @@ def convert(
     target = parse_target(dtype) if dtype is not None else None
     limit = parse_size(shard_size, "shard size")
     keep = as_patterns(keep, "keep")
-    n_threads = thread_count(threads)
+    n_threads = thread_count(threads, stacklevel=CALLER + 1)
     chunk = chunk_bytes_for(max_memory, n_threads)
-    if target is None and (keep or dequantize or quantize is not None):
-        flag = "keep" if keep else "dequantize" if dequantize else "quantize"
-        raise ValueError(f"{flag} needs a dtype: without one every tensor keeps its own")
+    if target is None and keep:
+        raise ValueError(
+            "--keep needs --dtype: it names the tensors left in their dtype while the others "
+            "go to DTYPE (e.g. --dtype bf16 --keep '*norm*'); without --dtype every tensor "
+            "keeps its own"
+        )
+    if target is None and dequantize:
+        raise ValueError(
+            "--dequantize needs --dtype bf16, fp16 or fp32: the dtype its weights are "
+            "computed into (e.g. --dequantize --dtype bf16)"
+        )
     if keep_quantized and dequantize:
         raise ValueError("keep_quantized and dequantize exclude each other: keep or dequantize")
     if quantize is not None:
@@ -756,11 +774,11 @@ def convert(
     quant = detect(folder)
     dequantized = None
     quantizing = None
-    if target is None:
-        pass  # nothing is cast: a quantized model's state is copied as it is
-    elif quantize is not None:
+    if quantize is not None:  # without a target, what is not quantized keeps its dtype
         check_quantize(folder, quant, target)
         quantizing = plan_quantization(folder, target, keep, quantize)
+    elif target is None:
+        pass  # nothing is cast: a quantized model's state is copied as it is
     elif quant is not None and dequantize:
         check_dequantize(folder, quant, target)
         dequantized = quantized_weights(folder, quant, roles(folder))
@@ -787,10 +805,13 @@ def convert(
         add_quantization=quantizing.configs if quantizing else None,
         claims=claims,
     )
-    stamp = fingerprint(folder, plan, fp8_overflow, TorchOptions(state_dict_key, strip_prefix))
+    stamp, settings = fingerprint(
+        folder, plan, fp8_overflow, TorchOptions(state_dict_key, strip_prefix)
+    )
     run = prepare(
         out,
         fingerprint=stamp,
+        settings=settings,
         files=commit_order(plan, folder, configs),
         overwrite=overwrite,
         resume=resume,
@@ -809,7 +830,7 @@ def convert(
         return already_done(run, folder, source, target, strict, notes)
     notes += folder.warnings
     notes += uncastable(claims, target)
-    if quantizing is not None and target is not None:
+    if quantizing is not None:
         notes += quantize_notes(folder, quantizing, target)
     reused: dict[str, _core.ShardRecord] = {}
     if run.mode == "resume":
@@ -836,7 +857,7 @@ def convert(
         dequantized=True,
     )
     for risk in risks:
-        warnings.warn(risk, RangeRiskWarning, stacklevel=2)
+        warnings.warn(risk, RangeRiskWarning, stacklevel=CALLER)
 
     with run:
         stats = None
@@ -861,18 +882,22 @@ def convert(
             record = make_record(
                 run, source, plan, keep, variant, fp8_overflow, stamp, losses, quant, mode
             )
+            repo = repo_of(model, source)
             record = replace(
                 record,
                 state_dict_key=state_dict_key,
                 strip_prefix=strip_prefix,
                 from_torch=any(f.torch for ws in folder.weight_sets for f in ws.files),
+                repo_id=repo[0] if repo else None,
+                revision=repo[1] if repo else None,
             )
             stage_metadata(run, folder, plan, configs, record)
         run.commit()
-    return finish_report(
-        source, out, plan, folder, configs, stats, reused, losses, notes + risks, started,
-        report_path, fsync,
+    result = finish_report(
+        source, out, plan, folder, configs, stats, reused, losses, notes, started,
+        report_path, fsync, risks,
     )  # fmt: skip
+    return result
 
 
 def stage_metadata(
@@ -907,6 +932,7 @@ def finish_report(
     started: float,
     report: str | os.PathLike[str] | None,
     fsync: bool,
+    risks: list[str],
 ) -> ConversionReport:
     """The report of a committed conversion; warns if values overflowed; writes
     ``--report``."""
@@ -954,13 +980,14 @@ def finish_report(
         reused=sorted(reused),
         loss=losses,
         warnings=notes,
+        range_risks=risks,
     )
     if result.overflowed:
         warnings.warn(
             f"{result.overflowed} value(s) overflowed converting to {target}; see the loss "
             "report (--strict refuses instead)",
             OverflowWarning,
-            stacklevel=3,  # the caller of convert()
+            stacklevel=CALLER + 1,  # from finish_report: the caller of convert()
         )
     if report is not None:
         write_report(Path(report), result.to_dict(), fsync)
@@ -970,13 +997,12 @@ def finish_report(
 def tensor_kind(t: PlannedTensor) -> str | None:
     """How the report counts a dequantized or quantized tensor (a plain one is cast or
     copied: ``finish_report`` counts those as columns): dequantized, quantized (the e4m3
-    values), copied (the scales of a float weight already in F32), else None (scales)."""
+    values), else None: a quantized weight's scales are counted with it ("+ as many
+    scales"), whatever the dtype of the weight they were computed from."""
     if t.dequant is not None:
         return "dequantized"
     assert t.quantized is not None
-    if t.quantized.kind == "fp8_weight":
-        return "quantized"
-    return None if t.is_cast else "copied"
+    return "quantized" if t.quantized.kind == "fp8_weight" else None
 
 
 def make_record(
@@ -1001,6 +1027,7 @@ def make_record(
         fp8_overflow=fp8_overflow,
         shard_size=plan.shard_size,
         fingerprint=stamp,
+        settings=run.manifest.settings,
         files=files,
         folders=sorted({p.as_posix() for f in files for p in Path(f).parents[:-1]}),
         overflowed=overflowed(losses),

@@ -416,13 +416,14 @@ def quant_roles(names: Sequence[str], dtypes: Sequence[str] | None = None) -> li
 
 def quantize_targets(
     tensors: Sequence[tuple[str, str, Sequence[int]]],
-    target: str,
+    target: str | None,
     keep: Sequence[str],
     scheme: str,
 ) -> list[tuple[str, str, tuple[int, int] | None, tuple[str, list[int]] | None]]:
     """What ``--quantize`` in ``scheme`` (one of ``QUANTIZE_SCHEMES``) makes of each
-    (tensor name, safetensors dtype, shape) of a plain model converted to ``target``:
-    (dtype, fate, block, scale). The fate is "quantize" (a decoder Linear weight, now
+    (tensor name, safetensors dtype, shape) of a plain model converted to ``target``
+    (None: every tensor not quantized keeps its own dtype): (dtype, fate, block,
+    scale). The fate is "quantize" (a decoder Linear weight, now
     F8_E4M3, with ``block`` and its F32 scale's (name, shape)), "misfit" (its shape does
     not fit the blocks: cast to ``target``), "fused misfit" (fits, but a weight fused
     with it does not), "kept" (matched by ``keep``: its own dtype), "router" (a router

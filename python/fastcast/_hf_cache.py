@@ -106,3 +106,12 @@ def model_path(typed: str | os.PathLike[str]) -> Path:
             f"hf download {repo}{f' --revision {revision}' if revision else ''} first"
         ) from None
     return Path(str(found))
+
+
+def repo_of(typed: str | os.PathLike[str], resolved: Path) -> tuple[str, str] | None:
+    """(repo id, commit) when ``typed`` named a repo of the local cache that
+    ``model_path`` resolved to the snapshot ``resolved``; None for a path."""
+    text = os.fspath(typed)
+    if Path(typed).exists() or not REPO_ID.fullmatch(text):
+        return None
+    return text.partition("@")[0], resolved.name

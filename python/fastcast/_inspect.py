@@ -17,7 +17,7 @@ from fastcast._dtypes import (
     torch_name,
     uncastable_notes,
 )
-from fastcast._loss import TensorLoss, describe
+from fastcast._loss import Losses, TensorLoss, describe
 from fastcast._model_dir import ModelFolder, TorchOptions, describe_skipped, open_model
 from fastcast._plan import plan_conversion
 from fastcast._progress import ByteProgress
@@ -74,8 +74,9 @@ class ModelInspection:
     """For a quantized model: its method, scheme and where that was found."""
     roles: list[RoleCount] = field(default_factory=list)
     """For a quantized model: tensors by role in the quantization, and dtype."""
-    #: With ``dtype=``: what converting to it would lose, per cast tensor.
-    predicted: list[TensorLoss] | None = None
+    #: With ``dtype=``: what converting to it would lose, per cast tensor (it prints as
+    #: its summary).
+    predicted: Losses | None = None
     predicted_dtype: str | None = None
 
     @property
@@ -295,14 +296,14 @@ def predict_loss(
     keep: Sequence[str],
     quantized: bool,
     progress: bool | None,
-) -> list[TensorLoss]:
+) -> Losses:
     """Scan the inputs as a conversion to ``dtype`` would, writing nothing."""
     plan = plan_conversion(folder, dtype, 2**62, keep, quantized)
     sizes = {p: p.stat().st_size for p in plan.sources}
     cast = [t for t in plan.tensors if t.is_cast]  # scan_plan reports them in plan order
     with ByteProgress(sum(t.entry.nbytes for t in cast), "scanning", progress) as update:
         found = _core.scan_plan(plan.to_dict(folder.root, sizes), progress=update)
-    return [
+    return Losses(
         TensorLoss(t.label, t.entry.dtype, t.dtype, **counts)
         for t, (_, counts) in zip(cast, found, strict=True)
-    ]
+    )

@@ -196,6 +196,18 @@ def worst(losses: Sequence[TensorLoss], n: int = 5) -> list[TensorLoss]:
     return sorted(lossy, key=lambda t: (-t.overflow, -t.underflow, t.name))[:n]
 
 
+class Losses(list[TensorLoss]):
+    """A list of ``TensorLoss`` that prints as its summary (the worst tensors and the
+    totals), not as every tensor's record: a model has hundreds of cast tensors."""
+
+    def __repr__(self) -> str:
+        lines = describe(self)
+        return f"<{len(self)} cast tensor(s): " + "; ".join(ln.strip() for ln in lines) + ">"
+
+    def __str__(self) -> str:
+        return "\n".join(describe(self))
+
+
 def describe(losses: Sequence[TensorLoss]) -> list[str]:
     """Summary lines for people: totals, then the worst tensors."""
     if not losses:

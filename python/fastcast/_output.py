@@ -36,7 +36,7 @@ from collections.abc import Iterable, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from types import TracebackType
-from typing import Literal, NamedTuple
+from typing import Any, Literal, NamedTuple
 
 from fastcast import _core
 from fastcast._core import InsufficientSpaceError, LossError, OutputExistsError
@@ -70,6 +70,8 @@ class Manifest:
     fingerprint: str
     files: list[str]
     """Every file to put in place, relative to the output, in commit order."""
+    settings: dict[str, Any] = field(default_factory=dict)
+    """What the fingerprint is made of (see ``OutputRecord.settings``)."""
     retire: list[str] = field(default_factory=list)
     """Files of a previous fastcast output that this run removes at commit."""
     retire_folders: list[str] = field(default_factory=list)
@@ -464,22 +466,33 @@ class Request(NamedTuple):
     """What a run asks of its output folder (``prepare``'s arguments)."""
 
     fingerprint: str
+    settings: dict[str, Any]
     files: list[str]
     overwrite: bool
     resume: bool
 
 
-def prepare(out: Path, *, fingerprint: str, files: list[str], overwrite: bool, resume: bool) -> Run:
+def prepare(
+    out: Path,
+    *,
+    fingerprint: str,
+    files: list[str],
+    overwrite: bool,
+    resume: bool,
+    settings: dict[str, Any] | None = None,
+) -> Run:
     """Decide what this run does with ``out``, writing nothing; OutputExistsError when
-    the answer is no. ``files`` is every file the run will write, in commit order."""
-    return decide(out, Request(fingerprint, list(files), overwrite, resume), locked=False)
+    the answer is no. ``files`` is every file the run will write, in commit order;
+    ``settings`` what ``fingerprint`` is made of (to say what differs when it does)."""
+    request = Request(fingerprint, settings or {}, list(files), overwrite, resume)
+    return decide(out, request, locked=False)
 
 
 def decide(out: Path, request: Request, locked: bool) -> Run:
     """``prepare``'s decision; ``locked``: this run holds the output's lock already
     (it decides again under it), else a run holding it is named as such."""
-    fingerprint, files, overwrite, resume = request
-    fresh = Manifest(fingerprint, list(files))
+    fingerprint, settings, files, overwrite, resume = request
+    fresh = Manifest(fingerprint, list(files), settings=dict(settings))
     if not out.exists():
         return Run(out, "fresh", fresh, request=request)
     if not out.is_dir():
@@ -508,8 +521,8 @@ def decide(out: Path, request: Request, locked: bool) -> Run:
     if resume and interrupted is not None:
         if interrupted.fingerprint != fingerprint:
             raise OutputExistsError(
-                f"{out}: the interrupted run there used other inputs or settings; "
-                "pass --overwrite to start over"
+                f"{out}: the interrupted run there used "
+                f"{differences(interrupted.settings, settings)}; pass --overwrite to start over"
             )
         if interrupted.phase == "staging":
             interrupted.files = list(files)  # copies are redone, so the current list holds
@@ -521,7 +534,7 @@ def decide(out: Path, request: Request, locked: bool) -> Run:
         why = (
             f"{', '.join(missing[:3])} missing"
             if record.fingerprint == fingerprint
-            else "other inputs or settings"
+            else f"made with {differences(record.settings, settings)}"
         )
         raise OutputExistsError(
             f"{out}: holds a finished conversion ({why}); pass --overwrite to redo it"
@@ -539,6 +552,42 @@ def decide(out: Path, request: Request, locked: bool) -> Run:
     fresh.retire = sorted(p for p in owned - writes if p in present)
     fresh.retire_folders = sorted(record.folders) if record else []
     return Run(out, "overwrite", fresh, record, request)
+
+
+#: The parts of a run's settings, in words, in the order a refusal names them.
+SETTING_WORDS = {
+    "dtype": "dtype",
+    "shard_size": "shard size",
+    "fp8_overflow": "fp8 overflow policy",
+    "torch": "state dict key and prefix",
+    "model": "model folder",
+    "fastcast": "fastcast version",
+}
+
+
+def differences(then: dict[str, Any], now: dict[str, Any]) -> str:
+    """What differs between a recorded run's settings and this run's, in words:
+    ``dtype BF16 (now F16), other inputs (model-00002-of-00004.safetensors changed)``;
+    "other inputs or settings" when the record does not say (an older fastcast)."""
+    if not then:
+        return "other inputs or settings"
+    told = [
+        f"{words} {then.get(key)} (now {now.get(key)})"
+        for key, words in SETTING_WORDS.items()
+        if then.get(key) != now.get(key)
+    ]
+    old_inputs = {p: (size, mtime) for p, size, mtime in then.get("inputs", [])}
+    new_inputs = {p: (size, mtime) for p, size, mtime in now.get("inputs", [])}
+    if old_inputs != new_inputs:
+        changed = sorted(p for p in old_inputs.keys() | new_inputs.keys()
+                         if old_inputs.get(p) != new_inputs.get(p))  # fmt: skip
+        more = f" and {len(changed) - 1} more" if len(changed) > 1 else ""
+        told.append(
+            f"other inputs ({Path(changed[0]).name} is new, gone, or changed size or time{more})"
+        )
+    if then.get("plan") != now.get("plan") and not told:
+        told.append("another plan of the same inputs (--keep, --variant, --quantize...)")
+    return ", ".join(told) or "other inputs or settings"
 
 
 def owned_files(record: OutputRecord | None, interrupted: Manifest | None) -> set[str]:

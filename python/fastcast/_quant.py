@@ -710,10 +710,11 @@ class QuantizeTarget:
 
 
 def quantize_targets(
-    tensors: Sequence[TensorEntry], target: str, keep: Sequence[str], scheme: str
+    tensors: Sequence[TensorEntry], target: str | None, keep: Sequence[str], scheme: str
 ) -> list[QuantizeTarget]:
     """What ``--quantize scheme`` makes of each of ``tensors`` (one weight set), converting
-    the rest to ``target``: the core's rule, the one convert and verify both follow."""
+    the rest to ``target`` (None: each keeps its dtype): the core's rule, the one convert
+    and verify both follow."""
     found = _core.quantize_targets(
         [(t.name, t.dtype, list(t.shape)) for t in tensors], target, list(keep), scheme
     )
@@ -781,10 +782,11 @@ def quantize_config(scheme: str, unquantized: Sequence[str]) -> dict[str, Any]:
     }
 
 
-def check_quantize(folder: ModelFolder, quant: Quantization | None, target: str) -> None:
+def check_quantize(folder: ModelFolder, quant: Quantization | None, target: str | None) -> None:
     """Refuse a --quantize fastcast cannot do, before anything is written: an already
-    quantized source, a target other than bf16, fp16 or fp32."""
-    if target not in QUANTIZE_TARGETS:
+    quantized source, a target other than bf16, fp16 or fp32 (none: every tensor not
+    quantized keeps its dtype)."""
+    if target is not None and target not in QUANTIZE_TARGETS:
         raise _core.DtypeError(
             f"--quantize writes the unquantized tensors in "
             f"{', '.join(short_name(t) for t in QUANTIZE_TARGETS)}, not {short_name(target)}"
@@ -797,7 +799,7 @@ def check_quantize(folder: ModelFolder, quant: Quantization | None, target: str)
 
 
 def quantized_layers(
-    folder: ModelFolder, target: str, keep: Sequence[str], scheme: str
+    folder: ModelFolder, target: str | None, keep: Sequence[str], scheme: str
 ) -> dict[str, list[QuantizeTarget]]:
     """Per weight set, what ``--quantize scheme`` makes of each tensor; a
     ModelFolderError when it would quantize nothing."""

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import logging
 import os
+import sys
 import threading
 import uuid
 from collections.abc import Iterator
@@ -30,7 +31,7 @@ from typing import Any
 from fastcast._core import ModelFolderError
 from fastcast._hf_cache import model_path
 from fastcast._jobs import ShardBoard, ShardDone, ShardJob, run_shard
-from fastcast._units import parse_size
+from fastcast._units import format_bytes, parse_size
 
 #: Reruns of a shard whose worker died (Ray's default).
 MAX_RETRIES = 3
@@ -112,19 +113,13 @@ class RayPool:
             raise ValueError(INSTALL_HINT) from None
         joined = False
         if not ray.is_initialized():
-            if address or os.environ.get("RAY_ADDRESS"):
-                ray.init(address=address, logging_level=logging.ERROR)
-            else:
-                ray.init(include_dashboard=False, logging_level=logging.ERROR,
-                         object_store_memory=100 << 20, _node_ip_address="127.0.0.1")  # fmt: skip
+            join(ray, address)
             joined = True
         try:
+            memory = None if max_memory is None else parse_size(max_memory, "max memory")
+            check_resources(ray, threads or 1, memory)
             check_shared_paths(ray, probe_paths(planned), output_folders(planned))
-            pool = cls(
-                ray,
-                threads or 1,
-                None if max_memory is None else parse_size(max_memory, "max memory"),
-            )
+            pool = cls(ray, threads or 1, memory)
             pool._poller.start()
             try:
                 yield pool
@@ -179,6 +174,66 @@ class RayPool:
             for (model, shard, attempt), n in counts.items():
                 for board in self._boards:
                     board.set(model, shard, attempt, n)
+
+
+def join(ray: Any, address: str | None) -> None:
+    """Join the cluster at ``address`` (else ``RAY_ADDRESS``), or start a local instance
+    of our own (``address="local"``: never a cluster some other command left running,
+    which would refuse the local settings). A failure to join is one line saying where
+    and, for a cluster with token authentication, what this side needs."""
+    target = address or os.environ.get("RAY_ADDRESS")
+    if not target:
+        ray.init(address="local", include_dashboard=False, logging_level=logging.ERROR,
+                 object_store_memory=100 << 20, _node_ip_address="127.0.0.1")  # fmt: skip
+        return
+    try:
+        with stderr_muted():  # Ray's C++ client logs each failed attempt to fd 2
+            ray.init(address=target, logging_level=logging.ERROR)
+    except Exception as e:  # Ray raises several kinds; the message is what matters
+        said = " ".join(str(e).split())[:300]
+        hint = ""
+        if os.environ.get("RAY_AUTH_MODE") != "token":
+            hint = (
+                "; if the cluster was started with RAY_AUTH_MODE=token, set it here too, "
+                "with its token (RAY_AUTH_TOKEN, or the token file `ray get-auth-token` "
+                "reads)"
+            )
+        elif "auth" in said.lower() or "token" in said.lower():
+            hint = "; check that RAY_AUTH_TOKEN here is the cluster's token"
+        raise ValueError(f"cannot join the Ray cluster at {target}: {said}{hint}") from None
+
+
+@contextmanager
+def stderr_muted() -> Iterator[None]:
+    """File descriptor 2 pointed at /dev/null meanwhile: what native code writes there
+    (Ray's connection retries, a line a second) would bury the one-line error."""
+    sys.stderr.flush()
+    saved = os.dup(2)
+    try:
+        with open(os.devnull, "wb") as null:
+            os.dup2(null.fileno(), 2)
+        yield
+    finally:
+        os.dup2(saved, 2)
+        os.close(saved)
+
+
+def check_resources(ray: Any, threads: int, memory: int | None) -> None:
+    """Refuse, in one line, shard tasks no node of the cluster can run: Ray would
+    queue them forever (each asks for ``threads`` CPUs and ``memory`` bytes)."""
+    nodes = [n.get("Resources", {}) for n in ray.nodes() if n.get("Alive")]
+    cpus = max((float(r.get("CPU", 0)) for r in nodes), default=0.0)
+    if threads > cpus:
+        raise ValueError(
+            f"--threads {threads}: each Ray task asks for {threads} CPU(s), and the largest "
+            f"node of the cluster has {cpus:g}; pass --threads {max(1, int(cpus))} or less"
+        )
+    room = max((float(r.get("memory", 0)) for r in nodes), default=0.0)
+    if memory is not None and memory > room:
+        raise ValueError(
+            f"--max-memory {format_bytes(memory)}: each Ray task asks for that much, and the "
+            f"largest node of the cluster offers {format_bytes(room)}; pass less"
+        )
 
 
 def probe_paths(planned: list[Any]) -> list[Path]:

@@ -45,6 +45,9 @@ class OutputRecord:
     fingerprint: str
     files: list[str]
     """Every file the conversion wrote, relative to the output, this record excepted."""
+    settings: dict[str, Any] = field(default_factory=dict)
+    """What the fingerprint is made of (inputs, dtype, shard size...), so that a run
+    refused for other inputs or settings can be told which."""
     folders: list[str] = field(default_factory=list)
     """Folders the conversion created inside the output."""
     overflowed: list[tuple[str, int]] = field(default_factory=list)
@@ -58,6 +61,10 @@ class OutputRecord:
     strip_prefix: str | None = None
     from_torch: bool = False
     """The source held torch.save weights (``.bin``...)."""
+    repo_id: str | None = None
+    """When the source was given as a Hugging Face repo id: the id (``org/name``)..."""
+    revision: str | None = None
+    """...and the commit of the cached snapshot converted (``source`` is its path)."""
     format: int = RECORD_FORMAT
 
     def to_json(self) -> str:
@@ -113,6 +120,7 @@ FIELD_CHECKS: dict[str, Callable[[object], bool]] = {
     "fp8_overflow": lambda v: v in ("saturate", "nan"),
     "shard_size": lambda v: isinstance(v, int) and not isinstance(v, bool) and v > 0,
     "fingerprint": lambda v: isinstance(v, str),
+    "settings": lambda v: isinstance(v, dict),
     "files": _strs,
     "folders": _strs,
     "overflowed": lambda v: isinstance(v, list) and all(_count(p) for p in v),
@@ -123,6 +131,8 @@ FIELD_CHECKS: dict[str, Callable[[object], bool]] = {
     "state_dict_key": _optional_str,
     "strip_prefix": _optional_str,
     "from_torch": lambda v: isinstance(v, bool),
+    "repo_id": _optional_str,
+    "revision": _optional_str,
     "format": _int,
 }
 

@@ -14,6 +14,7 @@ torch is imported only here, only when verifying: conversion never needs it.
 
 from __future__ import annotations
 
+import importlib
 import importlib.util
 import json
 import os
@@ -138,6 +139,8 @@ class Pairing:
     """Per source set: each dequantized weight, by its name in the output."""
     quantize: str | None = None
     """The ``--quantize`` scheme that made the output from a plain source, if one did."""
+    own_dtypes: bool = False
+    """``--quantize`` without a target: every tensor not quantized kept its dtype."""
     _expected: dict[str, dict[str, tuple[str, tuple[int, ...]]]] = field(
         default_factory=dict, compare=False, repr=False
     )
@@ -160,7 +163,8 @@ class Pairing:
     def targets(self, source: WeightSet) -> list[QuantizeTarget]:
         """What the ``--quantize`` run made of each tensor of ``source`` (the core's rule)."""
         assert self.quantize is not None
-        return quantize_targets(source.tensors, self.target, self.keep, self.quantize)
+        target = None if self.own_dtypes else self.target
+        return quantize_targets(source.tensors, target, self.keep, self.quantize)
 
     def expected(self, source: WeightSet) -> dict[str, tuple[str, tuple[int, ...]]]:
         """Every tensor the output should hold -> the dtype (the core's rule) and shape
@@ -387,6 +391,26 @@ def quantize_scheme(src: ModelFolder, out: ModelFolder, record: OutputRecord | N
     if found is None or detect(src) is not None:
         return None
     return methods.get(found.method)
+
+
+#: What ``verify`` needs beyond fastcast, and how to get it.
+VERIFY_EXTRA = "pip install 'fastcast[verify]'"
+
+
+def require_torch() -> None:
+    """A one-line FastcastError when torch or safetensors (verify's oracle and reader)
+    is missing: the conversion itself needs neither, so a plain install lacks them."""
+    missing = []
+    for module in ("torch", "safetensors"):
+        try:
+            importlib.import_module(module)
+        except ImportError:
+            missing.append(module)
+    if missing:
+        raise _core.FastcastError(
+            f"verify compares with torch, and {' and '.join(missing)} "
+            f"{'is' if len(missing) == 1 else 'are'} not installed: {VERIFY_EXTRA}"
+        )
 
 
 def pick_devices(device: str) -> list[str]:
@@ -732,6 +756,7 @@ def verify(
     True
     """
     started = time.perf_counter()
+    require_torch()
     keep = None if keep is None else as_patterns(keep, "keep")
     record = load_record(Path(output)) if Path(output).is_dir() else None
     if against is None:
@@ -753,7 +778,8 @@ def verify(
     src = open_model(against, variant, options)
     out = open_model(output)
     target = _core.parse_dtype(dtype) if dtype else infer_dtype(out)
-    if kept_dtypes:  # converted without a dtype: every tensor kept its own
+    scheme = quantize_scheme(src, out, record)
+    if kept_dtypes and scheme is None:  # converted without a dtype: every tensor kept its own
         keep = ["*"]
     devices = pick_devices(device)
     label = ", ".join(devices) if devices[0] != "cpu" else f"cpu ({os.cpu_count()} threads)"
@@ -764,8 +790,9 @@ def verify(
     if quant is not None and was_dequantized(out, record):
         for (key, _), w in quantized_weights(src, quant, roles(src)).items():
             dequantized.setdefault(key, {})[w.name] = w
-    scheme = quantize_scheme(src, out, record)
-    pairing = Pairing(sets, target, list(keep or ()), quant, dequantized, scheme)
+    pairing = Pairing(
+        sets, target, list(keep or ()), quant, dequantized, scheme, own_dtypes=kept_dtypes
+    )
     report.problems = unpaired + check_structure(src, out, pairing)
     report.tensors_checked, report.bytes_checked, report.mismatches = verify_values(
         pairing, devices, progress

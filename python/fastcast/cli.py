@@ -12,6 +12,7 @@ import fastcast
 from fastcast._batch import one_line
 from fastcast._convert import DEFAULT_SHARD_SIZE
 from fastcast._core import QUANTIZE_SCHEMES
+from fastcast._verify import require_torch
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -190,8 +191,9 @@ def add_convert(commands: argparse._SubParsersAction[argparse.ArgumentParser]) -
 def add_batch_options(convert: argparse.ArgumentParser) -> None:
     batch = convert.add_argument_group(
         "batches",
-        "With several models (or --jobs, or --executor ray), -o names the folder that "
-        "receives each <name>-<dtype>; one failing model does not stop the others, and a "
+        # The parser keeps descriptions as written (RawDescriptionHelpFormatter): wrapped here.
+        "With several models (or --jobs, or --executor ray), -o names the folder that\n"
+        "receives each <name>-<dtype>; one failing model does not stop the others, and a\n"
         "table sums them up (exit 1 if any failed).",
     )
     batch.add_argument(
@@ -306,6 +308,8 @@ def add_inspect(commands: argparse._SubParsersAction[argparse.ArgumentParser]) -
 
 
 def run_convert(args: argparse.Namespace) -> int:
+    if args.verify:
+        require_torch()  # before converting, not after
     if len(args.model) != 1 or args.jobs is not None or args.executor != "local":
         return run_batch(args)
     report = fastcast.convert(

@@ -192,8 +192,9 @@ pub struct Target {
 }
 
 /// What `--quantize` in `scheme` makes of every tensor `(name, dtype, shape)`
-/// of a plain model converted to `target`: its dtype, its fate and, for a
-/// quantized weight, the block each scale covers.
+/// of a plain model converted to `target` (None: every tensor not quantized
+/// keeps its dtype): its dtype, its fate and, for a quantized weight, the block
+/// each scale covers.
 ///
 /// A decoder Linear weight (see [`quant::linear`]) is quantized unless `keep`
 /// matches it, its shape does not fit the scheme, or a weight fused with it
@@ -206,7 +207,7 @@ pub struct Target {
 /// let t = [("model.layers.0.mlp.up_proj.weight", DType::BF16, vec![256, 128]),
 ///          ("model.layers.0.mlp.down_proj.weight", DType::BF16, vec![128, 200]),
 ///          ("model.norm.weight", DType::BF16, vec![128])];
-/// let got = quantize_targets(&t, DType::BF16, &KeepRule::default(), Scheme::Fp8Block);
+/// let got = quantize_targets(&t, Some(DType::BF16), &KeepRule::default(), Scheme::Fp8Block);
 /// let fates: Vec<_> = got.iter().map(|x| (x.dtype, x.fate, x.block)).collect();
 /// assert_eq!(fates, [(DType::F8E4M3, Fate::Quantize, Some((128, 128))),
 ///                    (DType::BF16, Fate::Misfit, None),
@@ -214,12 +215,17 @@ pub struct Target {
 /// ```
 pub fn quantize_targets(
     tensors: &[(impl AsRef<str>, DType, impl AsRef<[u64]>)],
-    target: DType,
+    target: Option<DType>,
     keep: &KeepRule,
     scheme: Scheme,
 ) -> Vec<Target> {
     let typed: Vec<(&str, DType)> = tensors.iter().map(|(n, d, _)| (n.as_ref(), *d)).collect();
-    let base = target_dtypes(&typed, target, keep, true);
+    // No target: every tensor not quantized keeps its own dtype (as llm-compressor's
+    // model-free quantization does).
+    let base = match target {
+        Some(target) => target_dtypes(&typed, target, keep, true),
+        None => typed.iter().map(|(_, d)| *d).collect(),
+    };
     let quantizable = [DType::F32, DType::BF16, DType::F16];
     let mut fates: Vec<Fate> = tensors
         .iter()
@@ -258,7 +264,7 @@ pub fn quantize_targets(
         .map(|(((name, src, shape), fate), base)| {
             let dtype = match fate {
                 Fate::Quantize => DType::F8E4M3,
-                Fate::Misfit | Fate::FusedMisfit => target,
+                Fate::Misfit | Fate::FusedMisfit => target.unwrap_or(*src),
                 Fate::Kept => *src,
                 Fate::Router | Fate::Other => base,
             };
@@ -632,7 +638,7 @@ mod tests {
     }
 
     fn fates(t: &[(&str, DType, Vec<u64>)], keep: &[&str], scheme: Scheme) -> Vec<Fate> {
-        quantize_targets(t, DType::BF16, &KeepRule::new(keep), scheme)
+        quantize_targets(t, Some(DType::BF16), &KeepRule::new(keep), scheme)
             .into_iter()
             .map(|x| x.fate)
             .collect()
@@ -679,7 +685,7 @@ mod tests {
             .iter()
             .map(|(n, d, s)| (n.as_str(), *d, s.clone()))
             .collect();
-        let got = quantize_targets(&t, DType::F16, &KeepRule::default(), Scheme::Fp8Block);
+        let got = quantize_targets(&t, Some(DType::F16), &KeepRule::default(), Scheme::Fp8Block);
         let found: Vec<Fate> = got.iter().map(|x| x.fate).collect();
         assert_eq!(
             found,
@@ -722,7 +728,7 @@ mod tests {
         );
         let kept = quantize_targets(
             &t,
-            DType::F16,
+            Some(DType::F16),
             &KeepRule::new(&["*.k_proj.weight"]),
             Scheme::Fp8Channel,
         );
@@ -736,6 +742,16 @@ mod tests {
         let block = &got[3].scale;
         let o_proj = "model.layers.0.self_attn.o_proj.weight_scale_inv".to_string();
         assert_eq!(block, &Some((o_proj, vec![2, 2])));
+        // No target: what is not quantized keeps its own dtype, misfits included.
+        let own = quantize_targets(&t, None, &KeepRule::default(), Scheme::Fp8Block);
+        for ((_, src, _), x) in t.iter().zip(&own) {
+            let want = if x.fate == Fate::Quantize {
+                DType::F8E4M3
+            } else {
+                *src
+            };
+            assert_eq!(x.dtype, want);
+        }
     }
 
     #[test]

@@ -113,11 +113,11 @@ fn target_dtypes(
 #[pyfunction]
 fn quantize_targets(
     tensors: Vec<(String, String, Vec<u64>)>,
-    target: &str,
+    target: Option<&str>,
     keep: Vec<String>,
     scheme: &str,
 ) -> PyResult<Vec<QuantizeTarget>> {
-    let to = castable_target(target)?;
+    let to = target.map(castable_target).transpose()?;
     let scheme = Scheme::from_name(scheme).ok_or_else(|| {
         pyo3::exceptions::PyValueError::new_err(format!(
             "quantize must be one of {}, not {scheme:?}",
