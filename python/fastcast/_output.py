@@ -513,10 +513,10 @@ def decide(out: Path, request: Request, locked: bool) -> Run:
     foreign = [p for p in present if p not in owned]
     if foreign:
         raise OutputExistsError(
-            f"{out}: holds files fastcast did not write ({name_a_few(foreign, owned)}"
-            + (", and no fastcast.json record of a conversion" if record is None else "")
-            + "); fastcast replaces only what a record of its own lists: move them, or "
-            "choose another output folder"
+            f"{out}: holds files fastcast did not write ({name_a_few(foreign, owned)}); "
+            + ("it has no fastcast.json record of a conversion, and " if record is None else "")
+            + "fastcast replaces only what a record of its own lists: move them, or choose "
+            "another output folder"
         )
     if resume and interrupted is not None:
         if interrupted.fingerprint != fingerprint:
