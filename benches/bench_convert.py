@@ -544,22 +544,9 @@ def table(model: Model, rows: dict[str, Row], floor_bytes: int) -> list[str]:
     return lines
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument(
-        "--quick", action="store_true", help="small models, one repeat (a smoke run)"
-    )
-    parser.add_argument("--repeats", type=int, default=3)
-    parser.add_argument("--models", default="llama,mixtral")
-    parser.add_argument("--cap", default="1GiB", help="memory cap for the capped runs")
-    parser.add_argument(
-        "--threads",
-        type=lambda text: [int(n) for n in text.split(",")],
-        default=[],
-        help="also run the CLI at these thread counts (e.g. 1,4,16) and add a scaling table",
-    )
-    args = parser.parse_args()
-    scale = "300MB" if args.quick else None
+def bench_models(quick: bool, names: list[str]) -> dict[str, Model]:
+    """The benchmark's models by name (300 MB ones with ``quick``)."""
+    scale = "300MB" if quick else None
     models = {
         "llama": Model("llama", "llama", scale or "5GB", "fp32", "2GB" if not scale else "100MB",
                        "BF16", "2GB" if not scale else "50MB"),
@@ -579,12 +566,11 @@ def main() -> None:
                            "2GB" if not scale else "100MB", "BF16",
                            "2GB" if not scale else "50MB", torch_bin=True),
     }  # fmt: skip
-    chosen = [models[m] for m in args.models.split(",")]
-    repeats = 1 if args.quick else args.repeats
-    subprocess.run(
-        ["cargo", "build", "--release", "--quiet", "-p", "fastcast-core", "--example", "io_floor"],
-        cwd=ROOT, check=True,
-    )  # fmt: skip
+    return {name: models[name] for name in names}
+
+
+def make_models(chosen: list[Model]) -> None:
+    """Generate each model once (streamed, cached in benches/.cache/)."""
     CACHE.mkdir(exist_ok=True)
     for m in chosen:
         made = m.path.with_name(m.path.name + "-st") if m.torch_bin else m.path
@@ -600,6 +586,37 @@ def main() -> None:
             subprocess.run(python_cmd(TO_BIN.format(src=str(made), dst=str(m.path))),
                                check=True)  # fmt: skip
             shutil.rmtree(made)
+
+
+def ensure_models(names: list[str], quick: bool = False) -> dict[str, Path]:
+    """The models ``names``, generated if need be: their folders."""
+    chosen = bench_models(quick, names)
+    make_models(list(chosen.values()))
+    return {name: m.path for name, m in chosen.items()}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument(
+        "--quick", action="store_true", help="small models, one repeat (a smoke run)"
+    )
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--models", default="llama,mixtral")
+    parser.add_argument("--cap", default="1GiB", help="memory cap for the capped runs")
+    parser.add_argument(
+        "--threads",
+        type=lambda text: [int(n) for n in text.split(",")],
+        default=[],
+        help="also run the CLI at these thread counts (e.g. 1,4,16) and add a scaling table",
+    )
+    args = parser.parse_args()
+    chosen = list(bench_models(args.quick, args.models.split(",")).values())
+    repeats = 1 if args.quick else args.repeats
+    subprocess.run(
+        ["cargo", "build", "--release", "--quiet", "-p", "fastcast-core", "--example", "io_floor"],
+        cwd=ROOT, check=True,
+    )  # fmt: skip
+    make_models(chosen)
     lines = [
         f"## fastcast conversion benchmark ({time.strftime('%Y-%m-%d')}, "
         f"{os.cpu_count()} cores, kernel path {fastcast.select_kernel()})",

@@ -9,7 +9,6 @@
 //! dequantized or quantized tensor's chunk holds whole packed units or
 //! block-rows of it, so may be larger: see `chunks_of`).
 
-use std::cell::RefCell;
 use std::collections::HashMap;
 use std::fs::File;
 use std::path::{Path, PathBuf};
@@ -21,15 +20,16 @@ use serde::Deserialize;
 use xxhash_rust::xxh3::xxh3_64;
 
 use crate::cast::{self, CastOptions};
-use crate::dequant::{Dequant, Dequantizer, Operand};
+use crate::dequant::Operand;
 use crate::dtype::DType;
 use crate::error::{Error, Result};
 use crate::header::{self, Entry, Header, TensorInfo, MAX_HEADER_LEN};
 use crate::journal::{self, ShardRecord};
 use crate::loss::{LossRule, LossStats};
 use crate::positional;
-use crate::quantize::{Fp8Blocks, Quantize};
 use crate::shard_file::{self, ShardFile};
+use crate::values::cast::{span, BUFFER};
+use crate::values::{Invalid, Kind, Source, Units, Value, Values};
 use input::Input;
 
 #[cfg(target_os = "linux")]
@@ -115,14 +115,10 @@ pub struct TensorPlan {
     pub src_offsets: (u64, u64),
     /// `[begin, end)` in the output's data buffer.
     pub dst_offsets: (u64, u64),
-    /// When the source is quantized: how to reconstruct its values, which
-    /// are then rounded once to `dst_dtype`.
-    #[serde(default)]
-    pub dequant: Option<Box<Dequant>>,
-    /// When the tensor is written by quantizing its source (a float weight):
-    /// the weight's e4m3 values, or its scales.
-    #[serde(default)]
-    pub quantize: Option<Box<Quantize>>,
+    /// What its values are: its source cast, a quantized weight's values
+    /// reconstructed, a float weight quantized (see [`crate::values`]).
+    #[serde(flatten)]
+    pub value: Value,
 }
 
 /// A dtype from its name: a plan of 100k tensors would otherwise hold 200k
@@ -160,10 +156,6 @@ impl Default for ExecOptions {
 /// enough that a few threads' buffers stay far below any memory budget.
 pub const DEFAULT_CHUNK_BYTES: usize = 8 << 20;
 
-/// Source bytes cast and then counted at a time within a chunk: small enough
-/// to still be in L2 when the count reads them.
-const CAST_BLOCK: usize = 256 << 10;
-
 /// Shared between the executor and whoever watches it.
 #[derive(Debug, Default)]
 pub struct Progress {
@@ -197,22 +189,16 @@ impl ExecStats {
 /// A tensor whose plan has been checked, ready to run.
 struct Job<'a> {
     plan: &'a TensorPlan,
-    from: DType,
-    to: DType,
-    src: &'a [u8],
-    /// The input `src` lies in (released pages must stay inside it).
+    /// Its source bytes and dtypes, as its kind reads them.
+    source: Source<'a>,
+    /// The input its source lies in (released pages must stay inside it).
     map: &'a Input,
     /// Offset of the tensor's first byte in the output file.
     dst_start: u64,
-    /// Elements of the output tensor.
-    numel: u64,
-    /// Loss thresholds, for tensors that are cast (for dequantized ones, of
-    /// the f32 values to the target).
+    /// What a rounding of its values loses, when they are rounded.
     rule: Option<LossRule>,
-    /// For a quantized source: how its values are reconstructed.
-    dequant: Option<Box<Dequantizer<'a>>>,
-    /// For a tensor quantized from its source: its values or its scales.
-    quantize: Option<Box<Quantizing<'a>>>,
+    /// Its kind of values, checked.
+    values: Values<'a>,
     /// Loss counts gathered chunk by chunk.
     stats: Mutex<LossStats>,
     /// Chunks not yet done, for a source every chunk reads whole (released
@@ -220,98 +206,53 @@ struct Job<'a> {
     pending: AtomicU64,
 }
 
-/// A tensor written by quantizing its source, a float weight.
-enum Quantizing<'a> {
-    /// The weight's e4m3 values.
-    Weight(Fp8Blocks),
-    /// The weight's scales; `weight` is the weight's output name.
-    Scale { blocks: Fp8Blocks, weight: &'a str },
-}
-
 impl Job<'_> {
-    /// The source bytes of chunk `c` (for a dequantized tensor, those its
-    /// output elements read; for scales, the block-rows of the weight they
-    /// cover).
-    fn src_of(&self, c: &Chunk) -> &[u8] {
-        match (self.dequant.as_deref(), self.quantize.as_deref()) {
-            (Some(d), _) => {
-                let (begin, end) = d.source_range(c.begin, c.end);
-                &self.src[begin..end]
-            }
-            (_, Some(Quantizing::Scale { blocks, .. })) => {
-                let per_block_row = blocks.grid()[1];
-                let (at, len) =
-                    blocks.block_rows_bytes(c.begin / per_block_row, c.end / per_block_row);
-                &self.src[at..at + len]
-            }
-            // Through the map: a chunk of whole small tensors reads on into
-            // the ones after this (`chunks_of` checked they follow it).
-            _ => {
-                let at = self.src.as_ptr() as usize - self.map.as_ptr() as usize;
-                &self.map
-                    [at + span(self.from, c.begin) as usize..at + span(self.from, c.end) as usize]
-            }
-        }
+    /// Its kind: every per-kind step goes through this.
+    fn kind(&self) -> &dyn Kind {
+        self.values.kind()
     }
 
-    /// Whether this job reads input bytes that count as read: scales re-read
-    /// their weight's, already counted for the weight.
-    fn counts_its_reads(&self) -> bool {
-        !matches!(self.quantize.as_deref(), Some(Quantizing::Scale { .. }))
+    fn from(&self) -> DType {
+        self.source.from
+    }
+
+    fn to(&self) -> DType {
+        self.source.to
+    }
+
+    fn src(&self) -> &[u8] {
+        self.source.src
+    }
+
+    /// The source bytes of chunk `c`.
+    fn src_of(&self, c: &Chunk) -> &[u8] {
+        self.kind().source(&self.source, c.begin, c.end)
     }
 
     /// Input bytes chunk `c` accounts for in progress: its source bytes, or
     /// its share of a source every chunk reads whole (the shares add up to it).
     fn src_done(&self, c: &Chunk) -> u64 {
-        match &self.dequant {
-            _ if !self.counts_its_reads() => 0,
-            Some(d) if d.reads_whole_source() => {
-                let len = self.src.len() as u128;
-                let share = |k: u64| (len * k as u128 / self.numel.max(1) as u128) as u64;
-                share(c.end) - share(c.begin)
-            }
-            _ => self.src_of(c).len() as u64,
+        let kind = self.kind();
+        if !kind.counts_reads() {
+            return 0;
         }
+        if kind.reads_whole_source() {
+            let len = self.src().len() as u128;
+            let share = |k: u64| (len * k as u128 / self.source.numel.max(1) as u128) as u64;
+            return share(c.end) - share(c.begin);
+        }
+        self.src_of(c).len() as u64
     }
 
     /// Done with chunk `c`: release the input pages it alone read (a source
     /// every chunk reads whole, after its last chunk).
     fn release(&self, c: &Chunk) {
-        match &self.dequant {
-            Some(d) if d.reads_whole_source() => {
-                if self.pending.fetch_sub(1, Ordering::AcqRel) == 1 {
-                    input::release(self.src, self.map);
-                }
-            }
-            _ => input::release(self.src_of(c), self.map),
+        if !self.kind().reads_whole_source() {
+            return input::release(self.src_of(c), self.map);
         }
-    }
-
-    /// Cast `values` (elements of `from`, a chunk of this job's source) into
-    /// `dst` and count their loss, a cache-sized block at a time: the count
-    /// then reads each block from L2 right after the cast read it, instead
-    /// of the whole chunk again from memory.
-    fn cast_counting(
-        &self,
-        values: &[u8],
-        from: DType,
-        dst: &mut [u8],
-        opts: &CastOptions,
-    ) -> Result<()> {
-        let Some(rule) = &self.rule else {
-            return cast::cast(values, from, dst, self.to, opts);
-        };
-        let elems = CAST_BLOCK / from.size();
-        let mut found = LossStats::default();
-        for (src, out) in values
-            .chunks(elems * from.size())
-            .zip(dst.chunks_mut(elems * self.to.size()))
-        {
-            cast::cast(src, from, out, self.to, opts)?;
-            found.merge(&rule.scan(src));
+        if self.pending.fetch_sub(1, Ordering::AcqRel) == 1 {
+            input::release(self.src(), self.map);
         }
-        self.add_loss(&found);
-        Ok(())
     }
 
     /// Add the loss of casting `src` (a chunk of this job's source) to its counts.
@@ -354,18 +295,8 @@ impl Chunk {
         }
         // A chunk of whole tensors: `values` is their sources, end to end.
         for job in &jobs[self.job..=self.last] {
-            job.count_loss(job.src);
+            job.count_loss(job.src());
         }
-    }
-}
-
-/// Bytes for `n` elements of `dtype` (sub-byte dtypes are only ever copied,
-/// in whole bytes, so `n` counts bytes for them; see `chunks_of`).
-fn span(dtype: DType, n: u64) -> u64 {
-    if dtype.bits() < 8 {
-        n
-    } else {
-        n * dtype.size() as u64
     }
 }
 
@@ -440,7 +371,7 @@ pub fn execute(plan: &Plan, opts: &ExecOptions, progress: &Progress) -> Result<E
             let Checked { header, jobs, .. } = &*checked;
             let (file, digest) = match done {
                 Ok(done) => {
-                    input::release_all(jobs.iter().map(|job| (job.map, job.src)));
+                    input::release_all(jobs.iter().map(|job| (job.map, job.src())));
                     done
                 }
                 Err(e) => {
@@ -494,10 +425,10 @@ fn tally(stats: &mut ExecStats, record: &ShardRecord, jobs: &[Job]) {
     stats.shards_written += 1;
     stats.bytes_written += record.size;
     for job in jobs {
-        if job.counts_its_reads() {
-            stats.bytes_read += job.src.len() as u64;
+        if job.kind().counts_reads() {
+            stats.bytes_read += job.src().len() as u64;
         }
-        if job.from == job.to {
+        if job.from() == job.to() {
             stats.tensors_copied += 1;
         } else {
             stats.tensors_cast += 1;
@@ -531,8 +462,8 @@ pub fn shard_digest(plan: &Plan, index: usize, chunk_bytes: usize) -> Result<u64
         .par_iter()
         .map(|c| {
             let job = &jobs[c.job];
-            let offset = job.dst_start + span(job.to, c.begin);
-            let mut buf = vec![0u8; span(job.to, c.end - c.begin) as usize];
+            let offset = job.dst_start + span(job.to(), c.begin);
+            let mut buf = vec![0u8; span(job.to(), c.end - c.begin) as usize];
             positional::read_exact_at(&file, &mut buf, offset)
                 .map_err(|e| Error::io(&shard.path, e))?;
             Ok((offset, xxh3_64(&buf)))
@@ -568,14 +499,13 @@ pub fn scan(plan: &Plan, progress: &Progress) -> Result<Vec<(String, LossStats)>
                     return Err(Error::Cancelled);
                 }
                 let job = &jobs[c.job];
-                match (job.dequant.as_deref(), job.quantize.as_deref()) {
-                    (Some(d), _) => with_values(job, d, c, |values| job.count_loss(values)),
-                    (_, Some(q)) => {
-                        with_quantized(job, q, c, &CastOptions::default(), |_, loss| {
-                            loss.inspect(|l| job.add_loss(l));
-                        })
-                    }
-                    (None, None) => c.count_loss(&jobs, job.src_of(c)),
+                if c.last > c.job {
+                    c.count_loss(&jobs, job.src_of(c));
+                } else if let Some(found) =
+                    job.kind()
+                        .scan(&job.source, c.begin, c.end, job.rule.as_ref())
+                {
+                    job.add_loss(&found);
                 }
                 job.release(c);
                 progress
@@ -587,7 +517,7 @@ pub fn scan(plan: &Plan, progress: &Progress) -> Result<Vec<(String, LossStats)>
         if let Some(e) = shrunk(&maps, false) {
             return Err(e); // what it read of a shrunk input was zeros
         }
-        input::release_all(jobs.iter().map(|job| (job.map, job.src)));
+        input::release_all(jobs.iter().map(|job| (job.map, job.src())));
         for job in &jobs {
             if job.rule.is_some() {
                 out.push((job.plan.name.clone(), job.loss()));
@@ -642,13 +572,13 @@ fn check_shard<'a>(shard: &'a ShardPlan, plan: &Plan, maps: &'a [Input]) -> Resu
         let map = maps
             .get(t.source)
             .ok_or_else(|| bad(format!("tensor {:?} names source {}", t.name, t.source)))?;
-        let source = &plan.sources[t.source].path;
+        let path = &plan.sources[t.source].path;
         let (begin, end) = t.src_offsets;
         if begin > end || end > map.len() as u64 {
             return Err(bad(format!(
                 "tensor {:?}: bytes [{begin}, {end}) are outside {} ({} bytes)",
                 t.name,
-                source.display(),
+                path.display(),
                 map.len()
             )));
         }
@@ -658,72 +588,35 @@ fn check_shard<'a>(shard: &'a ShardPlan, plan: &Plan, maps: &'a [Input]) -> Resu
             .try_fold(1u64, |a, &d| a.checked_mul(d))
             .ok_or_else(|| bad(format!("tensor {:?}: shape overflows", t.name)))?;
         let src = &map[begin as usize..end as usize];
-        // The source holds a tensor of `shape` (the output's, or for scales
-        // their weight's).
-        let holds = |shape: &[u64]| {
-            let numel = shape.iter().try_fold(1u64, |a, &d| a.checked_mul(d));
-            if numel.and_then(|n| n.checked_mul(from.bits())) == Some((end - begin) * 8) {
-                return Ok(());
-            }
-            Err(bad(format!(
+        let source = Source {
+            src,
+            file: map,
+            from,
+            to,
+            numel,
+        };
+        let operand = |op: &'a Operand| operand_bytes(op, plan, maps);
+        let values = Values::check(&t.value, &source, &t.shape, &operand).map_err(|e| match e {
+            Invalid::Core(e) => e,
+            Invalid::Plan(problem) => bad(format!("tensor {:?}: {problem}", t.name)),
+            // The source holds no tensor of the shape its kind reads (the
+            // output's, or for scales their weight's).
+            Invalid::Holds(shape) => bad(format!(
                 "tensor {:?}: {} bytes in {} do not hold {from} {shape:?}",
                 t.name,
                 end - begin,
-                source.display(),
-            )))
-        };
-        let (dequant, quantize) = match (t.dequant.as_deref(), t.quantize.as_deref()) {
-            (None, None) => {
-                if from != to {
-                    cast::check_buffers(from, to, 0, 0)?;
-                }
-                holds(&t.shape)?;
-                (None, None)
-            }
-            // The source is packed as its format packs it (the dequantizer
-            // checks its size); the f32 values are what is rounded.
-            (Some(how), None) => {
-                cast::check_buffers(DType::F32, to, 0, 0)?;
-                let operand = |op: &'a Operand| operand_bytes(op, plan, maps);
-                let d = Dequantizer::new(how, from, &t.shape, src.len(), &operand)
-                    .map_err(|e| bad(format!("tensor {:?}: {e}", t.name)))?;
-                (Some(d), None)
-            }
-            (None, Some(how)) => {
-                let q = quantizing(t, how, from, to)
-                    .map_err(|e| bad(format!("tensor {:?}: {e}", t.name)))?;
-                holds(match how {
-                    Quantize::Fp8Weight { .. } => &t.shape,
-                    Quantize::Fp8Scale { weight_shape, .. } => weight_shape,
-                })?;
-                (None, Some(q))
-            }
-            (Some(_), Some(_)) => {
-                return Err(bad(format!(
-                    "tensor {:?} is both dequantized and quantized",
-                    t.name
-                )))
-            }
-        };
-        // For a quantized weight: the loss of rounding each W / s to e4m3
-        // (counted by the quantizer, with the input's NaN and inf).
-        let rule = match (&dequant, &quantize) {
-            (Some(_), _) | (_, Some(Quantizing::Weight(_))) => Some(rule_for(DType::F32, to)),
-            (_, Some(Quantizing::Scale { .. })) => None,
-            (None, None) => (from != to).then(|| rule_for(from, to)),
-        };
+                path.display(),
+            )),
+        })?;
+        let rule = values.kind().rule(&source);
         infos.push(tensor_info(t));
         jobs.push(Job {
             plan: t,
-            from,
-            to,
-            src,
+            source,
             map,
             dst_start: 0,
-            numel,
             rule,
-            dequant: dequant.map(Box::new),
-            quantize: quantize.map(Box::new),
+            values,
             stats: Mutex::new(LossStats::default()),
             pending: AtomicU64::new(0),
         });
@@ -799,59 +692,6 @@ pub fn entry(t: &TensorPlan) -> Entry<'_> {
     }
 }
 
-/// The loss rule of a dtype pair, found once per pair and thread (each is a
-/// bisection over the scalar kernels; a model of 100k tensors asked 100k times).
-fn rule_for(from: DType, to: DType) -> LossRule {
-    thread_local! {
-        static RULES: RefCell<Vec<((DType, DType), LossRule)>> = const { RefCell::new(Vec::new()) };
-    }
-    RULES.with_borrow_mut(|rules| {
-        if let Some((_, rule)) = rules.iter().find(|(pair, _)| *pair == (from, to)) {
-            return *rule;
-        }
-        let rule = LossRule::new(from, to);
-        rules.push(((from, to), rule));
-        rule
-    })
-}
-
-/// How tensor `t` is quantized from its source (`from`), checked: a weight's
-/// values are F8_E4M3 of its shape, its scales F32 of the block grid.
-fn quantizing<'a>(
-    t: &'a TensorPlan,
-    how: &'a Quantize,
-    from: DType,
-    to: DType,
-) -> Result<Quantizing<'a>, String> {
-    match how {
-        Quantize::Fp8Weight { block } => {
-            if to != DType::F8E4M3 {
-                return Err(format!("fp8 values written as {to} (they are F8_E4M3)"));
-            }
-            Ok(Quantizing::Weight(Fp8Blocks::new(from, &t.shape, *block)?))
-        }
-        Quantize::Fp8Scale {
-            block,
-            weight,
-            weight_shape,
-        } => {
-            if to != DType::F32 {
-                return Err(format!("fp8 scales written as {to} (they are F32)"));
-            }
-            let blocks = Fp8Blocks::new(from, weight_shape, *block)?;
-            if t.shape != blocks.grid() {
-                return Err(format!(
-                    "scales of shape {:?} for {weight:?} {weight_shape:?} in {block:?} blocks \
-                     (needs {:?})",
-                    t.shape,
-                    blocks.grid()
-                ));
-            }
-            Ok(Quantizing::Scale { blocks, weight })
-        }
-    }
-}
-
 /// The bytes of operand `op` (a scale...), checked to lie in its source.
 fn operand_bytes<'a>(op: &Operand, plan: &Plan, maps: &'a [Input]) -> Result<&'a [u8], String> {
     let map = maps
@@ -882,27 +722,16 @@ fn chunks_of(jobs: &[Job], chunk_bytes: usize) -> Vec<Chunk> {
     for i in run_order(jobs) {
         let job = &jobs[i];
         if let Some(c) = chunks.last_mut().filter(|c| joins(jobs, c, i, chunk_bytes)) {
-            c.end += job.src.len() as u64 / job.from.size() as u64;
+            c.end += job.src().len() as u64 / job.from().size() as u64;
             c.last = i;
             continue;
         }
-        let (units, align, widest) = match (job.dequant.as_deref(), job.quantize.as_deref()) {
-            (Some(d), _) => (job.numel, d.align(), job.to.size().max(4) as u64),
-            // Each element's f32 value is held while its block is scaled.
-            (_, Some(Quantizing::Weight(b))) => (job.numel, b.block_row_elements(), 4),
-            // Each scale reads a block of the weight.
-            (_, Some(Quantizing::Scale { blocks, .. })) => {
-                (job.numel, blocks.grid()[1], 4 * blocks.block_elements())
-            }
-            // Sub-byte tensors are copied, never cast: count them in bytes.
-            (None, None) if job.from.bits() < 8 => (job.src.len() as u64, 1, 1),
-            (None, None) => (
-                job.src.len() as u64 / job.from.size() as u64,
-                1,
-                job.from.size().max(job.to.size()) as u64,
-            ),
-        };
-        let per_chunk = ((chunk_bytes as u64 / widest) / align).max(1) * align;
+        let Units {
+            count: units,
+            align,
+            held,
+        } = job.kind().units(&job.source);
+        let per_chunk = ((chunk_bytes as u64 / held) / align).max(1) * align;
         let first = chunks.len();
         let mut begin = 0;
         while begin < units {
@@ -928,27 +757,27 @@ fn chunks_of(jobs: &[Job], chunk_bytes: usize) -> Vec<Chunk> {
 /// chunk, not per tensor.
 fn joins(jobs: &[Job], c: &Chunk, i: usize, chunk_bytes: usize) -> bool {
     let (head, tail, next) = (&jobs[c.job], &jobs[c.last], &jobs[i]);
-    let plain = |j: &Job| j.dequant.is_none() && j.quantize.is_none() && j.from.bits() >= 8;
-    let widest = head.from.size().max(head.to.size()) as u64;
-    let units = next.src.len() as u64 / next.from.size().max(1) as u64;
+    let plain = |j: &Job| j.values.is_cast() && j.from().bits() >= 8;
+    let widest = head.from().size().max(head.to().size()) as u64;
+    let units = next.src().len() as u64 / next.from().size().max(1) as u64;
+    let tail_end = tail.dst_start + span(tail.to(), tail.source.numel);
     i == c.last + 1
         && c.begin == 0
         && plain(head)
         && plain(next)
-        && (next.from, next.to) == (head.from, head.to)
+        && (next.from(), next.to()) == (head.from(), head.to())
         && std::ptr::eq(next.map, head.map)
-        && tail.src.as_ptr_range().end == next.src.as_ptr()
+        && tail.src().as_ptr_range().end == next.src().as_ptr()
         // `c` is whole: it ends where `tail` ends.
-        && head.dst_start + span(head.to, c.end) == tail.dst_start + span(tail.to, tail.numel)
-        && tail.dst_start + span(tail.to, tail.numel) == next.dst_start
+        && head.dst_start + span(head.to(), c.end) == tail_end
+        && tail_end == next.dst_start
         && (c.end + units) * widest <= chunk_bytes as u64
 }
 
 /// The order jobs run in: plan order, each weight's scales right after it
 /// (scales whose weight is in another shard stay where the plan put them).
 fn run_order(jobs: &[Job]) -> Vec<usize> {
-    let scale = |job: &Job| matches!(job.quantize.as_deref(), Some(Quantizing::Scale { .. }));
-    if !jobs.iter().any(scale) {
+    if !jobs.iter().any(|job| job.kind().after().is_some()) {
         return (0..jobs.len()).collect(); // no scales: plan order, no name index
     }
     let index: HashMap<&str, usize> = jobs
@@ -959,11 +788,9 @@ fn run_order(jobs: &[Job]) -> Vec<usize> {
     let mut after: HashMap<usize, Vec<usize>> = HashMap::new();
     let mut deferred = vec![false; jobs.len()];
     for (i, job) in jobs.iter().enumerate() {
-        if let Some(Quantizing::Scale { weight, .. }) = job.quantize.as_deref() {
-            if let Some(&w) = index.get(weight) {
-                after.entry(w).or_default().push(i);
-                deferred[i] = true;
-            }
+        if let Some(&w) = job.kind().after().and_then(|weight| index.get(weight)) {
+            after.entry(w).or_default().push(i);
+            deferred[i] = true;
         }
     }
     let mut order = Vec::with_capacity(jobs.len());
@@ -974,49 +801,6 @@ fn run_order(jobs: &[Job]) -> Vec<usize> {
     // A scale naming another scale (never planned) would be lost: keep it.
     order.extend(after.into_values().flatten());
     order
-}
-
-thread_local! {
-    /// Each worker's reusable output buffer: at most one chunk per thread.
-    static BUFFER: RefCell<Vec<u8>> = const { RefCell::new(Vec::new()) };
-    /// Each worker's dequantized (or quantized, before rounding) f32 values
-    /// of its chunk.
-    static VALUES: RefCell<Vec<u8>> = const { RefCell::new(Vec::new()) };
-}
-
-/// Hand `sink` the f32 values of chunk `c` of a dequantized job.
-fn with_values<T>(job: &Job, d: &Dequantizer, c: &Chunk, sink: impl FnOnce(&[u8]) -> T) -> T {
-    VALUES.with_borrow_mut(|values| {
-        values.resize(4 * (c.end - c.begin) as usize, 0);
-        d.dequantize(job.src_of(c), c.begin, values);
-        sink(values)
-    })
-}
-
-/// Hand `sink` the bytes chunk `c` of a quantizing job writes: e4m3 values
-/// (with their loss counts) or F32 scales (no loss: not a rounding).
-fn with_quantized<T>(
-    job: &Job,
-    q: &Quantizing,
-    c: &Chunk,
-    opts: &CastOptions,
-    sink: impl FnOnce(&[u8], Option<&LossStats>) -> T,
-) -> T {
-    let n = (c.end - c.begin) as usize;
-    BUFFER.with_borrow_mut(|buf| match q {
-        Quantizing::Weight(blocks) => VALUES.with_borrow_mut(|values| {
-            buf.resize(n, 0);
-            let loss = blocks.quantize(job.src_of(c), values, buf, opts);
-            sink(buf, Some(&loss))
-        }),
-        Quantizing::Scale { blocks, .. } => {
-            let mut scales = vec![0f32; n];
-            blocks.scales(job.src_of(c), &mut scales);
-            buf.clear();
-            buf.extend(scales.iter().flat_map(|s| s.to_le_bytes()));
-            sink(buf, None)
-        }
-    })
 }
 
 fn write_shard(
@@ -1042,37 +826,29 @@ fn write_shard(
                 return Err(Error::Cancelled);
             }
             let job = &jobs[c.job];
-            let offset = job.dst_start + span(job.to, c.begin);
-            let written = span(job.to, c.end - c.begin);
+            let offset = job.dst_start + span(job.to(), c.begin);
+            let written = span(job.to(), c.end - c.begin);
             // Write `bytes` (already in the target dtype), hash them.
             let put = |bytes: &[u8]| -> Result<u64> {
                 out.write_at(bytes, offset)?;
                 Ok(xxh3_64(bytes))
             };
-            // Round `values` (elements of `from`) to the target, write, count.
-            let cast_put = |values: &[u8], from: DType| -> Result<u64> {
-                if from == job.to {
-                    c.count_loss(jobs, values);
-                    return put(values);
-                }
-                BUFFER.with_borrow_mut(|buf| -> Result<u64> {
-                    buf.resize(written as usize, 0);
-                    if c.last == c.job {
-                        job.cast_counting(values, from, buf, &opts.cast)?;
-                    } else {
-                        cast::cast(values, from, buf, job.to, &opts.cast)?;
-                        c.count_loss(jobs, values);
-                    }
-                    put(buf)
-                })
-            };
-            let hash = match (job.dequant.as_deref(), job.quantize.as_deref()) {
-                (Some(d), _) => with_values(job, d, c, |values| cast_put(values, DType::F32))?,
-                (_, Some(q)) => with_quantized(job, q, c, &opts.cast, |bytes, loss| {
-                    loss.inspect(|l| job.add_loss(l));
-                    put(bytes)
-                })?,
-                (None, None) => cast_put(job.src_of(c), job.from)?,
+            let hash = if c.last > c.job {
+                cast_run(jobs, c, written, &opts.cast, put)?
+            } else {
+                job.kind().produce(
+                    &job.source,
+                    c.begin,
+                    c.end,
+                    &opts.cast,
+                    job.rule.as_ref(),
+                    &mut |bytes, loss| {
+                        if let Some(found) = loss {
+                            job.add_loss(found);
+                        }
+                        put(bytes)
+                    },
+                )?
             };
             if opts.fsync {
                 out.written(offset, written);
@@ -1089,6 +865,29 @@ fn write_shard(
     }
     hashes.sort_unstable();
     Ok((out, combine_digest(header_bytes, &hashes)))
+}
+
+/// Make chunk `c`, a run of whole small tensors of one dtype pair that follow
+/// each other in their input and in the output (see [`joins`]), as one cast
+/// (or copy) of `written` bytes, counting each tensor's loss, and `put` it.
+fn cast_run(
+    jobs: &[Job],
+    c: &Chunk,
+    written: u64,
+    opts: &CastOptions,
+    put: impl FnOnce(&[u8]) -> Result<u64>,
+) -> Result<u64> {
+    let job = &jobs[c.job];
+    let values = job.src_of(c);
+    c.count_loss(jobs, values);
+    if job.from() == job.to() {
+        return put(values);
+    }
+    BUFFER.with_borrow_mut(|buf| {
+        buf.resize(written as usize, 0);
+        cast::cast(values, job.from(), buf, job.to(), opts)?;
+        put(buf)
+    })
 }
 
 #[cfg(test)]

@@ -30,7 +30,6 @@
 //! No Python here: the crate is tested, benchmarked and fuzzed on its own.
 
 pub mod cast;
-pub mod dequant;
 pub mod dtype;
 pub mod error;
 pub mod exec;
@@ -48,6 +47,10 @@ pub mod quantize;
 mod scratch;
 pub mod shard_file;
 pub mod torchfile;
+pub mod values;
+
+/// Each dequantized format's math: [`values::dequant`], by its older name.
+pub use values::dequant;
 
 pub use cast::{cast, cast_parallel, CastOptions, Fp8Overflow, Kernel};
 pub use dtype::DType;

@@ -13,6 +13,7 @@ use std::path::PathBuf;
 
 use fastcast_core::exec::{self, Plan, ShardPlan, SourceFile, TensorPlan};
 use fastcast_core::header::json_len;
+use fastcast_core::values::Value;
 use fastcast_core::DType;
 use pyo3::intern;
 use pyo3::prelude::*;
@@ -192,8 +193,11 @@ fn read_tensor(obj: &Bound<'_, PyAny>, dtypes: &mut DTypes) -> Read<TensorPlan> 
         dst_dtype: dtypes.read(&field(intern!(py, "dst_dtype"))?, "dst_dtype")?,
         src_offsets: pair(&field(intern!(py, "src_offsets"))?, "src_offsets")?,
         dst_offsets: pair(&field(intern!(py, "dst_offsets"))?, "dst_offsets")?,
-        dequant: optional(&t, intern!(py, "dequant"), "")?,
-        quantize: optional(&t, intern!(py, "quantize"), "")?,
+        value: Value::of(
+            optional(&t, intern!(py, "dequant"), "")?,
+            optional(&t, intern!(py, "quantize"), "")?,
+        )
+        .map_err(|e| Malformed(format!(": {e}")))?,
     })
 }
 
@@ -218,8 +222,7 @@ fn read_row(row: &Bound<'_, PyTuple>, dtypes: &mut DTypes) -> Read<TensorPlan> {
         dst_dtype: dtypes.read(&field(4), ROW[4])?,
         src_offsets: pair(&field(5), ROW[5])?,
         dst_offsets: pair(&field(6), ROW[6])?,
-        dequant: None,
-        quantize: None,
+        value: Value::Cast,
     })
 }
 

@@ -12,6 +12,7 @@ use fastcast_core::exec::TensorPlan;
 use fastcast_core::header::{self, Entry};
 use fastcast_core::layout::{self, Placed};
 use fastcast_core::names;
+use fastcast_core::values::Value;
 use fastcast_core::{DType, KeepRule, TensorInfo};
 use pyo3::prelude::*;
 use pyo3::types::{PyIterator, PyList, PyString, PyTuple};
@@ -228,8 +229,7 @@ impl PlainRows {
                     dst_dtype: p.dtype,
                     src_offsets: t.data_offsets,
                     dst_offsets: (p.begin, p.end),
-                    dequant: None,
-                    quantize: None,
+                    value: Value::Cast,
                 }
             })
             .collect()

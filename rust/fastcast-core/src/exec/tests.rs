@@ -63,8 +63,7 @@ fn plan_for(src: &Path, out: &Path, n: u64, to: &str) -> Plan {
                     dst_dtype: DType::I64,
                     src_offsets: (data_start + 4 * n, data_start + 4 * n + 8),
                     dst_offsets: (0, 8),
-                    dequant: None,
-                    quantize: None,
+                    value: Value::Cast,
                 },
                 TensorPlan {
                     name: "a".into(),
@@ -74,8 +73,7 @@ fn plan_for(src: &Path, out: &Path, n: u64, to: &str) -> Plan {
                     dst_dtype: to.parse().unwrap(),
                     src_offsets: (data_start, data_start + 4 * n),
                     dst_offsets: (8, 8 + to_size * n),
-                    dequant: None,
-                    quantize: None,
+                    value: Value::Cast,
                 },
             ],
         }],
@@ -394,7 +392,7 @@ fn dequantizes_fp8_with_a_scale_in_another_file() {
                 dst_dtype: DType::F16,
                 src_offsets: w_at,
                 dst_offsets: (0, 2 * rows * cols),
-                dequant: Some(Box::new(Dequant::Fp8Scaled {
+                value: Value::Dequant(Box::new(Dequant::Fp8Scaled {
                     scale: Operand {
                         name: "l.weight_scale_inv".into(),
                         source: 1,
@@ -404,7 +402,6 @@ fn dequantizes_fp8_with_a_scale_in_another_file() {
                     },
                     block: (2, 3),
                 })),
-                quantize: None,
             }],
         }],
     };
@@ -435,8 +432,10 @@ fn dequantizes_fp8_with_a_scale_in_another_file() {
 
     // A scale grid that does not fit the weight is refused before anything is written.
     let mut bad = plan.clone();
-    if let Some(Dequant::Fp8Scaled { block, .. }) = bad.shards[0].tensors[0].dequant.as_deref_mut()
-    {
+    if let Value::Dequant(d) = &mut bad.shards[0].tensors[0].value {
+        let Dequant::Fp8Scaled { block, .. } = &mut **d else {
+            unreachable!()
+        };
         *block = (3, 3);
     }
     fs::remove_file(&out).unwrap();
@@ -448,7 +447,7 @@ fn dequantizes_fp8_with_a_scale_in_another_file() {
 #[test]
 fn dequantizes_gptq_and_bnb_under_their_output_names_in_any_chunking() {
     use crate::cast::scalar;
-    use crate::dequant::{Dequant, Operand};
+    use crate::dequant::{Dequant, Dequantizer, Operand};
 
     let dir = Scratch::new("dequant-int");
     let mut files = Vec::new();
@@ -526,8 +525,7 @@ fn dequantizes_gptq_and_bnb_under_their_output_names_in_any_chunking() {
             dst_dtype: DType::BF16,
             src_offsets: src.offsets,
             dst_offsets: (at, at + 2 * n),
-            dequant: Some(Box::new(how.clone())),
-            quantize: None,
+            value: Value::Dequant(Box::new(how.clone())),
         }
     };
     let plan = Plan {
@@ -597,7 +595,10 @@ fn dequantizes_gptq_and_bnb_under_their_output_names_in_any_chunking() {
 
     // A GPTQ operand of the wrong shape is refused before anything is written.
     let mut bad = plan.clone();
-    if let Some(Dequant::Gptq { scales, .. }) = bad.shards[0].tensors[0].dequant.as_deref_mut() {
+    if let Value::Dequant(d) = &mut bad.shards[0].tensors[0].value {
+        let Dequant::Gptq { scales, .. } = &mut **d else {
+            unreachable!()
+        };
         scales.shape = vec![1, 32];
     }
     fs::remove_file(&out).unwrap();
@@ -645,8 +646,7 @@ fn quantizes_weights_and_their_scales_in_any_chunking_scales_after_weights() {
             dst_dtype: to.parse().unwrap(),
             src_offsets: src.2,
             dst_offsets: (at, at + size * n),
-            dequant: None,
-            quantize: Some(Box::new(how)),
+            value: Value::Quantize(Box::new(how)),
         }
     };
     let scale = |weight: &str, shape: &[u64], block| Quantize::Fp8Scale {
@@ -882,8 +882,7 @@ fn tiny_tensors(dir: &Path, count: usize, per: usize) -> (Plan, Vec<Vec<f32>>) {
             dst_dtype: dtype.parse().unwrap(),
             src_offsets: (start + t.data_offsets.0, start + t.data_offsets.1),
             dst_offsets: (dst, dst + out),
-            dequant: None,
-            quantize: None,
+            value: Value::Cast,
         });
         dst += out;
     }
@@ -964,7 +963,7 @@ fn tiny_tensors_run_in_shared_chunks_with_their_own_losses() {
 #[test]
 fn a_chunk_cast_in_cache_blocks_counts_and_casts_every_block() {
     let dir = Scratch::new("cast-blocks");
-    let per_block = CAST_BLOCK / 4;
+    let per_block = crate::values::cast::CAST_BLOCK / 4;
     let n = 2 * per_block + per_block / 2 + 7; // two whole blocks and a partial one
     let (src, _) = source(&dir.0, n);
     // Overflow (> 464 in e4m3) and underflow (below e4m3's smallest subnormal)

@@ -1,0 +1,229 @@
+//! What each output tensor's values are, and how they are made chunk by chunk.
+//!
+//! A tensor's values come from exactly one kind, which the plan names
+//! ([`Value`]): its source cast (or copied) to the output dtype
+//! ([`cast`]), a quantized weight's values reconstructed in f32 and rounded
+//! once ([`dequant`]), or a float weight quantized to fp8 ([`quantize`]).
+//! Each kind is a file here implementing [`Kind`]; the executor checks a
+//! tensor's plan once into its [`Values`] and dispatches on it in one place,
+//! [`Values::kind`], never on the kind itself.
+//!
+//! Adding a kind: a variant of [`Value`] (the plan's wire format, read by the
+//! core's serde types and by `fastcast-py`'s `plan.rs`), a file here with a
+//! type implementing [`Kind`], and its arms in [`Values::check`] and
+//! [`Values::kind`]; `docs/architecture.md` lists the Python side.
+
+pub mod cast;
+pub mod dequant;
+pub mod quantize;
+
+use serde::Deserialize;
+
+use crate::cast::CastOptions;
+use crate::dequant::{Dequant, Dequantizer, Operand};
+use crate::dtype::DType;
+use crate::error::Result;
+use crate::loss::{LossRule, LossStats};
+use crate::quantize::Quantize;
+
+/// What a planned tensor's values are: the wire format's one field for it.
+#[derive(Debug, Clone, Default, PartialEq, Deserialize)]
+#[serde(try_from = "ValueParts")]
+pub enum Value {
+    /// Its source's values, cast to the output dtype (or copied when it is
+    /// the source's).
+    #[default]
+    Cast,
+    /// A quantized weight's values, reconstructed as the format's reference
+    /// computes them in f32, then rounded once to the output dtype.
+    Dequant(Box<Dequant>),
+    /// A float weight quantized: its e4m3 values, or its F32 scales.
+    Quantize(Box<Quantize>),
+}
+
+/// [`Value`] as a plan spells it: at most one of two optional fields of the
+/// tensor (a plain tensor has neither), so plans written before the kinds
+/// were one field still read.
+#[derive(Deserialize)]
+pub struct ValueParts {
+    #[serde(default)]
+    dequant: Option<Box<Dequant>>,
+    #[serde(default)]
+    quantize: Option<Box<Quantize>>,
+}
+
+impl TryFrom<ValueParts> for Value {
+    type Error = String;
+
+    fn try_from(parts: ValueParts) -> std::result::Result<Value, String> {
+        Value::of(parts.dequant, parts.quantize)
+    }
+}
+
+impl Value {
+    /// The kind of a tensor given as the plan's two optional fields.
+    pub fn of(
+        dequant: Option<Box<Dequant>>,
+        quantize: Option<Box<Quantize>>,
+    ) -> std::result::Result<Value, String> {
+        match (dequant, quantize) {
+            (None, None) => Ok(Value::Cast),
+            (Some(d), None) => Ok(Value::Dequant(d)),
+            (None, Some(q)) => Ok(Value::Quantize(q)),
+            (Some(_), Some(_)) => Err("both dequantized and quantized".into()),
+        }
+    }
+}
+
+/// A tensor's source as its kind reads it.
+#[derive(Clone, Copy)]
+pub struct Source<'a> {
+    /// The tensor's bytes in its input.
+    pub src: &'a [u8],
+    /// The whole input `src` lies in (a run of small tensors reads on past
+    /// `src`; see [`cast::Cast::source`]).
+    pub file: &'a [u8],
+    pub from: DType,
+    /// The output's dtype.
+    pub to: DType,
+    /// Elements of the output tensor.
+    pub numel: u64,
+}
+
+impl<'a> Source<'a> {
+    /// Where `src` starts in `file`.
+    pub fn offset(&self) -> usize {
+        self.src.as_ptr() as usize - self.file.as_ptr() as usize
+    }
+}
+
+/// How a tensor is cut into chunks: `count` units (elements, or bytes of a
+/// sub-byte dtype), chunk bounds on multiples of `align` units, `held` bytes
+/// held per unit while a chunk is made (the widest of what is read, computed
+/// and written).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Units {
+    pub count: u64,
+    pub align: u64,
+    pub held: u64,
+}
+
+/// Where a kind hands the bytes of a chunk it made (in the output dtype), with
+/// what making them lost; returns the bytes' hash.
+pub type Put<'p> = dyn FnMut(&[u8], Option<&LossStats>) -> Result<u64> + 'p;
+
+/// One kind of values, made chunk by chunk: units `[begin, end)` of the
+/// output tensor at a time, each a whole number of [`Units::align`].
+pub trait Kind: Sync {
+    /// How the tensor is cut into chunks.
+    fn units(&self, s: &Source) -> Units;
+
+    /// The source bytes units `[begin, end)` read.
+    fn source<'a>(&self, s: &Source<'a>, begin: u64, end: u64) -> &'a [u8];
+
+    /// Whether what it reads counts as input read (a weight's scales re-read
+    /// bytes the weight counted already).
+    fn counts_reads(&self) -> bool {
+        true
+    }
+
+    /// Whether every chunk reads across the whole source, so that its pages
+    /// are released after the last chunk rather than after each.
+    fn reads_whole_source(&self) -> bool {
+        false
+    }
+
+    /// What a rounding of its values loses, if it rounds (None: nothing to
+    /// count, no loss record).
+    fn rule(&self, s: &Source) -> Option<LossRule>;
+
+    /// The tensor that must be made just before this one (a weight before its
+    /// scales, whose pages are then still cached), by output name.
+    fn after(&self) -> Option<&str> {
+        None
+    }
+
+    /// Make units `[begin, end)` in the output dtype and hand them to `put`,
+    /// with what making them lost (`rule` is [`Kind::rule`]'s).
+    fn produce(
+        &self,
+        s: &Source,
+        begin: u64,
+        end: u64,
+        opts: &CastOptions,
+        rule: Option<&LossRule>,
+        put: &mut Put,
+    ) -> Result<u64>;
+
+    /// What making units `[begin, end)` would lose, writing nothing (None:
+    /// nothing to count).
+    fn scan(&self, s: &Source, begin: u64, end: u64, rule: Option<&LossRule>) -> Option<LossStats>;
+}
+
+/// Why a tensor's plan does not check, for the executor to word: an error of
+/// the core's as it is, a problem with the plan, or a source that does not
+/// hold the shape the kind reads (the executor names the file).
+pub enum Invalid {
+    Core(crate::Error),
+    Plan(String),
+    Holds(Vec<u64>),
+}
+
+thread_local! {
+    /// Each worker's f32 values of its chunk (dequantized, or before they are
+    /// quantized): at most one chunk per thread.
+    pub(crate) static VALUES: std::cell::RefCell<Vec<u8>> =
+        const { std::cell::RefCell::new(Vec::new()) };
+}
+
+/// A tensor's values, checked against its plan and inputs: its kind, ready.
+pub enum Values<'a> {
+    Cast(cast::Cast),
+    Dequant(Box<Dequantizer<'a>>),
+    Quantize(Box<quantize::Quantizing<'a>>),
+}
+
+impl<'a> Values<'a> {
+    /// Check the kind `value` of a tensor of `shape` written as `s.to` from
+    /// `s.src` (of `s.from`), resolving operands with `operand`.
+    pub fn check(
+        value: &'a Value,
+        s: &Source<'a>,
+        shape: &'a [u64],
+        operand: &dyn Fn(&'a Operand) -> std::result::Result<&'a [u8], String>,
+    ) -> std::result::Result<Values<'a>, Invalid> {
+        Ok(match value {
+            Value::Cast => Values::Cast(cast::Cast::check(s, shape)?),
+            Value::Dequant(how) => {
+                Values::Dequant(Box::new(dequant::check(how, s, shape, operand)?))
+            }
+            Value::Quantize(how) => {
+                Values::Quantize(Box::new(quantize::Quantizing::check(how, s, shape)?))
+            }
+        })
+    }
+
+    /// The kind: the one place the executor dispatches on it.
+    pub fn kind(&self) -> &dyn Kind {
+        match self {
+            Values::Cast(k) => k,
+            Values::Dequant(k) => &**k,
+            Values::Quantize(k) => &**k,
+        }
+    }
+
+    /// Whether this is a plain cast or copy (runs of them are made as one).
+    pub fn is_cast(&self) -> bool {
+        matches!(self, Values::Cast(_))
+    }
+}
+
+/// That `s.src` holds a tensor of `shape` in `s.from` (sub-byte dtypes by
+/// their bits); else [`Invalid::Holds`].
+pub fn holds(s: &Source, shape: &[u64]) -> std::result::Result<(), Invalid> {
+    let numel = shape.iter().try_fold(1u64, |a, &d| a.checked_mul(d));
+    if numel.and_then(|n| n.checked_mul(s.from.bits())) == Some(s.src.len() as u64 * 8) {
+        return Ok(());
+    }
+    Err(Invalid::Holds(shape.to_vec()))
+}
