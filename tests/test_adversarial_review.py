@@ -57,14 +57,27 @@ def write_safetensors(path: Path, entries: dict[str, tuple[str, list[int], bytes
     path.write_bytes(struct.pack("<Q", len(text)) + text + bytes(data))
 
 
-def start(*args: object) -> subprocess.Popen[str]:
-    """``kill_at.py ARGS`` in the background (for the holds)."""
-    return subprocess.Popen(
-        [sys.executable, str(HERE / "kill_at.py"), *map(str, args)],
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        text=True,
-    )
+@pytest.fixture
+def start():
+    """``start(ARGS)`` runs ``kill_at.py ARGS`` in the background (for the holds); the
+    teardown kills whatever is still running, so a failing test leaks no held run."""
+    procs: list[subprocess.Popen[str]] = []
+
+    def run(*args: object) -> subprocess.Popen[str]:
+        proc = subprocess.Popen(
+            [sys.executable, str(HERE / "kill_at.py"), *map(str, args)],
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+        procs.append(proc)
+        return proc
+
+    yield run
+    for proc in procs:
+        if proc.poll() is None:
+            proc.kill()
+        proc.communicate()
 
 
 def wait_for_hold(proc: subprocess.Popen[str]) -> None:
@@ -282,7 +295,7 @@ def test_3_overwrite_never_writes_through_a_planted_link(tmp_path):
 
 
 @pytest.mark.parametrize("flags", [[], ["--overwrite"]])
-def test_4_two_runs_into_one_new_output_never_both_succeed(tmp_path, flags):
+def test_4_two_runs_into_one_new_output_never_both_succeed(tmp_path, flags, start):
     """Was: the run that created .fastcast-staging took its lock only afterwards, so a
     second run could commit in between and the first commit over it, both exit 0.
     Deterministic: the first run holds right after creating the output folder."""
@@ -306,7 +319,7 @@ def test_4_two_runs_into_one_new_output_never_both_succeed(tmp_path, flags):
     assert fastcast.verify(out, progress=False).ok
 
 
-def test_4_a_live_run_is_named_as_such(tmp_path):
+def test_4_a_live_run_is_named_as_such(tmp_path, start):
     """Was: a second run while the first was still writing said "an interrupted run
     left it; pass --resume", "File exists" or "lock: No such file or directory"."""
     model = small_model(tmp_path)

@@ -313,7 +313,7 @@ def test_the_resume_fingerprint_tells_plans_apart(tmp_path):
     """A resumed run must have the plan of the run it finishes: the fingerprint is
     the same for the same plan, and differs when the tensors' dtypes (``--keep``) or
     the shards' split differ."""
-    from fastcast._convert import fingerprint
+    from fastcast._conversion.fingerprint import fingerprint
     from fastcast._model_dir import TorchOptions, open_model
     from fastcast._plan import plan_conversion
 

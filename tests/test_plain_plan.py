@@ -17,7 +17,7 @@ import pytest
 from safetensors.numpy import save_file
 
 from fastcast import _core
-from fastcast._convert import shard_fingerprint
+from fastcast._conversion.fingerprint import shard_fingerprint
 from fastcast._model_dir import ModelFolder, WeightSet, open_model
 from fastcast._plan import SetPlan, plan_set
 from zoo import ZOO

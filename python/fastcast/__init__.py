@@ -13,7 +13,8 @@ array([3.14], dtype=float16)
 
 from fastcast._arrays import cast_array
 from fastcast._batch import BatchReport, ModelJob, ModelResult, convert_batch, read_jobs
-from fastcast._convert import ConversionReport, convert
+from fastcast._conversion import ConversionReport
+from fastcast._convert import convert
 from fastcast._core import (
     DtypeError,
     FastcastError,

@@ -12,21 +12,34 @@ from __future__ import annotations
 import os
 import sys
 import time
-import tomllib
-from collections.abc import Mapping, Sequence
+from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
 
 from fastcast._arguments import as_patterns, thread_count
-from fastcast._convert import ConversionReport, ShardExecutor, convert, default_output, parse_target
+from fastcast._batch_jobs import (
+    JobsFile,
+    ModelJob,
+    PlannedModel,
+    Unplanned,
+    make_parents,
+    output_folders,
+    output_of,
+    plan_jobs,
+    probe_paths,
+    read_jobs,
+)
+from fastcast._conversion import ConversionReport, ShardExecutor, run_conversion
+from fastcast._errors import one_line
 from fastcast._hf_cache import model_path
 from fastcast._jobs import LocalPool, ShardBoard, ShardPool, shard_executor
 from fastcast._loss import loss_sum
-from fastcast._model_dir import TorchOptions, open_model
 from fastcast._report_file import check_report_path, write_report
 from fastcast._units import format_bytes
+
+__all__ = ["BatchReport", "JobsFile", "ModelJob", "ModelResult", "convert_batch", "read_jobs"]
 
 Executor = Literal["local", "ray"]
 
@@ -38,36 +51,6 @@ Executor = Literal["local", "ray"]
 LOCAL_LANES = 1
 #: Models being prepared, staged or committed at once; their shards share one queue.
 MODELS_AT_ONCE = 4
-
-#: What a job (a model of the batch, a ``[[model]]`` of a jobs file) may set, as
-#: ``convert`` takes it; ``path`` and ``output`` are the job's own.
-JOB_OPTIONS = frozenset(
-    {
-        "dtype",
-        "shard_size",
-        "keep",
-        "variant",
-        "keep_quantized",
-        "dequantize",
-        "quantize",
-        "strict",
-        "overwrite",
-        "resume",
-        "fp8_overflow",
-        "max_memory",
-        "state_dict_key",
-        "strip_prefix",
-    }
-)
-
-
-@dataclass(frozen=True)
-class ModelJob:
-    """One model of a batch: what it is as typed, where it goes, with which options."""
-
-    model: str
-    options: dict[str, Any] = field(default_factory=dict)
-    """``convert``'s keyword arguments for it, ``dtype`` and ``output`` included."""
 
 
 @dataclass(frozen=True)
@@ -166,128 +149,6 @@ class BatchReport:
         }
 
 
-def one_line(e: BaseException) -> str:
-    """One line naming the file and the problem: ``out/x: No space left on device``."""
-    if isinstance(e, OSError) and e.filename is not None and e.strerror:
-        target = f" -> {e.filename2}" if e.filename2 is not None else ""
-        return f"{e.filename}{target}: {e.strerror}"
-    return str(e)
-
-
-# --- jobs ------------------------------------------------------------------------------
-
-
-@dataclass(frozen=True)
-class JobsFile:
-    """A jobs file read: its models, its defaults for all of them, its ``output_dir``."""
-
-    jobs: list[ModelJob]
-    defaults: dict[str, Any]
-    output_dir: Path | None
-
-
-def read_jobs(path: str | os.PathLike[str]) -> JobsFile:
-    """The models of a jobs file (TOML) and its defaults for all of them.
-
-    Top-level keys are defaults (``dtype``, ``shard_size``, ``keep``..., and
-    ``output_dir``); each ``[[model]]`` has a ``path`` (a folder, a file or a repo id)
-    and may set its own options and ``output``. Paths are relative to the file's folder.
-
-    >>> read_jobs("jobs.toml").jobs[0].model  # doctest: +SKIP
-    'meta-llama/Llama-3.1-8B'
-    """
-    file = Path(path)
-    try:
-        doc = tomllib.loads(file.read_text(encoding="utf-8"))
-    except tomllib.TOMLDecodeError as e:
-        raise ValueError(f"{file}: not TOML: {e}") from None
-    here = file.parent
-    models = doc.pop("model", None)
-    if not isinstance(models, list) or not models:
-        raise ValueError(f"{file}: no [[model]] tables (each with a path)")
-    defaults = checked_options(doc, f"{file}", {"output_dir"})
-    output_dir = defaults.pop("output_dir", None)
-    jobs = []
-    for i, table in enumerate(models, 1):
-        where = f"{file}: model {i}"
-        if not isinstance(table, dict) or not isinstance(table.get("path"), str):
-            raise ValueError(f'{where}: needs path = "folder, file or org/name"')
-        options = checked_options(table, where, {"path", "output"})
-        typed = options.pop("path")
-        local = here / typed
-        model = str(local) if local.exists() or typed.startswith((".", "/")) else typed
-        if "output" in options:
-            options["output"] = here / str(options["output"])
-        jobs.append(ModelJob(model, options))
-    return JobsFile(jobs, defaults, None if output_dir is None else here / str(output_dir))
-
-
-def checked_options(table: Mapping[str, Any], where: str, extra: set[str]) -> dict[str, Any]:
-    unknown = sorted(set(table) - JOB_OPTIONS - extra)
-    if unknown:
-        raise ValueError(
-            f"{where}: unknown key {unknown[0]!r} (known: {', '.join(sorted(JOB_OPTIONS | extra))})"
-        )
-    options = dict(table)
-    if isinstance(options.get("keep"), str):
-        options["keep"] = [options["keep"]]
-    return options
-
-
-def plan_jobs(
-    models: Sequence[str | os.PathLike[str] | ModelJob],
-    dtype: str | None,
-    output_dir: str | os.PathLike[str] | None,
-    options: Mapping[str, Any],
-) -> list[ModelJob | ModelResult]:
-    """Each model's ``convert`` arguments; a ModelResult for one that fails before
-    (an output another model of the batch writes too)."""
-    planned: list[ModelJob | ModelResult] = []
-    outputs: dict[Path, str] = {}
-    for m in models:
-        job = m if isinstance(m, ModelJob) else ModelJob(os.fspath(m))
-        opts = {**options, **job.options}
-        opts.setdefault("dtype", dtype)
-        try:
-            out = opts.get("output")
-            if out is None and output_dir is not None:
-                out = Path(output_dir) / default_name(job.model, opts)
-            if out is not None:
-                key = Path(os.path.abspath(out))
-                if key in outputs:
-                    raise ValueError(f"{out}: is also the output of {outputs[key]} in this batch")
-                outputs[key] = job.model
-                opts["output"] = out
-        except Exception as e:
-            planned.append(ModelResult(job.model, "failed", None, error=one_line(e)))
-            continue
-        planned.append(ModelJob(job.model, opts))
-    return planned
-
-
-def make_parents(planned: Sequence[ModelJob | ModelResult]) -> None:
-    """The folders the outputs go in, made once here, not by models racing to make a
-    shared parent."""
-    for job in planned:
-        out = job.options.get("output") if isinstance(job, ModelJob) else None
-        if out is not None:
-            Path(os.path.abspath(out)).parent.mkdir(parents=True, exist_ok=True)
-
-
-def default_name(model: str, opts: Mapping[str, Any]) -> str:
-    """The folder name ``convert`` would give the model's output (``name-bf16``;
-    ``name-safetensors`` without a dtype)."""
-    return default_path(model, opts).name
-
-
-def default_path(model: str, opts: Mapping[str, Any]) -> Path:
-    """The output ``convert`` would write the model to without ``output``."""
-    source = model_path(model)
-    torch = TorchOptions(opts.get("state_dict_key"), opts.get("strip_prefix"))
-    target = None if opts.get("dtype") is None else parse_target(opts["dtype"])
-    return default_output(open_model(source, opts.get("variant"), torch), source, target)
-
-
 # --- the API ---------------------------------------------------------------------------
 
 
@@ -323,7 +184,9 @@ def convert_batch(
         options["keep"] = as_patterns(options["keep"], "keep")
     n_threads = thread_count(threads) if executor == "local" else (threads or 1)
     started = time.perf_counter()
-    planned = plan_jobs(models, dtype, output_dir, options)
+    planned = plan_jobs(
+        models, dtype, output_dir, options, {"threads": n_threads, "progress": False}
+    )
     report_path = None
     if report is not None:
         report_path = check_report_path(report, *batch_places(planned, output_dir))
@@ -333,55 +196,55 @@ def convert_batch(
         if executor == "ray":
             from fastcast._ray_executor import RayPool
 
-            with RayPool.start(ray_address, planned, threads, options.get("max_memory")) as pool:
-                results = run_models(planned, pool, board, pool.threads)
+            paths = probe_paths(planned), output_folders(planned)
+            with RayPool.start(ray_address, paths, threads, options.get("max_memory")) as pool:
+                results = run_models(planned, pool, board)
         else:
             local = LocalPool(n_threads, LOCAL_LANES)
             try:
-                results = run_models(planned, local, board, n_threads)
+                results = run_models(planned, local, board)
             finally:
                 local.close()
     finally:
         board.close()
-    batch = BatchReport(results, time.perf_counter() - started, executor)
+    done = BatchReport(results, time.perf_counter() - started, executor)
     if report_path is not None:
-        write_report(report_path, batch.to_dict(), fsync=options.get("fsync", True))
-    return batch
+        write_report(report_path, done.to_dict(), fsync=options.get("fsync", True))
+    return done
 
 
 def batch_places(
-    planned: Sequence[ModelJob | ModelResult], output_dir: str | os.PathLike[str] | None
+    planned: Sequence[PlannedModel | Unplanned], output_dir: str | os.PathLike[str] | None
 ) -> tuple[list[Path], list[Path]]:
     """The models a batch reads and the folders it writes, where a report must not go."""
     inputs: list[Path] = []
     outputs: list[Path] = [Path(output_dir)] if output_dir is not None else []
     for job in planned:
-        if not isinstance(job, ModelJob):
-            continue
-        source = model_path(job.model)
-        inputs.append(source)
-        out = job.options.get("output")
-        outputs.append(Path(out) if out is not None else default_path(job.model, job.options))
+        if isinstance(job, PlannedModel):
+            inputs.append(model_path(job.model))
+            outputs.append(output_of(job))
     return inputs, outputs
 
 
 def run_models(
-    planned: list[ModelJob | ModelResult], pool: ShardPool, board: ShardBoard, threads: int
+    planned: list[PlannedModel | Unplanned], pool: ShardPool, board: ShardBoard
 ) -> list[ModelResult]:
     """Prepare, stage and commit up to ``MODELS_AT_ONCE`` models at a time, their shards
-    all going to ``pool``; a failure is the model's result, not the batch's. ``threads``
-    sizes each model's buffers (``max_memory`` is shared by that many)."""
+    all going to ``pool``; a failure is the model's result, not the batch's."""
     make_parents(planned)  # once the executor is ready: a cluster not joined writes nothing
-    jobs = [p for p in planned if isinstance(p, ModelJob)]
+    jobs = [p for p in planned if isinstance(p, PlannedModel)]
     models = ThreadPoolExecutor(max(1, min(MODELS_AT_ONCE, len(jobs))), "fastcast-model")
     try:
         futures = {
-            id(job): models.submit(
-                convert_one, job, threads, shard_executor(pool, board, job.model)
-            )
+            id(job): models.submit(convert_one, job, shard_executor(pool, board, job.model))
             for job in jobs
         }
-        return [p if isinstance(p, ModelResult) else futures[id(p)].result() for p in planned]
+        return [
+            futures[id(p)].result()
+            if isinstance(p, PlannedModel)
+            else ModelResult(p.model, "failed", p.output, error=p.error)
+            for p in planned
+        ]
     except BaseException:
         pool.cancel()  # Ctrl-C: every running shard stops, each model keeps what it finished
         raise
@@ -389,21 +252,16 @@ def run_models(
         models.shutdown(wait=True, cancel_futures=True)
 
 
-def convert_one(job: ModelJob, threads: int, executor: ShardExecutor) -> ModelResult:
+def convert_one(job: PlannedModel, executor: ShardExecutor) -> ModelResult:
     """One model of the batch, its shards written by ``executor``."""
     started = time.perf_counter()
-    opts = dict(job.options)
-    dtype = opts.pop("dtype")
     try:
-        report = convert(
-            job.model, dtype, threads=threads, progress=False, _executor=executor, **opts
-        )
+        report = run_conversion(job.model, job.options, executor)
     except Exception as e:
-        out = opts.get("output")
         return ModelResult(
             job.model,
             "failed",
-            Path(out) if out is not None else None,
+            job.options.output,
             error=one_line(e),
             seconds=time.perf_counter() - started,
         )

@@ -26,9 +26,8 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal, Protocol
 
 from fastcast import _core
-from fastcast._convert import ShardExecutor
+from fastcast._conversion.stage import ShardExecutor, Shards
 from fastcast._output import Run
-from fastcast._plan import ConversionPlan
 
 if TYPE_CHECKING:
     from tqdm import tqdm
@@ -231,29 +230,21 @@ class ShardBoard:
 
 
 def shard_executor(pool: ShardPool, board: ShardBoard, model: str) -> ShardExecutor:
-    """``convert``'s executor for one model of a batch: its shards go to ``pool`` as
+    """A conversion's executor for one model of a batch: its shards go to ``pool`` as
     jobs, each landed as it finishes; the first failure stops the model's others."""
 
-    def execute(
-        plan: ConversionPlan,
-        run: Run,
-        todo: list[str],
-        threads: int,
-        chunk: int,
-        fp8_overflow: Literal["saturate", "nan"],
-        progress: bool | None,
-        sizes: dict[Path, int],
-    ) -> ShardsWritten | None:
-        if not todo:
+    def execute(shards: Shards) -> ShardsWritten | None:
+        if not shards.todo:
             return None
+        run, plan = shards.run, shards.plan
         jobs = {}
         for shard in plan.shards:
-            if shard.name in todo:
+            if shard.name in shards.todo:
                 run.staged(shard.name)  # the shard's folder
                 jobs[shard.name] = ShardJob(
-                    model, shard.name, plan.to_dict(run.staging, sizes, only={shard.name}),
-                    shard.input_bytes, threads, chunk, run.fsync,
-                    fp8_overflow,
+                    model, shard.name, plan.to_dict(run.staging, shards.sizes, only={shard.name}),
+                    shard.input_bytes, shards.threads, shards.chunk_bytes, run.fsync,
+                    shards.fp8_overflow,
                 )  # fmt: skip
         board.add_model(model, sum(j.input_bytes for j in jobs.values()))
         try:

@@ -26,20 +26,20 @@ only to somewhere inside it or, in a Hugging Face cache, to the same repository'
 
 from __future__ import annotations
 
-import math
 import os
 import re
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 from functools import cached_property
 from pathlib import Path
-from typing import NamedTuple
 
 from fastcast import _core
 from fastcast._config import CONFIG_NAME
 from fastcast._core import ModelFolderError
+from fastcast._entries import TensorEntry
 from fastcast._hf_cache import is_blob_of
 from fastcast._record import RECORD_NAME, STAGING_DIR, STAGING_DONE
+from fastcast._torchfile import read_torch_weights
 
 WEIGHTS_SUFFIX = ".safetensors"
 INDEX = re.compile(r"^(?P<prefix>.+)\.safetensors\.index(?:\.(?P<variant>[^.]+))?\.json$")
@@ -64,28 +64,6 @@ NEVER_COPIED = {".git", ".hg", ".svn", ".cache", "__pycache__", ".ipynb_checkpoi
 KNOWN_VARIANTS = {"fp16", "bf16", "fp32", "fp64", "fp8", "ema", "non_ema"}
 #: What a conversion leaves in its output; a source's copy is never copied.
 FASTCAST_FILES = {RECORD_NAME, STAGING_DIR, STAGING_DONE}
-
-
-class TensorEntry(NamedTuple):
-    """One tensor of an input file; ``offsets`` are absolute in the file. A named
-    tuple: a model may have 100k tensors, and the core hands over their rows ready
-    made (``_core.read_entries``); immutable and compared field by field."""
-
-    name: str
-    dtype: str
-    shape: tuple[int, ...]
-    file: Path
-    offsets: tuple[int, int]
-    pickle_path: tuple[str, ...] | None = None
-    """In a torch.save file: the keys leading to it (verify loads it there with torch)."""
-
-    @property
-    def nbytes(self) -> int:
-        return self.offsets[1] - self.offsets[0]
-
-    @property
-    def numel(self) -> int:
-        return math.prod(self.shape)
 
 
 @dataclass(frozen=True)
@@ -228,8 +206,6 @@ class TorchOptions:
 
 def read_torch_source(path: Path, options: TorchOptions) -> SourceFile:
     """One torch.save file's weights, read by the core without running pickle."""
-    from fastcast._torchfile import read_torch_weights
-
     if not path.is_file():
         raise ModelFolderError(f"{path}: not a regular file")
     w = read_torch_weights(path, options.state_dict_key, options.strip_prefix)

@@ -40,6 +40,7 @@ from typing import Any, Literal, NamedTuple
 
 from fastcast import _core
 from fastcast._core import InsufficientSpaceError, LossError, OutputExistsError
+from fastcast._errors import mark_resumable
 from fastcast._record import (
     RECORD_NAME,
     STAGING_DIR,
@@ -443,12 +444,6 @@ def write_durably(path: Path, text: str, fsync: bool) -> None:
                 os.fsync(f.fileno())
     except OSError as e:
         raise naming(e, path) from None
-
-
-def mark_resumable(error: BaseException, out: Path) -> None:
-    """Tell whoever reports ``error`` that the run's finished shards are kept in ``out``
-    (the CLI adds "run the same command with --resume" to its one line)."""
-    error.fastcast_resumable = out  # type: ignore[attr-defined]
 
 
 def sync_folder(folder: Path) -> None:

@@ -30,7 +30,8 @@ from typing import TYPE_CHECKING, Any, Literal, NamedTuple, Protocol, TypeAlias,
 
 from fastcast import _core
 from fastcast._dtypes import element_size, is_castable
-from fastcast._model_dir import ModelFolder, SourceFile, TensorEntry, WeightSet, join
+from fastcast._entries import TensorEntry
+from fastcast._model_dir import ModelFolder, SourceFile, WeightSet, join
 from fastcast._quant import QuantizedWeight, QuantizeTarget
 
 if TYPE_CHECKING:

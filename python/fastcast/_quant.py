@@ -24,7 +24,8 @@ from typing import Any, Literal
 from fastcast import _core
 from fastcast._config import read_config
 from fastcast._dtypes import short_name
-from fastcast._model_dir import ModelFolder, SourceFile, TensorEntry
+from fastcast._entries import TensorEntry
+from fastcast._model_dir import ModelFolder, SourceFile
 
 #: Roles that mean a model is quantized (fp32-pinned tensors alone do not).
 STATE_ROLES = {

@@ -29,7 +29,6 @@ from pathlib import Path
 from typing import Any
 
 from fastcast._core import ModelFolderError
-from fastcast._hf_cache import model_path
 from fastcast._jobs import ShardBoard, ShardDone, ShardJob, run_shard
 from fastcast._units import format_bytes, parse_size
 
@@ -100,13 +99,14 @@ class RayPool:
     def start(
         cls,
         address: str | None,
-        planned: list[Any],
+        paths: tuple[list[Path], list[Path]],
         threads: int | None,
         max_memory: int | str | None,
     ) -> Iterator[RayPool]:
         """Join the cluster at ``address`` (else ``RAY_ADDRESS``, else start a local one;
         one already joined is used as it is), check that every node sees the batch's
-        paths, and leave it afterwards if this call joined it."""
+        ``paths`` (a weight file of each model, the folders it writes in), and leave it
+        afterwards if this call joined it."""
         try:
             import ray
         except ImportError:
@@ -118,7 +118,7 @@ class RayPool:
         try:
             memory = None if max_memory is None else parse_size(max_memory, "max memory")
             check_resources(ray, threads or 1, memory)
-            check_shared_paths(ray, probe_paths(planned), output_folders(planned))
+            check_shared_paths(ray, *paths)
             pool = cls(ray, threads or 1, memory)
             pool._poller.start()
             try:
@@ -234,40 +234,6 @@ def check_resources(ray: Any, threads: int, memory: int | None) -> None:
             f"--max-memory {format_bytes(memory)}: each Ray task asks for that much, and the "
             f"largest node of the cluster offers {format_bytes(room)}; pass less"
         )
-
-
-def probe_paths(planned: list[Any]) -> list[Path]:
-    """For each model of the batch, a weight file to read on every node."""
-    from fastcast._batch import ModelJob
-
-    found = []
-    for job in planned:
-        if not isinstance(job, ModelJob):
-            continue
-        try:
-            root = model_path(job.model)
-        except ModelFolderError:
-            continue  # the model fails on its own, with its own error
-        if root.is_file():
-            found.append(root)
-        else:
-            found.extend(sorted(root.rglob("*.safetensors"))[:1])
-    return found
-
-
-def output_folders(planned: list[Any]) -> list[Path]:
-    """The nearest existing folder of each output the batch names (a probe goes there)."""
-    from fastcast._batch import ModelJob
-
-    found = set()
-    for job in planned:
-        out = job.options.get("output") if isinstance(job, ModelJob) else None
-        if out is not None:
-            folder = Path(os.path.abspath(out))
-            while not folder.exists():
-                folder = folder.parent
-            found.add(folder if folder.is_dir() else folder.parent)
-    return sorted(found)
 
 
 def check_shared_paths(ray: Any, inputs: list[Path], outputs: list[Path]) -> None:

@@ -33,11 +33,10 @@ from typing import TYPE_CHECKING, Any
 
 from fastcast import _core
 from fastcast._core import ModelFolderError
+from fastcast._entries import TensorEntry
 
 if TYPE_CHECKING:
     from fastcast._core import TorchEntry, TorchFile, TorchTensor
-    from fastcast._model_dir import TensorEntry
-
 #: Keys that hold the state dict in training checkpoints, in the order they are tried.
 KNOWN_KEYS = ("state_dict", "model", "module", "model_state_dict")
 #: The prefix DistributedDataParallel (and DataParallel) put on every name.
@@ -207,8 +206,6 @@ def dedupe(
 ) -> tuple[list[TensorEntry], dict[str, str]]:
     """TensorEntries in file order, each exact alias (same storage, offset, shape,
     stride, dtype) after the first dropped: dropped name -> kept name."""
-    from fastcast._model_dir import TensorEntry
-
     first: dict[tuple[Any, ...], str] = {}
     tied: dict[str, str] = {}
     tensors = []

@@ -39,10 +39,10 @@ from fastcast._compare import (
 )
 from fastcast._config import config_dtypes, is_transformers_config, read_config
 from fastcast._dtypes import element_size, from_torch_name, is_castable, torch_name
+from fastcast._entries import TensorEntry
 from fastcast._model_dir import (
     ModelFolder,
     SourceFile,
-    TensorEntry,
     TorchOptions,
     WeightSet,
     open_model,

@@ -9,10 +9,11 @@ from collections.abc import Sequence
 from typing import TextIO
 
 import fastcast
-from fastcast._batch import one_line
-from fastcast._convert import DEFAULT_SHARD_SIZE
+from fastcast._batch_jobs import with_jobs_file
 from fastcast._core import QUANTIZE_SCHEMES
+from fastcast._errors import one_line, resume_hint
 from fastcast._verify import require_torch
+from fastcast.options import DEFAULT_SHARD_SIZE, Keywords
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -113,6 +114,14 @@ def add_convert(commands: argparse._SubParsersAction[argparse.ArgumentParser]) -
         help="leave float tensors whose names match this glob in their source dtype "
         "(repeatable), e.g. --keep '*norm*' --keep '*.gate.weight'",
     )
+    add_quantized_options(convert)
+    add_run_options(convert)
+    add_batch_options(convert)
+    convert.set_defaults(run=run_convert)
+
+
+def add_quantized_options(convert: argparse.ArgumentParser) -> None:
+    """What becomes of a quantized model, or of a plain one quantized."""
     convert.add_argument(
         "--keep-quantized",
         action="store_true",
@@ -140,6 +149,10 @@ def add_convert(commands: argparse._SubParsersAction[argparse.ArgumentParser]) -
         "biases, and the layers whose shape does not fit the blocks (listed), go to DTYPE "
         "(bf16, fp16 or fp32)",
     )
+
+
+def add_run_options(convert: argparse.ArgumentParser) -> None:
+    """How the run writes, checks and reports."""
     convert.add_argument(
         "--strict",
         action="store_true",
@@ -184,8 +197,6 @@ def add_convert(commands: argparse._SubParsersAction[argparse.ArgumentParser]) -
     convert.add_argument(
         "--quiet", "-q", action="store_true", help="no progress bar and no summary"
     )
-    add_batch_options(convert)
-    convert.set_defaults(run=run_convert)
 
 
 def add_batch_options(convert: argparse.ArgumentParser) -> None:
@@ -312,28 +323,12 @@ def run_convert(args: argparse.Namespace) -> int:
         require_torch()  # before converting, not after
     if len(args.model) != 1 or args.jobs is not None or args.executor != "local":
         return run_batch(args)
-    report = fastcast.convert(
-        args.model[0],
-        args.dtype,
-        output=args.output,
-        shard_size=args.shard_size,
-        keep=args.keep,
-        variant=args.variant,
-        keep_quantized=args.keep_quantized,
-        dequantize=args.dequantize,
-        quantize=args.quantize,
-        strict=args.strict,
-        report=args.report,
-        overwrite=args.overwrite,
-        resume=args.resume,
-        threads=args.threads,
-        fsync=not args.no_fsync,
-        max_memory=args.max_memory,
-        fp8_overflow=args.fp8_overflow,
-        progress=False if args.quiet else None,
-        state_dict_key=args.state_dict_key,
-        strip_prefix=args.strip_prefix,
-    )
+    options = convert_options(args)
+    options["output"] = args.output
+    options["report"] = args.report
+    options["threads"] = args.threads
+    options["progress"] = False if args.quiet else None
+    report = fastcast.convert(args.model[0], args.dtype, **options)
     if not args.quiet:
         print(report.summary())
     if args.verify:
@@ -345,18 +340,9 @@ def run_convert(args: argparse.Namespace) -> int:
 
 
 def run_batch(args: argparse.Namespace) -> int:
-    jobs: list[str | fastcast.ModelJob] = list(args.model)
-    output_dir, dtype = args.output, args.dtype
-    defaults: dict[str, object] = {}
-    if args.jobs is not None:
-        listed = fastcast.read_jobs(args.jobs)
-        jobs += listed.jobs
-        defaults = dict(listed.defaults)
-        if "dtype" in defaults:  # the file's settings win, except -o
-            dtype = str(defaults.pop("dtype"))
-        output_dir = output_dir or listed.output_dir  # -o wins
-    if not jobs:
-        raise ValueError("convert needs a model (or --jobs FILE)")
+    jobs, dtype, output_dir, options = with_jobs_file(
+        args.model, args.jobs, args.dtype, args.output, convert_options(args)
+    )
     # Each model's warnings are in its report, printed with its name.
     warnings.filterwarnings("ignore", category=fastcast.FastcastWarning)
     batch = fastcast.convert_batch(
@@ -368,7 +354,7 @@ def run_batch(args: argparse.Namespace) -> int:
         threads=args.threads,
         progress=False if args.quiet else None,
         report=args.report,
-        **{**batch_options(args), **defaults},
+        **options,
     )
     if not args.quiet:
         print(batch.summary(errors=False), flush=True)
@@ -385,24 +371,26 @@ def run_batch(args: argparse.Namespace) -> int:
     return 0 if ok else 1
 
 
-def batch_options(args: argparse.Namespace) -> dict[str, object]:
-    """convert's options as given on the command line, for every model of a batch."""
-    return {
-        "shard_size": args.shard_size,
-        "keep": args.keep,
-        "variant": args.variant,
-        "keep_quantized": args.keep_quantized,
-        "dequantize": args.dequantize,
-        "quantize": args.quantize,
-        "strict": args.strict,
-        "overwrite": args.overwrite,
-        "resume": args.resume,
-        "fsync": not args.no_fsync,
-        "max_memory": args.max_memory,
-        "fp8_overflow": args.fp8_overflow,
-        "state_dict_key": args.state_dict_key,
-        "strip_prefix": args.strip_prefix,
-    }
+def convert_options(args: argparse.Namespace) -> Keywords:
+    """``convert``'s options as the command line gives them, one model's or every
+    model's of a batch (the dtype, output, threads, progress and report aside: a batch
+    reads those its own way)."""
+    return Keywords(
+        shard_size=args.shard_size,
+        keep=args.keep,
+        variant=args.variant,
+        keep_quantized=args.keep_quantized,
+        dequantize=args.dequantize,
+        quantize=args.quantize,
+        strict=args.strict,
+        overwrite=args.overwrite,
+        resume=args.resume,
+        fsync=not args.no_fsync,
+        max_memory=args.max_memory,
+        fp8_overflow=args.fp8_overflow,
+        state_dict_key=args.state_dict_key,
+        strip_prefix=args.strip_prefix,
+    )
 
 
 def run_verify(args: argparse.Namespace) -> int:
@@ -497,14 +485,6 @@ def main(argv: Sequence[str] | None = None) -> int:
 def describe_error(e: BaseException) -> str:
     """One line naming the file and the problem: ``out/x: No space left on device``."""
     return one_line(e)
-
-
-def resume_hint(e: BaseException) -> str:
-    """What a failed run kept for later, if anything."""
-    out = getattr(e, "fastcast_resumable", None)
-    if out is None:
-        return ""
-    return f"; the finished shards are kept in {out}: run the same command with --resume"
 
 
 if __name__ == "__main__":

@@ -1,0 +1,98 @@
+"""``--quantize``: what it makes of each tensor of each weight set, the
+``quantization_config`` it writes, and what a user should know of the layers it
+leaves unquantized."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
+
+from fastcast import _core
+from fastcast._config import (
+    is_transformers_config,
+    read_config,
+)
+from fastcast._dtypes import short_name
+from fastcast._model_dir import ModelFolder, join
+from fastcast._quant import (
+    QUANTIZE_METHODS,
+    Quantization,
+    QuantizeTarget,
+    quantize_config,
+    quantized_layers,
+    scheme_of,
+    unquantized_modules,
+)
+
+
+@dataclass(frozen=True)
+class Quantizing:
+    """A ``--quantize`` conversion: what it makes of each tensor, per weight set, and the
+    quantization_config it writes, per config.json."""
+
+    scheme: str
+    targets: dict[str, list[QuantizeTarget]]
+    configs: dict[str, dict[str, Any]]
+
+    @property
+    def quantization(self) -> Quantization:
+        """The output's quantization, as detect() will read it back."""
+        method = QUANTIZE_METHODS[self.scheme]
+        config = next(iter(self.configs.values()), {"quant_method": method})
+        return Quantization(method, scheme_of(method, config), "--quantize", True)
+
+
+def plan_quantization(
+    folder: ModelFolder, target: str | None, keep: Sequence[str], scheme: str
+) -> Quantizing:
+    """What ``--quantize scheme`` makes of every tensor, and the quantization_config of
+    each transformers config.json beside quantized weights (listing the Linear modules
+    its folder's sets leave unquantized)."""
+    targets = quantized_layers(folder, target, keep, scheme)
+    configs = {}
+    for rel in folder.configs:
+        where = rel.rpartition("/")[0]
+        sets = [ws for ws in folder.weight_sets if ws.folder == where]
+        if not is_transformers_config(read_config(folder.root / rel)) or not any(
+            t.fate == "quantize" for ws in sets for t in targets[ws.key]
+        ):
+            continue
+        skipped = [
+            m
+            for ws in sets
+            for m in unquantized_modules([t.name for t in ws.tensors], targets[ws.key])
+        ]
+        configs[rel] = quantize_config(scheme, list(dict.fromkeys(skipped)))
+    return Quantizing(scheme, targets, configs)
+
+
+def quantize_notes(folder: ModelFolder, quantizing: Quantizing, target: str | None) -> list[str]:
+    """What a ``--quantize`` run leaves unquantized that a user would want to know: the
+    decoder Linears that misfit the blocks (and their fused siblings)."""
+    notes = []
+    for ws in folder.weight_sets:
+        fates = list(zip(ws.tensors, quantizing.targets[ws.key], strict=True))
+        misfits = [join(ws.folder, t.name) for t, q in fates if q.fate == "misfit"]
+        fused = [join(ws.folder, t.name) for t, q in fates if q.fate == "fused misfit"]
+        if misfits:
+            notes.append(
+                f"{len(misfits)} decoder Linear weight(s) left unquantized in "
+                f"{short_name(target) if target else 'their own dtype'}, their shape not "
+                f"fitting {quantizing.scheme}'s "
+                f"{_core.FP8_BLOCK}x{_core.FP8_BLOCK} blocks (both sides must be multiples "
+                f"of {_core.FP8_BLOCK}), and listed as not to convert: {listing(misfits)}"
+            )
+        if fused:
+            notes.append(
+                f"{len(fused)} more left unquantized because a weight fused with them "
+                f"(q/k/v, gate/up) does not fit, and vLLM needs fused layers in one "
+                f"precision: {listing(fused)}"
+            )
+    return notes
+
+
+def listing(names: Sequence[str], shown: int = 4) -> str:
+    """``a, b, c, d and 3 more``."""
+    more = f" and {len(names) - shown} more" if len(names) > shown else ""
+    return ", ".join(names[:shown]) + more
