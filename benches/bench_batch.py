@@ -9,7 +9,7 @@ and reports medians of interleaved runs:
 
 - sequential: ``fastcast.convert`` three times, one model after the other;
 - batch, N lanes: ``fastcast.convert_batch`` with the local executor writing N shards
-  at a time, the threads split between them (``_batch.LOCAL_LANES``, default 2);
+  at a time, the threads split between them (``fastcast._batch.run.LOCAL_LANES``, default 2);
 - ray: ``convert_batch(executor="ray")`` on ``ray.init(num_cpus=2)`` (cluster start-up
   not timed), one thread per shard task, vs the local executor with 2 threads.
 
@@ -30,7 +30,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 import fastcast
-from fastcast import _batch
+from fastcast._batch import run as batch_run
 
 HERE = Path(__file__).resolve().parent
 CACHE = HERE / ".cache"
@@ -79,7 +79,7 @@ def sequential(paths: list[Path], threads: int) -> Callable[[], None]:
 
 def batch(paths: list[Path], threads: int, lanes: int, executor: str = "local"):
     def run() -> None:
-        _batch.LOCAL_LANES = lanes
+        batch_run.LOCAL_LANES = lanes
         report = fastcast.convert_batch(
             paths, "bf16", output_dir=OUT, shard_size="200MB", threads=threads,
             executor=executor, progress=False,

@@ -29,7 +29,7 @@ import numpy as np
 
 import fastcast
 from fastcast._dtypes import torch_name
-from fastcast._plan import pack, shard_names
+from fastcast._plan.shards import pack, shard_names
 from fastcast._units import parse_size
 
 BLOCK = 8 << 20

@@ -8,7 +8,7 @@ import json
 
 import fastcast
 from commands import cli, killed, ok
-from fastcast._jobs import ShardBoard
+from fastcast._execute.queue import ShardBoard
 from folders import snapshot
 from zoo import llama, sentence_transformers
 

@@ -10,7 +10,7 @@ from typing import Any
 import pytest
 
 from fastcast import ModelFolderError
-from fastcast._torchfile import select_weights
+from fastcast._source.torchfile import select_weights
 
 PATH = Path("ckpt.pth")
 

@@ -22,7 +22,7 @@ import pytest
 import fastcast
 from conftest import require
 from fastcast import _core
-from fastcast._plan import pack
+from fastcast._plan.shards import pack
 from folders import load_all, save_folder, snapshot, tensors
 
 
@@ -423,8 +423,8 @@ def test_not_enough_space(tmp_path, model, monkeypatch):
 
 def test_interrupt_inside_the_executor_removes_the_partial_shard(tmp_path, model):
     src, _ = model
-    from fastcast._model_dir import open_model
-    from fastcast._plan import plan_conversion
+    from fastcast._plan.shards import plan_conversion
+    from fastcast._source.folder import open_model
 
     plan = plan_conversion(open_model(src), "BF16", 10**9)
     out = tmp_path / "out"

@@ -314,8 +314,8 @@ def test_the_resume_fingerprint_tells_plans_apart(tmp_path):
     the same for the same plan, and differs when the tensors' dtypes (``--keep``) or
     the shards' split differ."""
     from fastcast._conversion.fingerprint import fingerprint
-    from fastcast._model_dir import TorchOptions, open_model
-    from fastcast._plan import plan_conversion
+    from fastcast._plan.shards import plan_conversion
+    from fastcast._source.folder import TorchOptions, open_model
 
     st = require("safetensors.numpy")
     import numpy as np

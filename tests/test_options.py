@@ -11,7 +11,7 @@ import pytest
 
 import fastcast
 from fastcast import cli
-from fastcast._batch_jobs import JOB_OPTIONS
+from fastcast._batch.jobs import JOB_OPTIONS
 from fastcast.options import (
     KEYS,
     Cast,

@@ -18,8 +18,8 @@ from safetensors.numpy import save_file
 
 from fastcast import _core
 from fastcast._conversion.fingerprint import shard_fingerprint
-from fastcast._model_dir import ModelFolder, WeightSet, open_model
-from fastcast._plan import SetPlan, plan_set
+from fastcast._plan.shards import SetPlan, plan_set
+from fastcast._source.folder import ModelFolder, WeightSet, open_model
 from zoo import ZOO
 
 #: (target, keep, shard size): cast with and without globs, a dtype kept, shards cut

@@ -156,7 +156,7 @@ def test_keep_quantized_on_a_plain_model_changes_nothing_and_says_so(tmp_path):
 def test_the_dtype_inside_quantization_config_is_never_retyped():
     """A quantization_config's own dtype keys (bnb_4bit_compute_dtype, a scheme's dtype)
     belong to the quantization, not to the weights: keep-quantized leaves them."""
-    from fastcast._config import retype_config
+    from fastcast._source.config import retype_config
 
     config = {"model_type": "llama", "torch_dtype": "float32",
               "quantization_config": {"quant_method": "bitsandbytes", "dtype": "int4",

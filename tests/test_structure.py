@@ -144,10 +144,9 @@ def test_no_function_with_more_than_8_positional_parameters():
 def test_a_cycle_is_found_local_imports_included():
     edges = {"a": {"b"}, "b": {"c"}, "c": {"a"}, "d": {"a"}}
     assert cycles(edges) == [["a", "b", "c"]]
-    tree = ast.parse("def f():\n    from fastcast import _batch\n")
-    assert imports_of("fastcast._ray_executor", tree, {"fastcast._batch", "fastcast"}) == {
-        "fastcast._batch"
-    }
+    tree = ast.parse("def f():\n    from fastcast._batch import run\n")
+    known = {"fastcast._batch.run", "fastcast._batch", "fastcast"}
+    assert imports_of("fastcast._execute.ray_pool", tree, known) == {"fastcast._batch.run"}
 
 
 @pytest.mark.parametrize(

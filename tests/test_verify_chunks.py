@@ -11,7 +11,7 @@ import math
 import pytest
 
 import fastcast
-import fastcast._verify
+import fastcast._verify.verify
 from commands import cli, ok
 from conftest import require
 from folders import raw_tensors, save_folder, tensors
@@ -23,8 +23,8 @@ def tiny_chunks(monkeypatch, request):
     """verify in chunks of 96 or 5000 elements (each format rounds up to its own units:
     a row, 32 rows, a block row): a row at a time, or several rows that a format's
     blocks do not divide."""
-    monkeypatch.setattr(fastcast._verify, "CHUNK_ELEMENTS", request.param)
-    monkeypatch.setattr(fastcast._verify, "MIN_CHUNK_ELEMENTS", 1)
+    monkeypatch.setattr(fastcast._verify.verify, "CHUNK_ELEMENTS", request.param)
+    monkeypatch.setattr(fastcast._verify.verify, "MIN_CHUNK_ELEMENTS", 1)
 
 
 def corrupt(path, name: str, element: int, width: int) -> None:

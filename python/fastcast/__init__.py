@@ -12,7 +12,7 @@ array([3.14], dtype=float16)
 """
 
 from fastcast._arrays import cast_array
-from fastcast._batch import BatchReport, ModelJob, ModelResult, convert_batch, read_jobs
+from fastcast._batch.run import BatchReport, ModelJob, ModelResult, convert_batch, read_jobs
 from fastcast._conversion import ConversionReport
 from fastcast._convert import convert
 from fastcast._core import (
@@ -35,7 +35,7 @@ from fastcast._core import (
 from fastcast._inspect import ModelInspection, inspect
 from fastcast._loss import FastcastWarning, OverflowWarning, RangeRiskWarning, TensorLoss
 from fastcast._units import parse_size
-from fastcast._verify import VerifyReport, verify
+from fastcast._verify.verify import VerifyReport, verify
 
 __all__ = [
     "BatchReport",

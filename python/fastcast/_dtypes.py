@@ -19,6 +19,10 @@ SHORT_NAMES: dict[str, str] = {
 }
 
 
+#: The dtypes a model's computing weights are written in when fastcast builds them:
+#: a --dequantize result, and the unquantized tensors (and ``torch_dtype``) beside a
+#: --quantize result.
+COMPUTE_DTYPES = ("BF16", "F16", "F32")
 #: Bytes per element (1 for the sub-byte formats, which align to bytes).
 _SIZES = {name: max(1, int(d["bits"]) // 8) for name, d in _DTYPES.items()}
 

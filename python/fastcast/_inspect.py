@@ -9,7 +9,6 @@ from pathlib import Path
 
 from fastcast import _core
 from fastcast._arguments import as_patterns
-from fastcast._config import CONFIG_NAME, config_dtypes, read_config
 from fastcast._dtypes import (
     from_torch_name,
     is_castable,
@@ -18,11 +17,12 @@ from fastcast._dtypes import (
     uncastable_notes,
 )
 from fastcast._loss import Losses, TensorLoss, describe
-from fastcast._model_dir import ModelFolder, TorchOptions, describe_skipped, open_model
-from fastcast._plan import plan_conversion
+from fastcast._output.record import STAGING_DIR, read_record
+from fastcast._plan.shards import plan_conversion
 from fastcast._progress import ByteProgress
-from fastcast._quant import DEQUANTIZES, Quantization, detect, roles
-from fastcast._record import STAGING_DIR, read_record
+from fastcast._source.config import CONFIG_NAME, config_dtypes, read_config
+from fastcast._source.folder import ModelFolder, TorchOptions, describe_skipped, open_model
+from fastcast._source.quantization import KNOWN_METHODS, Quantization, detect, roles
 from fastcast._units import format_bytes
 
 
@@ -284,7 +284,7 @@ def would_do(quant: Quantization, role_of: dict[tuple[str, str], str], target: s
         + (
             f"; with --dequantize it writes a plain model, its {weights} quantized weights "
             "times their scales"
-            if quant.method in DEQUANTIZES
+            if quant.method in KNOWN_METHODS
             else ""
         )
     )

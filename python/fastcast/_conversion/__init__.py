@@ -1,5 +1,5 @@
 """A conversion as its steps, with one undo path (the output folder's side of it is
-``_output.py``):
+``_output/transaction.py``):
 
 prepare  read and validate the input, plan every file of the output, decide what the
          output folder allows (fresh, resume, overwrite, or nothing to do), check the

@@ -16,7 +16,8 @@ from fastcast._loss import (
     TensorLoss,
     with_nonzero,
 )
-from fastcast._plan import ConversionPlan, PlannedShard, PlannedTensor
+from fastcast._names import listing
+from fastcast._plan.shards import ConversionPlan, PlannedShard, PlannedTensor
 
 
 def shard_losses(plan: ConversionPlan, records: dict[str, _core.ShardRecord]) -> LossTable:
@@ -53,9 +54,7 @@ def refuse_overflow(bad: list[tuple[str, int]], why: str = "") -> None:
     """``strict``: a LossError naming every tensor that overflowed, worst first."""
     if not bad:
         return
-    shown = ", ".join(f"{name} ({n})" for name, n in bad[:5])
-    if len(bad) > 5:
-        shown += f", and {len(bad) - 5} more"
+    shown = listing([f"{name} ({n})" for name, n in bad], 5, more=", and")
     raise LossError(
         f"refusing to write (strict){why}: {sum(n for _, n in bad)} value(s) overflowed "
         f"in {len(bad)} tensor(s): {shown}",

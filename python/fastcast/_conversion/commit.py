@@ -11,15 +11,15 @@ from fastcast import _core
 from fastcast._conversion.check import overflowed
 from fastcast._conversion.configs import ConfigFix
 from fastcast._conversion.prepare import Prepared
-from fastcast._hf_cache import repo_of
 from fastcast._loss import (
     TensorLoss,
     loss_sum,
 )
-from fastcast._model_dir import ModelFolder
-from fastcast._output import Run
-from fastcast._plan import ConversionPlan
-from fastcast._record import RECORD_NAME, OutputRecord
+from fastcast._output.record import RECORD_NAME, OutputRecord
+from fastcast._output.transaction import Run
+from fastcast._plan.shards import ConversionPlan
+from fastcast._source.folder import ModelFolder
+from fastcast._source.hf_cache import repo_of
 
 
 def stage_metadata(

@@ -8,19 +8,17 @@ from collections import Counter
 from dataclasses import dataclass
 from typing import Any
 
-from fastcast._config import (
+from fastcast._dtypes import torch_name, uncastable_notes
+from fastcast._plan.shards import ConversionPlan
+from fastcast._source.config import (
     config_dtypes,
     read_config,
     retype_config,
     to_json,
     without_quantization,
 )
-from fastcast._dtypes import torch_name, uncastable_notes
-from fastcast._model_dir import ModelFolder
-from fastcast._plan import ConversionPlan
-from fastcast._quant import (
-    scheme_of,
-)
+from fastcast._source.folder import ModelFolder
+from fastcast._source.quantization import scheme_of
 
 
 @dataclass(frozen=True)

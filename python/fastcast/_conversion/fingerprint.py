@@ -9,8 +9,8 @@ import json
 from typing import Any
 
 from fastcast import _core
-from fastcast._model_dir import ModelFolder, TorchOptions
-from fastcast._plan import ConversionPlan, PlannedShard, PlannedTensor
+from fastcast._plan.shards import ConversionPlan, PlannedShard, PlannedTensor
+from fastcast._source.folder import ModelFolder, TorchOptions
 
 
 def fingerprint(

@@ -16,10 +16,10 @@ from fastcast._core import (
     OutputExistsError,
 )
 from fastcast._dtypes import short_name
-from fastcast._hf_cache import cache_snapshot
-from fastcast._model_dir import ModelFolder
-from fastcast._plan import ConversionPlan
-from fastcast._record import RECORD_NAME
+from fastcast._output.record import RECORD_NAME
+from fastcast._plan.shards import ConversionPlan
+from fastcast._source.folder import ModelFolder
+from fastcast._source.hf_cache import cache_snapshot
 from fastcast._units import format_bytes
 
 #: Room for headers, the index and config.json on top of the tensor bytes.

@@ -24,24 +24,16 @@ from fastcast._conversion.places import (
 )
 from fastcast._conversion.quantizing import Quantizing, plan_quantization, quantize_notes
 from fastcast._core import OutputExistsError, QuantizedModelError
-from fastcast._hf_cache import cache_snapshot, model_path
 from fastcast._loss import narrowing_risks
-from fastcast._model_dir import ModelFolder, TorchOptions, open_model
-from fastcast._output import Run
-from fastcast._output import prepare as prepare_output
-from fastcast._plan import ConversionPlan, plan_conversion
-from fastcast._quant import (
-    Quantization,
-    QuantizedWeight,
-    check_dequantize,
-    check_keep,
-    check_quantize,
-    detect,
-    quantized_weights,
-    refusal,
-    roles,
-)
-from fastcast._report_file import check_report_path
+from fastcast._output.report_file import check_report_path
+from fastcast._output.transaction import Run
+from fastcast._output.transaction import prepare as prepare_output
+from fastcast._plan.dequantize import QuantizedWeight, check_dequantize, quantized_weights
+from fastcast._plan.quantize import check_quantize
+from fastcast._plan.shards import ConversionPlan, plan_conversion
+from fastcast._source.folder import ModelFolder, TorchOptions, open_model
+from fastcast._source.hf_cache import cache_snapshot, model_path
+from fastcast._source.quantization import Quantization, check_keep, detect, refusal, roles
 from fastcast.options import ConvertOptions, Dequantize, KeepQuantized, Quantize
 
 

@@ -9,21 +9,21 @@ from dataclasses import dataclass
 from typing import Any
 
 from fastcast import _core
-from fastcast._config import (
-    is_transformers_config,
-    read_config,
-)
 from fastcast._dtypes import short_name
-from fastcast._model_dir import ModelFolder, join
-from fastcast._quant import (
+from fastcast._names import join, listing
+from fastcast._plan.quantize import (
     QUANTIZE_METHODS,
-    Quantization,
     QuantizeTarget,
     quantize_config,
     quantized_layers,
-    scheme_of,
     unquantized_modules,
 )
+from fastcast._source.config import (
+    is_transformers_config,
+    read_config,
+)
+from fastcast._source.folder import ModelFolder
+from fastcast._source.quantization import Quantization, scheme_of
 
 
 @dataclass(frozen=True)
@@ -81,18 +81,12 @@ def quantize_notes(folder: ModelFolder, quantizing: Quantizing, target: str | No
                 f"{short_name(target) if target else 'their own dtype'}, their shape not "
                 f"fitting {quantizing.scheme}'s "
                 f"{_core.FP8_BLOCK}x{_core.FP8_BLOCK} blocks (both sides must be multiples "
-                f"of {_core.FP8_BLOCK}), and listed as not to convert: {listing(misfits)}"
+                f"of {_core.FP8_BLOCK}), and listed as not to convert: {listing(misfits, 4)}"
             )
         if fused:
             notes.append(
                 f"{len(fused)} more left unquantized because a weight fused with them "
                 f"(q/k/v, gate/up) does not fit, and vLLM needs fused layers in one "
-                f"precision: {listing(fused)}"
+                f"precision: {listing(fused, 4)}"
             )
     return notes
-
-
-def listing(names: Sequence[str], shown: int = 4) -> str:
-    """``a, b, c, d and 3 more``."""
-    more = f" and {len(names) - shown} more" if len(names) > shown else ""
-    return ", ".join(names[:shown]) + more

@@ -21,10 +21,10 @@ from fastcast._loss import (
     describe,
     loss_sum,
 )
-from fastcast._model_dir import describe_skipped
-from fastcast._plan import ConversionPlan, PlannedTensor
-from fastcast._record import RECORD_NAME
-from fastcast._report_file import write_report
+from fastcast._output.record import RECORD_NAME
+from fastcast._output.report_file import write_report
+from fastcast._plan.shards import ConversionPlan, PlannedTensor
+from fastcast._source.folder import describe_skipped
 from fastcast._units import format_bytes
 
 

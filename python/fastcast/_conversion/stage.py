@@ -12,14 +12,14 @@ from fastcast._conversion.prepare import Prepared
 from fastcast._core import (
     ModelFolderError,
 )
-from fastcast._output import Run
-from fastcast._plan import ConversionPlan
+from fastcast._output.transaction import Run
+from fastcast._plan.shards import ConversionPlan
 from fastcast._progress import ByteProgress
 
 
 class Executed(Protocol):
     """What running the shards of one conversion did: the core's ``ExecStats``, or a
-    batch executor's sum over the shards it ran one by one (``_jobs.py``)."""
+    batch executor's sum over the shards it ran one by one (``_execute/queue.py``)."""
 
     @property
     def bytes_read(self) -> int: ...
@@ -52,7 +52,7 @@ class Shards:
 
 class ShardExecutor(Protocol):
     """Writes the shards still to write into the staging folder, journaling each:
-    ``run_executor``, or a batch's shared queue or Ray cluster (``_jobs.py``)."""
+    ``run_executor``, or a batch's shared queue or Ray cluster (``_execute/queue.py``)."""
 
     def __call__(self, shards: Shards) -> Executed | None: ...
 

@@ -1,7 +1,7 @@
 """A batch's models before they run: a jobs file read, each model's options checked
 into its ``ConvertOptions``, its output decided and claimed once.
 
-A leaf of the batch: ``_batch.py`` runs what this plans, and the Ray executor reads the
+A leaf of the batch: ``_batch/run.py`` runs what this plans, and the Ray executor reads the
 planned paths, without either importing the other's orchestration.
 """
 
@@ -17,8 +17,8 @@ from typing import Any
 from fastcast._conversion.places import default_output
 from fastcast._core import ModelFolderError
 from fastcast._errors import one_line
-from fastcast._hf_cache import model_path
-from fastcast._model_dir import TorchOptions, open_model
+from fastcast._source.folder import TorchOptions, open_model
+from fastcast._source.hf_cache import model_path
 from fastcast.options import KEYS, ConvertOptions
 
 #: What a job (a model of the batch, a ``[[model]]`` of a jobs file) may set, as

@@ -27,7 +27,7 @@ from typing import TYPE_CHECKING, Any, Literal, Protocol
 
 from fastcast import _core
 from fastcast._conversion.stage import ShardExecutor, Shards
-from fastcast._output import Run
+from fastcast._output.transaction import Run
 
 if TYPE_CHECKING:
     from tqdm import tqdm

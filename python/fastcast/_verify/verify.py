@@ -28,7 +28,23 @@ from typing import TYPE_CHECKING, Any
 
 from fastcast import _core
 from fastcast._arguments import as_patterns
-from fastcast._compare import (
+from fastcast._dtypes import element_size, from_torch_name, is_castable, torch_name
+from fastcast._output.record import RECORD_NAME, STAGING_DIR, OutputRecord, load_record, read_record
+from fastcast._plan.dequantize import QuantizedWeight, quantized_weights
+from fastcast._plan.quantize import QUANTIZE_METHODS, QuantizeTarget, quantize_targets
+from fastcast._progress import ByteProgress
+from fastcast._source.config import config_dtypes, is_transformers_config, read_config
+from fastcast._source.entries import TensorEntry
+from fastcast._source.folder import (
+    ModelFolder,
+    SourceFile,
+    TorchOptions,
+    WeightSet,
+    open_model,
+)
+from fastcast._source.quantization import SURVIVING_ROLES, Quantization, detect, roles
+from fastcast._units import format_bytes
+from fastcast._verify.compare import (
     CHUNK_ELEMENTS,
     MappedFile,
     Piece,
@@ -37,30 +53,7 @@ from fastcast._compare import (
     in_torch,
     typed,
 )
-from fastcast._config import config_dtypes, is_transformers_config, read_config
-from fastcast._dtypes import element_size, from_torch_name, is_castable, torch_name
-from fastcast._entries import TensorEntry
-from fastcast._model_dir import (
-    ModelFolder,
-    SourceFile,
-    TorchOptions,
-    WeightSet,
-    open_model,
-)
-from fastcast._progress import ByteProgress
-from fastcast._quant import (
-    QUANTIZE_METHODS,
-    Quantization,
-    QuantizedWeight,
-    QuantizeTarget,
-    detect,
-    quantize_targets,
-    quantized_weights,
-    roles,
-)
-from fastcast._record import RECORD_NAME, STAGING_DIR, OutputRecord, load_record, read_record
-from fastcast._references import dequantized, quantized
-from fastcast._units import format_bytes
+from fastcast._verify.references import dequantized, quantized
 
 if TYPE_CHECKING:
     import torch
@@ -200,7 +193,7 @@ class Pairing:
             w = by_source.get(t.name)
             if w is not None:
                 want[w.name] = (self.target, w.shape)
-            elif role in ("plain", "pinned fp32"):
+            elif role in SURVIVING_ROLES:
                 want[t.name] = (d, t.shape)
         return want
 
@@ -373,7 +366,7 @@ def was_dequantized(out: ModelFolder, record: OutputRecord | None) -> bool:
     if record is not None and record.quantization is not None:
         return record.quantization.get("mode") == "dequantize"
     return all(
-        role == "plain" or role == "pinned fp32"
+        role in SURVIVING_ROLES
         for ws in out.weight_sets
         for role in _core.quant_roles([t.name for t in ws.tensors], [t.dtype for t in ws.tensors])
     )
@@ -450,7 +443,7 @@ def verify_values(
     pairing: Pairing, devices: list[str], progress: bool | None
 ) -> tuple[int, int, list[TensorMismatch]]:
     """Compare every output tensor with torch's cast of its source (or the format's
-    reference math), file by file, in bounded chunks (see ``_compare.py``).
+    reference math), file by file, in bounded chunks (see ``_verify/compare.py``).
 
     Output files are spread over the devices. Returns (tensors, bytes, mismatches).
     """

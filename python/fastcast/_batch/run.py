@@ -3,8 +3,8 @@
 Every model goes through ``convert`` (prepare, stage, check, commit, its own output
 folder, staging folder and journal, so each one resumes on its own); a model that
 fails is reported with its one-line error and the others go on. What the batch adds
-is where the shards are written: one queue for every model's shards (``_jobs.py``),
-on this machine or on a Ray cluster (``_ray_executor.py``).
+is where the shards are written: one queue for every model's shards (``_execute/queue.py``),
+on this machine or on a Ray cluster (``_execute/ray_pool.py``).
 """
 
 from __future__ import annotations
@@ -19,7 +19,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 from fastcast._arguments import as_patterns, thread_count
-from fastcast._batch_jobs import (
+from fastcast._batch.jobs import (
     JobsFile,
     ModelJob,
     PlannedModel,
@@ -33,10 +33,10 @@ from fastcast._batch_jobs import (
 )
 from fastcast._conversion import ConversionReport, ShardExecutor, run_conversion
 from fastcast._errors import one_line
-from fastcast._hf_cache import model_path
-from fastcast._jobs import LocalPool, ShardBoard, ShardPool, shard_executor
+from fastcast._execute.queue import LocalPool, ShardBoard, ShardPool, shard_executor
 from fastcast._loss import loss_sum
-from fastcast._report_file import check_report_path, write_report
+from fastcast._output.report_file import check_report_path, write_report
+from fastcast._source.hf_cache import model_path
 from fastcast._units import format_bytes
 
 __all__ = ["BatchReport", "JobsFile", "ModelJob", "ModelResult", "convert_batch", "read_jobs"]
@@ -194,7 +194,7 @@ def convert_batch(
     board = ShardBoard(0, show)
     try:
         if executor == "ray":
-            from fastcast._ray_executor import RayPool
+            from fastcast._execute.ray_pool import RayPool
 
             paths = probe_paths(planned), output_folders(planned)
             with RayPool.start(ray_address, paths, threads, options.get("max_memory")) as pool:

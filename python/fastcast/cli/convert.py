@@ -1,47 +1,17 @@
-"""The ``fastcast`` command: argument parsing and printing only; calls the API."""
+"""``fastcast convert``: its options, one model or a batch."""
 
 from __future__ import annotations
 
 import argparse
 import sys
 import warnings
-from collections.abc import Sequence
-from typing import TextIO
 
 import fastcast
-from fastcast._batch_jobs import with_jobs_file
+from fastcast._batch.jobs import with_jobs_file
 from fastcast._core import QUANTIZE_SCHEMES
-from fastcast._errors import one_line, resume_hint
-from fastcast._verify import require_torch
+from fastcast._verify.verify import require_torch
+from fastcast.cli.torch_options import add_torch_options
 from fastcast.options import DEFAULT_SHARD_SIZE, Keywords
-
-
-def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
-        prog="fastcast",
-        description="Re-type and re-shard safetensors checkpoints, bit-exact with PyTorch.",
-    )
-    parser.add_argument("--version", action="version", version=f"fastcast {fastcast.__version__}")
-    parser.add_argument(
-        "--debug", action="store_true", help="show a traceback when something fails"
-    )
-    commands = parser.add_subparsers(dest="command", metavar="COMMAND")
-    add_convert(commands)
-    add_inspect(commands)
-    add_verify(commands)
-    dtypes = commands.add_parser(
-        "dtypes",
-        help="list the dtypes fastcast knows and the names it accepts",
-        description="List every safetensors dtype, the names fastcast accepts for it, "
-        "and whether fastcast casts it; then the CPU kernel paths available here.",
-    )
-    dtypes.set_defaults(run=run_dtypes)
-    # --debug is accepted after the command too (fastcast convert ... --debug).
-    for sub in commands.choices.values():
-        sub.add_argument(
-            "--debug", action="store_true", default=argparse.SUPPRESS, help=argparse.SUPPRESS
-        )
-    return parser
 
 
 def add_convert(commands: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
@@ -228,96 +198,6 @@ def add_batch_options(convert: argparse.ArgumentParser) -> None:
     )
 
 
-def add_verify(commands: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
-    verify = commands.add_parser(
-        "verify",
-        help="prove a converted folder right against its source, with torch",
-        description="Check a converted folder against the folder it came from. Structure:\n"
-        "every source tensor present once with the expected shape and dtype, index and\n"
-        "shards agree, config.json's dtype matches, no stray or half-written files.\n"
-        "Values: each output tensor is loaded with torch on the GPU(s) (else the CPU) and\n"
-        "compared bit for bit with torch's own .to(dtype) of the source tensor.\n"
-        "Exits 1 when anything is wrong. Needs torch and safetensors.",
-        formatter_class=argparse.RawDescriptionHelpFormatter,
-    )
-    verify.add_argument("output", help="the converted folder (or .safetensors file)")
-    verify.add_argument(
-        "--against",
-        help="the model it was converted from (default: the source its fastcast.json names)",
-    )
-    verify.add_argument(
-        "--device",
-        default="auto",
-        help="auto (every GPU, else the CPU), cpu, cuda, or a list like cuda:0,cuda:1",
-    )
-    verify.add_argument(
-        "--dtype", help="the conversion's target (default: from fastcast.json, else inferred)"
-    )
-    verify.add_argument(
-        "--keep",
-        action="append",
-        metavar="PATTERN",
-        help="tensors left in their source dtype, as given to convert (default: from "
-        "fastcast.json; needed only for folders converted by something else)",
-    )
-    verify.add_argument(
-        "--variant", metavar="NAME", help="the source variant converted (default: fastcast.json)"
-    )
-    verify.add_argument(
-        "--load",
-        action="store_true",
-        help="also load the whole model as a user would (transformers, device_map=auto)",
-    )
-    recorded = "as fastcast.json records, when neither of these two is given"
-    add_torch_options(verify, recorded, recorded)
-    verify.add_argument("--quiet", "-q", action="store_true", help="print only failures")
-    verify.set_defaults(run=run_verify)
-
-
-def add_torch_options(
-    parser: argparse.ArgumentParser,
-    key_default: str,
-    prefix_default: str | None = None,
-) -> None:
-    """--state-dict-key and --strip-prefix, for commands reading torch.save files."""
-    parser.add_argument(
-        "--state-dict-key",
-        metavar="KEY",
-        help=f"torch.save checkpoints: the key holding the state dict (default: {key_default})",
-    )
-    default = f" (default: {prefix_default})" if prefix_default else ""
-    parser.add_argument(
-        "--strip-prefix",
-        metavar="PREFIX",
-        help="torch.save checkpoints: remove PREFIX (e.g. module., as DDP adds) from tensor "
-        f"names{default}",
-    )
-
-
-def add_inspect(commands: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
-    inspect = commands.add_parser(
-        "inspect",
-        help="show a model folder's shards, dtypes and config claims",
-        description="Read the headers of a model folder (or .safetensors file) and show its "
-        "shards, tensor count, bytes, stored dtypes, what config.json claims, and a warning "
-        "when they disagree. Reads headers only; writes nothing.",
-    )
-    inspect.add_argument(
-        "model", nargs="+", help="model folder(s), .safetensors or .bin/.pt/.pth/.ckpt file(s)"
-    )
-    inspect.add_argument(
-        "--dtype",
-        help="also predict what converting to this dtype would lose (reads every tensor; "
-        "writes nothing)",
-    )
-    inspect.add_argument(
-        "--keep", action="append", default=[], metavar="PATTERN", help="as for convert"
-    )
-    inspect.add_argument("--variant", metavar="NAME", help="as for convert")
-    add_torch_options(inspect, "as for convert")
-    inspect.set_defaults(run=run_inspect)
-
-
 def run_convert(args: argparse.Namespace) -> int:
     if args.verify:
         require_torch()  # before converting, not after
@@ -391,101 +271,3 @@ def convert_options(args: argparse.Namespace) -> Keywords:
         state_dict_key=args.state_dict_key,
         strip_prefix=args.strip_prefix,
     )
-
-
-def run_verify(args: argparse.Namespace) -> int:
-    report = fastcast.verify(
-        args.output,
-        args.against,
-        dtype=args.dtype,
-        keep=args.keep,
-        variant=args.variant,
-        device=args.device,
-        load=args.load,
-        progress=False if args.quiet else None,
-        state_dict_key=args.state_dict_key,
-        strip_prefix=args.strip_prefix,
-    )
-    if not args.quiet or not report.ok:
-        print(report.summary())
-    return 0 if report.ok else 1
-
-
-def run_inspect(args: argparse.Namespace) -> int:
-    for i, model in enumerate(args.model):
-        if i:
-            print()
-        print(
-            fastcast.inspect(
-                model,
-                dtype=args.dtype,
-                keep=args.keep,
-                variant=args.variant,
-                state_dict_key=args.state_dict_key,
-                strip_prefix=args.strip_prefix,
-            ).render()
-        )
-    return 0
-
-
-def run_dtypes(args: argparse.Namespace) -> int:
-    rows = [("dtype", "torch", "casts", "other names")]
-    for d in fastcast.dtypes():
-        rows.append(
-            (
-                d["name"],
-                d["torch_name"],
-                "yes" if d["castable"] else "copied as is",
-                ", ".join(d["aliases"]),
-            )
-        )
-    widths = [max(len(r[i]) for r in rows) for i in range(3)]
-    for r in rows:
-        print(f"{r[0]:<{widths[0]}}  {r[1]:<{widths[1]}}  {r[2]:<{widths[2]}}  {r[3]}".rstrip())
-    kernels = fastcast.available_kernels()
-    print(f"\nkernels on this CPU: {', '.join(kernels)} (using {fastcast.select_kernel()})")
-    return 0
-
-
-def show_warning(
-    message: Warning | str,
-    category: type[Warning],
-    filename: str,
-    lineno: int,
-    file: TextIO | None = None,
-    line: str | None = None,
-) -> None:
-    """Warnings as one line each on stderr, like errors (no source line)."""
-    print(f"fastcast: warning: {message}", file=sys.stderr)
-
-
-def main(argv: Sequence[str] | None = None) -> int:
-    parser = build_parser()
-    args = parser.parse_args(argv)
-    warnings.showwarning = show_warning
-    if getattr(args, "quiet", False):
-        # Quiet drops the "this cast could overflow" notice, never the "it did".
-        warnings.filterwarnings("ignore", category=fastcast.RangeRiskWarning)
-    if args.command is None:
-        parser.print_help()
-        return 2
-    try:
-        code: int = args.run(args)
-        return code
-    except KeyboardInterrupt as e:
-        print(f"fastcast: interrupted; nothing was put in place{resume_hint(e)}", file=sys.stderr)
-        return 130
-    except (fastcast.FastcastError, OSError, ValueError) as e:
-        if args.debug:
-            raise
-        print(f"fastcast: error: {describe_error(e)}{resume_hint(e)}", file=sys.stderr)
-        return 1
-
-
-def describe_error(e: BaseException) -> str:
-    """One line naming the file and the problem: ``out/x: No space left on device``."""
-    return one_line(e)
-
-
-if __name__ == "__main__":
-    sys.exit(main())

@@ -30,9 +30,12 @@ from typing import TYPE_CHECKING, Any, Literal, NamedTuple, Protocol, TypeAlias,
 
 from fastcast import _core
 from fastcast._dtypes import element_size, is_castable
-from fastcast._entries import TensorEntry
-from fastcast._model_dir import ModelFolder, SourceFile, WeightSet, join
-from fastcast._quant import QuantizedWeight, QuantizeTarget
+from fastcast._names import join
+from fastcast._plan.dequantize import QuantizedWeight
+from fastcast._plan.quantize import QuantizeTarget
+from fastcast._source.entries import TensorEntry
+from fastcast._source.folder import ModelFolder, SourceFile, WeightSet
+from fastcast._source.quantization import SURVIVING_ROLES
 
 if TYPE_CHECKING:
     #: How the executor reconstructs a dequantized tensor (``kind`` says which).
@@ -44,7 +47,7 @@ if TYPE_CHECKING:
 @dataclass(frozen=True)
 class Dequantized:
     """How a dequantized tensor's values come back: the weight (see
-    ``_quant.QuantizedWeight``) and the entries of the tensors it reads, by role."""
+    ``_plan.dequantize.QuantizedWeight``) and the entries of the tensors it reads, by role."""
 
     weight: QuantizedWeight
     operands: dict[str, TensorEntry]
@@ -536,7 +539,7 @@ def plan_set(
     those are written dequantized to ``dtype`` (under the weight's name and shape, in
     the place of the source tensor), and every other quantization-state tensor is left
     out (the output is a plain model). ``quantize`` says what ``--quantize`` makes of
-    each tensor (``_quant.quantize_targets``): a quantized weight is written as its
+    each tensor (``_plan.quantize.quantize_targets``): a quantized weight is written as its
     e4m3 values and, in the same shard, its scales."""
     quantized = quantized or dequantize is not None or quantize is not None
     tables = [f.entries for f in ws.files if isinstance(f.entries, _core.Entries)]
@@ -575,7 +578,7 @@ def plan_set(
                 bundles.append(Bundle([
                     PlannedTensor(entry, dtype, nbytes, label=label, dequant=how, role=roles[i])
                 ], nbytes))  # fmt: skip
-            elif dequantize is None or roles[i] in ("plain", "pinned fp32"):
+            elif dequantize is None or roles[i] in SURVIVING_ROLES:
                 t = planned(entry, to, join(ws.folder, entry.name), roles[i])
                 bundles.append(Bundle([t], t.nbytes))
         groups = [[t for b in group for t in b.tensors] for group in pack(bundles, shard_size)]

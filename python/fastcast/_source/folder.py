@@ -6,7 +6,7 @@ depth: an index (``model.safetensors.index.json``,
 ``unet/diffusion_pytorch_model.safetensors.index.json``...) with the shards it names,
 or a standalone ``.safetensors`` file; and torch.save weights (``pytorch_model.bin``,
 its shards with ``pytorch_model.bin.index.json``, ``adapter_model.bin``,
-``diffusion_pytorch_model.bin``), read without running pickle (``_torchfile.py``)
+``diffusion_pytorch_model.bin``), read without running pickle (``_source/torchfile.py``)
 unless safetensors of the same set sit beside them: safetensors win, and the ``.bin``
 is reported skipped. Every other file is copied, except
 
@@ -34,12 +34,13 @@ from functools import cached_property
 from pathlib import Path
 
 from fastcast import _core
-from fastcast._config import CONFIG_NAME
 from fastcast._core import ModelFolderError
-from fastcast._entries import TensorEntry
-from fastcast._hf_cache import is_blob_of
-from fastcast._record import RECORD_NAME, STAGING_DIR, STAGING_DONE
-from fastcast._torchfile import read_torch_weights
+from fastcast._names import join, listing
+from fastcast._output.record import RECORD_NAME, STAGING_DIR, STAGING_DONE
+from fastcast._source.config import CONFIG_NAME
+from fastcast._source.entries import TensorEntry
+from fastcast._source.hf_cache import is_blob_of
+from fastcast._source.torchfile import read_torch_weights
 
 WEIGHTS_SUFFIX = ".safetensors"
 INDEX = re.compile(r"^(?P<prefix>.+)\.safetensors\.index(?:\.(?P<variant>[^.]+))?\.json$")
@@ -198,7 +199,7 @@ def read_sources(paths: list[Path]) -> list[SourceFile]:
 
 @dataclass(frozen=True)
 class TorchOptions:
-    """How the state dict of torch.save files is picked (see ``_torchfile.py``)."""
+    """How the state dict of torch.save files is picked (see ``_source/torchfile.py``)."""
 
     state_dict_key: str | None = None
     strip_prefix: str | None = None
@@ -297,10 +298,6 @@ def split_variant(stem: str, names: set[str]) -> tuple[str, str | None]:
     if variant in KNOWN_VARIANTS or plain & names:
         return prefix, variant
     return stem, None
-
-
-def join(folder: str, name: str) -> str:
-    return f"{folder}/{name}" if folder else name
 
 
 class _Scan:
@@ -571,8 +568,5 @@ def describe_skipped(skipped: list[Skipped], shown: int = 6) -> list[str]:
         by_reason.setdefault(s.reason, []).append(s.path)
     lines = []
     for reason, paths in by_reason.items():
-        names = ", ".join(paths[:shown]) + (
-            f" and {len(paths) - shown} more" if len(paths) > shown else ""
-        )
-        lines.append(f"{names} ({reason})")
+        lines.append(f"{listing(paths, shown)} ({reason})")
     return lines

@@ -1,7 +1,7 @@
 """``executor="ray"``: a batch's shard jobs as Ray tasks, on the nodes of a cluster.
 
 The driver (this process) plans, stages and commits every model, as with the local
-executor; each shard job (``_jobs.py``) is a Ray task running ``run_shard``, the core
+executor; each shard job (``_execute/queue.py``) is a Ray task running ``run_shard``, the core
 executor on the model's plan restricted to that shard, writing under its own attempt's
 name. Ray reruns a task whose worker died (up to ``MAX_RETRIES`` times); a rerun is a
 new attempt with a new name, so a half-written attempt never meets a finished one, and
@@ -29,7 +29,7 @@ from pathlib import Path
 from typing import Any
 
 from fastcast._core import ModelFolderError
-from fastcast._jobs import ShardBoard, ShardDone, ShardJob, run_shard
+from fastcast._execute.queue import ShardBoard, ShardDone, ShardJob, run_shard
 from fastcast._units import format_bytes, parse_size
 
 #: Reruns of a shard whose worker died (Ray's default).

@@ -33,7 +33,8 @@ from typing import TYPE_CHECKING, Any
 
 from fastcast import _core
 from fastcast._core import ModelFolderError
-from fastcast._entries import TensorEntry
+from fastcast._names import listing as listing_of
+from fastcast._source.entries import TensorEntry
 
 if TYPE_CHECKING:
     from fastcast._core import TorchEntry, TorchFile, TorchTensor
@@ -61,8 +62,7 @@ class TorchWeights:
 
 def listing(names: list[str], shown: int = SHOWN) -> str:
     """``'a', 'b', 'c' and 2 more``."""
-    more = f" and {len(names) - shown} more" if len(names) > shown else ""
-    return ", ".join(repr(n) for n in names[:shown]) + more
+    return listing_of([repr(n) for n in names], shown)
 
 
 def read_torch_file(path: Path) -> TorchFile:
@@ -190,8 +190,7 @@ def select_weights(
         pairs = [f"{d} (= {k})" for d, k in tied.items()]
         notes.append(
             f"{path.name}: {len(tied)} tied duplicate(s) written once, under the first "
-            f"name, as transformers does: {', '.join(pairs[:SHOWN])}"
-            + (f" and {len(pairs) - SHOWN} more" if len(pairs) > SHOWN else "")
+            f"name, as transformers does: {listing_of(pairs, SHOWN)}"
         )
     if tf["unreferenced"]:
         notes.append(

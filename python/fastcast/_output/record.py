@@ -6,7 +6,7 @@ conversion wrote, and what it lost. ``fastcast verify OUT`` reads it instead of 
 for flags; ``--overwrite`` reads it to know which files are fastcast's to replace;
 ``--resume`` reads it to see that there is nothing left to do.
 
-An unfinished output holds ``.fastcast-staging/`` instead (see ``_output.py``).
+An unfinished output holds ``.fastcast-staging/`` instead (see ``_output/transaction.py``).
 """
 
 from __future__ import annotations

@@ -18,7 +18,7 @@ from typing import Any
 
 from fastcast import _core
 from fastcast._core import OutputExistsError
-from fastcast._output import naming
+from fastcast._output.transaction import naming
 
 #: The key (and format) every report carries: a file holding it is fastcast's to replace.
 REPORT_MARK = "fastcast_report"

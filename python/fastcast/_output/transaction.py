@@ -41,7 +41,8 @@ from typing import Any, Literal, NamedTuple
 from fastcast import _core
 from fastcast._core import InsufficientSpaceError, LossError, OutputExistsError
 from fastcast._errors import mark_resumable
-from fastcast._record import (
+from fastcast._names import join, listing
+from fastcast._output.record import (
     RECORD_NAME,
     STAGING_DIR,
     STAGING_DONE,
@@ -92,10 +93,6 @@ class Manifest:
         if manifest.format != MANIFEST_FORMAT or not all(is_tame(p) for p in paths):
             return None
         return manifest
-
-
-def join(folder: str, name: str) -> str:
-    return f"{folder}/{name}" if folder else name
 
 
 def files_below(out: Path) -> list[str]:
@@ -151,8 +148,7 @@ def name_a_few(paths: Sequence[str], allowed: Iterable[str], shown: int = 4) -> 
         name = f"{top}/" if slash and top not in allowed_tops else p
         if name not in names:
             names.append(name)
-    more = len(names) - shown
-    return ", ".join(names[:shown]) + (f" and {more} more" if more > 0 else "")
+    return listing(names, shown)
 
 
 class Run:

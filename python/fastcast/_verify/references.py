@@ -20,7 +20,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
-from fastcast._quant import QuantizedWeight
+from fastcast._plan.dequantize import QuantizedWeight
 
 if TYPE_CHECKING:
     import torch
@@ -65,7 +65,7 @@ def rows_of(shape: Sequence[int]) -> tuple[int, int]:
 
 
 def dequantized(w: QuantizedWeight, read: Read) -> Reference:
-    """The reference for a dequantized weight ``w`` (see ``_quant.QuantizedWeight``)."""
+    """The reference for a dequantized weight ``w`` (see ``_plan.dequantize.QuantizedWeight``)."""
     numel = math.prod(w.shape)
     p = w.params
     if w.kind == "fp8_scaled":

@@ -1,0 +1,242 @@
+"""Quantized checkpoints: what a model's quantization is, and which tensors hold it.
+
+The method and scheme come from ``quantization_config`` in a config.json beside the
+weights (at the top, or nested in a sub-config such as ``text_config``), or, where
+there is none, from the tensor names. Which tensors are quantization state is the
+core's rule (``_core.quant_roles``), the same one ``_core.target_dtypes`` applies,
+so that planning, inspecting and verifying cannot disagree about it.
+
+A cast never touches quantization state: a quantized model is refused unless the user
+says what to do with it (``keep_quantized``: cast only the rest and keep the
+quantization as it is; ``dequantize``: write a plain model, each quantized weight
+reconstructed by the core as its format's reference computes it, from the tensors and
+parameters found here).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
+
+from fastcast import _core
+from fastcast._dtypes import short_name
+from fastcast._names import listing
+from fastcast._source.config import read_config
+from fastcast._source.folder import ModelFolder, SourceFile
+
+#: Roles that mean a model is quantized (fp32-pinned tensors alone do not).
+STATE_ROLES = {
+    "quantized weight",
+    "scale",
+    "zero point",
+    "group index",
+    "quant state",
+    "unknown state",
+}
+#: Methods whose every state tensor fastcast recognises, so --keep-quantized is safe,
+#: and which --dequantize handles: fp8 in every scheme of the reference, bitsandbytes
+#: 4-bit and LLM.int8, GPTQ (v1 and v2; 2, 4 and 8 bits) and AutoAWQ GEMM. One set: a
+#: method fastcast can keep it can also dequantize.
+KNOWN_METHODS = {"fp8", "fbgemm_fp8", "compressed-tensors", "bitsandbytes", "gptq", "awq"}
+#: Roles (``_core.quant_roles``) whose tensors a --dequantize writes as themselves: the
+#: model's plain tensors and the fp32 ones its method pins. The others are state that
+#: the dequantized weight consumes.
+SURVIVING_ROLES = frozenset({"plain", "pinned fp32"})
+#: compressed-tensors formats whose state tensors fastcast recognises.
+KNOWN_CT_FORMATS = {"float-quantized", "pack-quantized", "int-quantized", "naive-quantized"}
+#: The dtype a method's kernels need the model in, and why.
+NEEDS_DTYPE = {
+    "gptq": ("F16", "its kernels (exllama, Marlin...) take fp16 scales and activations"),
+    "awq": ("F16", "its kernels take fp16 scales, and vLLM refuses AWQ in another dtype"),
+    "fbgemm_fp8": ("BF16", "its kernel (f8f8bf16_rowwise) computes in bf16"),
+}
+
+
+@dataclass(frozen=True)
+class Quantization:
+    """How a model is quantized."""
+
+    method: str
+    """``quant_method`` as config.json says it (``fp8``, ``bitsandbytes``...)."""
+    scheme: str
+    """In words: ``e4m3, 128x128 blocks``, ``nf4 4-bit, double quant``..."""
+    where: str
+    """Where it was found: ``config.json``, ``config.json (text_config)``, or
+    ``tensor names`` when there is no quantization_config."""
+    known: bool
+    """Every state tensor of this method is one fastcast recognises."""
+
+    def describe(self) -> str:
+        return f"{self.method} ({self.scheme}; from {self.where})"
+
+    @property
+    def needs_dtype(self) -> tuple[str, str] | None:
+        """(dtype, reason) when the method's kernels need the model in one dtype."""
+        return NEEDS_DTYPE.get(self.method)
+
+
+def roles(folder: ModelFolder) -> dict[tuple[str, str], str]:
+    """(weight set key, tensor name) -> role, set by set (roles depend on siblings,
+    which live in the same set)."""
+    found: dict[tuple[str, str], str] = {}
+    for ws in folder.weight_sets:
+        tensors = ws.tensors
+        names = [t.name for t in tensors]
+        typed = _core.quant_roles(names, [t.dtype for t in tensors])
+        for name, role in zip(names, typed, strict=True):
+            found[(ws.key, name)] = role
+    return found
+
+
+def quantization_config(config: dict[str, Any]) -> tuple[str, dict[str, Any]] | None:
+    """(where, quantization_config) of a config, at its top or in a sub-config."""
+    top = config.get("quantization_config")
+    if isinstance(top, dict):
+        return "", top
+    for key, value in config.items():
+        if isinstance(value, dict) and isinstance(value.get("quantization_config"), dict):
+            return key, value["quantization_config"]
+    return None
+
+
+def scheme_of(method: str, qc: dict[str, Any]) -> str:
+    """A quantization_config's scheme in words."""
+    if method == "fp8":
+        block = qc.get("weight_block_size")
+        words = f"{qc.get('fmt', 'e4m3')}, " + (
+            f"{block[0]}x{block[1]} blocks" if isinstance(block, list) and len(block) == 2
+            else "per-tensor"
+        )  # fmt: skip
+        return words + (", static input scales" if qc.get("activation_scheme") == "static" else "")
+    if method == "fbgemm_fp8":
+        return "e4m3, per-row"
+    if method == "compressed-tensors":
+        groups = qc.get("config_groups")
+        parts = []
+        if not isinstance(groups, dict):
+            groups = {}
+        for group in groups.values():
+            weights = group.get("weights") if isinstance(group, dict) else None
+            if isinstance(weights, dict):
+                part = f"{weights.get('type', '?')}{weights.get('num_bits', '?')} "
+                part += str(weights.get("strategy", "?"))
+                inputs = group.get("input_activations")
+                if isinstance(inputs, dict) and inputs.get("dynamic") is False:
+                    part += ", static input scales"
+                parts.append(part)
+        return f"{qc.get('format', '?')}: " + ("; ".join(dict.fromkeys(parts)) or "?")
+    if method == "bitsandbytes":
+        if qc.get("load_in_4bit") or qc.get("_load_in_4bit"):
+            words = f"{qc.get('bnb_4bit_quant_type', 'fp4')} 4-bit"
+            if qc.get("bnb_4bit_use_double_quant"):
+                words += ", double quant"
+            storage = qc.get("bnb_4bit_quant_storage")
+            return words + (f", {storage} storage" if storage not in (None, "uint8") else "")
+        return "LLM.int8" if qc.get("load_in_8bit") or qc.get("_load_in_8bit") else "?"
+    if method == "gptq":
+        words = f"{qc.get('bits', '?')}-bit, group {qc.get('group_size', '?')}"
+        words += ", desc_act" if qc.get("desc_act") else ""
+        return words + f", {qc.get('checkpoint_format', 'gptq')} format"
+    if method == "awq":
+        return f"{qc.get('bits', '?')}-bit, group {qc.get('group_size', '?')}, " + str(
+            qc.get("version", "gemm")
+        )
+    return ", ".join(f"{k}={v}" for k, v in list(qc.items())[:3] if k != "quant_method") or "?"
+
+
+def method_from_tensors(names: Sequence[str], role_of: dict[str, str]) -> tuple[str, str]:
+    """(method, scheme) read from tensor names (and what their dtypes tell of them),
+    for a model without a config."""
+    unknown = [n for n in names if role_of[n] == "unknown state"]
+    if unknown:
+        return "unknown", (
+            "scales or zero points of a format fastcast does not know, beside fp8 or "
+            f"packed weights: {listing(unknown, 2)}"
+        )
+    if any(name.endswith(".W_q") for name in names):
+        return "hqq", "packed W_q weights with scale and zero"
+    for name in names:
+        if ".weight.quant_state.bitsandbytes__" in name:
+            return "bitsandbytes", f"{name.rsplit('__', 1)[1]} 4-bit"
+    if any(name.endswith(".SCB") for name in names):
+        return "bitsandbytes", "LLM.int8"
+    if any(name.endswith(".qweight") for name in names):
+        return "gptq", "packed int weights (gptq or awq: no config says which)"
+    if any(name.endswith(".weight_packed") for name in names):
+        return "compressed-tensors", "pack-quantized"
+    if any(name.endswith(".weight_scale_inv") for name in names):
+        return "fp8", "e4m3, block scales"
+    if any(role_of[n] == "quantized weight" for n in names):
+        return "fp8", "e4m3 with scales"
+    return "unknown", "quantization state tensors"
+
+
+def detect(folder: ModelFolder) -> Quantization | None:
+    """How ``folder`` is quantized, or None when it is a plain model."""
+    for rel in folder.configs:
+        found = quantization_config(read_config(folder.root / rel))
+        if found is None:
+            continue
+        key, qc = found
+        method = str(qc.get("quant_method", "unknown"))
+        known = method in KNOWN_METHODS and (
+            method != "compressed-tensors" or qc.get("format") in KNOWN_CT_FORMATS
+        )
+        where = f"{rel} ({key})" if key else rel
+        return Quantization(method, scheme_of(method, qc), where, known)
+    if not any(STATE_ROLES & _core.set_roles([typed_table(f) for f in ws.files])
+               for ws in folder.weight_sets):  # fmt: skip
+        return None  # a plain model, told without a table of its 100k names
+    table = roles(folder)
+    names = [name for _, name in table]
+    role_of = {n: r for (_, n), r in table.items()}
+    method, scheme = method_from_tensors(names, role_of)
+    first = next(n for n in names if role_of[n] in STATE_ROLES)
+    # Every tensor it names is state fastcast keeps byte for byte: --keep-quantized is
+    # safe, even for a format it does not know (it cannot dequantize one).
+    return Quantization(method, scheme, f"tensor names, e.g. {first}", True)
+
+
+def typed_table(f: SourceFile) -> _core.Entries | list[tuple[str, str]]:
+    """A file's tensors as ``_core.set_roles`` takes them: its table (no Python object
+    per tensor), or a torch.save file's (name, dtype) pairs."""
+    e = f.entries
+    return [(t.name, t.dtype) for t in e] if isinstance(e, list) else e
+
+
+def refusal(folder: ModelFolder, quant: Quantization, target: str) -> str:
+    """Why a quantized model is not simply cast, and the ways forward."""
+    return (
+        f"{folder.root}: quantized with {quant.describe()}; a plain cast to "
+        f"{short_name(target)} would corrupt it (scales and packed weights are not numbers "
+        "to round). Pass --keep-quantized to cast only the tensors that are not "
+        "quantization state and keep the quantization as it is"
+        + (
+            f", or --dequantize to write a plain {short_name(target)} model"
+            if quant.method in KNOWN_METHODS
+            else ""
+        )
+    )
+
+
+def check_keep(folder: ModelFolder, quant: Quantization, target: str) -> None:
+    """Refuse a --keep-quantized conversion that would break the model anyway."""
+    where = folder.root
+    if not quant.known:
+        raise _core.QuantizedModelError(
+            f"{where}: quantized with {quant.describe()}, whose tensors fastcast does not "
+            "know; it cannot tell which must not be cast, so it converts nothing"
+        )
+    need = quant.needs_dtype
+    if need is not None and need[0] != target:
+        raise _core.QuantizedModelError(
+            f"{where}: quantized with {quant.describe()}; --keep-quantized keeps it "
+            f"{short_name(need[0])}, because {need[1]} (a {short_name(target)} target "
+            "would change which kernels load it, or stop them)"
+        )
+    if target in ("F8_E4M3", "F8_E5M2"):
+        raise _core.QuantizedModelError(
+            f"{where}: quantized with {quant.describe()}; --keep-quantized to "
+            f"{short_name(target)} would leave its other tensors as raw fp8 with no scales"
+        )

@@ -1,0 +1,7 @@
+"""``python -m fastcast.cli``: the ``fastcast`` command."""
+
+import sys
+
+from fastcast.cli.main import main
+
+sys.exit(main())
