@@ -397,12 +397,9 @@ pub fn execute(plan: &Plan, opts: &ExecOptions, progress: &Progress) -> Result<E
             }
         }
         drop(to_commit);
-        let committed = committer.join().unwrap_or_else(|_| {
-            Err(Error::Plan {
-                path: PathBuf::new(),
-                problem: "the commit thread panicked".into(),
-            })
-        });
+        let committed = committer.join().unwrap_or(Err(Error::WorkerDied {
+            what: "the commit thread panicked",
+        }));
         // A failed commit is the cause; the workers' Cancelled its consequence.
         let committed = committed?;
         written.map(|()| committed)

@@ -447,7 +447,7 @@ fn check_entry(
     if end - begin != bits / 8 {
         return Err(HeaderProblem::SizeMismatch {
             tensor: name.to_owned(),
-            dtype,
+            dtype: dtype.safetensors_name(),
             shape: shape.to_vec(),
             begin,
             end,

@@ -535,9 +535,8 @@ fn watch<T: Send + 'static>(
         match waited {
             Ok(result) => break result,
             Err(mpsc::RecvTimeoutError::Disconnected) => {
-                break Err(fastcast_core::Error::Plan {
-                    path: PathBuf::new(),
-                    problem: "the conversion thread died".into(),
+                break Err(fastcast_core::Error::WorkerDied {
+                    what: "the conversion thread died",
                 })
             }
             Err(mpsc::RecvTimeoutError::Timeout) => {}
