@@ -14,14 +14,16 @@ use std::sync::atomic::Ordering;
 use std::sync::{mpsc, Arc};
 use std::time::Duration;
 
-use fastcast_core::exec::{self, ExecOptions, Progress};
-use fastcast_core::loss::{self, LossRule};
-use fastcast_core::quantize::{self, Scheme};
-use fastcast_core::torchfile::{Leaf, TorchFile};
-use fastcast_core::{
-    dtype, keep, CastOptions, DType, Error, Fp8Overflow, Header, KeepRule, Kernel,
-};
-use fastcast_core::{journal, quant, shard_file};
+use fastcast_core::cast::{CastOptions, Fp8Overflow, Kernel};
+use fastcast_core::exec::{self, shard_file, ExecOptions, Progress};
+use fastcast_core::format::header::{self, Header};
+use fastcast_core::format::journal;
+use fastcast_core::format::torchfile::{Leaf, TorchFile};
+use fastcast_core::plan::wire::PLAN_VERSION;
+use fastcast_core::rules::loss::{self, LossRule};
+use fastcast_core::rules::scheme::{self, Scheme};
+use fastcast_core::rules::{fates, glob::KeepRule, roles, target};
+use fastcast_core::{dtype, DType, Error};
 use pyo3::buffer::PyBuffer;
 use pyo3::prelude::*;
 use pyo3::types::{PyDict, PyList, PyTuple};
@@ -101,7 +103,7 @@ fn target_dtypes(
         .into_iter()
         .map(|(name, dtype)| Ok((name, safetensors_dtype(&dtype)?)))
         .collect::<PyResult<Vec<_>>>()?;
-    let dtypes = keep::target_dtypes(&typed, to, &KeepRule::new(&keep), quantized);
+    let dtypes = target::target_dtypes(&typed, to, &KeepRule::new(&keep), quantized);
     Ok(dtypes.into_iter().map(DType::safetensors_name).collect())
 }
 
@@ -128,7 +130,7 @@ fn quantize_targets(
         .into_iter()
         .map(|(name, dtype, shape)| Ok((name, safetensors_dtype(&dtype)?, shape)))
         .collect::<PyResult<Vec<_>>>()?;
-    let targets = keep::quantize_targets(&typed, to, &KeepRule::new(&keep), scheme);
+    let targets = fates::quantize_targets(&typed, to, &KeepRule::new(&keep), scheme);
     Ok(targets
         .into_iter()
         .map(|t| (t.dtype.safetensors_name(), t.fate.name(), t.block, t.scale))
@@ -151,7 +153,7 @@ type QuantizeTarget = (
 #[pyo3(signature = (names, dtypes=None))]
 fn quant_roles(names: Vec<String>, dtypes: Option<Vec<String>>) -> PyResult<Vec<&'static str>> {
     let roles = match dtypes {
-        None => quant::roles(&names),
+        None => roles::roles(&names),
         Some(dtypes) => {
             if dtypes.len() != names.len() {
                 return Err(pyo3::exceptions::PyValueError::new_err(
@@ -163,10 +165,10 @@ fn quant_roles(names: Vec<String>, dtypes: Option<Vec<String>>) -> PyResult<Vec<
                 .zip(&dtypes)
                 .map(|(n, d)| Ok((n.as_str(), safetensors_dtype(d)?)))
                 .collect::<Result<Vec<_>, CoreError>>()?;
-            quant::typed_roles(&typed)
+            roles::typed_roles(&typed)
         }
     };
-    Ok(roles.into_iter().map(quant::Role::name).collect())
+    Ok(roles.into_iter().map(roles::Role::name).collect())
 }
 
 /// What casting `src` to `dst` can lose: the smallest finite magnitude that
@@ -271,7 +273,7 @@ fn cast_into(
                 std::slice::from_raw_parts_mut(dst_addr as *mut u8, dst_len),
             )
         };
-        fastcast_core::cast_parallel(s, from, d, to, &opts)
+        fastcast_core::cast::cast_parallel(s, from, d, to, &opts)
     };
     let result = py.detach(|| match threads {
         Some(n) => rayon::ThreadPoolBuilder::new()
@@ -577,14 +579,14 @@ fn partial_path(path: PathBuf) -> PathBuf {
 fn _core(m: &Bound<'_, PyModule>) -> PyResult<()> {
     let py = m.py();
     m.add("__version__", env!("CARGO_PKG_VERSION"))?;
-    m.add("PLAN_VERSION", exec::PLAN_VERSION)?;
+    m.add("PLAN_VERSION", PLAN_VERSION)?;
     m.add("PARTIAL_SUFFIX", shard_file::PARTIAL_SUFFIX)?;
-    m.add("MAX_HEADER_LEN", fastcast_core::header::MAX_HEADER_LEN)?;
+    m.add("MAX_HEADER_LEN", header::MAX_HEADER_LEN)?;
     m.add(
         "QUANTIZE_SCHEMES",
         PyTuple::new(py, Scheme::ALL.map(Scheme::name))?,
     )?;
-    m.add("FP8_BLOCK", quantize::FP8_BLOCK)?;
+    m.add("FP8_BLOCK", scheme::FP8_BLOCK)?;
     m.add_class::<ExecStats>()?;
     m.add_class::<ShardRecord>()?;
     m.add_class::<Entries>()?;

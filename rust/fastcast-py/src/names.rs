@@ -5,8 +5,10 @@
 
 use std::path::PathBuf;
 
+use fastcast_core::format::index;
 use fastcast_core::names::Mismatch;
-use fastcast_core::{index, names, quant, DType, Error};
+use fastcast_core::rules::roles;
+use fastcast_core::{names, DType, Error};
 use pyo3::exceptions::{PyKeyError, PyValueError};
 use pyo3::prelude::*;
 use pyo3::types::PySet;
@@ -160,8 +162,8 @@ pub fn set_roles<'py>(
             typed.push((name, dtype.parse().map_err(CoreError)?));
         }
     }
-    let mut roles = quant::typed_roles(&typed);
-    roles.sort_unstable_by_key(|r| r.name());
-    roles.dedup();
-    PySet::new(py, roles.iter().map(|r| r.name()))
+    let mut found = roles::typed_roles(&typed);
+    found.sort_unstable_by_key(|r| r.name());
+    found.dedup();
+    PySet::new(py, found.iter().map(|r| r.name()))
 }

@@ -11,8 +11,9 @@
 
 use std::path::PathBuf;
 
-use fastcast_core::exec::{self, Plan, ShardPlan, SourceFile, TensorPlan};
-use fastcast_core::header::json_len;
+use fastcast_core::exec;
+use fastcast_core::format::header::json_len;
+use fastcast_core::plan::wire::{Plan, ShardPlan, SourceFile, TensorPlan};
 use fastcast_core::values::Value;
 use fastcast_core::DType;
 use pyo3::intern;

@@ -8,12 +8,13 @@
 //! (`fastcast_core::layout::plan_plain`); Python asks them for columns
 //! (names, dtypes) or, where it needs objects, for rows.
 
-use fastcast_core::exec::TensorPlan;
-use fastcast_core::header::{self, Entry};
-use fastcast_core::layout::{self, Placed};
+use fastcast_core::format::header::{self, Entry, TensorInfo};
 use fastcast_core::names;
+use fastcast_core::plan::layout::{self, Placed};
+use fastcast_core::plan::wire::TensorPlan;
+use fastcast_core::rules::glob::KeepRule;
 use fastcast_core::values::Value;
-use fastcast_core::{DType, KeepRule, TensorInfo};
+use fastcast_core::DType;
 use pyo3::prelude::*;
 use pyo3::types::{PyIterator, PyList, PyString, PyTuple};
 
