@@ -14,7 +14,7 @@ use pyo3::prelude::*;
 use pyo3::types::PySet;
 
 use crate::errors::{CoreError, ModelFolderError};
-use crate::tables::Entries;
+use crate::format::Entries;
 
 /// A file's tensor names, as Python passes them.
 enum FileNames<'py> {
@@ -166,4 +166,23 @@ pub fn set_roles<'py>(
     found.sort_unstable_by_key(|r| r.name());
     found.dedup();
     PySet::new(py, found.iter().map(|r| r.name()))
+}
+
+/// A digest (`fastcast_core::names::digest`) of tensors given as columns:
+/// their source names and the dtypes they are written in.
+#[pyfunction]
+pub fn tensors_digest(names: Vec<String>, dtypes: Vec<String>) -> PyResult<String> {
+    if names.len() != dtypes.len() {
+        return Err(pyo3::exceptions::PyValueError::new_err(format!(
+            "{} names and {} dtypes",
+            names.len(),
+            dtypes.len()
+        )));
+    }
+    Ok(names::digest(
+        names
+            .iter()
+            .map(String::as_str)
+            .zip(dtypes.iter().map(String::as_str)),
+    ))
 }
