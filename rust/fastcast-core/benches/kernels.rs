@@ -5,8 +5,10 @@
 //! not DRAM; the end-to-end benchmarks in benches/ measure the disk path.
 
 use criterion::{criterion_group, criterion_main, BenchmarkId, Criterion, Throughput};
-use fastcast_core::dequant::{Dequant, Dequantizer, NestedAbsmax, Operand};
-use fastcast_core::{cast, CastOptions, DType, Fp8Overflow, Kernel};
+use fastcast_core::cast::{cast, CastOptions, Fp8Overflow, Kernel};
+use fastcast_core::rules::loss::LossRule;
+use fastcast_core::values::dequant::{Dequant, Dequantizer, NestedAbsmax, Operand};
+use fastcast_core::DType;
 
 const INPUT_BYTES: usize = 8 << 20;
 
@@ -70,7 +72,7 @@ fn loss_scan(c: &mut Criterion) {
         (DType::F32, DType::F8E4M3),
     ] {
         let src = input(from);
-        let rule = fastcast_core::LossRule::new(from, to);
+        let rule = LossRule::new(from, to);
         group.throughput(Throughput::BytesDecimal(src.len() as u64));
         group.bench_function(BenchmarkId::from_parameter(format!("{from}->{to}")), |b| {
             b.iter(|| rule.scan(&src))

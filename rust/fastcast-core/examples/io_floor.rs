@@ -18,8 +18,8 @@
 use std::fs::{File, OpenOptions};
 use std::path::PathBuf;
 
-use fastcast_core::positional::write_all_at;
-use fastcast_core::shard_file::ShardFile;
+use fastcast_core::exec::positional::write_all_at;
+use fastcast_core::exec::shard_file::ShardFile;
 use memmap2::Mmap;
 use rayon::prelude::*;
 

@@ -310,6 +310,22 @@ impl FromStr for DType {
     }
 }
 
+impl Error {
+    /// `from -> to` is not a cast fastcast performs. Here, not in `error.rs`,
+    /// which holds dtypes by name and so depends on nothing.
+    pub fn not_castable(from: DType, to: DType) -> Error {
+        Error::NotCastable {
+            from: from.safetensors_name(),
+            to: to.safetensors_name(),
+            castable: CASTABLE
+                .iter()
+                .map(|d| d.safetensors_name())
+                .collect::<Vec<_>>()
+                .join(", "),
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -344,6 +360,15 @@ mod tests {
         assert!(
             err.contains("bfloat16") && err.contains("fp8_e5m2"),
             "{err}"
+        );
+    }
+
+    #[test]
+    fn a_refused_cast_names_both_dtypes_and_the_castable_ones() {
+        assert_eq!(
+            Error::not_castable(DType::I64, DType::F32).to_string(),
+            "cannot cast I64 to F32: fastcast casts only between F64, F32, F16, BF16, F8_E4M3, \
+             F8_E5M2"
         );
     }
 

@@ -1,10 +1,12 @@
 //! fastcast's one error type: every variant names the file (where there is
 //! one) and says what is wrong in words a user can act on.
+//!
+//! A leaf: every module of the crate may use it, so it uses none of them. A
+//! dtype is held by its name (what a message shows), and the constructor that
+//! needs the dtype table, [`Error::not_castable`], lives in `dtype.rs`.
 
 use std::io;
 use std::path::{Path, PathBuf};
-
-use crate::dtype::{DType, CASTABLE};
 
 /// Everything that can go wrong in the core.
 #[derive(Debug, thiserror::Error)]
@@ -36,8 +38,8 @@ pub enum Error {
     /// A cast to or from a dtype fastcast never converts.
     #[error("cannot cast {from} to {to}: fastcast casts only between {castable}")]
     NotCastable {
-        from: DType,
-        to: DType,
+        from: &'static str,
+        to: &'static str,
         castable: String,
     },
 
@@ -57,6 +59,13 @@ pub enum Error {
     /// path is the shard concerned, empty when the plan as a whole is wrong).
     #[error("{}inconsistent plan: {problem}", located(path))]
     Plan { path: PathBuf, problem: String },
+
+    /// A thread of the run (the commit thread, or the one a conversion runs
+    /// on) died without reporting: a bug, not a fault of the plan or the
+    /// files. Worded as it was when [`Error::Plan`] stood in for it, since
+    /// callers may match the words.
+    #[error("inconsistent plan: {what}")]
+    WorkerDied { what: &'static str },
 
     /// An output shard whose header would be larger than safetensors readers
     /// accept (too many tensors, or names too long, for one shard).
@@ -122,7 +131,8 @@ pub enum HeaderProblem {
     #[error("tensor {tensor:?}: data_offsets [{begin}, {end}] hold {} bytes but {dtype} {shape:?} needs {expected}", end - begin)]
     SizeMismatch {
         tensor: String,
-        dtype: DType,
+        /// The dtype's safetensors name.
+        dtype: &'static str,
         shape: Vec<u64>,
         begin: u64,
         end: u64,
@@ -163,19 +173,6 @@ impl Error {
         }
     }
 
-    /// `from -> to` is not a cast fastcast performs.
-    pub fn not_castable(from: DType, to: DType) -> Error {
-        Error::NotCastable {
-            from,
-            to,
-            castable: CASTABLE
-                .iter()
-                .map(|d| d.safetensors_name())
-                .collect::<Vec<_>>()
-                .join(", "),
-        }
-    }
-
     /// A header problem found in `path`.
     pub fn header(path: impl Into<PathBuf>, problem: HeaderProblem) -> Error {
         Error::Header {
@@ -195,3 +192,20 @@ fn located(path: &Path) -> String {
 }
 
 pub type Result<T, E = Error> = std::result::Result<T, E>;
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The words of a plan error, which they were until the variant was its own.
+    #[test]
+    fn a_dead_worker_reads_as_it_always_did() {
+        let e = Error::WorkerDied {
+            what: "the commit thread panicked",
+        };
+        assert_eq!(
+            e.to_string(),
+            "inconsistent plan: the commit thread panicked"
+        );
+    }
+}

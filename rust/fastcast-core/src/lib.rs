@@ -1,31 +1,26 @@
-//! fastcast-core: the engine behind fastcast.
+//! fastcast-core: the engine behind fastcast. The tree names the jobs, each
+//! layer using only those above it in this list:
 //!
+//! - [`error`]: the one error type, naming the file and the problem (a leaf);
 //! - [`dtype`]: the dtypes of safetensors, their names, which ones cast;
-//! - [`header`]: safetensors headers read from untrusted bytes, validated
-//!   once, and written back;
-//! - [`index`]: which file holds each tensor, from a sharded checkpoint's
-//!   index json;
 //! - [`cast`]: conversion kernels bit-exact with `torch.Tensor.to` on the
 //!   CPU, a scalar reference per pair and SIMD paths chosen at run time;
-//! - [`dequant`]: a quantized weight's values (fp8 times its block scales,
-//!   bitsandbytes 4-bit and LLM.int8, GPTQ, AWQ) as fp32,
-//!   for the executor to round once to the target;
-//! - [`quantize`]: a float weight quantized to fp8 e4m3 in blocks (or rows),
-//!   with its F32 scales, as `--quantize` writes them;
-//! - [`keep`]: `--keep` globs (Python's `fnmatch` semantics) and what dtype
-//!   each tensor of a conversion gets (and what `--quantize` does with it);
-//! - [`layout`]: which shard each tensor goes to and where in it, and the
-//!   whole plan of a model of plain safetensors files;
-//! - [`quant`]: which tensors of a quantized checkpoint hold its quantization
-//!   state, so that no cast touches them, and which are decoder Linears;
-//! - [`loss`]: what a cast loses (overflow, underflow, NaN/inf, max |x|);
-//! - [`exec`]: runs a conversion plan: parallel chunks, bounded buffers,
-//!   writes at final offsets into [`shard_file`]s renamed into place when done;
-//! - [`journal`]: the resume journal, one line per shard put in place;
-//! - [`positional`]: reads and writes at an offset, on Unix and Windows;
-//! - [`torchfile`]: PyTorch `torch.save` files (`.bin`/`.pt`) read without
-//!   running pickle: tensors as absolute byte ranges of the file;
-//! - [`error`]: the one error type, naming the file and the problem.
+//! - [`names`]: a weight set's tensor names checked on the core's tables;
+//! - [`rules`]: the rules of a conversion, one per file: `--keep` globs
+//!   (Python's `fnmatch` semantics), the dtype each tensor gets, which
+//!   tensors hold quantization state, what `--quantize` makes of each, and
+//!   what a cast loses (overflow, underflow, NaN/inf, max |x|);
+//! - [`format`](mod@format): what is on disk: safetensors headers read from untrusted
+//!   bytes and validated once, the index json, the resume journal, and
+//!   PyTorch `torch.save` files read without running pickle;
+//! - [`values`]: what each output tensor's values are, one file per kind
+//!   (a cast, a quantized weight dequantized, a float weight quantized to
+//!   fp8), each implementing one trait;
+//! - [`plan`]: the plan's versioned wire format, and where each tensor goes
+//!   (shard packing, offsets, the whole plan of a plain model);
+//! - [`exec`]: runs a plan: parallel chunks, bounded buffers, inputs mapped,
+//!   writes at final offsets into shard files renamed into place by a commit
+//!   thread, positional I/O on Unix and Windows.
 //!
 //! No Python here: the crate is tested, benchmarked and fuzzed on its own.
 
@@ -33,31 +28,15 @@ pub mod cast;
 pub mod dtype;
 pub mod error;
 pub mod exec;
-pub mod header;
-pub mod index;
-pub mod journal;
-pub mod keep;
-pub mod layout;
-pub mod loss;
+pub mod format;
 pub mod names;
-pub mod positional;
-pub mod quant;
-pub mod quantize;
+pub mod plan;
+pub mod rules;
 #[cfg(test)]
 mod scratch;
-pub mod shard_file;
-pub mod torchfile;
 pub mod values;
 
-/// Each dequantized format's math: [`values::dequant`], by its older name.
-pub use values::dequant;
-
-pub use cast::{cast, cast_parallel, CastOptions, Fp8Overflow, Kernel};
+// The crate's vocabulary, named in nearly every signature a user of the crate
+// writes: one short path for each.
 pub use dtype::DType;
-pub use error::{Error, HeaderProblem, Result};
-pub use exec::{execute, ExecOptions, ExecStats, Plan, Progress, PLAN_VERSION};
-pub use header::{Header, TensorInfo};
-pub use journal::ShardRecord;
-pub use keep::{target_dtype, target_dtypes, KeepRule};
-pub use loss::{narrows_range, LossRule, LossStats};
-pub use torchfile::TorchFile;
+pub use error::{Error, Result};

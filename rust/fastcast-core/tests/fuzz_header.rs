@@ -13,7 +13,8 @@
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
-use fastcast_core::{DType, Header, TensorInfo};
+use fastcast_core::format::header::{Header, TensorInfo};
+use fastcast_core::DType;
 
 fn corpus() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/corpus")

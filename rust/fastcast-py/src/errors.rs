@@ -140,7 +140,7 @@ impl From<CoreError> for PyErr {
             Error::SourceChanged { .. } | Error::HeaderTooLarge { .. } => {
                 ModelFolderError::new_err(message)
             }
-            Error::Plan { .. } => FastcastError::new_err(message),
+            Error::Plan { .. } | Error::WorkerDied { .. } => FastcastError::new_err(message),
             Error::Cancelled => PyKeyboardInterrupt::new_err(message),
             Error::Header { .. } => InvalidSafetensorsError::new_err(message),
             Error::Checkpoint { .. } => InvalidCheckpointError::new_err(message),

@@ -5,14 +5,16 @@
 
 use std::path::PathBuf;
 
+use fastcast_core::format::index;
 use fastcast_core::names::Mismatch;
-use fastcast_core::{index, names, quant, DType, Error};
+use fastcast_core::rules::roles;
+use fastcast_core::{names, DType, Error};
 use pyo3::exceptions::{PyKeyError, PyValueError};
 use pyo3::prelude::*;
 use pyo3::types::PySet;
 
 use crate::errors::{CoreError, ModelFolderError};
-use crate::tables::Entries;
+use crate::format::Entries;
 
 /// A file's tensor names, as Python passes them.
 enum FileNames<'py> {
@@ -160,8 +162,27 @@ pub fn set_roles<'py>(
             typed.push((name, dtype.parse().map_err(CoreError)?));
         }
     }
-    let mut roles = quant::typed_roles(&typed);
-    roles.sort_unstable_by_key(|r| r.name());
-    roles.dedup();
-    PySet::new(py, roles.iter().map(|r| r.name()))
+    let mut found = roles::typed_roles(&typed);
+    found.sort_unstable_by_key(|r| r.name());
+    found.dedup();
+    PySet::new(py, found.iter().map(|r| r.name()))
+}
+
+/// A digest (`fastcast_core::names::digest`) of tensors given as columns:
+/// their source names and the dtypes they are written in.
+#[pyfunction]
+pub fn tensors_digest(names: Vec<String>, dtypes: Vec<String>) -> PyResult<String> {
+    if names.len() != dtypes.len() {
+        return Err(pyo3::exceptions::PyValueError::new_err(format!(
+            "{} names and {} dtypes",
+            names.len(),
+            dtypes.len()
+        )));
+    }
+    Ok(names::digest(
+        names
+            .iter()
+            .map(String::as_str)
+            .zip(dtypes.iter().map(String::as_str)),
+    ))
 }

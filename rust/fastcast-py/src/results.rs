@@ -3,7 +3,9 @@
 
 use std::path::PathBuf;
 
-use fastcast_core::{exec, journal, LossStats};
+use fastcast_core::exec;
+use fastcast_core::format::journal;
+use fastcast_core::rules::loss::LossStats;
 use pyo3::intern;
 use pyo3::prelude::*;
 use pyo3::types::{PyBytes, PyDict, PyString};

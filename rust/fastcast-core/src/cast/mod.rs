@@ -70,7 +70,7 @@ impl Kernel {
     /// Parse a path name; `"auto"` (or an empty string) picks the fastest.
     ///
     /// ```
-    /// use fastcast_core::Kernel;
+    /// use fastcast_core::cast::Kernel;
     /// assert_eq!(Kernel::from_name("scalar").unwrap(), Kernel::Scalar);
     /// assert!(Kernel::from_name("sse9").is_err());
     /// ```
@@ -184,7 +184,8 @@ fn run_checked(from: DType, to: DType, opts: &CastOptions, src: &[u8], dst: &mut
 /// be castable.
 ///
 /// ```
-/// use fastcast_core::{cast, CastOptions, DType};
+/// use fastcast_core::cast::{cast, CastOptions};
+/// use fastcast_core::DType;
 /// let src: Vec<u8> = [1.0f32, -2.5, 65536.0].iter().flat_map(|x| x.to_le_bytes()).collect();
 /// let mut dst = vec![0u8; 6];
 /// cast(&src, DType::F32, &mut dst, DType::BF16, &CastOptions::default()).unwrap();

@@ -11,7 +11,7 @@
 //! the faulting address up there; for one of ours it maps a page of zeros over
 //! the missing page (so the faulting read completes and the worker carries
 //! on), and flags the mapping. The executor checks the flags when a shard's
-//! chunks are done and fails with [`crate::Error::SourceChanged`] naming the
+//! chunks are done and fails with [`crate::error::Error::SourceChanged`] naming the
 //! file, before the shard is committed. A fault anywhere else goes to the
 //! handler that was installed before ours (Python's `faulthandler`, or the
 //! default action), exactly as if we were not there.

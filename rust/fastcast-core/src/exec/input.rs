@@ -16,8 +16,8 @@ use memmap2::Mmap;
 use std::path::PathBuf;
 
 use super::fault::Watch;
-use super::SourceFile;
 use crate::error::{Error, Result};
+use crate::plan::wire::SourceFile;
 
 /// An input file, mapped.
 pub(super) struct Input {

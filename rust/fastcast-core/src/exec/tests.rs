@@ -2,9 +2,13 @@
 
 use std::fs;
 
+use super::chunks::run_order;
 use super::*;
 use crate::cast::Fp8Overflow;
+use crate::format::header::{Header, TensorInfo, MAX_HEADER_LEN};
+use crate::plan::wire::PLAN_VERSION;
 use crate::scratch::Scratch;
+use crate::values::Value;
 
 /// The run's loss counts, in plan order.
 fn losses(stats: &ExecStats) -> Vec<(String, LossStats)> {
@@ -111,7 +115,7 @@ fn converts_values_and_copies_integers() {
     let mut want = vec![0u8; 2 * n];
     let exact = CastOptions {
         fp8_overflow: Fp8Overflow::Saturate,
-        kernel: crate::Kernel::Scalar,
+        kernel: crate::cast::Kernel::Scalar,
     };
     cast::cast(&src_bytes, DType::F32, &mut want, DType::BF16, &exact).unwrap();
     assert_eq!(&data[8..], &want[..]);
@@ -356,7 +360,7 @@ fn one_tensor(path: &Path, name: &str, dtype: DType, shape: Vec<u64>, bytes: &[u
 #[test]
 fn dequantizes_fp8_with_a_scale_in_another_file() {
     use crate::cast::scalar;
-    use crate::dequant::{Dequant, Operand};
+    use crate::values::dequant::{Dequant, Operand};
 
     let dir = Scratch::new("dequant");
     let (rows, cols) = (5u64, 7u64); // 2x3 blocks: a 3x3 grid with partial edges
@@ -447,7 +451,7 @@ fn dequantizes_fp8_with_a_scale_in_another_file() {
 #[test]
 fn dequantizes_gptq_and_bnb_under_their_output_names_in_any_chunking() {
     use crate::cast::scalar;
-    use crate::dequant::{Dequant, Dequantizer, Operand};
+    use crate::values::dequant::{Dequant, Dequantizer, Operand};
 
     let dir = Scratch::new("dequant-int");
     let mut files = Vec::new();
@@ -613,7 +617,8 @@ fn dequantizes_gptq_and_bnb_under_their_output_names_in_any_chunking() {
 #[test]
 fn quantizes_weights_and_their_scales_in_any_chunking_scales_after_weights() {
     use crate::cast::scalar;
-    use crate::quantize::{Fp8Blocks, Quantize};
+    use crate::values::quantize::fp8::Fp8Blocks;
+    use crate::values::quantize::Quantize;
 
     let dir = Scratch::new("quantize");
     // A 6 x 8 bf16 weight in 4 x 3 blocks (a 2 x 3 grid, edges cut), and a

@@ -7,7 +7,7 @@ use super::{holds, Invalid, Kind, Put, Source, Units};
 use crate::cast::{self, CastOptions};
 use crate::dtype::DType;
 use crate::error::Result;
-use crate::loss::{LossRule, LossStats};
+use crate::rules::loss::{LossRule, LossStats};
 
 /// Source bytes cast and then counted at a time within a chunk: small enough
 /// to still be in L2 when the count reads them.

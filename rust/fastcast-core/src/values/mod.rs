@@ -20,11 +20,11 @@ pub mod quantize;
 use serde::Deserialize;
 
 use crate::cast::CastOptions;
-use crate::dequant::{Dequant, Dequantizer, Operand};
 use crate::dtype::DType;
 use crate::error::Result;
-use crate::loss::{LossRule, LossStats};
-use crate::quantize::Quantize;
+use crate::rules::loss::{LossRule, LossStats};
+use dequant::{Dequant, Dequantizer, Operand};
+use quantize::Quantize;
 
 /// What a planned tensor's values are: the wire format's one field for it.
 #[derive(Debug, Clone, Default, PartialEq, Deserialize)]
@@ -164,7 +164,7 @@ pub trait Kind: Sync {
 /// the core's as it is, a problem with the plan, or a source that does not
 /// hold the shape the kind reads (the executor names the file).
 pub enum Invalid {
-    Core(crate::Error),
+    Core(crate::error::Error),
     Plan(String),
     Holds(Vec<u64>),
 }

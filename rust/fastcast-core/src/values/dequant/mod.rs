@@ -41,7 +41,7 @@ use super::{Invalid, Kind, Put, Source, Units, VALUES};
 use crate::cast::{self, scalar, CastOptions};
 use crate::dtype::DType;
 use crate::error::Result;
-use crate::loss::{LossRule, LossStats};
+use crate::rules::loss::{LossRule, LossStats};
 
 /// How a planned tensor's values are reconstructed from quantized storage.
 #[derive(Debug, Clone, PartialEq, Deserialize)]

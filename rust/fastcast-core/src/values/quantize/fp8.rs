@@ -18,133 +18,22 @@
 //! the blocks it covers from the source bytes, so neither needs the other and
 //! memory stays one chunk per worker.
 
-use serde::Deserialize;
-
 use crate::cast::{self, scalar, CastOptions};
 use crate::dtype::DType;
-use crate::loss::{LossRule, LossStats};
+use crate::rules::loss::{LossRule, LossStats};
+use crate::rules::scheme::as_2d;
 
 /// Largest finite e4m3fn value: quantized values are clamped to ±448.
 pub const E4M3_MAX: f32 = 448.0;
 /// The smallest amax a scale is computed from (an all-zero block gets a
 /// tiny, positive scale rather than 0).
 pub const MIN_AMAX: f32 = 1e-12;
-/// The block of DeepSeek/FineGrained `fp8` (`weight_block_size`).
-pub const FP8_BLOCK: u64 = 128;
-
-/// How `--quantize` quantizes a model.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
-pub enum Scheme {
-    /// `fp8`: 128 × 128 blocks, F32 `weight_scale_inv`; only weights whose
-    /// both sides are multiples of 128 (what vLLM needs under tensor
-    /// parallelism).
-    Fp8Block,
-    /// `fp8-channel`: one scale per output row, F32 `weight_scale` `[out, 1]`
-    /// (compressed-tensors' `FP8_DYNAMIC`); any shape.
-    Fp8Channel,
-}
-
-impl Scheme {
-    /// Every scheme, in the order the CLI lists them.
-    pub const ALL: [Scheme; 2] = [Scheme::Fp8Block, Scheme::Fp8Channel];
-
-    /// The name `--quantize` takes.
-    pub const fn name(self) -> &'static str {
-        match self {
-            Scheme::Fp8Block => "fp8",
-            Scheme::Fp8Channel => "fp8-channel",
-        }
-    }
-
-    /// The scheme called `name`, if any.
-    ///
-    /// ```
-    /// use fastcast_core::quantize::Scheme;
-    /// assert_eq!(Scheme::from_name("fp8-channel"), Some(Scheme::Fp8Channel));
-    /// assert_eq!(Scheme::from_name("int4"), None);
-    /// ```
-    pub fn from_name(name: &str) -> Option<Scheme> {
-        Scheme::ALL.into_iter().find(|s| s.name() == name)
-    }
-
-    /// The name of the scale tensor beside `x.weight`.
-    pub const fn scale_suffix(self) -> &'static str {
-        match self {
-            Scheme::Fp8Block => "weight_scale_inv",
-            Scheme::Fp8Channel => "weight_scale",
-        }
-    }
-
-    /// The block one scale covers in a weight of `shape` (seen as 2-D).
-    ///
-    /// ```
-    /// use fastcast_core::quantize::Scheme;
-    /// assert_eq!(Scheme::Fp8Block.block(&[256, 512]), (128, 128));
-    /// assert_eq!(Scheme::Fp8Channel.block(&[256, 512]), (1, 512));
-    /// ```
-    pub fn block(self, shape: &[u64]) -> (u64, u64) {
-        match self {
-            Scheme::Fp8Block => (FP8_BLOCK, FP8_BLOCK),
-            Scheme::Fp8Channel => (1, shape.last().copied().unwrap_or(1)),
-        }
-    }
-
-    /// Whether a weight of `shape` is quantized in this scheme: both sides
-    /// multiples of the block for `fp8` (no partial blocks), any non-empty
-    /// shape per channel.
-    ///
-    /// ```
-    /// use fastcast_core::quantize::Scheme;
-    /// assert!(Scheme::Fp8Block.fits(&[256, 512]));
-    /// assert!(!Scheme::Fp8Block.fits(&[576, 512]));
-    /// assert!(Scheme::Fp8Channel.fits(&[576, 7]));
-    /// ```
-    pub fn fits(self, shape: &[u64]) -> bool {
-        let (rows, cols) = as_2d(shape);
-        if rows == 0 || cols == 0 {
-            return false;
-        }
-        match self {
-            Scheme::Fp8Block => rows % FP8_BLOCK == 0 && cols % FP8_BLOCK == 0,
-            Scheme::Fp8Channel => true,
-        }
-    }
-}
-
-/// A shape seen as 2-D: (product of all but the last dimension, the last).
-fn as_2d(shape: &[u64]) -> (u64, u64) {
-    match shape.split_last() {
-        Some((&cols, rest)) => (rest.iter().product(), cols),
-        None => (1, 1),
-    }
-}
-
-/// A planned tensor written by quantizing its source, a float weight.
-#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
-#[serde(tag = "kind", rename_all = "snake_case")]
-pub enum Quantize {
-    /// The weight's e4m3 values (the tensor has the weight's shape).
-    Fp8Weight {
-        /// Rows and columns of the weight each scale covers.
-        block: (u64, u64),
-    },
-    /// The weight's F32 scales, `[ceil(rows / block.0), ceil(cols / block.1)]`
-    /// (or `[rows, 1]` per channel: the same numbers).
-    Fp8Scale {
-        block: (u64, u64),
-        /// The weight's output name: the executor runs this tensor right
-        /// after it, while its pages are still in the page cache.
-        weight: String,
-        /// The weight's shape (the source holds it).
-        weight_shape: Vec<u64>,
-    },
-}
 
 /// The scale of a block whose largest magnitude is `amax`: `max(amax, 1e-12)
 /// / 448`, in f32, NaN kept.
 ///
 /// ```
-/// use fastcast_core::quantize::scale;
+/// use fastcast_core::values::quantize::fp8::scale;
 /// assert_eq!(scale(448.0), 1.0);
 /// assert_eq!(scale(0.0), 1e-12f32 / 448.0);
 /// assert!(scale(f32::NAN).is_nan());
@@ -578,19 +467,5 @@ mod tests {
             (40, 20),
             "the last block-row is cut"
         );
-    }
-
-    #[test]
-    fn schemes_by_name_with_their_blocks_and_fit_rules() {
-        for s in Scheme::ALL {
-            assert_eq!(Scheme::from_name(s.name()), Some(s));
-        }
-        assert_eq!(Scheme::Fp8Block.scale_suffix(), "weight_scale_inv");
-        assert_eq!(Scheme::Fp8Channel.scale_suffix(), "weight_scale");
-        assert!(Scheme::Fp8Block.fits(&[128, 128]));
-        assert!(!Scheme::Fp8Block.fits(&[128, 192]));
-        assert!(!Scheme::Fp8Block.fits(&[0, 128]));
-        assert!(!Scheme::Fp8Channel.fits(&[5, 0]));
-        assert_eq!(Scheme::Fp8Channel.block(&[5, 7]), (1, 7));
     }
 }

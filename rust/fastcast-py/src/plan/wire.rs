@@ -11,8 +11,9 @@
 
 use std::path::PathBuf;
 
-use fastcast_core::exec::{self, Plan, ShardPlan, SourceFile, TensorPlan};
-use fastcast_core::header::json_len;
+use fastcast_core::exec;
+use fastcast_core::format::header::json_len;
+use fastcast_core::plan::wire::{Plan, ShardPlan, SourceFile, TensorPlan};
 use fastcast_core::values::Value;
 use fastcast_core::DType;
 use pyo3::intern;
@@ -20,8 +21,9 @@ use pyo3::prelude::*;
 use pyo3::types::{PyDict, PyIterator, PyList, PyString, PyTuple};
 use serde::de::DeserializeOwned;
 
+use super::layout::PlainRows;
+use crate::dtype::DTypes;
 use crate::errors::FastcastError;
-use crate::tables::PlainRows;
 
 /// Read `plan`, or raise `FastcastError("malformed plan: <where>: <problem>")`.
 /// Its version is checked where it is used.
@@ -104,9 +106,9 @@ fn read_tensors(tensors: &Bound<'_, PyAny>, at: &str) -> Read<Vec<TensorPlan>> {
     Ok(read)
 }
 
-/// The length of each shard's header JSON in `plan` (`_core.header_lengths`),
-/// read without building the executor's plan: a plain shard's straight from
-/// its table, with nothing copied (a model may have 100k tensors).
+/// The length of each shard's header JSON as the executor will write it (no
+/// input is read): a shard past `MAX_HEADER_LEN` would be unreadable.
+#[pyfunction]
 pub fn header_lengths(plan: &Bound<'_, PyAny>) -> PyResult<Vec<u64>> {
     read_header_lengths(plan).map_err(|e| FastcastError::new_err(format!("malformed plan: {e}")))
 }
@@ -133,21 +135,8 @@ fn read_header_lengths(obj: &Bound<'_, PyAny>) -> Read<Vec<u64>> {
     Ok(lengths)
 }
 
-/// The dtype names met so far, parsed: a plan names a handful, 100k times.
-#[derive(Default)]
-pub struct DTypes(Vec<(String, DType)>);
-
+// Reading a dtype field of a plan: its errors are this reader's.
 impl DTypes {
-    /// `name`, parsed (once per distinct name).
-    pub fn parse(&mut self, name: &str) -> fastcast_core::Result<DType> {
-        if let Some((_, dtype)) = self.0.iter().find(|(known, _)| known == name) {
-            return Ok(*dtype);
-        }
-        let dtype: DType = name.parse()?;
-        self.0.push((name.to_string(), dtype));
-        Ok(dtype)
-    }
-
     /// `value`, the dtype field `key`, parsed.
     fn read(&mut self, value: &Bound<'_, PyAny>, key: &str) -> Read<DType> {
         let name = value

@@ -10,7 +10,7 @@ use std::io;
 /// ```
 /// # let dir = std::env::temp_dir().join(format!("fastcast-doc-positional-{}", std::process::id()));
 /// # std::fs::create_dir_all(&dir).unwrap();
-/// use fastcast_core::positional::{read_exact_at, write_all_at};
+/// use fastcast_core::exec::positional::{read_exact_at, write_all_at};
 /// let path = dir.join("f.bin");
 /// let file = std::fs::File::options().create(true).truncate(true).read(true).write(true).open(&path).unwrap();
 /// write_all_at(&file, b"world", 6).unwrap();

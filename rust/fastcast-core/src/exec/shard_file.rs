@@ -6,9 +6,9 @@ use std::fs::{self, File, OpenOptions};
 use std::path::{Path, PathBuf};
 use std::sync::Mutex;
 
+use super::positional;
 use crate::error::{Error, Result};
-use crate::journal::FileStamp;
-use crate::positional;
+use crate::format::journal::FileStamp;
 
 /// A file written at offsets by many threads, which appears under its final
 /// name only through [`ShardFile::commit`]. Dropping it uncommitted removes
@@ -58,7 +58,7 @@ pub const NAME_MAX: usize = 255;
 /// `.<first bytes>~<16 hex digits>.fastcast-partial`, within [`NAME_MAX`].
 ///
 /// ```
-/// use fastcast_core::shard_file::{temp_path, NAME_MAX};
+/// use fastcast_core::exec::shard_file::{temp_path, NAME_MAX};
 /// use std::path::Path;
 /// assert_eq!(temp_path(Path::new("out/model.safetensors")),
 ///            Path::new("out/.model.safetensors.fastcast-partial"));

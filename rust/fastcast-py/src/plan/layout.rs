@@ -1,50 +1,26 @@
-//! A model's tensors held by the core, for Python to plan without a Python
-//! object per tensor.
+//! A plain model's plan as tables held by the core, for Python to plan
+//! without a Python object per tensor.
 //!
 //! A model may have 100k tensors (DeepSeek-V3 has 91k). Made into Python
 //! objects and planned one by one, they cost a conversion more than its
-//! bytes did. [`Entries`] holds a safetensors file's tensors as its header
-//! gave them, and [`PlainShard`] an output shard of a plain plan
-//! (`fastcast_core::layout::plan_plain`); Python asks them for columns
-//! (names, dtypes) or, where it needs objects, for rows.
+//! bytes did. [`PlainShard`] is an output shard of a plain plan
+//! (`fastcast_core::plan::layout::plan_plain`) made of the `Entries` the
+//! headers gave, and [`PlainRows`] its tensors as a plan's; Python asks them
+//! for columns (names, dtypes) or, where it needs objects, for rows.
 
-use fastcast_core::exec::TensorPlan;
-use fastcast_core::header::{self, Entry};
-use fastcast_core::layout::{self, Placed};
+use fastcast_core::format::header::{self, Entry, TensorInfo};
 use fastcast_core::names;
+use fastcast_core::plan::layout::{self, Placed};
+use fastcast_core::plan::wire::TensorPlan;
+use fastcast_core::rules::glob::KeepRule;
 use fastcast_core::values::Value;
-use fastcast_core::{DType, KeepRule, TensorInfo};
+use fastcast_core::DType;
 use pyo3::prelude::*;
 use pyo3::types::{PyIterator, PyList, PyString, PyTuple};
 
-use crate::castable_target;
+use crate::dtype::{castable_target, DTypes};
 use crate::errors::CoreError;
-use crate::plan::DTypes;
-
-/// A safetensors file's tensors (`_core.read_entries`), in data order,
-/// offsets absolute in the file.
-#[pyclass(frozen, module = "fastcast._core")]
-pub struct Entries {
-    /// The caller's object for the file (a `Path`), put in every row.
-    file: Py<PyAny>,
-    tensors: Vec<TensorInfo>,
-}
-
-impl Entries {
-    pub fn new(file: Py<PyAny>, tensors: Vec<TensorInfo>) -> Entries {
-        Entries { file, tensors }
-    }
-
-    /// The tensors' names, borrowed.
-    pub fn tensor_names(&self) -> Vec<&str> {
-        self.tensors.iter().map(|t| t.name.as_str()).collect()
-    }
-
-    /// The tensors' names, borrowed, with their dtypes.
-    pub fn tensor_dtypes(&self) -> impl Iterator<Item = (&str, DType)> {
-        self.tensors.iter().map(|t| (t.name.as_str(), t.dtype))
-    }
-}
+use crate::format::Entries;
 
 /// Each item's safetensors dtype name, one interned string per dtype.
 fn dtype_names<'py>(
@@ -55,41 +31,6 @@ fn dtype_names<'py>(
         py,
         dtypes.map(|d| PyString::intern(py, d.safetensors_name())),
     )
-}
-
-#[pymethods]
-impl Entries {
-    fn __len__(&self) -> usize {
-        self.tensors.len()
-    }
-
-    /// The file, as the caller named it.
-    #[getter]
-    fn file(&self, py: Python<'_>) -> Py<PyAny> {
-        self.file.clone_ref(py)
-    }
-
-    /// The tensors' names.
-    fn names<'py>(&self, py: Python<'py>) -> PyResult<Bound<'py, PyList>> {
-        PyList::new(py, self.tensors.iter().map(|t| t.name.as_str()))
-    }
-
-    /// The rows of `_model_dir.TensorEntry`: `(name, dtype, shape, file,
-    /// (begin, end), None)`.
-    fn rows<'py>(&self, py: Python<'py>) -> PyResult<Bound<'py, PyList>> {
-        let rows = PyList::empty(py);
-        for t in &self.tensors {
-            rows.append((
-                &t.name,
-                PyString::intern(py, t.dtype.safetensors_name()),
-                PyTuple::new(py, &t.shape)?,
-                &self.file,
-                t.data_offsets,
-                py.None(),
-            ))?;
-        }
-        Ok(rows)
-    }
 }
 
 /// One output shard of a plain plan: tensors of `Entries` cast or copied, in
@@ -320,23 +261,4 @@ pub fn lay_out(tensors: Vec<(String, u64)>) -> PyResult<Vec<(usize, u64, u64)>> 
         .map(|(name, nbytes)| Ok((dtypes.parse(name).map_err(CoreError)?.size(), *nbytes)))
         .collect::<PyResult<Vec<_>>>()?;
     Ok(layout::lay_out(&items))
-}
-
-/// A digest (`fastcast_core::names::digest`) of tensors given as columns:
-/// their source names and the dtypes they are written in.
-#[pyfunction]
-pub fn tensors_digest(names: Vec<String>, dtypes: Vec<String>) -> PyResult<String> {
-    if names.len() != dtypes.len() {
-        return Err(pyo3::exceptions::PyValueError::new_err(format!(
-            "{} names and {} dtypes",
-            names.len(),
-            dtypes.len()
-        )));
-    }
-    Ok(names::digest(
-        names
-            .iter()
-            .map(String::as_str)
-            .zip(dtypes.iter().map(String::as_str)),
-    ))
 }

@@ -176,7 +176,8 @@ impl LossRule {
     /// saturated to ±448 for e4m3fn), or `None` when nothing can.
     ///
     /// ```
-    /// use fastcast_core::{DType, LossRule};
+    /// use fastcast_core::rules::loss::LossRule;
+    /// use fastcast_core::DType;
     /// assert_eq!(LossRule::new(DType::F32, DType::F16).overflow_from(), Some(65520.0));
     /// assert_eq!(LossRule::new(DType::F16, DType::F32).overflow_from(), None);
     /// ```
@@ -188,7 +189,8 @@ impl LossRule {
     /// when no non-zero value can.
     ///
     /// ```
-    /// use fastcast_core::{DType, LossRule};
+    /// use fastcast_core::rules::loss::LossRule;
+    /// use fastcast_core::DType;
     /// assert_eq!(LossRule::new(DType::F32, DType::F16).underflow_to(), Some(2f64.powi(-25)));
     /// ```
     pub fn underflow_to(&self) -> Option<f64> {
@@ -270,7 +272,8 @@ impl LossRule {
 /// (f32 -> bf16, f16 -> e5m2) or nothing can, and for non-castable dtypes.
 ///
 /// ```
-/// use fastcast_core::{loss::narrows_range, DType};
+/// use fastcast_core::rules::loss::narrows_range;
+/// use fastcast_core::DType;
 /// assert!(narrows_range(DType::BF16, DType::F16));
 /// assert!(!narrows_range(DType::F32, DType::BF16));
 /// ```

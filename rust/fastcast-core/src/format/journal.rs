@@ -23,7 +23,7 @@ use std::path::Path;
 use serde::{Deserialize, Serialize};
 
 use crate::error::{Error, Result};
-use crate::loss::LossStats;
+use crate::rules::loss::LossStats;
 
 /// A shard as written: for the journal, for resuming, and for the run's report.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -97,7 +97,7 @@ impl FileStamp {
 /// ```
 /// # let dir = std::env::temp_dir().join(format!("fastcast-doc-journal-{}", std::process::id()));
 /// # std::fs::create_dir_all(&dir).unwrap();
-/// use fastcast_core::journal::{self, ShardRecord};
+/// use fastcast_core::format::journal::{self, ShardRecord};
 /// let path = dir.join(".fastcast-journal.jsonl");
 /// let record = ShardRecord {
 ///     name: "model.safetensors".into(),
@@ -168,7 +168,7 @@ mod loss_rows {
     use serde::ser::SerializeSeq;
     use serde::{Deserialize, Deserializer, Serializer};
 
-    use crate::loss::LossStats;
+    use crate::rules::loss::LossStats;
 
     type Row = (String, u64, u64, u64, u64, u64, f64);
 

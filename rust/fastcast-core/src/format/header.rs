@@ -278,7 +278,7 @@ pub struct Entry<'a> {
 /// file is made.
 ///
 /// ```
-/// use fastcast_core::header::{json_len, Entry, Header, TensorInfo};
+/// use fastcast_core::format::header::{json_len, Entry, Header, TensorInfo};
 /// use fastcast_core::DType;
 /// let t = TensorInfo { name: "w".into(), dtype: DType::BF16, shape: vec![2], data_offsets: (0, 4) };
 /// let e = Entry { name: "w", dtype: DType::BF16, shape: &[2], data_offsets: (0, 4) };
@@ -447,7 +447,7 @@ fn check_entry(
     if end - begin != bits / 8 {
         return Err(HeaderProblem::SizeMismatch {
             tensor: name.to_owned(),
-            dtype,
+            dtype: dtype.safetensors_name(),
             shape: shape.to_vec(),
             begin,
             end,

@@ -13,7 +13,7 @@
 //!   into absolute byte ranges of the file; the object tree flattened.
 //!
 //! ```no_run
-//! use fastcast_core::torchfile::{Leaf, TorchFile};
+//! use fastcast_core::format::torchfile::{Leaf, TorchFile};
 //! let file = TorchFile::read("pytorch_model.bin".as_ref())?;
 //! for entry in &file.entries {
 //!     if let Leaf::Tensor(t) = &entry.leaf {

@@ -7,8 +7,9 @@
 //! model may have 100k tensors).
 
 use crate::dtype::DType;
-use crate::header::TensorInfo;
-use crate::keep::{target_dtype, KeepRule};
+use crate::format::header::TensorInfo;
+use crate::rules::glob::KeepRule;
+use crate::rules::target::target_dtype;
 
 /// Group items of `sizes` into shards of at most `limit` bytes exactly as
 /// huggingface_hub's `split_state_dict_into_shards` does: in order, a new
@@ -17,7 +18,7 @@ use crate::keep::{target_dtype, KeepRule};
 /// being filled. Returns each shard's item indices, at least one shard.
 ///
 /// ```
-/// use fastcast_core::layout::pack;
+/// use fastcast_core::plan::layout::pack;
 /// assert_eq!(pack([3, 3, 4, 3], 6), vec![vec![0, 1], vec![2], vec![3]]);
 /// assert_eq!(pack([3, 9, 3], 6), vec![vec![1], vec![0, 2]]);
 /// ```
@@ -50,7 +51,7 @@ pub fn pack(sizes: impl IntoIterator<Item = u64>, limit: u64) -> Vec<Vec<usize>>
 /// end)` in data order.
 ///
 /// ```
-/// use fastcast_core::layout::lay_out;
+/// use fastcast_core::plan::layout::lay_out;
 /// assert_eq!(
 ///     lay_out(&[(2, 4), (4, 8), (2, 2)]),
 ///     vec![(1, 0, 8), (0, 8, 12), (2, 12, 14)]

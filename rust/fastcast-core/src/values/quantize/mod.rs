@@ -1,14 +1,39 @@
 //! A float weight quantized to fp8 e4m3 in blocks (or rows), as `--quantize`
 //! writes it: the weight's e4m3 values, or its F32 scales (computed from the
-//! same source, right after the weight; [`crate::quantize`] holds the math).
+//! same source, right after the weight; [`fp8`] holds the math).
+
+pub mod fp8;
+
+use serde::Deserialize;
 
 use super::cast::{rule_for, span, BUFFER};
 use super::{holds, Invalid, Kind, Put, Source, Units, VALUES};
 use crate::cast::CastOptions;
 use crate::dtype::DType;
 use crate::error::Result;
-use crate::loss::{LossRule, LossStats};
-use crate::quantize::{Fp8Blocks, Quantize};
+use crate::rules::loss::{LossRule, LossStats};
+use fp8::Fp8Blocks;
+
+/// A planned tensor written by quantizing its source, a float weight.
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+#[serde(tag = "kind", rename_all = "snake_case")]
+pub enum Quantize {
+    /// The weight's e4m3 values (the tensor has the weight's shape).
+    Fp8Weight {
+        /// Rows and columns of the weight each scale covers.
+        block: (u64, u64),
+    },
+    /// The weight's F32 scales, `[ceil(rows / block.0), ceil(cols / block.1)]`
+    /// (or `[rows, 1]` per channel: the same numbers).
+    Fp8Scale {
+        block: (u64, u64),
+        /// The weight's output name: the executor runs this tensor right
+        /// after it, while its pages are still in the page cache.
+        weight: String,
+        /// The weight's shape (the source holds it).
+        weight_shape: Vec<u64>,
+    },
+}
 
 /// A tensor written by quantizing its source, a float weight.
 pub enum Quantizing<'a> {

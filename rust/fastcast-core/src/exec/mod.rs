@@ -9,29 +9,30 @@
 //! dequantized or quantized tensor's chunk holds whole packed units or
 //! block-rows of it, so may be larger: see `chunks_of`).
 
-use std::collections::HashMap;
 use std::fs::File;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Mutex;
 
 use rayon::prelude::*;
-use serde::Deserialize;
 use xxhash_rust::xxh3::xxh3_64;
 
 use crate::cast::{self, CastOptions};
-use crate::dequant::Operand;
 use crate::dtype::DType;
 use crate::error::{Error, Result};
-use crate::header::{self, Entry, Header, TensorInfo, MAX_HEADER_LEN};
-use crate::journal::{self, ShardRecord};
-use crate::loss::{LossRule, LossStats};
-use crate::positional;
-use crate::shard_file::{self, ShardFile};
+use crate::format::header::{self, Entry};
+use crate::format::journal::{self, ShardRecord};
+use crate::plan::wire::{Plan, ShardPlan, SourceFile, TensorPlan};
+use crate::rules::loss::{LossRule, LossStats};
 use crate::values::cast::{span, BUFFER};
-use crate::values::{Invalid, Kind, Source, Units, Value, Values};
+use crate::values::{Kind, Source, Values};
+use check::{check_shard, Checked};
+use chunks::{chunks_of, Chunk};
 use input::Input;
+use shard_file::ShardFile;
 
+mod check;
+mod chunks;
 #[cfg(target_os = "linux")]
 mod fault;
 #[cfg(not(target_os = "linux"))]
@@ -48,85 +49,8 @@ mod fault {
     }
 }
 mod input;
-
-/// The plan format this build reads; see [`Plan::version`].
-pub const PLAN_VERSION: u32 = 1;
-
-/// A whole conversion: input files and the output shards to produce.
-#[derive(Debug, Clone, Deserialize)]
-pub struct Plan {
-    /// The format of this plan, [`PLAN_VERSION`]: a plan made for another
-    /// version is refused rather than half understood.
-    pub version: u32,
-    pub sources: Vec<SourceFile>,
-    pub shards: Vec<ShardPlan>,
-}
-
-impl Plan {
-    /// Refuse a plan in a format this build does not read.
-    pub fn check_version(&self) -> Result<()> {
-        if self.version == PLAN_VERSION {
-            return Ok(());
-        }
-        Err(Error::Plan {
-            path: PathBuf::new(),
-            problem: format!(
-                "plan version {}, this fastcast reads version {PLAN_VERSION}",
-                self.version
-            ),
-        })
-    }
-}
-
-/// An input file and the size it had when the plan was made.
-#[derive(Debug, Clone, Deserialize)]
-pub struct SourceFile {
-    pub path: PathBuf,
-    pub size: u64,
-}
-
-/// One output file.
-#[derive(Debug, Clone, Deserialize)]
-pub struct ShardPlan {
-    /// The shard's output-relative name, as the journal records it
-    /// (`unet/diffusion_pytorch_model-00001-of-00002.safetensors`).
-    pub name: String,
-    /// Where to write it (possibly inside a private staging folder).
-    pub path: PathBuf,
-    /// `__metadata__` to write, in order.
-    pub metadata: Option<Vec<(String, String)>>,
-    /// Tensors in the order the header lists them.
-    pub tensors: Vec<TensorPlan>,
-}
-
-/// Where one tensor comes from and where it goes.
-#[derive(Debug, Clone, Deserialize)]
-pub struct TensorPlan {
-    pub name: String,
-    pub shape: Vec<u64>,
-    /// Index into [`Plan::sources`].
-    pub source: usize,
-    /// Any name [`DType`] parses (`F32`, `bfloat16`...), read as the plan is.
-    #[serde(deserialize_with = "dtype_named")]
-    pub src_dtype: DType,
-    #[serde(deserialize_with = "dtype_named")]
-    pub dst_dtype: DType,
-    /// `[begin, end)` in the source *file* (header included).
-    pub src_offsets: (u64, u64),
-    /// `[begin, end)` in the output's data buffer.
-    pub dst_offsets: (u64, u64),
-    /// What its values are: its source cast, a quantized weight's values
-    /// reconstructed, a float weight quantized (see [`crate::values`]).
-    #[serde(flatten)]
-    pub value: Value,
-}
-
-/// A dtype from its name: a plan of 100k tensors would otherwise hold 200k
-/// strings for a handful of dtypes.
-fn dtype_named<'de, D: serde::Deserializer<'de>>(d: D) -> std::result::Result<DType, D::Error> {
-    let name = <std::borrow::Cow<'de, str>>::deserialize(d)?;
-    name.parse().map_err(serde::de::Error::custom)
-}
+pub mod positional;
+pub mod shard_file;
 
 /// How a plan runs.
 #[derive(Debug, Clone)]
@@ -276,30 +200,6 @@ impl Job<'_> {
     }
 }
 
-/// One unit of parallel work: elements `[begin, end)` of a job; or, when
-/// `last > job`, the whole jobs `job..=last`, small tensors of one dtype pair
-/// that follow each other in their input and in the output, cast, written and
-/// hashed as one (`end` then counts the elements of all of them).
-struct Chunk {
-    job: usize,
-    begin: u64,
-    end: u64,
-    last: usize,
-}
-
-impl Chunk {
-    /// Count what casting `values` (this chunk's source) loses, tensor by tensor.
-    fn count_loss(&self, jobs: &[Job], values: &[u8]) {
-        if self.last == self.job {
-            return jobs[self.job].count_loss(values);
-        }
-        // A chunk of whole tensors: `values` is their sources, end to end.
-        for job in &jobs[self.job..=self.last] {
-            job.count_loss(job.src());
-        }
-    }
-}
-
 /// Run `plan`: every shard is written under a temporary name, synced,
 /// renamed to its `path` and journaled, in plan order; the folders written
 /// into are synced at the end.
@@ -397,12 +297,9 @@ pub fn execute(plan: &Plan, opts: &ExecOptions, progress: &Progress) -> Result<E
             }
         }
         drop(to_commit);
-        let committed = committer.join().unwrap_or_else(|_| {
-            Err(Error::Plan {
-                path: PathBuf::new(),
-                problem: "the commit thread panicked".into(),
-            })
-        });
+        let committed = committer.join().unwrap_or(Err(Error::WorkerDied {
+            what: "the commit thread panicked",
+        }));
         // A failed commit is the cause; the workers' Cancelled its consequence.
         let committed = committed?;
         written.map(|()| committed)
@@ -542,136 +439,6 @@ fn shrunk(maps: &[Input], sizes: bool) -> Option<Error> {
         .find_map(Input::shrunk)
 }
 
-#[cfg(test)]
-impl Checked<'_> {
-    /// The JSON length of the header as written (its length prefix).
-    fn header_len_written(&self) -> u64 {
-        self.header_bytes.len() as u64 - 8
-    }
-}
-
-/// A shard checked against its plan and inputs, ready to write: its header
-/// (and the bytes it is written as, made once: 9 ms for 100k tensors) and a
-/// job per tensor.
-struct Checked<'a> {
-    header: Header,
-    header_bytes: Vec<u8>,
-    jobs: Vec<Job<'a>>,
-}
-
-/// Check one shard's plan against itself and the inputs; build its header.
-fn check_shard<'a>(shard: &'a ShardPlan, plan: &Plan, maps: &'a [Input]) -> Result<Checked<'a>> {
-    let bad = |problem: String| Error::Plan {
-        path: shard.path.clone(),
-        problem,
-    };
-    let mut infos = Vec::with_capacity(shard.tensors.len());
-    let mut jobs = Vec::with_capacity(shard.tensors.len());
-    for t in &shard.tensors {
-        let (from, to) = (t.src_dtype, t.dst_dtype);
-        let map = maps
-            .get(t.source)
-            .ok_or_else(|| bad(format!("tensor {:?} names source {}", t.name, t.source)))?;
-        let path = &plan.sources[t.source].path;
-        let (begin, end) = t.src_offsets;
-        if begin > end || end > map.len() as u64 {
-            return Err(bad(format!(
-                "tensor {:?}: bytes [{begin}, {end}) are outside {} ({} bytes)",
-                t.name,
-                path.display(),
-                map.len()
-            )));
-        }
-        let numel = t
-            .shape
-            .iter()
-            .try_fold(1u64, |a, &d| a.checked_mul(d))
-            .ok_or_else(|| bad(format!("tensor {:?}: shape overflows", t.name)))?;
-        let src = &map[begin as usize..end as usize];
-        let source = Source {
-            src,
-            file: map,
-            from,
-            to,
-            numel,
-        };
-        let operand = |op: &'a Operand| operand_bytes(op, plan, maps);
-        let values = Values::check(&t.value, &source, &t.shape, &operand).map_err(|e| match e {
-            Invalid::Core(e) => e,
-            Invalid::Plan(problem) => bad(format!("tensor {:?}: {problem}", t.name)),
-            // The source holds no tensor of the shape its kind reads (the
-            // output's, or for scales their weight's).
-            Invalid::Holds(shape) => bad(format!(
-                "tensor {:?}: {} bytes in {} do not hold {from} {shape:?}",
-                t.name,
-                end - begin,
-                path.display(),
-            )),
-        })?;
-        let rule = values.kind().rule(&source);
-        infos.push(tensor_info(t));
-        jobs.push(Job {
-            plan: t,
-            source,
-            map,
-            dst_start: 0,
-            rule,
-            values,
-            stats: Mutex::new(LossStats::default()),
-            pending: AtomicU64::new(0),
-        });
-    }
-    let mut header = Header {
-        metadata: shard.metadata.clone(),
-        tensors: infos,
-        header_len: 0,
-    };
-    // Validate the output as a reader will: unique names, sizes that match
-    // dtypes and shapes, tensors that tile the data buffer with no gap or
-    // overlap (checked in memory: re-reading 100k entries' JSON cost 30 ms).
-    let data_end = header
-        .tensors
-        .iter()
-        .map(|t| t.data_offsets.1)
-        .max()
-        .unwrap_or(0);
-    header.check(&shard.path, data_end)?;
-    let header_bytes = header.to_bytes();
-    header.header_len = header_bytes.len() as u64 - 8;
-    too_large(shard, header.header_len)?;
-    for job in &mut jobs {
-        job.dst_start = header.data_start() + job.plan.dst_offsets.0;
-    }
-    Ok(Checked {
-        header,
-        header_bytes,
-        jobs,
-    })
-}
-
-/// Tensor `t`'s entry in its shard's header.
-fn tensor_info(t: &TensorPlan) -> TensorInfo {
-    TensorInfo {
-        name: t.name.clone(),
-        dtype: t.dst_dtype,
-        shape: t.shape.clone(),
-        data_offsets: t.dst_offsets,
-    }
-}
-
-/// Refuse a shard whose header (`len` bytes of JSON) no reader would open.
-fn too_large(shard: &ShardPlan, len: u64) -> Result<()> {
-    if len <= MAX_HEADER_LEN {
-        return Ok(());
-    }
-    Err(Error::HeaderTooLarge {
-        path: shard.path.clone(),
-        len,
-        limit: MAX_HEADER_LEN,
-        tensors: shard.tensors.len(),
-    })
-}
-
 /// The length of each shard's header JSON as the executor will write it,
 /// from the plan alone (no input is read): to refuse, before anything is
 /// written, a shard that safetensors readers would not open.
@@ -690,117 +457,6 @@ pub fn entry(t: &TensorPlan) -> Entry<'_> {
         shape: &t.shape,
         data_offsets: t.dst_offsets,
     }
-}
-
-/// The bytes of operand `op` (a scale...), checked to lie in its source.
-fn operand_bytes<'a>(op: &Operand, plan: &Plan, maps: &'a [Input]) -> Result<&'a [u8], String> {
-    let map = maps
-        .get(op.source)
-        .ok_or_else(|| format!("operand {:?} names source {}", op.name, op.source))?;
-    let (begin, end) = op.offsets;
-    if begin > end || end > map.len() as u64 {
-        return Err(format!(
-            "operand {:?}: bytes [{begin}, {end}) are outside {}",
-            op.name,
-            plan.sources[op.source].path.display()
-        ));
-    }
-    Ok(&map[begin as usize..end as usize])
-}
-
-/// Split jobs into chunks of at most `chunk_bytes` on either side, in the
-/// order they run: plan order, except that scales run right after the weight
-/// they are computed from, whose pages are then still in the page cache.
-///
-/// A dequantized tensor's chunks hold whole packed units of its output (one
-/// output row of GPTQ/AWQ at least), a quantized weight's whole block-rows
-/// (the blocks whose amax its scales need), so these may be larger than
-/// `chunk_bytes`: one block-row of a very wide weight (128 rows of it, in
-/// f32, for `fp8`) is the smallest chunk that can be quantized.
-fn chunks_of(jobs: &[Job], chunk_bytes: usize) -> Vec<Chunk> {
-    let mut chunks: Vec<Chunk> = Vec::new();
-    for i in run_order(jobs) {
-        let job = &jobs[i];
-        if let Some(c) = chunks.last_mut().filter(|c| joins(jobs, c, i, chunk_bytes)) {
-            c.end += job.src().len() as u64 / job.from().size() as u64;
-            c.last = i;
-            continue;
-        }
-        let Units {
-            count: units,
-            align,
-            held,
-        } = job.kind().units(&job.source);
-        let per_chunk = ((chunk_bytes as u64 / held) / align).max(1) * align;
-        let first = chunks.len();
-        let mut begin = 0;
-        while begin < units {
-            let end = (begin + per_chunk).min(units);
-            chunks.push(Chunk {
-                job: i,
-                begin,
-                end,
-                last: i,
-            });
-            begin = end;
-        }
-        job.pending
-            .store((chunks.len() - first) as u64, Ordering::Release);
-    }
-    chunks
-}
-
-/// Whether job `i`, whole, can join chunk `c`: both plain casts or copies of
-/// the same dtypes, `c` whole tensors ending where `i` starts in the same
-/// input and in the output, and the two together within `chunk_bytes`. A
-/// model of 100k tiny tensors so costs a write, a hash and a cast call per
-/// chunk, not per tensor.
-fn joins(jobs: &[Job], c: &Chunk, i: usize, chunk_bytes: usize) -> bool {
-    let (head, tail, next) = (&jobs[c.job], &jobs[c.last], &jobs[i]);
-    let plain = |j: &Job| j.values.is_cast() && j.from().bits() >= 8;
-    let widest = head.from().size().max(head.to().size()) as u64;
-    let units = next.src().len() as u64 / next.from().size().max(1) as u64;
-    let tail_end = tail.dst_start + span(tail.to(), tail.source.numel);
-    i == c.last + 1
-        && c.begin == 0
-        && plain(head)
-        && plain(next)
-        && (next.from(), next.to()) == (head.from(), head.to())
-        && std::ptr::eq(next.map, head.map)
-        && tail.src().as_ptr_range().end == next.src().as_ptr()
-        // `c` is whole: it ends where `tail` ends.
-        && head.dst_start + span(head.to(), c.end) == tail_end
-        && tail_end == next.dst_start
-        && (c.end + units) * widest <= chunk_bytes as u64
-}
-
-/// The order jobs run in: plan order, each weight's scales right after it
-/// (scales whose weight is in another shard stay where the plan put them).
-fn run_order(jobs: &[Job]) -> Vec<usize> {
-    if !jobs.iter().any(|job| job.kind().after().is_some()) {
-        return (0..jobs.len()).collect(); // no scales: plan order, no name index
-    }
-    let index: HashMap<&str, usize> = jobs
-        .iter()
-        .enumerate()
-        .map(|(i, job)| (job.plan.name.as_str(), i))
-        .collect();
-    let mut after: HashMap<usize, Vec<usize>> = HashMap::new();
-    let mut deferred = vec![false; jobs.len()];
-    for (i, job) in jobs.iter().enumerate() {
-        if let Some(&w) = job.kind().after().and_then(|weight| index.get(weight)) {
-            after.entry(w).or_default().push(i);
-            deferred[i] = true;
-        }
-    }
-    let mut order = Vec::with_capacity(jobs.len());
-    for i in (0..jobs.len()).filter(|&i| !deferred[i]) {
-        order.push(i);
-        order.extend(after.remove(&i).unwrap_or_default());
-    }
-    // A scale naming another scale (never planned) would be lost: keep it.
-    order.extend(after.into_values().flatten());
-    order
 }
 
 fn write_shard(
