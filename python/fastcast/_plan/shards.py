@@ -328,9 +328,9 @@ class ConversionPlan:
     def to_dict(
         self, folder: Path, sizes: dict[Path, int], only: Collection[str] | None = None
     ) -> _core.Plan:
-        """The plan as the Rust executor takes it (see exec.rs), writing each shard at
-        its name below ``folder``; ``only`` keeps just the shards of those names (a
-        resumed run writes the rest)."""
+        """The plan as the Rust executor takes it (see the core's plan/wire.rs),
+        writing each shard at its name below ``folder``; ``only`` keeps just the shards
+        of those names (a resumed run writes the rest)."""
         source_ids = {p: i for i, p in enumerate(self.sources)}
         return {
             "version": _core.PLAN_VERSION,
@@ -381,7 +381,7 @@ def tensor_plan(
 
 
 def dequant_dict(d: Dequantized, source_ids: dict[Path, int]) -> DequantPlan:
-    """How the executor reconstructs a dequantized tensor (see dequant.rs)."""
+    """How the executor reconstructs a dequantized tensor (see the core's values/dequant/)."""
 
     def operand(role: str) -> _core.OperandPlan:
         e = d.operands[role]

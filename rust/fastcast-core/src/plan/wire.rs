@@ -1,6 +1,6 @@
 //! The plan's wire format: what Python hands the executor (input files, output
 //! shards, where each tensor comes from and goes), one versioned definition
-//! read by these serde types and by `fastcast-py`'s `plan.rs`.
+//! read by these serde types and by `fastcast-py`'s `plan/wire.rs`.
 
 use std::path::PathBuf;
 

@@ -9,7 +9,7 @@
 //! [`Values::kind`], never on the kind itself.
 //!
 //! Adding a kind: a variant of [`Value`] (the plan's wire format, read by the
-//! core's serde types and by `fastcast-py`'s `plan.rs`), a file here with a
+//! core's serde types and by `fastcast-py`'s `plan/wire.rs`), a file here with a
 //! type implementing [`Kind`], and its arms in [`Values::check`] and
 //! [`Values::kind`]; `docs/architecture.md` lists the Python side.
 
