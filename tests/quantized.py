@@ -757,9 +757,8 @@ def ct_fp8(tmp: Path, strategy: str) -> QuantModel:
     """
     torch = _torch()
     ct = require("compressed_tensors")
-    from compressed_tensors.compressors import ModelCompressor
     from compressed_tensors.compressors.naive_quantized.base import FloatQuantizationCompressor
-    from compressed_tensors.quantization import QuantizationConfig, preset_name_to_scheme
+    from compressed_tensors.quantization import preset_name_to_scheme
     from compressed_tensors.quantization.utils import calculate_qparams
 
     preset = {"tensor": "FP8", "channel": "FP8_DYNAMIC"}[strategy]
@@ -794,10 +793,22 @@ def ct_fp8(tmp: Path, strategy: str) -> QuantModel:
         return out
 
     tensors = llama.build(g, bf16, quantize, model)
+    config = ct_config(root, llama, {"group_0": scheme}, "float-quantized")
+    assert config["quantization_config"]["version"] == ct.__version__
+    return _finish(model, config, tensors)
+
+
+def ct_config(root: Path, llama: _Llama, groups: dict[str, Any], fmt: str) -> dict[str, Any]:
+    """config.json with compressed-tensors' own ``quantization_config`` for these scheme
+    groups in format ``fmt`` (``ModelCompressor.update_config``; ``lm_head`` ignored)."""
+    require("compressed_tensors")
+    from compressed_tensors.compressors import ModelCompressor
+    from compressed_tensors.quantization import QuantizationConfig
+
     qc = QuantizationConfig(
-        config_groups={"group_0": scheme},
+        config_groups=groups,
         quant_method="compressed-tensors",
-        format="float-quantized",
+        format=fmt,
         quantization_status="compressed",
         ignore=["lm_head"],
     )
@@ -806,9 +817,7 @@ def ct_fp8(tmp: Path, strategy: str) -> QuantModel:
     root.mkdir(parents=True, exist_ok=True)
     _json(root / "config.json", config)
     ModelCompressor(quantization_config=qc).update_config(str(root))
-    config = json.loads((root / "config.json").read_text())
-    assert config["quantization_config"]["version"] == ct.__version__
-    return _finish(model, config, tensors)
+    return json.loads((root / "config.json").read_text())
 
 
 def ct_fp8_tensor(tmp: Path) -> QuantModel:

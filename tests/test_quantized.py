@@ -39,6 +39,43 @@ def raw_tensors(folder) -> dict[str, tuple[str, list[int], bytes]]:
     return out
 
 
+def assert_kept(model: QuantModel, out, target: str):
+    """``out`` holds every tensor of ``model``: its state byte for byte, the rest cast
+    to ``target`` as torch casts it. Returns the target's torch dtype."""
+    torch, st = require("torch"), require("safetensors.torch")
+    src, dst = raw_tensors(model.path), raw_tensors(out)
+    assert set(dst) == set(src), "nothing dropped, nothing added"
+    for name in model.state:
+        assert dst[name] == src[name], f"{name} ({model.state[name]}) changed"
+    want = {"bf16": torch.bfloat16, "fp16": torch.float16}[target]
+    loaded = {}
+    for f in sorted(out.rglob("*.safetensors")):
+        loaded.update(st.load_file(str(f)))
+    for name, t in model.plain.items():
+        expected = t.to(want) if t.is_floating_point() else t
+        assert loaded[name].dtype == expected.dtype, name
+        assert torch.equal(loaded[name].view(torch.uint8), expected.view(torch.uint8)), name
+    return want
+
+
+def blanket_cast(model: QuantModel, out) -> bool:
+    """Write into ``out`` what a blanket cast to bf16 makes of ``model`` (every float
+    tensor cast, scales included; the other files copied). Returns whether any state
+    tensor was a float (and so changed)."""
+    torch, st = require("torch"), require("safetensors.torch")
+    out.mkdir()
+    state_is_float = False
+    for f in sorted(model.path.glob("*.safetensors")):
+        state = st.load_file(str(f))
+        state_is_float |= any(state[n].is_floating_point() for n in model.state if n in state)
+        cast = {k: (v.to(torch.bfloat16) if v.is_floating_point() else v) for k, v in state.items()}
+        st.save_file(cast, str(out / f.name), metadata={"format": "pt"})
+    for f in model.path.iterdir():
+        if not f.name.endswith(".safetensors"):
+            shutil.copy(f, out / f.name)
+    return state_is_float
+
+
 def target_of(model: QuantModel) -> str:
     return KEEP_TARGET.get(model.method or "", "fp16" if model.dtype == "bfloat16" else "bf16")
 
@@ -54,23 +91,10 @@ def test_a_plain_cast_is_refused_naming_the_method(model, tmp_path):
 
 
 def test_keep_quantized_keeps_every_state_tensor_byte_for_byte(model, tmp_path):
-    torch = require("torch")
     out = tmp_path / "out"
     target = target_of(model)
     ok(cli("convert", model.path, "-o", out, "--dtype", target, "--keep-quantized"))
-    src, dst = raw_tensors(model.path), raw_tensors(out)
-    assert set(dst) == set(src), "nothing dropped, nothing added"
-    for name in model.state:
-        assert dst[name] == src[name], f"{name} ({model.state[name]}) changed"
-    want = {"bf16": torch.bfloat16, "fp16": torch.float16}[target]
-    st = require("safetensors.torch")
-    loaded = {}
-    for f in sorted(out.rglob("*.safetensors")):
-        loaded.update(st.load_file(str(f)))
-    for name, t in model.plain.items():
-        expected = t.to(want) if t.is_floating_point() else t
-        assert loaded[name].dtype == expected.dtype, name
-        assert torch.equal(loaded[name].view(torch.uint8), expected.view(torch.uint8)), name
+    want = assert_kept(model, out, target)
     source_config = json.loads((model.path / "config.json").read_text())
     config = json.loads((out / "config.json").read_text())
     assert config["quantization_config"] == source_config["quantization_config"]
@@ -94,16 +118,8 @@ def test_inspect_names_the_quantization_and_drops_the_false_warning(model):
 def test_verify_calls_a_blanket_cast_what_it_is(model, tmp_path):
     """What fastcast 0.1 wrote (every float tensor cast, scales included) fails verify
     with a message that says the scales were not applied."""
-    torch, st = require("torch"), require("safetensors.torch")
     out = tmp_path / "blanket"
-    out.mkdir()
-    for f in sorted(model.path.glob("*.safetensors")):
-        state = st.load_file(str(f))
-        cast = {k: (v.to(torch.bfloat16) if v.is_floating_point() else v) for k, v in state.items()}
-        st.save_file(cast, str(out / f.name), metadata={"format": "pt"})
-    for f in model.path.iterdir():
-        if not f.name.endswith(".safetensors"):
-            shutil.copy(f, out / f.name)
+    blanket_cast(model, out)
     r = cli("verify", out, "--against", model.path, "--dtype", "bf16")
     assert r.returncode == 1 and "a blanket cast" in r.stdout, r.stdout + r.stderr
 

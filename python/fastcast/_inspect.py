@@ -22,7 +22,7 @@ from fastcast._plan.shards import plan_conversion
 from fastcast._progress import ByteProgress
 from fastcast._source.config import CONFIG_NAME, config_dtypes, read_config
 from fastcast._source.folder import ModelFolder, TorchOptions, describe_skipped, open_model
-from fastcast._source.quantization import KNOWN_METHODS, Quantization, detect, roles
+from fastcast._source.quantization import Quantization, detect, roles
 from fastcast._units import format_bytes
 
 
@@ -284,7 +284,7 @@ def would_do(quant: Quantization, role_of: dict[tuple[str, str], str], target: s
         + (
             f"; with --dequantize it writes a plain model, its {weights} quantized weights "
             "times their scales"
-            if quant.method in KNOWN_METHODS
+            if not quant.not_dequantized
             else ""
         )
     )

@@ -15,7 +15,7 @@ from fastcast._dtypes import COMPUTE_DTYPES, short_name
 from fastcast._source.config import read_config
 from fastcast._source.entries import TensorEntry
 from fastcast._source.folder import ModelFolder
-from fastcast._source.quantization import KNOWN_METHODS, Quantization, quantization_config
+from fastcast._source.quantization import Quantization, quantization_config, refusal
 
 #: DeepSeek's block size, for block-fp8 weights whose config does not say it.
 DEFAULT_FP8_BLOCK = (128, 128)
@@ -433,10 +433,12 @@ def quantized_weights(
 
 def check_dequantize(folder: ModelFolder, quant: Quantization, target: str) -> None:
     """Refuse a --dequantize fastcast cannot do exactly, before anything is written."""
-    if quant.method not in KNOWN_METHODS:
+    if quant.refused:
+        raise _core.QuantizedModelError(refusal(folder, quant, target))
+    if quant.not_dequantized:
         raise _core.QuantizedModelError(
-            f"{folder.root}: quantized with {quant.describe()}; --dequantize handles "
-            f"{', '.join(sorted(KNOWN_METHODS))} so far (--keep-quantized keeps it as it is)"
+            f"{folder.root}: quantized with {quant.describe()}; {quant.not_dequantized} "
+            "(--keep-quantized keeps it as it is)"
         )
     if target not in COMPUTE_DTYPES:
         raise _core.QuantizedModelError(

@@ -15,6 +15,7 @@ parameters found here).
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -34,22 +35,43 @@ STATE_ROLES = {
     "quant state",
     "unknown state",
 }
-#: Methods whose every state tensor fastcast recognises, so --keep-quantized is safe,
-#: and which --dequantize handles: fp8 in every scheme of the reference, bitsandbytes
-#: 4-bit and LLM.int8, GPTQ (v1 and v2; 2, 4 and 8 bits) and AutoAWQ GEMM. One set: a
-#: method fastcast can keep it can also dequantize.
-KNOWN_METHODS = {"fp8", "fbgemm_fp8", "compressed-tensors", "bitsandbytes", "gptq", "awq"}
+#: Methods --dequantize handles: fp8 in every scheme of the fp8 reference, bitsandbytes
+#: 4-bit and LLM.int8, GPTQ (v1 and v2; 2, 4 and 8 bits) and AutoAWQ GEMM.
+DEQUANTIZES = {"fp8", "fbgemm_fp8", "compressed-tensors", "bitsandbytes", "gptq", "awq"}
+#: Methods whose every state tensor fastcast recognises, so --keep-quantized is safe:
+#: those it dequantizes, gpt-oss's MXFP4 and ModelOpt's NVFP4.
+KNOWN_METHODS = DEQUANTIZES | {"mxfp4", "modelopt"}
 #: Roles (``_core.quant_roles``) whose tensors a --dequantize writes as themselves: the
 #: model's plain tensors and the fp32 ones its method pins. The others are state that
 #: the dequantized weight consumes.
 SURVIVING_ROLES = frozenset({"plain", "pinned fp32"})
-#: compressed-tensors formats whose state tensors fastcast recognises.
-KNOWN_CT_FORMATS = {"float-quantized", "pack-quantized", "int-quantized", "naive-quantized"}
+#: compressed-tensors formats whose state tensors fastcast recognises ...
+KNOWN_CT_FORMATS = {
+    "float-quantized",
+    "pack-quantized",
+    "int-quantized",
+    "naive-quantized",
+    "mxfp4-pack-quantized",
+    "nvfp4-pack-quantized",
+}
+#: ... and those of them --dequantize does not reconstruct yet.
+CT_NOT_DEQUANTIZED = {"mxfp4-pack-quantized", "nvfp4-pack-quantized"}
+#: ModelOpt algorithms whose tensors fastcast recognises (the weight, its block scales,
+#: the 0-dim second-level scale, input scales, AWQ's pre_quant_scale). Others, such as
+#: NVFP4_SVD with its low-rank residual, are refused by name.
+MODELOPT_ALGOS = {"NVFP4", "W4A16_NVFP4", "NVFP4_AWQ", "W4A8_NVFP4_FP8"}
+#: ModelOpt's sidecar, which declares the quantization where config.json may not.
+MODELOPT_SIDECAR = "hf_quant_config.json"
 #: The dtype a method's kernels need the model in, and why.
 NEEDS_DTYPE = {
     "gptq": ("F16", "its kernels (exllama, Marlin...) take fp16 scales and activations"),
     "awq": ("F16", "its kernels take fp16 scales, and vLLM refuses AWQ in another dtype"),
     "fbgemm_fp8": ("BF16", "its kernel (f8f8bf16_rowwise) computes in bf16"),
+    "mxfp4": (
+        "BF16",
+        "its kernels compute in bf16, and a dequantizing load into fp16 overflows or "
+        "flushes most E8M0 scales",
+    ),
 }
 
 
@@ -66,6 +88,10 @@ class Quantization:
     ``tensor names`` when there is no quantization_config."""
     known: bool
     """Every state tensor of this method is one fastcast recognises."""
+    not_dequantized: str = ""
+    """Why --dequantize cannot reconstruct it ("" when it can)."""
+    refused: str = ""
+    """Why fastcast converts it in no mode at all ("" when it does)."""
 
     def describe(self) -> str:
         return f"{self.method} ({self.scheme}; from {self.where})"
@@ -108,9 +134,15 @@ def scheme_of(method: str, qc: dict[str, Any]) -> str:
             f"{block[0]}x{block[1]} blocks" if isinstance(block, list) and len(block) == 2
             else "per-tensor"
         )  # fmt: skip
-        return words + (", static input scales" if qc.get("activation_scheme") == "static" else "")
+        words += ", static input scales" if qc.get("activation_scheme") == "static" else ""
+        words += f", {qc['scale_fmt']} scales" if qc.get("scale_fmt") else ""
+        return words + (f", {qc['expert_dtype']} experts" if qc.get("expert_dtype") else "")
     if method == "fbgemm_fp8":
         return "e4m3, per-row"
+    if method == "mxfp4":
+        return "gpt-oss MXFP4 experts, E8M0 scales per 32"
+    if method == "modelopt":
+        return f"{qc.get('quant_algo', '?')}, group {qc.get('group_size', 16)}"
     if method == "compressed-tensors":
         groups = qc.get("config_groups")
         parts = []
@@ -154,6 +186,11 @@ def method_from_tensors(names: Sequence[str], role_of: dict[str, str]) -> tuple[
             "scales or zero points of a format fastcast does not know, beside fp8 or "
             f"packed weights: {listing(unknown, 2)}"
         )
+    mx = [n for n in names if role_of[n] == "quantized weight" and n.endswith("blocks")]
+    if any(n.endswith("_blocks") for n in mx):
+        return "mxfp4", "gpt-oss MXFP4 experts, E8M0 scales per 32"
+    if mx:
+        return "mxfp4", "gpt-oss original/ layout"
     if any(name.endswith(".W_q") for name in names):
         return "hqq", "packed W_q weights with scale and zero"
     for name in names:
@@ -180,11 +217,13 @@ def detect(folder: ModelFolder) -> Quantization | None:
             continue
         key, qc = found
         method = str(qc.get("quant_method", "unknown"))
-        known = method in KNOWN_METHODS and (
-            method != "compressed-tensors" or qc.get("format") in KNOWN_CT_FORMATS
-        )
+        if method == "modelopt":
+            qc = {**qc, **sidecar_quantization(folder, modelopt_sidecar(rel))}
         where = f"{rel} ({key})" if key else rel
-        return Quantization(method, scheme_of(method, qc), where, known)
+        return assess(method, scheme_of(method, qc), where, qc)
+    for rel in [r for r in folder.copies if r.rsplit("/", 1)[-1] == MODELOPT_SIDECAR]:
+        if sidecar := sidecar_quantization(folder, rel):
+            return assess("modelopt", scheme_of("modelopt", sidecar), rel, sidecar)
     if not any(STATE_ROLES & _core.set_roles([typed_table(f) for f in ws.files])
                for ws in folder.weight_sets):  # fmt: skip
         return None  # a plain model, told without a table of its 100k names
@@ -195,7 +234,87 @@ def detect(folder: ModelFolder) -> Quantization | None:
     first = next(n for n in names if role_of[n] in STATE_ROLES)
     # Every tensor it names is state fastcast keeps byte for byte: --keep-quantized is
     # safe, even for a format it does not know (it cannot dequantize one).
-    return Quantization(method, scheme, f"tensor names, e.g. {first}", True)
+    guess = assess(method, scheme, f"tensor names, e.g. {first}", {})
+    return dataclasses.replace(guess, known=not guess.refused)
+
+
+def assess(method: str, scheme: str, where: str, qc: dict[str, Any]) -> Quantization:
+    """What fastcast can do with a model quantized by ``method`` with config ``qc``:
+    keep it (every state tensor known), dequantize it, or nothing at all."""
+    known, gap, refused = method in KNOWN_METHODS, "", ""
+    if method not in DEQUANTIZES:
+        gap = f"--dequantize handles {', '.join(sorted(DEQUANTIZES))} so far"
+    if method == "compressed-tensors":
+        formats = ct_formats(qc)
+        known = bool(formats) and formats <= KNOWN_CT_FORMATS
+        if later := sorted(formats & CT_NOT_DEQUANTIZED):
+            gap = f"--dequantize does not reconstruct {', '.join(later)} yet"
+    elif method == "fp8" and (qc.get("scale_fmt") or qc.get("expert_dtype")):
+        gap = (
+            "--dequantize does not reconstruct DeepSeek-V4-style fp8 (ue8m0 scales, fp4 "
+            "experts) yet: its on-disk layout is not confirmed"
+        )
+    elif method == "mxfp4":
+        gap = "--dequantize does not reconstruct MXFP4 yet"
+        if scheme == "gpt-oss original/ layout":
+            refused = (
+                "this is gpt-oss's own original/ layout, for its reference code; convert the "
+                "transformers layout at the top of the repository instead"
+            )
+    elif method == "modelopt":
+        algos = modelopt_algos(qc)
+        gap = "--dequantize does not reconstruct ModelOpt NVFP4 yet"
+        if "NVFP4_AWQ" in algos:
+            gap = (
+                "--dequantize does not reconstruct ModelOpt NVFP4_AWQ (its pre_quant_scale "
+                "would have to be folded into each weight)"
+            )
+        unknown = sorted(algos - MODELOPT_ALGOS)
+        if unknown or not algos:
+            refused = (
+                f"ModelOpt algorithm {', '.join(unknown) or '(none named)'} is not one whose "
+                f"tensors fastcast knows ({', '.join(sorted(MODELOPT_ALGOS))}); it "
+                "converts nothing rather than guess"
+            )
+    return Quantization(method, scheme, where, known and not refused, gap, refused)
+
+
+def ct_formats(qc: dict[str, Any]) -> set[str]:
+    """The compressed-tensors formats a config uses: its ``format``, or each config
+    group's own where it is ``mixed-precision``."""
+    top = qc.get("format")
+    if top != "mixed-precision":
+        return {str(top)} if top is not None else set()
+    groups = qc.get("config_groups")
+    if not isinstance(groups, dict):
+        return set()
+    return {str(g.get("format")) if isinstance(g, dict) else "None" for g in groups.values()}
+
+
+def modelopt_algos(qc: dict[str, Any]) -> set[str]:
+    """The ModelOpt algorithms of a quantization dict (``MIXED_PRECISION``: each layer's)."""
+    algo = qc.get("quant_algo")
+    if algo != "MIXED_PRECISION":
+        return {str(algo)} if algo is not None else set()
+    layers = qc.get("quantized_layers")
+    if not isinstance(layers, dict):
+        return set()
+    return {str(v.get("quant_algo")) if isinstance(v, dict) else "None" for v in layers.values()}
+
+
+def modelopt_sidecar(config: str) -> str:
+    """Where ModelOpt's ``hf_quant_config.json`` would be beside ``config``."""
+    folder, slash, _ = config.rpartition("/")
+    return f"{folder}{slash}{MODELOPT_SIDECAR}"
+
+
+def sidecar_quantization(folder: ModelFolder, rel: str) -> dict[str, Any]:
+    """The ``quantization`` dict of ModelOpt's sidecar at ``rel``, if the folder holds
+    one ({} otherwise)."""
+    if rel not in folder.copies:
+        return {}
+    qc = read_config(folder.root / rel).get("quantization")
+    return qc if isinstance(qc, dict) else {}
 
 
 def typed_table(f: SourceFile) -> _core.Entries | list[tuple[str, str]]:
@@ -207,22 +326,23 @@ def typed_table(f: SourceFile) -> _core.Entries | list[tuple[str, str]]:
 
 def refusal(folder: ModelFolder, quant: Quantization, target: str) -> str:
     """Why a quantized model is not simply cast, and the ways forward."""
+    if quant.refused:
+        return f"{folder.root}: quantized with {quant.describe()}; {quant.refused}"
     return (
         f"{folder.root}: quantized with {quant.describe()}; a plain cast to "
         f"{short_name(target)} would corrupt it (scales and packed weights are not numbers "
         "to round). Pass --keep-quantized to cast only the tensors that are not "
         "quantization state and keep the quantization as it is"
-        + (
-            f", or --dequantize to write a plain {short_name(target)} model"
-            if quant.method in KNOWN_METHODS
-            else ""
-        )
-    )
+        + (f", or --dequantize to write a plain {short_name(target)} model"
+           if not quant.not_dequantized else "")
+    )  # fmt: skip
 
 
 def check_keep(folder: ModelFolder, quant: Quantization, target: str) -> None:
     """Refuse a --keep-quantized conversion that would break the model anyway."""
     where = folder.root
+    if quant.refused:
+        raise _core.QuantizedModelError(refusal(folder, quant, target))
     if not quant.known:
         raise _core.QuantizedModelError(
             f"{where}: quantized with {quant.describe()}, whose tensors fastcast does not "

@@ -66,6 +66,8 @@ const SCALES: &[&str] = &[
     ".input_global_scale",
     ".input_scale",
     ".output_scale",
+    // ModelOpt AWQ-style algorithms: the input smoothing folded into the weight.
+    ".pre_quant_scale",
     ".k_scale",
     ".v_scale",
     ".scales",
@@ -90,6 +92,10 @@ const WEIGHT_SIBLINGS: &[&str] = &[
     "weight_global_scale",
     "SCB",
 ];
+/// MXFP4 in gpt-oss's layouts: `x_blocks` (transformers) or `x.blocks` (gpt-oss's
+/// own `original/`) holds the packed codes and `x_scales` / `x.scales` their E8M0
+/// exponents; a pair only, so that a model's own `*_blocks` tensor stays plain.
+const MX_PAIRS: &[(&str, &str)] = &[("_blocks", "_scales"), (".blocks", ".scales")];
 /// HQQ's packed weight: every other tensor of its module (`scale`, `zero`, and
 /// the meta it serialises) but the bias is its state.
 const HQQ_WEIGHT: &str = ".W_q";
@@ -124,6 +130,20 @@ pub fn roles(names: &[impl AsRef<str>]) -> Vec<Role> {
             }
         }
     }
+    let all: HashSet<&str> = names.iter().map(AsRef::as_ref).collect();
+    let mx_pair = |name: &str| {
+        MX_PAIRS.iter().find_map(|(blocks, scales)| {
+            if let Some(x) = name.strip_suffix(blocks) {
+                all.contains(format!("{x}{scales}").as_str())
+                    .then_some(Role::QuantizedWeight)
+            } else if let Some(x) = name.strip_suffix(scales) {
+                all.contains(format!("{x}{blocks}").as_str())
+                    .then_some(Role::Scale)
+            } else {
+                None
+            }
+        })
+    };
     let hqq_state = |name: &str| match name.rsplit_once('.') {
         Some((module, last)) if hqq_modules.contains(module) && last != "bias" => match last {
             "scale" => Some(Role::Scale),
@@ -138,6 +158,8 @@ pub fn roles(names: &[impl AsRef<str>]) -> Vec<Role> {
         .map(AsRef::as_ref)
         .map(|name| {
             if let Some(role) = (!hqq_modules.is_empty()).then(|| hqq_state(name)).flatten() {
+                role
+            } else if let Some(role) = mx_pair(name) {
                 role
             } else if name.contains(BNB_STATE) || ends_with_any(name, STATE) {
                 Role::QuantState
@@ -203,6 +225,16 @@ pub fn typed_roles(tensors: &[(impl AsRef<str>, DType)]) -> Vec<Role> {
         .filter(|(_, d)| codes(*d))
         .map(|(n, _)| module(n.as_ref()))
         .collect();
+    // E8M0 holds exponents only: beside codes it is their scale whatever its name
+    // (DeepSeek-V4's `x.scale`), and the codes the quantized weight.
+    let mut exponents: HashSet<&str> = HashSet::new();
+    for ((name, dtype), role) in tensors.iter().zip(found.iter_mut()) {
+        let m = module(name.as_ref());
+        if *dtype == DType::F8E8M0 && *role == Role::Plain && with_codes.contains(m) {
+            *role = Role::Scale;
+            exponents.insert(m);
+        }
+    }
     if with_codes.is_empty() {
         return found; // no codes anywhere: nothing unknown (the usual plain model)
     }
@@ -214,6 +246,7 @@ pub fn typed_roles(tensors: &[(impl AsRef<str>, DType)]) -> Vec<Role> {
             **role == Role::Plain && d.is_float() && state_like(n) && with_codes.contains(module(n))
         })
         .map(|((n, _), _)| module(n))
+        .chain(exponents)
         .collect();
     for ((name, (_, dtype)), role) in names.iter().zip(tensors).zip(found.iter_mut()) {
         if *role != Role::Plain || !suspect.contains(module(name)) {
@@ -405,6 +438,60 @@ mod tests {
                 ("m.weight_scale_inv", DType::F32)
             ]),
             [Role::QuantizedWeight, Role::Scale]
+        );
+    }
+
+    /// gpt-oss MXFP4 (both layouts), ModelOpt's input smoothing, DeepSeek-V4's
+    /// E8M0 `.scale`: the 4-bit formats of the fp4-int4 reference.
+    #[test]
+    fn the_fp4_formats() {
+        let gpt_oss = [
+            "m.experts.gate_up_proj_blocks",
+            "m.experts.gate_up_proj_scales",
+            "m.experts.gate_up_proj_bias",
+            "block.0.mlp.mlp1_weight.blocks",
+            "block.0.mlp.mlp1_weight.scales",
+            "block.0.attn.norm.scale",
+            // a lone *_blocks or *_scales (no pair) is some model's own tensor
+            "vision.patch_blocks",
+            "vision.layer_scales",
+        ];
+        assert_eq!(
+            roles(&gpt_oss),
+            [
+                Role::QuantizedWeight,
+                Role::Scale,
+                Role::Plain,
+                Role::QuantizedWeight,
+                Role::Scale,
+                Role::Plain,
+                Role::Plain,
+                Role::Plain
+            ]
+        );
+        assert_eq!(
+            roles(&["x.weight", "x.weight_scale", "x.pre_quant_scale"]),
+            [Role::QuantizedWeight, Role::Scale, Role::Scale]
+        );
+        let v4 = [
+            ("e.w1.weight", DType::I8),
+            ("e.w1.scale", DType::F8E8M0),
+            ("d.wq.weight", DType::F8E4M3),
+            ("d.wq.scale", DType::F8E8M0),
+            ("gate.bias", DType::F32),
+            // no codes beside it: some model's own tensor, copied as it is
+            ("lone.exponent", DType::F8E8M0),
+        ];
+        assert_eq!(
+            typed_roles(&v4),
+            [
+                Role::QuantizedWeight,
+                Role::Scale,
+                Role::QuantizedWeight,
+                Role::Scale,
+                Role::Plain,
+                Role::Plain
+            ]
         );
     }
 
