@@ -2,6 +2,7 @@
 
     python3 benches/bench_convert.py [--quick] [--repeats 3] [--models llama,mixtral]
     python3 benches/bench_convert.py --models deepseek-fp8    # --dequantize
+    python3 benches/bench_convert.py --models gpt-oss-mxfp4,nvfp4  # --dequantize 4-bit
     python3 benches/bench_convert.py --models llama-quantize  # --quantize fp8
     python3 benches/bench_convert.py --models llama-bin       # torch.save .bin shards
     python3 benches/bench_convert.py --models tensors-100k,tensors-100  # many tiny tensors
@@ -17,7 +18,10 @@ model with many expert tensors. Then, on the same input, runs interleaved
                with and without fsync
   script       per shard: safetensors.torch.load_file -> .to(dtype) -> save_file
                (for block fp8: compressed-tensors' own CPU converter,
-               convert_checkpoint with FP8BlockDequantizer; for --quantize fp8: the
+               convert_checkpoint with FP8BlockDequantizer; for gpt-oss MXFP4:
+               transformers' from_pretrained with Mxfp4Config(dequantize=True), then
+               save_pretrained; for NVFP4: compressed-tensors' decompressor per
+               shard; for --quantize fp8: the
                same per-shard script quantizing each decoder Linear in torch, the
                reference formula vectorised, as one writes it by hand; for .bin
                inputs: torch.load(weights_only=True) -> .to(dtype) -> save_file per
@@ -209,6 +213,20 @@ def thread_label(threads: int) -> str:
 def scripts(model: Model, out: Path, shards: list[str]) -> dict[str, list[str]]:
     """The usual ways to do what fastcast does with ``model``."""
     torch_name = next(d["torch_name"] for d in fastcast.dtypes() if d["name"] == model.target)
+    if model.dequantize and model.dtype == "mxfp4":  # what transformers offers
+        return {
+            "script": python_cmd(
+                f"""
+                import torch, transformers
+                m = transformers.AutoModelForCausalLM.from_pretrained(
+                    {str(model.path)!r}, dtype=torch.{torch_name},
+                    quantization_config=transformers.Mxfp4Config(dequantize=True))
+                m.save_pretrained({str(out)!r}, max_shard_size={model.out_shard_size!r})
+                """
+            )
+        }
+    if model.dequantize and model.dtype == "nvfp4":
+        return {"script": python_cmd(NVFP4_SCRIPT.format(src=str(model.path), out=str(out)))}
     if model.dequantize:
         return {
             "script": python_cmd(
@@ -254,6 +272,29 @@ def scripts(model: Model, out: Path, shards: list[str]) -> dict[str, list[str]]:
             """
         )
     return usual
+
+
+#: compressed-tensors' own decompressor, shard by shard (what its offline converter runs
+#: per module), each dequantized weight written in place of its packed tensors.
+NVFP4_SCRIPT = """
+import json, pathlib
+from safetensors.torch import load_file, save_file
+from compressed_tensors.compressors import BaseCompressor
+from compressed_tensors.quantization import QuantizationScheme
+src, out = pathlib.Path({src!r}), pathlib.Path({out!r})
+out.mkdir(parents=True, exist_ok=True)
+qc = json.loads((src / "config.json").read_text())["quantization_config"]
+scheme = QuantizationScheme.model_validate(qc["config_groups"]["group_0"])
+comp = BaseCompressor.get_value_from_registry(qc["format"])
+for f in sorted(src.glob("*.safetensors")):
+    state = load_file(str(f))
+    for k in [k for k in state if k.endswith(".weight_packed")]:
+        x = k.removesuffix(".weight_packed")
+        parts = {{n: state.pop(f"{{x}}." + n) for n in
+                 ("weight_packed", "weight_scale", "weight_global_scale")}}
+        state[x + ".weight"] = comp.decompress(parts, scheme)["weight"]
+    save_file(state, str(out / f.name), metadata={{"format": "pt"}})
+"""
 
 
 #: The usual hand-written quantizer: per shard, load it, quantize every decoder Linear
@@ -544,9 +585,9 @@ def table(model: Model, rows: dict[str, Row], floor_bytes: int) -> list[str]:
     return lines
 
 
-def bench_models(quick: bool, names: list[str]) -> dict[str, Model]:
-    """The benchmark's models by name (300 MB ones with ``quick``)."""
-    scale = "300MB" if quick else None
+def bench_models(quick: bool, names: list[str], size: str | None = None) -> dict[str, Model]:
+    """The benchmark's models by name (300 MB ones with ``quick``, or ``size``)."""
+    scale = size or ("300MB" if quick else None)
     models = {
         "llama": Model("llama", "llama", scale or "5GB", "fp32", "2GB" if not scale else "100MB",
                        "BF16", "2GB" if not scale else "50MB"),
@@ -555,6 +596,12 @@ def bench_models(quick: bool, names: list[str]) -> dict[str, Model]:
         "deepseek-fp8": Model("deepseek-fp8", "llama", scale or "5GB", "fp8",
                               "2GB" if not scale else "100MB", "BF16",
                               "2GB" if not scale else "50MB", dequantize=True),
+        "gpt-oss-mxfp4": Model("gpt-oss-mxfp4", "gpt-oss", scale or "5GB", "mxfp4",
+                               "2GB" if not scale else "100MB", "BF16",
+                               "5GB" if not scale else "200MB", dequantize=True),
+        "nvfp4": Model("nvfp4", "llama", scale or "5GB", "nvfp4",
+                       "2GB" if not scale else "100MB", "BF16",
+                       "5GB" if not scale else "200MB", dequantize=True),
         "llama-quantize": Model("llama-quantize", "llama", scale or "5GB", "bf16",
                                 "2GB" if not scale else "100MB", "BF16",
                                 "2GB" if not scale else "50MB", quantize="fp8"),
@@ -601,6 +648,7 @@ def main() -> None:
         "--quick", action="store_true", help="small models, one repeat (a smoke run)"
     )
     parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--size", help="every model this size instead of its own (e.g. 1GB)")
     parser.add_argument("--models", default="llama,mixtral")
     parser.add_argument("--cap", default="1GiB", help="memory cap for the capped runs")
     parser.add_argument(
@@ -610,7 +658,7 @@ def main() -> None:
         help="also run the CLI at these thread counts (e.g. 1,4,16) and add a scaling table",
     )
     args = parser.parse_args()
-    chosen = list(bench_models(args.quick, args.models.split(",")).values())
+    chosen = list(bench_models(args.quick, args.models.split(","), args.size).values())
     repeats = 1 if args.quick else args.repeats
     subprocess.run(
         ["cargo", "build", "--release", "--quiet", "-p", "fastcast-core", "--example", "io_floor"],

@@ -1,12 +1,18 @@
 """Write a synthetic Hugging Face style checkpoint, streaming (never in RAM).
 
-    python3 benches/make_model.py OUT [--arch llama|mixtral] [--size 200MB]
-        [--dtype fp32|bf16|fp16|fp8] [--shard-size 2GB] [--seed 0]
+    python3 benches/make_model.py OUT [--arch llama|mixtral|gpt-oss] [--size 200MB]
+        [--dtype fp32|bf16|fp16|fp8|mxfp4|nvfp4] [--shard-size 2GB] [--seed 0]
 
 ``--dtype fp8`` writes a DeepSeek-style block-fp8 checkpoint: every decoder Linear
 weight in e4m3 with an F32 ``weight_scale_inv`` per 128x128 block right after it,
 embeddings, norms and the output head in bf16, and the ``fp8`` quantization_config
 with ``weight_block_size`` (what ``fastcast convert --dequantize`` reads).
+``--arch gpt-oss --dtype mxfp4`` writes gpt-oss as transformers stores it (the
+20b's hidden, intermediate, experts and attention; a 32k vocabulary): stacked
+experts as U8 ``*_blocks`` and E8M0 ``*_scales``, the rest bf16, ``quant_method:
+mxfp4``. ``--dtype nvfp4`` writes a compressed-tensors NVFP4A16 Llama: each decoder
+Linear as U8 ``weight_packed``, F8_E4M3 ``weight_scale`` per 16 and an F32
+``weight_global_scale``.
 
 Llama- or Mixtral-shaped tensors (names and shapes as transformers saves them,
 tied embeddings for llama), a config.json claiming the dtype, a
@@ -33,7 +39,12 @@ from fastcast._plan.shards import pack, shard_names
 from fastcast._units import parse_size
 
 BLOCK = 8 << 20
-NP_BITS = {"F32": np.uint32, "BF16": np.uint16, "F16": np.uint16, "F8_E4M3": np.uint8}
+NP_BITS = {
+    "F32": np.uint32, "BF16": np.uint16, "F16": np.uint16, "F8_E4M3": np.uint8, "U8": np.uint8
+}  # fmt: skip
+#: gpt-oss-20b's sizes (``ModelConfig``): hidden, intermediate, experts, heads.
+GPT_OSS = {"hidden": 2880, "intermediate": 2880, "experts": 32, "heads": 64, "kv_heads": 8,
+           "head_dim": 64, "vocab": 32000}  # fmt: skip
 #: Block-fp8 checkpoints: quantized Linears in blocks of this many rows and columns.
 FP8_BLOCK = 128
 
@@ -71,6 +82,58 @@ def llama_tensors(
     out.append(("model.norm.weight", (h,)))
     if experts:  # Mixtral does not tie its output embedding
         out.append(("lm_head.weight", (vocab, h)))
+    return out
+
+
+def gpt_oss_specs(layers: int) -> list[Spec]:
+    """gpt-oss as transformers stores it, MXFP4 experts: (name, shape, bytes, dtype)."""
+    g = GPT_OSS
+    h, inter, e, v = g["hidden"], g["intermediate"], g["experts"], g["vocab"]
+    q, kv = g["heads"] * g["head_dim"], g["kv_heads"] * g["head_dim"]
+
+    def bf16(name: str, *shape: int) -> Spec:
+        return Spec(name, shape, 2 * int(np.prod(shape)), "BF16")
+
+    out = [bf16("model.embed_tokens.weight", v, h)]
+    for i in range(layers):
+        p = f"model.layers.{i}."
+        out += [bf16(p + "input_layernorm.weight", h)]
+        for proj, (o, n) in {"q": (q, h), "k": (kv, h), "v": (kv, h), "o": (h, q)}.items():
+            out += [bf16(f"{p}self_attn.{proj}_proj.weight", o, n),
+                    bf16(f"{p}self_attn.{proj}_proj.bias", o)]  # fmt: skip
+        out += [bf16(p + "self_attn.sinks", g["heads"]), bf16(p + "mlp.router.weight", e, h),
+                bf16(p + "mlp.router.bias", e)]  # fmt: skip
+        for proj, (o, n) in {"gate_up_proj": (2 * inter, h), "down_proj": (h, inter)}.items():
+            x = f"{p}mlp.experts.{proj}"
+            out += [
+                Spec(x + "_blocks", (e, o, n // 32, 16), e * o * n // 2, "U8"),
+                Spec(x + "_scales", (e, o, n // 32), e * o * n // 32, "U8"),
+                bf16(x + "_bias", e, o),
+            ]
+        out += [bf16(p + "post_attention_layernorm.weight", h)]
+    return [*out, bf16("model.norm.weight", h), bf16("lm_head.weight", v, h)]
+
+
+def gpt_oss_layers(size: int) -> int:
+    """Layers of gpt-oss whose tensors add up to about ``size`` bytes."""
+    one, two = (sum(s.nbytes for s in gpt_oss_specs(n)) for n in (1, 2))
+    return max(1, round((size - (2 * one - two)) / (two - one)))
+
+
+def nvfp4_specs(tensors: list[tuple[str, tuple[int, ...]]]) -> list[Spec]:
+    """compressed-tensors NVFP4A16: decoder Linears packed, the rest bf16."""
+    out = []
+    for name, shape in tensors:
+        if ".layers." in name and len(shape) == 2 and not name.endswith("gate.weight"):
+            x = name.removesuffix(".weight")
+            rows, cols = shape
+            out += [
+                Spec(x + ".weight_packed", (rows, cols // 2), rows * cols // 2, "U8"),
+                Spec(x + ".weight_scale", (rows, cols // 16), rows * cols // 16, "F8_E4M3"),
+                Spec(x + ".weight_global_scale", (1,), 4, "F32"),
+            ]
+        else:
+            out.append(Spec(name, shape, 2 * int(np.prod(shape)), "BF16"))
     return out
 
 
@@ -152,7 +215,7 @@ def write_shard(path: Path, tensors: list[Spec], blocks: dict[str, np.ndarray]) 
                 ones = fastcast.cast_array(np.ones(1, np.float32), dtype).view(NP_BITS[dtype])
                 f.write(np.full(left, ones[0], NP_BITS[dtype]).tobytes())
                 continue
-            block = blocks[dtype]
+            block = blocks[block_of(name, dtype, blocks)]
             while left:
                 start = pos % len(block)
                 take = min(left, len(block) - start)
@@ -161,19 +224,33 @@ def write_shard(path: Path, tensors: list[Spec], blocks: dict[str, np.ndarray]) 
                 pos += take
 
 
+def block_of(name: str, dtype: str, blocks: dict[str, np.ndarray]) -> str:
+    """Which values a tensor cycles through: its dtype's, or E8M0 exponents for MXFP4
+    scales and a plausible global scale for NVFP4's."""
+    for suffix, key in (("_scales", "scales"), ("_global_scale", "global")):
+        if name.endswith(suffix) and key in blocks:
+            return key
+    return dtype
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("out", type=Path)
-    parser.add_argument("--arch", choices=["llama", "mixtral"], default="llama")
+    parser.add_argument("--arch", choices=["llama", "mixtral", "gpt-oss"], default="llama")
     parser.add_argument("--size", default="200MB", help="approximate total tensor bytes")
-    parser.add_argument("--dtype", default="fp32", help="fp32, bf16, fp16 or fp8 (block fp8)")
+    parser.add_argument(
+        "--dtype", default="fp32", help="fp32, bf16, fp16, fp8 (block fp8), mxfp4 or nvfp4"
+    )
     parser.add_argument("--shard-size", default="2GB")
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args()
-    dtype = fastcast.parse_dtype(args.dtype)
+    quantized = args.dtype if args.dtype in ("mxfp4", "nvfp4") else None
+    if (args.arch == "gpt-oss") != (quantized == "mxfp4"):
+        parser.error("gpt-oss is written as MXFP4 (--arch gpt-oss --dtype mxfp4)")
+    dtype = "U8" if quantized else fastcast.parse_dtype(args.dtype)
     if dtype not in NP_BITS:
-        parser.error("--dtype must be fp32, bf16, fp16 or fp8")
-    itemsize = np.dtype(NP_BITS[dtype]).itemsize
+        parser.error("--dtype must be fp32, bf16, fp16, fp8, mxfp4 or nvfp4")
+    itemsize = {"U8": 1, "nvfp4": 1}.get(quantized or "", np.dtype(NP_BITS[dtype]).itemsize)
     dims, tensors = shapes_for(args.arch, parse_size(args.size), itemsize)
     values = (np.random.default_rng(args.seed).standard_normal(BLOCK // 4) * 0.02).astype(
         np.float32
@@ -182,8 +259,24 @@ def main() -> None:
     if dtype == "F8_E4M3":  # codes as a block quantizer leaves them; scales near amax/448
         blocks["F8_E4M3"] = fastcast.cast_array(values * 4480, "fp8_e4m3").view(np.uint8)
         blocks["F32"] = (np.abs(values[:4096]) * 0.01 + 1e-4).view(np.uint32)
+    if quantized:  # random codes; E8M0 exponents near 2^-6; E4M3 scales of 1 to 64
+        rng = np.random.default_rng(args.seed)
+        blocks["U8"] = rng.integers(0, 256, BLOCK, dtype=np.uint8)
+        blocks["scales"] = rng.integers(118, 124, 1 << 16, dtype=np.uint8)
+        blocks["F8_E4M3"] = fastcast.cast_array(rng.uniform(1, 64, 1 << 16), "fp8_e4m3").view(
+            np.uint8
+        )
+        blocks["global"] = np.full(1, 2688.0 / 0.5, np.float32).view(np.uint32)
     args.out.mkdir(parents=True, exist_ok=True)
-    specs = specs_for(tensors, dtype)
+    if quantized == "mxfp4":
+        specs = gpt_oss_specs(gpt_oss_layers(parse_size(args.size)))
+        dims = {"hidden_size": GPT_OSS["hidden"], "intermediate_size": GPT_OSS["intermediate"],
+                "vocab_size": GPT_OSS["vocab"],
+                "num_hidden_layers": gpt_oss_layers(parse_size(args.size))}  # fmt: skip
+    elif quantized == "nvfp4":
+        specs = nvfp4_specs(tensors)
+    else:
+        specs = specs_for(tensors, dtype)
     shards = pack(specs, parse_size(args.shard_size))  # the same rule fastcast uses
     names = shard_names("model", len(shards))
     for name, group in zip(names, shards, strict=True):
@@ -197,15 +290,16 @@ def main() -> None:
             json.dumps(index, indent=2, sort_keys=True) + "\n"
         )
     config = {
-        "architectures": ["MixtralForCausalLM" if args.arch == "mixtral" else "LlamaForCausalLM"],
+        "architectures": [ARCHITECTURES[args.arch]],
         "model_type": args.arch,
         **dims,
         "num_attention_heads": dims["hidden_size"] // 64,
         "num_key_value_heads": dims["hidden_size"] // 256,
         "rms_norm_eps": 1e-5,
         "tie_word_embeddings": True,
-        "torch_dtype": torch_name("BF16" if dtype == "F8_E4M3" else dtype),
+        "torch_dtype": torch_name(dtype if dtype in ("F32", "BF16", "F16") else "BF16"),
     }
+    config |= quantization_config(args.arch, quantized, dims)
     if dtype == "F8_E4M3":
         config["quantization_config"] = {
             "quant_method": "fp8",
@@ -228,6 +322,44 @@ def main() -> None:
         f"wrote {args.out}: {args.arch}, {len(specs)} tensors, "
         f"{total / 1e9:.2f} GB {dtype} in {len(shards)} shard(s)"
     )
+
+
+#: The transformers class of each ``--arch``.
+ARCHITECTURES = {"llama": "LlamaForCausalLM", "mixtral": "MixtralForCausalLM",
+                 "gpt-oss": "GptOssForCausalLM"}  # fmt: skip
+
+
+def quantization_config(arch: str, quantized: str | None, dims: dict[str, int]) -> dict:
+    """The config keys a 4-bit checkpoint adds (gpt-oss's own sizes, the method)."""
+    if quantized == "mxfp4":
+        g = GPT_OSS
+        return {
+            "model_type": "gpt_oss", "num_local_experts": g["experts"],
+            "num_experts_per_tok": 4, "num_attention_heads": g["heads"],
+            "num_key_value_heads": g["kv_heads"], "head_dim": g["head_dim"],
+            "sliding_window": 128, "swiglu_limit": 7.0, "tie_word_embeddings": False,
+            "layer_types": [("sliding_attention", "full_attention")[i % 2]
+                            for i in range(dims["num_hidden_layers"])],
+            "quantization_config": {"quant_method": "mxfp4", "modules_to_not_convert": [
+                "model.layers.*.self_attn", "model.layers.*.mlp.router",
+                "model.embed_tokens", "lm_head"]},
+        }  # fmt: skip
+    if quantized == "nvfp4":
+        weights = {
+            "num_bits": 4,
+            "type": "float",
+            "strategy": "tensor_group",
+            "group_size": 16,
+            "symmetric": True,
+            "dynamic": False,
+            "scale_dtype": "torch.float8_e4m3fn",
+        }
+        return {"quantization_config": {
+            "quant_method": "compressed-tensors", "format": "nvfp4-pack-quantized",
+            "quantization_status": "compressed", "ignore": ["lm_head"],
+            "config_groups": {"group_0": {"targets": ["Linear"], "weights": weights,
+                                          "format": "nvfp4-pack-quantized"}}}}  # fmt: skip
+    return {}
 
 
 if __name__ == "__main__":

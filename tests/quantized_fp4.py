@@ -202,13 +202,13 @@ def gpt_oss_config(quantization_config: dict[str, Any] | None) -> dict[str, Any]
     return config
 
 
-def gpt_oss_mxfp4(tmp: Path) -> QuantModel:
+def gpt_oss_mxfp4(tmp: Path, edges: bool = True) -> QuantModel:
     """openai/gpt-oss-20b as transformers' converter writes it (``quant_method: mxfp4``):
     each layer's experts stacked, ``gate_up_proj_blocks`` U8 ``[E, 2I, H/32, 16]`` (gate and
     up rows interleaved) and ``gate_up_proj_scales`` U8 E8M0 ``[E, 2I, H/32]``, the same for
     ``down_proj``; biases, attention (with sinks), router, norms and embeddings bf16. One
-    scale byte is 0 and one 254 (the E8M0 edges), and layer 0's ``down_proj_scales`` sit in
-    the second shard, away from its blocks."""
+    scale byte is 0 and one 254 (the E8M0 edges; ``edges=False`` for finite logits), and
+    layer 0's ``down_proj_scales`` sit in the second shard, away from its blocks."""
     torch = _torch()
     s = GPT_OSS
     e, h, inter = s["experts"], s["hidden"], s["intermediate"]
@@ -230,7 +230,7 @@ def gpt_oss_mxfp4(tmp: Path) -> QuantModel:
         for proj, (o, n) in {"gate_up_proj": (2 * inter, h), "down_proj": (h, inter)}.items():
             w = torch.stack([_weight(g, o, n) for _ in range(e)])
             blocks, scales = mxfp4(w)
-            if i == 0 and proj == "gate_up_proj":
+            if edges and i == 0 and proj == "gate_up_proj":
                 scales[0, 0, 0], scales[0, 1, 0] = 0, 254
             name = f"{p}.mlp.experts.{proj}"
             tensors[f"{name}_blocks"] = blocks.reshape(e, o, n // 32, 16)

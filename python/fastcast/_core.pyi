@@ -232,6 +232,23 @@ class AwqPlan(TypedDict):
     bits: int
 
 @type_check_only
+class Fp4Plan(TypedDict):
+    """4-bit floats (E2M1, low nibble first) times one scale per ``group`` values along
+    the packed axis: MXFP4 (U8 E8M0 ``scale``, ``2^(e-127)``, 255 NaN; no ``global_scale``) or
+    NVFP4 (F8_E4M3 ``scale`` and a one-value F32 ``global_scale``: ``q * (s / g)`` with
+    ``divide``, compressed-tensors; ``q * (s * g)`` without, ModelOpt), in fp32, then
+    rounded once. ``transpose``: each matrix of the packing is written with rows and
+    columns swapped (gpt-oss experts); ``positive_zero``: code 8 is +0 (ModelOpt)."""
+
+    kind: Literal["fp4"]
+    scale: OperandPlan
+    group: int
+    global_scale: OperandPlan | None
+    divide: bool
+    transpose: bool
+    positive_zero: bool
+
+@type_check_only
 class Fp8WeightPlan(TypedDict):
     """The e4m3 values of the source weight: per ``block`` (rows, columns of the 2-D
     weight), ``s = max(amax, 1e-12) / 448`` and ``q = e4m3(clamp(W / s, -448, 448))``,
@@ -265,7 +282,7 @@ class TensorPlan(TypedDict):
     #: [begin, end) in the output's data buffer.
     dst_offsets: tuple[int, int]
     #: Set when the tensor is dequantized rather than cast (``kind`` says how).
-    dequant: NotRequired[Fp8ScaledPlan | Bnb4Plan | Int8RowsPlan | GptqPlan | AwqPlan]
+    dequant: NotRequired[Fp8ScaledPlan | Bnb4Plan | Int8RowsPlan | GptqPlan | AwqPlan | Fp4Plan]
     #: Set when the tensor is quantized from its source, a float weight: its values or
     #: its scales (whose source is the weight too).
     quantize: NotRequired[Fp8WeightPlan | Fp8ScalePlan]

@@ -33,7 +33,14 @@ from fastcast._plan.quantize import check_quantize
 from fastcast._plan.shards import ConversionPlan, plan_conversion
 from fastcast._source.folder import ModelFolder, TorchOptions, open_model
 from fastcast._source.hf_cache import cache_snapshot, model_path
-from fastcast._source.quantization import Quantization, check_keep, detect, refusal, roles
+from fastcast._source.quantization import (
+    Quantization,
+    check_keep,
+    detect,
+    refusal,
+    roles,
+    without_sidecars,
+)
 from fastcast.options import ConvertOptions, Dequantize, KeepQuantized, Quantize
 
 
@@ -84,6 +91,8 @@ def prepare(model: str | os.PathLike[str], options: ConvertOptions) -> Prepared:
     check_not_inside(out, folder, source)
     quant = detect(folder)
     dequantized, quantizing = decide(folder, quant, options)
+    if dequantized is not None:
+        folder = without_sidecars(folder)
     plan = plan_conversion(
         folder, options.dtype, options.shard_size, options.keep, quantized=quant is not None,
         dequantize=dequantized, quantize=quantizing.targets if quantizing else None,

@@ -28,7 +28,9 @@ SCALE_DTYPES = ("F16", "BF16", "F32")
 #: Where a quant state tensor's JSON stops being plausible.
 QUANT_STATE_MAX_BYTES = 1 << 16
 
-Kind = Literal["fp8_scaled", "bnb4", "int8_rows", "gptq", "awq"]
+Kind = Literal["fp8_scaled", "bnb4", "int8_rows", "gptq", "awq", "fp4"]
+#: Values per scale: MXFP4's E8M0 exponents, NVFP4's E4M3 scales.
+MX_GROUP, NV_GROUP = 32, 16
 
 
 @dataclass(frozen=True)
@@ -409,10 +411,111 @@ def awq_weights(
 
 
 #: Each method's reader of its quantized weights.
+def ct_weights(
+    folder: ModelFolder, quant: Quantization, role_of: dict[tuple[str, str], str]
+) -> dict[tuple[str, str], QuantizedWeight]:
+    """compressed-tensors: fp4 (``x.weight_packed`` U8: MXFP4 or NVFP4, told by the
+    scale's dtype, as compressed-tensors' own dequantizer infers each group's format)
+    and fp8 weights; anything else (packed ints) refused by the fp8 reader."""
+    fp4 = {(key, t.name) for key, t, _ in quantized_tensors(folder, role_of)
+           if t.name.endswith(".weight_packed") and t.dtype == "U8"}  # fmt: skip
+    found = fp4_weights(folder, quant, role_of, only=fp4) if fp4 else {}
+    rest = {k: r for k, r in role_of.items() if k not in fp4}
+    return found | fp8_weights(folder, quant, rest)
+
+
+def fp4_weights(
+    folder: ModelFolder,
+    quant: Quantization,
+    role_of: dict[tuple[str, str], str],
+    only: set[tuple[str, str]] | None = None,
+) -> dict[tuple[str, str], QuantizedWeight]:
+    """Every 4-bit float weight: gpt-oss's stacked experts (``x_blocks``), a
+    compressed-tensors ``x.weight_packed`` or a ModelOpt ``x.weight``, each with its
+    group scales and (NVFP4) its second-level scale."""
+    found = {}
+    for key, t, tensors in quantized_tensors(folder, role_of):
+        if only is None or (key, t.name) in only:
+            found[(key, t.name)] = fp4_weight(t, tensors, quant)
+    return found
+
+
+def fp4_weight(
+    t: TensorEntry, tensors: dict[str, TensorEntry], quant: Quantization
+) -> QuantizedWeight:
+    """One 4-bit float weight, its layout and scales checked."""
+    if t.dtype != "U8":
+        raise cannot(t, quant, "4-bit float codes are U8, two per byte")
+    if t.name.endswith("_blocks"):  # gpt-oss: [E, R, G, 16] -> [E, G * 32, R]
+        x = t.name.removesuffix("_blocks")
+        if len(t.shape) != 4 or t.shape[3] != MX_GROUP // 2:
+            raise cannot(t, quant, "gpt-oss blocks are [experts, rows, groups, 16]")
+        experts, rows, groups = t.shape[:3]
+        scales = expect(t, quant, tensors, "scales", f"{x}_scales", ("U8",), t.shape[:3])
+        stacked = (experts, groups * MX_GROUP, rows)
+        return fp4(t, x, stacked, scales, None, tensors, quant, transpose=True)
+    if len(t.shape) != 2:
+        raise cannot(t, quant, "a 4-bit float weight is [out, in / 2] (ModelOpt's transposed "
+                     "expert tensors are not reconstructed yet)")  # fmt: skip
+    shape = (t.shape[0], 2 * t.shape[1])
+    if t.name.endswith(".weight_packed"):  # compressed-tensors
+        x = t.name.removesuffix(".weight_packed")
+        mx = tensors.get(f"{x}.weight_scale")
+        if mx is not None and mx.dtype == "U8":
+            scale = expect(
+                t, quant, tensors, "scale", mx.name, ("U8",), group_shape(shape, MX_GROUP)
+            )
+            return fp4(t, f"{x}.weight", shape, scale, None, tensors, quant)
+        scale = expect(t, quant, tensors, "scale", f"{x}.weight_scale", ("F8_E4M3",),
+                       group_shape(shape, NV_GROUP))  # fmt: skip
+        divisor = expect(t, quant, tensors, "global scale", f"{x}.weight_global_scale",
+                         ("F32",), (1,))  # fmt: skip
+        return fp4(t, f"{x}.weight", shape, scale, divisor, tensors, quant, divide=True)
+    x = t.name.removesuffix(".weight")  # ModelOpt
+    scale = expect(t, quant, tensors, "scale", f"{x}.weight_scale", ("F8_E4M3",),
+                   group_shape(shape, NV_GROUP))  # fmt: skip
+    found = tensors.get(f"{x}.weight_scale_2")
+    one = found.shape if found is not None and found.shape in ((), (1,)) else ()
+    times = expect(t, quant, tensors, "second-level scale", f"{x}.weight_scale_2", ("F32",), one)
+    return fp4(t, f"{x}.weight", shape, scale, times, tensors, quant, positive_zero=True)
+
+
+def group_shape(shape: tuple[int, int], group: int) -> tuple[int, int]:
+    """The scales of a ``[rows, cols]`` weight, one per ``group`` columns."""
+    return shape[0], shape[1] // group
+
+
+def fp4(
+    t: TensorEntry,
+    name: str,
+    shape: tuple[int, ...],
+    scale: TensorEntry,
+    global_scale: TensorEntry | None,
+    tensors: dict[str, TensorEntry],
+    quant: Quantization,
+    *,
+    transpose: bool = False,
+    divide: bool = False,
+    positive_zero: bool = False,
+) -> QuantizedWeight:
+    """The recipe of a 4-bit float weight written as ``name`` with ``shape``."""
+    if name != t.name and name in tensors:
+        raise cannot(t, quant, f"{name}, its dequantized name, is taken")
+    group = shape[-2] // scale.shape[-1] if transpose else shape[-1] // scale.shape[-1]
+    operands = {"scale": scale.name}
+    if global_scale is not None:
+        operands["global"] = global_scale.name
+    params = {"group": group, "transpose": transpose, "divide": divide,
+              "positive_zero": positive_zero}  # fmt: skip
+    return QuantizedWeight("fp4", name, t.name, shape, operands, params)
+
+
 READERS: dict[str, Callable[..., dict[tuple[str, str], QuantizedWeight]]] = {
     "fp8": fp8_weights,
     "fbgemm_fp8": fp8_weights,
-    "compressed-tensors": fp8_weights,
+    "compressed-tensors": ct_weights,
+    "mxfp4": fp4_weights,
+    "modelopt": fp4_weights,
     "bitsandbytes": bnb_weights,
     "gptq": gptq_weights,
     "awq": awq_weights,

@@ -40,7 +40,12 @@ from fastcast._source.quantization import SURVIVING_ROLES
 if TYPE_CHECKING:
     #: How the executor reconstructs a dequantized tensor (``kind`` says which).
     DequantPlan: TypeAlias = (
-        _core.Fp8ScaledPlan | _core.Bnb4Plan | _core.Int8RowsPlan | _core.GptqPlan | _core.AwqPlan
+        _core.Fp8ScaledPlan
+        | _core.Bnb4Plan
+        | _core.Int8RowsPlan
+        | _core.GptqPlan
+        | _core.AwqPlan
+        | _core.Fp4Plan
     )
 
 
@@ -414,6 +419,16 @@ def dequant_dict(d: Dequantized, source_ids: dict[Path, int]) -> DequantPlan:
         }
     if w.kind == "int8_rows":
         return {"kind": "int8_rows", "scb": operand("scb")}
+    if w.kind == "fp4":
+        return {
+            "kind": "fp4",
+            "scale": operand("scale"),
+            "group": p["group"],
+            "global_scale": operand("global") if "global" in d.operands else None,
+            "divide": p["divide"],
+            "transpose": p["transpose"],
+            "positive_zero": p["positive_zero"],
+        }
     if w.kind == "gptq":
         return {
             "kind": "gptq",

@@ -24,7 +24,7 @@ from fastcast import _core
 from fastcast._dtypes import short_name
 from fastcast._names import listing
 from fastcast._source.config import read_config
-from fastcast._source.folder import ModelFolder, SourceFile
+from fastcast._source.folder import ModelFolder, Skipped, SourceFile
 
 #: Roles that mean a model is quantized (fp32-pinned tensors alone do not).
 STATE_ROLES = {
@@ -36,11 +36,15 @@ STATE_ROLES = {
     "unknown state",
 }
 #: Methods --dequantize handles: fp8 in every scheme of the fp8 reference, bitsandbytes
-#: 4-bit and LLM.int8, GPTQ (v1 and v2; 2, 4 and 8 bits) and AutoAWQ GEMM.
-DEQUANTIZES = {"fp8", "fbgemm_fp8", "compressed-tensors", "bitsandbytes", "gptq", "awq"}
-#: Methods whose every state tensor fastcast recognises, so --keep-quantized is safe:
-#: those it dequantizes, gpt-oss's MXFP4 and ModelOpt's NVFP4.
-KNOWN_METHODS = DEQUANTIZES | {"mxfp4", "modelopt"}
+#: 4-bit and LLM.int8, GPTQ (v1 and v2; 2, 4 and 8 bits), AutoAWQ GEMM, gpt-oss MXFP4,
+#: compressed-tensors' MXFP4 and NVFP4, ModelOpt's NVFP4.
+DEQUANTIZES = {
+    "fp8", "fbgemm_fp8", "compressed-tensors", "bitsandbytes", "gptq", "awq", "mxfp4",
+    "modelopt",
+}  # fmt: skip
+#: Methods whose every state tensor fastcast recognises, so --keep-quantized is safe
+#: (today the same as those it dequantizes; a format may be kept before it is rebuilt).
+KNOWN_METHODS = set(DEQUANTIZES)
 #: Roles (``_core.quant_roles``) whose tensors a --dequantize writes as themselves: the
 #: model's plain tensors and the fp32 ones its method pins. The others are state that
 #: the dequantized weight consumes.
@@ -54,8 +58,8 @@ KNOWN_CT_FORMATS = {
     "mxfp4-pack-quantized",
     "nvfp4-pack-quantized",
 }
-#: ... and those of them --dequantize does not reconstruct yet.
-CT_NOT_DEQUANTIZED = {"mxfp4-pack-quantized", "nvfp4-pack-quantized"}
+#: ... and those --dequantize reconstructs (packed integers not yet).
+CT_DEQUANTIZES = {"float-quantized", "mxfp4-pack-quantized", "nvfp4-pack-quantized"}
 #: ModelOpt algorithms whose tensors fastcast recognises (the weight, its block scales,
 #: the 0-dim second-level scale, input scales, AWQ's pre_quant_scale). Others, such as
 #: NVFP4_SVD with its low-rank residual, are refused by name.
@@ -247,7 +251,7 @@ def assess(method: str, scheme: str, where: str, qc: dict[str, Any]) -> Quantiza
     if method == "compressed-tensors":
         formats = ct_formats(qc)
         known = bool(formats) and formats <= KNOWN_CT_FORMATS
-        if later := sorted(formats & CT_NOT_DEQUANTIZED):
+        if later := sorted(formats - CT_DEQUANTIZES):
             gap = f"--dequantize does not reconstruct {', '.join(later)} yet"
     elif method == "fp8" and (qc.get("scale_fmt") or qc.get("expert_dtype")):
         gap = (
@@ -255,7 +259,6 @@ def assess(method: str, scheme: str, where: str, qc: dict[str, Any]) -> Quantiza
             "experts) yet: its on-disk layout is not confirmed"
         )
     elif method == "mxfp4":
-        gap = "--dequantize does not reconstruct MXFP4 yet"
         if scheme == "gpt-oss original/ layout":
             refused = (
                 "this is gpt-oss's own original/ layout, for its reference code; convert the "
@@ -263,7 +266,6 @@ def assess(method: str, scheme: str, where: str, qc: dict[str, Any]) -> Quantiza
             )
     elif method == "modelopt":
         algos = modelopt_algos(qc)
-        gap = "--dequantize does not reconstruct ModelOpt NVFP4 yet"
         if "NVFP4_AWQ" in algos:
             gap = (
                 "--dequantize does not reconstruct ModelOpt NVFP4_AWQ (its pre_quant_scale "
@@ -300,6 +302,20 @@ def modelopt_algos(qc: dict[str, Any]) -> set[str]:
     if not isinstance(layers, dict):
         return set()
     return {str(v.get("quant_algo")) if isinstance(v, dict) else "None" for v in layers.values()}
+
+
+def without_sidecars(folder: ModelFolder) -> ModelFolder:
+    """``folder`` with ModelOpt's sidecar skipped rather than copied: a dequantized
+    output declaring NVFP4 would be loaded as quantized."""
+    sidecars = [rel for rel in folder.copies if rel.rsplit("/", 1)[-1] == MODELOPT_SIDECAR]
+    if not sidecars:
+        return folder
+    return dataclasses.replace(
+        folder,
+        copies=[rel for rel in folder.copies if rel not in sidecars],
+        skipped=[*folder.skipped,
+                 *(Skipped(rel, "quantization config of a dequantized model") for rel in sidecars)],
+    )  # fmt: skip
 
 
 def modelopt_sidecar(config: str) -> str:

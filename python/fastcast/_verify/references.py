@@ -33,6 +33,8 @@ RECIPROCAL_127 = 7.874015718698502e-3
 #: AutoAWQ GEMM: output ``j`` of each group of eight sits in nibble ``AWQ_NIBBLE[j]``
 #: (the inverse of the packing order [0, 2, 4, 6, 1, 3, 5, 7]).
 AWQ_NIBBLE = (0, 4, 1, 5, 2, 6, 3, 7)
+#: E2M1 magnitudes by the low three bits of a 4-bit float code (bit 3 is the sign).
+E2M1 = (0.0, 0.5, 1.0, 1.5, 2.0, 3.0, 4.0, 6.0)
 #: float8_e4m3fn's largest finite value: a block's scale is its amax over it.
 E4M3_MAX = 448.0
 #: The smallest amax a scale is made from (an all-zero block's scale stays positive).
@@ -74,6 +76,9 @@ def dequantized(w: QuantizedWeight, read: Read) -> Reference:
         return bnb4(read(w.source), {r: read(n) for r, n in w.operands.items()}, w.shape, p)
     if w.kind == "int8_rows":
         return int8_rows(read(w.source), read(w.operands["scb"]))
+    if w.kind == "fp4":
+        g = read(w.operands["global"]) if "global" in w.operands else None
+        return fp4(read(w.source), read(w.operands["scale"]), g, p, w.shape)
     g_idx = read(w.operands["g_idx"]) if "g_idx" in w.operands else None
     ops = (read(w.source), read(w.operands["qzeros"]), read(w.operands["scales"]))
     if w.kind == "gptq":
@@ -97,6 +102,50 @@ def fp8_scaled(q: torch.Tensor, scale: torch.Tensor, block: tuple[int, int]) -> 
         return (flat[r0:r1].to(device).float() * full).reshape(-1)
 
     return Reference(rows * cols, br * cols, values)
+
+
+def fp4(
+    packed: torch.Tensor,
+    scale: torch.Tensor,
+    global_scale: torch.Tensor | None,
+    p: dict[str, Any],
+    shape: tuple[int, ...],
+) -> Reference:
+    """4-bit floats, two per byte, the low nibble first: MXFP4 ``code * 2^(e - 127)``
+    with the exponent byte read as torch's ``float8_e8m0fnu``; NVFP4 ``code * (f32(s) /
+    g)`` (compressed-tensors) or ``code * (f32(s) * g)`` (ModelOpt, whose code 8 is +0),
+    fp32 products. ``transpose``: each matrix written with rows and columns swapped, so
+    ranges are whole matrices; else whole rows."""
+    import torch
+
+    table = torch.tensor([*E2M1, *(-v for v in E2M1)], dtype=torch.float32)
+    if p["positive_zero"]:
+        table[8] = 0.0
+    group, transpose = p["group"], p["transpose"]
+    cols = shape[-2] if transpose else shape[-1]
+    rows = math.prod(shape) // cols
+    data = packed.contiguous().view(torch.uint8).reshape(rows, cols // 2)
+    scales = scale.contiguous().reshape(rows, cols // group)
+    if global_scale is None:
+        multipliers = scales.view(torch.uint8).view(torch.float8_e8m0fnu).float()
+    elif p["divide"]:
+        multipliers = scales.float() / global_scale.float().reshape(())
+    else:
+        multipliers = scales.float() * global_scale.float().reshape(())
+    matrix = shape[-1] * shape[-2]
+
+    def values(e0: int, e1: int, device: str) -> torch.Tensor:
+        r0, r1 = (e0, -(-e1 // matrix) * matrix) if transpose else (e0, -(-e1 // cols) * cols)
+        r0, r1 = (r0 // cols, r1 // cols)
+        b = data[r0:r1].to(device)
+        codes = torch.stack([b & 0xF, b >> 4], dim=-1).reshape(r1 - r0, cols).long()
+        m = multipliers[r0:r1].to(device).repeat_interleave(group, dim=1)
+        v = table.to(device)[codes] * m
+        if transpose:
+            v = v.reshape(-1, shape[-1], cols).transpose(1, 2)
+        return v.reshape(-1)[: e1 - e0]
+
+    return Reference(math.prod(shape), matrix if transpose else cols, values)
 
 
 def int8_rows(q: torch.Tensor, scb: torch.Tensor) -> Reference:

@@ -42,7 +42,13 @@ from fastcast._source.folder import (
     WeightSet,
     open_model,
 )
-from fastcast._source.quantization import SURVIVING_ROLES, Quantization, detect, roles
+from fastcast._source.quantization import (
+    SURVIVING_ROLES,
+    Quantization,
+    detect,
+    roles,
+    without_sidecars,
+)
 from fastcast._units import format_bytes
 from fastcast._verify.compare import (
     CHUNK_ELEMENTS,
@@ -783,6 +789,7 @@ def verify(
     if quant is not None and was_dequantized(out, record):
         for (key, _), w in quantized_weights(src, quant, roles(src)).items():
             dequantized.setdefault(key, {})[w.name] = w
+        src = without_sidecars(src)  # as the conversion left them out
     pairing = Pairing(
         sets, target, list(keep or ()), quant, dequantized, scheme, own_dtypes=kept_dtypes
     )

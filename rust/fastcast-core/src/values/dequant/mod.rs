@@ -28,6 +28,8 @@
 //!   `W[o, i] = scale[g, o] * f32(q[i, o] - z[g, o])` with `g` the group of
 //!   input `i` (GPTQ's `g_idx`, else `i / group_size`), and GPTQ v1's zeros
 //!   stored minus one. The output is `[out, in]`, transposed from the packing.
+//! - FP4 (MXFP4 with E8M0 scales, NVFP4 with E4M3 scales and a second-level
+//!   scale, in the producer's order): see [`fp4`].
 //!
 //! Small operands (code tables) are decoded once per tensor; the per-block and
 //! per-group ones (absmax, scales, zeros) are read from the mapped inputs as
@@ -83,6 +85,25 @@ pub enum Dequant {
         bits: u32,
         /// v1 (`checkpoint_format: gptq`) stores each zero minus one.
         zero_plus_one: bool,
+    },
+    /// 4-bit floats (E2M1), two per byte, low nibble first, one scale per
+    /// `group` values along the packed axis: MXFP4 (E8M0 scales, no
+    /// `global_scale`) or NVFP4 (E4M3 scales and a one-value F32 `global_scale`).
+    Fp4 {
+        scale: Operand,
+        group: u64,
+        #[serde(default)]
+        global_scale: Option<Operand>,
+        /// The global scale divides (compressed-tensors' `weight_global_scale`)
+        /// rather than multiplies (ModelOpt's `weight_scale_2`).
+        #[serde(default)]
+        divide: bool,
+        /// The output swaps each matrix's rows and columns (gpt-oss experts).
+        #[serde(default)]
+        transpose: bool,
+        /// Code 8 is +0, as in ModelOpt's table (elsewhere −0).
+        #[serde(default)]
+        positive_zero: bool,
     },
     /// AutoAWQ GEMM, 4 bits.
     Awq {
@@ -199,6 +220,7 @@ pub enum Dequantizer<'a> {
     Bnb4(Bnb4Blocks<'a>),
     Int8(Int8Rows<'a>),
     Packed(PackedInts<'a>),
+    Fp4(Box<Fp4Groups<'a>>),
 }
 
 impl<'a> Dequantizer<'a> {
@@ -275,6 +297,45 @@ impl<'a> Dequantizer<'a> {
                     *group_size,
                 )?)
             }
+            Dequant::Fp4 {
+                scale,
+                group,
+                global_scale,
+                divide,
+                transpose,
+                positive_zero,
+            } => {
+                let s = bytes(scale)?;
+                let how = match global_scale {
+                    None => Fp4Scale::E8m0,
+                    Some(g) => {
+                        let g = bytes(g)?;
+                        if g.dtype != DType::F32 || g.data.len() != 4 {
+                            return Err(format!(
+                                "global scale {:?} is {} {:?} (needs one F32)",
+                                g.name, g.dtype, g.shape
+                            ));
+                        }
+                        let g = f32_at(g.data, 0);
+                        if *divide {
+                            Fp4Scale::E4m3Divided(g)
+                        } else {
+                            Fp4Scale::E4m3Times(g)
+                        }
+                    }
+                };
+                Dequantizer::Fp4(Box::new(Fp4Groups::new(
+                    from,
+                    shape,
+                    src_len,
+                    how,
+                    s.dtype,
+                    s.data,
+                    *group,
+                    *transpose,
+                    *positive_zero,
+                )?))
+            }
             Dequant::Awq {
                 qzeros,
                 scales,
@@ -307,6 +368,7 @@ impl<'a> Dequantizer<'a> {
         match self {
             Dequantizer::Bnb4(_) => 2,
             Dequantizer::Packed(p) => p.cols.max(1),
+            Dequantizer::Fp4(f) => f.align(),
             Dequantizer::Fp8(_) | Dequantizer::Int8(_) => 1,
         }
     }
@@ -317,6 +379,7 @@ impl<'a> Dequantizer<'a> {
             Dequantizer::Fp8(_) | Dequantizer::Int8(_) => (begin as usize, end as usize),
             Dequantizer::Bnb4(_) => ((begin / 2) as usize, end.div_ceil(2) as usize),
             Dequantizer::Packed(p) => (0, p.src_len),
+            Dequantizer::Fp4(f) => f.source_range(begin, end),
         }
     }
 
@@ -324,7 +387,12 @@ impl<'a> Dequantizer<'a> {
     /// the output is a column of the packing), so that its pages are to be
     /// released after the last chunk, not after each.
     pub fn reads_whole_source(&self) -> bool {
-        matches!(self, Dequantizer::Packed(_))
+        match self {
+            Dequantizer::Packed(_) => true,
+            // transposed, chunks of one matrix read all of it
+            Dequantizer::Fp4(f) => f.transposed(),
+            _ => false,
+        }
     }
 
     /// Values of output elements `first..first + out.len() / 4` (row-major),
@@ -336,11 +404,13 @@ impl<'a> Dequantizer<'a> {
             Dequantizer::Bnb4(d) => d.dequantize(src, first, out),
             Dequantizer::Int8(d) => d.dequantize(src, first, out),
             Dequantizer::Packed(d) => d.dequantize(src, first, out),
+            Dequantizer::Fp4(d) => d.dequantize(src, first, out),
         }
     }
 }
 
 mod bnb4;
+mod fp4;
 mod fp8;
 mod int8;
 mod packed;
@@ -348,6 +418,7 @@ mod packed;
 mod tests;
 
 pub use bnb4::Bnb4Blocks;
+pub use fp4::{Fp4Groups, Fp4Scale};
 pub use fp8::Fp8Scales;
 pub use int8::Int8Rows;
 pub use packed::{PackedInts, Packing};
