@@ -13,11 +13,14 @@ from typing_extensions import Buffer
 _EntryRow = tuple[str, str, tuple[int, ...], Path, tuple[int, int], None]
 
 __all__ = [
+    "DEFAULT_CHUNK_BYTES",
     "FP8_BLOCK",
     "MAX_HEADER_LEN",
     "PARTIAL_SUFFIX",
     "PLAN_VERSION",
     "QUANTIZE_SCHEMES",
+    "STATE_ROLES",
+    "UNQUANTIZED_FATES",
     "DtypeError",
     "Entries",
     "ExecStats",
@@ -72,6 +75,14 @@ MAX_HEADER_LEN: Final = 100_000_000
 QUANTIZE_SCHEMES: Final[tuple[str, ...]]
 #: The block of ``--quantize fp8`` (``weight_block_size: [128, 128]``).
 FP8_BLOCK: Final = 128
+#: Bytes of output a worker makes at a time unless ``max_memory`` says otherwise.
+DEFAULT_CHUNK_BYTES: Final = 8388608
+#: The roles (``quant_roles``) that mean a model is quantized: all but ``plain`` and
+#: ``pinned fp32``.
+STATE_ROLES: Final[tuple[str, ...]]
+#: The fates (``quantize_targets``) of decoder Linear weights ``--quantize`` leaves
+#: unquantized: ``misfit``, ``fused misfit``, ``kept``, ``router``.
+UNQUANTIZED_FATES: Final[tuple[str, ...]]
 
 class FastcastError(Exception):
     """Base class of fastcast's errors."""

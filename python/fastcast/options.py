@@ -30,7 +30,7 @@ from fastcast._units import format_bytes, parse_size
 #: ``--shard-size`` when none is given (transformers' default).
 DEFAULT_SHARD_SIZE = "5GB"
 #: The executor's per-thread buffer when ``max_memory`` does not say.
-DEFAULT_CHUNK_BYTES = 8 << 20
+DEFAULT_CHUNK_BYTES = _core.DEFAULT_CHUNK_BYTES
 
 
 @dataclass(frozen=True)

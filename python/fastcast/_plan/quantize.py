@@ -20,7 +20,7 @@ QUANTIZE_METHODS = {"fp8": "fp8", "fp8-channel": "compressed-tensors"}
 #: needed to write it).
 CT_VERSION = "0.20.0"
 #: Fates of decoder Linears left unquantized, which the config must list.
-UNQUANTIZED_FATES = ("misfit", "fused misfit", "kept", "router")
+UNQUANTIZED_FATES = _core.UNQUANTIZED_FATES
 
 
 @dataclass(frozen=True)

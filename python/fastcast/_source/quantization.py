@@ -26,15 +26,8 @@ from fastcast._names import listing
 from fastcast._source.config import read_config
 from fastcast._source.folder import ModelFolder, Skipped, SourceFile
 
-#: Roles that mean a model is quantized (fp32-pinned tensors alone do not).
-STATE_ROLES = {
-    "quantized weight",
-    "scale",
-    "zero point",
-    "group index",
-    "quant state",
-    "unknown state",
-}
+#: Roles that mean a model is quantized (fp32-pinned tensors alone do not): the core's.
+STATE_ROLES = frozenset(_core.STATE_ROLES)
 #: Methods --dequantize handles: fp8 in every scheme of the fp8 reference, bitsandbytes
 #: 4-bit and LLM.int8, GPTQ (v1 and v2; 2, 4 and 8 bits), AutoAWQ GEMM, gpt-oss MXFP4,
 #: compressed-tensors' MXFP4 and NVFP4, ModelOpt's NVFP4.

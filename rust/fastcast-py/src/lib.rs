@@ -28,6 +28,8 @@ mod runtime;
 use fastcast_core::exec::shard_file;
 use fastcast_core::format::header;
 use fastcast_core::plan::wire::PLAN_VERSION;
+use fastcast_core::rules::fates::Fate;
+use fastcast_core::rules::roles::Role;
 use fastcast_core::rules::scheme::{self, Scheme};
 use pyo3::prelude::*;
 use pyo3::types::PyTuple;
@@ -50,6 +52,31 @@ fn _core(m: &Bound<'_, PyModule>) -> PyResult<()> {
         PyTuple::new(py, Scheme::ALL.map(Scheme::name))?,
     )?;
     m.add("FP8_BLOCK", scheme::FP8_BLOCK)?;
+    m.add(
+        "DEFAULT_CHUNK_BYTES",
+        fastcast_core::exec::DEFAULT_CHUNK_BYTES,
+    )?;
+    let names = |roles: Vec<&'static str>| PyTuple::new(py, roles);
+    m.add(
+        "STATE_ROLES",
+        names(
+            Role::ALL
+                .into_iter()
+                .filter(|r| r.is_state())
+                .map(Role::name)
+                .collect(),
+        )?,
+    )?;
+    m.add(
+        "UNQUANTIZED_FATES",
+        names(
+            Fate::ALL
+                .into_iter()
+                .filter(|f| f.leaves_unquantized())
+                .map(Fate::name)
+                .collect(),
+        )?,
+    )?;
     m.add_class::<results::ExecStats>()?;
     m.add_class::<results::ShardRecord>()?;
     m.add_class::<format::Entries>()?;

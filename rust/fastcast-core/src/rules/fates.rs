@@ -31,6 +31,24 @@ pub enum Fate {
 }
 
 impl Fate {
+    /// Every fate.
+    pub const ALL: [Fate; 6] = [
+        Fate::Quantize,
+        Fate::Misfit,
+        Fate::FusedMisfit,
+        Fate::Kept,
+        Fate::Router,
+        Fate::Other,
+    ];
+
+    /// Whether a decoder Linear weight with this fate is written unquantized.
+    pub const fn leaves_unquantized(self) -> bool {
+        matches!(
+            self,
+            Fate::Misfit | Fate::FusedMisfit | Fate::Kept | Fate::Router
+        )
+    }
+
     /// The fate in words, as Python reads it.
     pub const fn name(self) -> &'static str {
         match self {

@@ -42,6 +42,24 @@ pub enum Role {
 }
 
 impl Role {
+    /// Every role, in the order `inspect` lists them.
+    pub const ALL: [Role; 8] = [
+        Role::QuantizedWeight,
+        Role::Scale,
+        Role::ZeroPoint,
+        Role::GroupIndex,
+        Role::QuantState,
+        Role::PinnedF32,
+        Role::Unknown,
+        Role::Plain,
+    ];
+
+    /// Whether a tensor of this role means its model is quantized (a tensor
+    /// pinned to fp32 alone does not).
+    pub const fn is_state(self) -> bool {
+        !matches!(self, Role::Plain | Role::PinnedF32)
+    }
+
     /// The role in words, as `inspect` prints it.
     pub const fn name(self) -> &'static str {
         match self {
