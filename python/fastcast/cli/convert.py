@@ -95,19 +95,21 @@ def add_quantized_options(convert: argparse.ArgumentParser) -> None:
     convert.add_argument(
         "--keep-quantized",
         action="store_true",
-        help="for a quantized model (fp8, bitsandbytes, GPTQ, AWQ, compressed-tensors): cast "
-        "only the tensors that are not quantization state, keep every packed weight, scale, "
-        "zero point and quant state byte for byte, and keep quantization_config (without "
-        "this, a quantized model is refused)",
+        help="for a quantized model (fp8, bitsandbytes, GPTQ, AWQ, compressed-tensors, "
+        "gpt-oss MXFP4, ModelOpt NVFP4): cast only the tensors that are not quantization "
+        "state, keep every packed weight, scale, zero point and quant state byte for byte, "
+        "and keep quantization_config (and ModelOpt's hf_quant_config.json; without this, "
+        "a quantized model is refused)",
     )
     convert.add_argument(
         "--dequantize",
         action="store_true",
         help="for a quantized model (fp8: DeepSeek/FineGrained blocks, compressed-tensors, "
-        "FBGEMM, vLLM; bitsandbytes 4-bit and LLM.int8; GPTQ; AWQ): write a plain model in "
+        "FBGEMM, vLLM; bitsandbytes 4-bit and LLM.int8; GPTQ; AWQ; MXFP4: gpt-oss, "
+        "compressed-tensors; NVFP4: compressed-tensors, ModelOpt): write a plain model in "
         "DTYPE (bf16, fp16 or fp32), each weight computed in fp32 as its format's library "
-        "computes it and rounded once; the quantization state and quantization_config are "
-        "left out",
+        "computes it and rounded once; the quantization state, quantization_config and "
+        "ModelOpt's hf_quant_config.json are left out",
     )
     convert.add_argument(
         "--quantize",
