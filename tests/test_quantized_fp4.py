@@ -16,6 +16,7 @@ from test_quantized import assert_kept, blanket_cast, raw_tensors
 
 import fastcast
 from commands import cli, ok, refused
+from conftest import require
 from folders import snapshot
 from quantized import QuantModel
 from quantized_fp4 import ALL_FP4, gpt_oss_original, modelopt_nvfp4
@@ -184,3 +185,22 @@ def test_mxfp4_kept_in_fp16_is_refused_for_its_kernels(tmp_path):
     model = ALL_FP4["gpt-oss-mxfp4"](tmp_path / "src")
     refused(cli("convert", model.path, "-o", tmp_path / "o", "--dtype", "fp16",
                 "--keep-quantized"), "keeps it bf16", "kernels")  # fmt: skip
+
+
+def test_a_sidecar_away_from_the_weights_declares_nothing(tmp_path):
+    """ModelOpt's hf_quant_config.json in a folder holding no weights (another model's
+    files kept beside, say) is not this model's quantization: a plain model with one
+    converts, and the file is copied as it is."""
+    torch, st = require("torch"), require("safetensors.torch")
+    model = tmp_path / "plain"
+    (model / "extras").mkdir(parents=True)
+    st.save_file({"w": torch.ones(4, 4)}, str(model / "model.safetensors"))
+    (model / "config.json").write_text(
+        json.dumps({"model_type": "llama", "torch_dtype": "float32"})
+    )
+    sidecar = model / "extras" / "hf_quant_config.json"
+    sidecar.write_text(json.dumps({"quantization": {"quant_algo": "NVFP4", "group_size": 16}}))
+    ok(cli("convert", model, "-o", tmp_path / "out", "--dtype", "bf16"))
+    assert (
+        tmp_path / "out" / "extras" / "hf_quant_config.json"
+    ).read_bytes() == sidecar.read_bytes()

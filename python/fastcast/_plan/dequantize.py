@@ -174,25 +174,30 @@ def fp8_weights(
 ) -> dict[tuple[str, str], QuantizedWeight]:
     """Every quantized fp8 weight of the model, with its scale and block."""
     qc = quantization_settings(folder)
-    found = {}
-    for key, t, tensors in quantized_tensors(folder, role_of):
-        prefix = t.name.removesuffix(".weight")
-        scale = next(
-            (tensors[s] for s in (f"{prefix}.weight_scale_inv", f"{prefix}.weight_scale")
-             if s in tensors), None,
-        )  # fmt: skip
-        cols = t.shape[-1] if t.shape else 1
-        rows = t.numel // cols if cols else 0
-        block = None
-        if scale is not None and t.dtype in ("F8_E4M3", "F8_E5M2"):
-            inverse = scale.name.endswith("_inv")
-            block = fp8_block(quant, qc, rows, cols, scale.numel, inverse)
-        if scale is None or block is None:
-            raise cannot(t, quant, "no scale, or its block is not given by the config")
-        found[(key, t.name)] = QuantizedWeight(
-            "fp8_scaled", t.name, t.name, t.shape, {"scale": scale.name}, {"block": block}
-        )
-    return found
+    return {(key, t.name): fp8_weight(t, tensors, quant, qc)
+            for key, t, tensors in quantized_tensors(folder, role_of)}  # fmt: skip
+
+
+def fp8_weight(
+    t: TensorEntry, tensors: dict[str, TensorEntry], quant: Quantization, qc: dict[str, Any]
+) -> QuantizedWeight:
+    """One fp8 weight, with its scale and block."""
+    prefix = t.name.removesuffix(".weight")
+    scale = next(
+        (tensors[s] for s in (f"{prefix}.weight_scale_inv", f"{prefix}.weight_scale")
+         if s in tensors), None,
+    )  # fmt: skip
+    cols = t.shape[-1] if t.shape else 1
+    rows = t.numel // cols if cols else 0
+    block = None
+    if scale is not None and t.dtype in ("F8_E4M3", "F8_E5M2"):
+        inverse = scale.name.endswith("_inv")
+        block = fp8_block(quant, qc, rows, cols, scale.numel, inverse)
+    if scale is None or block is None:
+        raise cannot(t, quant, "no scale, or its block is not given by the config")
+    return QuantizedWeight(
+        "fp8_scaled", t.name, t.name, t.shape, {"scale": scale.name}, {"block": block}
+    )
 
 
 def bnb_weights(
@@ -417,27 +422,23 @@ def ct_weights(
     """compressed-tensors: fp4 (``x.weight_packed`` U8: MXFP4 or NVFP4, told by the
     scale's dtype, as compressed-tensors' own dequantizer infers each group's format)
     and fp8 weights; anything else (packed ints) refused by the fp8 reader."""
-    fp4 = {(key, t.name) for key, t, _ in quantized_tensors(folder, role_of)
-           if t.name.endswith(".weight_packed") and t.dtype == "U8"}  # fmt: skip
-    found = fp4_weights(folder, quant, role_of, only=fp4) if fp4 else {}
-    rest = {k: r for k, r in role_of.items() if k not in fp4}
-    return found | fp8_weights(folder, quant, rest)
+    qc = quantization_settings(folder)
+    return {
+        (key, t.name): fp4_weight(t, tensors, quant)
+        if t.name.endswith(".weight_packed") and t.dtype == "U8"
+        else fp8_weight(t, tensors, quant, qc)
+        for key, t, tensors in quantized_tensors(folder, role_of)
+    }
 
 
 def fp4_weights(
-    folder: ModelFolder,
-    quant: Quantization,
-    role_of: dict[tuple[str, str], str],
-    only: set[tuple[str, str]] | None = None,
+    folder: ModelFolder, quant: Quantization, role_of: dict[tuple[str, str], str]
 ) -> dict[tuple[str, str], QuantizedWeight]:
     """Every 4-bit float weight: gpt-oss's stacked experts (``x_blocks``), a
     compressed-tensors ``x.weight_packed`` or a ModelOpt ``x.weight``, each with its
     group scales and (NVFP4) its second-level scale."""
-    found = {}
-    for key, t, tensors in quantized_tensors(folder, role_of):
-        if only is None or (key, t.name) in only:
-            found[(key, t.name)] = fp4_weight(t, tensors, quant)
-    return found
+    return {(key, t.name): fp4_weight(t, tensors, quant)
+            for key, t, tensors in quantized_tensors(folder, role_of)}  # fmt: skip
 
 
 def fp4_weight(

@@ -22,7 +22,7 @@ from typing import Any
 
 from fastcast import _core
 from fastcast._dtypes import short_name
-from fastcast._names import listing
+from fastcast._names import join, listing
 from fastcast._source.config import read_config
 from fastcast._source.folder import ModelFolder, Skipped, SourceFile
 
@@ -57,6 +57,8 @@ CT_DEQUANTIZES = {"float-quantized", "mxfp4-pack-quantized", "nvfp4-pack-quantiz
 #: the 0-dim second-level scale, input scales, AWQ's pre_quant_scale). Others, such as
 #: NVFP4_SVD with its low-rank residual, are refused by name.
 MODELOPT_ALGOS = {"NVFP4", "W4A16_NVFP4", "NVFP4_AWQ", "W4A8_NVFP4_FP8"}
+#: The scheme of gpt-oss's own ``original/`` weights (``block.N.mlp.mlp1_weight.blocks``).
+GPT_OSS_ORIGINAL = "gpt-oss original/ layout"
 #: ModelOpt's sidecar, which declares the quantization where config.json may not.
 MODELOPT_SIDECAR = "hf_quant_config.json"
 #: The dtype a method's kernels need the model in, and why.
@@ -187,7 +189,7 @@ def method_from_tensors(names: Sequence[str], role_of: dict[str, str]) -> tuple[
     if any(n.endswith("_blocks") for n in mx):
         return "mxfp4", "gpt-oss MXFP4 experts, E8M0 scales per 32"
     if mx:
-        return "mxfp4", "gpt-oss original/ layout"
+        return "mxfp4", GPT_OSS_ORIGINAL
     if any(name.endswith(".W_q") for name in names):
         return "hqq", "packed W_q weights with scale and zero"
     for name in names:
@@ -215,11 +217,11 @@ def detect(folder: ModelFolder) -> Quantization | None:
         key, qc = found
         method = str(qc.get("quant_method", "unknown"))
         if method == "modelopt":
-            qc = {**qc, **sidecar_quantization(folder, modelopt_sidecar(rel))}
+            qc = {**qc, **sidecar_quantization(folder, rel.rpartition("/")[0])}
         where = f"{rel} ({key})" if key else rel
         return assess(method, scheme_of(method, qc), where, qc)
-    for rel in [r for r in folder.copies if r.rsplit("/", 1)[-1] == MODELOPT_SIDECAR]:
-        if sidecar := sidecar_quantization(folder, rel):
+    for rel in sidecars(folder):
+        if sidecar := sidecar_quantization(folder, rel.rpartition("/")[0]):
             return assess("modelopt", scheme_of("modelopt", sidecar), rel, sidecar)
     if not any(STATE_ROLES & _core.set_roles([typed_table(f) for f in ws.files])
                for ws in folder.weight_sets):  # fmt: skip
@@ -252,7 +254,7 @@ def assess(method: str, scheme: str, where: str, qc: dict[str, Any]) -> Quantiza
             "experts) yet: its on-disk layout is not confirmed"
         )
     elif method == "mxfp4":
-        if scheme == "gpt-oss original/ layout":
+        if scheme == GPT_OSS_ORIGINAL:
             refused = (
                 "this is gpt-oss's own original/ layout, for its reference code; convert the "
                 "transformers layout at the top of the repository instead"
@@ -277,49 +279,51 @@ def assess(method: str, scheme: str, where: str, qc: dict[str, Any]) -> Quantiza
 def ct_formats(qc: dict[str, Any]) -> set[str]:
     """The compressed-tensors formats a config uses: its ``format``, or each config
     group's own where it is ``mixed-precision``."""
-    top = qc.get("format")
-    if top != "mixed-precision":
-        return {str(top)} if top is not None else set()
-    groups = qc.get("config_groups")
-    if not isinstance(groups, dict):
-        return set()
-    return {str(g.get("format")) if isinstance(g, dict) else "None" for g in groups.values()}
+    return each(qc, "format", "mixed-precision", "config_groups")
 
 
 def modelopt_algos(qc: dict[str, Any]) -> set[str]:
     """The ModelOpt algorithms of a quantization dict (``MIXED_PRECISION``: each layer's)."""
-    algo = qc.get("quant_algo")
-    if algo != "MIXED_PRECISION":
-        return {str(algo)} if algo is not None else set()
-    layers = qc.get("quantized_layers")
-    if not isinstance(layers, dict):
+    return each(qc, "quant_algo", "MIXED_PRECISION", "quantized_layers")
+
+
+def each(qc: dict[str, Any], key: str, mixed: str, parts: str) -> set[str]:
+    """``qc[key]``, or where it is ``mixed`` the ``key`` of each entry of ``qc[parts]``
+    (``"None"`` for an entry without one); empty when there is none."""
+    top = qc.get(key)
+    if top != mixed:
+        return {str(top)} if top is not None else set()
+    entries = qc.get(parts)
+    if not isinstance(entries, dict):
         return set()
-    return {str(v.get("quant_algo")) if isinstance(v, dict) else "None" for v in layers.values()}
+    return {str(e.get(key)) if isinstance(e, dict) else "None" for e in entries.values()}
 
 
 def without_sidecars(folder: ModelFolder) -> ModelFolder:
     """``folder`` with ModelOpt's sidecar skipped rather than copied: a dequantized
     output declaring NVFP4 would be loaded as quantized."""
-    sidecars = [rel for rel in folder.copies if rel.rsplit("/", 1)[-1] == MODELOPT_SIDECAR]
-    if not sidecars:
+    found = sidecars(folder)
+    if not found:
         return folder
     return dataclasses.replace(
         folder,
-        copies=[rel for rel in folder.copies if rel not in sidecars],
+        copies=[rel for rel in folder.copies if rel not in found],
         skipped=[*folder.skipped,
-                 *(Skipped(rel, "quantization config of a dequantized model") for rel in sidecars)],
+                 *(Skipped(rel, "quantization config of a dequantized model") for rel in found)],
     )  # fmt: skip
 
 
-def modelopt_sidecar(config: str) -> str:
-    """Where ModelOpt's ``hf_quant_config.json`` would be beside ``config``."""
-    folder, slash, _ = config.rpartition("/")
-    return f"{folder}{slash}{MODELOPT_SIDECAR}"
+def sidecars(folder: ModelFolder) -> list[str]:
+    """ModelOpt's sidecars the folder copies beside its weights (one elsewhere, say in a
+    folder of another model's files, declares nothing about these)."""
+    beside = {join(ws.folder, MODELOPT_SIDECAR) for ws in folder.weight_sets}
+    return [rel for rel in folder.copies if rel in beside]
 
 
-def sidecar_quantization(folder: ModelFolder, rel: str) -> dict[str, Any]:
-    """The ``quantization`` dict of ModelOpt's sidecar at ``rel``, if the folder holds
-    one ({} otherwise)."""
+def sidecar_quantization(folder: ModelFolder, where: str) -> dict[str, Any]:
+    """The ``quantization`` dict of ModelOpt's sidecar in folder ``where`` (relative),
+    if the folder copies one there ({} otherwise)."""
+    rel = join(where, MODELOPT_SIDECAR)
     if rel not in folder.copies:
         return {}
     qc = read_config(folder.root / rel).get("quantization")

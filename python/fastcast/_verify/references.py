@@ -133,10 +133,11 @@ def fp4(
     else:
         multipliers = scales.float() * global_scale.float().reshape(())
     matrix = shape[-1] * shape[-2]
+    unit = matrix if transpose else cols
 
     def values(e0: int, e1: int, device: str) -> torch.Tensor:
-        r0, r1 = (e0, -(-e1 // matrix) * matrix) if transpose else (e0, -(-e1 // cols) * cols)
-        r0, r1 = (r0 // cols, r1 // cols)
+        # ranges are whole units (Reference.align): rows, or matrices when transposed
+        r0, r1 = e0 // cols, -(-e1 // unit) * unit // cols
         b = data[r0:r1].to(device)
         codes = torch.stack([b & 0xF, b >> 4], dim=-1).reshape(r1 - r0, cols).long()
         m = multipliers[r0:r1].to(device).repeat_interleave(group, dim=1)
@@ -145,7 +146,7 @@ def fp4(
             v = v.reshape(-1, shape[-1], cols).transpose(1, 2)
         return v.reshape(-1)[: e1 - e0]
 
-    return Reference(math.prod(shape), matrix if transpose else cols, values)
+    return Reference(math.prod(shape), unit, values)
 
 
 def int8_rows(q: torch.Tensor, scb: torch.Tensor) -> Reference:

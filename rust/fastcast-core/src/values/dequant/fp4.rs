@@ -21,10 +21,6 @@
 use crate::cast::scalar;
 use crate::dtype::DType;
 
-/// Output rows (packed columns) a transposed chunk makes at once: each source
-/// row then gives `TILE / 2` contiguous bytes to `TILE` output streams.
-const TILE: u64 = 32;
-
 /// E2M1 magnitudes by the low three bits of a code.
 const E2M1: [f32; 8] = [0.0, 0.5, 1.0, 1.5, 2.0, 3.0, 4.0, 6.0];
 
@@ -149,11 +145,10 @@ impl<'a> Fp4Groups<'a> {
         self.transpose
     }
 
-    /// Chunks are whole bytes of codes (pairs), or transposed whole output
-    /// rows (a packed column), which are then made in tiles of [`TILE`].
+    /// Chunks are whole bytes of codes (pairs); transposed, any element.
     pub fn align(&self) -> u64 {
         if self.transpose {
-            self.rows.max(1)
+            1
         } else {
             2
         }
@@ -217,55 +212,30 @@ impl<'a> Fp4Groups<'a> {
             }
             return;
         }
-        // Transposed, whole output rows: output row (m, c) is packed column c of
-        // matrix m. Tiles of up to TILE rows (aligned to TILE columns) walk the
-        // source row by row, each row's TILE / 2 bytes feeding TILE outputs.
+        // Transposed: output row (m, c) is packed column c of matrix m, its
+        // elements a byte stride apart; each run of one output row strides
+        // through the source rows with no division.
         let per = self.rows * self.cols;
         let base = (first / per) * per / 2;
-        let (first_row, end_row) = (first / self.rows, (first + n).div_ceil(self.rows));
-        let mut row = first_row;
-        while row < end_row {
-            let (m, c0) = (row / self.cols, row % self.cols);
-            let tile = (TILE - c0 % TILE).min(self.cols - c0).min(end_row - row);
-            let k0 = ((row - first_row) * self.rows) as usize;
-            let whole = tile == TILE && self.group.is_multiple_of(TILE);
-            if whole && k0 + (TILE * self.rows) as usize <= n as usize {
-                // One scale per row of the tile; a byte is two outputs.
-                let rows = self.rows as usize;
-                for r in 0..rows {
-                    let packed = m * per + r as u64 * self.cols + c0;
-                    let s = self.scale_bytes
-                        [((m * self.rows + r as u64) * gpr + c0 / self.group) as usize];
-                    let lut = row_of(s);
-                    let at = (packed / 2 - base) as usize;
-                    for (jb, &b) in src[at..at + (TILE / 2) as usize].iter().enumerate() {
-                        let k = k0 + 2 * jb * rows + r;
-                        put(&mut out[4 * k..4 * k + 4], lut[(b & 0xF) as usize]);
-                        put(
-                            &mut out[4 * (k + rows)..4 * (k + rows) + 4],
-                            lut[(b >> 4) as usize],
-                        );
-                    }
-                }
-                row += tile;
-                continue;
+        let (mut i, mut k) = (first, 0usize);
+        while i < first + n {
+            let (m, within) = (i / per, i % per);
+            let (c, r0) = (within / self.rows, within % self.rows);
+            let run = (self.rows - r0).min(first + n - i) as usize;
+            let shift = if c.is_multiple_of(2) { 0 } else { 4 };
+            let mut byte = ((m * per + r0 * self.cols + c) / 2 - base) as usize;
+            let mut scale = ((m * self.rows + r0) * gpr + c / self.group) as usize;
+            let (byte_step, scale_step) = ((self.cols / 2) as usize, gpr as usize);
+            for o in out[4 * k..4 * (k + run)].chunks_exact_mut(4) {
+                put(
+                    o,
+                    row_of(self.scale_bytes[scale])[((src[byte] >> shift) & 0xF) as usize],
+                );
+                byte += byte_step;
+                scale += scale_step;
             }
-            for r in 0..self.rows as usize {
-                let packed = m * per + r as u64 * self.cols + c0;
-                let scales = ((m * self.rows + r as u64) * gpr) as usize;
-                for j in 0..tile {
-                    let c = c0 + j;
-                    let byte = src[((packed + j) / 2 - base) as usize];
-                    let code = if c % 2 == 0 { byte & 0xF } else { byte >> 4 };
-                    let s = self.scale_bytes[scales + (c / self.group) as usize];
-                    let k = k0 + j as usize * self.rows as usize + r;
-                    if k < n as usize {
-                        let v = self.values[16 * s as usize + code as usize];
-                        put(&mut out[4 * k..4 * k + 4], v);
-                    }
-                }
-            }
-            row += tile;
+            i += run as u64;
+            k += run;
         }
     }
 }
