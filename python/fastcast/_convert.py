@@ -64,6 +64,7 @@ def convert(
     progress: bool | None = None,
     state_dict_key: str | None = None,
     strip_prefix: str | None = None,
+    merge_lora: str | os.PathLike[str] | None = None,
 ) -> ConversionReport:
     """Convert a model folder (or one weights file) to ``dtype``, re-sharded.
 
@@ -102,6 +103,11 @@ def convert(
     says there is nothing to do). Every overflow and underflow is counted
     (``report.loss``); range-narrowing casts warn (``RangeRiskWarning``) first;
     ``strict`` refuses to put anything in place if a value overflowed (``LossError``).
+    ``merge_lora`` (a PEFT LoRA or DoRA adapter folder, or a repo id in the local
+    cache) merges the adapter into the weights as PEFT's ``merge_and_unload`` does, each
+    merged weight computed in fp32 and rounded once; without ``dtype`` every tensor
+    keeps the base's dtype (never fp32 for a bf16 base); the adapter's
+    ``modules_to_save`` tensors replace the base's.
     Memory stays bounded (``max_memory`` caps the buffers). Raises a
     ``FastcastError`` subclass, or an ``OSError``, naming the file and the problem.
 
@@ -113,6 +119,7 @@ def convert(
         keep_quantized=keep_quantized, dequantize=dequantize, quantize=quantize,
         strict=strict, overwrite=overwrite, resume=resume, threads=threads, fsync=fsync,
         max_memory=max_memory, fp8_overflow=fp8_overflow, report=report, progress=progress,
-        state_dict_key=state_dict_key, strip_prefix=strip_prefix, stacklevel=CALLER + 1,
+        state_dict_key=state_dict_key, strip_prefix=strip_prefix, merge_lora=merge_lora,
+        stacklevel=CALLER + 1,
     )  # fmt: skip
     return run_conversion(model, options, stacklevel=CALLER)

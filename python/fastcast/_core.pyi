@@ -172,6 +172,21 @@ class OperandPlan(TypedDict):
     offsets: tuple[int, int]
 
 @type_check_only
+class MergePlan(TypedDict):
+    """A base weight with a LoRA adapter's update added in f32 (``values/merge.rs``)."""
+
+    #: ``lora_A`` ``[r, cols]`` (transposed: ``[r, rows]``) and ``lora_B`` ``[rows, r]``
+    #: (transposed: ``[cols, r]``).
+    a: OperandPlan
+    b: OperandPlan
+    #: ``lora_alpha / r`` (``/ sqrt(r)`` with rsLoRA).
+    scale: float
+    #: The update is ``(B @ A)`` transposed (Conv1D, embeddings).
+    transpose: bool
+    #: DoRA's magnitude vector, one per output feature.
+    magnitude: OperandPlan | None
+
+@type_check_only
 class Fp8ScaledPlan(TypedDict):
     """fp8 values times one scale per ``block`` (rows, columns of the 2-D weight),
     multiplied in fp32, then rounded once to the target."""
@@ -297,6 +312,8 @@ class TensorPlan(TypedDict):
     #: Set when the tensor is quantized from its source, a float weight: its values or
     #: its scales (whose source is the weight too).
     quantize: NotRequired[Fp8WeightPlan | Fp8ScalePlan]
+    #: Set when a LoRA adapter's update is added to the source, a float weight.
+    merge: NotRequired[MergePlan]
 
 #: A plain tensor (neither dequantized nor quantized) as a row: ``TensorPlan``'s
 #: name, shape, source, src_dtype, dst_dtype, src_offsets and dst_offsets, in that

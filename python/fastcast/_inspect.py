@@ -20,6 +20,8 @@ from fastcast._loss import Losses, TensorLoss, describe
 from fastcast._output.record import STAGING_DIR, read_record
 from fastcast._plan.shards import plan_conversion
 from fastcast._progress import ByteProgress
+from fastcast._source.adapter import CONFIG_NAME as ADAPTER_CONFIG
+from fastcast._source.adapter import open_adapter
 from fastcast._source.config import CONFIG_NAME, config_dtypes, read_config
 from fastcast._source.folder import ModelFolder, TorchOptions, describe_skipped, open_model
 from fastcast._source.quantization import Quantization, detect, roles
@@ -78,6 +80,8 @@ class ModelInspection:
     #: its summary).
     predicted: Losses | None = None
     predicted_dtype: str | None = None
+    adapter: str | None = None
+    """For a PEFT LoRA adapter folder: what ``--merge-lora`` would merge."""
 
     @property
     def float_dtype(self) -> str | None:
@@ -113,6 +117,8 @@ class ModelInspection:
                 lines.append(
                     f"  {r.role:<18}{r.dtype:<10}{r.tensors:>9}{format_bytes(r.bytes):>12}"
                 )
+        if self.adapter:
+            lines.append(f"  adapter: {self.adapter}")
         if self.made_by:
             lines.append(f"  made by {self.made_by}")
         lines.extend(f"  skipped: {s}" for s in self.skipped)
@@ -210,6 +216,7 @@ def inspect(
                 + (f", keep {' '.join(record.keep)}" if record.keep else "")
                 + (f", variant {record.variant}" if record.variant else "")
                 + (quantization_words(record.quantization) if record.quantization else "")
+                + (f", merged with {record.merge_lora['path']}" if record.merge_lora else "")
                 + ")"
             )
         if (folder.root / STAGING_DIR).exists():
@@ -240,6 +247,26 @@ def inspect(
         roles=role_counts(folder, role_of),
         predicted=predicted,
         predicted_dtype=target,
+        adapter=None if folder.is_file else adapter_words(folder.root),
+    )
+
+
+def adapter_words(root: Path) -> str | None:
+    """A LoRA adapter folder's type, ranks, alphas, modules and base, in a line (None for
+    a folder that is no adapter)."""
+    if not (root / ADAPTER_CONFIG).is_file():
+        return None
+    try:
+        a = open_adapter(root).describe()
+    except _core.FastcastError as e:
+        return f"not mergeable: {e}"
+    kind = "DoRA" if a["dora"] else "LoRA"
+    ranks = ", ".join(map(str, a["ranks"]))
+    alphas = ", ".join(f"{x:g}" for x in a["alphas"])
+    replaces = f", replaces {', '.join(a['replaces'])}" if a["replaces"] else ""
+    return (
+        f"{kind}{' (rsLoRA)' if a['rslora'] else ''} on {a['modules']} modules, rank "
+        f"{ranks}, alpha {alphas}{replaces}; base {a['base_model'] or 'not named'}"
     )
 
 

@@ -80,6 +80,8 @@ class ConvertOptions:
     progress: bool | None = None
     state_dict_key: str | None = None
     strip_prefix: str | None = None
+    merge_lora: str | None = None
+    """A PEFT LoRA adapter (folder or cached repo id) merged into the weights."""
 
     @classmethod
     def make(
@@ -104,6 +106,7 @@ class ConvertOptions:
         progress: bool | None = None,
         state_dict_key: str | None = None,
         strip_prefix: str | None = None,
+        merge_lora: str | os.PathLike[str] | None = None,
         stacklevel: int = 2,
     ) -> ConvertOptions:
         """Check and resolve ``convert``'s keywords (see its docstring for each);
@@ -117,6 +120,11 @@ class ConvertOptions:
         mode = mode_of(target, patterns, keep_quantized, dequantize, quantize)
         if fp8_overflow not in ("saturate", "nan"):
             raise ValueError(f"fp8_overflow must be 'saturate' or 'nan', not {fp8_overflow!r}")
+        if merge_lora is not None and not isinstance(mode, Cast):
+            raise ValueError(
+                f"merge_lora with {MODE_NAMES[type(mode)]}: merging into a quantized base, or "
+                "quantizing the merged model, is not supported yet"
+            )
         return cls(
             dtype=target, output=None if output is None else Path(output), shard_size=limit,
             keep=tuple(patterns), variant=variant, mode=mode, strict=strict,
@@ -124,6 +132,7 @@ class ConvertOptions:
             fsync=fsync, fp8_overflow=fp8_overflow,
             report=None if report is None else Path(report), progress=progress,
             state_dict_key=state_dict_key, strip_prefix=strip_prefix,
+            merge_lora=None if merge_lora is None else os.fspath(merge_lora),
         )  # fmt: skip
 
     @property
@@ -164,6 +173,7 @@ class Keywords(TypedDict, total=False):
     progress: bool | None
     state_dict_key: str | None
     strip_prefix: str | None
+    merge_lora: str | os.PathLike[str] | None
 
 
 #: The keys a jobs file, and ``convert_batch``'s options, may set: ``make``'s keywords.

@@ -71,7 +71,12 @@ def record_of(prepared: Prepared, losses: Sequence[TensorLoss]) -> OutputRecord:
         from_torch=any(f.torch for ws in p.folder.weight_sets for f in ws.files),
         repo_id=repo[0] if repo else None,
         revision=repo[1] if repo else None,
-    )
+        merge_lora=None if p.merging is None else {
+            "path": p.merging.adapter.given,
+            "folder": str(p.merging.adapter.folder.resolve()),
+            "sha256": p.merging.adapter.digest(),
+        },
+    )  # fmt: skip
 
 
 def commit(prepared: Prepared, losses: Sequence[TensorLoss]) -> None:

@@ -47,5 +47,7 @@ def special_fingerprint(t: PlannedTensor) -> list[Any]:
     source's config parameters and operands, or its block."""
     if t.dequant is not None:
         return [t.name, t.dequant.weight.describe()]
+    if t.merged is not None:
+        return [t.name, t.merged.describe()]
     assert t.quantized is not None
     return [t.name, t.quantized.describe()]

@@ -29,8 +29,11 @@ from fastcast._output.report_file import check_report_path
 from fastcast._output.transaction import Run
 from fastcast._output.transaction import prepare as prepare_output
 from fastcast._plan.dequantize import QuantizedWeight, check_dequantize, quantized_weights
+from fastcast._plan.merge import Merging, plan_merge
 from fastcast._plan.quantize import check_quantize
 from fastcast._plan.shards import ConversionPlan, plan_conversion
+from fastcast._source.adapter import open_adapter
+from fastcast._source.config import read_config
 from fastcast._source.folder import ModelFolder, TorchOptions, open_model
 from fastcast._source.hf_cache import cache_snapshot, model_path
 from fastcast._source.quantization import (
@@ -58,6 +61,8 @@ class Prepared:
     """The source's quantization, if it has one."""
     dequantized: dict[tuple[str, str], QuantizedWeight] | None
     quantizing: Quantizing | None
+    merging: Merging | None
+    """``--merge-lora``: what the adapter changes."""
     plan: ConversionPlan
     configs: list[ConfigFix]
     report: Path | None
@@ -93,9 +98,11 @@ def prepare(model: str | os.PathLike[str], options: ConvertOptions) -> Prepared:
     dequantized, quantizing = decide(folder, quant, options)
     if dequantized is not None:
         folder = without_sidecars(folder)
+    merging = merge_of(folder, quant, options)
     plan = plan_conversion(
         folder, options.dtype, options.shard_size, options.keep, quantized=quant is not None,
         dequantize=dequantized, quantize=quantizing.targets if quantizing else None,
+        merging=merging,
     )  # fmt: skip
     report = None
     if options.report is not None:
@@ -118,8 +125,8 @@ def prepare(model: str | os.PathLike[str], options: ConvertOptions) -> Prepared:
     )  # fmt: skip
     run.fsync = options.fsync
     prepared = Prepared(
-        model, source, folder, out, options, quant, dequantized, quantizing, plan, configs,
-        report, sizes, stamp, run, started, notes=first_notes(folder, out, quant, options),
+        model, source, folder, out, options, quant, dequantized, quantizing, merging, plan,
+        configs, report, sizes, stamp, run, started, notes=first_notes(folder, out, quant, options),
     )  # fmt: skip
     if run.mode != "finished":
         what_to_write(prepared, claims)
@@ -144,6 +151,23 @@ def decide(
         raise QuantizedModelError(refusal(folder, quant, target))
     check_keep(folder, quant, target)
     return None, None
+
+
+def merge_of(
+    folder: ModelFolder, quant: Quantization | None, options: ConvertOptions
+) -> Merging | None:
+    """``--merge-lora``: the adapter read and matched to the base, or None."""
+    if options.merge_lora is None:
+        return None
+    adapter = open_adapter(options.merge_lora)
+    if quant is not None:
+        raise QuantizedModelError(
+            f"{folder.root}: a {quant.method} model; merging an adapter into a quantized "
+            "base is not supported yet"
+        )
+    config = folder.root / "config.json"
+    model_type = read_config(config).get("model_type") if config.is_file() else None
+    return plan_merge(folder, adapter, model_type if isinstance(model_type, str) else None)
 
 
 def first_notes(

@@ -59,6 +59,8 @@ class ConversionReport:
     skipped_why: list[str] = field(default_factory=list)
     tensors_quantized: int = 0
     """Weights ``--quantize`` wrote in fp8 (each with a scale tensor beside it)."""
+    tensors_merged: int = 0
+    """Weights ``--merge-lora`` added an adapter's update to."""
     range_risks: list[str] = field(default_factory=list)
     """The casts that can overflow, announced before the run (``RangeRiskWarning``;
     the summary does not repeat them)."""
@@ -87,6 +89,7 @@ class ConversionReport:
             f"({self.dtype or 'every tensor in its own dtype'})",
             f"  tensors: {self.tensors_cast} cast, "
             + (f"{self.tensors_dequantized} dequantized, " if self.tensors_dequantized else "")
+            + (f"{self.tensors_merged} merged with the adapter, " if self.tensors_merged else "")
             + (
                 f"{self.tensors_quantized} quantized to fp8 (+ as many scales), "
                 if self.tensors_quantized
@@ -124,6 +127,7 @@ class ConversionReport:
             "tensors_copied": self.tensors_copied,
             "tensors_dequantized": self.tensors_dequantized,
             "tensors_quantized": self.tensors_quantized,
+            "tensors_merged": self.tensors_merged,
             "bytes_read": self.bytes_read,
             "bytes_written": self.bytes_written,
             "seconds": self.seconds,
@@ -152,6 +156,8 @@ def tensor_kind(t: PlannedTensor) -> str | None:
     scales"), whatever the dtype of the weight they were computed from."""
     if t.dequant is not None:
         return "dequantized"
+    if t.merged is not None:
+        return "merged"
     assert t.quantized is not None
     return "quantized" if t.quantized.kind == "fp8_weight" else None
 
@@ -219,6 +225,7 @@ def finish_report(
         tensors_copied=kinds["copied"],
         tensors_dequantized=kinds["dequantized"],
         tensors_quantized=kinds["quantized"],
+        tensors_merged=kinds["merged"],
         bytes_read=stats.bytes_read if stats else 0,
         bytes_written=stats.bytes_written if stats else 0,
         seconds=time.perf_counter() - prepared.started,

@@ -65,6 +65,9 @@ class OutputRecord:
     """When the source was given as a Hugging Face repo id: the id (``org/name``)..."""
     revision: str | None = None
     """...and the commit of the cached snapshot converted (``source`` is its path)."""
+    merge_lora: dict[str, str] | None = None
+    """``--merge-lora``: the adapter as given (``path``), where it was read
+    (``folder``) and the sha256 of its weights file (``sha256``)."""
     format: int = RECORD_FORMAT
 
     def to_json(self) -> str:
@@ -111,6 +114,12 @@ def _optional_str(value: object) -> bool:
 
 #: What each field of a record must hold to be read back (an edited record is not
 #: half trusted: one wrong field and it is refused, naming the field).
+def _str_map(value: object) -> bool:
+    return value is None or (
+        isinstance(value, dict) and all(isinstance(v, str) for v in value.values())
+    )
+
+
 FIELD_CHECKS: dict[str, Callable[[object], bool]] = {
     "fastcast": lambda v: isinstance(v, str),
     "source": lambda v: isinstance(v, str),
@@ -133,6 +142,7 @@ FIELD_CHECKS: dict[str, Callable[[object], bool]] = {
     "from_torch": lambda v: isinstance(v, bool),
     "repo_id": _optional_str,
     "revision": _optional_str,
+    "merge_lora": _str_map,
     "format": _int,
 }
 

@@ -32,7 +32,9 @@ from fastcast import _core
 from fastcast._dtypes import element_size, is_castable
 from fastcast._names import join
 from fastcast._plan.dequantize import QuantizedWeight
+from fastcast._plan.merge import Merged, Merging
 from fastcast._plan.quantize import QuantizeTarget
+from fastcast._plan.wire import operand_plan
 from fastcast._source.entries import TensorEntry
 from fastcast._source.folder import ModelFolder, SourceFile, WeightSet
 from fastcast._source.quantization import SURVIVING_ROLES
@@ -93,6 +95,14 @@ class PlannedTensor:
     """Its role in a quantized model's quantization (``pinned fp32``...)."""
     quantized: Quantized | None = None
     """Set when ``--quantize`` writes it (``entry`` is then the float weight)."""
+    merged: Merged | None = None
+    """Set when ``--merge-lora`` adds an adapter's update to it (``entry`` is the base
+    weight)."""
+
+    @property
+    def special(self) -> bool:
+        """Its values are made (dequantized, quantized, merged), not cast."""
+        return self.dequant is not None or self.quantized is not None or self.merged is not None
 
     @property
     def is_cast(self) -> bool:
@@ -126,12 +136,12 @@ class PlannedTensor:
     @property
     def values_dtype(self) -> str:
         """The dtype of the values rounded to ``dtype``: the source's, or F32 for a
-        dequantized tensor (its values are computed in fp32)."""
-        return "F32" if self.dequant else self.entry.dtype
+        dequantized or merged tensor (its values are computed in fp32)."""
+        return "F32" if self.dequant or self.merged else self.entry.dtype
 
     @property
     def values_nbytes(self) -> int:
-        return self.numel * 4 if self.dequant else self.entry.nbytes
+        return self.numel * 4 if self.dequant or self.merged else self.entry.nbytes
 
 
 @dataclass(frozen=True)
@@ -232,10 +242,10 @@ class PlannedShard:
         return p.numel if p is not None else sum(t.numel for t in self.tensors)
 
     def special(self) -> list[tuple[int, PlannedTensor]]:
-        """The dequantized and quantized tensors, with their positions."""
+        """The dequantized, quantized and merged tensors, with their positions."""
         if self.plain is not None:
             return []
-        return [(i, t) for i, t in enumerate(self.tensors) if t.dequant or t.quantized]
+        return [(i, t) for i, t in enumerate(self.tensors) if t.special]
 
     def plain_columns(self) -> PlainColumns:
         """Its plain tensors' source dtypes, dtypes and source bytes (made once: the
@@ -244,7 +254,7 @@ class PlannedShard:
             if (p := self.plain) is not None:
                 self._columns = PlainColumns(p.source_dtypes(), p.dtypes(), p.source_nbytes())
             else:
-                plain = [t for t in self.tensors if t.dequant is None and t.quantized is None]
+                plain = [t for t in self.tensors if not t.special]
                 self._columns = PlainColumns(
                     [t.entry.dtype for t in plain],
                     [t.dtype for t in plain],
@@ -268,7 +278,7 @@ class PlannedShard:
         return [
             (t.entry.name, t.label, t.role)
             for t in self.tensors
-            if t.dequant is None and t.quantized is None
+            if not t.special
             and t.dtype != target and t.dtype == t.entry.dtype and is_castable(t.dtype)
         ]  # fmt: skip
 
@@ -359,7 +369,7 @@ def tensor_plan(
     """One tensor of the plan as the executor reads it: a plain tensor as a row of its
     entry's name and shape (a model may have 100k), any other as a dict."""
     e = t.entry
-    if t.dequant is None and t.quantized is None:
+    if not t.special:
         return (e.name, e.shape, source_ids[e.file], e.dtype, t.dtype, e.offsets, t.offsets)
     out: _core.TensorPlan = {
         "name": t.name,  # dequantized or quantized: its own name and shape
@@ -372,6 +382,8 @@ def tensor_plan(
     }
     if t.dequant is not None:
         out["dequant"] = dequant_dict(t.dequant, source_ids)
+    if t.merged is not None:
+        out["merge"] = t.merged.recipe(source_ids)
     q = t.quantized
     if q is not None and q.kind == "fp8_weight":
         out["quantize"] = {"kind": "fp8_weight", "block": q.block}
@@ -389,14 +401,7 @@ def dequant_dict(d: Dequantized, source_ids: dict[Path, int]) -> DequantPlan:
     """How the executor reconstructs a dequantized tensor (see the core's values/dequant/)."""
 
     def operand(role: str) -> _core.OperandPlan:
-        e = d.operands[role]
-        return {
-            "name": e.name,
-            "source": source_ids[e.file],
-            "dtype": e.dtype,
-            "shape": list(e.shape),
-            "offsets": e.offsets,
-        }
+        return operand_plan(d.operands[role], source_ids)
 
     w, p = d.weight, d.weight.params
     if w.kind == "fp8_scaled":
@@ -464,6 +469,12 @@ def planned(entry: TensorEntry, dtype: str, label: str, role: str) -> PlannedTen
     nbytes = entry.nbytes if dtype == entry.dtype else entry.numel * element_size(dtype)
     # positional: a model may have 100k tensors
     return PlannedTensor(entry, dtype, nbytes, (0, 0), label, None, role)
+
+
+def merged(entry: TensorEntry, dtype: str, label: str, how: Merged) -> PlannedTensor:
+    """A base weight written with an adapter's update added (``--merge-lora``)."""
+    nbytes = entry.numel * element_size(dtype)
+    return PlannedTensor(entry, dtype, nbytes, (0, 0), label, None, "plain", None, how)
 
 
 def planned_at(
@@ -547,6 +558,9 @@ def plan_set(
     quantized: bool = False,
     dequantize: Mapping[str, QuantizedWeight] | None = None,
     quantize: Sequence[QuantizeTarget] | None = None,
+    *,
+    merge: Mapping[str, Merged] | None = None,
+    replace: Mapping[str, TensorEntry] | None = None,
 ) -> SetPlan:
     """One weight set's output, named after the set without its variant.
 
@@ -555,10 +569,14 @@ def plan_set(
     the place of the source tensor), and every other quantization-state tensor is left
     out (the output is a plain model). ``quantize`` says what ``--quantize`` makes of
     each tensor (``_plan.quantize.quantize_targets``): a quantized weight is written as its
-    e4m3 values and, in the same shard, its scales."""
+    e4m3 values and, in the same shard, its scales. ``merge`` maps base weights to the
+    adapter update ``--merge-lora`` adds to them, ``replace`` base tensors to the
+    adapter's tensors written in their place (in the base tensor's dtype, or the
+    target)."""
     quantized = quantized or dequantize is not None or quantize is not None
+    merge, replace = merge or {}, replace or {}
     tables = [f.entries for f in ws.files if isinstance(f.entries, _core.Entries)]
-    if not quantized and len(tables) == len(ws.files):
+    if not quantized and not merge and not replace and len(tables) == len(ws.files):
         return plain_set(ws, tables, dtype, shard_size, keep)
     entries = ws.tensors
     roles = (
@@ -574,9 +592,11 @@ def plan_set(
         targets = target_dtypes(entries, dtype, keep, quantized)
     if quantize is None and dequantize is None:  # one tensor per entry: packed as they are
         tensors = [
-            planned(e, to, join(ws.folder, e.name), role)
+            merged(replace.get(e.name, e), to, join(ws.folder, e.name), merge[e.name])
+            if e.name in merge
+            else planned(replace.get(e.name, e), to, join(ws.folder, e.name), role)
             for e, to, role in zip(entries, targets, roles, strict=True)
-        ]
+        ]  # fmt: skip
         groups = pack(tensors, shard_size)
     else:
         by_name = {t.name: t for t in entries}
@@ -635,12 +655,14 @@ def plan_conversion(
     quantized: bool = False,
     dequantize: Mapping[tuple[str, str], QuantizedWeight] | None = None,
     quantize: Mapping[str, Sequence[QuantizeTarget]] | None = None,
+    merging: Merging | None = None,
 ) -> ConversionPlan:
     """Plan the output of every weight set of ``model``; ``quantized`` leaves every
     quantization-state tensor as it is, ``dequantize`` ((set key, source tensor) ->
     quantized weight) writes those weights dequantized and the rest of the state not at
     all, ``quantize`` (set key -> what ``--quantize`` makes of each tensor) writes fp8
-    weights with their scales.
+    weights with their scales, ``merging`` the updates and replacements of a LoRA
+    adapter (``_plan.merge``).
 
     >>> # plan_conversion(open_model("model/"), "BF16", parse_size("5GB"), keep=["*norm*"])
     """
@@ -650,6 +672,10 @@ def plan_conversion(
             None if dequantize is None
             else {name: how for (key, name), how in dequantize.items() if key == ws.key},
             None if quantize is None else quantize[ws.key],
+            merge=None if merging is None
+            else {name: how for (key, name), how in merging.merged.items() if key == ws.key},
+            replace=None if merging is None
+            else {name: e for (key, name), e in merging.replaced.items() if key == ws.key},
         )
         for ws in model.weight_sets
     ]  # fmt: skip
@@ -663,4 +689,6 @@ def plan_conversion(
                 )
             written[name] = sp.key
     sources = list(dict.fromkeys(f.path for ws in model.weight_sets for f in ws.files))
+    if merging is not None:
+        sources.append(merging.adapter.file.path)
     return ConversionPlan(dtype, shard_size, sets, sources)

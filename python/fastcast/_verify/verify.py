@@ -31,8 +31,10 @@ from fastcast._arguments import as_patterns
 from fastcast._dtypes import element_size, from_torch_name, is_castable, torch_name
 from fastcast._output.record import RECORD_NAME, STAGING_DIR, OutputRecord, load_record, read_record
 from fastcast._plan.dequantize import QuantizedWeight, quantized_weights
+from fastcast._plan.merge import Merged, plan_merge
 from fastcast._plan.quantize import QUANTIZE_METHODS, QuantizeTarget, quantize_targets
 from fastcast._progress import ByteProgress
+from fastcast._source.adapter import open_adapter
 from fastcast._source.config import config_dtypes, is_transformers_config, read_config
 from fastcast._source.entries import TensorEntry
 from fastcast._source.folder import (
@@ -57,8 +59,10 @@ from fastcast._verify.compare import (
     bits_of,
     compare_run,
     in_torch,
+    ranges,
     typed,
 )
+from fastcast._verify.merged import merged_reference
 from fastcast._verify.references import dequantized, quantized
 
 if TYPE_CHECKING:
@@ -100,6 +104,9 @@ class VerifyReport:
     mismatches: list[TensorMismatch] = field(default_factory=list)
     seconds: float = 0.0
     load: dict[str, int] | None = None
+    merged: int = 0
+    """Of the tensors checked, the weights ``--merge-lora`` merged (held to fp32's
+    rounding of PEFT's merge, not to bits)."""
 
     @property
     def ok(self) -> bool:
@@ -110,7 +117,12 @@ class VerifyReport:
         lines = [
             f"verify {self.output} against {self.against} ({self.dtype}): {verdict}",
             f"  values: {self.tensors_checked} tensors, {format_bytes(self.bytes_checked)} "
-            f"compared bit for bit with torch on {self.device}",
+            f"compared bit for bit with torch on {self.device}"
+            + (
+                f" ({self.merged} merged weights: within fp32 rounding of PEFT's merge)"
+                if self.merged
+                else ""
+            ),
             f"  time: {self.seconds:.1f} s",
         ]
         lines.extend(f"  problem: {p}" for p in self.problems)
@@ -140,6 +152,10 @@ class Pairing:
     """The ``--quantize`` scheme that made the output from a plain source, if one did."""
     own_dtypes: bool = False
     """``--quantize`` without a target: every tensor not quantized kept its dtype."""
+    merged: dict[str, dict[str, Merged]] = field(default_factory=dict)
+    """``--merge-lora``, per source set: each merged weight, by name."""
+    replaced: dict[str, dict[str, TensorEntry]] = field(default_factory=dict)
+    """``--merge-lora``, per source set: the adapter's tensor each replaced one came from."""
     _expected: dict[str, dict[str, tuple[str, tuple[int, ...]]]] = field(
         default_factory=dict, compare=False, repr=False
     )
@@ -442,6 +458,7 @@ FileJob = tuple[
     dict[str, tuple[str, tuple[int, ...]]],
     dict[str, QuantizedWeight],
     dict[str, Quantized],
+    dict[str, Merged],
 ]
 
 
@@ -456,10 +473,12 @@ def verify_values(
     files: list[FileJob] = []
     for source, converted in pairing.sets:
         sources = {t.name: t for t in source.tensors}
+        sources.update(pairing.replaced.get(source.key, {}))
         expected = pairing.expected(source)
         weights = pairing.dequantized.get(source.key, {})
         quantized = pairing.quantized(source)
-        files += [(f, sources, expected, weights, quantized) for f in converted.files]
+        merged = pairing.merged.get(source.key, {})
+        files += [(f, sources, expected, weights, quantized, merged) for f in converted.files]
     total = sum(t.nbytes for f, *_ in files for t in f.tensors)
     lock = threading.Lock()
     on_cpu = devices[0] == "cpu"
@@ -500,7 +519,7 @@ class FileCheck:
     def __init__(
         self, job: FileJob, device: str, chunk: int, progress: Callable[[int], None]
     ) -> None:
-        self.file, self.sources, self.expected, self.weights, self.quantized = job
+        self.file, self.sources, self.expected, self.weights, self.quantized, self.merged = job
         self.device = device
         self.chunk = chunk
         self.progress = progress
@@ -517,6 +536,9 @@ class FileCheck:
                 continue  # not in the source, or a structural problem: reported there
             if t.name in self.weights or t.name in self.quantized:
                 self.special(t)
+                continue
+            if t.name in self.merged:
+                self.merge(t)
                 continue
             if plain and not self.continues(plain[-1], t):
                 self.plain_run(plain)
@@ -535,7 +557,10 @@ class FileCheck:
     def read(self, name: str) -> torch.Tensor:
         """Source tensor ``name``, whole, on the CPU: a view of its mapped file (a
         torch.save file's as torch itself loads it, mapped)."""
-        entry = self.sources[name]
+        return self.read_entry(self.sources[name])
+
+    def read_entry(self, entry: TensorEntry) -> torch.Tensor:
+        """A tensor of any input (an adapter's too), as ``read``."""
         if entry.pickle_path is not None:
             return torch_source(entry, self.loaded)
         raw = self.map(entry.file).bytes(*entry.offsets)
@@ -639,6 +664,27 @@ class FileCheck:
         self.checked += 1
         self.nbytes += t.nbytes
 
+    def merge(self, t: TensorEntry) -> None:
+        """A merged weight against PEFT's merge math in float64, within the bound an fp32
+        merge rounded to the output dtype can err by (``_verify/merged.py``)."""
+        ref = merged_reference(
+            self.merged[t.name], self.read(t.name), self.read_entry, t.dtype
+        )  # fmt: skip
+        out, device, dtype = self.map(self.file.path), self.device, t.dtype
+        unit = element_size(dtype)
+        piece = Piece(t.name, 0, ref.numel, t.shape)
+        for e0, e1 in ranges(ref.numel, self.chunk // 8, ref.align):
+            raw = out.bytes(t.offsets[0] + e0 * unit, t.offsets[0] + e1 * unit)
+            got = typed(raw, dtype).to(device)
+            want, bound = ref.values(e0, e1, device)
+            differ = ~((got.double() - want).abs() <= bound)
+            if bool(differ.any()):
+                piece.found.add(got, want.to(got.dtype), differ, e0, dtype)
+            self.progress((e1 - e0) * unit)
+        self.tally([piece], "PEFT's merge (fp64, within fp32 rounding)")
+        self.checked += 1
+        self.nbytes += t.nbytes
+
     def tally(self, pieces: list[Piece], oracle: str) -> None:
         """Each piece with a mismatch, as a ``TensorMismatch``."""
         for p in pieces:
@@ -725,6 +771,31 @@ def load_model(out: ModelFolder, devices: list[str]) -> dict[str, int]:
     return usage
 
 
+def merges_of(
+    src: ModelFolder, record: OutputRecord | None, report: VerifyReport
+) -> tuple[dict[str, dict[str, Merged]], dict[str, dict[str, TensorEntry]]]:
+    """What the recorded ``--merge-lora`` adapter changed, per source set (nothing when
+    the output was not merged); a problem in ``report`` if the adapter changed since."""
+    if record is None or record.merge_lora is None:
+        return {}, {}
+    given = record.merge_lora.get("folder") or record.merge_lora.get("path", "")
+    adapter = open_adapter(given)
+    if adapter.digest() != record.merge_lora.get("sha256"):
+        report.problems.append(
+            f"{adapter.file.path}: the adapter's weights changed since the merge (sha256)"
+        )
+    config = src.root / "config.json"
+    model_type = read_config(config).get("model_type") if config.is_file() else None
+    merging = plan_merge(src, adapter, model_type if isinstance(model_type, str) else None)
+    merged: dict[str, dict[str, Merged]] = {}
+    replaced: dict[str, dict[str, TensorEntry]] = {}
+    for (key, name), how in merging.merged.items():
+        merged.setdefault(key, {})[name] = how
+    for (key, name), entry in merging.replaced.items():
+        replaced.setdefault(key, {})[name] = entry
+    return merged, replaced
+
+
 def verify(
     output: str | os.PathLike[str],
     against: str | os.PathLike[str] | None = None,
@@ -790,10 +861,13 @@ def verify(
         for (key, _), w in quantized_weights(src, quant, roles(src)).items():
             dequantized.setdefault(key, {})[w.name] = w
         src = without_sidecars(src)  # as the conversion left them out
+    merged, replaced = merges_of(src, record, report)
     pairing = Pairing(
-        sets, target, list(keep or ()), quant, dequantized, scheme, own_dtypes=kept_dtypes
-    )
+        sets, target, list(keep or ()), quant, dequantized, scheme, own_dtypes=kept_dtypes,
+        merged=merged, replaced=replaced,
+    )  # fmt: skip
     report.problems = unpaired + check_structure(src, out, pairing)
+    report.merged = sum(len(m) for m in merged.values())
     report.tensors_checked, report.bytes_checked, report.mismatches = verify_values(
         pairing, devices, progress
     )

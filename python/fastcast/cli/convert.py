@@ -36,6 +36,7 @@ def add_convert(commands: argparse._SubParsersAction[argparse.ArgumentParser]) -
         "  fastcast convert model/ -o out/ --dtype fp16 --shard-size 2GiB --threads 8\n"
         "  fastcast convert tiny-sd/ --dtype bf16 --variant fp16\n"
         "  fastcast convert model/ --dtype bf16 --quantize fp8\n"
+        "  fastcast convert base/ --merge-lora adapter/ -o merged/   # in base's dtype\n"
         "  fastcast convert model/ --dtype bf16 --resume      # finish an interrupted run\n"
         "  fastcast convert old-bin-model/                    # .bin -> safetensors, as is\n"
         "  fastcast convert ckpt.pth --strip-prefix module. --dtype bf16\n"
@@ -85,9 +86,23 @@ def add_convert(commands: argparse._SubParsersAction[argparse.ArgumentParser]) -
         "(repeatable), e.g. --keep '*norm*' --keep '*.gate.weight'",
     )
     add_quantized_options(convert)
+    add_merge_options(convert)
     add_run_options(convert)
     add_batch_options(convert)
     convert.set_defaults(run=run_convert)
+
+
+def add_merge_options(convert: argparse.ArgumentParser) -> None:
+    """Merging an adapter into the weights."""
+    convert.add_argument(
+        "--merge-lora",
+        metavar="ADAPTER",
+        help="merge a PEFT LoRA or DoRA adapter (a folder with adapter_config.json and "
+        "adapter_model.safetensors or .bin, or a repo id in the local cache) into the "
+        "weights, as PEFT's merge_and_unload does: each merged weight computed in fp32 "
+        "and rounded once to DTYPE (default: the base's dtype, never fp32 for a bf16 "
+        "base); modules_to_save tensors replace the base's",
+    )
 
 
 def add_quantized_options(convert: argparse.ArgumentParser) -> None:
@@ -272,4 +287,5 @@ def convert_options(args: argparse.Namespace) -> Keywords:
         fp8_overflow=args.fp8_overflow,
         state_dict_key=args.state_dict_key,
         strip_prefix=args.strip_prefix,
+        merge_lora=args.merge_lora,
     )

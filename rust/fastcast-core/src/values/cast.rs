@@ -124,6 +124,28 @@ pub fn cast_counting(
     Ok(Some(found))
 }
 
+/// Hand `values` (of `from`, computed wider than the output: a dequantized or
+/// merged tensor's) to `put` rounded to `to`, with what rounding them lost by
+/// `rule`; as they are when `to` is their own dtype.
+pub fn put_rounded(
+    values: &[u8],
+    from: DType,
+    to: DType,
+    opts: &CastOptions,
+    rule: Option<&LossRule>,
+    put: &mut Put,
+) -> Result<u64> {
+    if to == from {
+        let loss = rule.map(|r| r.scan(values));
+        return put(values, loss.as_ref());
+    }
+    BUFFER.with_borrow_mut(|buf| {
+        buf.resize(values.len() / from.size() * to.size(), 0);
+        let loss = cast_counting(values, from, buf, to, opts, rule)?;
+        put(buf, loss.as_ref())
+    })
+}
+
 /// The loss rule of a dtype pair, found once per pair and thread (each is a
 /// bisection over the scalar kernels; a model of 100k tensors asked 100k times).
 pub fn rule_for(from: DType, to: DType) -> LossRule {

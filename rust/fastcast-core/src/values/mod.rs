@@ -15,6 +15,7 @@
 
 pub mod cast;
 pub mod dequant;
+pub mod merge;
 pub mod quantize;
 
 use serde::Deserialize;
@@ -24,6 +25,7 @@ use crate::dtype::DType;
 use crate::error::Result;
 use crate::rules::loss::{LossRule, LossStats};
 use dequant::{Dequant, Dequantizer, Operand};
+use merge::{Merge, Merger};
 use quantize::Quantize;
 
 /// What a planned tensor's values are: the wire format's one field for it.
@@ -39,38 +41,41 @@ pub enum Value {
     Dequant(Box<Dequant>),
     /// A float weight quantized: its e4m3 values, or its F32 scales.
     Quantize(Box<Quantize>),
+    /// A base weight (possibly dequantized) with a LoRA adapter's delta
+    /// added in f32, then rounded once to the output dtype.
+    Merge(Box<Merge>),
 }
 
-/// [`Value`] as a plan spells it: at most one of two optional fields of the
-/// tensor (a plain tensor has neither), so plans written before the kinds
-/// were one field still read.
-#[derive(Deserialize)]
+/// [`Value`] as a plan spells it: at most one of the tensor's optional
+/// fields, one per kind (a plain tensor has none), so plans written before
+/// the kinds were one field still read.
+#[derive(Deserialize, Default)]
 pub struct ValueParts {
     #[serde(default)]
-    dequant: Option<Box<Dequant>>,
+    pub dequant: Option<Box<Dequant>>,
     #[serde(default)]
-    quantize: Option<Box<Quantize>>,
+    pub quantize: Option<Box<Quantize>>,
+    #[serde(default)]
+    pub merge: Option<Box<Merge>>,
 }
 
 impl TryFrom<ValueParts> for Value {
     type Error = String;
 
     fn try_from(parts: ValueParts) -> std::result::Result<Value, String> {
-        Value::of(parts.dequant, parts.quantize)
+        Value::of(parts)
     }
 }
 
 impl Value {
-    /// The kind of a tensor given as the plan's two optional fields.
-    pub fn of(
-        dequant: Option<Box<Dequant>>,
-        quantize: Option<Box<Quantize>>,
-    ) -> std::result::Result<Value, String> {
-        match (dequant, quantize) {
-            (None, None) => Ok(Value::Cast),
-            (Some(d), None) => Ok(Value::Dequant(d)),
-            (None, Some(q)) => Ok(Value::Quantize(q)),
-            (Some(_), Some(_)) => Err("both dequantized and quantized".into()),
+    /// The kind of a tensor given as the plan's optional fields.
+    pub fn of(parts: ValueParts) -> std::result::Result<Value, String> {
+        match (parts.dequant, parts.quantize, parts.merge) {
+            (None, None, None) => Ok(Value::Cast),
+            (Some(d), None, None) => Ok(Value::Dequant(d)),
+            (None, Some(q), None) => Ok(Value::Quantize(q)),
+            (None, None, Some(m)) => Ok(Value::Merge(m)),
+            _ => Err("more than one of dequant, quantize and merge".into()),
         }
     }
 }
@@ -181,6 +186,7 @@ pub enum Values<'a> {
     Cast(cast::Cast),
     Dequant(Box<Dequantizer<'a>>),
     Quantize(Box<quantize::Quantizing<'a>>),
+    Merge(Box<Merger<'a>>),
 }
 
 impl<'a> Values<'a> {
@@ -200,6 +206,7 @@ impl<'a> Values<'a> {
             Value::Quantize(how) => {
                 Values::Quantize(Box::new(quantize::Quantizing::check(how, s, shape)?))
             }
+            Value::Merge(how) => Values::Merge(Box::new(Merger::check(how, s, shape, operand)?)),
         })
     }
 
@@ -209,6 +216,7 @@ impl<'a> Values<'a> {
             Values::Cast(k) => k,
             Values::Dequant(k) => &**k,
             Values::Quantize(k) => &**k,
+            Values::Merge(k) => &**k,
         }
     }
 

@@ -14,7 +14,7 @@ use std::path::PathBuf;
 use fastcast_core::exec;
 use fastcast_core::format::header::json_len;
 use fastcast_core::plan::wire::{Plan, ShardPlan, SourceFile, TensorPlan};
-use fastcast_core::values::Value;
+use fastcast_core::values::{Value, ValueParts};
 use fastcast_core::DType;
 use pyo3::intern;
 use pyo3::prelude::*;
@@ -182,10 +182,11 @@ fn read_tensor(obj: &Bound<'_, PyAny>, dtypes: &mut DTypes) -> Read<TensorPlan> 
         dst_dtype: dtypes.read(&field(intern!(py, "dst_dtype"))?, "dst_dtype")?,
         src_offsets: pair(&field(intern!(py, "src_offsets"))?, "src_offsets")?,
         dst_offsets: pair(&field(intern!(py, "dst_offsets"))?, "dst_offsets")?,
-        value: Value::of(
-            optional(&t, intern!(py, "dequant"), "")?,
-            optional(&t, intern!(py, "quantize"), "")?,
-        )
+        value: Value::of(ValueParts {
+            dequant: optional(&t, intern!(py, "dequant"), "")?,
+            quantize: optional(&t, intern!(py, "quantize"), "")?,
+            merge: optional(&t, intern!(py, "merge"), "")?,
+        })
         .map_err(|e| Malformed(format!(": {e}")))?,
     })
 }

@@ -38,7 +38,7 @@
 
 use serde::Deserialize;
 
-use super::cast::{cast_counting, rule_for, BUFFER};
+use super::cast::{put_rounded, rule_for};
 use super::{Invalid, Kind, Put, Source, Units, VALUES};
 use crate::cast::{self, scalar, CastOptions};
 use crate::dtype::DType;
@@ -470,15 +470,7 @@ impl Kind for Dequantizer<'_> {
         VALUES.with_borrow_mut(|values| {
             values.resize(4 * (end - begin) as usize, 0);
             self.dequantize(self.source(s, begin, end), begin, values);
-            if s.to == DType::F32 {
-                let loss = rule.map(|r| r.scan(values));
-                return put(values, loss.as_ref());
-            }
-            BUFFER.with_borrow_mut(|buf| {
-                buf.resize(s.to.size() * (end - begin) as usize, 0);
-                let loss = cast_counting(values, DType::F32, buf, s.to, opts, rule)?;
-                put(buf, loss.as_ref())
-            })
+            put_rounded(values, DType::F32, s.to, opts, rule, put)
         })
     }
 

@@ -1,0 +1,142 @@
+"""``--merge-lora``: which base tensors an adapter updates or replaces, and how.
+
+Each module of the adapter is matched to its base weight ``<module>.weight`` in the
+model's weight sets, and the orientation of its update follows the module's type, as
+PEFT's does: ``B @ A`` for ``nn.Linear`` (``[out, in]``), transposed for transformers'
+``Conv1D`` (``[in, out]``: GPT-2's ``c_attn``/``c_proj``/``c_fc``, whatever the config's
+``fan_in_fan_out`` says) and for embeddings. The module type is read from the model
+type, never guessed from shapes: GPT-2's ``c_proj`` is square.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from fastcast._core import ModelFolderError
+from fastcast._dtypes import is_castable
+from fastcast._plan.wire import operand_plan
+from fastcast._source.adapter import Adapter, LoraModule
+from fastcast._source.entries import TensorEntry
+from fastcast._source.folder import ModelFolder
+
+if TYPE_CHECKING:
+    from fastcast import _core
+
+#: Model types whose layers of these names are transformers' ``Conv1D`` (weight
+#: ``[in, out]``), from transformers' modeling files.
+CONV1D = {
+    "gpt2": {"c_attn", "q_attn", "c_proj", "c_fc"},
+    "openai-gpt": {"c_attn", "c_proj", "c_fc"},
+    "imagegpt": {"c_attn", "q_attn", "c_proj", "c_fc"},
+    "decision_transformer": {"c_attn", "q_attn", "c_proj", "c_fc"},
+    "clvp_decoder": {"c_fc", "c_proj"},
+}
+
+
+@dataclass(frozen=True)
+class Merged:
+    """How a merged weight's values are made: its base values plus the module's
+    update, in fp32, rounded once."""
+
+    lora: LoraModule
+    transpose: bool
+
+    def describe(self) -> dict[str, Any]:
+        """Everything that decides its values, JSON-ready (for fingerprints)."""
+        m = self.lora
+        return {
+            "kind": "merge",
+            "a": [m.a.name, m.a.offsets],
+            "b": [m.b.name, m.b.offsets],
+            "scale": m.scale,
+            "transpose": self.transpose,
+            "dora": m.magnitude is not None,
+        }
+
+    def recipe(self, source_ids: dict[Path, int]) -> _core.MergePlan:
+        """The executor's recipe (the core's ``values/merge.rs``)."""
+        m = self.lora
+        return {
+            "a": operand_plan(m.a, source_ids),
+            "b": operand_plan(m.b, source_ids),
+            "scale": m.scale,
+            "transpose": self.transpose,
+            "magnitude": None if m.magnitude is None else operand_plan(m.magnitude, source_ids),
+        }
+
+
+@dataclass(frozen=True)
+class Merging:
+    """What an adapter does to a model, by (weight set key, base tensor name)."""
+
+    adapter: Adapter
+    merged: dict[tuple[str, str], Merged]
+    replaced: dict[tuple[str, str], TensorEntry]
+    """Base tensors whose values the adapter's replace (and, if also ``merged``, are
+    what its update is added to)."""
+
+
+def plan_merge(folder: ModelFolder, adapter: Adapter, model_type: str | None) -> Merging:
+    """Match every module and replacement of ``adapter`` to the base tensor it changes,
+    refusing (by module) what does not fit: a missing weight, another shape, a base
+    weight that is not a float."""
+    where: dict[str, tuple[str, TensorEntry]] = {}
+    for ws in folder.weight_sets:
+        for e in ws.tensors:
+            where.setdefault(e.name, (ws.key, e))
+    conv1d = CONV1D.get(model_type or "", set())
+    merged = {}
+    for m in adapter.modules.values():
+        key, base = found(where, m.weight, adapter)
+        if not is_castable(base.dtype):
+            raise ModelFolderError(
+                f"{base.file}: {base.name} is {base.dtype}: merging into a quantized base "
+                "is not supported yet"
+            )
+        transpose = m.embedding or m.module.rpartition(".")[2] in conv1d
+        a, b = m.a.shape, m.b.shape
+        fits = (a[1], b[0]) if transpose else (b[0], a[1])
+        if tuple(base.shape) != fits:
+            raise ModelFolderError(
+                f"{adapter.given}: module {m.module}: lora_A {list(a)} and lora_B {list(b)} "
+                f"do not fit the base's {base.name} {list(base.shape)} (an adapter for "
+                "another model or size?)"
+            )
+        if m.magnitude is not None and tuple(m.magnitude.shape) != (b[0],):
+            raise ModelFolderError(
+                f"{adapter.given}: module {m.module}: lora_magnitude_vector "
+                f"{list(m.magnitude.shape)} does not fit lora_B {list(b)}"
+            )
+        merged[key, base.name] = Merged(m, transpose)
+    replaced = {}
+    for name, entry in adapter.replaces.items():
+        key, base = found(where, name, adapter)
+        if tuple(base.shape) != tuple(entry.shape):
+            raise ModelFolderError(
+                f"{adapter.given}: {name} is {list(entry.shape)} in the adapter but "
+                f"{list(base.shape)} in the base (a resized vocabulary is not merged yet)"
+            )
+        if not is_castable(entry.dtype) or not is_castable(base.dtype):
+            raise ModelFolderError(
+                f"{adapter.given}: {name}: replacing a {base.dtype} tensor with a "
+                f"{entry.dtype} one is not supported"
+            )
+        replaced[key, name] = entry
+    # A replaced tensor that is also updated (an embedding PEFT saved as
+    # ``base_layer.weight`` beside its LoRA): the update is added to the replacement,
+    # as PEFT loads it into the model before it merges (the plan reads both).
+    return Merging(adapter, merged, replaced)
+
+
+def found(
+    where: dict[str, tuple[str, TensorEntry]], name: str, adapter: Adapter
+) -> tuple[str, TensorEntry]:
+    """The weight set and base tensor of ``name``, or a refusal naming it."""
+    if name not in where:
+        raise ModelFolderError(
+            f"{adapter.given}: the adapter changes {name}, which the base does not have "
+            "(an adapter for another model?)"
+        )
+    return where[name]

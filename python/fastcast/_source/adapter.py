@@ -1,0 +1,240 @@
+"""A PEFT LoRA adapter folder read as ``--merge-lora`` merges it, nothing loaded.
+
+What the folder says, as PEFT reads it (``peft/tuners/lora``, ``utils/save_and_load``):
+``adapter_config.json`` (``peft_type`` LORA, ``r``, ``lora_alpha``, ``use_rslora``,
+``rank_pattern``/``alpha_pattern``, ``use_dora``, ``modules_to_save``) and the weights,
+``adapter_model.safetensors`` or ``adapter_model.bin`` (read without pickle), named
+``base_model.model.<module>.<part>``:
+
+- ``lora_A.weight`` / ``lora_B.weight`` (``lora_embedding_A`` / ``lora_embedding_B`` on an
+  embedding) and, with DoRA, ``lora_magnitude_vector``: the low-rank update of
+  ``<module>.weight``;
+- ``<module>.weight`` (and ``.bias``) of a module in ``modules_to_save``, and
+  ``<module>.base_layer.weight`` (an embedding PEFT saved because it was targeted or
+  resized): tensors that replace the base's of that name; PEFT loads them into the
+  model before it merges;
+- ``<module>.modules_to_save.weight`` / ``<module>.original_module.weight``: copies some
+  versions save beside a replacement, ignored.
+
+Anything else is refused by name: a tensor fastcast does not understand is never
+dropped. The scaling of each module is PEFT's: ``rank_pattern`` and ``alpha_pattern``
+keys are regexes matched as ``(.*\\.)?(key)$`` against the module's path, the first
+match in order wins, rank and alpha looked up separately; ``alpha / r``, or
+``alpha / sqrt(r)`` with ``use_rslora``.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import math
+import os
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from fastcast._core import ModelFolderError
+from fastcast._names import listing
+from fastcast._source.config import read_config
+from fastcast._source.entries import TensorEntry
+from fastcast._source.folder import SourceFile, TorchOptions, read_source, read_torch_source
+from fastcast._source.hf_cache import model_path
+
+CONFIG_NAME = "adapter_config.json"
+WEIGHT_NAMES = ("adapter_model.safetensors", "adapter_model.bin")
+#: The prefix PEFT saves every key under (the PeftModel's path to the base model).
+PREFIX = "base_model.model."
+#: Config keys naming what a plain LoRA merge does not do; each refused when set.
+UNSUPPORTED = {
+    "lora_bias": "a trained bias (lora_bias)",
+    "layer_replication": "replicated layers (layer_replication)",
+    "use_qalora": "QA-LoRA (use_qalora)",
+    "target_parameters": "LoRA on parameters (target_parameters)",
+    "trainable_token_indices": "trainable tokens (trainable_token_indices)",
+    "use_bdlora": "BD-LoRA (use_bdlora)",
+}
+
+
+@dataclass(frozen=True)
+class LoraModule:
+    """One module the adapter updates: ``module.weight`` gets ``scale · (B @ A)``."""
+
+    module: str
+    """Its path in the model (``model.layers.0.self_attn.q_proj``)."""
+    a: TensorEntry
+    b: TensorEntry
+    rank: int
+    alpha: float
+    scale: float
+    embedding: bool
+    """``lora_embedding_A/B``: the update is transposed."""
+    magnitude: TensorEntry | None = None
+    """DoRA's magnitude vector."""
+
+    @property
+    def weight(self) -> str:
+        """The base tensor it updates."""
+        return f"{self.module}.weight"
+
+
+@dataclass(frozen=True)
+class Adapter:
+    """A LoRA adapter, read and checked against itself (not yet against a base)."""
+
+    given: str
+    """As the user gave it: a path or a repo id."""
+    folder: Path
+    config: dict[str, Any]
+    file: SourceFile
+    modules: dict[str, LoraModule]
+    """By module path."""
+    replaces: dict[str, TensorEntry] = field(default_factory=dict)
+    """Base tensor name -> the adapter's tensor that replaces it (named as the base's)."""
+
+    @property
+    def dora(self) -> bool:
+        return bool(self.config.get("use_dora"))
+
+    def digest(self) -> str:
+        """sha256 of the weights file, read in blocks: what the record pins."""
+        h = hashlib.sha256()
+        with open(self.file.path, "rb") as f:
+            while block := f.read(1 << 20):
+                h.update(block)
+        return h.hexdigest()
+
+    def describe(self) -> dict[str, Any]:
+        """What ``inspect`` and the record say of it."""
+        ranks = sorted({m.rank for m in self.modules.values()})
+        alphas = sorted({m.alpha for m in self.modules.values()})
+        return {
+            "path": self.given,
+            "peft_type": self.config.get("peft_type"),
+            "base_model": self.config.get("base_model_name_or_path"),
+            "ranks": ranks,
+            "alphas": alphas,
+            "rslora": bool(self.config.get("use_rslora")),
+            "dora": self.dora,
+            "modules": len(self.modules),
+            "replaces": sorted(self.replaces),
+            "weights": self.file.path.name,
+        }
+
+
+def pattern_key(keys: list[str], module: str) -> str | None:
+    """PEFT's ``get_pattern_key``: the first key whose regex matches the module's path
+    as ``(.*\\.)?(key)$``."""
+    for key in keys:
+        if re.match(rf"(.*\.)?({key})$", module):
+            return key
+    return None
+
+
+def open_adapter(given: str | os.PathLike[str]) -> Adapter:
+    """Read the adapter folder (or cached repo id) ``given``; refuse what a merge cannot
+    reproduce, naming it."""
+    folder = model_path(given)
+    where = os.fspath(given)
+    if not folder.is_dir():
+        raise ModelFolderError(f"{where}: not an adapter folder (no such folder)")
+    config_path = folder / CONFIG_NAME
+    if not config_path.is_file():
+        raise ModelFolderError(f"{where}: no {CONFIG_NAME}: not a PEFT adapter folder")
+    config = read_config(config_path)
+    peft_type = str(config.get("peft_type", "LORA")).upper()
+    if peft_type != "LORA":
+        raise ModelFolderError(
+            f"{config_path}: a {peft_type} adapter; --merge-lora merges LoRA (and DoRA) adapters"
+        )
+    for key, what in UNSUPPORTED.items():
+        if config.get(key) not in (None, False, {}, [], ""):
+            raise ModelFolderError(f"{config_path}: {what} is not merged by fastcast yet")
+    weights = [folder / n for n in WEIGHT_NAMES if (folder / n).exists()]
+    if not weights:
+        raise ModelFolderError(f"{where}: no {' or '.join(WEIGHT_NAMES)}")
+    path = weights[0]  # safetensors first, as PEFT loads it
+    file = read_source(path) if path.suffix == ".safetensors" else read_torch_source(
+        path, TorchOptions()
+    )  # fmt: skip
+    modules, replaces = read_tensors(config, file)
+    if not modules and not replaces:
+        raise ModelFolderError(f"{path}: no LoRA tensors")
+    return Adapter(where, folder, config, file, modules, replaces)
+
+
+#: The LoRA parts of a key, after the module's path.
+PARTS = {
+    "lora_A.weight": "a",
+    "lora_B.weight": "b",
+    "lora_embedding_A": "a",
+    "lora_embedding_B": "b",
+    "lora_magnitude_vector": "m",
+    "lora_magnitude_vector.weight": "m",
+}
+IGNORED = (".modules_to_save.", ".original_module.")
+
+
+def read_tensors(
+    config: dict[str, Any], file: SourceFile
+) -> tuple[dict[str, LoraModule], dict[str, TensorEntry]]:
+    """The adapter's modules and replacement tensors, each checked: ranks that agree
+    with each other and the config, float dtypes, no tensor left unexplained."""
+    parts: dict[str, dict[str, TensorEntry]] = {}
+    replaces: dict[str, TensorEntry] = {}
+    unknown = []
+    for e in file.tensors:
+        name = e.name.removeprefix(PREFIX)
+        if any(i in f".{name}" for i in IGNORED):
+            continue
+        part = next((p for p in PARTS if name.endswith(f".{p}")), None)
+        if part is not None:
+            module = name[: -len(part) - 1]
+            role = PARTS[part] + ("e" if "embedding" in part else "")
+            parts.setdefault(module, {})[role] = e
+        elif name.endswith((".weight", ".bias")) and ".lora_" not in name:
+            target = name.replace(".base_layer.", ".")
+            replaces[target] = e._replace(name=target)
+        else:
+            unknown.append(e.name)
+    if unknown:
+        raise ModelFolderError(
+            f"{file.path}: tensors a LoRA merge does not know: {listing(unknown, 4)}"
+        )
+    return {m: lora_module(config, file, m, p) for m, p in parts.items()}, replaces
+
+
+def lora_module(
+    config: dict[str, Any], file: SourceFile, module: str, parts: dict[str, TensorEntry]
+) -> LoraModule:
+    """One module's update, its rank and scaling found as PEFT finds them."""
+    embedding = "ae" in parts or "be" in parts
+    a, b = parts.get("ae" if embedding else "a"), parts.get("be" if embedding else "b")
+    if a is None or b is None:
+        missing = "A" if a is None else "B"
+        raise ModelFolderError(f"{file.path}: module {module} has no lora_{missing}")
+    for e in (a, b, parts.get("m")):
+        if e is not None and e.dtype not in ("F32", "BF16", "F16", "F64"):
+            raise ModelFolderError(f"{file.path}: {e.name} is {e.dtype}, not a float")
+    if len(a.shape) != 2 or len(b.shape) != 2 or a.shape[0] != b.shape[1]:
+        raise ModelFolderError(
+            f"{file.path}: module {module}: lora_A {list(a.shape)} and lora_B "
+            f"{list(b.shape)} do not have one rank"
+        )
+    rank = a.shape[0]
+    ranks, alphas = config.get("rank_pattern") or {}, config.get("alpha_pattern") or {}
+    r_key, alpha_key = pattern_key(list(ranks), module), pattern_key(list(alphas), module)
+    r = int(ranks[r_key]) if r_key is not None else int(config.get("r", 8))
+    alpha = float(alphas[alpha_key] if alpha_key is not None else config.get("lora_alpha", 8))
+    if r != rank:
+        raise ModelFolderError(
+            f"{file.path}: module {module} has rank {rank} but the config says {r}"
+        )
+    scale = alpha / math.sqrt(r) if config.get("use_rslora") else alpha / r
+    magnitude = parts.get("m")
+    if bool(config.get("use_dora")) != (magnitude is not None):
+        has = "has no" if magnitude is None else "has a"
+        raise ModelFolderError(
+            f"{file.path}: module {module} {has} lora_magnitude_vector but use_dora is "
+            f"{bool(config.get('use_dora'))}"
+        )
+    return LoraModule(module, a, b, rank, alpha, scale, embedding, magnitude)

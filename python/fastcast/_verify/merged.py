@@ -1,0 +1,89 @@
+"""``verify``'s check of a weight ``--merge-lora`` merged: PEFT's merge math, written
+again in torch from its definition (``W + scale · (B @ A)``, transposed for Conv1D and
+embeddings, DoRA's ``m / ‖·‖`` per output feature), computed in float64.
+
+A merge is not one fixed sequence of fp32 operations the way a dequantization is: the
+product's sums run in whatever order the GEMM picks (PEFT's, torch's, ours). So the
+output is held to a bound, not to bits: within one unit in the last place of the
+output dtype of the exact value, plus the worst error an fp32 computation of it can
+make, ``(r + 4) · eps32 · (|W| + |scale| · (|B| @ |A|))`` (times the DoRA factor, and its
+own few ulp). A wrong scale, orientation, row or rank lands far outside it.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
+from fastcast._plan.merge import Merged
+from fastcast._source.entries import TensorEntry
+
+if TYPE_CHECKING:
+    import torch
+
+#: fp32's unit roundoff.
+EPS32 = 2.0**-24
+#: Output rows a range holds at most, for the DoRA column pass.
+ROWS_AT_ONCE = 1 << 12
+
+
+@dataclass(frozen=True)
+class MergedReference:
+    """The exact merged values of a range of output elements (whole rows), and the
+    bound each output element must meet."""
+
+    numel: int
+    align: int
+    values: Callable[[int, int, str], tuple[torch.Tensor, torch.Tensor]]
+    """``(values, bound)`` of elements ``[e0, e1)``, float64, on the device."""
+
+
+def merged_reference(
+    m: Merged, base: torch.Tensor, read: Callable[[TensorEntry], torch.Tensor], dtype: str
+) -> MergedReference:
+    """The reference of a merged weight: ``base`` is the base weight (any float dtype, on
+    the CPU), ``read(entry)`` reads an adapter tensor, ``dtype`` the output's."""
+    import torch
+
+    lora = m.lora
+    rows, cols = base.shape
+    a, b = read(lora.a).double(), read(lora.b).double()
+    # torch applies the Python scale to an fp32 tensor as an fp32
+    scale = float(torch.tensor(lora.scale, dtype=torch.float32))
+    out_dtype = {"BF16": torch.bfloat16, "F16": torch.float16}.get(dtype, torch.float32)
+    finfo = torch.finfo(out_dtype)
+    rank = a.shape[0]
+
+    def merged_rows(r0: int, r1: int) -> tuple[torch.Tensor, torch.Tensor]:
+        w = base[r0:r1].double()
+        if m.transpose:
+            delta, size = a[:, r0:r1].T @ b.T, a[:, r0:r1].abs().T @ b.abs().T
+        else:
+            delta, size = b[r0:r1] @ a, b[r0:r1].abs() @ a.abs()
+        v = w + scale * delta
+        return v, (rank + 4) * EPS32 * (w.abs() + abs(scale) * size)
+
+    factors = None
+    if lora.magnitude is not None:
+        magnitude = read(lora.magnitude).double()
+        if m.transpose:  # a column's norm needs every row
+            sums = torch.zeros(cols, dtype=torch.float64)
+            for r0 in range(0, rows, ROWS_AT_ONCE):
+                v, _ = merged_rows(r0, min(rows, r0 + ROWS_AT_ONCE))
+                sums += (v * v).sum(0)
+            factors = magnitude / sums.sqrt()
+
+    def values(e0: int, e1: int, device: str) -> tuple[torch.Tensor, torch.Tensor]:
+        r0, r1 = e0 // cols, e1 // cols
+        v, err = merged_rows(r0, r1)
+        if lora.magnitude is not None:
+            if factors is not None:
+                f = factors.view(1, -1)
+            else:
+                f = (magnitude[r0:r1] / v.norm(dim=1)).view(-1, 1)
+            v, err = v * f, err * f.abs() + 8 * EPS32 * (v * f).abs()
+        ulp = finfo.eps * torch.exp2(torch.floor(torch.log2(v.abs().clamp(min=finfo.tiny))))
+        return v.reshape(-1).to(device), (err + ulp).reshape(-1).to(device)
+
+    return MergedReference(rows * cols, cols, values)

@@ -1,0 +1,583 @@
+//! A LoRA adapter merged into its base weight, as PEFT's `merge_and_unload`
+//! computes it in fp32, then rounded once to the output dtype.
+//!
+//! The base weight `W` is 2-D `[rows, cols]` as stored: `nn.Linear`'s
+//! `[out, in]`, transformers `Conv1D`'s `[in, out]`, an embedding's
+//! `[tokens, dim]`. With `lora_A` `[r, ·]` and `lora_B` `[·, r]`:
+//!
+//! - `delta = B @ A` (`[rows, cols]`), or with `transpose` (`fan_in_fan_out`
+//!   Conv1D, `lora_embedding_A/B`) `delta = (B @ A)ᵀ`;
+//! - `v = W + delta * scale`, the product in f32 (as PEFT's), the scaling
+//!   (an f32, as torch applies it) and the sum in f64;
+//! - DoRA: `v * (m / ‖v‖)`, the norm taken per output feature over the input
+//!   features (a row of `v`; with `transpose`, a column), all in f64.
+//!
+//! The f64 values are then rounded to the output dtype as torch rounds an f64
+//! tensor: one rounding where PEFT's fp32 merge makes one per operation, so an
+//! fp32 output is never less exact than PEFT's (and a bf16 one within an ulp).
+//!
+//! The product is computed a block of output rows at a time (`matrixmultiply`,
+//! the f32 GEMM `benches` measured fastest on one thread here), so memory is
+//! that of a chunk; `A` and `B` are decoded to f32 once per tensor and worker.
+//! A quantized base (`base`) is dequantized to f32 first, by its format's
+//! exact reference ([`super::dequant`]), never rounded before the sum.
+
+use std::cell::RefCell;
+
+use serde::Deserialize;
+
+use super::cast::{put_rounded, rule_for};
+use super::dequant::{Dequant, Dequantizer, Operand};
+use super::{holds, Invalid, Kind, Put, Source, Units};
+use crate::cast::{self, CastOptions};
+use crate::dtype::DType;
+use crate::error::Result;
+use crate::rules::loss::{LossRule, LossStats};
+
+/// How a merged weight's values are made: the plan's recipe.
+#[derive(Debug, Clone, PartialEq, Deserialize)]
+pub struct Merge {
+    /// `lora_A` (`lora_embedding_A`): `[r, cols]`, with `transpose` `[r, rows]`.
+    pub a: Operand,
+    /// `lora_B` (`lora_embedding_B`): `[rows, r]`, with `transpose` `[cols, r]`.
+    pub b: Operand,
+    /// `lora_alpha / r` (or `/ sqrt(r)`), applied as an f32, as torch applies
+    /// a Python float to an f32 tensor.
+    pub scale: f64,
+    /// The delta is `(B @ A)ᵀ`.
+    #[serde(default)]
+    pub transpose: bool,
+    /// DoRA's `lora_magnitude_vector`, one per output feature.
+    #[serde(default)]
+    pub magnitude: Option<Operand>,
+    /// A quantized base's format: its values are dequantized before the sum.
+    #[serde(default)]
+    pub base: Option<Box<Dequant>>,
+}
+
+/// A float operand decoded to f32, checked to be `shape`.
+fn floats(op: &Operand, data: &[u8], shape: &[u64]) -> std::result::Result<DType, String> {
+    let dtype: DType = op
+        .dtype
+        .parse()
+        .map_err(|_| format!("{:?} has an unknown dtype {:?}", op.name, op.dtype))?;
+    if !matches!(dtype, DType::F32 | DType::BF16 | DType::F16 | DType::F64) {
+        return Err(format!("{:?} is {dtype}, not a float", op.name));
+    }
+    let numel: u64 = shape.iter().product();
+    if op.shape != shape || numel * dtype.size() as u64 != data.len() as u64 {
+        return Err(format!(
+            "{:?} is {:?} in {} bytes (needs {shape:?})",
+            op.name,
+            op.shape,
+            data.len()
+        ));
+    }
+    Ok(dtype)
+}
+
+/// `data` (of `dtype`) as f32 values, exactly (f64 rounded as torch does).
+fn decode(data: &[u8], dtype: DType, out: &mut Vec<f32>) {
+    out.resize(data.len() / dtype.size(), 0.0);
+    cast::cast(
+        data,
+        dtype,
+        bytes_of_mut(out),
+        DType::F32,
+        &CastOptions::default(),
+    )
+    .expect("a float dtype casts to f32");
+}
+
+/// The bytes of a slice of floats (little-endian targets: the casts write them).
+fn bytes_of_mut<T: Copy>(v: &mut [T]) -> &mut [u8] {
+    // SAFETY: f32/f64 have no invalid bit patterns and a stricter alignment than u8.
+    unsafe { std::slice::from_raw_parts_mut(v.as_mut_ptr().cast::<u8>(), std::mem::size_of_val(v)) }
+}
+
+/// The same, read-only.
+fn bytes_of<T: Copy>(v: &[T]) -> &[u8] {
+    // SAFETY: as above.
+    unsafe { std::slice::from_raw_parts(v.as_ptr().cast::<u8>(), std::mem::size_of_val(v)) }
+}
+
+/// A tensor's `A` and `B` in f32, kept by each worker for the tensor it is on.
+#[derive(Default)]
+struct Decoded {
+    /// The source bytes of `A` and `B` they were decoded from.
+    key: (usize, usize),
+    a: Vec<f32>,
+    b: Vec<f32>,
+}
+
+thread_local! {
+    static DECODED: RefCell<Decoded> = RefCell::new(Decoded::default());
+    /// The base values of a chunk's rows (f32), then their product with the
+    /// update's.
+    static BASE: RefCell<Vec<f32>> = const { RefCell::new(Vec::new()) };
+    static PRODUCT: RefCell<Vec<f32>> = const { RefCell::new(Vec::new()) };
+    /// The merged values of a chunk, f64.
+    static MERGED: RefCell<Vec<f64>> = const { RefCell::new(Vec::new()) };
+}
+
+/// A checked merge, ready to run a block of rows at a time.
+pub struct Merger<'a> {
+    rows: usize,
+    cols: usize,
+    rank: usize,
+    a: (&'a [u8], DType),
+    b: (&'a [u8], DType),
+    scale: f32,
+    transpose: bool,
+    /// DoRA: the magnitude per output feature, in f32.
+    magnitude: Option<Vec<f32>>,
+    /// DoRA with `transpose`: each column's `m / ‖v[:, j]‖`, found by a pass
+    /// over the whole weight when the merge is checked.
+    column_factors: Option<Vec<f64>>,
+    base: Option<Dequantizer<'a>>,
+}
+
+impl<'a> Merger<'a> {
+    /// Check `how` against the weight it makes (`shape`, the output's) and its
+    /// source, resolving the adapter's tensors with `operand`.
+    pub fn check(
+        how: &'a Merge,
+        s: &Source<'a>,
+        shape: &[u64],
+        operand: &dyn Fn(&'a Operand) -> std::result::Result<&'a [u8], String>,
+    ) -> std::result::Result<Merger<'a>, Invalid> {
+        cast::check_buffers(DType::F64, s.to, 0, 0).map_err(Invalid::Core)?;
+        let &[rows, cols] = shape else {
+            return Err(Invalid::Plan(format!(
+                "a merged weight is 2-D, not {shape:?}"
+            )));
+        };
+        let base = match &how.base {
+            None => {
+                if !matches!(s.from, DType::F32 | DType::BF16 | DType::F16 | DType::F64) {
+                    return Err(Invalid::Plan(format!(
+                        "the base weight is {}, not a float",
+                        s.from
+                    )));
+                }
+                holds(s, shape)?;
+                None
+            }
+            Some(d) => Some(
+                Dequantizer::new(d, s.from, shape, s.src.len(), operand).map_err(Invalid::Plan)?,
+            ),
+        };
+        let rank = how.a.shape.first().copied().unwrap_or(0);
+        let (a_other, b_other) = if how.transpose {
+            (rows, cols)
+        } else {
+            (cols, rows)
+        };
+        let plan = |e: String| Invalid::Plan(e);
+        let a_data = operand(&how.a).map_err(plan)?;
+        let b_data = operand(&how.b).map_err(plan)?;
+        let a_dtype = floats(&how.a, a_data, &[rank, a_other]).map_err(plan)?;
+        let b_dtype = floats(&how.b, b_data, &[b_other, rank]).map_err(plan)?;
+        if rank == 0 {
+            return Err(Invalid::Plan(format!("{:?} has rank 0", how.a.name)));
+        }
+        let magnitude = match &how.magnitude {
+            None => None,
+            Some(m) => {
+                let data = operand(m).map_err(plan)?;
+                let dtype =
+                    floats(m, data, &[if how.transpose { cols } else { rows }]).map_err(plan)?;
+                let mut v = Vec::new();
+                decode(data, dtype, &mut v);
+                Some(v)
+            }
+        };
+        let mut merger = Merger {
+            rows: rows as usize,
+            cols: cols as usize,
+            rank: rank as usize,
+            a: (a_data, a_dtype),
+            b: (b_data, b_dtype),
+            scale: how.scale as f32,
+            transpose: how.transpose,
+            magnitude,
+            column_factors: None,
+            base,
+        };
+        if merger.transpose && merger.magnitude.is_some() {
+            merger.column_factors = Some(merger.column_norms(s));
+        }
+        Ok(merger)
+    }
+
+    /// DoRA with `transpose`: `m / ‖v[:, j]‖` per column, from a pass over
+    /// every row (the norm of a column needs all of them).
+    fn column_norms(&self, s: &Source) -> Vec<f64> {
+        let mut sums = vec![0f64; self.cols];
+        let block = (1 << 20) / self.cols.max(1);
+        let block = block.clamp(1, self.rows.max(1));
+        let mut v = Vec::new();
+        let mut begin = 0;
+        while begin < self.rows {
+            let end = (begin + block).min(self.rows);
+            self.merged(s, begin, end, &mut v, false);
+            for row in v.chunks_exact(self.cols) {
+                for (sum, &x) in sums.iter_mut().zip(row) {
+                    *sum += x * x;
+                }
+            }
+            begin = end;
+        }
+        let m = self.magnitude.as_ref().expect("DoRA");
+        sums.iter()
+            .zip(m)
+            .map(|(&sum, &m)| f64::from(m) / sum.sqrt())
+            .collect()
+    }
+
+    /// The merged values of rows `[begin, end)` in f64, into `out`; with
+    /// `dora`, DoRA's scaling applied.
+    fn merged(&self, s: &Source, begin: usize, end: usize, out: &mut Vec<f64>, dora: bool) {
+        let (n, cols) = ((end - begin) * self.cols, self.cols);
+        out.resize(n, 0.0);
+        let first = (begin * cols) as u64;
+        BASE.with_borrow_mut(|base| {
+            base.resize(n, 0.0);
+            match &self.base {
+                None => {
+                    let size = s.from.size();
+                    let src = &s.src[begin * cols * size..end * cols * size];
+                    let opts = CastOptions::default();
+                    cast::cast(src, s.from, bytes_of_mut(base), DType::F32, &opts)
+                        .expect("a float dtype casts to f32");
+                }
+                Some(d) => {
+                    let (from, to) = d.source_range(first, first + n as u64);
+                    d.dequantize(&s.src[from..to], first, bytes_of_mut(base));
+                }
+            }
+            PRODUCT.with_borrow_mut(|product| {
+                product.resize(n, 0.0);
+                self.product(begin, end, product);
+                let scale = f64::from(self.scale);
+                for ((v, &w), &p) in out.iter_mut().zip(base.iter()).zip(product.iter()) {
+                    *v = f64::from(w) + f64::from(p) * scale;
+                }
+            });
+        });
+        if !dora {
+            return;
+        }
+        if let Some(factors) = &self.column_factors {
+            for row in out.chunks_exact_mut(cols) {
+                for (v, &f) in row.iter_mut().zip(factors) {
+                    *v *= f;
+                }
+            }
+        } else if let Some(m) = &self.magnitude {
+            for (row, &m) in out.chunks_exact_mut(cols).zip(&m[begin..end]) {
+                let norm = row.iter().map(|&x| x * x).sum::<f64>().sqrt();
+                let factor = f64::from(m) / norm;
+                for v in row {
+                    *v *= factor;
+                }
+            }
+        }
+    }
+
+    /// `(B @ A)` (or its transpose) for output rows `[begin, end)`, into `out`.
+    fn product(&self, begin: usize, end: usize, out: &mut [f32]) {
+        DECODED.with_borrow_mut(|d| {
+            let key = (self.a.0.as_ptr() as usize, self.b.0.as_ptr() as usize);
+            if d.key != key || d.a.is_empty() {
+                decode(self.a.0, self.a.1, &mut d.a);
+                decode(self.b.0, self.b.1, &mut d.b);
+                d.key = key;
+            }
+            let (m, k, n) = (end - begin, self.rank, self.cols);
+            // SAFETY: every pointer and stride below addresses elements inside
+            // the slices: A and B hold their checked shapes, `out` m × n.
+            unsafe {
+                if self.transpose {
+                    // out[i, j] = Σ A[k, begin + i] · B[j, k]
+                    matrixmultiply::sgemm(
+                        m,
+                        k,
+                        n,
+                        1.0,
+                        d.a.as_ptr().add(begin),
+                        1,
+                        self.rows as isize,
+                        d.b.as_ptr(),
+                        1,
+                        k as isize,
+                        0.0,
+                        out.as_mut_ptr(),
+                        n as isize,
+                        1,
+                    );
+                } else {
+                    // out[i, j] = Σ B[begin + i, k] · A[k, j]
+                    matrixmultiply::sgemm(
+                        m,
+                        k,
+                        n,
+                        1.0,
+                        d.b.as_ptr().add(begin * k),
+                        k as isize,
+                        1,
+                        d.a.as_ptr(),
+                        n as isize,
+                        1,
+                        0.0,
+                        out.as_mut_ptr(),
+                        n as isize,
+                        1,
+                    );
+                }
+            }
+        });
+    }
+
+    /// The f64 values of output elements `[begin, end)` (whole rows) as bytes,
+    /// handed to `f`.
+    fn with_values<R>(&self, s: &Source, begin: u64, end: u64, f: impl FnOnce(&[u8]) -> R) -> R {
+        let cols = self.cols.max(1) as u64;
+        let (r0, r1) = ((begin / cols) as usize, (end / cols) as usize);
+        MERGED.with_borrow_mut(|v| {
+            self.merged(s, r0, r1, v, true);
+            f(bytes_of(v))
+        })
+    }
+}
+
+impl Kind for Merger<'_> {
+    fn units(&self, s: &Source) -> Units {
+        Units {
+            count: s.numel,
+            align: self.cols.max(1) as u64,
+            // the base's values and the product in f32, the sum in f64, the output
+            held: 16 + s.to.size() as u64,
+        }
+    }
+
+    fn source<'a>(&self, s: &Source<'a>, begin: u64, end: u64) -> &'a [u8] {
+        match &self.base {
+            None => {
+                let size = s.from.size() as u64;
+                &s.src[(begin * size) as usize..(end * size) as usize]
+            }
+            Some(d) => {
+                let (from, to) = d.source_range(begin, end);
+                &s.src[from..to]
+            }
+        }
+    }
+
+    fn reads_whole_source(&self) -> bool {
+        self.base
+            .as_ref()
+            .is_some_and(Dequantizer::reads_whole_source)
+    }
+
+    /// The rounding of the f64 values to the output dtype.
+    fn rule(&self, s: &Source) -> Option<LossRule> {
+        Some(rule_for(DType::F64, s.to))
+    }
+
+    fn produce(
+        &self,
+        s: &Source,
+        begin: u64,
+        end: u64,
+        opts: &CastOptions,
+        rule: Option<&LossRule>,
+        put: &mut Put,
+    ) -> Result<u64> {
+        self.with_values(s, begin, end, |values| {
+            put_rounded(values, DType::F64, s.to, opts, rule, put)
+        })
+    }
+
+    fn scan(&self, s: &Source, begin: u64, end: u64, rule: Option<&LossRule>) -> Option<LossStats> {
+        self.with_values(s, begin, end, |values| rule.map(|r| r.scan(values)))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn operand(name: &str, shape: &[u64], offset: u64, dtype: &str) -> Operand {
+        let size = if dtype == "F32" { 4 } else { 2 };
+        let n: u64 = shape.iter().product();
+        Operand {
+            name: name.into(),
+            source: 0,
+            dtype: dtype.into(),
+            shape: shape.to_vec(),
+            offsets: (offset, offset + n * size),
+        }
+    }
+
+    fn le(v: &[f32]) -> Vec<u8> {
+        v.iter().flat_map(|x| x.to_le_bytes()).collect()
+    }
+
+    /// A naive merge in f64 of the same operation order's terms.
+    #[allow(clippy::too_many_arguments)]
+    fn naive(
+        w: &[f32],
+        a: &[f32],
+        b: &[f32],
+        r: usize,
+        rows: usize,
+        cols: usize,
+        t: bool,
+        s: f32,
+    ) -> Vec<f32> {
+        let mut out = vec![0f32; rows * cols];
+        for i in 0..rows {
+            for j in 0..cols {
+                let mut acc = 0f64;
+                for k in 0..r {
+                    acc += if t {
+                        f64::from(a[k * rows + i]) * f64::from(b[j * r + k])
+                    } else {
+                        f64::from(b[i * r + k]) * f64::from(a[k * cols + j])
+                    };
+                }
+                out[i * cols + j] =
+                    (f64::from(w[i * cols + j]) + f64::from(acc as f32) * f64::from(s)) as f32;
+            }
+        }
+        out
+    }
+
+    fn random(n: usize, seed: &mut u64) -> Vec<f32> {
+        (0..n)
+            .map(|_| {
+                *seed = seed
+                    .wrapping_mul(6364136223846793005)
+                    .wrapping_add(1442695040888963407);
+                ((*seed >> 40) as f32 / (1u64 << 24) as f32) - 0.5
+            })
+            .collect()
+    }
+
+    fn run(t: bool, dora: bool) {
+        let (rows, cols, r) = (37usize, 23usize, 5usize);
+        let mut seed = 7;
+        let w = random(rows * cols, &mut seed);
+        let (a_other, b_other) = if t { (rows, cols) } else { (cols, rows) };
+        let a = random(r * a_other, &mut seed);
+        let b = random(b_other * r, &mut seed);
+        let m = random(if t { cols } else { rows }, &mut seed);
+        let mut file = le(&w);
+        let a_at = file.len() as u64;
+        file.extend(le(&a));
+        let b_at = file.len() as u64;
+        file.extend(le(&b));
+        let m_at = file.len() as u64;
+        file.extend(le(&m));
+        let how = Merge {
+            a: operand("A", &[r as u64, a_other as u64], a_at, "F32"),
+            b: operand("B", &[b_other as u64, r as u64], b_at, "F32"),
+            scale: 0.75,
+            transpose: t,
+            magnitude: dora.then(|| operand("m", &[m.len() as u64], m_at, "F32")),
+            base: None,
+        };
+        let shape = [rows as u64, cols as u64];
+        let s = Source {
+            src: &file[..4 * rows * cols],
+            file: &file,
+            from: DType::F32,
+            to: DType::F32,
+            numel: (rows * cols) as u64,
+        };
+        let op = |o: &Operand| Ok(&file[o.offsets.0 as usize..o.offsets.1 as usize]);
+        let merger = Merger::check(&how, &s, &shape, &op).ok().expect("checks");
+        let mut want = naive(&w, &a, &b, r, rows, cols, t, 0.75);
+        if dora {
+            if t {
+                for j in 0..cols {
+                    let n: f64 = (0..rows)
+                        .map(|i| f64::from(want[i * cols + j]).powi(2))
+                        .sum();
+                    let f = m[j] / n.sqrt() as f32;
+                    (0..rows).for_each(|i| want[i * cols + j] *= f);
+                }
+            } else {
+                for i in 0..rows {
+                    let row = &mut want[i * cols..(i + 1) * cols];
+                    let n: f64 = row.iter().map(|&x| f64::from(x).powi(2)).sum();
+                    let f = m[i] / n.sqrt() as f32;
+                    row.iter_mut().for_each(|x| *x *= f);
+                }
+            }
+        }
+        // in chunks of 3 rows, as the executor cuts them
+        let mut got = Vec::new();
+        let mut begin = 0;
+        while begin < rows * cols {
+            let end = (begin + 3 * cols).min(rows * cols);
+            let mut put = |bytes: &[u8], _: Option<&LossStats>| {
+                got.extend(
+                    bytes
+                        .chunks_exact(4)
+                        .map(|c| f32::from_le_bytes(c.try_into().unwrap())),
+                );
+                Ok(0)
+            };
+            merger
+                .produce(
+                    &s,
+                    begin as u64,
+                    end as u64,
+                    &CastOptions::default(),
+                    None,
+                    &mut put,
+                )
+                .unwrap();
+            begin = end;
+        }
+        for (g, w) in got.iter().zip(&want) {
+            assert!((g - w).abs() <= 1e-5 * w.abs().max(1.0), "{g} vs {w}");
+        }
+    }
+
+    #[test]
+    fn merges_as_the_naive_product() {
+        for t in [false, true] {
+            for dora in [false, true] {
+                run(t, dora);
+            }
+        }
+    }
+
+    #[test]
+    fn refuses_shapes_that_do_not_match() {
+        let file = vec![0u8; 4096];
+        let how = Merge {
+            a: operand("A", &[4, 8], 0, "F32"),
+            b: operand("B", &[5, 4], 128, "F32"),
+            scale: 1.0,
+            transpose: false,
+            magnitude: None,
+            base: None,
+        };
+        let s = Source {
+            src: &file[..4 * 6 * 8],
+            file: &file,
+            from: DType::F32,
+            to: DType::BF16,
+            numel: 48,
+        };
+        let op = |o: &Operand| Ok(&file[o.offsets.0 as usize..o.offsets.1 as usize]);
+        match Merger::check(&how, &s, &[6, 8], &op) {
+            Err(Invalid::Plan(p)) => assert!(p.contains("\"B\""), "{p}"),
+            _ => panic!("a B of 5 rows merged into 6"),
+        }
+    }
+}

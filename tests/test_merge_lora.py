@@ -1,0 +1,392 @@
+"""``--merge-lora``: adapters made by PEFT itself, merged by fastcast, held to PEFT's own
+``merge_and_unload()`` on the base loaded in float32 (the contract of issue 29):
+
+- bf16/fp16 outputs: every element within 1 ulp of PEFT's fp32 merge cast to the
+  output dtype (the tests say how many differ at all);
+- fp32 outputs: no element further from the exact (float64) merge than PEFT's own is,
+  give or take one fp32 ulp (fastcast rounds once; PEFT's GEMM and norm round on the
+  way: they differ from each other by a few ulp where W and the update nearly cancel);
+- tensors no adapter touches: bit for bit torch's cast; the output loads with
+  transformers with no arguments, its logits PEFT's merged model's; ``verify`` passes.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import shutil
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+import fastcast
+from adapters import build_gpt2, make_adapter, peft_logits, peft_merged
+from commands import cli
+from conftest import require
+from models import build_llama
+
+torch = require("torch")
+require("peft")
+safetensors_torch = require("safetensors.torch")
+
+LLAMA_LINEARS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+TORCH = {"BF16": torch.bfloat16, "F16": torch.float16, "F32": torch.float32}
+
+
+def ordered(t: Any) -> Any:
+    """Each float's bits as an integer that orders like the float (ulp distances)."""
+    width = {torch.float32: torch.int32}.get(t.dtype, torch.int16)
+    i = t.view(width).long()
+    sign = 1 << (8 * t.element_size() - 1)
+    return torch.where(i < 0, -(i + sign), i)
+
+
+def ulp_distance(a: Any, b: Any) -> Any:
+    return (ordered(a) - ordered(b)).abs()
+
+
+def output(out: Path) -> dict[str, Any]:
+    tensors: dict[str, Any] = {}
+    for f in sorted(out.glob("*.safetensors")):
+        tensors |= safetensors_torch.load_file(f)
+    return tensors
+
+
+def merged_names(adapter: Path) -> set[str]:
+    """The base weights the adapter's LoRA modules update."""
+    names = set()
+    for k in safetensors_torch.load_file(adapter / "adapter_model.safetensors"):
+        k = k.removeprefix("base_model.model.")
+        for part in (".lora_A.weight", ".lora_embedding_A"):
+            if k.endswith(part):
+                names.add(k.removesuffix(part) + ".weight")
+    return names
+
+
+def check_low_precision(got: dict[str, Any], ref: dict[str, Any], merged: set[str]) -> int:
+    """Every merged element within 1 ulp of PEFT's fp32 merge cast to its dtype, every
+    other tensor torch's cast of the base; returns how many merged elements differ."""
+    differing = 0
+    assert merged <= set(got)
+    for name, g in got.items():
+        want = ref[name].to(g.dtype)
+        if name not in merged:
+            assert torch.equal(g, want), name
+            continue
+        d = ulp_distance(g, want)
+        assert int(d.max()) <= 1, f"{name}: {int(d.max())} ulp from PEFT's merge"
+        differing += int((d > 0).sum())
+    return differing
+
+
+def convert_merged(base: Path, adapter: Path, out: Path, dtype: str | None) -> dict[str, Any]:
+    report = fastcast.convert(base, dtype, output=out, merge_lora=adapter, progress=False)
+    assert report.tensors_merged == len(merged_names(adapter))
+    assert fastcast.verify(out, progress=False).ok
+    return output(out)
+
+
+def check_logits(base: Path, adapter: Path, out: Path, dtype: str) -> None:
+    """The merged output, loaded by transformers with no arguments, gives PEFT's merged
+    model's logits (both in ``dtype``)."""
+    transformers = require("transformers")
+    tokens = torch.arange(1, 17).view(1, -1)
+    model = transformers.AutoModelForCausalLM.from_pretrained(out).eval()
+    assert model.dtype == getattr(torch, dtype)
+    with torch.no_grad():
+        got = model(tokens).logits.float()
+    want = peft_logits(base, adapter, dtype, tokens)
+    tol = 1e-5 if dtype == "float32" else 5e-2
+    assert torch.allclose(got, want, atol=tol, rtol=tol), (got - want).abs().max()
+
+
+@pytest.fixture(scope="module")
+def llama(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return build_llama(tmp_path_factory.mktemp("llama") / "base", tie_word_embeddings=False)
+
+
+def test_lora_on_attention_and_mlp_to_bf16(llama: Path, tmp_path: Path) -> None:
+    adapter = make_adapter(llama, tmp_path / "ad", r=8, lora_alpha=16,
+                           target_modules=LLAMA_LINEARS)  # fmt: skip
+    got = convert_merged(llama, adapter, tmp_path / "out", "bf16")
+    differing = check_low_precision(got, peft_merged(llama, adapter), merged_names(adapter))
+    print(f"bf16: {differing} merged elements 1 ulp from PEFT's, none further")
+    config = json.loads((tmp_path / "out/config.json").read_text())
+    assert config["dtype"] == "bfloat16"
+    check_logits(llama, adapter, tmp_path / "out", "bfloat16")
+
+
+def exact_merge(base: Path, adapter: Path, name: str, scale: float, dora: bool) -> Any:
+    """The merge of ``name`` in float64 (the nn.Linear orientation), and the bound an fp32
+    merge's error stays within: ``(r + 4) · eps32 · (|W| + |s| · |B| @ |A|)``, times the
+    DoRA factor, plus a few ulp of the factor and one of the result."""
+    w = safetensors_torch.load_file(base / "model.safetensors")[name].double()
+    a_sd = safetensors_torch.load_file(adapter / "adapter_model.safetensors")
+    module = "base_model.model." + name.removesuffix(".weight")
+    a, b = a_sd[f"{module}.lora_A.weight"].double(), a_sd[f"{module}.lora_B.weight"].double()
+    s = float(torch.tensor(scale, dtype=torch.float32))
+    v = w + s * (b @ a)
+    eps = 2.0**-24
+    bound = (a.shape[0] + 4) * eps * (w.abs() + s * (b.abs() @ a.abs()))
+    if dora:
+        m = a_sd[f"{module}.lora_magnitude_vector"].double()
+        f = (m / v.norm(dim=1)).view(-1, 1)
+        v, bound = v * f, bound * f.abs() + 8 * eps * (v * f).abs()
+    one_ulp = (v.float().nextafter(torch.tensor(math.inf)) - v.float()).double().abs()
+    return v, bound + one_ulp
+
+
+@pytest.mark.parametrize("dora", [False, True], ids=["lora", "dora"])
+def test_fp32_base_kept_in_fp32_within_fp32_rounding(
+    llama: Path, tmp_path: Path, dora: bool
+) -> None:
+    """Without a dtype an fp32 base stays fp32. Where W and the update nearly cancel an
+    fp32 merge (PEFT's, fastcast's) is many ulp from the exact one, so both are held to
+    the bound of fp32 rounding; and fastcast's is no less exact than PEFT's on average."""
+    adapter = make_adapter(llama, tmp_path / "ad", r=8, lora_alpha=16, use_dora=dora,
+                           target_modules=["q_proj", "v_proj", "down_proj"])  # fmt: skip
+    got = convert_merged(llama, adapter, tmp_path / "out", None)
+    ref = peft_merged(llama, adapter)
+    differing = worst = total = 0
+    for name in merged_names(adapter):
+        exact, bound = exact_merge(llama, adapter, name, 2.0, dora)
+        ours, peft = got[name], ref[name]
+        assert ours.dtype == torch.float32
+        assert bool(((peft.double() - exact).abs() <= bound).all()), f"{name}: the bound"
+        assert bool(((ours.double() - exact).abs() <= bound).all()), name
+        ours_error = (ours.double() - exact).abs().sum()
+        assert ours_error <= (peft.double() - exact).abs().sum() * 1.01, name
+        d = ulp_distance(ours, peft)
+        differing, worst = differing + int((d > 0).sum()), max(worst, int(d.max()))
+        total += ours.numel()
+    print(f"fp32 {'DoRA' if dora else 'LoRA'}: {differing} of {total} merged elements "
+          f"differ from PEFT's, by at most {worst} ulp; all {total} within the fp32 "
+          "rounding bound, as PEFT's")  # fmt: skip
+    for name in set(got) - merged_names(adapter):
+        assert torch.equal(got[name], ref[name]), name
+    check_logits(llama, adapter, tmp_path / "out", "float32")
+
+
+def test_rslora_with_rank_and_alpha_patterns(llama: Path, tmp_path: Path) -> None:
+    adapter = make_adapter(
+        llama, tmp_path / "ad", r=8, lora_alpha=16, use_rslora=True,
+        target_modules=LLAMA_LINEARS,
+        rank_pattern={"q_proj": 4, r"layers\.1\.mlp\.down_proj": 16},
+        alpha_pattern={"v_proj": 3, "down_proj": 40},
+    )  # fmt: skip
+    got = convert_merged(llama, adapter, tmp_path / "out", "bf16")
+    check_low_precision(got, peft_merged(llama, adapter), merged_names(adapter))
+    ranks = {k: v.shape[0] for k, v in safetensors_torch.load_file(
+        adapter / "adapter_model.safetensors").items() if "lora_A" in k}  # fmt: skip
+    assert {ranks[k] for k in ranks if "q_proj" in k} == {4}
+    assert {ranks[k] for k in ranks if "layers.1.mlp.down_proj" in k} == {16}
+
+
+def test_gpt2_conv1d_fan_in_fan_out(tmp_path: Path) -> None:
+    """GPT-2's Conv1D weights are [in, out]: the update is transposed, square c_proj
+    included (decided by the module type, not the shape)."""
+    base = build_gpt2(tmp_path / "gpt2")
+    adapter = make_adapter(base, tmp_path / "ad", r=4, lora_alpha=8, fan_in_fan_out=True,
+                           target_modules=["c_attn", "c_proj", "c_fc"])  # fmt: skip
+    got = convert_merged(base, adapter, tmp_path / "out", "bf16")
+    ref = peft_merged(base, adapter)
+    got.setdefault("lm_head.weight", got["transformer.wte.weight"])  # tied in the file
+    check_low_precision(got, ref, merged_names(adapter))
+    check_logits(base, adapter, tmp_path / "out", "bfloat16")
+
+
+def test_dora_with_embedding_lora(llama: Path, tmp_path: Path) -> None:
+    """DoRA on Linear layers (norm per row) and on the embedding (per column)."""
+    adapter = make_adapter(llama, tmp_path / "ad", r=4, lora_alpha=8, use_dora=True,
+                           target_modules=["embed_tokens", "q_proj", "o_proj"])  # fmt: skip
+    got = convert_merged(llama, adapter, tmp_path / "out", "bf16")
+    ref = peft_merged(llama, adapter)
+    check_low_precision(got, ref, merged_names(adapter) | {"model.embed_tokens.weight"})
+    check_logits(llama, adapter, tmp_path / "out", "bfloat16")
+
+
+def test_modules_to_save_replace_the_base(llama: Path, tmp_path: Path) -> None:
+    adapter = make_adapter(llama, tmp_path / "ad", r=4, lora_alpha=8,
+                           target_modules=["q_proj"], modules_to_save=["lm_head"])  # fmt: skip
+    got = convert_merged(llama, adapter, tmp_path / "out", "bf16")
+    ref = peft_merged(llama, adapter)
+    base = safetensors_torch.load_file(llama / "model.safetensors")
+    assert not torch.equal(ref["lm_head.weight"], base["lm_head.weight"])  # a real change
+    check_low_precision(got, ref, merged_names(adapter))
+
+
+def test_bf16_base_stays_bf16_and_fp32_base_with_bf16_adapter(llama: Path, tmp_path: Path) -> None:
+    """Never fp32 for a bf16 base; an fp32 base merged with a bf16 adapter to bf16."""
+    bf16_base = build_llama(tmp_path / "bf16", dtype="bfloat16", tie_word_embeddings=False)
+    adapter = make_adapter(bf16_base, tmp_path / "ad", target_modules=["q_proj", "up_proj"],
+                           adapter_dtype="bfloat16")  # fmt: skip
+    got = convert_merged(bf16_base, adapter, tmp_path / "out", None)
+    assert {t.dtype for t in got.values()} == {torch.bfloat16}
+    check_low_precision(got, peft_merged(bf16_base, adapter), merged_names(adapter))
+    adapter16 = make_adapter(llama, tmp_path / "ad16", target_modules=["k_proj"],
+                             adapter_dtype="bfloat16")  # fmt: skip
+    got = convert_merged(llama, adapter16, tmp_path / "out16", "bf16")
+    check_low_precision(got, peft_merged(llama, adapter16), merged_names(adapter16))
+
+
+def test_adapter_saved_as_bin_and_layers_to_transform(llama: Path, tmp_path: Path) -> None:
+    adapter = make_adapter(llama, tmp_path / "ad", target_modules=["q_proj", "down_proj"],
+                           layers_to_transform=[1], safe_serialization=False)  # fmt: skip
+    assert (adapter / "adapter_model.bin").is_file()
+    assert not (adapter / "adapter_model.safetensors").exists()
+    out = tmp_path / "out"
+    report = fastcast.convert(llama, "bf16", output=out, merge_lora=adapter, progress=False)
+    assert report.tensors_merged == 2  # layer 1 only
+    assert fastcast.verify(out, progress=False).ok
+    got, ref = output(out), peft_merged(llama, adapter)
+    merged = {"model.layers.1.self_attn.q_proj.weight", "model.layers.1.mlp.down_proj.weight"}
+    check_low_precision(got, ref, merged)
+
+
+def test_cli_merges_and_records_the_adapter(llama: Path, tmp_path: Path) -> None:
+    adapter = make_adapter(llama, tmp_path / "ad", target_modules=["q_proj"])
+    out = tmp_path / "out"
+    done = cli("convert", llama, "--merge-lora", adapter, "-o", out, "--dtype", "bf16")
+    assert done.returncode == 0, done.stderr
+    assert "merged with the adapter" in done.stdout
+    record = json.loads((out / "fastcast.json").read_text())
+    assert record["merge_lora"]["path"] == str(adapter)
+    assert len(record["merge_lora"]["sha256"]) == 64
+    verified = cli("verify", out)
+    assert verified.returncode == 0, verified.stdout + verified.stderr
+    assert "2 merged weights: within fp32 rounding of PEFT's merge" in verified.stdout
+    shown = cli("inspect", adapter)
+    assert "adapter: LoRA on 2 modules, rank 8, alpha 8" in shown.stdout, shown.stdout
+    assert f"merged with {adapter}" in cli("inspect", out).stdout
+    # verify re-checks the merge: an adapter edited since no longer matches the output
+    config = json.loads((adapter / "adapter_config.json").read_text())
+    (adapter / "adapter_config.json").write_text(json.dumps(config | {"lora_alpha": 64}))
+    assert not fastcast.verify(out, progress=False).ok
+
+
+def edited(adapter: Path, dest: Path, *, config: dict[str, Any] | None = None,
+           tensors: Any = None) -> Path:  # fmt: skip
+    """A copy of ``adapter`` with its config updated and its tensors rewritten."""
+    shutil.copytree(adapter, dest)
+    if config is not None:
+        c = json.loads((dest / "adapter_config.json").read_text())
+        (dest / "adapter_config.json").write_text(json.dumps(c | config))
+    if tensors is not None:
+        f = dest / "adapter_model.safetensors"
+        safetensors_torch.save_file(tensors(safetensors_torch.load_file(f)), f)
+    return dest
+
+
+def renamed(sd: dict[str, Any], old: str, new: str) -> dict[str, Any]:
+    return {k.replace(old, new): v for k, v in sd.items()}
+
+
+def sliced(sd: dict[str, Any], part: str) -> dict[str, Any]:
+    """The adapter with every ``part`` one column short."""
+    return {k: (v[:, :-1].contiguous() if part in k else v) for k, v in sd.items()}
+
+
+REFUSALS = {
+    "another model": (
+        {"tensors": lambda sd: renamed(sd, "q_proj", "query")},
+        "model.layers.0.self_attn.query.weight, which the base does not have",
+    ),
+    "another size": (
+        {"tensors": lambda sd: sliced(sd, "lora_A")},
+        "do not fit the base's",
+    ),
+    "rank disagrees with the config": ({"config": {"r": 4}}, "has rank 8 but the config says 4"),
+    "A and B ranks disagree": (
+        {"tensors": lambda sd: sliced(sd, "lora_B")},
+        "do not have one rank",
+    ),
+    "IA3": ({"config": {"peft_type": "IA3"}}, "a IA3 adapter"),
+    "lora_bias": ({"config": {"lora_bias": True}}, "lora_bias"),
+    "unknown tensor": (
+        {"tensors": lambda sd: sd | {"base_model.model.extra.lora_C": torch.ones(2)}},
+        "tensors a LoRA merge does not know: base_model.model.extra.lora_C",
+    ),
+    "DoRA flag without magnitudes": ({"config": {"use_dora": True}}, "use_dora is True"),
+}
+
+
+@pytest.mark.parametrize("case", REFUSALS)
+def test_refusals_in_one_line_nothing_written(llama: Path, tmp_path: Path, case: str) -> None:
+    change, message = REFUSALS[case]
+    adapter = make_adapter(llama, tmp_path / "ad", r=8, target_modules=["q_proj"])
+    bad = edited(adapter, tmp_path / "bad", **change)
+    out = tmp_path / "out"
+    done = cli("convert", llama, "--merge-lora", bad, "-o", out, "--dtype", "bf16")
+    assert done.returncode == 1
+    lines = done.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("fastcast: error:"), done.stderr
+    assert message in lines[0], lines[0]
+    assert "Traceback" not in done.stderr
+    assert not out.exists()
+
+
+def test_refuses_a_missing_adapter_and_a_quantized_base(llama: Path, tmp_path: Path) -> None:
+    done = cli("convert", llama, "--merge-lora", tmp_path / "nowhere", "-o", tmp_path / "o")
+    assert done.returncode == 1 and "not an adapter folder" in done.stderr
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    done = cli("convert", llama, "--merge-lora", empty, "-o", tmp_path / "o")
+    assert done.returncode == 1 and "no adapter_config.json" in done.stderr
+    done = cli("convert", llama, "--merge-lora", empty, "--dequantize", "--dtype", "bf16")
+    assert done.returncode == 1 and "not supported yet" in done.stderr
+    assert not (tmp_path / "o").exists()
+
+
+def truncated(adapter: Path) -> None:
+    f = adapter / "adapter_model.safetensors"
+    f.write_bytes(f.read_bytes()[:-100])
+
+
+def bad_json(adapter: Path) -> None:
+    (adapter / "adapter_config.json").write_text("{not json")
+
+
+def dangling_weights(adapter: Path) -> None:
+    f = adapter / "adapter_model.safetensors"
+    f.unlink()
+    f.symlink_to(adapter / "gone.safetensors")
+
+
+def header_past_the_end(adapter: Path) -> None:
+    """A header whose last tensor's offsets run past the file (sizes kept)."""
+    f = adapter / "adapter_model.safetensors"
+    data = bytearray(f.read_bytes())
+    n = int.from_bytes(data[:8], "little")
+    header = json.loads(data[8 : 8 + n])
+    name = max((k for k in header if k != "__metadata__"), key=lambda k: header[k]["data_offsets"])
+    begin, end = header[name]["data_offsets"]
+    header[name]["data_offsets"] = [begin + 4096, end + 4096]
+    text = json.dumps(header).encode().ljust(n)
+    f.write_bytes(bytes(data[:8]) + text[:n] + bytes(data[8 + n :]))
+
+
+HOSTILE = {
+    "truncated weights": (truncated, "adapter_model.safetensors"),
+    "config not JSON": (bad_json, "adapter_config.json"),
+    "weights a dangling link": (dangling_weights, "adapter_model.safetensors"),
+    "offsets past the end": (header_past_the_end, "adapter_model.safetensors"),
+}
+
+
+@pytest.mark.parametrize("case", HOSTILE)
+def test_hostile_adapters_one_line_input_untouched(llama: Path, tmp_path: Path, case: str) -> None:
+    damage, names = HOSTILE[case]
+    adapter = make_adapter(llama, tmp_path / "ad", r=4, target_modules=["q_proj"])
+    damage(adapter)
+    before = {p: p.read_bytes() for p in adapter.iterdir() if p.is_file()}
+    out = tmp_path / "out"
+    done = cli("convert", llama, "--merge-lora", adapter, "-o", out, "--dtype", "bf16")
+    assert done.returncode == 1, done.stdout
+    lines = done.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("fastcast: error:"), done.stderr
+    assert names in lines[0], lines[0]
+    assert not out.exists()
+    assert {p: p.read_bytes() for p in adapter.iterdir() if p.is_file()} == before
+    file_given = cli("convert", llama, "--merge-lora", adapter / "adapter_config.json")
+    assert file_given.returncode == 1 and "not an adapter folder" in file_given.stderr
