@@ -33,10 +33,15 @@ def build_gpt2(path: Path, *, dtype: str = "float32", seed: int = 0) -> Path:
     return path
 
 
-def load_base(base: Path, dtype: str = "float32") -> Any:
+def load_base(base: Path, dtype: str = "float32", vocab: int | None = None) -> Any:
+    """The base in ``dtype``; ``vocab``: its embeddings resized first (as a fine-tune that
+    added tokens does, and as PEFT needs before loading such an adapter)."""
     torch = require("torch")
     transformers = require("transformers")
-    return transformers.AutoModelForCausalLM.from_pretrained(base, dtype=getattr(torch, dtype))
+    model = transformers.AutoModelForCausalLM.from_pretrained(base, dtype=getattr(torch, dtype))
+    if vocab is not None:
+        model.resize_token_embeddings(vocab)
+    return model
 
 
 def make_adapter(
@@ -46,6 +51,7 @@ def make_adapter(
     seed: int = 1,
     adapter_dtype: str = "float32",
     safe_serialization: bool = True,
+    vocab: int | None = None,
     **config: Any,
 ) -> Path:
     """A PEFT LoRA adapter of ``base`` saved at ``path`` (``config``: LoraConfig's
@@ -53,7 +59,7 @@ def make_adapter(
     torch = require("torch")
     peft = require("peft")
     torch.manual_seed(seed)
-    model = load_base(base)
+    model = load_base(base, vocab=vocab)
     config.setdefault("init_lora_weights", False)
     wrapped = peft.get_peft_model(model, peft.LoraConfig(**config))
     with torch.no_grad():
@@ -65,19 +71,22 @@ def make_adapter(
     return path
 
 
-def peft_merged(base: Path, adapter: Path) -> dict[str, Any]:
+def peft_merged(base: Path, adapter: Path, vocab: int | None = None) -> dict[str, Any]:
     """PEFT's merge of ``adapter`` into ``base`` loaded in float32: the state dict of
     ``merge_and_unload()``, every tensor float32."""
     peft = require("peft")
-    model = peft.PeftModel.from_pretrained(load_base(base), adapter)
+    model = peft.PeftModel.from_pretrained(load_base(base, vocab=vocab), adapter)
     return {k: v.detach().clone() for k, v in model.merge_and_unload().state_dict().items()}
 
 
-def peft_logits(base: Path, adapter: Path, dtype: str, tokens: Any) -> Any:
+def peft_logits(
+    base: Path, adapter: Path, dtype: str, tokens: Any, vocab: int | None = None
+) -> Any:
     """The logits of PEFT's merged model cast to ``dtype`` (a torch name) on ``tokens``."""
     torch = require("torch")
     peft = require("peft")
-    model = peft.PeftModel.from_pretrained(load_base(base), adapter).merge_and_unload()
+    model = peft.PeftModel.from_pretrained(load_base(base, vocab=vocab), adapter)
+    model = model.merge_and_unload()
     model.to(getattr(torch, dtype)).eval()
     with torch.no_grad():
         return model(tokens).logits.float()

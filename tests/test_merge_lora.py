@@ -69,7 +69,10 @@ def check_low_precision(got: dict[str, Any], ref: dict[str, Any], merged: set[st
     other tensor torch's cast of the base; returns how many merged elements differ."""
     differing = 0
     assert merged <= set(got)
+    assert merged <= set(ref)
     for name, g in got.items():
+        if name not in ref:  # transformers fuses DeepSeek's experts: verify checked them
+            continue
         want = ref[name].to(g.dtype)
         if name not in merged:
             assert torch.equal(g, want), name
@@ -87,7 +90,9 @@ def convert_merged(base: Path, adapter: Path, out: Path, dtype: str | None) -> d
     return output(out)
 
 
-def check_logits(base: Path, adapter: Path, out: Path, dtype: str) -> None:
+def check_logits(
+    base: Path, adapter: Path, out: Path, dtype: str, vocab: int | None = None
+) -> None:
     """The merged output, loaded by transformers with no arguments, gives PEFT's merged
     model's logits (both in ``dtype``)."""
     transformers = require("transformers")
@@ -96,7 +101,7 @@ def check_logits(base: Path, adapter: Path, out: Path, dtype: str) -> None:
     assert model.dtype == getattr(torch, dtype)
     with torch.no_grad():
         got = model(tokens).logits.float()
-    want = peft_logits(base, adapter, dtype, tokens)
+    want = peft_logits(base, adapter, dtype, tokens, vocab)
     tol = 1e-5 if dtype == "float32" else 5e-2
     assert torch.allclose(got, want, atol=tol, rtol=tol), (got - want).abs().max()
 
@@ -216,6 +221,41 @@ def test_modules_to_save_replace_the_base(llama: Path, tmp_path: Path) -> None:
     check_low_precision(got, ref, merged_names(adapter))
 
 
+def test_resized_vocabulary_follows_into_the_config(llama: Path, tmp_path: Path) -> None:
+    """A fine-tune that added tokens: its embeddings and head, saved whole, replace the
+    base's at their new size, a LoRA on the embedding added to the new one; config.json's
+    vocab_size follows, and transformers loads the output with no arguments."""
+    adapter = make_adapter(llama, tmp_path / "ad", vocab=136, r=4, lora_alpha=8,
+                           target_modules=["q_proj", "embed_tokens"],
+                           modules_to_save=["lm_head"])  # fmt: skip
+    got = convert_merged(llama, adapter, tmp_path / "out", "bf16")
+    ref = peft_merged(llama, adapter, vocab=136)
+    assert got["model.embed_tokens.weight"].shape == (136, 64)
+    assert got["lm_head.weight"].shape == (136, 64)
+    check_low_precision(got, ref, merged_names(adapter))
+    config = json.loads((tmp_path / "out/config.json").read_text())
+    assert config["vocab_size"] == 136
+    check_logits(llama, adapter, tmp_path / "out", "bfloat16", vocab=136)
+
+
+def test_tied_head_trained_apart_is_added_untied(tmp_path: Path) -> None:
+    """A base that ties lm_head to the embeddings (no lm_head in its file) and an adapter
+    that trained lm_head (modules_to_save): the output holds it, untied in config.json,
+    else transformers would tie it back and drop the training."""
+    base = build_llama(tmp_path / "tied")
+    assert "lm_head.weight" not in safetensors_torch.load_file(base / "model.safetensors")
+    adapter = make_adapter(base, tmp_path / "ad", r=4, target_modules=["v_proj"],
+                           modules_to_save=["lm_head"])  # fmt: skip
+    got = convert_merged(base, adapter, tmp_path / "out", None)
+    ref = peft_merged(base, adapter)
+    assert not torch.equal(ref["lm_head.weight"], ref["model.embed_tokens.weight"])
+    check_low_precision(got, ref, merged_names(adapter))
+    assert got["lm_head.weight"].dtype == torch.float32
+    config = json.loads((tmp_path / "out/config.json").read_text())
+    assert config["tie_word_embeddings"] is False
+    check_logits(base, adapter, tmp_path / "out", "float32")
+
+
 def test_bf16_base_stays_bf16_and_fp32_base_with_bf16_adapter(llama: Path, tmp_path: Path) -> None:
     """Never fp32 for a bf16 base; an fp32 base merged with a bf16 adapter to bf16."""
     bf16_base = build_llama(tmp_path / "bf16", dtype="bfloat16", tie_word_embeddings=False)
@@ -301,6 +341,10 @@ REFUSALS = {
         {"tensors": lambda sd: sliced(sd, "lora_B")},
         "do not have one rank",
     ),
+    "replacement of another width": (
+        {"tensors": lambda sd: sd | {"base_model.model.lm_head.weight": torch.ones(128, 63)}},
+        "lm_head.weight is [128, 63] in the adapter but [128, 64] in the base",
+    ),
     "IA3": ({"config": {"peft_type": "IA3"}}, "a IA3 adapter"),
     "lora_bias": ({"config": {"lora_bias": True}}, "lora_bias"),
     "unknown tensor": (
@@ -326,14 +370,16 @@ def test_refusals_in_one_line_nothing_written(llama: Path, tmp_path: Path, case:
     assert not out.exists()
 
 
-def test_refuses_a_missing_adapter_and_a_quantized_base(llama: Path, tmp_path: Path) -> None:
+def test_refuses_a_missing_adapter_and_kept_quantization(llama: Path, tmp_path: Path) -> None:
     done = cli("convert", llama, "--merge-lora", tmp_path / "nowhere", "-o", tmp_path / "o")
     assert done.returncode == 1 and "not an adapter folder" in done.stderr
     empty = tmp_path / "empty"
     empty.mkdir()
     done = cli("convert", llama, "--merge-lora", empty, "-o", tmp_path / "o")
     assert done.returncode == 1 and "no adapter_config.json" in done.stderr
-    done = cli("convert", llama, "--merge-lora", empty, "--dequantize", "--dtype", "bf16")
+    done = cli("convert", llama, "--merge-lora", empty, "--keep-quantized", "--dtype", "bf16")
+    assert done.returncode == 1 and "quantization cannot be kept" in done.stderr
+    done = cli("convert", llama, "--merge-lora", empty, "--quantize", "fp8", "--dtype", "bf16")
     assert done.returncode == 1 and "not supported yet" in done.stderr
     assert not (tmp_path / "o").exists()
 
@@ -390,3 +436,32 @@ def test_hostile_adapters_one_line_input_untouched(llama: Path, tmp_path: Path, 
     assert {p: p.read_bytes() for p in adapter.iterdir() if p.is_file()} == before
     file_given = cli("convert", llama, "--merge-lora", adapter / "adapter_config.json")
     assert file_given.returncode == 1 and "not an adapter folder" in file_given.stderr
+
+
+#: A quantized base of each family: the adapter is merged into its weights dequantized.
+QUANTIZED_BASES = ["deepseek-fp8", "ct-fp8-channel", "bnb-nf4-dq", "bnb-int8", "gptq-v1-desc-act",
+                   "awq"]  # fmt: skip
+
+
+@pytest.mark.parametrize("name", QUANTIZED_BASES)
+def test_quantized_base_dequantized_in_fp32_then_merged(tmp_path: Path, name: str) -> None:
+    """A QLoRA-style merge: each quantized weight dequantized exactly in fp32 (the format's
+    reference, not PEFT's 4-bit round trip), the update added, rounded once. Oracle: PEFT's
+    merge into the base dequantized to fp32 (``--dequantize --dtype fp32``, itself held
+    to each format's library elsewhere), cast to bf16."""
+    quantized = require("quantized")
+    model = quantized.ALL[name](tmp_path / "q")
+    plain = tmp_path / "plain"
+    fastcast.convert(model.path, "fp32", output=plain, dequantize=True, progress=False)
+    # DeepSeek-V3's routed experts are fused parameters in transformers: not targeted
+    targets = ["kv_b_proj", "o_proj"] if name == "deepseek-fp8" else ["q_proj", "down_proj"]
+    adapter = make_adapter(plain, tmp_path / "ad", r=4, lora_alpha=8,
+                           target_modules=[*targets, "embed_tokens"])  # fmt: skip
+    out = tmp_path / "out"
+    refused = cli("convert", model.path, "--merge-lora", adapter, "-o", out, "--dtype", "bf16")
+    assert refused.returncode == 1 and "--dequantize" in refused.stderr, refused.stderr
+    report = fastcast.convert(model.path, "bf16", output=out, dequantize=True,
+                              merge_lora=adapter, progress=False)  # fmt: skip
+    assert report.tensors_merged == len(merged_names(adapter))
+    assert fastcast.verify(out, progress=False).ok
+    check_low_precision(output(out), peft_merged(plain, adapter), merged_names(adapter))

@@ -107,7 +107,8 @@ def convert(
     cache) merges the adapter into the weights as PEFT's ``merge_and_unload`` does, each
     merged weight computed in fp32 and rounded once; without ``dtype`` every tensor
     keeps the base's dtype (never fp32 for a bf16 base); the adapter's
-    ``modules_to_save`` tensors replace the base's.
+    ``modules_to_save`` tensors replace the base's (a resized vocabulary, an untied
+    head: config.json follows); a quantized base is merged with ``dequantize``.
     Memory stays bounded (``max_memory`` caps the buffers). Raises a
     ``FastcastError`` subclass, or an ``OSError``, naming the file and the problem.
 

@@ -185,6 +185,8 @@ class MergePlan(TypedDict):
     transpose: bool
     #: DoRA's magnitude vector, one per output feature.
     magnitude: OperandPlan | None
+    #: A quantized base weight's dequantization (None: the source is a float weight).
+    base: Fp8ScaledPlan | Bnb4Plan | Int8RowsPlan | GptqPlan | AwqPlan | Fp4Plan | None
 
 @type_check_only
 class Fp8ScaledPlan(TypedDict):

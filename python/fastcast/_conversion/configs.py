@@ -4,6 +4,7 @@ beside it are written in."""
 
 from __future__ import annotations
 
+import json
 from collections import Counter
 from dataclasses import dataclass
 from typing import Any
@@ -36,23 +37,28 @@ def fix_configs(
     drop_quantization: bool = False,
     add_quantization: dict[str, dict[str, Any]] | None = None,
     claims: dict[str, Counter[str]] | None = None,
+    set_keys: dict[str, dict[str, Any]] | None = None,
 ) -> list[ConfigFix]:
     """Every config.json beside the weights, with its dtype claims set to the target
     (and, for a dequantized model, without quantization_config; for a quantized one,
     with the ``quantization_config`` that ``add_quantization`` gives for its path).
     ``claims``: the dtypes written in each folder; a config beside none written in the
-    target keeps its claims (it would name a dtype no weight of it has)."""
-    if target is None and not add_quantization:  # every tensor keeps its dtype: so do
-        return [ConfigFix(rel, None, {}) for rel in folder.configs]  # the configs
+    target keeps its claims (it would name a dtype no weight of it has). ``set_keys``:
+    per config, keys set to new values where the config has them (at the top, else in
+    ``text_config``), or at the top (``--merge-lora``: ``vocab_size``...)."""
+    if target is None and not add_quantization and not set_keys:  # every tensor keeps
+        return [ConfigFix(rel, None, {}) for rel in folder.configs]  # its dtype: so do configs
     fixes = []
     for rel in folder.configs:
         config = read_config(folder.root / rel)
         where = rel.rpartition("/")[0]
         held = claims.get(where) if claims is not None else None
-        if target is not None and held is not None and not held[target]:
+        keys = (set_keys or {}).get(rel, {})
+        if target is not None and held is not None and not held[target] and not keys:
             fixes.append(ConfigFix(rel, None, {}))  # no weight beside it is in the target
             continue
         retyped = retype_config(config, torch_name(target)) if target else dict(config)
+        changes = set_config_keys(retyped, keys)
         if drop_quantization:
             retyped = without_quantization(retyped)
         added = (add_quantization or {}).get(rel)
@@ -62,7 +68,7 @@ def fix_configs(
             fixes.append(ConfigFix(rel, None, {}))
             continue
         before, after = config_dtypes(config), config_dtypes(retyped)
-        changes = {k: (before.get(k, "(none)"), v) for k, v in after.items() if before.get(k) != v}
+        changes |= {k: (before.get(k, "(none)"), v) for k, v in after.items() if before.get(k) != v}
         if drop_quantization and without_quantization(config) != config:
             changes["quantization_config"] = ("present", "removed")
         if added is not None:
@@ -70,6 +76,22 @@ def fix_configs(
             changes["quantization_config"] = ("(none)", f"{method} ({scheme_of(method, added)})")
         fixes.append(ConfigFix(rel, to_json(retyped), changes))
     return fixes
+
+
+def set_config_keys(config: dict[str, Any], keys: dict[str, Any]) -> dict[str, tuple[str, str]]:
+    """Set ``keys`` in ``config`` where it has them (the top, else ``text_config``),
+    else at the top; the changes, as (before, after) text."""
+    changes = {}
+    for key, value in keys.items():
+        text = config.get("text_config")
+        where = config
+        if key not in config and isinstance(text, dict) and key in text:
+            where = config["text_config"] = dict(text)  # a copy: the source's stays as read
+        before = where.get(key, "(none)")
+        if before != value:
+            where[key] = value
+            changes[key] = (json.dumps(before) if before != "(none)" else before, json.dumps(value))
+    return changes
 
 
 def written_dtypes(plan: ConversionPlan) -> dict[str, Counter[str]]:

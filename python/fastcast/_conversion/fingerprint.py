@@ -45,9 +45,10 @@ def shard_fingerprint(s: PlannedShard) -> list[Any]:
 def special_fingerprint(t: PlannedTensor) -> list[Any]:
     """What decides a dequantized or quantized tensor's values: its name, and its
     source's config parameters and operands, or its block."""
+    if t.merged is not None:  # merged into a dequantized base: both decide it
+        base = None if t.dequant is None else t.dequant.weight.describe()
+        return [t.name, t.merged.describe(), base]
     if t.dequant is not None:
         return [t.name, t.dequant.weight.describe()]
-    if t.merged is not None:
-        return [t.name, t.merged.describe()]
     assert t.quantized is not None
     return [t.name, t.quantized.describe()]

@@ -98,7 +98,7 @@ def prepare(model: str | os.PathLike[str], options: ConvertOptions) -> Prepared:
     dequantized, quantizing = decide(folder, quant, options)
     if dequantized is not None:
         folder = without_sidecars(folder)
-    merging = merge_of(folder, quant, options)
+    merging = merge_of(folder, quant, options, dequantized)
     plan = plan_conversion(
         folder, options.dtype, options.shard_size, options.keep, quantized=quant is not None,
         dequantize=dequantized, quantize=quantizing.targets if quantizing else None,
@@ -117,6 +117,7 @@ def prepare(model: str | os.PathLike[str], options: ConvertOptions) -> Prepared:
         drop_quantization=dequantized is not None,
         add_quantization=quantizing.configs if quantizing else None,
         claims=claims,
+        set_keys={"config.json": merging.config} if merging and merging.config else None,
     )
     stamp, settings = fingerprint(folder, plan, options.fp8_overflow, torch)
     run = prepare_output(
@@ -154,20 +155,23 @@ def decide(
 
 
 def merge_of(
-    folder: ModelFolder, quant: Quantization | None, options: ConvertOptions
+    folder: ModelFolder,
+    quant: Quantization | None,
+    options: ConvertOptions,
+    dequantized: dict[tuple[str, str], QuantizedWeight] | None,
 ) -> Merging | None:
-    """``--merge-lora``: the adapter read and matched to the base, or None."""
+    """``--merge-lora``: the adapter read and matched to the base (a quantized one's
+    weights as ``--dequantize`` writes them), or None."""
     if options.merge_lora is None:
         return None
     adapter = open_adapter(options.merge_lora)
-    if quant is not None:
+    if quant is not None and dequantized is None:
         raise QuantizedModelError(
-            f"{folder.root}: a {quant.method} model; merging an adapter into a quantized "
-            "base is not supported yet"
+            f"{folder.root}: a {quant.method} model; an adapter is merged into its weights "
+            "dequantized: add --dequantize --dtype bf16 (or fp16, fp32)"
         )
     config = folder.root / "config.json"
-    model_type = read_config(config).get("model_type") if config.is_file() else None
-    return plan_merge(folder, adapter, model_type if isinstance(model_type, str) else None)
+    return plan_merge(folder, adapter, read_config(config) if config.is_file() else {}, dequantized)
 
 
 def first_notes(

@@ -10,12 +10,14 @@ type, never guessed from shapes: GPT-2's ``c_proj`` is square.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from collections.abc import Mapping
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from fastcast._core import ModelFolderError
 from fastcast._dtypes import is_castable
+from fastcast._plan.dequantize import QuantizedWeight
 from fastcast._plan.wire import operand_plan
 from fastcast._source.adapter import Adapter, LoraModule
 from fastcast._source.entries import TensorEntry
@@ -23,6 +25,7 @@ from fastcast._source.folder import ModelFolder
 
 if TYPE_CHECKING:
     from fastcast import _core
+    from fastcast._plan.wire import DequantPlan
 
 #: Model types whose layers of these names are transformers' ``Conv1D`` (weight
 #: ``[in, out]``), from transformers' modeling files.
@@ -55,10 +58,14 @@ class Merged:
             "dora": m.magnitude is not None,
         }
 
-    def recipe(self, source_ids: dict[Path, int]) -> _core.MergePlan:
-        """The executor's recipe (the core's ``values/merge.rs``)."""
+    def recipe(
+        self, source_ids: dict[Path, int], base: DequantPlan | None = None
+    ) -> _core.MergePlan:
+        """The executor's recipe (the core's ``values/merge.rs``); ``base``: a quantized
+        base weight's dequantization."""
         m = self.lora
         return {
+            "base": base,
             "a": operand_plan(m.a, source_ids),
             "b": operand_plan(m.b, source_ids),
             "scale": m.scale,
@@ -75,59 +82,124 @@ class Merging:
     merged: dict[tuple[str, str], Merged]
     replaced: dict[tuple[str, str], TensorEntry]
     """Base tensors whose values the adapter's replace (and, if also ``merged``, are
-    what its update is added to)."""
+    what its update is added to); a resized embedding's rows may differ."""
+    added: dict[tuple[str, str], TensorEntry] = field(default_factory=dict)
+    """Tensors the base does not hold: the output head of a base that ties it to the
+    embeddings, trained apart (``modules_to_save=["lm_head"]``)."""
+    config: dict[str, Any] = field(default_factory=dict)
+    """Keys of the base's config.json the merge changes: ``vocab_size`` (a resized
+    vocabulary), ``tie_word_embeddings`` (an output head of its own)."""
 
 
-def plan_merge(folder: ModelFolder, adapter: Adapter, model_type: str | None) -> Merging:
+@dataclass(frozen=True)
+class SetMerge:
+    """What an adapter does to one weight set, by tensor name."""
+
+    merged: dict[str, Merged]
+    replaced: dict[str, TensorEntry]
+    added: list[TensorEntry]
+
+
+def for_set(merging: Merging | None, key: str) -> SetMerge | None:
+    """``merging``'s part in the weight set ``key``."""
+    if merging is None:
+        return None
+    return SetMerge(
+        {name: how for (k, name), how in merging.merged.items() if k == key},
+        {name: e for (k, name), e in merging.replaced.items() if k == key},
+        [e for (k, _), e in merging.added.items() if k == key],
+    )
+
+
+def plan_merge(
+    folder: ModelFolder,
+    adapter: Adapter,
+    config: dict[str, Any],
+    dequantized: Mapping[tuple[str, str], QuantizedWeight] | None = None,
+) -> Merging:
     """Match every module and replacement of ``adapter`` to the base tensor it changes,
     refusing (by module) what does not fit: a missing weight, another shape, a base
-    weight that is not a float."""
+    weight that is not a float. ``config`` is the base's config.json (its model type
+    decides Conv1D layers; its ties, an added head). ``dequantized`` ((set key, source
+    tensor) -> weight): a quantized base's weights, matched under their dequantized
+    names and shapes."""
     where: dict[str, tuple[str, TensorEntry]] = {}
+    for (key, _), w in (dequantized or {}).items():
+        # what --dequantize writes: the weight's name and shape, computed in fp32
+        where[w.name] = (key, TensorEntry(w.name, "F32", w.shape, folder.root, (0, 0)))
     for ws in folder.weight_sets:
         for e in ws.tensors:
             where.setdefault(e.name, (ws.key, e))
-    conv1d = CONV1D.get(model_type or "", set())
-    merged = {}
+    merging = replacements(folder, adapter, config, where)
+    # A replaced tensor that is also updated (an embedding PEFT saved as
+    # ``base_layer.weight`` beside its LoRA): the update is added to the replacement,
+    # as PEFT loads it into the model before it merges (the plan reads both).
+    for key, name in merging.replaced:
+        where[name] = (key, merging.replaced[key, name])
+    model_type = config.get("model_type")
+    conv1d = CONV1D.get(model_type if isinstance(model_type, str) else "", set())
     for m in adapter.modules.values():
         key, base = found(where, m.weight, adapter)
-        if not is_castable(base.dtype):
-            raise ModelFolderError(
-                f"{base.file}: {base.name} is {base.dtype}: merging into a quantized base "
-                "is not supported yet"
-            )
-        transpose = m.embedding or m.module.rpartition(".")[2] in conv1d
-        a, b = m.a.shape, m.b.shape
-        fits = (a[1], b[0]) if transpose else (b[0], a[1])
-        if tuple(base.shape) != fits:
-            raise ModelFolderError(
-                f"{adapter.given}: module {m.module}: lora_A {list(a)} and lora_B {list(b)} "
-                f"do not fit the base's {base.name} {list(base.shape)} (an adapter for "
-                "another model or size?)"
-            )
-        if m.magnitude is not None and tuple(m.magnitude.shape) != (b[0],):
-            raise ModelFolderError(
-                f"{adapter.given}: module {m.module}: lora_magnitude_vector "
-                f"{list(m.magnitude.shape)} does not fit lora_B {list(b)}"
-            )
-        merged[key, base.name] = Merged(m, transpose)
-    replaced = {}
+        merging.merged[key, base.name] = update(adapter, m, base, conv1d)
+    return merging
+
+
+def update(adapter: Adapter, m: LoraModule, base: TensorEntry, conv1d: set[str]) -> Merged:
+    """Module ``m``'s update of ``base``, its orientation by the module's type."""
+    if not is_castable(base.dtype):
+        raise ModelFolderError(
+            f"{base.file}: {base.name} is {base.dtype}, not a float weight (a "
+            "quantized base is merged with --dequantize --dtype DTYPE)"
+        )
+    transpose = m.embedding or m.module.rpartition(".")[2] in conv1d
+    a, b = m.a.shape, m.b.shape
+    fits = (a[1], b[0]) if transpose else (b[0], a[1])
+    if tuple(base.shape) != fits:
+        raise ModelFolderError(
+            f"{adapter.given}: module {m.module}: lora_A {list(a)} and lora_B {list(b)} "
+            f"do not fit the base's {base.name} {list(base.shape)} (an adapter for "
+            "another model or size?)"
+        )
+    if m.magnitude is not None and tuple(m.magnitude.shape) != (b[0],):
+        raise ModelFolderError(
+            f"{adapter.given}: module {m.module}: lora_magnitude_vector "
+            f"{list(m.magnitude.shape)} does not fit lora_B {list(b)}"
+        )
+    return Merged(m, transpose)
+
+
+def replacements(
+    folder: ModelFolder,
+    adapter: Adapter,
+    config: dict[str, Any],
+    where: dict[str, tuple[str, TensorEntry]],
+) -> Merging:
+    """The adapter's replacements matched to the base: same shape, or (a resized
+    vocabulary) more or fewer rows; an output head the base ties to its embeddings,
+    added (``tie_word_embeddings`` then false)."""
+    merging = Merging(adapter, {}, {})
+    tied = config.get("tie_word_embeddings", True) is not False
     for name, entry in adapter.replaces.items():
+        if name not in where and tied and name.rpartition(".")[0].endswith("lm_head"):
+            key = folder.weight_sets[0].key if folder.weight_sets else "model"
+            merging.added[key, name] = entry
+            merging.config["tie_word_embeddings"] = False
+            continue
         key, base = found(where, name, adapter)
-        if tuple(base.shape) != tuple(entry.shape):
-            raise ModelFolderError(
-                f"{adapter.given}: {name} is {list(entry.shape)} in the adapter but "
-                f"{list(base.shape)} in the base (a resized vocabulary is not merged yet)"
-            )
         if not is_castable(entry.dtype) or not is_castable(base.dtype):
             raise ModelFolderError(
                 f"{adapter.given}: {name}: replacing a {base.dtype} tensor with a "
                 f"{entry.dtype} one is not supported"
             )
-        replaced[key, name] = entry
-    # A replaced tensor that is also updated (an embedding PEFT saved as
-    # ``base_layer.weight`` beside its LoRA): the update is added to the replacement,
-    # as PEFT loads it into the model before it merges (the plan reads both).
-    return Merging(adapter, merged, replaced)
+        if tuple(base.shape) != tuple(entry.shape):
+            if len(entry.shape) != 2 or tuple(base.shape[1:]) != tuple(entry.shape[1:]):
+                raise ModelFolderError(
+                    f"{adapter.given}: {name} is {list(entry.shape)} in the adapter but "
+                    f"{list(base.shape)} in the base (an adapter for another model?)"
+                )
+            merging.config["vocab_size"] = entry.shape[0]  # a resized embedding or head
+        merging.replaced[key, name] = entry
+    return merging
 
 
 def found(

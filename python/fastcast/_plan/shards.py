@@ -26,13 +26,13 @@ import math
 from collections.abc import Collection, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Literal, NamedTuple, Protocol, TypeAlias, TypeVar
+from typing import TYPE_CHECKING, Any, Literal, NamedTuple, Protocol, TypeVar
 
 from fastcast import _core
 from fastcast._dtypes import element_size, is_castable
 from fastcast._names import join
 from fastcast._plan.dequantize import QuantizedWeight
-from fastcast._plan.merge import Merged, Merging
+from fastcast._plan.merge import Merged, Merging, SetMerge, for_set
 from fastcast._plan.quantize import QuantizeTarget
 from fastcast._plan.wire import operand_plan
 from fastcast._source.entries import TensorEntry
@@ -40,15 +40,7 @@ from fastcast._source.folder import ModelFolder, SourceFile, WeightSet
 from fastcast._source.quantization import SURVIVING_ROLES
 
 if TYPE_CHECKING:
-    #: How the executor reconstructs a dequantized tensor (``kind`` says which).
-    DequantPlan: TypeAlias = (
-        _core.Fp8ScaledPlan
-        | _core.Bnb4Plan
-        | _core.Int8RowsPlan
-        | _core.GptqPlan
-        | _core.AwqPlan
-        | _core.Fp4Plan
-    )
+    from fastcast._plan.wire import DequantPlan
 
 
 @dataclass(frozen=True)
@@ -380,10 +372,11 @@ def tensor_plan(
         "src_offsets": e.offsets,
         "dst_offsets": t.offsets,
     }
-    if t.dequant is not None:
+    if t.merged is not None:  # a dequantized base's recipe is the merge's base
+        base = None if t.dequant is None else dequant_dict(t.dequant, source_ids)
+        out["merge"] = t.merged.recipe(source_ids, base)
+    elif t.dequant is not None:
         out["dequant"] = dequant_dict(t.dequant, source_ids)
-    if t.merged is not None:
-        out["merge"] = t.merged.recipe(source_ids)
     q = t.quantized
     if q is not None and q.kind == "fp8_weight":
         out["quantize"] = {"kind": "fp8_weight", "block": q.block}
@@ -558,9 +551,7 @@ def plan_set(
     quantized: bool = False,
     dequantize: Mapping[str, QuantizedWeight] | None = None,
     quantize: Sequence[QuantizeTarget] | None = None,
-    *,
-    merge: Mapping[str, Merged] | None = None,
-    replace: Mapping[str, TensorEntry] | None = None,
+    adapter: SetMerge | None = None,
 ) -> SetPlan:
     """One weight set's output, named after the set without its variant.
 
@@ -569,14 +560,15 @@ def plan_set(
     the place of the source tensor), and every other quantization-state tensor is left
     out (the output is a plain model). ``quantize`` says what ``--quantize`` makes of
     each tensor (``_plan.quantize.quantize_targets``): a quantized weight is written as its
-    e4m3 values and, in the same shard, its scales. ``merge`` maps base weights to the
-    adapter update ``--merge-lora`` adds to them, ``replace`` base tensors to the
-    adapter's tensors written in their place (in the base tensor's dtype, or the
-    target)."""
+    e4m3 values and, in the same shard, its scales. ``adapter`` says what
+    ``--merge-lora`` does to the set: base weights with the update added, base tensors
+    replaced by the adapter's (in the base tensor's dtype, or the target), tensors added
+    at the end (in the set's float dtype, or the target)."""
     quantized = quantized or dequantize is not None or quantize is not None
-    merge, replace = merge or {}, replace or {}
+    merge = adapter.merged if adapter else {}
+    replace = adapter.replaced if adapter else {}
     tables = [f.entries for f in ws.files if isinstance(f.entries, _core.Entries)]
-    if not quantized and not merge and not replace and len(tables) == len(ws.files):
+    if not quantized and adapter is None and len(tables) == len(ws.files):
         return plain_set(ws, tables, dtype, shard_size, keep)
     entries = ws.tensors
     roles = (
@@ -597,6 +589,7 @@ def plan_set(
             else planned(replace.get(e.name, e), to, join(ws.folder, e.name), role)
             for e, to, role in zip(entries, targets, roles, strict=True)
         ]  # fmt: skip
+        tensors += added(ws, adapter, dtype)
         groups = pack(tensors, shard_size)
     else:
         by_name = {t.name: t for t in entries}
@@ -611,11 +604,18 @@ def plan_set(
                 nbytes = math.prod(w.shape) * element_size(dtype)
                 label = join(ws.folder, w.name)
                 bundles.append(Bundle([
-                    PlannedTensor(entry, dtype, nbytes, label=label, dequant=how, role=roles[i])
+                    PlannedTensor(entry, dtype, nbytes, label=label, dequant=how, role=roles[i],
+                                  merged=merge.get(w.name))
                 ], nbytes))  # fmt: skip
             elif dequantize is None or roles[i] in SURVIVING_ROLES:
-                t = planned(entry, to, join(ws.folder, entry.name), roles[i])
+                label = join(ws.folder, entry.name)
+                t = (
+                    merged(replace.get(entry.name, entry), to, label, merge[entry.name])
+                    if entry.name in merge
+                    else planned(replace.get(entry.name, entry), to, label, roles[i])
+                )
                 bundles.append(Bundle([t], t.nbytes))
+        bundles += [Bundle([t], t.nbytes) for t in added(ws, adapter, dtype)]
         groups = [[t for b in group for t in b.tensors] for group in pack(bundles, shard_size)]
     # The source's metadata is kept; transformers needs a format, so one is added if absent.
     metadata = {"format": "pt", **ws.metadata}
@@ -624,6 +624,24 @@ def plan_set(
         ws.key,
         [PlannedShard(n, g, dict(metadata)) for n, g in zip(names, groups, strict=True)],
     )
+
+
+def added(ws: WeightSet, adapter: SetMerge | None, dtype: str | None) -> list[PlannedTensor]:
+    """The tensors an adapter adds to the set (an output head of its own), in ``dtype``
+    or, without one, the float dtype holding most of the set's bytes."""
+    if adapter is None or not adapter.added:
+        return []
+    if dtype is None:
+        sizes: dict[str, int] = {}
+        for e in ws.tensors:
+            if is_castable(e.dtype):
+                sizes[e.dtype] = sizes.get(e.dtype, 0) + e.nbytes
+        dtype = max(sizes, key=sizes.__getitem__) if sizes else None
+    return [
+        planned(e, dtype if dtype and is_castable(e.dtype) else e.dtype,
+                join(ws.folder, e.name), "plain")
+        for e in adapter.added
+    ]  # fmt: skip
 
 
 def plain_set(
@@ -672,10 +690,7 @@ def plan_conversion(
             None if dequantize is None
             else {name: how for (key, name), how in dequantize.items() if key == ws.key},
             None if quantize is None else quantize[ws.key],
-            merge=None if merging is None
-            else {name: how for (key, name), how in merging.merged.items() if key == ws.key},
-            replace=None if merging is None
-            else {name: e for (key, name), e in merging.replaced.items() if key == ws.key},
+            for_set(merging, ws.key),
         )
         for ws in model.weight_sets
     ]  # fmt: skip

@@ -4,9 +4,21 @@
 from __future__ import annotations
 
 from pathlib import Path
+from typing import TYPE_CHECKING, TypeAlias
 
 from fastcast import _core
 from fastcast._source.entries import TensorEntry
+
+if TYPE_CHECKING:
+    #: How the executor reconstructs a dequantized tensor (``kind`` says which).
+    DequantPlan: TypeAlias = (
+        _core.Fp8ScaledPlan
+        | _core.Bnb4Plan
+        | _core.Int8RowsPlan
+        | _core.GptqPlan
+        | _core.AwqPlan
+        | _core.Fp4Plan
+    )
 
 
 def operand_plan(e: TensorEntry, source_ids: dict[Path, int]) -> _core.OperandPlan:

@@ -31,8 +31,9 @@ from fastcast._arguments import as_patterns
 from fastcast._dtypes import element_size, from_torch_name, is_castable, torch_name
 from fastcast._output.record import RECORD_NAME, STAGING_DIR, OutputRecord, load_record, read_record
 from fastcast._plan.dequantize import QuantizedWeight, quantized_weights
-from fastcast._plan.merge import Merged, plan_merge
+from fastcast._plan.merge import Merged, SetMerge, plan_merge
 from fastcast._plan.quantize import QUANTIZE_METHODS, QuantizeTarget, quantize_targets
+from fastcast._plan.shards import added
 from fastcast._progress import ByteProgress
 from fastcast._source.adapter import open_adapter
 from fastcast._source.config import config_dtypes, is_transformers_config, read_config
@@ -155,7 +156,9 @@ class Pairing:
     merged: dict[str, dict[str, Merged]] = field(default_factory=dict)
     """``--merge-lora``, per source set: each merged weight, by name."""
     replaced: dict[str, dict[str, TensorEntry]] = field(default_factory=dict)
-    """``--merge-lora``, per source set: the adapter's tensor each replaced one came from."""
+    """``--merge-lora``, per source set: the adapter's tensor each replaced one came from,
+    and the tensors it added (an output head of its own)."""
+    added: dict[str, list[TensorEntry]] = field(default_factory=dict)
     _expected: dict[str, dict[str, tuple[str, tuple[int, ...]]]] = field(
         default_factory=dict, compare=False, repr=False
     )
@@ -207,7 +210,8 @@ class Pairing:
         )
         weights = self.dequantized.get(source.key)
         if weights is None:
-            return {t.name: (d, t.shape) for t, d in zip(tensors, dtypes, strict=True)}
+            want = {t.name: (d, t.shape) for t, d in zip(tensors, dtypes, strict=True)}
+            return self.merged_shapes(source, want)
         by_source = {w.source: w for w in weights.values()}
         roles = _core.quant_roles([t.name for t in tensors], [t.dtype for t in tensors])
         want = {}
@@ -217,6 +221,20 @@ class Pairing:
                 want[w.name] = (self.target, w.shape)
             elif role in SURVIVING_ROLES:
                 want[t.name] = (d, t.shape)
+        return self.merged_shapes(source, want)
+
+    def merged_shapes(
+        self, source: WeightSet, want: dict[str, tuple[str, tuple[int, ...]]]
+    ) -> dict[str, tuple[str, tuple[int, ...]]]:
+        """``want`` with ``--merge-lora``'s replacements in their shapes (a resized
+        vocabulary) and its added tensors, as the conversion wrote them."""
+        for name, e in self.replaced.get(source.key, {}).items():
+            if name in want:
+                want[name] = (want[name][0], e.shape)
+        kept = self.keep == ["*"]  # converted without a dtype
+        extra = SetMerge({}, {}, self.added.get(source.key, []))
+        for t in added(source, extra, None if kept else self.target):
+            want[t.name] = (t.dtype, t.shape)
         return want
 
 
@@ -474,6 +492,7 @@ def verify_values(
     for source, converted in pairing.sets:
         sources = {t.name: t for t in source.tensors}
         sources.update(pairing.replaced.get(source.key, {}))
+        sources.update({e.name: e for e in pairing.added.get(source.key, [])})
         expected = pairing.expected(source)
         weights = pairing.dequantized.get(source.key, {})
         quantized = pairing.quantized(source)
@@ -534,11 +553,11 @@ class FileCheck:
             want = self.expected.get(t.name)
             if want is None or (t.dtype, t.shape) != want:
                 continue  # not in the source, or a structural problem: reported there
+            if t.name in self.merged:  # into a dequantized base too
+                self.merge(t)
+                continue
             if t.name in self.weights or t.name in self.quantized:
                 self.special(t)
-                continue
-            if t.name in self.merged:
-                self.merge(t)
                 continue
             if plain and not self.continues(plain[-1], t):
                 self.plain_run(plain)
@@ -667,9 +686,13 @@ class FileCheck:
     def merge(self, t: TensorEntry) -> None:
         """A merged weight against PEFT's merge math in float64, within the bound an fp32
         merge rounded to the output dtype can err by (``_verify/merged.py``)."""
-        ref = merged_reference(
-            self.merged[t.name], self.read(t.name), self.read_entry, t.dtype
-        )  # fmt: skip
+        w = self.weights.get(t.name)
+        if w is None:
+            base = self.read(t.name)
+        else:  # a quantized base: its weight as the format's reference dequantizes it
+            d = dequantized(w, self.read)
+            base = d.values(0, d.numel, "cpu").reshape(w.shape)
+        ref = merged_reference(self.merged[t.name], base, self.read_entry, t.dtype)
         out, device, dtype = self.map(self.file.path), self.device, t.dtype
         unit = element_size(dtype)
         piece = Piece(t.name, 0, ref.numel, t.shape)
@@ -772,12 +795,18 @@ def load_model(out: ModelFolder, devices: list[str]) -> dict[str, int]:
 
 
 def merges_of(
-    src: ModelFolder, record: OutputRecord | None, report: VerifyReport
-) -> tuple[dict[str, dict[str, Merged]], dict[str, dict[str, TensorEntry]]]:
+    src: ModelFolder,
+    record: OutputRecord | None,
+    report: VerifyReport,
+    weights: dict[tuple[str, str], QuantizedWeight] | None,
+) -> tuple[
+    dict[str, dict[str, Merged]], dict[str, dict[str, TensorEntry]], dict[str, list[TensorEntry]]
+]:
     """What the recorded ``--merge-lora`` adapter changed, per source set (nothing when
-    the output was not merged); a problem in ``report`` if the adapter changed since."""
+    the output was not merged), ``weights`` a dequantized base's; a problem in
+    ``report`` if the adapter changed since."""
     if record is None or record.merge_lora is None:
-        return {}, {}
+        return {}, {}, {}
     given = record.merge_lora.get("folder") or record.merge_lora.get("path", "")
     adapter = open_adapter(given)
     if adapter.digest() != record.merge_lora.get("sha256"):
@@ -785,15 +814,17 @@ def merges_of(
             f"{adapter.file.path}: the adapter's weights changed since the merge (sha256)"
         )
     config = src.root / "config.json"
-    model_type = read_config(config).get("model_type") if config.is_file() else None
-    merging = plan_merge(src, adapter, model_type if isinstance(model_type, str) else None)
+    merging = plan_merge(src, adapter, read_config(config) if config.is_file() else {}, weights)
     merged: dict[str, dict[str, Merged]] = {}
     replaced: dict[str, dict[str, TensorEntry]] = {}
     for (key, name), how in merging.merged.items():
         merged.setdefault(key, {})[name] = how
     for (key, name), entry in merging.replaced.items():
         replaced.setdefault(key, {})[name] = entry
-    return merged, replaced
+    extra: dict[str, list[TensorEntry]] = {}
+    for (key, _), entry in merging.added.items():
+        extra.setdefault(key, []).append(entry)
+    return merged, replaced, extra
 
 
 def verify(
@@ -857,14 +888,16 @@ def verify(
     sets, unpaired = pair_sets(src, out)
     quant = detect(src)
     dequantized: dict[str, dict[str, QuantizedWeight]] = {}
+    weights = None
     if quant is not None and was_dequantized(out, record):
-        for (key, _), w in quantized_weights(src, quant, roles(src)).items():
+        weights = quantized_weights(src, quant, roles(src))
+        for (key, _), w in weights.items():
             dequantized.setdefault(key, {})[w.name] = w
         src = without_sidecars(src)  # as the conversion left them out
-    merged, replaced = merges_of(src, record, report)
+    merged, replaced, extra = merges_of(src, record, report, weights)
     pairing = Pairing(
         sets, target, list(keep or ()), quant, dequantized, scheme, own_dtypes=kept_dtypes,
-        merged=merged, replaced=replaced,
+        merged=merged, replaced=replaced, added=extra,
     )  # fmt: skip
     report.problems = unpaired + check_structure(src, out, pairing)
     report.merged = sum(len(m) for m in merged.values())

@@ -101,7 +101,8 @@ def add_merge_options(convert: argparse.ArgumentParser) -> None:
         "adapter_model.safetensors or .bin, or a repo id in the local cache) into the "
         "weights, as PEFT's merge_and_unload does: each merged weight computed in fp32 "
         "and rounded once to DTYPE (default: the base's dtype, never fp32 for a bf16 "
-        "base); modules_to_save tensors replace the base's",
+        "base); modules_to_save tensors replace the base's; a quantized base needs "
+        "--dequantize --dtype DTYPE",
     )
 
 
