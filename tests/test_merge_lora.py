@@ -14,7 +14,10 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import shutil
+import subprocess
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -465,3 +468,58 @@ def test_quantized_base_dequantized_in_fp32_then_merged(tmp_path: Path, name: st
     assert report.tensors_merged == len(merged_names(adapter))
     assert fastcast.verify(out, progress=False).ok
     check_low_precision(output(out), peft_merged(plain, adapter), merged_names(adapter))
+
+
+def test_the_adapters_tokenizer_files_win(llama: Path, tmp_path: Path) -> None:
+    """A fine-tune that changed the tokenizer (added tokens, a chat template) saved it
+    beside the adapter: the merged output holds the adapter's, not the base's."""
+    base = tmp_path / "base"
+    shutil.copytree(llama, base)
+    (base / "tokenizer_config.json").write_text('{"model_max_length": 64}\n')
+    (base / "special_tokens_map.json").write_text('{"eos_token": "</s>"}\n')
+    adapter = make_adapter(base, tmp_path / "ad", r=4, target_modules=["q_proj"])
+    (adapter / "tokenizer_config.json").write_text('{"model_max_length": 64, "chat": 1}\n')
+    (adapter / "chat_template.jinja").write_text("{{ messages }}\n")
+    out = tmp_path / "out"
+    report = fastcast.convert(base, output=out, merge_lora=adapter, progress=False)
+    assert (out / "tokenizer_config.json").read_text() == '{"model_max_length": 64, "chat": 1}\n'
+    assert (out / "chat_template.jinja").read_text() == "{{ messages }}\n"
+    assert (out / "special_tokens_map.json").read_text() == '{"eos_token": "</s>"}\n'
+    assert {"tokenizer_config.json", "chat_template.jinja"} <= set(report.copied)
+    assert fastcast.verify(out, progress=False).ok
+    assert (base / "tokenizer_config.json").read_text() == '{"model_max_length": 64}\n'
+
+
+def test_an_adapter_given_as_a_cached_repo_id(llama: Path, tmp_path: Path) -> None:
+    """``--merge-lora org/name``: the adapter's snapshot in the local Hugging Face cache
+    (files linked to blobs, as huggingface_hub lays them out); never downloaded."""
+    made = make_adapter(llama, tmp_path / "made", r=4, target_modules=["q_proj"])
+    cache = tmp_path / "hub"
+    repo = cache / "models--acme--tiny-lora"
+    commit = "0123456789abcdef0123456789abcdef01234567"
+    snapshot = repo / "snapshots" / commit
+    snapshot.mkdir(parents=True)
+    (repo / "blobs").mkdir()
+    for f in made.iterdir():
+        blob = repo / "blobs" / f"blob-{f.name}"
+        shutil.copy(f, blob)
+        (snapshot / f.name).symlink_to(os.path.relpath(blob, snapshot))
+    (repo / "refs").mkdir()
+    (repo / "refs" / "main").write_text(commit)
+    env = {**os.environ, "HF_HUB_CACHE": str(cache), "HF_HUB_OFFLINE": "1"}
+    out = tmp_path / "out"
+    done = subprocess.run(
+        [sys.executable, "-m", "fastcast.cli", "convert", str(llama), "--merge-lora",
+         "acme/tiny-lora", "-o", str(out), "--dtype", "bf16"],
+        capture_output=True, text=True, env=env, check=False,
+    )  # fmt: skip
+    assert done.returncode == 0, done.stderr
+    record = json.loads((out / "fastcast.json").read_text())
+    assert record["merge_lora"]["path"] == "acme/tiny-lora"
+    assert fastcast.verify(out, progress=False).ok
+    missing = subprocess.run(
+        [sys.executable, "-m", "fastcast.cli", "convert", str(llama), "--merge-lora",
+         "acme/absent", "-o", str(tmp_path / "o2")],
+        capture_output=True, text=True, env=env, check=False,
+    )  # fmt: skip
+    assert missing.returncode == 1 and "fastcast never downloads" in missing.stderr

@@ -17,6 +17,7 @@ from fastcast._core import (
 )
 from fastcast._dtypes import short_name
 from fastcast._output.record import RECORD_NAME
+from fastcast._plan.merge import Merging
 from fastcast._plan.shards import ConversionPlan
 from fastcast._source.folder import ModelFolder
 from fastcast._source.hf_cache import cache_snapshot
@@ -75,13 +76,24 @@ def check_space(output: Path, need: int) -> None:
         )
 
 
-def inputs_of(folder: ModelFolder, source: Path, plan: ConversionPlan) -> list[Path]:
+def inputs_of(
+    folder: ModelFolder, source: Path, plan: ConversionPlan, copies: dict[str, Path]
+) -> list[Path]:
     """Everything a conversion reads, for the places nothing may be written: the model
     (its folder, or the file given), every weights file (in a Hugging Face cache, the
     blobs the snapshot links to) and every file copied."""
     top = [source] if folder.is_file else [folder.root]
-    others = [folder.root / rel for rel in (*folder.copies, *folder.configs)]
+    others = [*copies.values(), *(folder.root / rel for rel in folder.configs)]
     return [*top, *plan.sources, *others]
+
+
+def copies_of(folder: ModelFolder, merging: Merging | None) -> dict[str, Path]:
+    """The files copied into the output, by output path: the model's other files and,
+    merging an adapter that has them, its tokenizer files in place of the base's."""
+    copies = {rel: folder.root / rel for rel in folder.copies}
+    if merging is not None and not folder.is_file:
+        copies |= merging.adapter.tokenizer_files
+    return copies
 
 
 def check_headers(plan: ConversionPlan, out: Path, sizes: dict[Path, int]) -> None:
@@ -101,12 +113,14 @@ def check_headers(plan: ConversionPlan, out: Path, sizes: dict[Path, int]) -> No
             )
 
 
-def commit_order(plan: ConversionPlan, folder: ModelFolder, configs: list[ConfigFix]) -> list[str]:
+def commit_order(
+    plan: ConversionPlan, copies: dict[str, Path], configs: list[ConfigFix]
+) -> list[str]:
     """Every file of the output, in the order it is put in place: shards and copies,
     the record, config.json files, and the indexes last (an index marks a finished set)."""
     return [
         *(s.name for s in plan.shards),
-        *folder.copies,
+        *copies,
         RECORD_NAME,
         *(c.rel for c in configs),
         *(sp.index_name for sp in plan.sets if sp.index_name),

@@ -19,6 +19,7 @@ from fastcast._conversion.places import (
     check_not_inside,
     check_space,
     commit_order,
+    copies_of,
     default_output,
     inputs_of,
 )
@@ -63,6 +64,8 @@ class Prepared:
     quantizing: Quantizing | None
     merging: Merging | None
     """``--merge-lora``: what the adapter changes."""
+    copies: dict[str, Path]
+    """The other files, by output path -> the file copied there."""
     plan: ConversionPlan
     configs: list[ConfigFix]
     report: Path | None
@@ -104,9 +107,10 @@ def prepare(model: str | os.PathLike[str], options: ConvertOptions) -> Prepared:
         dequantize=dequantized, quantize=quantizing.targets if quantizing else None,
         merging=merging,
     )  # fmt: skip
+    copies = copies_of(folder, merging)
     report = None
     if options.report is not None:
-        report = check_report_path(options.report, inputs_of(folder, source, plan), [out])
+        report = check_report_path(options.report, inputs_of(folder, source, plan, copies), [out])
     sizes = {p: p.stat().st_size for p in plan.sources}
     check_headers(plan, out, sizes)
     claims = written_dtypes(plan)
@@ -121,13 +125,14 @@ def prepare(model: str | os.PathLike[str], options: ConvertOptions) -> Prepared:
     )
     stamp, settings = fingerprint(folder, plan, options.fp8_overflow, torch)
     run = prepare_output(
-        out, fingerprint=stamp, settings=settings, files=commit_order(plan, folder, configs),
+        out, fingerprint=stamp, settings=settings, files=commit_order(plan, copies, configs),
         overwrite=options.overwrite, resume=options.resume,
     )  # fmt: skip
     run.fsync = options.fsync
     prepared = Prepared(
-        model, source, folder, out, options, quant, dequantized, quantizing, merging, plan,
-        configs, report, sizes, stamp, run, started, notes=first_notes(folder, out, quant, options),
+        model, source, folder, out, options, quant, dequantized, quantizing, merging, copies,
+        plan, configs, report, sizes, stamp, run, started,
+        notes=first_notes(folder, out, quant, options),
     )  # fmt: skip
     if run.mode != "finished":
         what_to_write(prepared, claims)
@@ -204,7 +209,7 @@ def what_to_write(prepared: Prepared, claims: dict[str, Counter[str]]) -> None:
     if run.manifest.phase == "staging":
         need = (
             sum(s.data_bytes for s in p.plan.shards if s.name in p.todo)
-            + sum((p.folder.root / c).stat().st_size for c in p.folder.copies)
+            + sum(path.stat().st_size for path in p.copies.values())
             + HEADER_ALLOWANCE * (len(p.todo) + 1)
         )
         check_space(p.out, need)

@@ -230,7 +230,7 @@ def finish_report(
         bytes_written=stats.bytes_written if stats else 0,
         seconds=time.perf_counter() - prepared.started,
         config={c.rel: c.changes for c in prepared.configs if c.changes},
-        copied=list(folder.copies),
+        copied=list(prepared.copies),
         skipped=[s.path for s in folder.skipped],
         skipped_why=describe_skipped(folder.skipped),
         kept=kept,

@@ -84,11 +84,11 @@ def stage(prepared: Prepared, executor: ShardExecutor) -> Executed | None:
     """Copy the other files and have ``executor`` write the shards still to write, all
     under the staging folder; nothing when a kill interrupted the commit (finishing
     it is all that is left)."""
-    run, options, folder = prepared.run, prepared.options, prepared.folder
+    run, options = prepared.run, prepared.options
     if run.manifest.phase != "staging":
         return None
-    for rel in folder.copies:
-        run.copy(rel, folder.root / rel)
+    for rel, path in prepared.copies.items():
+        run.copy(rel, path)
     return executor(
         Shards(
             prepared.plan, run, prepared.todo, options.threads, options.chunk_bytes,

@@ -44,6 +44,13 @@ CONFIG_NAME = "adapter_config.json"
 WEIGHT_NAMES = ("adapter_model.safetensors", "adapter_model.bin")
 #: The prefix PEFT saves every key under (the PeftModel's path to the base model).
 PREFIX = "base_model.model."
+#: Tokenizer files an adapter folder may hold (a fine-tune that added tokens or a chat
+#: template saves them): they replace the base's in a merged output.
+TOKENIZER_FILES = (
+    "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "added_tokens.json",
+    "tokenizer.model", "spiece.model", "vocab.json", "vocab.txt", "merges.txt",
+    "chat_template.jinja", "chat_template.json",
+)  # fmt: skip
 #: Config keys naming what a plain LoRA merge does not do; each refused when set.
 UNSUPPORTED = {
     "lora_bias": "a trained bias (lora_bias)",
@@ -90,6 +97,12 @@ class Adapter:
     """By module path."""
     replaces: dict[str, TensorEntry] = field(default_factory=dict)
     """Base tensor name -> the adapter's tensor that replaces it (named as the base's)."""
+
+    @property
+    def tokenizer_files(self) -> dict[str, Path]:
+        """Its tokenizer files (regular files at its top), by name."""
+        found = {n: self.folder / n for n in TOKENIZER_FILES}
+        return {n: p for n, p in found.items() if p.is_file()}
 
     @property
     def dora(self) -> bool:

@@ -31,7 +31,7 @@ from fastcast._arguments import as_patterns
 from fastcast._dtypes import element_size, from_torch_name, is_castable, torch_name
 from fastcast._output.record import RECORD_NAME, STAGING_DIR, OutputRecord, load_record, read_record
 from fastcast._plan.dequantize import QuantizedWeight, quantized_weights
-from fastcast._plan.merge import Merged, SetMerge, plan_merge
+from fastcast._plan.merge import Merged, Merging, SetMerge, for_set, plan_merge
 from fastcast._plan.quantize import QUANTIZE_METHODS, QuantizeTarget, quantize_targets
 from fastcast._plan.shards import added
 from fastcast._progress import ByteProgress
@@ -153,12 +153,18 @@ class Pairing:
     """The ``--quantize`` scheme that made the output from a plain source, if one did."""
     own_dtypes: bool = False
     """``--quantize`` without a target: every tensor not quantized kept its dtype."""
-    merged: dict[str, dict[str, Merged]] = field(default_factory=dict)
-    """``--merge-lora``, per source set: each merged weight, by name."""
-    replaced: dict[str, dict[str, TensorEntry]] = field(default_factory=dict)
-    """``--merge-lora``, per source set: the adapter's tensor each replaced one came from,
-    and the tensors it added (an output head of its own)."""
-    added: dict[str, list[TensorEntry]] = field(default_factory=dict)
+    merging: Merging | None = None
+    """``--merge-lora``: what the recorded adapter changed."""
+
+    def merge_of(self, source: WeightSet) -> SetMerge:
+        """The adapter's part in ``source`` (nothing when there was none)."""
+        return for_set(self.merging, source.key) or SetMerge({}, {}, [])
+
+    @property
+    def copied(self) -> dict[str, Path]:
+        """Files copied from elsewhere than the source (a merged adapter's tokenizer)."""
+        return self.merging.adapter.tokenizer_files if self.merging else {}
+
     _expected: dict[str, dict[str, tuple[str, tuple[int, ...]]]] = field(
         default_factory=dict, compare=False, repr=False
     )
@@ -228,12 +234,12 @@ class Pairing:
     ) -> dict[str, tuple[str, tuple[int, ...]]]:
         """``want`` with ``--merge-lora``'s replacements in their shapes (a resized
         vocabulary) and its added tensors, as the conversion wrote them."""
-        for name, e in self.replaced.get(source.key, {}).items():
+        merge = self.merge_of(source)
+        for name, e in merge.replaced.items():
             if name in want:
                 want[name] = (want[name][0], e.shape)
         kept = self.keep == ["*"]  # converted without a dtype
-        extra = SetMerge({}, {}, self.added.get(source.key, []))
-        for t in added(source, extra, None if kept else self.target):
+        for t in added(source, merge, None if kept else self.target):
             want[t.name] = (t.dtype, t.shape)
         return want
 
@@ -320,7 +326,7 @@ def check_structure(src: ModelFolder, out: ModelFolder, pairing: Pairing) -> lis
                 )
     if pairing.keep != ["*"]:  # every tensor kept its dtype: the configs were copied
         problems += check_configs(out, pairing.target)
-    problems += check_files(src, out)
+    problems += check_files(src, out, pairing.copied)
     problems += check_readable(out)
     return problems
 
@@ -369,15 +375,20 @@ def check_configs(out: ModelFolder, target: str) -> list[str]:
     return problems
 
 
-def check_files(src: ModelFolder, out: ModelFolder) -> list[str]:
-    """The source's other files came along; nothing stray or half-written is left."""
+def check_files(
+    src: ModelFolder, out: ModelFolder, copied: dict[str, Path] | None = None
+) -> list[str]:
+    """The source's other files came along (``copied``: those copied from elsewhere, a
+    merged adapter's tokenizer files); nothing stray or half-written is left."""
     problems = []
+    copied = copied or {}
     if not src.is_file:
-        for rel in src.copies + [c for c in src.configs if c not in out.configs]:
+        rels = [*src.copies, *(c for c in src.configs if c not in out.configs)]
+        for rel in dict.fromkeys([*rels, *copied]):
             twin = out.root / rel
             if not twin.exists():
                 problems.append(f"{rel}: in the source but not in the output")
-            elif twin.stat().st_size != (src.root / rel).stat().st_size:
+            elif twin.stat().st_size != copied.get(rel, src.root / rel).stat().st_size:
                 problems.append(f"{rel}: differs in size from the source's")
     for stale in out.skipped:
         if stale.reason == "weights in another format" or stale.reason.startswith("variant"):
@@ -491,12 +502,13 @@ def verify_values(
     files: list[FileJob] = []
     for source, converted in pairing.sets:
         sources = {t.name: t for t in source.tensors}
-        sources.update(pairing.replaced.get(source.key, {}))
-        sources.update({e.name: e for e in pairing.added.get(source.key, [])})
+        merge = pairing.merge_of(source)
+        sources.update(merge.replaced)
+        sources.update({e.name: e for e in merge.added})
         expected = pairing.expected(source)
         weights = pairing.dequantized.get(source.key, {})
         quantized = pairing.quantized(source)
-        merged = pairing.merged.get(source.key, {})
+        merged = merge.merged
         files += [(f, sources, expected, weights, quantized, merged) for f in converted.files]
     total = sum(t.nbytes for f, *_ in files for t in f.tensors)
     lock = threading.Lock()
@@ -799,14 +811,12 @@ def merges_of(
     record: OutputRecord | None,
     report: VerifyReport,
     weights: dict[tuple[str, str], QuantizedWeight] | None,
-) -> tuple[
-    dict[str, dict[str, Merged]], dict[str, dict[str, TensorEntry]], dict[str, list[TensorEntry]]
-]:
-    """What the recorded ``--merge-lora`` adapter changed, per source set (nothing when
-    the output was not merged), ``weights`` a dequantized base's; a problem in
-    ``report`` if the adapter changed since."""
+) -> Merging | None:
+    """What the recorded ``--merge-lora`` adapter changed (None when the output was not
+    merged), ``weights`` a dequantized base's; a problem in ``report`` if the adapter
+    changed since."""
     if record is None or record.merge_lora is None:
-        return {}, {}, {}
+        return None
     given = record.merge_lora.get("folder") or record.merge_lora.get("path", "")
     adapter = open_adapter(given)
     if adapter.digest() != record.merge_lora.get("sha256"):
@@ -814,17 +824,7 @@ def merges_of(
             f"{adapter.file.path}: the adapter's weights changed since the merge (sha256)"
         )
     config = src.root / "config.json"
-    merging = plan_merge(src, adapter, read_config(config) if config.is_file() else {}, weights)
-    merged: dict[str, dict[str, Merged]] = {}
-    replaced: dict[str, dict[str, TensorEntry]] = {}
-    for (key, name), how in merging.merged.items():
-        merged.setdefault(key, {})[name] = how
-    for (key, name), entry in merging.replaced.items():
-        replaced.setdefault(key, {})[name] = entry
-    extra: dict[str, list[TensorEntry]] = {}
-    for (key, _), entry in merging.added.items():
-        extra.setdefault(key, []).append(entry)
-    return merged, replaced, extra
+    return plan_merge(src, adapter, read_config(config) if config.is_file() else {}, weights)
 
 
 def verify(
@@ -894,13 +894,13 @@ def verify(
         for (key, _), w in weights.items():
             dequantized.setdefault(key, {})[w.name] = w
         src = without_sidecars(src)  # as the conversion left them out
-    merged, replaced, extra = merges_of(src, record, report, weights)
+    merging = merges_of(src, record, report, weights)
     pairing = Pairing(
         sets, target, list(keep or ()), quant, dequantized, scheme, own_dtypes=kept_dtypes,
-        merged=merged, replaced=replaced, added=extra,
+        merging=merging,
     )  # fmt: skip
     report.problems = unpaired + check_structure(src, out, pairing)
-    report.merged = sum(len(m) for m in merged.values())
+    report.merged = len(merging.merged) if merging else 0
     report.tensors_checked, report.bytes_checked, report.mismatches = verify_values(
         pairing, devices, progress
     )
