@@ -523,3 +523,46 @@ def test_an_adapter_given_as_a_cached_repo_id(llama: Path, tmp_path: Path) -> No
         capture_output=True, text=True, env=env, check=False,
     )  # fmt: skip
     assert missing.returncode == 1 and "fastcast never downloads" in missing.stderr
+
+
+def test_a_jobs_file_merges_each_models_adapter(llama: Path, tmp_path: Path) -> None:
+    """A fleet of fine-tunes of one base: a jobs file gives each entry its adapter; each
+    output is the one a single run writes."""
+    ad1 = make_adapter(llama, tmp_path / "ad1", r=4, target_modules=["q_proj"], seed=1)
+    ad2 = make_adapter(llama, tmp_path / "ad2", r=8, target_modules=["v_proj"], seed=2)
+    jobs = tmp_path / "jobs.toml"
+    jobs.write_text(
+        f'dtype = "bf16"\n\n[[model]]\npath = "{llama}"\nmerge_lora = "{ad1}"\n'
+        f'output = "{tmp_path / "one"}"\n\n[[model]]\npath = "{llama}"\n'
+        f'merge_lora = "{ad2}"\noutput = "{tmp_path / "two"}"\n'
+    )
+    done = cli("convert", "--jobs", jobs)
+    assert done.returncode == 0, done.stderr
+    for adapter, out in ((ad1, "one"), (ad2, "two")):
+        alone = tmp_path / f"alone-{out}"
+        fastcast.convert(llama, "bf16", output=alone, merge_lora=adapter, progress=False)
+        assert (tmp_path / out / "model.safetensors").read_bytes() == (
+            alone / "model.safetensors"
+        ).read_bytes()
+        record = json.loads((tmp_path / out / "fastcast.json").read_text())
+        assert record["merge_lora"]["path"] == str(adapter)
+    one, two = (output(tmp_path / n) for n in ("one", "two"))
+    assert not torch.equal(one["model.layers.0.self_attn.q_proj.weight"],
+                           two["model.layers.0.self_attn.q_proj.weight"])  # fmt: skip
+
+
+def test_resume_knows_the_adapter(llama: Path, tmp_path: Path) -> None:
+    """A finished merge resumed with the same adapter has nothing to do; with another
+    adapter (another file, same shapes) the output is not taken for its conversion."""
+    ad1 = make_adapter(llama, tmp_path / "ad1", r=4, target_modules=["q_proj"], seed=1)
+    ad2 = make_adapter(llama, tmp_path / "ad2", r=4, target_modules=["q_proj"], seed=2)
+    out = tmp_path / "out"
+    fastcast.convert(llama, "bf16", output=out, merge_lora=ad1, progress=False)
+    again = fastcast.convert(llama, "bf16", output=out, merge_lora=ad1, resume=True,
+                             progress=False)  # fmt: skip
+    assert again.already_done
+    before = (out / "model.safetensors").read_bytes()
+    other = cli("convert", llama, "--merge-lora", ad2, "-o", out, "-d", "bf16", "--resume")
+    assert other.returncode == 1, other.stdout
+    assert len(other.stderr.strip().splitlines()) == 1, other.stderr
+    assert (out / "model.safetensors").read_bytes() == before

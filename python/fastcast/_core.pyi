@@ -40,6 +40,7 @@ __all__ = [
     "available_kernels",
     "cast_into",
     "cast_rule",
+    "castable_target",
     "dtypes",
     "execute_plan",
     "first_repeat",
@@ -441,6 +442,7 @@ class TorchFile(TypedDict):
     unreferenced: list[str]
 
 def parse_dtype(name: str) -> str: ...
+def castable_target(name: str) -> str: ...
 def dtypes() -> list[DtypeInfo]: ...
 def target_dtypes(
     tensors: Sequence[tuple[str, str]],

@@ -24,7 +24,6 @@ from typing import Literal, TypedDict
 
 from fastcast import _core
 from fastcast._arguments import as_patterns, thread_count
-from fastcast._dtypes import SHORT_NAMES
 from fastcast._units import format_bytes, parse_size
 
 #: ``--shard-size`` when none is given (transformers' default).
@@ -112,7 +111,7 @@ class ConvertOptions:
         """Check and resolve ``convert``'s keywords (see its docstring for each);
         ValueError, TypeError or DtypeError saying what to type instead.
         ``stacklevel`` places a warning (too many threads) at the caller's line."""
-        target = parse_target(dtype) if dtype is not None else None
+        target = _core.castable_target(dtype) if dtype is not None else None
         limit = parse_size(shard_size, "shard size")
         patterns = as_patterns(keep, "keep")
         n_threads = thread_count(threads, stacklevel=stacklevel + 1)
@@ -179,17 +178,6 @@ class Keywords(TypedDict, total=False):
 
 #: The keys a jobs file, and ``convert_batch``'s options, may set: ``make``'s keywords.
 KEYS = frozenset(inspect.signature(ConvertOptions.make).parameters) - {"stacklevel"}
-
-
-def parse_target(dtype: str) -> str:
-    """The target dtype's safetensors name; DtypeError for one fastcast cannot write."""
-    target = _core.parse_dtype(dtype)
-    if target not in SHORT_NAMES:
-        raise _core.DtypeError(
-            f"cannot convert to {dtype!r}: the target must be one of "
-            + ", ".join(SHORT_NAMES.values())
-        )
-    return target
 
 
 def chunk_bytes_for(max_memory: int | str | None, threads: int) -> int:

@@ -4,7 +4,7 @@
 
 use fastcast_core::{dtype, DType, Error};
 use pyo3::prelude::*;
-use pyo3::types::{PyDict, PyList};
+use pyo3::types::{PyDict, PyList, PyString};
 
 use crate::errors::{CoreError, DtypeError};
 
@@ -45,16 +45,30 @@ pub fn safetensors_dtype(name: &str) -> Result<DType, CoreError> {
     })
 }
 
-/// The target dtype `target` names, refused (DtypeError) unless castable.
+/// The target dtype `target` names, refused (DtypeError) unless castable: the
+/// one rule for a conversion's target (`ConvertOptions`, the planners).
 pub fn castable_target(target: &str) -> PyResult<DType> {
     let to: DType = target.parse().map_err(CoreError)?;
     if !to.is_castable() {
+        let typed = Python::attach(|py| -> PyResult<String> {
+            Ok(PyString::new(py, target).repr()?.to_string())
+        })?;
+        // in the order of the dtype table, by the names users type
+        let names: Vec<&str> = dtype::ALL.iter().filter_map(|d| d.short_name()).collect();
         return Err(DtypeError::new_err(format!(
-            "cannot convert to {to}: the target must be one of {}",
-            dtype::CASTABLE.map(DType::safetensors_name).join(", ")
+            "cannot convert to {typed}: the target must be one of {}",
+            names.join(", ")
         )));
     }
     Ok(to)
+}
+
+/// The safetensors name of the conversion target `name` names; DtypeError for
+/// one fastcast cannot write (an unknown name, an integer or packed dtype).
+#[pyfunction]
+#[pyo3(name = "castable_target")]
+pub fn castable_target_name(name: &str) -> PyResult<&'static str> {
+    Ok(castable_target(name)?.safetensors_name())
 }
 
 /// The dtype names met so far, parsed: a plan names a handful, 100k times.

@@ -99,6 +99,7 @@ fn _core(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add("InsufficientSpaceError", insufficient_space_error(py)?)?;
     m.add("LossError", loss_error(py)?)?;
     m.add_function(wrap_pyfunction!(dtype::parse_dtype, m)?)?;
+    m.add_function(wrap_pyfunction!(dtype::castable_target_name, m)?)?;
     m.add_function(wrap_pyfunction!(dtype::dtypes, m)?)?;
     m.add_function(wrap_pyfunction!(rules::target_dtypes, m)?)?;
     m.add_function(wrap_pyfunction!(rules::quant_roles, m)?)?;
