@@ -566,3 +566,19 @@ def test_resume_knows_the_adapter(llama: Path, tmp_path: Path) -> None:
     assert other.returncode == 1, other.stdout
     assert len(other.stderr.strip().splitlines()) == 1, other.stderr
     assert (out / "model.safetensors").read_bytes() == before
+
+
+def test_the_merge_command_is_convert_merge_lora(llama: Path, tmp_path: Path) -> None:
+    adapter = make_adapter(llama, tmp_path / "ad", r=4, target_modules=["q_proj"])
+    merged = cli("merge", llama, adapter, "-o", tmp_path / "m", "--dtype", "bf16")
+    assert merged.returncode == 0, merged.stderr
+    assert "merged with the adapter" in merged.stdout
+    converted = cli("convert", llama, "--merge-lora", adapter, "-o", tmp_path / "c", "-d", "bf16")
+    assert converted.returncode == 0, converted.stderr
+    assert (tmp_path / "m/model.safetensors").read_bytes() == (
+        tmp_path / "c/model.safetensors"
+    ).read_bytes()
+    helped = cli("merge", "--help")
+    assert helped.returncode == 0 and "--merge-lora" in helped.stdout
+    missing = cli("merge", llama, tmp_path / "nowhere", "-o", tmp_path / "x")
+    assert missing.returncode == 1 and len(missing.stderr.strip().splitlines()) == 1

@@ -13,6 +13,7 @@ from fastcast._errors import one_line, resume_hint
 from fastcast.cli.convert import add_convert
 from fastcast.cli.dtypes import add_dtypes
 from fastcast.cli.inspect import add_inspect
+from fastcast.cli.merge import add_merge
 from fastcast.cli.verify import add_verify
 
 
@@ -27,6 +28,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     commands = parser.add_subparsers(dest="command", metavar="COMMAND")
     add_convert(commands)
+    add_merge(commands)
     add_inspect(commands)
     add_verify(commands)
     add_dtypes(commands)

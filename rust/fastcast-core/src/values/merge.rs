@@ -41,6 +41,10 @@ use crate::rules::loss::{LossRule, LossStats};
 /// Output rows a chunk holds a multiple of (the f32 GEMM kernels' tile height
 /// divides it).
 const ROWS: usize = 32;
+/// The widest weight whose chunks are cut in `ROWS` rows (32 rows of 16k f32
+/// values are 2 MiB); wider ones are cut at any row, so that a chunk stays
+/// near the executor's budget.
+const WIDEST_TILED: usize = 1 << 14;
 
 /// How a merged weight's values are made: the plan's recipe.
 #[derive(Debug, Clone, PartialEq, Deserialize)]
@@ -433,9 +437,14 @@ impl<'a> Merger<'a> {
 
 impl Kind for Merger<'_> {
     fn units(&self, s: &Source) -> Units {
-        // Whole rows, ROWS of them where the weight has them: the GEMM's tiles
-        // are full then (a partial tile costs a masked kernel).
-        let rows = if self.rows >= ROWS { ROWS } else { 1 };
+        // Whole rows, ROWS of them where the weight has them and they stay
+        // small (a chunk holds at least that many): the GEMM's tiles are full
+        // then (a partial tile costs a masked kernel).
+        let rows = if self.rows >= ROWS && self.cols <= WIDEST_TILED {
+            ROWS
+        } else {
+            1
+        };
         // f32 values, or (DoRA, an f32 or f64 output) the base and product in
         // f32 and the sum in f64 and f32; and the output
         let held = if self.wide || self.magnitude.is_some() {
