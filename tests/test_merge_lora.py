@@ -582,3 +582,21 @@ def test_the_merge_command_is_convert_merge_lora(llama: Path, tmp_path: Path) ->
     assert helped.returncode == 0 and "--merge-lora" in helped.stdout
     missing = cli("merge", llama, tmp_path / "nowhere", "-o", tmp_path / "x")
     assert missing.returncode == 1 and len(missing.stderr.strip().splitlines()) == 1
+
+
+def test_a_lone_weights_file_and_a_linked_adapter(tmp_path: Path) -> None:
+    """The base given as its one .safetensors file (its folder's config.json still says
+    GPT-2, so the square c_proj is still transposed) and the adapter through a link."""
+    base = build_gpt2(tmp_path / "gpt2")
+    adapter = make_adapter(base, tmp_path / "ad", r=4, lora_alpha=8, fan_in_fan_out=True,
+                           target_modules=["c_attn", "c_proj"])  # fmt: skip
+    link = tmp_path / "linked-adapter"
+    link.symlink_to(adapter, target_is_directory=True)
+    out = tmp_path / "out"
+    done = cli("merge", base / "model.safetensors", link, "-o", out, "--dtype", "bf16")
+    assert done.returncode == 0, done.stderr
+    got = output(out)
+    got.setdefault("lm_head.weight", got["transformer.wte.weight"])
+    check_low_precision(got, peft_merged(base, adapter), merged_names(adapter))
+    assert fastcast.verify(out, progress=False).ok
+

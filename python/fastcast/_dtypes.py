@@ -6,7 +6,7 @@ nothing here re-types a size, a name or a range.
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 
 from fastcast import _core
 
@@ -55,6 +55,16 @@ def torch_name(dtype: str) -> str:
 def from_torch_name(name: str) -> str | None:
     """``"bfloat16"`` or ``"torch.bfloat16"`` -> ``"BF16"``; None if unknown."""
     return _BY_TORCH_NAME.get(name.removeprefix("torch."))
+
+
+def dominant_float(sizes: Iterable[tuple[str, int]]) -> str | None:
+    """Of (dtype, bytes) pairs, the float dtype holding the most bytes, if any: what a
+    model is "in" (its config's dtype, fastcast's default for a tensor it adds)."""
+    totals: dict[str, int] = {}
+    for dtype, nbytes in sizes:
+        if is_castable(dtype):
+            totals[dtype] = totals.get(dtype, 0) + nbytes
+    return max(totals, key=totals.__getitem__) if totals else None
 
 
 def short_name(dtype: str) -> str:

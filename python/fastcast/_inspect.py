@@ -10,6 +10,7 @@ from pathlib import Path
 from fastcast import _core
 from fastcast._arguments import as_patterns
 from fastcast._dtypes import (
+    dominant_float,
     from_torch_name,
     is_castable,
     short_name,
@@ -86,8 +87,7 @@ class ModelInspection:
     @property
     def float_dtype(self) -> str | None:
         """The float dtype holding most of the float bytes, if any."""
-        floats = [d for d in self.dtypes if is_castable(d.dtype)]
-        return max(floats, key=lambda d: d.bytes).dtype if floats else None
+        return dominant_float((d.dtype, d.bytes) for d in self.dtypes)
 
     def render(self) -> str:
         lines = [f"{self.path}"]

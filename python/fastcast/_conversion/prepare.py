@@ -34,7 +34,6 @@ from fastcast._plan.merge import Merging, plan_merge
 from fastcast._plan.quantize import check_quantize
 from fastcast._plan.shards import ConversionPlan, plan_conversion
 from fastcast._source.adapter import open_adapter
-from fastcast._source.config import read_config
 from fastcast._source.folder import ModelFolder, TorchOptions, open_model
 from fastcast._source.hf_cache import cache_snapshot, model_path
 from fastcast._source.quantization import (
@@ -175,8 +174,7 @@ def merge_of(
             f"{folder.root}: a {quant.method} model; an adapter is merged into its weights "
             "dequantized: add --dequantize --dtype bf16 (or fp16, fp32)"
         )
-    config = folder.root / "config.json"
-    return plan_merge(folder, adapter, read_config(config) if config.is_file() else {}, dequantized)
+    return plan_merge(folder, adapter, dequantized)
 
 
 def first_notes(

@@ -20,6 +20,7 @@ from fastcast._dtypes import is_castable
 from fastcast._plan.dequantize import QuantizedWeight
 from fastcast._plan.wire import operand_plan
 from fastcast._source.adapter import Adapter, LoraModule
+from fastcast._source.config import CONFIG_NAME, read_config
 from fastcast._source.entries import TensorEntry
 from fastcast._source.folder import ModelFolder
 
@@ -114,15 +115,16 @@ def for_set(merging: Merging | None, key: str) -> SetMerge | None:
 def plan_merge(
     folder: ModelFolder,
     adapter: Adapter,
-    config: dict[str, Any],
     dequantized: Mapping[tuple[str, str], QuantizedWeight] | None = None,
 ) -> Merging:
     """Match every module and replacement of ``adapter`` to the base tensor it changes,
     refusing (by module) what does not fit: a missing weight, another shape, a base
-    weight that is not a float. ``config`` is the base's config.json (its model type
-    decides Conv1D layers; its ties, an added head). ``dequantized`` ((set key, source
-    tensor) -> weight): a quantized base's weights, matched under their dequantized
-    names and shapes."""
+    weight that is not a float. The base's config.json decides its Conv1D layers (the
+    model type) and whether a head is added (its ties). ``dequantized`` ((set key,
+    source tensor) -> weight): a quantized base's weights, matched under their
+    dequantized names and shapes."""
+    path = folder.root / CONFIG_NAME
+    config = read_config(path) if path.is_file() else {}
     where: dict[str, tuple[str, TensorEntry]] = {}
     for (key, _), w in (dequantized or {}).items():
         # what --dequantize writes: the weight's name and shape, computed in fp32

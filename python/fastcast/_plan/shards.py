@@ -29,7 +29,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal, NamedTuple, Protocol, TypeVar
 
 from fastcast import _core
-from fastcast._dtypes import element_size, is_castable
+from fastcast._dtypes import dominant_float, element_size, is_castable
 from fastcast._names import join
 from fastcast._plan.dequantize import QuantizedWeight
 from fastcast._plan.merge import Merged, Merging, SetMerge, for_set
@@ -464,8 +464,18 @@ def planned(entry: TensorEntry, dtype: str, label: str, role: str) -> PlannedTen
     return PlannedTensor(entry, dtype, nbytes, (0, 0), label, None, role)
 
 
-def merged(entry: TensorEntry, dtype: str, label: str, how: Merged) -> PlannedTensor:
-    """A base weight written with an adapter's update added (``--merge-lora``)."""
+def kept(
+    entry: TensorEntry, dtype: str, label: str, role: str, adapter: SetMerge | None
+) -> PlannedTensor:
+    """A tensor of the set written in ``dtype``: cast (or copied), or, merging an
+    adapter (``--merge-lora``), replaced by the adapter's tensor of its name and/or
+    with the adapter's update added."""
+    if adapter is None:
+        return planned(entry, dtype, label, role)
+    entry = adapter.replaced.get(entry.name, entry)
+    how = adapter.merged.get(entry.name)
+    if how is None:
+        return planned(entry, dtype, label, role)
     nbytes = entry.numel * element_size(dtype)
     return PlannedTensor(entry, dtype, nbytes, (0, 0), label, None, "plain", None, how)
 
@@ -565,8 +575,6 @@ def plan_set(
     replaced by the adapter's (in the base tensor's dtype, or the target), tensors added
     at the end (in the set's float dtype, or the target)."""
     quantized = quantized or dequantize is not None or quantize is not None
-    merge = adapter.merged if adapter else {}
-    replace = adapter.replaced if adapter else {}
     tables = [f.entries for f in ws.files if isinstance(f.entries, _core.Entries)]
     if not quantized and adapter is None and len(tables) == len(ws.files):
         return plain_set(ws, tables, dtype, shard_size, keep)
@@ -584,11 +592,9 @@ def plan_set(
         targets = target_dtypes(entries, dtype, keep, quantized)
     if quantize is None and dequantize is None:  # one tensor per entry: packed as they are
         tensors = [
-            merged(replace.get(e.name, e), to, join(ws.folder, e.name), merge[e.name])
-            if e.name in merge
-            else planned(replace.get(e.name, e), to, join(ws.folder, e.name), role)
+            kept(e, to, join(ws.folder, e.name), role, adapter)
             for e, to, role in zip(entries, targets, roles, strict=True)
-        ]  # fmt: skip
+        ]
         tensors += added(ws, adapter, dtype)
         groups = pack(tensors, shard_size)
     else:
@@ -605,15 +611,10 @@ def plan_set(
                 label = join(ws.folder, w.name)
                 bundles.append(Bundle([
                     PlannedTensor(entry, dtype, nbytes, label=label, dequant=how, role=roles[i],
-                                  merged=merge.get(w.name))
+                                  merged=adapter.merged.get(w.name) if adapter else None)
                 ], nbytes))  # fmt: skip
             elif dequantize is None or roles[i] in SURVIVING_ROLES:
-                label = join(ws.folder, entry.name)
-                t = (
-                    merged(replace.get(entry.name, entry), to, label, merge[entry.name])
-                    if entry.name in merge
-                    else planned(replace.get(entry.name, entry), to, label, roles[i])
-                )
+                t = kept(entry, to, join(ws.folder, entry.name), roles[i], adapter)
                 bundles.append(Bundle([t], t.nbytes))
         bundles += [Bundle([t], t.nbytes) for t in added(ws, adapter, dtype)]
         groups = [[t for b in group for t in b.tensors] for group in pack(bundles, shard_size)]
@@ -632,11 +633,7 @@ def added(ws: WeightSet, adapter: SetMerge | None, dtype: str | None) -> list[Pl
     if adapter is None or not adapter.added:
         return []
     if dtype is None:
-        sizes: dict[str, int] = {}
-        for e in ws.tensors:
-            if is_castable(e.dtype):
-                sizes[e.dtype] = sizes.get(e.dtype, 0) + e.nbytes
-        dtype = max(sizes, key=sizes.__getitem__) if sizes else None
+        dtype = dominant_float((e.dtype, e.nbytes) for e in ws.tensors)
     return [
         planned(e, dtype if dtype and is_castable(e.dtype) else e.dtype,
                 join(ws.folder, e.name), "plain")
@@ -703,7 +700,8 @@ def plan_conversion(
                     f"write {name}"
                 )
             written[name] = sp.key
-    sources = list(dict.fromkeys(f.path for ws in model.weight_sets for f in ws.files))
+    paths = [f.path for ws in model.weight_sets for f in ws.files]
     if merging is not None:
-        sources.append(merging.adapter.file.path)
+        paths.append(merging.adapter.file.path)
+    sources = list(dict.fromkeys(paths))
     return ConversionPlan(dtype, shard_size, sets, sources)

@@ -823,8 +823,7 @@ def merges_of(
         report.problems.append(
             f"{adapter.file.path}: the adapter's weights changed since the merge (sha256)"
         )
-    config = src.root / "config.json"
-    return plan_merge(src, adapter, read_config(config) if config.is_file() else {}, weights)
+    return plan_merge(src, adapter, weights)
 
 
 def verify(

@@ -32,7 +32,7 @@ use std::cell::RefCell;
 use serde::Deserialize;
 
 use super::cast::{put_rounded, rule_for};
-use super::dequant::{Dequant, Dequantizer, Operand};
+use super::dequant::{Bytes, Dequant, Dequantizer, Operand};
 use super::{holds, Invalid, Kind, Put, Source, Units};
 use crate::cast::{self, CastOptions};
 use crate::dtype::DType;
@@ -68,30 +68,29 @@ pub struct Merge {
     pub base: Option<Box<Dequant>>,
 }
 
-/// A float operand decoded to f32, checked to be `shape`.
-fn floats(op: &Operand, data: &[u8], shape: &[u64]) -> std::result::Result<DType, String> {
-    let dtype: DType = op
-        .dtype
-        .parse()
-        .map_err(|_| format!("{:?} has an unknown dtype {:?}", op.name, op.dtype))?;
-    if !matches!(dtype, DType::F32 | DType::BF16 | DType::F16 | DType::F64) {
-        return Err(format!("{:?} is {dtype}, not a float", op.name));
-    }
-    let numel: u64 = shape.iter().product();
-    if op.shape != shape || numel * dtype.size() as u64 != data.len() as u64 {
-        return Err(format!(
-            "{:?} is {:?} in {} bytes (needs {shape:?})",
-            op.name,
-            op.shape,
-            data.len()
-        ));
-    }
-    Ok(dtype)
+/// The float dtypes an adapter's tensors may be in.
+const FLOATS: [DType; 4] = [DType::F32, DType::BF16, DType::F16, DType::F64];
+
+/// An adapter tensor's bytes, checked to hold a float tensor of `shape`.
+fn floats<'a>(
+    what: &str,
+    op: &'a Operand,
+    data: &'a [u8],
+    shape: &[u64],
+) -> std::result::Result<(&'a [u8], DType), String> {
+    let bytes = Bytes::new(op, data)?;
+    bytes.expect(what, &FLOATS, shape)?;
+    Ok((bytes.data, bytes.dtype))
 }
 
 /// `data` (of `dtype`) as f32 values, exactly (f64 rounded as torch does).
 fn decode(data: &[u8], dtype: DType, out: &mut Vec<f32>) {
     out.resize(data.len() / dtype.size(), 0.0);
+    decode_into(data, dtype, out);
+}
+
+/// `data` (of `dtype`) cast to f32 into `out`, which holds as many elements.
+fn decode_into(data: &[u8], dtype: DType, out: &mut [f32]) {
     cast::cast(
         data,
         dtype,
@@ -177,7 +176,7 @@ impl<'a> Merger<'a> {
         };
         let base = match &how.base {
             None => {
-                if !matches!(s.from, DType::F32 | DType::BF16 | DType::F16 | DType::F64) {
+                if !FLOATS.contains(&s.from) {
                     return Err(Invalid::Plan(format!(
                         "the base weight is {}, not a float",
                         s.from
@@ -197,19 +196,28 @@ impl<'a> Merger<'a> {
             (cols, rows)
         };
         let plan = |e: String| Invalid::Plan(e);
-        let a_data = operand(&how.a).map_err(plan)?;
-        let b_data = operand(&how.b).map_err(plan)?;
-        let a_dtype = floats(&how.a, a_data, &[rank, a_other]).map_err(plan)?;
-        let b_dtype = floats(&how.b, b_data, &[b_other, rank]).map_err(plan)?;
+        let a = floats(
+            "lora_A",
+            &how.a,
+            operand(&how.a).map_err(plan)?,
+            &[rank, a_other],
+        );
+        let b = floats(
+            "lora_B",
+            &how.b,
+            operand(&how.b).map_err(plan)?,
+            &[b_other, rank],
+        );
+        let (a, b) = (a.map_err(plan)?, b.map_err(plan)?);
         if rank == 0 {
             return Err(Invalid::Plan(format!("{:?} has rank 0", how.a.name)));
         }
         let magnitude = match &how.magnitude {
             None => None,
             Some(m) => {
+                let features = if how.transpose { cols } else { rows };
                 let data = operand(m).map_err(plan)?;
-                let dtype =
-                    floats(m, data, &[if how.transpose { cols } else { rows }]).map_err(plan)?;
+                let (data, dtype) = floats("magnitude", m, data, &[features]).map_err(plan)?;
                 let mut v = Vec::new();
                 decode(data, dtype, &mut v);
                 Some(v)
@@ -219,8 +227,8 @@ impl<'a> Merger<'a> {
             rows: rows as usize,
             cols: cols as usize,
             rank: rank as usize,
-            a: (a_data, a_dtype),
-            b: (b_data, b_dtype),
+            a,
+            b,
             scale: how.scale as f32,
             transpose: how.transpose,
             magnitude,
@@ -263,14 +271,22 @@ impl<'a> Merger<'a> {
     /// The merged values of rows `[begin, end)` in f64, into `out`; with
     /// `dora`, DoRA's scaling applied.
     fn merged(&self, s: &Source, begin: usize, end: usize, out: &mut Vec<f64>, dora: bool) {
+        let (n, cols) = ((end - begin) * self.cols, self.cols);
+        out.resize(n, 0.0);
         let scale = f64::from(self.scale);
-        self.sum_into(s, begin, end, out, |w, p| {
-            f64::from(w) + f64::from(p) * scale
+        BASE.with_borrow_mut(|base| {
+            self.base_into(s, begin, end, base);
+            PRODUCT.with_borrow_mut(|product| {
+                product.resize(n, 0.0);
+                self.product(begin, end, product);
+                for ((v, &w), &p) in out.iter_mut().zip(base.iter()).zip(product.iter()) {
+                    *v = f64::from(w) + f64::from(p) * scale;
+                }
+            });
         });
         if !dora {
             return;
         }
-        let cols = self.cols;
         if let Some(factors) = &self.column_factors {
             for row in out.chunks_exact_mut(cols) {
                 for (v, &f) in row.iter_mut().zip(factors) {
@@ -286,30 +302,6 @@ impl<'a> Merger<'a> {
                 }
             }
         }
-    }
-
-    /// `sum(w, p)` of each element of rows `[begin, end)`, into `out`: `w` the
-    /// base's value, `p` the update's product (before the scaling), both f32.
-    fn sum_into<T: Copy + Default>(
-        &self,
-        s: &Source,
-        begin: usize,
-        end: usize,
-        out: &mut Vec<T>,
-        sum: impl Fn(f32, f32) -> T,
-    ) {
-        let n = (end - begin) * self.cols;
-        out.resize(n, T::default());
-        BASE.with_borrow_mut(|base| {
-            self.base_into(s, begin, end, base);
-            PRODUCT.with_borrow_mut(|product| {
-                product.resize(n, 0.0);
-                self.product(begin, end, product);
-                for ((v, &w), &p) in out.iter_mut().zip(base.iter()).zip(product.iter()) {
-                    *v = sum(w, p);
-                }
-            });
-        });
     }
 
     /// `(B @ A)` (or its transpose) for output rows `[begin, end)`, into `out`.
@@ -415,21 +407,12 @@ impl<'a> Merger<'a> {
     /// The base's values of rows `[begin, end)` in f32 (cast exactly, or
     /// dequantized), into `out`.
     fn base_into(&self, s: &Source, begin: usize, end: usize, out: &mut Vec<f32>) {
-        let (n, cols) = ((end - begin) * self.cols, self.cols);
-        out.resize(n, 0.0);
+        let (first, last) = ((begin * self.cols) as u64, (end * self.cols) as u64);
+        out.resize((last - first) as usize, 0.0);
+        let src = self.source(s, first, last);
         match &self.base {
-            None => {
-                let size = s.from.size();
-                let src = &s.src[begin * cols * size..end * cols * size];
-                let opts = CastOptions::default();
-                cast::cast(src, s.from, bytes_of_mut(out), DType::F32, &opts)
-                    .expect("a float dtype casts to f32");
-            }
-            Some(d) => {
-                let first = (begin * cols) as u64;
-                let (from, to) = d.source_range(first, first + n as u64);
-                d.dequantize(&s.src[from..to], first, bytes_of_mut(out));
-            }
+            None => decode_into(src, s.from, out),
+            Some(d) => d.dequantize(src, first, bytes_of_mut(out)),
         }
     }
 

@@ -143,15 +143,15 @@ pub struct Operand {
 
 /// An operand with its bytes, its dtype parsed and its size checked.
 #[derive(Debug, Clone, Copy)]
-struct Bytes<'a> {
-    name: &'a str,
-    dtype: DType,
-    shape: &'a [u64],
-    data: &'a [u8],
+pub(in crate::values) struct Bytes<'a> {
+    pub(in crate::values) name: &'a str,
+    pub(in crate::values) dtype: DType,
+    pub(in crate::values) shape: &'a [u64],
+    pub(in crate::values) data: &'a [u8],
 }
 
 impl<'a> Bytes<'a> {
-    fn new(op: &'a Operand, data: &'a [u8]) -> Result<Bytes<'a>, String> {
+    pub(in crate::values) fn new(op: &'a Operand, data: &'a [u8]) -> Result<Bytes<'a>, String> {
         let dtype: DType = op
             .dtype
             .parse()
@@ -174,7 +174,12 @@ impl<'a> Bytes<'a> {
     }
 
     /// Refuse another dtype or shape than the format's, saying what it needs.
-    fn expect(&self, what: &str, dtypes: &[DType], shape: &[u64]) -> Result<(), String> {
+    pub(in crate::values) fn expect(
+        &self,
+        what: &str,
+        dtypes: &[DType],
+        shape: &[u64],
+    ) -> Result<(), String> {
         if dtypes.contains(&self.dtype) && self.shape == shape {
             return Ok(());
         }
