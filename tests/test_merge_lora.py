@@ -600,3 +600,18 @@ def test_a_lone_weights_file_and_a_linked_adapter(tmp_path: Path) -> None:
     check_low_precision(got, peft_merged(base, adapter), merged_names(adapter))
     assert fastcast.verify(out, progress=False).ok
 
+
+def test_a_name_two_components_hold_is_refused(llama: Path, tmp_path: Path) -> None:
+    """A pipeline whose components share tensor names (two text encoders): which one an
+    adapter was trained on cannot be told, so nothing is merged rather than a guess."""
+    base = tmp_path / "pipeline"
+    shutil.copytree(llama, base)
+    shutil.copytree(llama, base / "text_encoder_2")
+    adapter = make_adapter(llama, tmp_path / "ad", r=4, target_modules=["q_proj"])
+    done = cli("merge", base, adapter, "-o", tmp_path / "out")
+    assert done.returncode == 1
+    assert "which weight sets 'model' and 'text_encoder_2/model' of the base both hold" in (
+        done.stderr
+    ), done.stderr
+    assert len(done.stderr.strip().splitlines()) == 1
+    assert not (tmp_path / "out").exists()

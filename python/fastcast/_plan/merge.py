@@ -129,9 +129,18 @@ def plan_merge(
     for (key, _), w in (dequantized or {}).items():
         # what --dequantize writes: the weight's name and shape, computed in fp32
         where[w.name] = (key, TensorEntry(w.name, "F32", w.shape, folder.root, (0, 0)))
+    sets_of: dict[str, list[str]] = {}
     for ws in folder.weight_sets:
         for e in ws.tensors:
             where.setdefault(e.name, (ws.key, e))
+            sets_of.setdefault(e.name, []).append(ws.key)
+    for name in [*(m.weight for m in adapter.modules.values()), *adapter.replaces]:
+        if len(keys := sets_of.get(name, [])) > 1:  # two components, one tensor name
+            raise ModelFolderError(
+                f"{adapter.given}: the adapter changes {name}, which weight sets "
+                f"{' and '.join(map(repr, keys))} of the base both hold: merge it into the "
+                "component's own folder"
+            )
     merging = replacements(folder, adapter, config, where)
     # A replaced tensor that is also updated (an embedding PEFT saved as
     # ``base_layer.weight`` beside its LoRA): the update is added to the replacement,
