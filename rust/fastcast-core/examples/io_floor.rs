@@ -17,6 +17,7 @@
 
 use std::fs::{File, OpenOptions};
 use std::path::PathBuf;
+use std::sync::Mutex;
 
 use fastcast_core::exec::positional::write_all_at;
 use fastcast_core::exec::shard_file::ShardFile;
@@ -70,6 +71,7 @@ fn main() {
                     .truncate(true)
                     .open(path)
                     .expect("output"),
+                Mutex::new(()),
             )
         })
         .collect();
@@ -106,8 +108,8 @@ fn main() {
         })
         .reduce(|| 0, u64::wrapping_add);
     outputs.into_par_iter().for_each(|out| match out {
-        Output::Plain(f) if fsync => f.sync_all().expect("fsync"),
-        Output::Plain(_) => {}
+        Output::Plain(f, _) if fsync => f.sync_all().expect("fsync"),
+        Output::Plain(..) => {}
         Output::Streamed(f) => {
             f.commit(fsync).expect("commit");
         }
@@ -130,15 +132,20 @@ fn take_value(args: &mut Vec<String>, flag: &str) -> Option<usize> {
 }
 
 /// An output file: written plainly, or as fastcast's executor writes shards.
+/// Either way one thread writes a file at a time: threads writing one file at
+/// once spin on its inode lock in the kernel (see `ShardFile::write_at`).
 enum Output {
-    Plain(File),
+    Plain(File, Mutex<()>),
     Streamed(ShardFile),
 }
 
 impl Output {
     fn write(&self, bytes: &[u8], at: u64) {
         match self {
-            Output::Plain(f) => write_all_at(f, bytes, at).expect("write"),
+            Output::Plain(f, turn) => {
+                let _turn = turn.lock().expect("lock");
+                write_all_at(f, bytes, at).expect("write")
+            }
             Output::Streamed(f) => {
                 f.write_at(bytes, at).expect("write");
                 f.written(at, bytes.len() as u64);
