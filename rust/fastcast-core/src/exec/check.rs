@@ -5,6 +5,7 @@
 use std::sync::atomic::AtomicU64;
 use std::sync::Mutex;
 
+use super::chunks::scales_of;
 use super::input::Input;
 use super::Job;
 use crate::error::{Error, Result};
@@ -117,6 +118,13 @@ pub(super) fn check_shard<'a>(
     too_large(shard, header.header_len)?;
     for job in &mut jobs {
         job.dst_start = header.data_start() + job.plan.dst_offsets.0;
+    }
+    // A weight's scales take what its chunks found, when both read one source.
+    for (w, s) in scales_of(&jobs) {
+        let (weight, scale) = (&jobs[w], &jobs[s]);
+        if std::ptr::eq(weight.src(), scale.src()) {
+            Values::link(&weight.values, &scale.values);
+        }
     }
     Ok(Checked {
         header,

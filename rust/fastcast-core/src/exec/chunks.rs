@@ -103,21 +103,15 @@ fn joins(jobs: &[Job], c: &Chunk, i: usize, chunk_bytes: usize) -> bool {
 /// The order jobs run in: plan order, each weight's scales right after it
 /// (scales whose weight is in another shard stay where the plan put them).
 pub(super) fn run_order(jobs: &[Job]) -> Vec<usize> {
-    if !jobs.iter().any(|job| job.kind().after().is_some()) {
-        return (0..jobs.len()).collect(); // no scales: plan order, no name index
+    let pairs = scales_of(jobs);
+    if pairs.is_empty() {
+        return (0..jobs.len()).collect(); // no scales here: plan order
     }
-    let index: HashMap<&str, usize> = jobs
-        .iter()
-        .enumerate()
-        .map(|(i, job)| (job.plan.name.as_str(), i))
-        .collect();
     let mut after: HashMap<usize, Vec<usize>> = HashMap::new();
     let mut deferred = vec![false; jobs.len()];
-    for (i, job) in jobs.iter().enumerate() {
-        if let Some(&w) = job.kind().after().and_then(|weight| index.get(weight)) {
-            after.entry(w).or_default().push(i);
-            deferred[i] = true;
-        }
+    for &(w, i) in &pairs {
+        after.entry(w).or_default().push(i);
+        deferred[i] = true;
     }
     let mut order = Vec::with_capacity(jobs.len());
     for i in (0..jobs.len()).filter(|&i| !deferred[i]) {
@@ -127,4 +121,21 @@ pub(super) fn run_order(jobs: &[Job]) -> Vec<usize> {
     // A scale naming another scale (never planned) would be lost: keep it.
     order.extend(after.into_values().flatten());
     order
+}
+
+/// Each job that must run right after another of the shard (a weight's
+/// scales, after the weight), as `(weight, job)` indices, in plan order.
+pub(super) fn scales_of(jobs: &[Job]) -> Vec<(usize, usize)> {
+    if !jobs.iter().any(|job| job.kind().after().is_some()) {
+        return Vec::new(); // no name index for a shard without scales
+    }
+    let index: HashMap<&str, usize> = jobs
+        .iter()
+        .enumerate()
+        .map(|(i, job)| (job.plan.name.as_str(), i))
+        .collect();
+    jobs.iter()
+        .enumerate()
+        .filter_map(|(i, job)| Some((*index.get(job.kind().after()?)?, i)))
+        .collect()
 }

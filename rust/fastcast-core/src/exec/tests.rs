@@ -720,9 +720,14 @@ fn quantizes_weights_and_their_scales_in_any_chunking_scales_after_weights() {
         let n: u64 = shape.iter().product();
         let mut values = Vec::new();
         let mut bytes = vec![0u8; n as usize];
-        let loss = q.quantize(src, &mut values, &mut bytes, &CastOptions::default());
         let mut s = vec![0f32; q.grid().iter().product::<u64>() as usize];
-        q.scales(src, &mut s);
+        let loss = q.quantize(
+            src,
+            &mut values,
+            &mut bytes,
+            &mut s,
+            &CastOptions::default(),
+        );
         let s: Vec<u8> = s.iter().flat_map(|x| x.to_le_bytes()).collect();
         (bytes, s, loss)
     };

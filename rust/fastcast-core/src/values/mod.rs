@@ -220,6 +220,18 @@ impl<'a> Values<'a> {
         }
     }
 
+    /// Let `other`, which runs right after `self` (see [`Kind::after`]) and
+    /// reads the same source bytes, take what `self`'s chunks found on the way:
+    /// a quantized weight's scales. True when linked.
+    pub fn link(&self, other: &Values) -> bool {
+        match (self, other) {
+            (Values::Quantize(weight), Values::Quantize(scale)) => {
+                quantize::Quantizing::link(weight, scale)
+            }
+            _ => false,
+        }
+    }
+
     /// Whether this is a plain cast or copy (runs of them are made as one).
     pub fn is_cast(&self) -> bool {
         matches!(self, Values::Cast(_))

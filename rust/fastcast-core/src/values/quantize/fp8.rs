@@ -97,6 +97,24 @@ impl Fp8Blocks {
         })
     }
 
+    /// Whether `other` cuts the same weight into the same blocks (so finds
+    /// the same scales from the same bytes).
+    pub fn same_blocks(&self, other: &Fp8Blocks) -> bool {
+        (
+            self.from,
+            self.rows,
+            self.cols,
+            self.block_rows,
+            self.block_cols,
+        ) == (
+            other.from,
+            other.rows,
+            other.cols,
+            other.block_rows,
+            other.block_cols,
+        )
+    }
+
     /// The scale grid: `[ceil(rows / block.0), ceil(cols / block.1)]`.
     pub fn grid(&self) -> [u64; 2] {
         [self.rows.div_ceil(self.block_rows), self.grid_cols]
@@ -138,8 +156,9 @@ impl Fp8Blocks {
         }
     }
 
-    /// The scales of one block-row (`src`: its rows' bytes).
-    fn block_row_scales(&self, src: &[u8], out: &mut [f32]) {
+    /// The scales of one block-row (`src`: its rows' bytes); returns the
+    /// largest magnitude's bits among them (see [`abs_max_bits`]).
+    fn block_row_scales(&self, src: &[u8], out: &mut [f32]) -> u32 {
         let size = self.from.size();
         let row_bytes = self.cols as usize * size;
         let block_bytes = self.block_cols as usize * size;
@@ -149,44 +168,70 @@ impl Fp8Blocks {
                 *m = (*m).max(abs_max_bits(self.from, segment));
             }
         }
+        let mut top = 0;
         for (s, bits) in out.iter_mut().zip(amax_bits) {
             *s = scale(decode_abs(self.from, bits));
+            top = top.max(bits);
         }
+        top
     }
 
     /// Quantize block-rows: `src` holds the source bytes of output elements
     /// `first..` (a multiple of [`Self::block_row_elements`]), `out` their
-    /// e4m3 bytes. `values` is the caller's scratch, resized to one f32 per
-    /// element. Returns the loss counts: NaN, inf and largest |x| of the input,
-    /// and what rounding each `W / s` to e4m3 loses.
+    /// e4m3 bytes, `scales` their scales (`grid_cols` per block-row, the
+    /// numbers [`Self::scales`] gives). `values` is the caller's scratch,
+    /// resized to one f32 per element of a block-row. Returns the loss
+    /// counts: NaN, inf and largest |x| of the input, and what rounding each
+    /// `W / s` to e4m3 loses.
+    ///
+    /// One block-row at a time, every step of it before the next: its bytes
+    /// come from memory once (for the amax) and stay in the CPU's caches for
+    /// the widening, the division, the counts and the rounding. Done a chunk
+    /// (several MB) at a time, each step had read the chunk from memory again.
     pub fn quantize(
         &self,
         src: &[u8],
         values: &mut Vec<u8>,
         out: &mut [u8],
+        scales: &mut [f32],
         opts: &CastOptions,
     ) -> LossStats {
-        let n = out.len();
-        values.resize(4 * n, 0);
-        // The source as f32, exactly (the cast kernels' widening).
-        cast::cast(src, self.from, values, DType::F32, opts).expect("a float source widens to f32");
-        let mut scales = vec![0f32; self.grid_cols as usize];
-        let per_block_row = self.block_row_elements() as usize;
         let size = self.from.size();
-        for (k, row_values) in values.chunks_mut(4 * per_block_row).enumerate() {
-            let rows_src = &src[k * per_block_row * size..][..row_values.len() / 4 * size];
-            self.block_row_scales(rows_src, &mut scales);
-            for row in row_values.chunks_exact_mut(4 * self.cols as usize) {
-                for (segment, &s) in row.chunks_mut(4 * self.block_cols as usize).zip(&scales) {
-                    divide(segment, s);
-                }
+        let per_block_row = self.block_row_elements() as usize;
+        let block = 4 * self.block_cols as usize;
+        let (mut before, mut after) = (LossStats::default(), LossStats::default());
+        let block_rows = src
+            .chunks(per_block_row * size)
+            .zip(out.chunks_mut(per_block_row))
+            .zip(scales.chunks_exact_mut(self.grid_cols as usize));
+        for ((rows_src, rows_out), row_scales) in block_rows {
+            let top = self.block_row_scales(rows_src, row_scales);
+            if top < inf_bits(self.from) {
+                // No NaN or inf here, and the largest |x| is known: the
+                // source's count (a pass over it) would find just that.
+                let largest = decode_abs(self.from, top) as f64;
+                before.max_abs = before.max_abs.max(largest);
+            } else {
+                before.merge(&self.source_rule.scan(rows_src));
             }
+            values.resize(4 * rows_out.len(), 0);
+            let rows_values = &mut values[..4 * rows_out.len()];
+            let row_bytes = 4 * self.cols as usize;
+            if self.from == DType::F32 {
+                // Already f32: divided straight from the source, not copied first.
+                divide_rows(Some(rows_src), rows_values, row_bytes, block, row_scales);
+            } else {
+                // The source as f32, exactly (the cast kernels' widening).
+                cast::cast(rows_src, self.from, rows_values, DType::F32, opts)
+                    .expect("a float source widens to f32");
+                divide_rows(None, rows_values, row_bytes, block, row_scales);
+            }
+            after.merge(&self.values_rule.scan(rows_values));
+            cast::cast(rows_values, DType::F32, rows_out, DType::F8E4M3, opts)
+                .expect("f32 casts to e4m3");
         }
-        let before = self.source_rule.scan(src);
-        let after = self.values_rule.scan(values);
-        cast::cast(values, DType::F32, out, DType::F8E4M3, opts).expect("f32 casts to e4m3");
         LossStats {
-            elements: n as u64,
+            elements: out.len() as u64,
             overflow: after.overflow,
             underflow: after.underflow,
             nan_in: before.nan_in,
@@ -196,9 +241,100 @@ impl Fp8Blocks {
     }
 }
 
+/// Divide each row (`row_bytes` of f32) of a block-row's values, a block
+/// (`block` bytes) at a time, by its block's scale in `scales`: the values
+/// read from `from` (an f32 source) when given, else divided in place.
+///
+/// Compiled again for the widest vectors the CPU has: an IEEE division is
+/// correctly rounded at any width, so every tier gives the same bits. With
+/// SSE only it was a sixth of a quantization's CPU.
+fn divide_rows(
+    from: Option<&[u8]>,
+    values: &mut [u8],
+    row_bytes: usize,
+    block: usize,
+    scales: &[f32],
+) {
+    #[cfg(target_arch = "x86_64")]
+    if std::is_x86_feature_detected!("avx512f") {
+        // SAFETY: the CPU has AVX-512F, checked just above.
+        return unsafe { divide_rows_avx512(from, values, row_bytes, block, scales) };
+    }
+    #[cfg(target_arch = "x86_64")]
+    if std::is_x86_feature_detected!("avx2") {
+        // SAFETY: the CPU has AVX2, checked just above.
+        return unsafe { divide_rows_avx2(from, values, row_bytes, block, scales) };
+    }
+    divide_rows_portable(from, values, row_bytes, block, scales)
+}
+
+/// [`divide_rows`] compiled for AVX-512.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f")]
+unsafe fn divide_rows_avx512(
+    from: Option<&[u8]>,
+    values: &mut [u8],
+    row_bytes: usize,
+    block: usize,
+    scales: &[f32],
+) {
+    divide_rows_portable(from, values, row_bytes, block, scales)
+}
+
+/// [`divide_rows`] compiled for AVX2.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2")]
+unsafe fn divide_rows_avx2(
+    from: Option<&[u8]>,
+    values: &mut [u8],
+    row_bytes: usize,
+    block: usize,
+    scales: &[f32],
+) {
+    divide_rows_portable(from, values, row_bytes, block, scales)
+}
+
+#[inline(always)]
+fn divide_rows_portable(
+    from: Option<&[u8]>,
+    values: &mut [u8],
+    row_bytes: usize,
+    block: usize,
+    scales: &[f32],
+) {
+    let rows = values.chunks_exact_mut(row_bytes);
+    match from {
+        Some(src) => {
+            for (row_src, row) in src.chunks_exact(row_bytes).zip(rows) {
+                let segments = row_src.chunks(block).zip(row.chunks_mut(block));
+                for ((from, to), &s) in segments.zip(scales) {
+                    divide_into(from, to, s);
+                }
+            }
+        }
+        None => {
+            for row in rows {
+                for (segment, &s) in row.chunks_mut(block).zip(scales) {
+                    divide(segment, s);
+                }
+            }
+        }
+    }
+}
+
+/// `to = clamp(from / s, -448, 448)` for each little-endian f32 of `from`:
+/// [`divide`], out of place.
+#[inline(always)]
+fn divide_into(from: &[u8], to: &mut [u8], s: f32) {
+    for (x, v) in from.chunks_exact(4).zip(to.chunks_exact_mut(4)) {
+        let x = f32::from_le_bytes([x[0], x[1], x[2], x[3]]);
+        v.copy_from_slice(&(x / s).clamp(-E4M3_MAX, E4M3_MAX).to_le_bytes());
+    }
+}
+
 /// `x = clamp(x / s, -448, 448)` for each little-endian f32 of `values`
 /// (NaN stays NaN, as torch's clamp keeps it).
-#[inline]
+#[inline(always)]
 fn divide(values: &mut [u8], s: f32) {
     for v in values.chunks_exact_mut(4) {
         let x = f32::from_le_bytes([v[0], v[1], v[2], v[3]]);
@@ -209,18 +345,52 @@ fn divide(values: &mut [u8], s: f32) {
 /// The largest magnitude of `src` (elements of `from`) as its absolute bit
 /// pattern, widened to u32: magnitudes order as their bits do, and a NaN's
 /// bits exceed every other value's, so a NaN wins as torch's amax lets it.
+///
+/// Lanes of a fixed-size accumulator, so that the compiler keeps the loop in
+/// vector registers: written as a fold over the elements, it compiled to a
+/// byte-by-byte scalar loop that was half of a quantization's CPU. Sign-cleared
+/// bits are non-negative as signed integers, whose max SSE2 has.
 #[inline]
 fn abs_max_bits(from: DType, src: &[u8]) -> u32 {
     match from {
-        DType::F32 => src
-            .chunks_exact(4)
-            .map(|b| u32::from_le_bytes([b[0], b[1], b[2], b[3]]) & 0x7FFF_FFFF)
-            .fold(0, u32::max),
-        _ => u32::from(
-            src.chunks_exact(2)
-                .map(|b| u16::from_le_bytes([b[0], b[1]]) & 0x7FFF)
-                .fold(0, u16::max),
-        ),
+        DType::F32 => {
+            let mut lanes = [0i32; 16];
+            let mut blocks = src.chunks_exact(64);
+            for block in &mut blocks {
+                // SAFETY: `block` is 64 bytes; an unaligned read of 16 i32.
+                let words: [i32; 16] = unsafe { std::ptr::read_unaligned(block.as_ptr().cast()) };
+                for (lane, w) in lanes.iter_mut().zip(words) {
+                    *lane = (*lane).max(i32::from_le(w) & 0x7FFF_FFFF);
+                }
+            }
+            let rest = blocks.remainder().chunks_exact(4);
+            let rest = rest.map(|b| i32::from_le_bytes([b[0], b[1], b[2], b[3]]) & 0x7FFF_FFFF);
+            lanes.into_iter().chain(rest).fold(0, i32::max) as u32
+        }
+        _ => {
+            let mut lanes = [0i16; 32];
+            let mut blocks = src.chunks_exact(64);
+            for block in &mut blocks {
+                // SAFETY: `block` is 64 bytes; an unaligned read of 32 i16.
+                let halves: [i16; 32] = unsafe { std::ptr::read_unaligned(block.as_ptr().cast()) };
+                for (lane, h) in lanes.iter_mut().zip(halves) {
+                    *lane = (*lane).max(i16::from_le(h) & 0x7FFF);
+                }
+            }
+            let rest = blocks.remainder().chunks_exact(2);
+            let rest = rest.map(|b| i16::from_le_bytes([b[0], b[1]]) & 0x7FFF);
+            lanes.into_iter().chain(rest).fold(0, i16::max) as u32
+        }
+    }
+}
+
+/// The absolute bits of infinity in `from`: those of every NaN are larger.
+#[inline]
+fn inf_bits(from: DType) -> u32 {
+    match from {
+        DType::F32 => 0x7F80_0000,
+        DType::BF16 => 0x7F80,
+        _ => 0x7C00,
     }
 }
 
@@ -307,13 +477,21 @@ mod tests {
             let size = q.from.size();
             let part = &src[at..at + len];
             let o = &mut out[at / size..(at + len) / size];
-            loss.merge(&q.quantize(part, &mut values, o, &exact()));
-            q.scales(
-                part,
-                &mut scales[(first * gc) as usize..(end * gc) as usize],
-            );
+            let found = &mut scales[(first * gc) as usize..(end * gc) as usize];
+            loss.merge(&q.quantize(part, &mut values, o, found, &exact()));
+            // The scales alone, from the same bytes: the same numbers.
+            let mut apart = vec![0f32; found.len()];
+            q.scales(part, &mut apart);
+            assert_eq!(bits(&apart), bits(found), "block-rows {first}..{end}");
             first = end;
         }
+        // The input's NaN, inf and largest |x|: what a count over all of it finds.
+        let whole = LossRule::new(q.from, DType::F32).scan(src);
+        assert_eq!(
+            (loss.nan_in, loss.inf_in, loss.max_abs.to_bits()),
+            (whole.nan_in, whole.inf_in, whole.max_abs.to_bits()),
+            "the source's counts"
+        );
         (out, scales, loss)
     }
 
@@ -442,6 +620,29 @@ mod tests {
         );
     }
 
+    /// Half-width sources with NaN and inf in some block-rows and not others:
+    /// each counted once, the largest finite |x| found wherever it is.
+    #[test]
+    fn half_width_nan_and_inf_are_counted_in_any_block_row() {
+        let w = weight(6, 8, 4);
+        for (from, inf) in [(DType::BF16, 0x7F80u16), (DType::F16, 0x7C00)] {
+            let narrow = |x: f32| match from {
+                DType::BF16 => scalar::f32_to_bf16(x),
+                _ => scalar::f32_to_f16(x),
+            };
+            let mut h: Vec<u16> = w.iter().map(|&x| narrow(x)).collect();
+            h[9] = inf | 0x8000; // -inf in block-row 0 of (2, 4) blocks
+            h[20] = inf | 1; // a NaN in block-row 1; block-row 2 is finite
+            h[41] = narrow(-7.5); // the largest finite |x|, in block-row 2
+            let bytes: Vec<u8> = h.iter().flat_map(|x| x.to_le_bytes()).collect();
+            let q = Fp8Blocks::new(from, &[6, 8], (2, 4)).unwrap();
+            for per_chunk in 1..=3 {
+                let (_, _, loss) = chunked(&q, &bytes, per_chunk);
+                assert_eq!((loss.nan_in, loss.inf_in, loss.max_abs), (1, 1, 7.5));
+            }
+        }
+    }
+
     #[test]
     fn tiny_values_beside_a_large_one_underflow_and_are_counted() {
         let mut w = vec![1e-6f32; 8];
@@ -451,6 +652,87 @@ mod tests {
         assert_eq!(got[0], 0x7E);
         assert!(got[1..].iter().all(|&b| b == 0));
         assert_eq!(loss.underflow, 7);
+    }
+
+    /// The lane-wise amax against the plain fold, on every length around
+    /// the lanes' width and on bits of every class (negative, NaN, inf, -0).
+    #[test]
+    fn abs_max_bits_is_the_plain_fold_at_any_length() {
+        let mut x = 0x9E37_79B9u32;
+        let mut next = || {
+            x ^= x << 13;
+            x ^= x >> 17;
+            x ^= x << 5;
+            x
+        };
+        let specials = [0x7FC0_0000u32, 0xFF80_0000, 0x8000_0000, 0x7F80_0000];
+        for len in (0..70).chain([127, 128, 129, 500]) {
+            for round in 0..4 {
+                let mut words: Vec<u32> = (0..len).map(|_| next()).collect();
+                if round > 0 && len > 0 {
+                    let at = next() as usize % len;
+                    words[at] = specials[round - 1];
+                }
+                let f32s: Vec<u8> = words.iter().flat_map(|w| w.to_le_bytes()).collect();
+                let want = words.iter().map(|w| w & 0x7FFF_FFFF).fold(0, u32::max);
+                assert_eq!(abs_max_bits(DType::F32, &f32s), want, "f32 x{len}");
+                let halves: Vec<u16> = words.iter().map(|&w| (w >> 16) as u16).collect();
+                let bytes: Vec<u8> = halves.iter().flat_map(|h| h.to_le_bytes()).collect();
+                let want = halves.iter().map(|h| h & 0x7FFF).fold(0, u16::max);
+                for from in [DType::BF16, DType::F16] {
+                    assert_eq!(abs_max_bits(from, &bytes), u32::from(want), "{from} x{len}");
+                }
+            }
+        }
+    }
+
+    /// Every tier of the division gives the scalar reference's bits, in place
+    /// and from a source, with NaN, inf, zero and tiny scales among them.
+    #[test]
+    fn every_division_tier_gives_the_same_bits() {
+        let (rows, cols, block) = (3, 37, 4 * 8);
+        let mut w = weight(rows, cols, 11);
+        w[5] = f32::NAN;
+        w[40] = f32::NEG_INFINITY;
+        w[41] = -0.0;
+        let src = f32_bytes(&w);
+        let scales = [0.5f32, f32::NAN, 1e-14, f32::INFINITY, 3.0];
+        let want: Vec<u8> = w
+            .chunks(cols)
+            .flat_map(|row| {
+                let row: Vec<f32> = row
+                    .iter()
+                    .enumerate()
+                    .map(|(j, &x)| (x / scales[j / 8]).clamp(-E4M3_MAX, E4M3_MAX))
+                    .collect();
+                f32_bytes(&row)
+            })
+            .collect();
+        type Tier = fn(Option<&[u8]>, &mut [u8], usize, usize, &[f32]);
+        let mut tiers: Vec<(&str, Tier)> = vec![("portable", divide_rows_portable)];
+        #[cfg(target_arch = "x86_64")]
+        {
+            if std::is_x86_feature_detected!("avx2") {
+                // SAFETY: the CPU has AVX2.
+                tiers.push(("avx2", |f, v, r, b, s| unsafe {
+                    divide_rows_avx2(f, v, r, b, s)
+                }));
+            }
+            if std::is_x86_feature_detected!("avx512f") {
+                // SAFETY: the CPU has AVX-512F.
+                tiers.push(("avx512", |f, v, r, b, s| unsafe {
+                    divide_rows_avx512(f, v, r, b, s)
+                }));
+            }
+        }
+        for (name, tier) in tiers {
+            let mut values = vec![0u8; src.len()];
+            tier(Some(&src), &mut values, 4 * cols, block, &scales);
+            assert_eq!(values, want, "{name}, from the source");
+            let mut values = src.clone();
+            tier(None, &mut values, 4 * cols, block, &scales);
+            assert_eq!(values, want, "{name}, in place");
+        }
     }
 
     #[test]
