@@ -347,10 +347,13 @@ def fastcast_cli(*args: str) -> list[str]:
     return [sys.executable, "-m", "fastcast.cli", "convert", *args, "--quiet"]
 
 
-def floor_cmd(inputs: list[Path], out: Path, out_bytes: int, fsync: bool = False) -> list[str]:
-    """The I/O floor: reads every input, writes ``out_bytes`` into ``out``, no cast."""
+def floor_cmd(
+    inputs: list[Path], out: Path, out_bytes: int, fsync: bool = False, writeback: bool = False
+) -> list[str]:
+    """The I/O floor: reads every input, writes ``out_bytes`` into ``out``, no cast;
+    ``writeback``: its writeback overlapping its reading, as fastcast's does."""
     floor = str(ROOT / "target" / "release" / "examples" / "io_floor")
-    sync = ["--fsync"] if fsync else []
+    sync = (["--fsync"] if fsync else []) + (["--writeback"] if writeback else [])
     return [floor, *sync, str(out), str(out_bytes), *(str(p) for p in inputs)]
 
 
@@ -369,6 +372,7 @@ def pth_pair(size: str, amn: str | None, skipped: list[str]) -> Pair:
     out = CACHE / "peers-out" / "pth"
     outputs = {
         "floor (fsync)": out / "floor-sync",
+        "floor (fsync, writeback)": out / "floor-writeback",
         "floor (no fsync)": out / "floor",
         "fastcast (CLI)": out / "fastcast-sync",
         FASTCAST: out / "fastcast",
@@ -376,6 +380,9 @@ def pth_pair(size: str, amn: str | None, skipped: list[str]) -> Pair:
     out_bytes = output_bytes(pth)
     cmds = {
         "floor (fsync)": floor_cmd([pth], outputs["floor (fsync)"], out_bytes, fsync=True),
+        "floor (fsync, writeback)": floor_cmd(
+            [pth], outputs["floor (fsync, writeback)"], out_bytes, fsync=True, writeback=True
+        ),
         "floor (no fsync)": floor_cmd([pth], outputs["floor (no fsync)"], out_bytes),
         "fastcast (CLI)": fastcast_cli(str(pth), "-o", str(outputs["fastcast (CLI)"])),
         FASTCAST: fastcast_cli(str(pth), "-o", str(outputs[FASTCAST]), "--no-fsync"),

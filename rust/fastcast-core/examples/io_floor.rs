@@ -1,19 +1,24 @@
 //! The I/O floor for the conversion benchmark: what any converter must at
 //! least do, with no cast and no layout work.
 //!
-//!     io_floor [--fsync] [--stream] [--threads N] OUT_DIR OUT_BYTES INPUT...
+//!     io_floor [--fsync] [--writeback] [--stream] [--threads N] OUT_DIR OUT_BYTES INPUT...
 //!
 //! Maps every input, reads every byte (a sum, so the reads cannot be
 //! skipped), and writes OUT_BYTES bytes spread over output files in OUT_DIR
 //! (one per input, in proportion), in parallel 8 MiB chunks with pwrite, then
 //! optionally fsyncs them. Prints the checksum so the reads stay live.
 //!
-//! `--stream` does the same I/O the way fastcast's executor does it on a
-//! model larger than RAM: each input chunk, once summed, is unmapped and
-//! dropped from the page cache, and the outputs are written through
-//! [`ShardFile`] (writeback started as chunks land, a bounded window of dirty
-//! pages, written pages dropped). Without it the page cache fills with the
-//! input and every later read waits for reclaim: a floor fastcast can beat.
+//! `--writeback` writes the outputs through [`ShardFile`], as fastcast's
+//! executor does: writeback started as chunks land, a bounded window of dirty
+//! pages, written pages dropped. With `--fsync` that overlaps the disk's
+//! writing with the reading, where the plain floor writes everything and only
+//! then waits for the disk: a floor fastcast can beat.
+//!
+//! `--stream` does that and, as the executor does on a model larger than RAM,
+//! unmaps each input chunk once summed and drops it from the page cache.
+//! Without it the page cache fills with the input and every later read waits
+//! for reclaim: again a floor fastcast can beat. (On a warm cache it makes the
+//! next run's input cold: `--writeback` is the warm-cache floor.)
 
 use std::fs::{File, OpenOptions};
 use std::path::PathBuf;
@@ -30,9 +35,13 @@ fn main() {
     let mut args: Vec<String> = std::env::args().skip(1).collect();
     let fsync = take_flag(&mut args, "--fsync");
     let stream = take_flag(&mut args, "--stream");
+    let writeback = take_flag(&mut args, "--writeback") || stream;
     let threads = take_value(&mut args, "--threads");
     if args.len() < 3 {
-        eprintln!("usage: io_floor [--fsync] [--stream] [--threads N] OUT_DIR OUT_BYTES INPUT...");
+        eprintln!(
+            "usage: io_floor [--fsync] [--writeback] [--stream] [--threads N] \
+             OUT_DIR OUT_BYTES INPUT..."
+        );
         std::process::exit(2);
     }
     if let Some(n) = threads {
@@ -61,7 +70,7 @@ fn main() {
     let outputs: Vec<Output> = (0..maps.len())
         .map(|i| {
             let path = out_dir.join(format!("floor-{i:05}.bin"));
-            if stream {
+            if writeback {
                 return Output::Streamed(ShardFile::create(&path, share(i)).expect("output"));
             }
             Output::Plain(

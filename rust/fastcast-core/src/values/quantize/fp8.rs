@@ -61,8 +61,9 @@ pub struct Fp8Blocks {
     grid_cols: u64,
     /// Counts NaN, inf and the largest |x| of the input, as any cast does.
     source_rule: LossRule,
-    /// Counts what rounding `W / s` to e4m3 loses (underflow to 0).
-    values_rule: LossRule,
+    /// The largest |W / s| bits that round to 0 in e4m3 (what its loss rule
+    /// counts as underflow; nothing overflows, the values being clamped).
+    underflow_bits: u32,
 }
 
 impl Fp8Blocks {
@@ -93,7 +94,9 @@ impl Fp8Blocks {
             block_cols,
             grid_cols: cols.div_ceil(block_cols),
             source_rule: LossRule::new(from, DType::F32),
-            values_rule: LossRule::new(DType::F32, DType::F8E4M3),
+            underflow_bits: LossRule::new(DType::F32, DType::F8E4M3)
+                .underflow_to()
+                .map_or(0, |x| (x as f32).to_bits()),
         })
     }
 
@@ -199,7 +202,7 @@ impl Fp8Blocks {
         let size = self.from.size();
         let per_block_row = self.block_row_elements() as usize;
         let block = 4 * self.block_cols as usize;
-        let (mut before, mut after) = (LossStats::default(), LossStats::default());
+        let (mut before, mut underflow) = (LossStats::default(), 0);
         let block_rows = src
             .chunks(per_block_row * size)
             .zip(out.chunks_mut(per_block_row))
@@ -219,21 +222,34 @@ impl Fp8Blocks {
             let row_bytes = 4 * self.cols as usize;
             if self.from == DType::F32 {
                 // Already f32: divided straight from the source, not copied first.
-                divide_rows(Some(rows_src), rows_values, row_bytes, block, row_scales);
+                underflow += divide_rows(
+                    Some(rows_src),
+                    rows_values,
+                    row_bytes,
+                    block,
+                    row_scales,
+                    self.underflow_bits,
+                );
             } else {
                 // The source as f32, exactly (the cast kernels' widening).
                 cast::cast(rows_src, self.from, rows_values, DType::F32, opts)
                     .expect("a float source widens to f32");
-                divide_rows(None, rows_values, row_bytes, block, row_scales);
+                underflow += divide_rows(
+                    None,
+                    rows_values,
+                    row_bytes,
+                    block,
+                    row_scales,
+                    self.underflow_bits,
+                );
             }
-            after.merge(&self.values_rule.scan(rows_values));
             cast::cast(rows_values, DType::F32, rows_out, DType::F8E4M3, opts)
                 .expect("f32 casts to e4m3");
         }
         LossStats {
             elements: out.len() as u64,
-            overflow: after.overflow,
-            underflow: after.underflow,
+            overflow: 0,
+            underflow,
             nan_in: before.nan_in,
             inf_in: before.inf_in,
             max_abs: before.max_abs,
@@ -244,6 +260,8 @@ impl Fp8Blocks {
 /// Divide each row (`row_bytes` of f32) of a block-row's values, a block
 /// (`block` bytes) at a time, by its block's scale in `scales`: the values
 /// read from `from` (an f32 source) when given, else divided in place.
+/// Returns how many of them round to 0 in e4m3 though not 0 (|v| bits from 1
+/// to `under`): counted on the way, not by a pass of their own.
 ///
 /// Compiled again for the widest vectors the CPU has: an IEEE division is
 /// correctly rounded at any width, so every tier gives the same bits. With
@@ -254,18 +272,19 @@ fn divide_rows(
     row_bytes: usize,
     block: usize,
     scales: &[f32],
-) {
+    under: u32,
+) -> u64 {
     #[cfg(target_arch = "x86_64")]
     if std::is_x86_feature_detected!("avx512f") {
         // SAFETY: the CPU has AVX-512F, checked just above.
-        return unsafe { divide_rows_avx512(from, values, row_bytes, block, scales) };
+        return unsafe { divide_rows_avx512(from, values, row_bytes, block, scales, under) };
     }
     #[cfg(target_arch = "x86_64")]
     if std::is_x86_feature_detected!("avx2") {
         // SAFETY: the CPU has AVX2, checked just above.
-        return unsafe { divide_rows_avx2(from, values, row_bytes, block, scales) };
+        return unsafe { divide_rows_avx2(from, values, row_bytes, block, scales, under) };
     }
-    divide_rows_portable(from, values, row_bytes, block, scales)
+    divide_rows_portable(from, values, row_bytes, block, scales, under)
 }
 
 /// [`divide_rows`] compiled for AVX-512.
@@ -277,8 +296,9 @@ unsafe fn divide_rows_avx512(
     row_bytes: usize,
     block: usize,
     scales: &[f32],
-) {
-    divide_rows_portable(from, values, row_bytes, block, scales)
+    under: u32,
+) -> u64 {
+    divide_rows_portable(from, values, row_bytes, block, scales, under)
 }
 
 /// [`divide_rows`] compiled for AVX2.
@@ -290,8 +310,9 @@ unsafe fn divide_rows_avx2(
     row_bytes: usize,
     block: usize,
     scales: &[f32],
-) {
-    divide_rows_portable(from, values, row_bytes, block, scales)
+    under: u32,
+) -> u64 {
+    divide_rows_portable(from, values, row_bytes, block, scales, under)
 }
 
 #[inline(always)]
@@ -301,45 +322,64 @@ fn divide_rows_portable(
     row_bytes: usize,
     block: usize,
     scales: &[f32],
-) {
+    under: u32,
+) -> u64 {
     let rows = values.chunks_exact_mut(row_bytes);
+    let mut underflow = 0;
     match from {
         Some(src) => {
             for (row_src, row) in src.chunks_exact(row_bytes).zip(rows) {
                 let segments = row_src.chunks(block).zip(row.chunks_mut(block));
                 for ((from, to), &s) in segments.zip(scales) {
-                    divide_into(from, to, s);
+                    underflow += u64::from(divide_into(from, to, s, under));
                 }
             }
         }
         None => {
             for row in rows {
                 for (segment, &s) in row.chunks_mut(block).zip(scales) {
-                    divide(segment, s);
+                    underflow += u64::from(divide(segment, s, under));
                 }
             }
         }
     }
+    underflow
 }
 
-/// `to = clamp(from / s, -448, 448)` for each little-endian f32 of `from`:
-/// [`divide`], out of place.
+/// `clamp(x / s, -448, 448)` (NaN stays NaN, as torch's clamp keeps it), and
+/// 1 when its |bits| are from 1 to `under` (it rounds to 0), as one unsigned
+/// comparison, the loss rule's.
 #[inline(always)]
-fn divide_into(from: &[u8], to: &mut [u8], s: f32) {
+fn quotient(x: f32, s: f32, under: u32) -> (f32, u32) {
+    let q = (x / s).clamp(-E4M3_MAX, E4M3_MAX);
+    let lost = ((q.to_bits() & 0x7FFF_FFFF).wrapping_sub(1) < under) as u32;
+    (q, lost)
+}
+
+/// `to = quotient(from, s)` for each little-endian f32 of `from`: [`divide`],
+/// out of place.
+#[inline(always)]
+fn divide_into(from: &[u8], to: &mut [u8], s: f32, under: u32) -> u32 {
+    let mut lost = 0;
     for (x, v) in from.chunks_exact(4).zip(to.chunks_exact_mut(4)) {
-        let x = f32::from_le_bytes([x[0], x[1], x[2], x[3]]);
-        v.copy_from_slice(&(x / s).clamp(-E4M3_MAX, E4M3_MAX).to_le_bytes());
+        let (q, l) = quotient(f32::from_le_bytes([x[0], x[1], x[2], x[3]]), s, under);
+        v.copy_from_slice(&q.to_le_bytes());
+        lost += l;
     }
+    lost
 }
 
-/// `x = clamp(x / s, -448, 448)` for each little-endian f32 of `values`
-/// (NaN stays NaN, as torch's clamp keeps it).
+/// `x = quotient(x, s)` for each little-endian f32 of `values`; how many round
+/// to 0.
 #[inline(always)]
-fn divide(values: &mut [u8], s: f32) {
+fn divide(values: &mut [u8], s: f32, under: u32) -> u32 {
+    let mut lost = 0;
     for v in values.chunks_exact_mut(4) {
-        let x = f32::from_le_bytes([v[0], v[1], v[2], v[3]]);
-        v.copy_from_slice(&(x / s).clamp(-E4M3_MAX, E4M3_MAX).to_le_bytes());
+        let (q, l) = quotient(f32::from_le_bytes([v[0], v[1], v[2], v[3]]), s, under);
+        v.copy_from_slice(&q.to_le_bytes());
+        lost += l;
     }
+    lost
 }
 
 /// The largest magnitude of `src` (elements of `from`) as its absolute bit
@@ -687,51 +727,61 @@ mod tests {
     }
 
     /// Every tier of the division gives the scalar reference's bits, in place
-    /// and from a source, with NaN, inf, zero and tiny scales among them.
+    /// and from a source, with NaN, inf, zero and tiny scales among them, and
+    /// counts what rounds to 0 as the loss rule's pass over the values does.
     #[test]
-    fn every_division_tier_gives_the_same_bits() {
+    fn every_division_tier_gives_the_same_bits_and_counts() {
         let (rows, cols, block) = (3, 37, 4 * 8);
         let mut w = weight(rows, cols, 11);
         w[5] = f32::NAN;
         w[40] = f32::NEG_INFINITY;
         w[41] = -0.0;
+        for k in (60..100).step_by(3) {
+            w[k] = (k as f32 - 80.0) * 1e-5; // some round to 0 once divided
+        }
         let src = f32_bytes(&w);
         let scales = [0.5f32, f32::NAN, 1e-14, f32::INFINITY, 3.0];
-        let want: Vec<u8> = w
+        let quotients: Vec<f32> = w
             .chunks(cols)
             .flat_map(|row| {
-                let row: Vec<f32> = row
-                    .iter()
+                row.iter()
                     .enumerate()
                     .map(|(j, &x)| (x / scales[j / 8]).clamp(-E4M3_MAX, E4M3_MAX))
-                    .collect();
-                f32_bytes(&row)
+                    .collect::<Vec<_>>()
             })
             .collect();
-        type Tier = fn(Option<&[u8]>, &mut [u8], usize, usize, &[f32]);
+        let want = f32_bytes(&quotients);
+        let lost = LossRule::new(DType::F32, DType::F8E4M3)
+            .scan(&want)
+            .underflow;
+        assert!(lost > 0, "the case has values that round to 0");
+        let under = Fp8Blocks::new(DType::F32, &[1, 1], (1, 1))
+            .unwrap()
+            .underflow_bits;
+        type Tier = fn(Option<&[u8]>, &mut [u8], usize, usize, &[f32], u32) -> u64;
         let mut tiers: Vec<(&str, Tier)> = vec![("portable", divide_rows_portable)];
         #[cfg(target_arch = "x86_64")]
         {
             if std::is_x86_feature_detected!("avx2") {
                 // SAFETY: the CPU has AVX2.
-                tiers.push(("avx2", |f, v, r, b, s| unsafe {
-                    divide_rows_avx2(f, v, r, b, s)
+                tiers.push(("avx2", |f, v, r, b, s, u| unsafe {
+                    divide_rows_avx2(f, v, r, b, s, u)
                 }));
             }
             if std::is_x86_feature_detected!("avx512f") {
                 // SAFETY: the CPU has AVX-512F.
-                tiers.push(("avx512", |f, v, r, b, s| unsafe {
-                    divide_rows_avx512(f, v, r, b, s)
+                tiers.push(("avx512", |f, v, r, b, s, u| unsafe {
+                    divide_rows_avx512(f, v, r, b, s, u)
                 }));
             }
         }
         for (name, tier) in tiers {
             let mut values = vec![0u8; src.len()];
-            tier(Some(&src), &mut values, 4 * cols, block, &scales);
-            assert_eq!(values, want, "{name}, from the source");
+            let counted = tier(Some(&src), &mut values, 4 * cols, block, &scales, under);
+            assert_eq!((&values, counted), (&want, lost), "{name}, from the source");
             let mut values = src.clone();
-            tier(None, &mut values, 4 * cols, block, &scales);
-            assert_eq!(values, want, "{name}, in place");
+            let counted = tier(None, &mut values, 4 * cols, block, &scales, under);
+            assert_eq!((&values, counted), (&want, lost), "{name}, in place");
         }
     }
 
