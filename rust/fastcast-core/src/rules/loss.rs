@@ -197,6 +197,25 @@ impl LossRule {
         self.underflow_bits.map(|b| decode(self.from, b))
     }
 
+    /// [`Self::underflow_to`] as the source's absolute bits: a non-zero
+    /// magnitude becomes zero when its bits are at most these.
+    pub fn underflow_bits(&self) -> Option<u64> {
+        self.underflow_bits
+    }
+
+    /// The absolute bits from which a source magnitude is not finite (inf,
+    /// or NaN, whose bits are larger): every finite |x| has fewer.
+    ///
+    /// ```
+    /// use fastcast_core::rules::loss::LossRule;
+    /// use fastcast_core::DType;
+    /// assert_eq!(LossRule::new(DType::BF16, DType::F32).finite_end(), 0x7F80);
+    /// assert_eq!(LossRule::new(DType::F8E4M3, DType::F32).finite_end(), 0x7F);
+    /// ```
+    pub fn finite_end(&self) -> u64 {
+        self.inf_bits
+    }
+
     /// Count what casting `src` (little-endian elements of the rule's source
     /// dtype) loses. Runs with AVX-512 or AVX2 where the CPU has them: on a
     /// cold 38 GB f32 -> bf16 run the AVX2 scan took more CPU than the cast.

@@ -95,8 +95,8 @@ impl Fp8Blocks {
             grid_cols: cols.div_ceil(block_cols),
             source_rule: LossRule::new(from, DType::F32),
             underflow_bits: LossRule::new(DType::F32, DType::F8E4M3)
-                .underflow_to()
-                .map_or(0, |x| (x as f32).to_bits()),
+                .underflow_bits()
+                .map_or(0, |b| b as u32),
         })
     }
 
@@ -209,7 +209,7 @@ impl Fp8Blocks {
             .zip(scales.chunks_exact_mut(self.grid_cols as usize));
         for ((rows_src, rows_out), row_scales) in block_rows {
             let top = self.block_row_scales(rows_src, row_scales);
-            if top < inf_bits(self.from) {
+            if u64::from(top) < self.source_rule.finite_end() {
                 // No NaN or inf here, and the largest |x| is known: the
                 // source's count (a pass over it) would find just that.
                 let largest = decode_abs(self.from, top) as f64;
@@ -421,16 +421,6 @@ fn abs_max_bits(from: DType, src: &[u8]) -> u32 {
             let rest = rest.map(|b| i16::from_le_bytes([b[0], b[1]]) & 0x7FFF);
             lanes.into_iter().chain(rest).fold(0, i16::max) as u32
         }
-    }
-}
-
-/// The absolute bits of infinity in `from`: those of every NaN are larger.
-#[inline]
-fn inf_bits(from: DType) -> u32 {
-    match from {
-        DType::F32 => 0x7F80_0000,
-        DType::BF16 => 0x7F80,
-        _ => 0x7C00,
     }
 }
 
