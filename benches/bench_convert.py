@@ -2,7 +2,7 @@
 
     python3 benches/bench_convert.py [--quick] [--repeats 3] [--models llama,mixtral]
     python3 benches/bench_convert.py --models deepseek-fp8    # --dequantize
-    python3 benches/bench_convert.py --models gpt-oss-mxfp4,nvfp4  # --dequantize 4-bit
+    python3 benches/bench_convert.py --models gpt-oss-mxfp4,nvfp4,w4a16  # --dequantize 4-bit
     python3 benches/bench_convert.py --models llama-quantize  # --quantize fp8
     python3 benches/bench_convert.py --models llama-bin       # torch.save .bin shards
     python3 benches/bench_convert.py --models tensors-100k,tensors-100  # many tiny tensors
@@ -23,8 +23,8 @@ model with many expert tensors. Then, on the same input, runs interleaved
                (for block fp8: compressed-tensors' own CPU converter,
                convert_checkpoint with FP8BlockDequantizer; for gpt-oss MXFP4:
                transformers' from_pretrained with Mxfp4Config(dequantize=True), then
-               save_pretrained; for NVFP4: compressed-tensors' decompressor per
-               shard; for --quantize fp8: the
+               save_pretrained; for NVFP4 and W4A16: compressed-tensors' decompressor
+               per shard; for --quantize fp8: the
                same per-shard script quantizing each decoder Linear in torch, the
                reference formula vectorised, as one writes it by hand; for .bin
                inputs: torch.load(weights_only=True) -> .to(dtype) -> save_file per
@@ -234,8 +234,8 @@ def scripts(model: Model, out: Path, shards: list[str]) -> dict[str, list[str]]:
                 """
             )
         }
-    if model.dequantize and model.dtype == "nvfp4":
-        return {"script": python_cmd(NVFP4_SCRIPT.format(src=str(model.path), out=str(out)))}
+    if model.dequantize and model.dtype in ("nvfp4", "w4a16"):
+        return {"script": python_cmd(CT_SCRIPT.format(src=str(model.path), out=str(out)))}
     if model.dequantize:
         return {
             "script": python_cmd(
@@ -285,7 +285,7 @@ def scripts(model: Model, out: Path, shards: list[str]) -> dict[str, list[str]]:
 
 #: compressed-tensors' own decompressor, shard by shard (what its offline converter runs
 #: per module), each dequantized weight written in place of its packed tensors.
-NVFP4_SCRIPT = """
+CT_SCRIPT = """
 import json, pathlib
 from safetensors.torch import load_file, save_file
 from compressed_tensors.compressors import BaseCompressor
@@ -299,8 +299,8 @@ for f in sorted(src.glob("*.safetensors")):
     state = load_file(str(f))
     for k in [k for k in state if k.endswith(".weight_packed")]:
         x = k.removesuffix(".weight_packed")
-        parts = {{n: state.pop(f"{{x}}." + n) for n in
-                 ("weight_packed", "weight_scale", "weight_global_scale")}}
+        parts = {{k.removeprefix(x + "."): state.pop(k) for k in list(state)
+                 if k.startswith(x + ".weight_")}}
         state[x + ".weight"] = comp.decompress(parts, scheme)["weight"]
     save_file(state, str(out / f.name), metadata={{"format": "pt"}})
 """
@@ -609,6 +609,9 @@ def bench_models(quick: bool, names: list[str], size: str | None = None) -> dict
                                "2GB" if not scale else "100MB", "BF16",
                                "5GB" if not scale else "200MB", dequantize=True),
         "nvfp4": Model("nvfp4", "llama", scale or "5GB", "nvfp4",
+                       "2GB" if not scale else "100MB", "BF16",
+                       "5GB" if not scale else "200MB", dequantize=True),
+        "w4a16": Model("w4a16", "llama", scale or "5GB", "w4a16",
                        "2GB" if not scale else "100MB", "BF16",
                        "5GB" if not scale else "200MB", dequantize=True),
         "llama-quantize": Model("llama-quantize", "llama", scale or "5GB", "bf16",

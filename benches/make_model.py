@@ -1,7 +1,7 @@
 """Write a synthetic Hugging Face style checkpoint, streaming (never in RAM).
 
     python3 benches/make_model.py OUT [--arch llama|mixtral|gpt-oss] [--size 200MB]
-        [--dtype fp32|bf16|fp16|fp8|mxfp4|nvfp4] [--shard-size 2GB] [--seed 0]
+        [--dtype fp32|bf16|fp16|fp8|mxfp4|nvfp4|w4a16] [--shard-size 2GB] [--seed 0]
 
 ``--dtype fp8`` writes a DeepSeek-style block-fp8 checkpoint: every decoder Linear
 weight in e4m3 with an F32 ``weight_scale_inv`` per 128x128 block right after it,
@@ -12,7 +12,9 @@ with ``weight_block_size`` (what ``fastcast convert --dequantize`` reads).
 experts as U8 ``*_blocks`` and E8M0 ``*_scales``, the rest bf16, ``quant_method:
 mxfp4``. ``--dtype nvfp4`` writes a compressed-tensors NVFP4A16 Llama: each decoder
 Linear as U8 ``weight_packed``, F8_E4M3 ``weight_scale`` per 16 and an F32
-``weight_global_scale``.
+``weight_global_scale``. ``--dtype w4a16`` writes a compressed-tensors W4A16 Llama
+(``pack-quantized``): each decoder Linear as I32 ``weight_packed`` (eight 4-bit codes a
+word), a bf16 ``weight_scale`` per 128 inputs and its I64 ``weight_shape``.
 
 Llama- or Mixtral-shaped tensors (names and shapes as transformers saves them,
 tied embeddings for llama), a config.json claiming the dtype, a
@@ -40,8 +42,13 @@ from fastcast._units import parse_size
 
 BLOCK = 8 << 20
 NP_BITS = {
-    "F32": np.uint32, "BF16": np.uint16, "F16": np.uint16, "F8_E4M3": np.uint8, "U8": np.uint8
+    "F32": np.uint32, "BF16": np.uint16, "F16": np.uint16, "F8_E4M3": np.uint8, "U8": np.uint8,
+    "I32": np.uint32,
 }  # fmt: skip
+#: W4A16 checkpoints: inputs per scale, as compressed-tensors' preset has it.
+W4A16_GROUP = 128
+#: Tensors whose values are their meaning rather than filler (W4A16's ``weight_shape``).
+SHAPES: dict[str, np.ndarray] = {}
 #: gpt-oss-20b's sizes (``ModelConfig``): hidden, intermediate, experts, heads.
 GPT_OSS = {"hidden": 2880, "intermediate": 2880, "experts": 32, "heads": 64, "kv_heads": 8,
            "head_dim": 64, "vocab": 32000}  # fmt: skip
@@ -137,6 +144,25 @@ def nvfp4_specs(tensors: list[tuple[str, tuple[int, ...]]]) -> list[Spec]:
     return out
 
 
+def w4a16_specs(tensors: list[tuple[str, tuple[int, ...]]]) -> list[Spec]:
+    """compressed-tensors W4A16: decoder Linears packed in int32 words, the rest bf16."""
+    out = []
+    for name, shape in tensors:
+        if ".layers." in name and len(shape) == 2 and not name.endswith("gate.weight"):
+            x = name.removesuffix(".weight")
+            rows, cols = shape
+            groups = cols // W4A16_GROUP
+            out += [
+                Spec(x + ".weight_packed", (rows, cols // 8), rows * cols // 2, "I32"),
+                Spec(x + ".weight_scale", (rows, groups), 2 * rows * groups, "BF16"),
+                Spec(x + ".weight_shape", (2,), 16, "I64"),
+            ]
+            SHAPES[x + ".weight_shape"] = np.array(shape, dtype=np.int64)
+        else:
+            out.append(Spec(name, shape, 2 * int(np.prod(shape)), "BF16"))
+    return out
+
+
 def shapes_for(
     arch: str, size: int, itemsize: int
 ) -> tuple[dict[str, int], list[tuple[str, tuple[int, ...]]]]:
@@ -211,6 +237,9 @@ def write_shard(path: Path, tensors: list[Spec], blocks: dict[str, np.ndarray]) 
         pos = 0
         for name, shape, _, dtype in tensors:
             left = int(np.prod(shape))
+            if name in SHAPES:
+                f.write(SHAPES[name].tobytes())
+                continue
             if name.endswith("norm.weight"):
                 ones = fastcast.cast_array(np.ones(1, np.float32), dtype).view(NP_BITS[dtype])
                 f.write(np.full(left, ones[0], NP_BITS[dtype]).tobytes())
@@ -239,18 +268,18 @@ def main() -> None:
     parser.add_argument("--arch", choices=["llama", "mixtral", "gpt-oss"], default="llama")
     parser.add_argument("--size", default="200MB", help="approximate total tensor bytes")
     parser.add_argument(
-        "--dtype", default="fp32", help="fp32, bf16, fp16, fp8 (block fp8), mxfp4 or nvfp4"
+        "--dtype", default="fp32", help="fp32, bf16, fp16, fp8 (block fp8), mxfp4, nvfp4 or w4a16"
     )
     parser.add_argument("--shard-size", default="2GB")
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args()
-    quantized = args.dtype if args.dtype in ("mxfp4", "nvfp4") else None
+    quantized = args.dtype if args.dtype in ("mxfp4", "nvfp4", "w4a16") else None
     if (args.arch == "gpt-oss") != (quantized == "mxfp4"):
         parser.error("gpt-oss is written as MXFP4 (--arch gpt-oss --dtype mxfp4)")
     dtype = "U8" if quantized else fastcast.parse_dtype(args.dtype)
     if dtype not in NP_BITS:
-        parser.error("--dtype must be fp32, bf16, fp16, fp8, mxfp4 or nvfp4")
-    itemsize = {"U8": 1, "nvfp4": 1}.get(quantized or "", np.dtype(NP_BITS[dtype]).itemsize)
+        parser.error("--dtype must be fp32, bf16, fp16, fp8, mxfp4, nvfp4 or w4a16")
+    itemsize = 1 if quantized else np.dtype(NP_BITS[dtype]).itemsize
     dims, tensors = shapes_for(args.arch, parse_size(args.size), itemsize)
     values = (np.random.default_rng(args.seed).standard_normal(BLOCK // 4) * 0.02).astype(
         np.float32
@@ -267,6 +296,7 @@ def main() -> None:
             np.uint8
         )
         blocks["global"] = np.full(1, 2688.0 / 0.5, np.float32).view(np.uint32)
+        blocks["I32"] = blocks["U8"].view(np.uint32)  # W4A16: any word holds eight codes
     args.out.mkdir(parents=True, exist_ok=True)
     if quantized == "mxfp4":
         specs = gpt_oss_specs(gpt_oss_layers(parse_size(args.size)))
@@ -275,6 +305,8 @@ def main() -> None:
                 "num_hidden_layers": gpt_oss_layers(parse_size(args.size))}  # fmt: skip
     elif quantized == "nvfp4":
         specs = nvfp4_specs(tensors)
+    elif quantized == "w4a16":
+        specs = w4a16_specs(tensors)
     else:
         specs = specs_for(tensors, dtype)
     shards = pack(specs, parse_size(args.shard_size))  # the same rule fastcast uses
@@ -359,6 +391,14 @@ def quantization_config(arch: str, quantized: str | None, dims: dict[str, int]) 
             "quantization_status": "compressed", "ignore": ["lm_head"],
             "config_groups": {"group_0": {"targets": ["Linear"], "weights": weights,
                                           "format": "nvfp4-pack-quantized"}}}}  # fmt: skip
+    if quantized == "w4a16":
+        weights = {"num_bits": 4, "type": "int", "strategy": "group",
+                   "group_size": W4A16_GROUP, "symmetric": True, "dynamic": False}  # fmt: skip
+        return {"quantization_config": {
+            "quant_method": "compressed-tensors", "format": "pack-quantized",
+            "quantization_status": "compressed", "ignore": ["lm_head"],
+            "config_groups": {"group_0": {"targets": ["Linear"], "weights": weights,
+                                          "format": "pack-quantized"}}}}  # fmt: skip
     return {}
 
 

@@ -170,6 +170,83 @@ def ct_mixed(tmp: Path) -> QuantModel:
     return _finish(model, config, tensors)
 
 
+#: compressed-tensors' integer presets and the format each is saved in.
+CT_INT = {
+    "W4A16": "pack-quantized",  # 4-bit, groups of 128, symmetric
+    "W4A16_ASYM": "pack-quantized",  # zero points packed along the outputs
+    "W8A16": "pack-quantized",  # 8-bit codes, four to a word
+    "W8A8": "int-quantized",  # I8 codes, a scale per channel
+}
+
+
+def ct_int(tmp: Path, preset: str, dtype: str = "bfloat16", g_idx: bool = False) -> QuantModel:
+    """An llm-compressor integer checkpoint, as Kimi K2 and the W4A16/W8A8 releases are:
+    ``pack-quantized`` (I32 ``weight_packed`` ``[out, ceil(in * bits / 32)]``, I64
+    ``weight_shape``, ``weight_scale`` in the model dtype, packed I32 ``weight_zero_point``
+    when asymmetric) or ``int-quantized`` (I8 ``weight``), groups of 32 rather than the
+    presets' 128 so that each row has several. compressed-tensors computes the
+    scales and zero points and packs the codes; ``lm_head`` is ignored; layer 0's
+    down_proj is split from its scale and shape by the shard boundary.
+
+    ``g_idx``: the older activation-ordered layout (``actorder: "group"``, which
+    compressed-tensors 0.20 no longer writes): each input's group is ``weight_g_idx[i]``,
+    a permutation's rank over the group size, the codes quantized against their group's
+    scale and packed by compressed-tensors' own ``pack_to_int32``."""
+    torch = _torch()
+    require("compressed_tensors")
+    from compressed_tensors.compressors import BaseCompressor
+    from compressed_tensors.compressors.pack_quantized.helpers import pack_to_int32
+    from compressed_tensors.quantization import preset_name_to_scheme
+    from compressed_tensors.quantization.utils import calculate_qparams
+
+    fmt = CT_INT[preset]
+    scheme = preset_name_to_scheme(preset, ["Linear"])
+    args = scheme.weights
+    if args.strategy == "group":  # several groups per row of this tiny model (presets: 128)
+        args.group_size = 32
+    compressor = BaseCompressor.get_value_from_registry(fmt)
+    g = _seeded(50 + sorted(CT_INT).index(preset) + 10 * g_idx)
+    llama = _Llama()
+    llama.hidden, llama.intermediate, llama.heads, llama.kv_heads = 128, 256, 4, 2
+    torch_dtype = getattr(torch, dtype)
+    suffix = ("-gidx" if g_idx else "") + ("" if dtype == "bfloat16" else f"-{dtype}")
+    root = tmp / f"Llama-tiny-{preset}{suffix}"
+    model = QuantModel(f"ct-{preset.lower()}{suffix}", root, "compressed-tensors", fmt, dtype)
+    roles = {"weight_packed": "quantized weight", "weight": "quantized weight",
+             "weight_scale": "scale", "weight_zero_point": "zero point",
+             "weight_shape": "quant state", "weight_g_idx": "group index"}  # fmt: skip
+
+    def quantize(x: str, w: Any, bias: Any) -> dict[str, tuple[Any, str]]:
+        w = w.to(torch_dtype)
+        if g_idx:  # inputs grouped by a permutation's rank, as GPTQ's desc_act leaves them
+            group = args.group_size
+            order = torch.randperm(w.shape[1], generator=g)
+            index = (torch.argsort(order) // group).to(torch.int32)
+            chosen = w[:, order].reshape(w.shape[0], -1, group)  # group k: order[k*g:...]
+            scale, _ = calculate_qparams(chosen.amin(dim=-1), chosen.amax(dim=-1), args)
+            q = torch.round(w.float() / scale.float()[:, index.long()]).clamp(-8, 7)
+            packed = pack_to_int32(q.to(torch.int8), 4)
+            return {f"{x}.weight_packed": (packed, "quantized weight"),
+                    f"{x}.weight_scale": (scale, "scale"),
+                    f"{x}.weight_shape": (torch.tensor(w.shape), "quant state"),
+                    f"{x}.weight_g_idx": (index, "group index")}  # fmt: skip
+        if args.strategy == "group":
+            groups = w.reshape(w.shape[0], -1, args.group_size)
+            lo, hi = groups.amin(dim=-1), groups.amax(dim=-1)
+        else:  # channel
+            lo, hi = w.amin(dim=-1, keepdim=True), w.amax(dim=-1, keepdim=True)
+        scale, zero = calculate_qparams(lo, hi, args)
+        state = {"weight": w, "weight_scale": scale, "weight_zero_point": zero}
+        return {f"{x}.{k}": (v, roles[k]) for k, v in compressor.compress(state, scheme).items()}
+
+    tensors = llama.build(g, torch_dtype, quantize, model)
+    config = ct_config(root, llama, {"group_0": scheme}, fmt)
+    config["torch_dtype"] = dtype
+    if g_idx:
+        config["quantization_config"]["config_groups"]["group_0"]["weights"]["actorder"] = "group"
+    return _finish(model, config, tensors, "model.layers.0.mlp.down_proj.weight_scale")
+
+
 # --- gpt-oss MXFP4 --------------------------------------------------------------------------
 
 #: A tiny gpt-oss: E experts, hidden H, intermediate I (multiples of 32).
@@ -425,6 +502,11 @@ ALL_FP4: dict[str, Callable[[Path], QuantModel]] = {
     "ct-mxfp4": ct_mxfp4,
     "ct-nvfp4": ct_nvfp4,
     "ct-mixed": ct_mixed,
+    "ct-w4a16": lambda tmp: ct_int(tmp, "W4A16"),
+    "ct-w4a16_asym": lambda tmp: ct_int(tmp, "W4A16_ASYM"),
+    "ct-w8a16": lambda tmp: ct_int(tmp, "W8A16"),
+    "ct-w8a8": lambda tmp: ct_int(tmp, "W8A8"),
+    "ct-w4a16-gidx": lambda tmp: ct_int(tmp, "W4A16", g_idx=True),
     "gpt-oss-mxfp4": gpt_oss_mxfp4,
     "modelopt-nvfp4-sidecar": modelopt_sidecar,
     "modelopt-nvfp4-config": modelopt_config,

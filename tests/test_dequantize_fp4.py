@@ -55,6 +55,19 @@ def test_gpt_oss_is_transformers_dequantization_bit_for_bit(tmp_path, target):
         assert torch.equal(bits(got[name]), bits(t.to(dtype))), name
 
 
+def same_logits_as(theirs, out) -> None:
+    """transformers loads ``out`` with no arguments, in bf16, and its logits are exactly
+    those of ``theirs`` (the library's own dequantizing load of the source)."""
+    torch = require("torch")
+    transformers = require("transformers")
+    ours = transformers.AutoModelForCausalLM.from_pretrained(out)
+    assert ours.dtype == torch.bfloat16
+    ids = torch.tensor([[1, 5, 9, 22, 7, 3]])
+    with torch.no_grad():
+        a, b = theirs(ids).logits, ours(ids).logits
+    assert torch.isfinite(a).all() and torch.equal(a, b)
+
+
 def test_gpt_oss_loads_in_transformers_with_the_logits_of_its_own_dequantizing_load(tmp_path):
     torch = require("torch")
     transformers = require("transformers")
@@ -65,12 +78,7 @@ def test_gpt_oss_loads_in_transformers_with_the_logits_of_its_own_dequantizing_l
         model.path, quantization_config=transformers.Mxfp4Config(dequantize=True),
         dtype=torch.bfloat16,
     )  # fmt: skip
-    ours = transformers.AutoModelForCausalLM.from_pretrained(out)
-    assert ours.dtype == torch.bfloat16
-    ids = torch.tensor([[1, 5, 9, 22, 7, 3]])
-    with torch.no_grad():
-        a, b = theirs(ids).logits, ours(ids).logits
-    assert torch.isfinite(a).all() and torch.equal(a, b)
+    same_logits_as(theirs, out)
 
 
 def test_e8m0_edge_bytes_are_pytorchs(tmp_path):

@@ -61,13 +61,14 @@ def assert_kept(model: QuantModel, out, target: str):
 def blanket_cast(model: QuantModel, out) -> bool:
     """Write into ``out`` what a blanket cast to bf16 makes of ``model`` (every float
     tensor cast, scales included; the other files copied). Returns whether any state
-    tensor was a float (and so changed)."""
+    tensor changed (a float not in bf16 already)."""
     torch, st = require("torch"), require("safetensors.torch")
     out.mkdir()
     state_is_float = False
     for f in sorted(model.path.glob("*.safetensors")):
         state = st.load_file(str(f))
-        state_is_float |= any(state[n].is_floating_point() for n in model.state if n in state)
+        state_is_float |= any(state[n].is_floating_point() and state[n].dtype != torch.bfloat16
+                              for n in model.state if n in state)  # fmt: skip
         cast = {k: (v.to(torch.bfloat16) if v.is_floating_point() else v) for k, v in state.items()}
         st.save_file(cast, str(out / f.name), metadata={"format": "pt"})
     for f in model.path.iterdir():

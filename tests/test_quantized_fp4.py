@@ -24,9 +24,8 @@ from quantized_fp4 import ALL_FP4, gpt_oss_original, modelopt_nvfp4
 #: gpt-oss's kernels need bf16 (NEEDS_DTYPE); the others are bf16 models cast to fp16,
 #: so that their plain tensors really change.
 KEEP_TARGET = {"gpt-oss-mxfp4": "bf16"}
-#: What --dequantize does not reconstruct yet: DeepSeek-V4's unconfirmed layout, and
-#: compressed-tensors' packed integers (the attention of the mixed-precision model).
-NOT_DEQUANTIZED = {"deepseek-v4": "DeepSeek-V4-style fp8", "ct-mixed": "pack-quantized"}
+#: What --dequantize does not reconstruct yet: DeepSeek-V4's unconfirmed layout.
+NOT_DEQUANTIZED = {"deepseek-v4": "DeepSeek-V4-style fp8"}
 
 
 @pytest.fixture(params=sorted(ALL_FP4))
@@ -86,8 +85,9 @@ def test_inspect_names_the_format_and_what_each_option_does(model):
 def test_verify_fails_a_blanket_cast_of_float_state(model, tmp_path):
     """What a blanket cast writes (every float tensor cast, scales included) fails verify
     wherever it changed a state tensor; where every state tensor is an integer (MXFP4's
-    U8 codes and E8M0 bytes), a cast of the floats changed nothing quantized, and verify
-    says so by passing."""
+    U8 codes and E8M0 bytes) or bf16 already (compressed-tensors' integers' scales in a
+    bf16 model), a cast of the floats changed nothing quantized, and verify says so by
+    passing (test_dequantize_int.py fails it on a changed weight)."""
     out = tmp_path / "blanket"
     state_is_float = blanket_cast(model, out)
     r = cli("verify", out, "--against", model.path, "--dtype", "bf16")

@@ -187,7 +187,7 @@ class MergePlan(TypedDict):
     #: DoRA's magnitude vector, one per output feature.
     magnitude: OperandPlan | None
     #: A quantized base weight's dequantization (None: the source is a float weight).
-    base: Fp8ScaledPlan | Bnb4Plan | Int8RowsPlan | GptqPlan | AwqPlan | Fp4Plan | None
+    base: _DequantPlan | None
 
 @type_check_only
 class Fp8ScaledPlan(TypedDict):
@@ -278,6 +278,25 @@ class Fp4Plan(TypedDict):
     positive_zero: bool
 
 @type_check_only
+class CtIntPlan(TypedDict):
+    """compressed-tensors integers: ``W[o, i] = scale[o, g] * (q[o, i] - z[o, g])`` in
+    fp32, ``g`` = ``g_idx[i]`` (or ``i // group_size``), rounded once. The source is
+    ``x.weight_packed`` (I32 words, code ``i`` of a row at bit ``i * bits``, stored plus
+    ``2^(bits - 1)``; the tensor is named ``x.weight``) or ``x.weight`` (I8 codes)."""
+
+    kind: Literal["ct_int"]
+    #: ``[out, groups]`` (``[out, 1]`` per channel) or one value, F16/BF16/F32.
+    scale: OperandPlan
+    #: I32 packed along the outputs ``[ceil(out * bits / 32), groups]``, or I8 as the scale.
+    zero_point: OperandPlan | None
+    g_idx: OperandPlan | None
+    bits: int
+    group_size: int
+
+#: How a dequantized tensor's values are made (``kind`` says which format).
+_DequantPlan = Fp8ScaledPlan | Bnb4Plan | Int8RowsPlan | GptqPlan | AwqPlan | Fp4Plan | CtIntPlan
+
+@type_check_only
 class Fp8WeightPlan(TypedDict):
     """The e4m3 values of the source weight: per ``block`` (rows, columns of the 2-D
     weight), ``s = max(amax, 1e-12) / 448`` and ``q = e4m3(clamp(W / s, -448, 448))``,
@@ -311,7 +330,7 @@ class TensorPlan(TypedDict):
     #: [begin, end) in the output's data buffer.
     dst_offsets: tuple[int, int]
     #: Set when the tensor is dequantized rather than cast (``kind`` says how).
-    dequant: NotRequired[Fp8ScaledPlan | Bnb4Plan | Int8RowsPlan | GptqPlan | AwqPlan | Fp4Plan]
+    dequant: NotRequired[_DequantPlan]
     #: Set when the tensor is quantized from its source, a float weight: its values or
     #: its scales (whose source is the weight too).
     quantize: NotRequired[Fp8WeightPlan | Fp8ScalePlan]

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import math
+import struct
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, Literal
@@ -28,9 +29,12 @@ SCALE_DTYPES = ("F16", "BF16", "F32")
 #: Where a quant state tensor's JSON stops being plausible.
 QUANT_STATE_MAX_BYTES = 1 << 16
 
-Kind = Literal["fp8_scaled", "bnb4", "int8_rows", "gptq", "awq", "fp4"]
+Kind = Literal["fp8_scaled", "bnb4", "int8_rows", "gptq", "awq", "fp4", "ct_int"]
 #: Values per scale: MXFP4's E8M0 exponents, NVFP4's E4M3 scales.
 MX_GROUP, NV_GROUP = 32, 16
+#: compressed-tensors ``pack-quantized`` widths whose codes fill int32 words evenly: 3, 5,
+#: 6 and 7 bits were packed two incompatible ways (padded, then dense) under one name.
+CT_PACKED_BITS = (1, 2, 4, 8)
 
 
 @dataclass(frozen=True)
@@ -415,20 +419,117 @@ def awq_weights(
     return found
 
 
-#: Each method's reader of its quantized weights.
 def ct_weights(
     folder: ModelFolder, quant: Quantization, role_of: dict[tuple[str, str], str]
 ) -> dict[tuple[str, str], QuantizedWeight]:
     """compressed-tensors: fp4 (``x.weight_packed`` U8: MXFP4 or NVFP4, told by the
-    scale's dtype, as compressed-tensors' own dequantizer infers each group's format)
-    and fp8 weights; anything else (packed ints) refused by the fp8 reader."""
+    scale's dtype, as compressed-tensors' own dequantizer infers each group's format),
+    integers (``x.weight_packed`` I32, ``pack-quantized``; ``x.weight`` I8,
+    ``int-quantized`` / ``naive-quantized``) and fp8 weights."""
     qc = quantization_settings(folder)
-    return {
-        (key, t.name): fp4_weight(t, tensors, quant)
-        if t.name.endswith(".weight_packed") and t.dtype == "U8"
-        else fp8_weight(t, tensors, quant, qc)
-        for key, t, tensors in quantized_tensors(folder, role_of)
-    }
+    found = {}
+    for key, t, tensors in quantized_tensors(folder, role_of):
+        if t.name.endswith(".weight_packed") and t.dtype == "U8":
+            found[(key, t.name)] = fp4_weight(t, tensors, quant)
+        elif t.name.endswith(".weight_packed") or t.dtype == "I8":
+            found[(key, t.name)] = ct_int_weight(t, tensors, quant, qc)
+        else:
+            found[(key, t.name)] = fp8_weight(t, tensors, quant, qc)
+    return found
+
+
+def ct_int_weight(
+    t: TensorEntry, tensors: dict[str, TensorEntry], quant: Quantization, qc: dict[str, Any]
+) -> QuantizedWeight:
+    """A compressed-tensors integer weight: ``x.weight_packed`` I32 ``[out, ceil(in *
+    bits / 32)]`` with its I64 ``x.weight_shape``, or ``x.weight`` I8 ``[out, in]``; its
+    scale ``[out, groups]`` (``[out, 1]`` per channel, one value per tensor), zero point
+    when asymmetric and ``weight_g_idx`` when it has one; bits and group size from the
+    config group that fits it (``ct_int_args``)."""
+    packed = t.name.endswith(".weight_packed")
+    x = t.name.removesuffix(".weight_packed" if packed else ".weight")
+    name = f"{x}.weight"
+    if packed:
+        if name in tensors:
+            raise cannot(t, quant, f"{name}, its dequantized name, is taken")
+        if t.dtype != "I32" or len(t.shape) != 2:
+            raise cannot(t, quant, "pack-quantized codes are I32 [out, words]")
+        stored = expect(t, quant, tensors, "shape", f"{x}.weight_shape", ("I64", "I32"), (2,))
+        fmt = "<2q" if stored.dtype == "I64" else "<2i"
+        shape: tuple[int, ...] = struct.unpack(fmt, read_tensor_bytes(stored))
+        if shape[0] != t.shape[0] or shape[1] <= 0:
+            raise cannot(t, quant, f"its weight_shape {list(shape)} does not fit its "
+                         f"{t.shape[0]} packed rows")  # fmt: skip
+    else:
+        if len(t.shape) != 2:
+            raise cannot(t, quant, "int-quantized codes are I8 [out, in]")
+        shape = t.shape
+    rows, cols = shape
+    scale = expect(t, quant, tensors, "scale", f"{x}.weight_scale", SCALE_DTYPES)
+    zero = tensors.get(f"{x}.weight_zero_point")
+    bits, group = ct_int_args(t, quant, qc, packed, (rows, cols), scale, zero)
+    if packed and bits not in CT_PACKED_BITS:
+        raise cannot(t, quant, f"it is {bits}-bit pack-quantized, whose layout changed "
+                     "(padded, then dense) under one format name; 1, 2, 4 and 8 bits are "
+                     "unpacked")  # fmt: skip
+    operands = {"scale": scale.name}
+    if zero is not None:
+        operands["zero_point"] = zero.name
+    g_idx = tensors.get(f"{x}.weight_g_idx")
+    if g_idx is not None:
+        expect(t, quant, tensors, "group index", g_idx.name, ("I32",), (cols,))
+        operands["g_idx"] = g_idx.name
+    params = {"bits": bits, "group_size": group}
+    return QuantizedWeight("ct_int", name, t.name, (rows, cols), operands, params)
+
+
+def ct_int_args(
+    t: TensorEntry,
+    quant: Quantization,
+    qc: dict[str, Any],
+    packed: bool,
+    shape: tuple[int, int],
+    scale: TensorEntry,
+    zero: TensorEntry | None,
+) -> tuple[int, int]:
+    """(bits, inputs per group) of a compressed-tensors integer weight ``[rows, cols]``:
+    from the integer config groups of its quantization_config whose arguments fit its
+    tensors (the packed width, the scale's shape, a zero point exactly when asymmetric).
+    The groups' targets are class names or patterns that only a model's modules resolve,
+    so the tensors decide; every fitting group must then give the same values (a group
+    size divides the row, as compressed-tensors requires, so the scale's shape fixes it)."""
+    rows, cols = shape
+    groups = qc.get("config_groups")
+    fitting: set[tuple[int, int]] = set()
+    for group in groups.values() if isinstance(groups, dict) else ():
+        w = group.get("weights") if isinstance(group, dict) else None
+        if not isinstance(w, dict) or w.get("type") != "int":
+            continue
+        bits, strategy, size = integer(w.get("num_bits")), w.get("strategy"), w.get("group_size")
+        if bits is None or not 1 <= bits <= 8:
+            continue
+        if packed and t.shape[1] != -(-cols * bits // 32):
+            continue
+        if (w.get("symmetric", True) is False) != (zero is not None):
+            continue
+        if strategy == "tensor" and scale.numel == 1:
+            fitting.add((bits if packed else 8, cols))
+        elif strategy == "channel" and scale.shape == (rows, 1):
+            fitting.add((bits if packed else 8, cols))
+        elif (strategy == "group" and (size := integer(size)) and cols % size == 0
+              and scale.shape == (rows, cols // size)):  # fmt: skip
+            fitting.add((bits if packed else 8, size))
+    if len(fitting) == 1:
+        return fitting.pop()
+    held = f"scale {scale.dtype} {list(scale.shape)}, " + (
+        f"zero point {zero.dtype} {list(zero.shape)}" if zero is not None else "no zero point"
+    )
+    if not fitting:
+        raise cannot(t, quant, "no integer config group of its quantization_config fits its "
+                     f"tensors ({held}; a group's bits, strategy, group size and symmetry "
+                     "decide them)")  # fmt: skip
+    raise cannot(t, quant, f"config groups that reconstruct it differently all fit its "
+                 f"tensors ({held}); fastcast cannot tell which quantized it")  # fmt: skip
 
 
 def fp4_weights(
@@ -511,6 +612,7 @@ def fp4(
     return QuantizedWeight("fp4", name, t.name, shape, operands, params)
 
 
+#: Each method's reader of its quantized weights.
 READERS: dict[str, Callable[..., dict[tuple[str, str], QuantizedWeight]]] = {
     "fp8": fp8_weights,
     "fbgemm_fp8": fp8_weights,

@@ -427,6 +427,15 @@ def dequant_dict(d: Dequantized, source_ids: dict[Path, int]) -> DequantPlan:
             "transpose": p["transpose"],
             "positive_zero": p["positive_zero"],
         }
+    if w.kind == "ct_int":
+        return {
+            "kind": "ct_int",
+            "scale": operand("scale"),
+            "zero_point": operand("zero_point") if "zero_point" in d.operands else None,
+            "g_idx": operand("g_idx") if "g_idx" in d.operands else None,
+            "bits": p["bits"],
+            "group_size": p["group_size"],
+        }
     if w.kind == "gptq":
         return {
             "kind": "gptq",

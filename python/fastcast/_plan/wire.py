@@ -11,14 +11,7 @@ from fastcast._source.entries import TensorEntry
 
 if TYPE_CHECKING:
     #: How the executor reconstructs a dequantized tensor (``kind`` says which).
-    DequantPlan: TypeAlias = (
-        _core.Fp8ScaledPlan
-        | _core.Bnb4Plan
-        | _core.Int8RowsPlan
-        | _core.GptqPlan
-        | _core.AwqPlan
-        | _core.Fp4Plan
-    )
+    DequantPlan: TypeAlias = _core._DequantPlan  # one union, beside the TypedDicts
 
 
 def operand_plan(e: TensorEntry, source_ids: dict[Path, int]) -> _core.OperandPlan:

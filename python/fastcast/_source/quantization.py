@@ -51,8 +51,8 @@ KNOWN_CT_FORMATS = {
     "mxfp4-pack-quantized",
     "nvfp4-pack-quantized",
 }
-#: ... and those --dequantize reconstructs (packed integers not yet).
-CT_DEQUANTIZES = {"float-quantized", "mxfp4-pack-quantized", "nvfp4-pack-quantized"}
+#: ... and those --dequantize reconstructs (every one).
+CT_DEQUANTIZES = set(KNOWN_CT_FORMATS)
 #: ModelOpt algorithms whose tensors fastcast recognises (the weight, its block scales,
 #: the 0-dim second-level scale, input scales, AWQ's pre_quant_scale). Others, such as
 #: NVFP4_SVD with its low-rank residual, are refused by name.
@@ -152,6 +152,9 @@ def scheme_of(method: str, qc: dict[str, Any]) -> str:
             if isinstance(weights, dict):
                 part = f"{weights.get('type', '?')}{weights.get('num_bits', '?')} "
                 part += str(weights.get("strategy", "?"))
+                if weights.get("strategy") in ("group", "tensor_group"):
+                    part += f" {weights.get('group_size', '?')}"
+                part += ", asymmetric" if weights.get("symmetric") is False else ""
                 inputs = group.get("input_activations")
                 if isinstance(inputs, dict) and inputs.get("dynamic") is False:
                     part += ", static input scales"

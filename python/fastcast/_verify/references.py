@@ -80,6 +80,9 @@ def dequantized(w: QuantizedWeight, read: Read) -> Reference:
         g = read(w.operands["global"]) if "global" in w.operands else None
         return fp4(read(w.source), read(w.operands["scale"]), g, p, w.shape)
     g_idx = read(w.operands["g_idx"]) if "g_idx" in w.operands else None
+    if w.kind == "ct_int":
+        zero = read(w.operands["zero_point"]) if "zero_point" in w.operands else None
+        return ct_int(read(w.source), read(w.operands["scale"]), zero, g_idx, p, w.shape)
     ops = (read(w.source), read(w.operands["qzeros"]), read(w.operands["scales"]))
     if w.kind == "gptq":
         return gptq(*ops, g_idx, p, numel)
@@ -263,6 +266,46 @@ def awq(
         return (s[g] * (q - z[g]).float()).t().reshape(-1)
 
     return Reference(numel, PACK_ROWS * inputs, values)
+
+
+def ct_int(
+    codes: torch.Tensor,
+    scale: torch.Tensor,
+    zero: torch.Tensor | None,
+    g_idx: torch.Tensor | None,
+    p: dict[str, Any],
+    shape: tuple[int, ...],
+) -> Reference:
+    """compressed-tensors integers: ``W[o, i] = s[o, g] * (q[o, i] - z[o, g])``, fp32
+    products, ``g`` = ``g_idx[i]`` (else ``i // group_size``). ``q`` is I8, or unpacked
+    from I32 words along each row (code ``i`` at bit ``i * bits``, stored plus ``2^(bits -
+    1)``); ``z`` is I8 like the scale, or I32 words packed the same way along the
+    outputs; a one-value scale (and zero) serves every row. By output rows."""
+    import torch
+
+    rows, cols = shape
+    bits, size = p["bits"], p["group_size"]
+    half, groups = 1 << (bits - 1), -(-cols // size)
+    s_all = scale.reshape(-1, groups).float().expand(rows, groups)
+    if zero is None:
+        z_all = torch.zeros(1, groups, dtype=torch.int32).expand(rows, groups)
+    elif zero.dtype == torch.int32:  # packed along the outputs
+        z_all = unpack_words(zero.t().contiguous(), bits)[:, :rows].t() - half
+    else:
+        z_all = zero.reshape(-1, groups).int().expand(rows, groups)
+    g = g_idx.long() if g_idx is not None else torch.arange(cols) // size
+
+    def values(e0: int, e1: int, device: str) -> torch.Tensor:
+        r0, r1 = e0 // cols, -(-e1 // cols)
+        if codes.dtype == torch.int32:
+            q = unpack_words(codes[r0:r1].to(device), bits)[:, :cols] - half
+        else:
+            q = codes[r0:r1].to(device).int()
+        s, z, gi = s_all[r0:r1].to(device), z_all[r0:r1].to(device), g.to(device)
+        out: torch.Tensor = (s[:, gi] * (q - z[:, gi]).float()).reshape(-1)
+        return out
+
+    return Reference(rows * cols, cols, values)
 
 
 def quantized(w: torch.Tensor, block: tuple[int, int], scales: bool) -> Reference:

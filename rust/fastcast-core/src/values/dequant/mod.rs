@@ -28,6 +28,9 @@
 //!   `W[o, i] = scale[g, o] * f32(q[i, o] - z[g, o])` with `g` the group of
 //!   input `i` (GPTQ's `g_idx`, else `i / group_size`), and GPTQ v1's zeros
 //!   stored minus one. The output is `[out, in]`, transposed from the packing.
+//! - compressed-tensors integers (`pack-quantized` I32 words along each
+//!   row, `int-quantized` I8): `W[o, i] = s[o, g] * f32(q[o, i] - z[o, g])`,
+//!   see [`ct_int`].
 //! - FP4 (MXFP4 with E8M0 scales, NVFP4 with E4M3 scales and a second-level
 //!   scale, in the producer's order): see [`fp4`].
 //!
@@ -104,6 +107,23 @@ pub enum Dequant {
         /// Code 8 is +0, as in ModelOpt's table (elsewhere −0).
         #[serde(default)]
         positive_zero: bool,
+    },
+    /// compressed-tensors integers: `pack-quantized` (I32 words, codes of 1,
+    /// 2, 4 or 8 bits along each row, stored plus `2^(bits - 1)`) or
+    /// `int-quantized` / `naive-quantized` (I8 codes); a scale per row and
+    /// group (or one per tensor), zero points when asymmetric.
+    CtInt {
+        /// `x.weight_scale`, `[out, groups]` or one value.
+        scale: Operand,
+        /// `x.weight_zero_point`: I32 packed along the outputs, or I8 as the scale.
+        #[serde(default)]
+        zero_point: Option<Operand>,
+        /// `x.weight_g_idx`, the group of each input (older activation ordering).
+        #[serde(default)]
+        g_idx: Option<Operand>,
+        bits: u32,
+        /// Inputs per group (the row's width per channel or per tensor).
+        group_size: u64,
     },
     /// AutoAWQ GEMM, 4 bits.
     Awq {
@@ -218,6 +238,20 @@ fn float_at(dtype: DType, bytes: &[u8], i: usize) -> f32 {
     }
 }
 
+/// Check a group index (`g_idx`: I32, one per input) against `cols` inputs
+/// in `groups` groups, naming the first input it puts past the last group.
+fn check_group_index(g: &Bytes, cols: u64, groups: u64) -> Result<(), String> {
+    g.expect("the group index", &[DType::I32], &[cols])?;
+    match (0..cols as usize).find(|&i| u32_at(g.data, i) as u64 >= groups) {
+        None => Ok(()),
+        Some(i) => Err(format!(
+            "group index {:?} puts input {i} in group {} (there are {groups})",
+            g.name,
+            u32_at(g.data, i) as i32
+        )),
+    }
+}
+
 /// A checked dequantization, ready to run chunk by chunk.
 #[derive(Debug, Clone)]
 pub enum Dequantizer<'a> {
@@ -226,6 +260,7 @@ pub enum Dequantizer<'a> {
     Int8(Int8Rows<'a>),
     Packed(PackedInts<'a>),
     Fp4(Box<Fp4Groups<'a>>),
+    CtInt(Box<IntGroups<'a>>),
 }
 
 impl<'a> Dequantizer<'a> {
@@ -341,6 +376,26 @@ impl<'a> Dequantizer<'a> {
                     *positive_zero,
                 )?))
             }
+            Dequant::CtInt {
+                scale,
+                zero_point,
+                g_idx,
+                bits,
+                group_size,
+            } => {
+                let zeros = zero_point.as_ref().map(bytes).transpose()?;
+                let g_idx = g_idx.as_ref().map(bytes).transpose()?;
+                Dequantizer::CtInt(Box::new(IntGroups::new(
+                    from,
+                    shape,
+                    src_len,
+                    *bits,
+                    *group_size,
+                    bytes(scale)?,
+                    zeros,
+                    g_idx,
+                )?))
+            }
             Dequant::Awq {
                 qzeros,
                 scales,
@@ -368,11 +423,13 @@ impl<'a> Dequantizer<'a> {
 
     /// Chunks of the output start and end on multiples of this many elements:
     /// a byte of two 4-bit codes, or a whole output row of GPTQ/AWQ (whose
-    /// packed words hold several inputs of one row, or rows of one input).
+    /// packed words hold several inputs of one row, or rows of one input) and
+    /// of compressed-tensors integers (whose rows start new words).
     pub fn align(&self) -> u64 {
         match self {
             Dequantizer::Bnb4(_) => 2,
             Dequantizer::Packed(p) => p.cols.max(1),
+            Dequantizer::CtInt(c) => c.cols.max(1),
             Dequantizer::Fp4(f) => f.align(),
             Dequantizer::Fp8(_) | Dequantizer::Int8(_) => 1,
         }
@@ -384,6 +441,7 @@ impl<'a> Dequantizer<'a> {
             Dequantizer::Fp8(_) | Dequantizer::Int8(_) => (begin as usize, end as usize),
             Dequantizer::Bnb4(_) => ((begin / 2) as usize, end.div_ceil(2) as usize),
             Dequantizer::Packed(p) => (0, p.src_len),
+            Dequantizer::CtInt(c) => c.source_range(begin, end),
             Dequantizer::Fp4(f) => f.source_range(begin, end),
         }
     }
@@ -410,11 +468,13 @@ impl<'a> Dequantizer<'a> {
             Dequantizer::Int8(d) => d.dequantize(src, first, out),
             Dequantizer::Packed(d) => d.dequantize(src, first, out),
             Dequantizer::Fp4(d) => d.dequantize(src, first, out),
+            Dequantizer::CtInt(d) => d.dequantize(src, first, out),
         }
     }
 }
 
 mod bnb4;
+mod ct_int;
 mod fp4;
 mod fp8;
 mod int8;
@@ -423,6 +483,7 @@ mod packed;
 mod tests;
 
 pub use bnb4::Bnb4Blocks;
+pub use ct_int::IntGroups;
 pub use fp4::{Fp4Groups, Fp4Scale};
 pub use fp8::Fp8Scales;
 pub use int8::Int8Rows;

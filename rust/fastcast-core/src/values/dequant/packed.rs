@@ -1,7 +1,7 @@
 //! GPTQ (2, 4, 8 bits) and AutoAWQ GEMM (4 bits): integer codes packed in
 //! int32 words, a scale and a zero point per group and output.
 
-use super::{float_at, u32_at, Bytes};
+use super::{check_group_index, float_at, u32_at, Bytes};
 use crate::dtype::DType;
 
 /// How a GPTQ or AWQ `qweight` and `qzeros` hold their integers.
@@ -108,14 +108,7 @@ impl<'a> PackedInts<'a> {
         )?;
         qzeros.expect("the zeros", &[DType::I32], &[groups, zeros_cols])?;
         if let Some(g) = &g_idx {
-            g.expect("g_idx", &[DType::I32], &[cols])?;
-            if let Some(i) = (0..cols as usize).find(|&i| u32_at(g.data, i) as u64 >= groups) {
-                return Err(format!(
-                    "g_idx {:?} puts input {i} in group {} (there are {groups})",
-                    g.name,
-                    u32_at(g.data, i) as i32
-                ));
-            }
+            check_group_index(g, cols, groups)?;
         }
         Ok(PackedInts {
             packing,

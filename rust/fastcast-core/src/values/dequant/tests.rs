@@ -147,7 +147,7 @@ fn wrong_geometry_is_refused_with_the_shapes() {
 use std::collections::HashMap;
 
 /// Deterministic pseudo-random numbers (an LCG), for codes and scales.
-struct Lcg(u64);
+pub(super) struct Lcg(pub(super) u64);
 
 impl Lcg {
     fn next(&mut self) -> u32 {
@@ -157,7 +157,7 @@ impl Lcg {
             .wrapping_add(1442695040888963407);
         (self.0 >> 33) as u32
     }
-    fn below(&mut self, n: u32) -> u32 {
+    pub(super) fn below(&mut self, n: u32) -> u32 {
         self.next() % n
     }
     fn float(&mut self) -> f32 {
@@ -165,7 +165,7 @@ impl Lcg {
     }
 }
 
-fn op(name: &str, dtype: DType, shape: &[u64]) -> Operand {
+pub(super) fn op(name: &str, dtype: DType, shape: &[u64]) -> Operand {
     Operand {
         name: name.into(),
         source: 0,
@@ -209,7 +209,13 @@ fn build<'a>(
 /// source range; `aligned` rounds `chunk` up to the dequantizer's
 /// alignment, as the executor does (else chunks start anywhere: bnb's
 /// odd starts read a low nibble first).
-fn chunked(d: &Dequantizer, src: &[u8], numel: u64, chunk: u64, aligned: bool) -> Vec<u32> {
+pub(super) fn chunked(
+    d: &Dequantizer,
+    src: &[u8],
+    numel: u64,
+    chunk: u64,
+    aligned: bool,
+) -> Vec<u32> {
     let chunk = if aligned {
         chunk.div_ceil(d.align()) * d.align()
     } else {
