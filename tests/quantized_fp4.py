@@ -14,7 +14,8 @@ from ``quantized.ALL``, whose every member ``--dequantize`` handles.
 
 Edge cases on purpose: E8M0 scale bytes 0 (2^-127) and 254 (2^127) in the gpt-oss experts,
 a weight whose scales sit in the other shard, layers in the ``ignore`` list, MoE experts
-(gpt-oss's stacked ones, ModelOpt's transposed ones), a 0-dim ModelOpt ``weight_scale_2``
+(gpt-oss's stacked ones; ModelOpt's fused ones, made by ModelOpt itself, are in
+test_modelopt.py), a 0-dim ModelOpt ``weight_scale_2``
 beside a ``[1]`` compressed-tensors ``weight_global_scale``.
 """
 
@@ -179,7 +180,13 @@ CT_INT = {
 }
 
 
-def ct_int(tmp: Path, preset: str, dtype: str = "bfloat16", g_idx: bool = False) -> QuantModel:
+def ct_int(
+    tmp: Path,
+    preset: str,
+    dtype: str = "bfloat16",
+    g_idx: bool = False,
+    naive: dict[str, Any] | None = None,
+) -> QuantModel:
     """An llm-compressor integer checkpoint, as Kimi K2 and the W4A16/W8A8 releases are:
     ``pack-quantized`` (I32 ``weight_packed`` ``[out, ceil(in * bits / 32)]``, I64
     ``weight_shape``, ``weight_scale`` in the model dtype, packed I32 ``weight_zero_point``
@@ -191,7 +198,11 @@ def ct_int(tmp: Path, preset: str, dtype: str = "bfloat16", g_idx: bool = False)
     ``g_idx``: the older activation-ordered layout (``actorder: "group"``, which
     compressed-tensors 0.20 no longer writes): each input's group is ``weight_g_idx[i]``,
     a permutation's rank over the group size, the codes quantized against their group's
-    scale and packed by compressed-tensors' own ``pack_to_int32``."""
+    scale and packed by compressed-tensors' own ``pack_to_int32``.
+
+    ``naive``: weight arguments overriding the preset's, saved as ``naive-quantized``
+    (I8 codes as they are; asymmetric zero points I8 like the scale), e.g. W8A8 with a
+    zero point per channel, or one scale for the tensor."""
     torch = _torch()
     require("compressed_tensors")
     from compressed_tensors.compressors import BaseCompressor
@@ -199,9 +210,11 @@ def ct_int(tmp: Path, preset: str, dtype: str = "bfloat16", g_idx: bool = False)
     from compressed_tensors.quantization import preset_name_to_scheme
     from compressed_tensors.quantization.utils import calculate_qparams
 
-    fmt = CT_INT[preset]
+    fmt = "naive-quantized" if naive else CT_INT[preset]
     scheme = preset_name_to_scheme(preset, ["Linear"])
     args = scheme.weights
+    for key, value in (naive or {}).items():
+        setattr(args, key, value)
     if args.strategy == "group":  # several groups per row of this tiny model (presets: 128)
         args.group_size = 32
     compressor = BaseCompressor.get_value_from_registry(fmt)
@@ -210,6 +223,7 @@ def ct_int(tmp: Path, preset: str, dtype: str = "bfloat16", g_idx: bool = False)
     llama.hidden, llama.intermediate, llama.heads, llama.kv_heads = 128, 256, 4, 2
     torch_dtype = getattr(torch, dtype)
     suffix = ("-gidx" if g_idx else "") + ("" if dtype == "bfloat16" else f"-{dtype}")
+    suffix += "".join(f"-{k}-{v}" for k, v in (naive or {}).items())
     root = tmp / f"Llama-tiny-{preset}{suffix}"
     model = QuantModel(f"ct-{preset.lower()}{suffix}", root, "compressed-tensors", fmt, dtype)
     roles = {"weight_packed": "quantized weight", "weight": "quantized weight",
@@ -233,8 +247,10 @@ def ct_int(tmp: Path, preset: str, dtype: str = "bfloat16", g_idx: bool = False)
         if args.strategy == "group":
             groups = w.reshape(w.shape[0], -1, args.group_size)
             lo, hi = groups.amin(dim=-1), groups.amax(dim=-1)
-        else:  # channel
+        elif args.strategy == "channel":
             lo, hi = w.amin(dim=-1, keepdim=True), w.amax(dim=-1, keepdim=True)
+        else:  # tensor
+            lo, hi = w.amin().reshape(1), w.amax().reshape(1)
         scale, zero = calculate_qparams(lo, hi, args)
         state = {"weight": w, "weight_scale": scale, "weight_zero_point": zero}
         return {f"{x}.{k}": (v, roles[k]) for k, v in compressor.compress(state, scheme).items()}

@@ -212,7 +212,7 @@ def _transposed_experts(state):
         ("ct-nvfp4", _global_0dim, "global scale"),
         ("gpt-oss-mxfp4", _name_taken, "its dequantized name, is taken"),
         ("modelopt-nvfp4-config", _short_scale, "scale"),
-        ("modelopt-nvfp4-sidecar", _transposed_experts, "transposed"),
+        ("modelopt-nvfp4-sidecar", _transposed_experts, "beside their x_weight_scale"),
     ],
 )
 def test_what_does_not_add_up_is_refused_naming_the_weight(tmp_path, name, edit, words):

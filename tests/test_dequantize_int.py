@@ -52,10 +52,19 @@ def exact(src: Checkpoint, x: str, bits_: int, group: int):
     else:
         q = src[f"{x}.weight"].int()
         shape = q.shape
-    s = src[f"{x}.weight_scale"].float()
+    s = (
+        src[f"{x}.weight_scale"]
+        .float()
+        .reshape(
+            -1, 1 if src[f"{x}.weight_scale"].numel() == 1 else src[f"{x}.weight_scale"].shape[-1]
+        )
+    )
+    s = s.expand(shape[0], s.shape[1])
     z = torch.zeros_like(s, dtype=torch.int32)
     if f"{x}.weight_zero_point" in src:
-        z = unpack_from_int32(src[f"{x}.weight_zero_point"], bits_, s.shape, packed_dim=0).int()
+        stored = src[f"{x}.weight_zero_point"]
+        z = (unpack_from_int32(stored, bits_, s.shape, packed_dim=0).int()
+             if stored.dtype == torch.int32 else stored.int().expand(s.shape))  # fmt: skip
     g = (src[f"{x}.weight_g_idx"].long() if f"{x}.weight_g_idx" in src
          else torch.arange(shape[1]) // group)  # fmt: skip
     return s[:, g] * (q - z[:, g]).float()
@@ -91,6 +100,34 @@ def test_compressed_tensors_integers_are_its_decompressor_bit_for_bit(tmp_path, 
         assert torch.equal(bits(mine), bits(full.to(mine.dtype))), x
     for name_, t in model.plain.items():  # embeddings, norms, the ignored lm_head
         assert torch.equal(bits(got[name_]), bits(t.to(getattr(torch, TARGETS[target])))), name_
+
+
+VARIANTS = {
+    "W8A8 naive, zero point per channel": ("W8A8", {"naive": {"symmetric": False}}),
+    "W8A8 naive, one scale for the tensor": ("W8A8", {"naive": {"strategy": "tensor"}}),
+    "W4A16_ASYM in fp32, F32 scales": ("W4A16_ASYM", {"dtype": "float32"}),
+}
+
+
+@pytest.mark.parametrize("variant", sorted(VARIANTS))
+def test_other_layouts_are_the_decompressor_and_the_exact_product(tmp_path, variant):
+    """I8 zero points (naive-quantized keeps them unpacked), a one-value scale, and F32
+    scales (whose fp32 product rounds once, in compressed-tensors as here): bf16 outputs
+    equal compressed-tensors' result rounded to bf16, fp32 ones the fp32 product."""
+    torch = require("torch")
+    require("compressed_tensors")
+    preset, kwargs = VARIANTS[variant]
+    model = ct_int(tmp_path / "src", preset, **kwargs)
+    src = Checkpoint(model.path)
+    b, group = weights_args(model)
+    for target in ("bf16", "fp32"):
+        got = dequantize(model, tmp_path / target, target)
+        for x in modules(model):
+            want = decompressed(model, src, x)
+            mine = got[f"{x}.weight"]
+            assert torch.equal(bits(mine.to(torch.bfloat16)), bits(want.to(torch.bfloat16))), x
+            full = exact(src, x, b, group or want.shape[1])
+            assert torch.equal(bits(mine), bits(full.to(mine.dtype))), (x, target)
 
 
 @pytest.mark.parametrize("target", ["bf16", "fp32"])

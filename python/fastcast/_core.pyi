@@ -275,6 +275,9 @@ class Fp4Plan(TypedDict):
     global_scale: OperandPlan | None
     divide: bool
     transpose: bool
+    #: Pairs and groups run down each matrix's columns: ModelOpt's fused experts
+    #: ``[experts, in / 2, out]``, written ``[experts, in, out]``.
+    down: bool
     positive_zero: bool
 
 @type_check_only

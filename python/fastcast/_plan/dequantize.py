@@ -556,9 +556,11 @@ def fp4_weight(
         scales = expect(t, quant, tensors, "scales", f"{x}_scales", ("U8",), t.shape[:3])
         stacked = (experts, groups * MX_GROUP, rows)
         return fp4(t, x, stacked, scales, None, tensors, quant, transpose=True)
+    if len(t.shape) == 3 and f"{t.name}_weight_scale" in tensors:  # ModelOpt fused experts
+        return modelopt_experts(t, tensors, quant)
     if len(t.shape) != 2:
-        raise cannot(t, quant, "a 4-bit float weight is [out, in / 2] (ModelOpt's transposed "
-                     "expert tensors are not reconstructed yet)")  # fmt: skip
+        raise cannot(t, quant, "a 4-bit float weight is [out, in / 2], or ModelOpt's fused "
+                     "experts [experts, in / 2, out] beside their x_weight_scale")  # fmt: skip
     shape = (t.shape[0], 2 * t.shape[1])
     if t.name.endswith(".weight_packed"):  # compressed-tensors
         x = t.name.removesuffix(".weight_packed")
@@ -582,6 +584,25 @@ def fp4_weight(
     return fp4(t, f"{x}.weight", shape, scale, times, tensors, quant, positive_zero=True)
 
 
+def modelopt_experts(
+    t: TensorEntry, tensors: dict[str, TensorEntry], quant: Quantization
+) -> QuantizedWeight:
+    """ModelOpt's NVFP4 fused experts (``experts.gate_up_proj``: U8 ``[E, in / 2, out]``,
+    the pairs and groups of 16 running down each expert's columns, F8_E4M3
+    ``x_weight_scale`` ``[E, in / 16, out]``, one F32 ``x_weight_scale_2`` for all
+    experts), written as transformers holds the dequantized parameter, ``[E, in, out]``,
+    under its own name."""
+    experts, half, cols = t.shape
+    shape = (experts, 2 * half, cols)
+    x = t.name
+    scale = expect(t, quant, tensors, "scale", f"{x}_weight_scale", ("F8_E4M3",),
+                   (experts, shape[1] // NV_GROUP, cols))  # fmt: skip
+    found = tensors.get(f"{x}_weight_scale_2")
+    one = found.shape if found is not None and found.shape in ((), (1,)) else ()
+    times = expect(t, quant, tensors, "second-level scale", f"{x}_weight_scale_2", ("F32",), one)
+    return fp4(t, x, shape, scale, times, tensors, quant, down=True, positive_zero=True)
+
+
 def group_shape(shape: tuple[int, int], group: int) -> tuple[int, int]:
     """The scales of a ``[rows, cols]`` weight, one per ``group`` columns."""
     return shape[0], shape[1] // group
@@ -597,17 +618,21 @@ def fp4(
     quant: Quantization,
     *,
     transpose: bool = False,
+    down: bool = False,
     divide: bool = False,
     positive_zero: bool = False,
 ) -> QuantizedWeight:
     """The recipe of a 4-bit float weight written as ``name`` with ``shape``."""
     if name != t.name and name in tensors:
         raise cannot(t, quant, f"{name}, its dequantized name, is taken")
-    group = shape[-2] // scale.shape[-1] if transpose else shape[-1] // scale.shape[-1]
+    if down:
+        group = shape[-2] // scale.shape[-2]
+    else:
+        group = shape[-2] // scale.shape[-1] if transpose else shape[-1] // scale.shape[-1]
     operands = {"scale": scale.name}
     if global_scale is not None:
         operands["global"] = global_scale.name
-    params = {"group": group, "transpose": transpose, "divide": divide,
+    params = {"group": group, "transpose": transpose, "down": down, "divide": divide,
               "positive_zero": positive_zero}  # fmt: skip
     return QuantizedWeight("fp4", name, t.name, shape, operands, params)
 

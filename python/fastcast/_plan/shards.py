@@ -425,6 +425,7 @@ def dequant_dict(d: Dequantized, source_ids: dict[Path, int]) -> DequantPlan:
             "global_scale": operand("global") if "global" in d.operands else None,
             "divide": p["divide"],
             "transpose": p["transpose"],
+            "down": p["down"],
             "positive_zero": p["positive_zero"],
         }
     if w.kind == "ct_int":

@@ -118,13 +118,16 @@ def fp4(
     with the exponent byte read as torch's ``float8_e8m0fnu``; NVFP4 ``code * (f32(s) /
     g)`` (compressed-tensors) or ``code * (f32(s) * g)`` (ModelOpt, whose code 8 is +0),
     fp32 products. ``transpose``: each matrix written with rows and columns swapped, so
-    ranges are whole matrices; else whole rows."""
+    ranges are whole matrices; ``down``: pairs and groups run down each matrix's columns
+    (ModelOpt's fused experts), ranges whole matrices; else whole rows."""
     import torch
 
     table = torch.tensor([*E2M1, *(-v for v in E2M1)], dtype=torch.float32)
     if p["positive_zero"]:
         table[8] = 0.0
     group, transpose = p["group"], p["transpose"]
+    if p.get("down"):
+        return fp4_down(packed, scale, global_scale, table, group, shape)
     cols = shape[-2] if transpose else shape[-1]
     rows = math.prod(shape) // cols
     data = packed.contiguous().view(torch.uint8).reshape(rows, cols // 2)
@@ -150,6 +153,36 @@ def fp4(
         return v.reshape(-1)[: e1 - e0]
 
     return Reference(math.prod(shape), unit, values)
+
+
+def fp4_down(
+    packed: torch.Tensor,
+    scale: torch.Tensor,
+    global_scale: torch.Tensor | None,
+    table: torch.Tensor,
+    group: int,
+    shape: tuple[int, ...],
+) -> Reference:
+    """ModelOpt's fused NVFP4 experts: bytes ``[M, R / 2, C]``, row ``2k`` of a matrix in
+    the low nibbles of byte row ``k``, scales ``[M, R / group, C]``; ``code * (f32(s) *
+    g)`` in fp32, written ``[M, R, C]``, by whole matrices."""
+    import torch
+
+    rows, cols = shape[-2], shape[-1]
+    data = packed.contiguous().view(torch.uint8).reshape(-1, rows // 2, cols)
+    scales = scale.contiguous().reshape(-1, rows // group, cols)
+    g = global_scale.float().reshape(()) if global_scale is not None else torch.tensor(1.0)
+    matrix = rows * cols
+
+    def values(e0: int, e1: int, device: str) -> torch.Tensor:
+        m0, m1 = e0 // matrix, -(-e1 // matrix)
+        b = data[m0:m1].to(device)
+        codes = torch.stack([b & 0xF, b >> 4], dim=2).reshape(m1 - m0, rows, cols).long()
+        per_block = scales[m0:m1].to(device).float() * g.to(device)
+        v = table.to(device)[codes] * per_block.repeat_interleave(group, dim=1)
+        return v.reshape(-1)[: e1 - e0]
+
+    return Reference(math.prod(shape), matrix, values)
 
 
 def int8_rows(q: torch.Tensor, scb: torch.Tensor) -> Reference:

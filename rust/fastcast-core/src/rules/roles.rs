@@ -86,6 +86,11 @@ const SCALES: &[&str] = &[
     ".output_scale",
     // ModelOpt AWQ-style algorithms: the input smoothing folded into the weight.
     ".pre_quant_scale",
+    // ModelOpt's fused expert tensors (`experts.gate_up_proj`): their scales are
+    // named after the tensor, not after a module's `weight`.
+    FUSED_SCALE,
+    "_weight_scale_2",
+    "_input_scale",
     ".k_scale",
     ".v_scale",
     ".scales",
@@ -110,6 +115,9 @@ const WEIGHT_SIBLINGS: &[&str] = &[
     "weight_global_scale",
     "SCB",
 ];
+/// The block scale of a ModelOpt fused expert tensor `x` is `x_weight_scale`;
+/// `x` beside it is a quantized weight.
+const FUSED_SCALE: &str = "_weight_scale";
 /// MXFP4 in gpt-oss's layouts: `x_blocks` (transformers) or `x.blocks` (gpt-oss's
 /// own `original/`) holds the packed codes and `x_scales` / `x.scales` their E8M0
 /// exponents; a pair only, so that a model's own `*_blocks` tensor stays plain.
@@ -137,7 +145,11 @@ pub(super) fn ends_with_any(name: &str, suffixes: &[&str]) -> bool {
 pub fn roles(names: &[impl AsRef<str>]) -> Vec<Role> {
     let mut quantized_prefixes: HashSet<&str> = HashSet::new();
     let mut hqq_modules: HashSet<&str> = HashSet::new();
+    let mut fused: HashSet<&str> = HashSet::new();
     for name in names.iter().map(AsRef::as_ref) {
+        if let Some(x) = name.strip_suffix(FUSED_SCALE) {
+            fused.insert(x);
+        }
         if let Some((prefix, _)) = name.split_once(BNB_STATE) {
             quantized_prefixes.insert(prefix);
         } else if let Some(module) = name.strip_suffix(HQQ_WEIGHT) {
@@ -188,6 +200,7 @@ pub fn roles(names: &[impl AsRef<str>]) -> Vec<Role> {
             } else if ends_with_any(name, GROUP_INDEXES) {
                 Role::GroupIndex
             } else if ends_with_any(name, PACKED_WEIGHTS)
+                || fused.contains(name)
                 || name
                     .strip_suffix(".weight")
                     .is_some_and(|p| quantized_prefixes.contains(p))
@@ -531,6 +544,29 @@ mod tests {
         assert_eq!(
             roles(&names),
             [Role::Plain, Role::QuantizedWeight, Role::Scale, Role::Plain]
+        );
+    }
+
+    #[test]
+    fn modelopt_fused_experts_are_named_after_their_tensor() {
+        let names = [
+            "m.experts.gate_up_proj",
+            "m.experts.gate_up_proj_weight_scale",
+            "m.experts.gate_up_proj_weight_scale_2",
+            "m.experts.gate_up_proj_input_scale",
+            "m.experts.gate_up_proj_bias",
+            "m.experts.down_proj",
+        ];
+        assert_eq!(
+            roles(&names),
+            [
+                Role::QuantizedWeight,
+                Role::Scale,
+                Role::Scale,
+                Role::Scale,
+                Role::Plain,
+                Role::Plain,
+            ]
         );
     }
 }

@@ -16,7 +16,11 @@
 //! The packing is `[matrices, rows, cols / 2]` bytes with scales `[matrices,
 //! rows, cols / group]`. The output is that `[.., rows, cols]`, or with
 //! `transpose` each matrix's rows and columns swapped (`[.., cols, rows]`), as
-//! transformers' dequantized gpt-oss experts hold them.
+//! transformers' dequantized gpt-oss experts hold them. With `down` the pairs
+//! and groups run down the columns instead: bytes `[matrices, rows / 2, cols]`
+//! (row `2k` in the low nibble of byte row `k`), scales `[matrices, rows /
+//! group, cols]`, the output `[.., rows, cols]`, as ModelOpt exports fused
+//! expert tensors (`[experts, in / 2, out]`, transformers' `x @ W` layout).
 
 use crate::cast::scalar;
 use crate::dtype::DType;
@@ -46,6 +50,7 @@ pub struct Fp4Groups<'a> {
     cols: u64,
     group: u64,
     transpose: bool,
+    down: bool,
 }
 
 /// `2^(e - 127)` as `float8_e8m0fnu` defines it (255 is NaN).
@@ -71,6 +76,7 @@ impl<'a> Fp4Groups<'a> {
         scale_bytes: &'a [u8],
         group: u64,
         transpose: bool,
+        down: bool,
         positive_zero: bool,
     ) -> Result<Fp4Groups<'a>, String> {
         if !matches!(from, DType::U8 | DType::I8) {
@@ -86,8 +92,13 @@ impl<'a> Fp4Groups<'a> {
             (shape[dims - 2], shape[dims - 1])
         };
         let matrices: u64 = shape[..dims - 2].iter().product();
-        if group == 0 || !cols.is_multiple_of(group) || !group.is_multiple_of(2) {
-            return Err(format!("{cols} columns in groups of {group}"));
+        if transpose && down {
+            return Err("fp4 codes packed down the columns and transposed".into());
+        }
+        let along = if down { rows } else { cols };
+        if group == 0 || !along.is_multiple_of(group) || !group.is_multiple_of(2) {
+            let what = if down { "rows" } else { "columns" };
+            return Err(format!("{along} {what} in groups of {group}"));
         }
         let numel = matrices * rows * cols;
         if numel != 2 * src_len as u64 {
@@ -137,6 +148,7 @@ impl<'a> Fp4Groups<'a> {
             cols,
             group,
             transpose,
+            down,
         })
     }
 
@@ -145,10 +157,13 @@ impl<'a> Fp4Groups<'a> {
         self.transpose
     }
 
-    /// Chunks are whole bytes of codes (pairs); transposed, any element.
+    /// Chunks are whole bytes of codes (pairs; packed down the columns, pairs
+    /// of rows); transposed, any element.
     pub fn align(&self) -> u64 {
         if self.transpose {
             1
+        } else if self.down {
+            2 * self.cols
         } else {
             2
         }
@@ -157,6 +172,14 @@ impl<'a> Fp4Groups<'a> {
     /// The source bytes output elements `[begin, end)` read: their bytes, or
     /// with `transpose` the whole matrices they fall in.
     pub fn source_range(&self, begin: u64, end: u64) -> (usize, usize) {
+        if self.down {
+            // rows of every matrix in a row, each pair of them one byte row
+            let (r0, r1) = (begin / self.cols, end.div_ceil(self.cols));
+            return (
+                (r0 / 2 * self.cols) as usize,
+                (r1.div_ceil(2) * self.cols) as usize,
+            );
+        }
         if !self.transpose {
             return ((begin / 2) as usize, end.div_ceil(2) as usize);
         }
@@ -174,6 +197,22 @@ impl<'a> Fp4Groups<'a> {
         let gpr = self.cols / self.group;
         let row_of = |s: u8| &self.values[16 * s as usize..16 * s as usize + 16];
         let put = |o: &mut [u8], v: f32| o.copy_from_slice(&v.to_le_bytes());
+        if self.down {
+            // Output row r (of all matrices in a row; `rows` is a multiple of the
+            // group, so of 2) reads byte row r / 2, nibble r % 2, scale row r / group.
+            let cols = self.cols as usize;
+            let (r0, base) = (first / self.cols, first / self.cols / 2);
+            for (t, row) in out.chunks_exact_mut(4 * cols).enumerate() {
+                let r = r0 + t as u64;
+                let shift = 4 * (r % 2) as u32;
+                let bytes = &src[(r / 2 - base) as usize * cols..][..cols];
+                let scales = &self.scale_bytes[(r / self.group) as usize * cols..][..cols];
+                for ((o, &b), &s) in row.chunks_exact_mut(4).zip(bytes).zip(scales) {
+                    put(o, row_of(s)[((b >> shift) & 0xF) as usize]);
+                }
+            }
+            return;
+        }
         if !self.transpose {
             // Group by group (one scale each); within one, a byte is two values.
             let base = first / 2;
@@ -256,7 +295,10 @@ mod tests {
     /// An MXFP4 dequantization (groups of 32) of `len` packed bytes into `shape`.
     fn mx<'a>(shape: &[u64], len: usize, scales: &'a [u8], transpose: bool) -> Fp4Groups<'a> {
         let (e8m0, u8) = (Fp4Scale::E8m0, DType::U8);
-        Fp4Groups::new(u8, shape, len, e8m0, u8, scales, 32, transpose, false).unwrap()
+        Fp4Groups::new(
+            u8, shape, len, e8m0, u8, scales, 32, transpose, false, false,
+        )
+        .unwrap()
     }
 
     fn values(g: &Fp4Groups, src: &[u8], first: u64, n: usize) -> Vec<f32> {
@@ -316,6 +358,7 @@ mod tests {
             &scales,
             16,
             false,
+            false,
             true,
         )
         .unwrap();
@@ -357,6 +400,7 @@ mod tests {
                 group,
                 false,
                 false,
+                false,
             )
             .is_err()
         };
@@ -373,7 +417,67 @@ mod tests {
             &s,
             32,
             false,
+            false,
             false
+        )
+        .is_err());
+    }
+
+    /// ModelOpt's fused experts: `[matrices, rows / 2, cols]` bytes, row `2k` in
+    /// the low nibble, scales per 16 rows of a column; element by element, and
+    /// in chunks of row pairs.
+    #[test]
+    fn packed_down_the_columns() {
+        let (m, rows, cols) = (2usize, 32usize, 3usize);
+        let src: Vec<u8> = (0..m * rows / 2 * cols)
+            .map(|k| (k * 37 % 251) as u8)
+            .collect();
+        let scales: Vec<u8> = (0..m * rows / 16 * cols).map(|k| 0x30 + k as u8).collect();
+        let how = Fp4Scale::E4m3Times(0.25);
+        let (u8, e4m3) = (DType::U8, DType::F8E4M3);
+        let shape = [m as u64, rows as u64, cols as u64];
+        let len = src.len();
+        let g = Fp4Groups::new(u8, &shape, len, how, e4m3, &scales, 16, false, true, true);
+        let g = g.unwrap();
+        let n = m * rows * cols;
+        let whole = values(&g, &src, 0, n);
+        let table = [0.0f32, 0.5, 1.0, 1.5, 2.0, 3.0, 4.0, 6.0];
+        for e in 0..m {
+            for r in 0..rows {
+                for c in 0..cols {
+                    let byte = src[(e * rows / 2 + r / 2) * cols + c];
+                    let code = (byte >> (4 * (r % 2))) & 0xF;
+                    let v = if code == 8 {
+                        0.0
+                    } else {
+                        table[(code & 7) as usize]
+                    };
+                    let v = if code & 8 != 0 && code != 8 { -v } else { v };
+                    let s = scalar::e4m3_to_f32(scales[(e * rows / 16 + r / 16) * cols + c]);
+                    let want = v * (s * 0.25);
+                    let got = whole[(e * rows + r) * cols + c];
+                    assert_eq!(got.to_bits(), want.to_bits(), "[{e}, {r}, {c}]");
+                }
+            }
+        }
+        assert_eq!(g.align(), 2 * cols as u64);
+        for (first, last) in [(0, 6), (6, 60), (90, 192), (186, 192)] {
+            assert_eq!(
+                values(&g, &src, first, last - first as usize),
+                &whole[first as usize..last]
+            );
+        }
+        assert!(Fp4Groups::new(
+            u8,
+            &[2, 24, 3],
+            72,
+            how,
+            e4m3,
+            &scales,
+            16,
+            false,
+            true,
+            true
         )
         .is_err());
     }

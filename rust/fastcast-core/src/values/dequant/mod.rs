@@ -104,6 +104,10 @@ pub enum Dequant {
         /// The output swaps each matrix's rows and columns (gpt-oss experts).
         #[serde(default)]
         transpose: bool,
+        /// Pairs and groups run down each matrix's columns (ModelOpt's fused
+        /// experts, `[experts, in / 2, out]`), not along its rows.
+        #[serde(default)]
+        down: bool,
         /// Code 8 is +0, as in ModelOpt's table (elsewhere −0).
         #[serde(default)]
         positive_zero: bool,
@@ -343,6 +347,7 @@ impl<'a> Dequantizer<'a> {
                 global_scale,
                 divide,
                 transpose,
+                down,
                 positive_zero,
             } => {
                 let s = bytes(scale)?;
@@ -373,6 +378,7 @@ impl<'a> Dequantizer<'a> {
                     s.data,
                     *group,
                     *transpose,
+                    *down,
                     *positive_zero,
                 )?))
             }
