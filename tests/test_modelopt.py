@@ -28,9 +28,10 @@ from quantized import QuantModel
 TARGETS = {"bf16": "bfloat16", "fp32": "float32"}
 
 
-def modelopt_model(tmp: Path, arch: str) -> Path:
-    """A tiny ``arch`` (``llama`` or ``gpt_oss``) quantized to NVFP4 and exported by
-    ModelOpt, random weights in bf16, calibrated on random tokens."""
+def modelopt_model(tmp: Path, arch: str, algo: str = "NVFP4") -> Path:
+    """A tiny ``arch`` (``llama`` or ``gpt_oss``) quantized to ``algo`` (NVFP4, or FP8:
+    an e4m3 weight with one F32 scale) and exported by ModelOpt, random weights in bf16,
+    calibrated on random tokens."""
     torch = require("torch")
     transformers = require("transformers")
     mtq = require("modelopt.torch.quantization")
@@ -51,8 +52,8 @@ def modelopt_model(tmp: Path, arch: str) -> Path:
         for p in model.parameters():
             p.add_(torch.randn_like(p) * 0.02)
     calibration = torch.randint(0, 128, (4, 32), generator=torch.Generator().manual_seed(0))
-    model = mtq.quantize(model, mtq.NVFP4_DEFAULT_CFG, lambda m: m(calibration))
-    root = tmp / f"{arch}-modelopt-nvfp4"
+    model = mtq.quantize(model, getattr(mtq, f"{algo}_DEFAULT_CFG"), lambda m: m(calibration))
+    root = tmp / f"{arch}-modelopt-{algo.lower()}"
     export.export_hf_checkpoint(model, export_dir=str(root))
     return root
 
@@ -163,3 +164,38 @@ def test_keep_quantized_keeps_modelopts_state_and_a_plain_cast_is_refused(export
     ).read_bytes()
     assert snapshot(exported) == before
     assert "OK" in ok(cli("verify", out))
+
+
+@pytest.mark.parametrize("target", sorted(TARGETS))
+def test_fp8_is_modelopts_fp32_product_rounded_once(tmp_path, target):
+    """ModelOpt FP8 (NVIDIA's ``*-FP8`` exports): ``FP8QTensor.dequantize`` multiplies
+    in the target dtype, rounding the F32 scale to bf16 first; fastcast computes
+    ``f32(q) * f32(scale)`` and rounds once, as every fp8 format here. In fp32 the two are
+    the same bits; in bf16 fastcast's is ModelOpt's fp32 result rounded once."""
+    torch = require("torch")
+    st = require("safetensors.torch")
+    from modelopt.torch.quantization.qtensor import FP8QTensor
+
+    exported = modelopt_model(tmp_path, "llama", "FP8")
+    out = tmp_path / "out"
+    ok(cli("convert", exported, "-o", out, "--dtype", target, "--dequantize"))
+    src = st.load_file(str(exported / "model.safetensors"))
+    got = st.load_file(str(next(out.glob("*.safetensors"))))
+    dtype = getattr(torch, TARGETS[target])
+    names = [n for n, t in src.items() if t.dtype == torch.float8_e4m3fn]
+    assert names
+    differ = total = 0
+    for name in names:
+        q, scale = src[name], src[name.removesuffix("weight") + "weight_scale"]
+        fp32 = FP8QTensor(q.shape, torch.float32, q).dequantize(torch.float32, scale=scale)
+        assert torch.equal(bits(got[name]), bits(fp32.to(dtype))), name
+        theirs_in_target = FP8QTensor(q.shape, dtype, q).dequantize(dtype, scale=scale)
+        differ += int((bits(got[name]) != bits(theirs_in_target)).sum())
+        total += q.numel()
+    assert target == "bf16" or differ == 0
+    print(f"ModelOpt FP8 -> {target}: {differ} of {total} weights differ from "
+          "FP8QTensor.dequantize in the target dtype")  # fmt: skip
+    assert "OK" in ok(cli("verify", out))
+    kept = tmp_path / "kept"
+    ok(cli("convert", exported, "-o", kept, "--dtype", "fp16", "--keep-quantized"))
+    assert "OK" in ok(cli("verify", kept))

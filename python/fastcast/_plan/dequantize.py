@@ -542,6 +542,20 @@ def fp4_weights(
             for key, t, tensors in quantized_tensors(folder, role_of)}  # fmt: skip
 
 
+def modelopt_weights(
+    folder: ModelFolder, quant: Quantization, role_of: dict[tuple[str, str], str]
+) -> dict[tuple[str, str], QuantizedWeight]:
+    """ModelOpt: NVFP4 weights (U8, ``fp4_weight``) and FP8 ones (F8_E4M3 ``x.weight``
+    with one F32 ``x.weight_scale`` for the tensor)."""
+    qc = quantization_settings(folder)
+    return {
+        (key, t.name): fp8_weight(t, tensors, quant, qc)
+        if t.dtype == "F8_E4M3"
+        else fp4_weight(t, tensors, quant)
+        for key, t, tensors in quantized_tensors(folder, role_of)
+    }
+
+
 def fp4_weight(
     t: TensorEntry, tensors: dict[str, TensorEntry], quant: Quantization
 ) -> QuantizedWeight:
@@ -643,7 +657,7 @@ READERS: dict[str, Callable[..., dict[tuple[str, str], QuantizedWeight]]] = {
     "fbgemm_fp8": fp8_weights,
     "compressed-tensors": ct_weights,
     "mxfp4": fp4_weights,
-    "modelopt": fp4_weights,
+    "modelopt": modelopt_weights,
     "bitsandbytes": bnb_weights,
     "gptq": gptq_weights,
     "awq": awq_weights,

@@ -54,9 +54,10 @@ KNOWN_CT_FORMATS = {
 #: ... and those --dequantize reconstructs (every one).
 CT_DEQUANTIZES = set(KNOWN_CT_FORMATS)
 #: ModelOpt algorithms whose tensors fastcast recognises (the weight, its block scales,
-#: the 0-dim second-level scale, input scales, AWQ's pre_quant_scale). Others, such as
+#: the 0-dim second-level scale, input scales, AWQ's pre_quant_scale; FP8's e4m3 weight
+#: with one F32 scale). Others, such as
 #: NVFP4_SVD with its low-rank residual, are refused by name.
-MODELOPT_ALGOS = {"NVFP4", "W4A16_NVFP4", "NVFP4_AWQ", "W4A8_NVFP4_FP8"}
+MODELOPT_ALGOS = {"NVFP4", "W4A16_NVFP4", "NVFP4_AWQ", "W4A8_NVFP4_FP8", "FP8"}
 #: The scheme of gpt-oss's own ``original/`` weights (``block.N.mlp.mlp1_weight.blocks``).
 GPT_OSS_ORIGINAL = "gpt-oss original/ layout"
 #: ModelOpt's sidecar, which declares the quantization where config.json may not.
@@ -141,7 +142,8 @@ def scheme_of(method: str, qc: dict[str, Any]) -> str:
     if method == "mxfp4":
         return "gpt-oss MXFP4 experts, E8M0 scales per 32"
     if method == "modelopt":
-        return f"{qc.get('quant_algo', '?')}, group {qc.get('group_size', 16)}"
+        algo = str(qc.get("quant_algo", "?"))
+        return algo + (f", group {qc.get('group_size', 16)}" if "NVFP4" in algo else "")
     if method == "compressed-tensors":
         groups = qc.get("config_groups")
         parts = []
