@@ -382,8 +382,8 @@ def test_refuses_a_missing_adapter_and_kept_quantization(llama: Path, tmp_path: 
     assert done.returncode == 1 and "no adapter_config.json" in done.stderr
     done = cli("convert", llama, "--merge-lora", empty, "--keep-quantized", "--dtype", "bf16")
     assert done.returncode == 1 and "quantization cannot be kept" in done.stderr
-    done = cli("convert", llama, "--merge-lora", empty, "--quantize", "fp8", "--dtype", "bf16")
-    assert done.returncode == 1 and "not supported yet" in done.stderr
+    done = cli("convert", llama, "--merge-lora", empty, "--quantize", "fp8-channel")
+    assert done.returncode == 1 and "no adapter_config.json" in done.stderr
     assert not (tmp_path / "o").exists()
 
 
@@ -615,3 +615,91 @@ def test_a_name_two_components_hold_is_refused(llama: Path, tmp_path: Path) -> N
     ), done.stderr
     assert len(done.stderr.strip().splitlines()) == 1
     assert not (tmp_path / "out").exists()
+
+
+def tensors_of(out: Path) -> dict[str, Any]:
+    """Every tensor of an output's shards, by name."""
+    st = require("safetensors.torch")
+    found: dict[str, Any] = {}
+    for f in sorted(out.glob("*.safetensors")):
+        found.update(st.load_file(str(f)))
+    return found
+
+
+@pytest.fixture(scope="module")
+def wide_llama(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A bf16 Llama whose Linears fill fp8's 128x128 blocks (some partially)."""
+    return build_llama(tmp_path_factory.mktemp("wide") / "base", dtype="bfloat16",
+                       hidden_size=256, intermediate_size=384,
+                       tie_word_embeddings=False)  # fmt: skip
+
+
+@pytest.mark.parametrize("scheme", ["fp8", "fp8-channel"])
+def test_merge_then_quantize_is_the_f32_merge_quantized(
+    wide_llama: Path, tmp_path: Path, scheme: str
+) -> None:
+    """``--merge-lora A --quantize fp8`` in one pass writes, bit for bit, the values and
+    scales ``--quantize fp8`` writes from the f32 output of ``--merge-lora A --dtype
+    fp32``; verify re-checks them against PEFT's merge math, the rest cast as
+    ``--quantize`` leaves it."""
+    adapter = make_adapter(wide_llama, tmp_path / "ad", r=8, lora_alpha=16,
+                           target_modules=LLAMA_LINEARS)  # fmt: skip
+    one = tmp_path / "one"
+    report = fastcast.convert(wide_llama, output=one, merge_lora=adapter, quantize=scheme,
+                              progress=False)  # fmt: skip
+    f32 = tmp_path / "f32"
+    fastcast.convert(wide_llama, "fp32", output=f32, merge_lora=adapter, progress=False)
+    two = tmp_path / "two"
+    fastcast.convert(f32, output=two, quantize=scheme, progress=False)
+    got, want = tensors_of(one), tensors_of(two)
+    quantized = [n for n, t in got.items() if t.dtype == torch.float8_e4m3fn]
+    assert len(quantized) == len(merged_names(adapter)) == report.tensors_quantized
+    for name in quantized:
+        assert torch.equal(got[name].view(torch.uint8), want[name].view(torch.uint8)), name
+        scale = next(n for n in got if n.startswith(name) and n != name)
+        assert torch.equal(got[scale], want[scale]), scale
+    base = tensors_of(wide_llama)
+    for name in set(got) - set(quantized) - {n for n in got if "scale" in n}:
+        assert torch.equal(got[name], base[name]), f"{name} kept as the base has it"
+    config = json.loads((one / "config.json").read_text())
+    assert config["quantization_config"]["quant_method"] in ("fp8", "compressed-tensors")
+    record = json.loads((one / "fastcast.json").read_text())
+    assert record["merge_lora"]["path"] == str(adapter)
+    assert fastcast.verify(one, progress=False).ok
+
+
+def test_verify_fails_a_merge_quantized_from_the_base(wide_llama: Path, tmp_path: Path) -> None:
+    """Codes quantized from the base rather than the merge (the adapter forgotten), or a
+    scale off by 1%, fail verify naming the tensor."""
+    adapter = make_adapter(wide_llama, tmp_path / "ad", r=8, lora_alpha=16,
+                           target_modules=LLAMA_LINEARS)  # fmt: skip
+    one, plain = tmp_path / "one", tmp_path / "plain"
+    fastcast.convert(wide_llama, output=one, merge_lora=adapter, quantize="fp8", progress=False)
+    fastcast.convert(wide_llama, output=plain, quantize="fp8", progress=False)
+    st = require("safetensors.torch")
+    shard = next(one.glob("*.safetensors"))
+    state = st.load_file(str(shard))
+    forgotten = "model.layers.0.self_attn.q_proj.weight"
+    state[forgotten] = tensors_of(plain)[forgotten]
+    off = "model.layers.1.mlp.down_proj.weight_scale_inv"
+    state[off] = state[off] * 1.01
+    st.save_file(state, str(shard), metadata={"format": "pt"})
+    done = cli("verify", one)
+    assert done.returncode == 1 and "Traceback" not in done.stderr
+    for name in (forgotten, off):
+        assert f"mismatch: {name} ({shard.name})" in done.stdout, done.stdout
+
+
+def test_a_quantized_base_is_not_merged_and_quantized_in_one_run(tmp_path: Path) -> None:
+    """Dequantize, merge and quantize again in one run is not built: refused in one line
+    saying to dequantize first."""
+    from quantized import ALL
+
+    model = ALL["deepseek-fp8"](tmp_path / "src")
+    adapter = tmp_path / "ad"
+    adapter.mkdir()
+    (adapter / "adapter_config.json").write_text(json.dumps({"peft_type": "LORA"}))
+    done = cli("convert", model.path, "--merge-lora", adapter, "--quantize", "fp8",
+               "-o", tmp_path / "o")  # fmt: skip
+    assert done.returncode == 1 and "--quantize needs a plain model" in done.stderr, done.stderr
+    assert not (tmp_path / "o").exists()

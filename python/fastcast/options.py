@@ -119,11 +119,11 @@ class ConvertOptions:
         mode = mode_of(target, patterns, keep_quantized, dequantize, quantize)
         if fp8_overflow not in ("saturate", "nan"):
             raise ValueError(f"fp8_overflow must be 'saturate' or 'nan', not {fp8_overflow!r}")
-        if merge_lora is not None and isinstance(mode, KeepQuantized | Quantize):
+        if merge_lora is not None and isinstance(mode, KeepQuantized):
             raise ValueError(
                 f"merge_lora with {MODE_NAMES[type(mode)]}: a merged weight is a new float "
-                "weight, so quantization cannot be kept; quantizing the merged model is not "
-                "supported yet (a quantized base: --dequantize --dtype DTYPE)"
+                "weight, so its quantization cannot be kept (a quantized base: --dequantize "
+                "--dtype DTYPE; to quantize the merged model: --quantize fp8)"
             )
         return cls(
             dtype=target, output=None if output is None else Path(output), shard_size=limit,

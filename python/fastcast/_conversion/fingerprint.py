@@ -45,9 +45,10 @@ def shard_fingerprint(s: PlannedShard) -> list[Any]:
 def special_fingerprint(t: PlannedTensor) -> list[Any]:
     """What decides a dequantized or quantized tensor's values: its name, and its
     source's config parameters and operands, or its block."""
-    if t.merged is not None:  # merged into a dequantized base: both decide it
+    if t.merged is not None:  # merged into a dequantized base, or quantized: all decide it
         base = None if t.dequant is None else t.dequant.weight.describe()
-        return [t.name, t.merged.describe(), base]
+        quantized = None if t.quantized is None else t.quantized.describe()
+        return [t.name, t.merged.describe(), base, quantized]
     if t.dequant is not None:
         return [t.name, t.dequant.weight.describe()]
     assert t.quantized is not None

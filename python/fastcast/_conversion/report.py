@@ -154,12 +154,12 @@ def tensor_kind(t: PlannedTensor) -> str | None:
     copied: ``finish_report`` counts those as columns): dequantized, quantized (the e4m3
     values), else None: a quantized weight's scales are counted with it ("+ as many
     scales"), whatever the dtype of the weight they were computed from."""
+    if t.quantized is not None:  # merged first, too: counted as quantized
+        return "quantized" if t.quantized.kind == "fp8_weight" else None
     if t.merged is not None:  # into a dequantized base too
         return "merged"
-    if t.dequant is not None:
-        return "dequantized"
-    assert t.quantized is not None
-    return "quantized" if t.quantized.kind == "fp8_weight" else None
+    assert t.dequant is not None
+    return "dequantized"
 
 
 def already_done(prepared: Prepared) -> ConversionReport:

@@ -548,18 +548,31 @@ def shard_names(prefix: str, count: int) -> list[str]:
 
 
 def quantized_pair(
-    ws: WeightSet, entry: TensorEntry, how: QuantizeTarget, role: str
+    ws: WeightSet,
+    entry: TensorEntry,
+    how: QuantizeTarget,
+    role: str,
+    adapter: SetMerge | None = None,
 ) -> list[PlannedTensor]:
-    """A weight ``--quantize`` quantizes: its e4m3 values, then its F32 scales."""
+    """A weight ``--quantize`` quantizes: its e4m3 values, then its F32 scales; merging an
+    adapter (``--merge-lora``), both made from the merged weight (as a merge to f32
+    writes it)."""
     assert how.block is not None and how.scale is not None
+    if adapter is not None and entry.name in adapter.replaced:
+        raise _core.QuantizedModelError(
+            f"{entry.file}: the adapter replaces {entry.name} (modules_to_save), which "
+            "--quantize would quantize; quantizing a replaced weight is not supported yet "
+            "(merge first, then --quantize the output)"
+        )
+    merged = adapter.merged.get(entry.name) if adapter is not None else None
     scale, grid = how.scale
     values = Quantized("fp8_weight", entry.name, entry.shape, how.block, entry.name)
     scales = Quantized("fp8_scale", scale, grid, how.block, entry.name)
     return [
         PlannedTensor(entry, how.dtype, entry.numel, label=join(ws.folder, entry.name),
-                      role=role, quantized=values),
+                      role=role, quantized=values, merged=merged),
         PlannedTensor(entry, "F32", 4 * math.prod(grid), label=join(ws.folder, scale),
-                      role=role, quantized=scales),
+                      role=role, quantized=scales, merged=merged),
     ]  # fmt: skip
 
 
@@ -612,7 +625,8 @@ def plan_set(
         bundles = []
         for i, (entry, to) in enumerate(zip(entries, targets, strict=True)):
             if quantize is not None and quantize[i].fate == "quantize":
-                bundles.append(Bundle.of(quantized_pair(ws, entry, quantize[i], roles[i])))
+                pair = quantized_pair(ws, entry, quantize[i], roles[i], adapter)
+                bundles.append(Bundle.of(pair))
             elif dequantize is not None and entry.name in dequantize:
                 w = dequantize[entry.name]
                 how = Dequantized(w, {role: by_name[n] for role, n in w.operands.items()})

@@ -87,3 +87,43 @@ def merged_reference(
         return v.reshape(-1).to(device), (err + ulp).reshape(-1).to(device)
 
     return MergedReference(rows * cols, cols, values)
+
+
+#: float8_e4m3fn's largest finite value, and the smallest amax a scale is made from
+#: (``--quantize``'s rule, as ``_verify/references.py`` writes it).
+E4M3_MAX, MIN_AMAX = 448.0, 1e-12
+#: An fp32 value's relative rounding, and the f32 division's: the merged weight fastcast
+#: quantizes is the exact merge within ``bound``, then rounded to f32 and divided in f32.
+F32_SLACK = 2.0**-22
+
+
+def quantized_bounds(
+    v: torch.Tensor, bound: torch.Tensor, scales: torch.Tensor, block: tuple[int, int]
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """For rows of a merged weight (``v`` and ``bound``, ``[rows, cols]``, float64, the
+    first row starting a block-row) quantized with the stored F32 ``scales`` of their
+    block-rows: ``(lo, hi)``, the e4m3 values each element's code must lie between (the
+    codes of the lowest and highest value the merge may have, divided by the stored
+    scale), and ``(s_lo, s_hi)``, the range each of those block-rows' scales must lie in
+    (``amax / 448`` of the lowest and highest amax the block may have)."""
+    import torch
+
+    br, bc = block
+    rows, cols = v.shape
+    slack = bound + v.abs() * F32_SLACK
+    full = scales.double().repeat_interleave(br, 0)[:rows].repeat_interleave(bc, 1)[:, :cols]
+
+    def code(x: torch.Tensor) -> torch.Tensor:
+        return (x / full).clamp(-E4M3_MAX, E4M3_MAX).to(torch.float8_e4m3fn).double()
+
+    lo, hi = code(v - slack), code(v + slack)
+    grid = scales.shape
+    pad = (0, grid[1] * bc - cols, 0, grid[0] * br - rows)
+
+    def amax(x: torch.Tensor) -> torch.Tensor:
+        blocks = torch.nn.functional.pad(x, pad).reshape(grid[0], br, grid[1], bc)
+        return blocks.amax(dim=(1, 3)).clamp(min=MIN_AMAX) / E4M3_MAX
+
+    s_lo = amax((v.abs() - slack).clamp(min=0)) * (1 - F32_SLACK)
+    s_hi = amax(v.abs() + slack) * (1 + F32_SLACK)
+    return lo, hi, s_lo, s_hi

@@ -17,6 +17,7 @@ from __future__ import annotations
 import importlib
 import importlib.util
 import json
+import math
 import os
 import threading
 import time
@@ -63,7 +64,7 @@ from fastcast._verify.compare import (
     ranges,
     typed,
 )
-from fastcast._verify.merged import merged_reference
+from fastcast._verify.merged import merged_reference, quantized_bounds
 from fastcast._verify.references import dequantized, quantized
 
 if TYPE_CHECKING:
@@ -565,6 +566,10 @@ class FileCheck:
             want = self.expected.get(t.name)
             if want is None or (t.dtype, t.shape) != want:
                 continue  # not in the source, or a structural problem: reported there
+            q = self.quantized.get(t.name)
+            if q is not None and q.weight in self.merged:  # merged, then quantized
+                self.merged_quantized(t, q)
+                continue
             if t.name in self.merged:  # into a dequantized base too
                 self.merge(t)
                 continue
@@ -717,6 +722,56 @@ class FileCheck:
                 piece.found.add(got, want.to(got.dtype), differ, e0, dtype)
             self.progress((e1 - e0) * unit)
         self.tally([piece], "PEFT's merge (fp64, within fp32 rounding)")
+        self.checked += 1
+        self.nbytes += t.nbytes
+
+    def merged_quantized(self, t: TensorEntry, q: Quantized) -> None:
+        """A merged weight ``--quantize`` quantized (its e4m3 values, or its scales),
+        against PEFT's merge math in float64: each scale within the range the block's amax
+        may have, each code between the codes of the lowest and highest value the merge
+        may have, divided by its stored scale (``merged.quantized_bounds``)."""
+        import torch
+
+        values = next(n for n, o in self.quantized.items() if o.weight == q.weight and
+                      not o.scales)  # fmt: skip
+        scale_name = next(n for n, o in self.quantized.items()
+                          if o.weight == q.weight and o.scales)  # fmt: skip
+        stored = {e.name: e for e in self.file.tensors}
+        if scale_name not in stored or values not in stored:
+            return  # a pair is one shard's; the structure check reports one missing
+        out, device = self.map(self.file.path), self.device
+        scale_entry = stored[scale_name]
+        scales = typed(out.bytes(*scale_entry.offsets), "F32").reshape(scale_entry.shape)
+        base = self.read(q.weight)
+        rows, cols = base.shape
+        ref = merged_reference(self.merged[q.weight], base, self.read_entry, "F32")
+        br, bc = q.block
+        piece = Piece(t.name, 0, math.prod(t.shape), t.shape)
+        unit = element_size(t.dtype)
+        step = max(1, self.chunk // (16 * cols * br)) * br  # whole block-rows
+        for r0 in range(0, rows, step):
+            r1 = min(rows, r0 + step)
+            v, bound = ref.values(r0 * cols, r1 * cols, device)
+            v, bound = v.reshape(r1 - r0, cols), bound.reshape(r1 - r0, cols)
+            s = scales[r0 // br : -(-r1 // br)].to(device)
+            lo, hi, s_lo, s_hi = quantized_bounds(v, bound, s, q.block)
+            if q.scales:
+                got, e0 = s.double(), (r0 // br) * scales.shape[1]
+                differ = ~((got >= s_lo) & (got <= s_hi))
+                want = (s_lo + s_hi) / 2
+            else:
+                e0 = r0 * cols
+                raw = out.bytes(t.offsets[0] + e0 * unit, t.offsets[0] + r1 * cols * unit)
+                got = typed(raw, t.dtype).to(device).reshape(r1 - r0, cols).double()
+                differ = ~((got >= lo) & (got <= hi))
+                want = (v / s.double().repeat_interleave(br, 0)[: r1 - r0]
+                        .repeat_interleave(bc, 1)[:, :cols]).clamp(-448, 448)  # fmt: skip
+            if bool(differ.any()):
+                dtype = "F32" if q.scales else t.dtype
+                piece.found.add(got.reshape(-1), want.reshape(-1).to(torch.float64),
+                                differ.reshape(-1), e0, dtype)  # fmt: skip
+            self.progress((r1 - r0) * cols * (0 if q.scales else unit))
+        self.tally([piece], "PEFT's merge (fp64) quantized by --quantize's rule")
         self.checked += 1
         self.nbytes += t.nbytes
 

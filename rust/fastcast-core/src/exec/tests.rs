@@ -651,7 +651,7 @@ fn quantizes_weights_and_their_scales_in_any_chunking_scales_after_weights() {
             dst_dtype: to.parse().unwrap(),
             src_offsets: src.2,
             dst_offsets: (at, at + size * n),
-            value: Value::Quantize(Box::new(how)),
+            value: Value::Quantize(Box::new(how), None),
         }
     };
     let scale = |weight: &str, shape: &[u64], block| Quantize::Fp8Scale {

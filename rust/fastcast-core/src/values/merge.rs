@@ -396,6 +396,25 @@ impl<'a> Merger<'a> {
         })
     }
 
+    /// The values of output elements `[begin, end)` (whole rows) as an f32
+    /// output holds them, little-endian, into `out`: the f64 sum rounded once
+    /// to f32 (the merger was checked for an f32 output), for `--quantize` to
+    /// quantize the merged weight as it would the f32 weight.
+    pub(crate) fn f32_values(&self, s: &Source, begin: u64, end: u64, out: &mut Vec<u8>) {
+        debug_assert!(self.wide, "checked for an f32 output");
+        self.with_values(s, begin, end, |values, dtype| {
+            out.clear();
+            if dtype == DType::F64 {
+                out.extend(values.chunks_exact(8).flat_map(|b| {
+                    let v = f64::from_le_bytes([b[0], b[1], b[2], b[3], b[4], b[5], b[6], b[7]]);
+                    (v as f32).to_le_bytes() // round to nearest even, as the f64 -> f32 cast
+                }));
+            } else {
+                out.extend_from_slice(values);
+            }
+        });
+    }
+
     /// `W + scale · (B @ A)` of rows `[begin, end)` in f32, in PEFT's order (the
     /// product, scaled, added to W), the GEMM adding it to the base's values in
     /// place: for an output narrower than f32, which rounds them once more.
@@ -494,7 +513,7 @@ impl Kind for Merger<'_> {
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use super::*;
     use crate::cast::scalar;
 
@@ -544,7 +563,8 @@ mod tests {
         out
     }
 
-    fn random(n: usize, seed: &mut u64) -> Vec<f32> {
+    /// `n` values in [-0.5, 0.5), an LCG's.
+    pub(crate) fn random(n: usize, seed: &mut u64) -> Vec<f32> {
         (0..n)
             .map(|_| {
                 *seed = seed

@@ -39,16 +39,19 @@ pub enum Value {
     /// A quantized weight's values, reconstructed as the format's reference
     /// computes them in f32, then rounded once to the output dtype.
     Dequant(Box<Dequant>),
-    /// A float weight quantized: its e4m3 values, or its F32 scales.
-    Quantize(Box<Quantize>),
+    /// A float weight quantized: its e4m3 values, or its F32 scales; with a
+    /// merge, the weight is the base with a LoRA adapter's delta added
+    /// (rounded once to f32, as a merge to an f32 output).
+    Quantize(Box<Quantize>, Option<Box<Merge>>),
     /// A base weight (possibly dequantized) with a LoRA adapter's delta
     /// added in f32, then rounded once to the output dtype.
     Merge(Box<Merge>),
 }
 
-/// [`Value`] as a plan spells it: at most one of the tensor's optional
-/// fields, one per kind (a plain tensor has none), so plans written before
-/// the kinds were one field still read.
+/// [`Value`] as a plan spells it: the tensor's optional fields, one per kind
+/// (a plain tensor has none; `quantize` may come with `merge`, the weight it
+/// quantizes being merged), so plans written before the kinds were one field
+/// still read.
 #[derive(Deserialize, Default)]
 pub struct ValueParts {
     #[serde(default)]
@@ -73,9 +76,12 @@ impl Value {
         match (parts.dequant, parts.quantize, parts.merge) {
             (None, None, None) => Ok(Value::Cast),
             (Some(d), None, None) => Ok(Value::Dequant(d)),
-            (None, Some(q), None) => Ok(Value::Quantize(q)),
+            (None, Some(q), m) => Ok(Value::Quantize(q, m)),
             (None, None, Some(m)) => Ok(Value::Merge(m)),
-            _ => Err("more than one of dequant, quantize and merge".into()),
+            _ => Err(
+                "dequant with quantize or merge (a merge's base dequantization is its own field)"
+                    .into(),
+            ),
         }
     }
 }
@@ -203,9 +209,13 @@ impl<'a> Values<'a> {
             Value::Dequant(how) => {
                 Values::Dequant(Box::new(dequant::check(how, s, shape, operand)?))
             }
-            Value::Quantize(how) => {
-                Values::Quantize(Box::new(quantize::Quantizing::check(how, s, shape)?))
-            }
+            Value::Quantize(how, merge) => Values::Quantize(Box::new(quantize::Quantizing::check(
+                how,
+                s,
+                shape,
+                merge.as_deref(),
+                operand,
+            )?)),
             Value::Merge(how) => Values::Merge(Box::new(Merger::check(how, s, shape, operand)?)),
         })
     }
