@@ -298,7 +298,7 @@ def test_cli_merges_and_records_the_adapter(llama: Path, tmp_path: Path) -> None
     assert len(record["merge_lora"]["sha256"]) == 64
     verified = cli("verify", out)
     assert verified.returncode == 0, verified.stdout + verified.stderr
-    assert "2 merged weights: within fp32 rounding of PEFT's merge" in verified.stdout
+    assert "2 merged weights: held to PEFT's merge within fp32 rounding" in verified.stdout
     shown = cli("inspect", adapter)
     assert "adapter: LoRA on 2 modules, rank 8, alpha 8" in shown.stdout, shown.stdout
     assert f"merged with {adapter}" in cli("inspect", out).stdout
@@ -666,6 +666,20 @@ def test_merge_then_quantize_is_the_f32_merge_quantized(
     record = json.loads((one / "fastcast.json").read_text())
     assert record["merge_lora"]["path"] == str(adapter)
     assert fastcast.verify(one, progress=False).ok
+
+
+def test_merge_command_quantizes_too(wide_llama: Path, tmp_path: Path) -> None:
+    """``fastcast merge BASE ADAPTER --quantize fp8`` is ``convert --merge-lora``'s."""
+    adapter = make_adapter(wide_llama, tmp_path / "ad", r=4, lora_alpha=8,
+                           target_modules=["q_proj", "down_proj"])  # fmt: skip
+    out = tmp_path / "merged-fp8"
+    done = cli("merge", wide_llama, adapter, "--quantize", "fp8", "-o", out)
+    assert done.returncode == 0, done.stderr
+    assert " 14 quantized to fp8" in done.stdout, done.stdout  # every Linear, 4 merged
+    got = tensors_of(out)
+    assert got["model.layers.0.self_attn.q_proj.weight"].dtype == torch.float8_e4m3fn
+    verified = cli("verify", out)
+    assert verified.returncode == 0 and "held to PEFT's merge" in verified.stdout
 
 
 def test_verify_fails_a_merge_quantized_from_the_base(wide_llama: Path, tmp_path: Path) -> None:

@@ -121,7 +121,8 @@ class VerifyReport:
             f"  values: {self.tensors_checked} tensors, {format_bytes(self.bytes_checked)} "
             f"compared bit for bit with torch on {self.device}"
             + (
-                f" ({self.merged} merged weights: within fp32 rounding of PEFT's merge)"
+                f" ({self.merged} merged weights: held to PEFT's merge within fp32 "
+                "rounding, not to bits)"
                 if self.merged
                 else ""
             ),

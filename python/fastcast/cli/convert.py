@@ -102,7 +102,8 @@ def add_merge_options(convert: argparse.ArgumentParser) -> None:
         "weights, as PEFT's merge_and_unload does: each merged weight computed in fp32 "
         "and rounded once to DTYPE (default: the base's dtype, never fp32 for a bf16 "
         "base); modules_to_save tensors replace the base's; a quantized base needs "
-        "--dequantize --dtype DTYPE",
+        "--dequantize --dtype DTYPE; with --quantize, the merged weights are quantized "
+        "in the same pass",
     )
 
 
@@ -112,7 +113,7 @@ def add_quantized_options(convert: argparse.ArgumentParser) -> None:
         "--keep-quantized",
         action="store_true",
         help="for a quantized model (fp8, bitsandbytes, GPTQ, AWQ, compressed-tensors, "
-        "gpt-oss MXFP4, ModelOpt NVFP4): cast only the tensors that are not quantization "
+        "gpt-oss MXFP4, ModelOpt NVFP4 and FP8): cast only the tensors that are not quantization "
         "state, keep every packed weight, scale, zero point and quant state byte for byte, "
         "and keep quantization_config (and ModelOpt's hf_quant_config.json; without this, "
         "a quantized model is refused)",
@@ -121,7 +122,8 @@ def add_quantized_options(convert: argparse.ArgumentParser) -> None:
         "--dequantize",
         action="store_true",
         help="for a quantized model (fp8: DeepSeek/FineGrained blocks, compressed-tensors, "
-        "FBGEMM, vLLM; bitsandbytes 4-bit and LLM.int8; GPTQ; AWQ; MXFP4: gpt-oss, "
+        "FBGEMM, vLLM, ModelOpt; bitsandbytes 4-bit and LLM.int8; GPTQ; AWQ; "
+        "compressed-tensors int4/int8 (pack-quantized, W8A8); MXFP4: gpt-oss, "
         "compressed-tensors; NVFP4: compressed-tensors, ModelOpt): write a plain model in "
         "DTYPE (bf16, fp16 or fp32), each weight computed in fp32 as its format's library "
         "computes it and rounded once; the quantization state, quantization_config and "

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import argparse
 
+from fastcast._core import QUANTIZE_SCHEMES
 from fastcast.cli.convert import add_run_options, run_convert
 from fastcast.cli.torch_options import add_torch_options
 from fastcast.options import DEFAULT_SHARD_SIZE
@@ -23,6 +24,7 @@ def add_merge(commands: argparse._SubParsersAction[argparse.ArgumentParser]) -> 
         "  fastcast merge base/ adapter/ -o merged/\n"
         "  fastcast merge base/ adapter/ -o merged/ --dtype bf16 --shard-size 5GB\n"
         "  fastcast merge qlora-nf4-base/ adapter/ -o merged/ --dequantize --dtype bf16\n"
+        "  fastcast merge base/ adapter/ -o merged-fp8/ --quantize fp8   # merged, then fp8\n"
         "  fastcast merge org/base org/adapter -o merged/     # repo ids, from the HF cache",
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
@@ -46,14 +48,21 @@ def add_merge(commands: argparse._SubParsersAction[argparse.ArgumentParser]) -> 
     merge.add_argument(
         "--dequantize",
         action="store_true",
-        help="for a quantized base (bitsandbytes, fp8, GPTQ, AWQ, MXFP4, NVFP4): merge into "
-        "its weights dequantized in fp32 (needs --dtype)",
+        help="for a quantized base (bitsandbytes, fp8, GPTQ, AWQ, MXFP4, NVFP4, "
+        "compressed-tensors int): merge into its weights dequantized in fp32 (needs --dtype)",
+    )
+    merge.add_argument(
+        "--quantize",
+        choices=QUANTIZE_SCHEMES,
+        help="quantize the merged decoder Linear weights to fp8 in the same pass, as "
+        "convert --quantize does (the merge rounded once to f32, then quantized); the other "
+        "tensors keep the base's dtype or go to --dtype",
     )
     add_torch_options(merge, "as for convert")
     add_run_options(merge)
     merge.set_defaults(
-        run=run_merge, variant=None, keep_quantized=False, quantize=None, jobs=None,
-        executor="local", ray_address=None,
+        run=run_merge, variant=None, keep_quantized=False, jobs=None, executor="local",
+        ray_address=None,
     )  # fmt: skip
 
 
