@@ -461,17 +461,13 @@ def ct_int_weight(
             raise cannot(t, quant, f"its weight_shape {list(shape)} does not fit its "
                          f"{t.shape[0]} packed rows")  # fmt: skip
     else:
-        if len(t.shape) != 2:
-            raise cannot(t, quant, "int-quantized codes are I8 [out, in]")
+        if len(t.shape) != 2 or not t.name.endswith(".weight"):
+            raise cannot(t, quant, "int-quantized codes are an I8 x.weight [out, in]")
         shape = t.shape
     rows, cols = shape
     scale = expect(t, quant, tensors, "scale", f"{x}.weight_scale", SCALE_DTYPES)
     zero = tensors.get(f"{x}.weight_zero_point")
     bits, group = ct_int_args(t, quant, qc, packed, (rows, cols), scale, zero)
-    if packed and bits not in CT_PACKED_BITS:
-        raise cannot(t, quant, f"it is {bits}-bit pack-quantized, whose layout changed "
-                     "(padded, then dense) under one format name; 1, 2, 4 and 8 bits are "
-                     "unpacked")  # fmt: skip
     operands = {"scale": scale.name}
     if zero is not None:
         operands["zero_point"] = zero.name
@@ -501,6 +497,7 @@ def ct_int_args(
     rows, cols = shape
     groups = qc.get("config_groups")
     fitting: set[tuple[int, int]] = set()
+    straddling: set[int] = set()
     for group in groups.values() if isinstance(groups, dict) else ():
         w = group.get("weights") if isinstance(group, dict) else None
         if not isinstance(w, dict) or w.get("type") != "int":
@@ -508,22 +505,31 @@ def ct_int_args(
         bits, strategy, size = integer(w.get("num_bits")), w.get("strategy"), w.get("group_size")
         if bits is None or not 1 <= bits <= 8:
             continue
+        if packed and bits not in CT_PACKED_BITS:
+            straddling.add(bits)  # a layout told apart only by the writer's version
+            continue
         if packed and t.shape[1] != -(-cols * bits // 32):
             continue
         if (w.get("symmetric", True) is False) != (zero is not None):
             continue
+        width = bits if packed else 8  # I8 codes are read whole, whatever their range
         if strategy == "tensor" and scale.numel == 1:
-            fitting.add((bits if packed else 8, cols))
+            fitting.add((width, cols))
         elif strategy == "channel" and scale.shape == (rows, 1):
-            fitting.add((bits if packed else 8, cols))
+            fitting.add((width, cols))
         elif (strategy == "group" and (size := integer(size)) and cols % size == 0
               and scale.shape == (rows, cols // size)):  # fmt: skip
-            fitting.add((bits if packed else 8, size))
+            fitting.add((width, size))
     if len(fitting) == 1:
         return fitting.pop()
     held = f"scale {scale.dtype} {list(scale.shape)}, " + (
         f"zero point {zero.dtype} {list(zero.shape)}" if zero is not None else "no zero point"
     )
+    if not fitting and straddling:
+        widths = ", ".join(map(str, sorted(straddling)))
+        raise cannot(t, quant, f"it is {widths}-bit pack-quantized, whose layout changed "
+                     "(padded, then dense) under one format name; 1, 2, 4 and 8 bits are "
+                     "unpacked")  # fmt: skip
     if not fitting:
         raise cannot(t, quant, "no integer config group of its quantization_config fits its "
                      f"tensors ({held}; a group's bits, strategy, group size and symmetry "
