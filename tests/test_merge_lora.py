@@ -654,6 +654,7 @@ def test_merge_then_quantize_is_the_f32_merge_quantized(
     got, want = tensors_of(one), tensors_of(two)
     quantized = [n for n, t in got.items() if t.dtype == torch.float8_e4m3fn]
     assert len(quantized) == len(merged_names(adapter)) == report.tensors_quantized
+    assert report.tensors_merged_quantized == len(quantized) and report.tensors_merged == 0
     for name in quantized:
         assert torch.equal(got[name].view(torch.uint8), want[name].view(torch.uint8)), name
         scale = next(n for n in got if n.startswith(name) and n != name)
@@ -675,7 +676,9 @@ def test_merge_command_quantizes_too(wide_llama: Path, tmp_path: Path) -> None:
     out = tmp_path / "merged-fp8"
     done = cli("merge", wide_llama, adapter, "--quantize", "fp8", "-o", out)
     assert done.returncode == 0, done.stderr
-    assert " 14 quantized to fp8" in done.stdout, done.stdout  # every Linear, 4 merged
+    assert " 14 quantized to fp8 (+ as many scales; 4 of them merged with the adapter first)" in (
+        done.stdout
+    ), done.stdout
     got = tensors_of(out)
     assert got["model.layers.0.self_attn.q_proj.weight"].dtype == torch.float8_e4m3fn
     verified = cli("verify", out)

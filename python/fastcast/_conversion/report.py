@@ -60,7 +60,10 @@ class ConversionReport:
     tensors_quantized: int = 0
     """Weights ``--quantize`` wrote in fp8 (each with a scale tensor beside it)."""
     tensors_merged: int = 0
-    """Weights ``--merge-lora`` added an adapter's update to."""
+    """Weights ``--merge-lora`` added an adapter's update to (written merged; those
+    ``--quantize`` then quantized are ``tensors_merged_quantized``)."""
+    tensors_merged_quantized: int = 0
+    """Of ``tensors_quantized``, the weights merged with the adapter first."""
     range_risks: list[str] = field(default_factory=list)
     """The casts that can overflow, announced before the run (``RangeRiskWarning``;
     the summary does not repeat them)."""
@@ -91,7 +94,13 @@ class ConversionReport:
             + (f"{self.tensors_dequantized} dequantized, " if self.tensors_dequantized else "")
             + (f"{self.tensors_merged} merged with the adapter, " if self.tensors_merged else "")
             + (
-                f"{self.tensors_quantized} quantized to fp8 (+ as many scales), "
+                f"{self.tensors_quantized} quantized to fp8 (+ as many scales"
+                + (
+                    f"; {self.tensors_merged_quantized} of them merged with the adapter first"
+                    if self.tensors_merged_quantized
+                    else ""
+                )
+                + "), "
                 if self.tensors_quantized
                 else ""
             )
@@ -128,6 +137,7 @@ class ConversionReport:
             "tensors_dequantized": self.tensors_dequantized,
             "tensors_quantized": self.tensors_quantized,
             "tensors_merged": self.tensors_merged,
+            "tensors_merged_quantized": self.tensors_merged_quantized,
             "bytes_read": self.bytes_read,
             "bytes_written": self.bytes_written,
             "seconds": self.seconds,
@@ -226,6 +236,7 @@ def finish_report(
         tensors_dequantized=kinds["dequantized"],
         tensors_quantized=kinds["quantized"],
         tensors_merged=kinds["merged"],
+        tensors_merged_quantized=kinds["merged quantized"],
         bytes_read=stats.bytes_read if stats else 0,
         bytes_written=stats.bytes_written if stats else 0,
         seconds=time.perf_counter() - prepared.started,
@@ -263,6 +274,9 @@ def counted(plan: ConversionPlan) -> tuple[Counter[str | None], list[str], list[
         kinds["cast"] += (cast := sum(map(operator.ne, c.src_dtypes, c.dtypes)))
         kinds["copied"] += len(c.dtypes) - cast
         kinds.update(tensor_kind(t) for _, t in shard.special())
+        kinds["merged quantized"] += sum(
+            1 for _, t in shard.special() if t.merged is not None and tensor_kind(t) == "quantized"
+        )
         uncast = shard.uncast(target) if target is not None else []
         kept += [name for name, _, role in uncast if role == "plain"]
         pinned += [label for _, label, role in uncast if role == "pinned fp32"]
