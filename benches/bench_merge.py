@@ -1,6 +1,7 @@
 """``--merge-lora`` benchmark: fastcast against the I/O floor and PEFT's own merge.
 
     python3 benches/bench_merge.py [--size 5GB] [--rank 64] [--repeats 3] [--cap 1GiB]
+        [--quantize fp8] [--no-peft]
 
 A Llama-shaped bf16 base (``make_model.py``, cached in benches/.cache/) and a PEFT
 LoRA adapter of rank ``--rank`` on every decoder Linear (q, k, v, o, gate, up, down of
@@ -13,7 +14,11 @@ repeat by repeat, warm page cache:
   fastcast     fastcast convert BASE --merge-lora ADAPTER --dtype bf16 (fsync on)
   peft         AutoModelForCausalLM.from_pretrained(BASE, dtype=bf16) +
                PeftModel.from_pretrained + merge_and_unload() + save_pretrained, the
-               usual script (no fsync)
+               usual script (no fsync; left out with --no-peft)
+
+With ``--quantize fp8`` (or fp8-channel) two more: fastcast convert BASE --merge-lora
+ADAPTER --quantize fp8 (the merged weights quantized in the same pass), and the floor
+for its output's bytes.
 
 Wall, CPU and peak RSS per contender; then fastcast and PEFT each inside a memory
 cgroup of ``--cap`` (root, cgroup v1 or v2), from a cold page cache.
@@ -104,20 +109,35 @@ def make_adapter(base: Path, rank: int) -> Path:
     return adapter
 
 
-def contenders(base: Path, adapter: Path, out: Path, floor_bytes: int) -> dict[str, list[str]]:
+def contenders(
+    base: Path,
+    adapter: Path,
+    out: Path,
+    floor_bytes: int,
+    quantized: tuple[str, int] | None = None,
+    peft: bool = True,
+) -> dict[str, list[str]]:
+    """The commands, by label; ``quantized``: (scheme, output bytes) of a merge that
+    --quantize also runs."""
     floor = str(ROOT / "target" / "release" / "examples" / "io_floor")
     shards = [str(p) for p in sorted(base.glob("*.safetensors"))]
     shards.append(str(adapter / "adapter_model.safetensors"))
-    return {
+    merge = [sys.executable, "-m", "fastcast.cli", "convert", str(base), "--merge-lora",
+             str(adapter), "-o", str(out), "--quiet"]  # fmt: skip
+    cmds = {
         "floor (fsync)": [floor, "--fsync", str(out), str(floor_bytes), *shards],
-        "fastcast (CLI)": [
-            sys.executable, "-m", "fastcast.cli", "convert", str(base), "--merge-lora",
-            str(adapter), "--dtype", "bf16", "-o", str(out), "--quiet",
-        ],
-        "peft merge_and_unload": python_cmd(
+        "fastcast (CLI)": [*merge, "--dtype", "bf16"],
+    }
+    if quantized is not None:
+        scheme, nbytes = quantized
+        cmds[f"floor (fsync, {scheme} output)"] = [floor, "--fsync", str(out), str(nbytes),
+                                                   *shards]  # fmt: skip
+        cmds[f"fastcast (CLI, --quantize {scheme})"] = [*merge, "--quantize", scheme]
+    if peft:
+        cmds["peft merge_and_unload"] = python_cmd(
             PEFT_SCRIPT.format(base=str(base), adapter=str(adapter), out=str(out))
-        ),
-    }  # fmt: skip
+        )
+    return cmds
 
 
 def run(cmds: dict[str, list[str]], out: Path, repeats: int) -> dict[str, Row]:
@@ -139,7 +159,7 @@ def capped(cmds: dict[str, list[str]], out: Path, limit: int) -> list[str]:
         return ["memory cap: skipped (no usable memory cgroup; needs root and cgroup v1 or v2)"]
     lines = []
     try:
-        for label in ("fastcast (CLI)", "peft merge_and_unload"):
+        for label in [x for x in ("fastcast (CLI)", "peft merge_and_unload") if x in cmds]:
             shutil.rmtree(out, ignore_errors=True)
             cold = drop_caches()
             s = measure(cmds[label], cgroup=group)
@@ -162,6 +182,9 @@ def main() -> None:
     parser.add_argument("--rank", type=int, default=64)
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--cap", default="1GiB")
+    parser.add_argument("--quantize", choices=["fp8", "fp8-channel"],
+                        help="also time the merge quantized in the same pass")  # fmt: skip
+    parser.add_argument("--no-peft", action="store_true", help="leave PEFT's merge out")
     args = parser.parse_args()
     subprocess.run(
         ["cargo", "build", "--release", "--quiet", "-p", "fastcast-core", "--example", "io_floor"],
@@ -173,7 +196,12 @@ def main() -> None:
     out = CACHE / "out-merge"
     report = fastcast.convert(base, "bf16", output=out, merge_lora=adapter, overwrite=True,
                               progress=False)  # fmt: skip
-    cmds = contenders(base, adapter, out, report.bytes_written)
+    quantized = None
+    if args.quantize:
+        q = fastcast.convert(base, output=out, merge_lora=adapter, quantize=args.quantize,
+                             overwrite=True, progress=False)  # fmt: skip
+        quantized = (args.quantize, q.bytes_written)
+    cmds = contenders(base, adapter, out, report.bytes_written, quantized, not args.no_peft)
     warm([*sorted(base.glob("*.safetensors")), adapter / "adapter_model.safetensors"])
     rows = run(cmds, out, args.repeats)
     floor = rows["floor (fsync)"]
