@@ -727,18 +727,19 @@ class FileCheck:
         self.nbytes += t.nbytes
 
     def merged_quantized(self, t: TensorEntry, q: Quantized) -> None:
-        """A merged weight ``--quantize`` quantized (its e4m3 values, or its scales),
+        """A merged weight ``--quantize`` quantized, its e4m3 values and its scales checked
+        together (one pass of the merge's reference for both, when the values are met)
         against PEFT's merge math in float64: each scale within the range the block's amax
         may have, each code between the codes of the lowest and highest value the merge
         may have, divided by its stored scale (``merged.quantized_bounds``)."""
         import torch
 
-        values = next(n for n, o in self.quantized.items() if o.weight == q.weight and
-                      not o.scales)  # fmt: skip
+        if q.scales:
+            return  # checked with its values, which a pair's shard holds
         scale_name = next(n for n, o in self.quantized.items()
                           if o.weight == q.weight and o.scales)  # fmt: skip
         stored = {e.name: e for e in self.file.tensors}
-        if scale_name not in stored or values not in stored:
+        if scale_name not in stored:
             return  # a pair is one shard's; the structure check reports one missing
         out, device = self.map(self.file.path), self.device
         scale_entry = stored[scale_name]
@@ -747,7 +748,8 @@ class FileCheck:
         rows, cols = base.shape
         ref = merged_reference(self.merged[q.weight], base, self.read_entry, "F32")
         br, bc = q.block
-        piece = Piece(t.name, 0, math.prod(t.shape), t.shape)
+        codes = Piece(t.name, 0, math.prod(t.shape), t.shape)
+        grid = Piece(scale_name, 0, math.prod(scale_entry.shape), scale_entry.shape)
         unit = element_size(t.dtype)
         step = max(1, self.chunk // (16 * cols * br)) * br  # whole block-rows
         for r0 in range(0, rows, step):
@@ -756,25 +758,24 @@ class FileCheck:
             v, bound = v.reshape(r1 - r0, cols), bound.reshape(r1 - r0, cols)
             s = scales[r0 // br : -(-r1 // br)].to(device)
             lo, hi, s_lo, s_hi = quantized_bounds(v, bound, s, q.block)
-            if q.scales:
-                got, e0 = s.double(), (r0 // br) * scales.shape[1]
-                differ = ~((got >= s_lo) & (got <= s_hi))
-                want = (s_lo + s_hi) / 2
-            else:
-                e0 = r0 * cols
-                raw = out.bytes(t.offsets[0] + e0 * unit, t.offsets[0] + r1 * cols * unit)
-                got = typed(raw, t.dtype).to(device).reshape(r1 - r0, cols).double()
-                differ = ~((got >= lo) & (got <= hi))
+            got = s.double()
+            differ = ~((got >= s_lo) & (got <= s_hi))
+            if bool(differ.any()):
+                grid.found.add(got.reshape(-1), ((s_lo + s_hi) / 2).reshape(-1),
+                               differ.reshape(-1), (r0 // br) * scales.shape[1], "F32")  # fmt: skip
+            e0 = r0 * cols
+            raw = out.bytes(t.offsets[0] + e0 * unit, t.offsets[0] + r1 * cols * unit)
+            got = typed(raw, t.dtype).to(device).reshape(r1 - r0, cols).double()
+            differ = ~((got >= lo) & (got <= hi))
+            if bool(differ.any()):
                 want = (v / s.double().repeat_interleave(br, 0)[: r1 - r0]
                         .repeat_interleave(bc, 1)[:, :cols]).clamp(-448, 448)  # fmt: skip
-            if bool(differ.any()):
-                dtype = "F32" if q.scales else t.dtype
-                piece.found.add(got.reshape(-1), want.reshape(-1).to(torch.float64),
-                                differ.reshape(-1), e0, dtype)  # fmt: skip
-            self.progress((r1 - r0) * cols * (0 if q.scales else unit))
-        self.tally([piece], "PEFT's merge (fp64) quantized by --quantize's rule")
-        self.checked += 1
-        self.nbytes += t.nbytes
+                codes.found.add(got.reshape(-1), want.reshape(-1).to(torch.float64),
+                                differ.reshape(-1), e0, t.dtype)  # fmt: skip
+            self.progress((r1 - r0) * cols * unit)
+        self.tally([codes, grid], "PEFT's merge (fp64) quantized by --quantize's rule")
+        self.checked += 2
+        self.nbytes += t.nbytes + scale_entry.nbytes
 
     def tally(self, pieces: list[Piece], oracle: str) -> None:
         """Each piece with a mismatch, as a ``TensorMismatch``."""
