@@ -4,6 +4,7 @@
     python3 benches/bench_convert.py --models deepseek-fp8    # --dequantize
     python3 benches/bench_convert.py --models gpt-oss-mxfp4,nvfp4,w4a16  # --dequantize 4-bit
     python3 benches/bench_convert.py --models llama-quantize  # --quantize fp8
+    python3 benches/bench_convert.py --models w4a16-requantize  # --dequantize --quantize fp8
     python3 benches/bench_convert.py --models llama-bin       # torch.save .bin shards
     python3 benches/bench_convert.py --models tensors-100k,tensors-100  # many tiny tensors
     python3 benches/bench_convert.py --models llama --threads 1,4,16   # thread scaling
@@ -28,7 +29,9 @@ model with many expert tensors. Then, on the same input, runs interleaved
                same per-shard script quantizing each decoder Linear in torch, the
                reference formula vectorised, as one writes it by hand; for .bin
                inputs: torch.load(weights_only=True) -> .to(dtype) -> save_file per
-               shard, as safetensors' convert.py does, and the same with mmap=True)
+               shard, as safetensors' convert.py does, and the same with mmap=True;
+               for --dequantize --quantize: fastcast's two runs, --dequantize --dtype
+               fp32 to a temporary folder, then --quantize from it)
   transformers from_pretrained(dtype=...) -> save_pretrained(max_shard_size=...)
                (not for block fp8: transformers 5.23 mis-reads partial blocks)
   fastcast     the CLI, and fastcast.convert() from Python; with --threads, the CLI
@@ -49,6 +52,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shlex
 import shutil
 import statistics
 import subprocess
@@ -86,13 +90,15 @@ class Model:
     quantize: str | None = None
     #: Written as torch.save shards (pytorch_model-*.bin + index) instead of safetensors.
     torch_bin: bool = False
+    #: The model whose cached input it converts (another conversion of the same input).
+    input: str | None = None
     #: A flat checkpoint of this many equal f32 tensors (``size`` in all, 4 shards), for
     #: the cost per tensor: DeepSeek-V3 has ~91k tensors.
     tensors: int | None = None
 
     @property
     def path(self) -> Path:
-        return CACHE / f"{self.name}-{self.size}"
+        return CACHE / f"{self.input or self.name}-{self.size}"
 
 
 @dataclass
@@ -187,7 +193,8 @@ def contenders(
     if model.dequantize:
         flags, options = ["--dequantize"], {"dequantize": True}
     if model.quantize:
-        flags, options = ["--quantize", model.quantize], {"quantize": model.quantize}
+        flags += ["--quantize", model.quantize]
+        options["quantize"] = model.quantize
     cli = [
         sys.executable, "-m", "fastcast.cli", "convert", str(model.path), "-o", str(out),
         "--dtype", model.target, "--shard-size", model.out_shard_size, *flags, "--quiet",
@@ -222,6 +229,24 @@ def thread_label(threads: int) -> str:
 def scripts(model: Model, out: Path, shards: list[str]) -> dict[str, list[str]]:
     """The usual ways to do what fastcast does with ``model``."""
     torch_name = next(d["torch_name"] for d in fastcast.dtypes() if d["name"] == model.target)
+    if model.dequantize and model.quantize:  # what a user did before: two runs of fastcast
+        fp32 = f"{out}.fp32"
+        cli = [sys.executable, "-m", "fastcast.cli", "convert", "--quiet"]
+        dequantize = [*cli, str(model.path), "-o", fp32, "--dequantize", "--dtype", "fp32"]
+        quantize = [
+            *cli,
+            fp32,
+            "-o",
+            str(out),
+            "--dtype",
+            model.target,
+            "--shard-size",
+            model.out_shard_size,
+            "--quantize",
+            model.quantize,
+        ]
+        steps = [shlex.join(dequantize), shlex.join(quantize), shlex.join(["rm", "-rf", fp32])]
+        return {"script": ["bash", "-c", " && ".join(steps)]}  # fmt: skip
     if model.dequantize and model.dtype == "mxfp4":  # what transformers offers
         return {
             "script": python_cmd(
@@ -614,6 +639,10 @@ def bench_models(quick: bool, names: list[str], size: str | None = None) -> dict
         "w4a16": Model("w4a16", "llama", scale or "5GB", "w4a16",
                        "2GB" if not scale else "100MB", "BF16",
                        "5GB" if not scale else "200MB", dequantize=True),
+        "w4a16-requantize": Model("w4a16-requantize", "llama", scale or "5GB", "w4a16",
+                                  "2GB" if not scale else "100MB", "BF16",
+                                  "5GB" if not scale else "200MB", dequantize=True,
+                                  quantize="fp8", input="w4a16"),
         "llama-quantize": Model("llama-quantize", "llama", scale or "5GB", "bf16",
                                 "2GB" if not scale else "100MB", "BF16",
                                 "2GB" if not scale else "50MB", quantize="fp8"),

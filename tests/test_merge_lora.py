@@ -707,16 +707,38 @@ def test_verify_fails_a_merge_quantized_from_the_base(wide_llama: Path, tmp_path
         assert f"mismatch: {name} ({shard.name})" in done.stdout, done.stdout
 
 
-def test_a_quantized_base_is_not_merged_and_quantized_in_one_run(tmp_path: Path) -> None:
-    """Dequantize, merge and quantize again in one run is not built: refused in one line
-    saying to dequantize first."""
+@pytest.mark.parametrize(("name", "scheme"), [("deepseek-fp8", "fp8"),
+                                             ("bnb-nf4-dq", "fp8-channel")])  # fmt: skip
+def test_a_quantized_base_merged_and_quantized_again_in_one_run(
+    tmp_path: Path, name: str, scheme: str
+) -> None:
+    """What people fine-tuning an fp8 (or QLoRA) base need: ``--dequantize --merge-lora A
+    --quantize fp8`` dequantizes each weight exactly in f32, adds the update and quantizes
+    the f32 sum, in one pass; bit for bit the values and scales ``--quantize`` writes from
+    the output of ``--dequantize --merge-lora A --dtype fp32``; verify holds it to PEFT's
+    merge math of the reference dequantization."""
     from quantized import ALL
 
-    model = ALL["deepseek-fp8"](tmp_path / "src")
-    adapter = tmp_path / "ad"
-    adapter.mkdir()
-    (adapter / "adapter_config.json").write_text(json.dumps({"peft_type": "LORA"}))
-    done = cli("convert", model.path, "--merge-lora", adapter, "--quantize", "fp8",
-               "-o", tmp_path / "o")  # fmt: skip
-    assert done.returncode == 1 and "--quantize needs a plain model" in done.stderr, done.stderr
-    assert not (tmp_path / "o").exists()
+    model = ALL[name](tmp_path / "src")
+    plain = tmp_path / "plain"
+    fastcast.convert(model.path, "fp32", output=plain, dequantize=True, progress=False)
+    targets = ["kv_b_proj", "o_proj"] if name == "deepseek-fp8" else ["q_proj", "down_proj"]
+    adapter = make_adapter(plain, tmp_path / "ad", r=4, lora_alpha=8, target_modules=targets)
+    one = tmp_path / "one"
+    report = fastcast.convert(model.path, "bf16", output=one, dequantize=True, quantize=scheme,
+                              merge_lora=adapter, progress=False)  # fmt: skip
+    f32, two = tmp_path / "f32", tmp_path / "two"
+    fastcast.convert(model.path, "fp32", output=f32, dequantize=True, merge_lora=adapter,
+                     progress=False)  # fmt: skip
+    fastcast.convert(f32, "bf16", output=two, quantize=scheme, progress=False)
+    got, want = tensors_of(one), tensors_of(two)
+    assert sorted(got) == sorted(want)
+    quantized = [n for n, t in got.items() if t.dtype == torch.float8_e4m3fn]
+    merged = [n for n in quantized if n in merged_names(adapter)]
+    assert merged and report.tensors_merged_quantized == len(merged)
+    assert report.tensors_dequantized_quantized == len(quantized) == report.tensors_quantized
+    for n, t in got.items():
+        pinned = "e_score_correction_bias" in n  # kept in fp32 by --dequantize, not cast
+        assert pinned or torch.equal(t.view(torch.uint8), want[n].view(torch.uint8)), n
+    done = cli("verify", one)
+    assert done.returncode == 0 and "held to PEFT's merge" in done.stdout, done.stdout

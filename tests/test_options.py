@@ -55,6 +55,7 @@ def test_the_cli_hands_over_only_options():
         ({"dequantize": True}, Dequantize()),
         ({"quantize": "fp8"}, Quantize("fp8")),
         ({"quantize": "fp8-channel"}, Quantize("fp8-channel")),
+        ({"quantize": "fp8", "dequantize": True}, Quantize("fp8", dequantize=True)),
     ],
 )
 def test_the_mode_is_one_value(flags, mode):
@@ -67,7 +68,7 @@ def test_the_mode_is_one_value(flags, mode):
     ("flags", "message"),
     [
         ({"keep_quantized": True, "dequantize": True}, "exclude each other"),
-        ({"quantize": "fp8", "dequantize": True}, "exclude each other"),
+        ({"quantize": "fp8", "keep_quantized": True}, "exclude each other"),
         ({"quantize": "int3"}, "quantize must be one of"),
         ({"fp8_overflow": "wrap"}, "fp8_overflow must be"),
         ({"shard_size": "5XB"}, "shard size"),

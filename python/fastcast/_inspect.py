@@ -310,7 +310,8 @@ def would_do(quant: Quantization, role_of: dict[tuple[str, str], str], target: s
         "above is for that)"
         + (
             f"; with --dequantize it writes a plain model, its {weights} quantized weights "
-            "times their scales"
+            "times their scales (and with --quantize fp8 too, requantizes them to fp8 from "
+            "those values)"
             if not quant.not_dequantized
             else ""
         )

@@ -10,7 +10,7 @@ The mode is one value, never a set of flags: ``Cast`` (a plain model cast; a qua
 one refused), ``KeepQuantized``, ``Dequantize`` or ``Quantize(scheme)``.
 
 >>> ConvertOptions.make("bf16", shard_size="2GB", quantize="fp8").mode
-Quantize(scheme='fp8')
+Quantize(scheme='fp8', dequantize=False)
 """
 
 from __future__ import annotations
@@ -49,9 +49,11 @@ class Dequantize:
 
 @dataclass(frozen=True)
 class Quantize:
-    """Quantize a plain model's decoder Linear weights in ``scheme``."""
+    """Quantize a plain model's decoder Linear weights in ``scheme``; with
+    ``dequantize``, a quantized model's, each weight dequantized in fp32 first."""
 
     scheme: str
+    dequantize: bool = False
 
 
 Mode = Cast | KeepQuantized | Dequantize | Quantize
@@ -222,10 +224,12 @@ def mode_of(
             raise ValueError(
                 f"quantize must be one of {', '.join(_core.QUANTIZE_SCHEMES)}, not {quantize!r}"
             )
-        if keep_quantized or dequantize:
-            flag = "keep_quantized" if keep_quantized else "dequantize"
-            raise ValueError(f"quantize and {flag} exclude each other: quantize a plain model")
-        return Quantize(quantize)
+        if keep_quantized:
+            raise ValueError(
+                "quantize and keep_quantized exclude each other: to requantize a quantized "
+                "model, dequantize it (--dequantize --dtype bf16 --quantize fp8)"
+            )
+        return Quantize(quantize, dequantize=dequantize)
     if dequantize:
         return Dequantize()
     return KeepQuantized() if keep_quantized else Cast()

@@ -65,7 +65,8 @@ def record_of(prepared: Prepared, losses: Sequence[TensorLoss]) -> OutputRecord:
         underflowed=loss_sum(losses, "underflow"),
         quantization=None
         if quant is None
-        else {"method": quant.method, "scheme": quant.scheme, "mode": mode},
+        else {"method": quant.method, "scheme": quant.scheme, "mode": mode}
+        | ({"dequantized": dequantized} if (dequantized := requantized_from(p)) else {}),
         state_dict_key=options.state_dict_key,
         strip_prefix=options.strip_prefix,
         from_torch=any(f.torch for ws in p.folder.weight_sets for f in ws.files),
@@ -77,6 +78,11 @@ def record_of(prepared: Prepared, losses: Sequence[TensorLoss]) -> OutputRecord:
             "sha256": p.merging.adapter.digest(),
         },
     )  # fmt: skip
+
+
+def requantized_from(prepared: Prepared) -> str | None:
+    """``--dequantize --quantize``: the method the source was quantized with."""
+    return prepared.quantizing.dequantized if prepared.quantizing is not None else None
 
 
 def commit(prepared: Prepared, losses: Sequence[TensorLoss]) -> None:

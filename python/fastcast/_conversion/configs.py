@@ -73,7 +73,8 @@ def fix_configs(
             changes["quantization_config"] = ("present", "removed")
         if added is not None:
             method = str(added["quant_method"])
-            changes["quantization_config"] = ("(none)", f"{method} ({scheme_of(method, added)})")
+            had = changes.get("quantization_config", ("(none)", ""))[0]  # dequantized first
+            changes["quantization_config"] = (had, f"{method} ({scheme_of(method, added)})")
         fixes.append(ConfigFix(rel, to_json(retyped), changes))
     return fixes
 

@@ -49,6 +49,8 @@ def special_fingerprint(t: PlannedTensor) -> list[Any]:
         base = None if t.dequant is None else t.dequant.weight.describe()
         quantized = None if t.quantized is None else t.quantized.describe()
         return [t.name, t.merged.describe(), base, quantized]
+    if t.dequant is not None and t.quantized is not None:  # dequantized, then quantized
+        return [t.name, t.dequant.weight.describe(), t.quantized.describe()]
     if t.dequant is not None:
         return [t.name, t.dequant.weight.describe()]
     assert t.quantized is not None

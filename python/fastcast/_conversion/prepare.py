@@ -144,6 +144,14 @@ def decide(
     """What the mode makes of a (possibly quantized) source: the weights to dequantize,
     or what ``--quantize`` makes of each tensor; refused where it would break it."""
     target, mode = options.dtype, options.mode
+    if isinstance(mode, Quantize) and mode.dequantize and quant is not None:
+        assert target is not None, "--dequantize needs a target"
+        check_quantize(folder, None, target)
+        check_dequantize(folder, quant, target)
+        weights = quantized_weights(folder, quant, roles(folder))
+        return weights, plan_quantization(
+            folder, target, options.keep, mode.scheme, (quant, weights)
+        )
     if isinstance(mode, Quantize):  # without a target, what is not quantized keeps its dtype
         check_quantize(folder, quant, target)
         return None, plan_quantization(folder, target, options.keep, mode.scheme)
@@ -182,8 +190,10 @@ def first_notes(
 ) -> list[str]:
     """What a user should know even of a run with nothing to do."""
     notes = []
-    if isinstance(options.mode, KeepQuantized | Dequantize) and quant is None:
-        flag = "--keep-quantized" if isinstance(options.mode, KeepQuantized) else "--dequantize"
+    mode = options.mode
+    dequantizing = isinstance(mode, Dequantize) or (isinstance(mode, Quantize) and mode.dequantize)
+    if (isinstance(mode, KeepQuantized) or dequantizing) and quant is None:
+        flag = "--keep-quantized" if isinstance(mode, KeepQuantized) else "--dequantize"
         notes.append(f"the model is not quantized: {flag} changed nothing")
     if cache_snapshot(out) is not None:
         notes.append(
@@ -218,7 +228,7 @@ def range_risks(plan: ConversionPlan) -> list[str]:
     """The casts of ``plan`` that can overflow (quantized weights are scaled to fit:
     not among them), and the dequantized weights whose rounding can."""
     plain = [s.plain_columns() for s in plan.shards]
-    dequantizing = [t for s in plan.shards for _, t in s.special() if t.dequant]
+    dequantizing = [t for s in plan.shards for _, t in s.special() if t.dequant and not t.quantized]
     return narrowing_risks(
         [d for c in plain for d in c.src_dtypes],
         [d for c in plain for d in c.dtypes],

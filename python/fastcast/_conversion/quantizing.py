@@ -4,13 +4,14 @@ leaves unquantized."""
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
 from fastcast import _core
 from fastcast._dtypes import short_name
 from fastcast._names import join, listing
+from fastcast._plan.dequantize import QuantizedWeight
 from fastcast._plan.quantize import (
     QUANTIZE_METHODS,
     QuantizeTarget,
@@ -34,6 +35,12 @@ class Quantizing:
     scheme: str
     targets: dict[str, list[QuantizeTarget]]
     configs: dict[str, dict[str, Any]]
+    names: dict[str, list[str]]
+    """Per weight set, each tensor's name in the output (a dequantized weight's, for
+    the tensor holding its quantized values)."""
+    dequantized: str | None = None
+    """``--dequantize --quantize``: the quantization method the source's weights were
+    dequantized from."""
 
     @property
     def quantization(self) -> Quantization:
@@ -44,12 +51,20 @@ class Quantizing:
 
 
 def plan_quantization(
-    folder: ModelFolder, target: str | None, keep: Sequence[str], scheme: str
+    folder: ModelFolder,
+    target: str | None,
+    keep: Sequence[str],
+    scheme: str,
+    dequantized: tuple[Quantization, Mapping[tuple[str, str], QuantizedWeight]] | None = None,
 ) -> Quantizing:
-    """What ``--quantize scheme`` makes of every tensor, and the quantization_config of
-    each transformers config.json beside quantized weights (listing the Linear modules
-    its folder's sets leave unquantized)."""
-    targets = quantized_layers(folder, target, keep, scheme)
+    """What ``--quantize scheme`` makes of every tensor (of a quantized model, given its
+    quantization and the weights ``--dequantize`` makes of it: of those), and the
+    quantization_config of each transformers config.json beside quantized weights
+    (listing the Linear modules its folder's sets leave unquantized)."""
+    weights = None if dequantized is None else dequantized[1]
+    targets = quantized_layers(folder, target, keep, scheme, weights)
+    names = {ws.key: output_names(ws.key, [t.name for t in ws.tensors], weights)
+             for ws in folder.weight_sets}  # fmt: skip
     configs = {}
     for rel in folder.configs:
         where = rel.rpartition("/")[0]
@@ -58,13 +73,20 @@ def plan_quantization(
             t.fate == "quantize" for ws in sets for t in targets[ws.key]
         ):
             continue
-        skipped = [
-            m
-            for ws in sets
-            for m in unquantized_modules([t.name for t in ws.tensors], targets[ws.key])
-        ]
+        skipped = [m for ws in sets for m in unquantized_modules(names[ws.key], targets[ws.key])]
         configs[rel] = quantize_config(scheme, list(dict.fromkeys(skipped)))
-    return Quantizing(scheme, targets, configs)
+    method = None if dequantized is None else dequantized[0].method
+    return Quantizing(scheme, targets, configs, names, method)
+
+
+def output_names(
+    key: str, names: list[str], weights: Mapping[tuple[str, str], QuantizedWeight] | None
+) -> list[str]:
+    """Each of a set's tensors' names in the output: a dequantized weight's name for the
+    tensor holding its values (GPTQ's ``x.qweight`` is ``x.weight``)."""
+    if weights is None:
+        return names
+    return [w.name if (w := weights.get((key, n))) is not None else n for n in names]
 
 
 def quantize_notes(folder: ModelFolder, quantizing: Quantizing, target: str | None) -> list[str]:
@@ -72,9 +94,9 @@ def quantize_notes(folder: ModelFolder, quantizing: Quantizing, target: str | No
     decoder Linears that misfit the blocks (and their fused siblings)."""
     notes = []
     for ws in folder.weight_sets:
-        fates = list(zip(ws.tensors, quantizing.targets[ws.key], strict=True))
-        misfits = [join(ws.folder, t.name) for t, q in fates if q.fate == "misfit"]
-        fused = [join(ws.folder, t.name) for t, q in fates if q.fate == "fused misfit"]
+        fates = list(zip(quantizing.names[ws.key], quantizing.targets[ws.key], strict=True))
+        misfits = [join(ws.folder, n) for n, q in fates if q.fate == "misfit"]
+        fused = [join(ws.folder, n) for n, q in fates if q.fate == "fused misfit"]
         if misfits:
             notes.append(
                 f"{len(misfits)} decoder Linear weight(s) left unquantized in "

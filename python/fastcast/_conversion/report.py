@@ -64,6 +64,9 @@ class ConversionReport:
     ``--quantize`` then quantized are ``tensors_merged_quantized``)."""
     tensors_merged_quantized: int = 0
     """Of ``tensors_quantized``, the weights merged with the adapter first."""
+    tensors_dequantized_quantized: int = 0
+    """Of ``tensors_quantized``, the weights dequantized first (``--dequantize
+    --quantize``)."""
     range_risks: list[str] = field(default_factory=list)
     """The casts that can overflow, announced before the run (``RangeRiskWarning``;
     the summary does not repeat them)."""
@@ -95,6 +98,11 @@ class ConversionReport:
             + (f"{self.tensors_merged} merged with the adapter, " if self.tensors_merged else "")
             + (
                 f"{self.tensors_quantized} quantized to fp8 (+ as many scales"
+                + (
+                    f"; {self.tensors_dequantized_quantized} of them dequantized first"
+                    if self.tensors_dequantized_quantized
+                    else ""
+                )
                 + (
                     f"; {self.tensors_merged_quantized} of them merged with the adapter first"
                     if self.tensors_merged_quantized
@@ -138,6 +146,7 @@ class ConversionReport:
             "tensors_quantized": self.tensors_quantized,
             "tensors_merged": self.tensors_merged,
             "tensors_merged_quantized": self.tensors_merged_quantized,
+            "tensors_dequantized_quantized": self.tensors_dequantized_quantized,
             "bytes_read": self.bytes_read,
             "bytes_written": self.bytes_written,
             "seconds": self.seconds,
@@ -237,6 +246,7 @@ def finish_report(
         tensors_quantized=kinds["quantized"],
         tensors_merged=kinds["merged"],
         tensors_merged_quantized=kinds["merged quantized"],
+        tensors_dequantized_quantized=kinds["dequantized quantized"],
         bytes_read=stats.bytes_read if stats else 0,
         bytes_written=stats.bytes_written if stats else 0,
         seconds=time.perf_counter() - prepared.started,
@@ -274,9 +284,10 @@ def counted(plan: ConversionPlan) -> tuple[Counter[str | None], list[str], list[
         kinds["cast"] += (cast := sum(map(operator.ne, c.src_dtypes, c.dtypes)))
         kinds["copied"] += len(c.dtypes) - cast
         kinds.update(tensor_kind(t) for _, t in shard.special())
-        kinds["merged quantized"] += sum(
-            1 for _, t in shard.special() if t.merged is not None and tensor_kind(t) == "quantized"
-        )
+        for _, t in shard.special():
+            if tensor_kind(t) == "quantized":
+                kinds["merged quantized"] += t.merged is not None
+                kinds["dequantized quantized"] += t.dequant is not None
         uncast = shard.uncast(target) if target is not None else []
         kept += [name for name, _, role in uncast if role == "plain"]
         pinned += [label for _, label, role in uncast if role == "pinned fp32"]

@@ -55,7 +55,9 @@ class OutputRecord:
     underflowed: int = 0
     quantization: dict[str, str] | None = None
     """For a quantized source: its ``method`` and ``scheme``, and ``mode``: ``keep``
-    (quantization state copied as it was) or ``dequantize`` (a plain model)."""
+    (quantization state copied as it was) or ``dequantize`` (a plain model). For a
+    ``--quantize`` output: its own, ``mode`` ``quantize``, and ``dequantized``, the
+    source's method, when a quantized source was dequantized first."""
     state_dict_key: str | None = None
     """torch.save sources: the key the state dict was read from, if given."""
     strip_prefix: str | None = None

@@ -3,15 +3,18 @@ the quantization_config it writes."""
 
 from __future__ import annotations
 
-from collections.abc import Sequence
-from dataclasses import dataclass
-from typing import Any
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, replace
+from typing import TYPE_CHECKING, Any
 
 from fastcast import _core
 from fastcast._dtypes import COMPUTE_DTYPES, short_name
 from fastcast._source.entries import TensorEntry
 from fastcast._source.folder import ModelFolder
-from fastcast._source.quantization import Quantization
+from fastcast._source.quantization import SURVIVING_ROLES, Quantization
+
+if TYPE_CHECKING:
+    from fastcast._plan.dequantize import QuantizedWeight
 
 #: What each ``--quantize`` scheme writes as ``quant_method``.
 QUANTIZE_METHODS = {"fp8": "fp8", "fp8-channel": "compressed-tensors"}
@@ -21,6 +24,9 @@ QUANTIZE_METHODS = {"fp8": "fp8", "fp8-channel": "compressed-tensors"}
 CT_VERSION = "0.20.0"
 #: Fates of decoder Linears left unquantized, which the config must list.
 UNQUANTIZED_FATES = _core.UNQUANTIZED_FATES
+#: ``--dequantize --quantize``: the fate of quantization state the dequantization
+#: consumes (left out of the output, as ``--dequantize`` leaves it).
+CONSUMED = "consumed"
 
 
 @dataclass(frozen=True)
@@ -52,13 +58,57 @@ def quantize_targets(
     """What ``--quantize scheme`` makes of each of ``tensors`` (one weight set), converting
     the rest to ``target`` (None: each keeps its dtype): the core's rule, the one convert
     and verify both follow."""
-    found = _core.quantize_targets(
-        [(t.name, t.dtype, list(t.shape)) for t in tensors], target, list(keep), scheme
-    )
+    return targets_of([(t.name, t.dtype, list(t.shape)) for t in tensors], target, keep, scheme)
+
+
+def targets_of(
+    tensors: Sequence[tuple[str, str, list[int]]],
+    target: str | None,
+    keep: Sequence[str],
+    scheme: str,
+) -> list[QuantizeTarget]:
+    """``quantize_targets`` of tensors given as (name, dtype, shape)."""
+    found = _core.quantize_targets(list(tensors), target, list(keep), scheme)
     return [
         QuantizeTarget(dtype, fate, block, None if scale is None else (scale[0], tuple(scale[1])))
         for dtype, fate, block, scale in found
     ]
+
+
+def requantize_targets(
+    tensors: Sequence[TensorEntry],
+    weights: Mapping[str, QuantizedWeight],
+    target: str,
+    keep: Sequence[str],
+    scheme: str,
+) -> list[QuantizeTarget]:
+    """``--dequantize --quantize``: what ``--quantize scheme`` makes of each of
+    ``tensors`` (one set of a quantized model), ruled on the plain set ``--dequantize
+    --dtype target`` writes (the core's rule, as for a plain model). ``weights`` maps
+    each tensor holding a quantized weight's values to the weight: quantized under the
+    weight's name and shape, or else written dequantized in ``target``; the state the
+    dequantization consumes is ``CONSUMED``; every other tensor keeps the dtype
+    ``--dequantize`` gives it (a tensor the model pins in fp32 stays fp32)."""
+    names, dtypes = [t.name for t in tensors], [t.dtype for t in tensors]
+    roles = _core.quant_roles(names, dtypes)
+    written = _core.target_dtypes(list(zip(names, dtypes, strict=True)), target, list(keep),
+                                  quantized=True)  # fmt: skip
+    plain: list[tuple[str, str, list[int]]] = []
+    at: list[int] = []
+    for i, (t, role) in enumerate(zip(tensors, roles, strict=True)):
+        w = weights.get(t.name)
+        if w is not None or role in SURVIVING_ROLES:
+            if w is not None:
+                plain.append((w.name, target, list(w.shape)))
+            else:
+                plain.append((t.name, written[i], list(t.shape)))
+            at.append(i)
+    found = [QuantizeTarget(t.dtype, CONSUMED, None, None) for t in tensors]
+    for i, q in zip(at, targets_of(plain, target, keep, scheme), strict=True):
+        if q.fate != "quantize":  # as --dequantize writes it
+            q = replace(q, dtype=target if tensors[i].name in weights else written[i])
+        found[i] = q
+    return found
 
 
 def unquantized_modules(names: Sequence[str], targets: Sequence[QuantizeTarget]) -> list[str]:
@@ -131,18 +181,29 @@ def check_quantize(folder: ModelFolder, quant: Quantization | None, target: str 
     if quant is not None:
         raise _core.QuantizedModelError(
             f"{folder.root}: already quantized with {quant.describe()}; --quantize needs a "
-            "plain model (dequantize it first with --dequantize)"
+            "plain model: add --dequantize to dequantize it first, in one run "
+            "(--dequantize --dtype bf16 --quantize fp8)"
         )
 
 
 def quantized_layers(
-    folder: ModelFolder, target: str | None, keep: Sequence[str], scheme: str
+    folder: ModelFolder,
+    target: str | None,
+    keep: Sequence[str],
+    scheme: str,
+    weights: Mapping[tuple[str, str], QuantizedWeight] | None = None,
 ) -> dict[str, list[QuantizeTarget]]:
-    """Per weight set, what ``--quantize scheme`` makes of each tensor; a
-    ModelFolderError when it would quantize nothing."""
-    found = {
-        ws.key: quantize_targets(ws.tensors, target, keep, scheme) for ws in folder.weight_sets
-    }
+    """Per weight set, what ``--quantize scheme`` makes of each tensor (of a quantized
+    model, with ``weights`` the weights ``--dequantize`` makes: ``requantize_targets``);
+    a ModelFolderError when it would quantize nothing."""
+    found = {}
+    for ws in folder.weight_sets:
+        if weights is None:
+            found[ws.key] = quantize_targets(ws.tensors, target, keep, scheme)
+        else:
+            assert target is not None, "dequantizing needs a target"
+            mine = {src: w for (key, src), w in weights.items() if key == ws.key}
+            found[ws.key] = requantize_targets(ws.tensors, mine, target, keep, scheme)
     if not any(t.fate == "quantize" for targets in found.values() for t in targets):
         misfits = sum(t.fate == "misfit" for targets in found.values() for t in targets)
         why = (

@@ -381,11 +381,12 @@ def tensor_plan(
     if q is not None and q.kind == "fp8_weight":
         out["quantize"] = {"kind": "fp8_weight", "block": q.block}
     elif q is not None:
+        weight_shape = t.dequant.weight.shape if t.dequant else t.entry.shape
         out["quantize"] = {
             "kind": "fp8_scale",
             "block": q.block,
             "weight": q.weight,
-            "weight_shape": list(t.entry.shape),
+            "weight_shape": list(weight_shape),
         }
     return out
 
@@ -553,26 +554,30 @@ def quantized_pair(
     how: QuantizeTarget,
     role: str,
     adapter: SetMerge | None = None,
+    dequant: Dequantized | None = None,
 ) -> list[PlannedTensor]:
     """A weight ``--quantize`` quantizes: its e4m3 values, then its F32 scales; merging an
     adapter (``--merge-lora``), both made from the merged weight (as a merge to f32
-    writes it)."""
+    writes it); a quantized weight (``dequant``, ``--dequantize --quantize``), from its
+    values dequantized to f32 (merged too, with an adapter)."""
     assert how.block is not None and how.scale is not None
-    if adapter is not None and entry.name in adapter.replaced:
+    weight = dequant.weight if dequant else entry
+    name, shape = weight.name, weight.shape
+    if adapter is not None and name in adapter.replaced:
         raise _core.QuantizedModelError(
-            f"{entry.file}: the adapter replaces {entry.name} (modules_to_save), which "
+            f"{entry.file}: the adapter replaces {name} (modules_to_save), which "
             "--quantize would quantize; quantizing a replaced weight is not supported yet "
             "(merge first, then --quantize the output)"
         )
-    merged = adapter.merged.get(entry.name) if adapter is not None else None
+    merged = adapter.merged.get(name) if adapter is not None else None
     scale, grid = how.scale
-    values = Quantized("fp8_weight", entry.name, entry.shape, how.block, entry.name)
-    scales = Quantized("fp8_scale", scale, grid, how.block, entry.name)
+    values = Quantized("fp8_weight", name, shape, how.block, name)
+    scales = Quantized("fp8_scale", scale, grid, how.block, name)
     return [
-        PlannedTensor(entry, how.dtype, entry.numel, label=join(ws.folder, entry.name),
-                      role=role, quantized=values, merged=merged),
+        PlannedTensor(entry, how.dtype, math.prod(shape), label=join(ws.folder, name),
+                      role=role, quantized=values, merged=merged, dequant=dequant),
         PlannedTensor(entry, "F32", 4 * math.prod(grid), label=join(ws.folder, scale),
-                      role=role, quantized=scales, merged=merged),
+                      role=role, quantized=scales, merged=merged, dequant=dequant),
     ]  # fmt: skip
 
 
@@ -624,12 +629,14 @@ def plan_set(
         by_name = {t.name: t for t in entries}
         bundles = []
         for i, (entry, to) in enumerate(zip(entries, targets, strict=True)):
+            w = dequantize.get(entry.name) if dequantize is not None else None
+            how = None if w is None else Dequantized(
+                w, {role: by_name[n] for role, n in w.operands.items()}
+            )  # fmt: skip
             if quantize is not None and quantize[i].fate == "quantize":
-                pair = quantized_pair(ws, entry, quantize[i], roles[i], adapter)
+                pair = quantized_pair(ws, entry, quantize[i], roles[i], adapter, how)
                 bundles.append(Bundle.of(pair))
-            elif dequantize is not None and entry.name in dequantize:
-                w = dequantize[entry.name]
-                how = Dequantized(w, {role: by_name[n] for role, n in w.operands.items()})
+            elif w is not None:
                 assert dtype is not None, "dequantizing needs a target"
                 nbytes = math.prod(w.shape) * element_size(dtype)
                 label = join(ws.folder, w.name)

@@ -33,7 +33,13 @@ from fastcast._dtypes import element_size, from_torch_name, is_castable, torch_n
 from fastcast._output.record import RECORD_NAME, STAGING_DIR, OutputRecord, load_record, read_record
 from fastcast._plan.dequantize import QuantizedWeight, quantized_weights
 from fastcast._plan.merge import Merged, Merging, SetMerge, for_set, plan_merge
-from fastcast._plan.quantize import QUANTIZE_METHODS, QuantizeTarget, quantize_targets
+from fastcast._plan.quantize import (
+    CONSUMED,
+    QUANTIZE_METHODS,
+    QuantizeTarget,
+    quantize_targets,
+    requantize_targets,
+)
 from fastcast._plan.shards import added
 from fastcast._progress import ByteProgress
 from fastcast._source.adapter import open_adapter
@@ -178,19 +184,33 @@ class Pairing:
         if self.quantize is None:
             return {}
         found = {}
-        tensors = source.tensors
-        for t, q in zip(tensors, self.targets(source), strict=True):
+        for (name, _), q in zip(self.written(source), self.targets(source), strict=True):
             if q.fate == "quantize":
                 assert q.block is not None
-                found[t.name] = Quantized(t.name, q.block, scales=False)
-                found[q.scale_name] = Quantized(t.name, q.block, scales=True)
+                found[name] = Quantized(name, q.block, scales=False)
+                found[q.scale_name] = Quantized(name, q.block, scales=True)
         return found
 
     def targets(self, source: WeightSet) -> list[QuantizeTarget]:
-        """What the ``--quantize`` run made of each tensor of ``source`` (the core's rule)."""
+        """What the ``--quantize`` run made of each tensor of ``source`` (the core's rule;
+        of a quantized source's dequantized weights, when it was dequantized first)."""
         assert self.quantize is not None
+        weights = self.dequantized.get(source.key)
+        if weights is not None:
+            by_source = {w.source: w for w in weights.values()}
+            return requantize_targets(source.tensors, by_source, self.target, self.keep,
+                                      self.quantize)  # fmt: skip
         target = None if self.own_dtypes else self.target
         return quantize_targets(source.tensors, target, self.keep, self.quantize)
+
+    def written(self, source: WeightSet) -> list[tuple[str, tuple[int, ...]]]:
+        """Each tensor of ``source`` as the output names and shapes it: a dequantized
+        weight's name and shape for the tensor holding its quantized values."""
+        by_source = {w.source: w for w in self.dequantized.get(source.key, {}).values()}
+        return [
+            (w.name, w.shape) if (w := by_source.get(t.name)) else (t.name, t.shape)
+            for t in source.tensors
+        ]
 
     def expected(self, source: WeightSet) -> dict[str, tuple[str, tuple[int, ...]]]:
         """Every tensor the output should hold -> the dtype (the core's rule) and shape
@@ -205,8 +225,10 @@ class Pairing:
         tensors = source.tensors
         if self.quantize is not None:
             want: dict[str, tuple[str, tuple[int, ...]]] = {}
-            for t, q in zip(tensors, self.targets(source), strict=True):
-                want[t.name] = (q.dtype, t.shape)
+            for (name, shape), q in zip(self.written(source), self.targets(source), strict=True):
+                if q.fate == CONSUMED:
+                    continue  # state its weight's dequantization consumed
+                want[name] = (q.dtype, shape)
                 if q.scale is not None:
                     want[q.scale[0]] = ("F32", q.scale[1])
             return want
@@ -417,7 +439,8 @@ def was_dequantized(out: ModelFolder, record: OutputRecord | None) -> bool:
     """Whether a quantized source's conversion dequantized it: its record says so, or
     (made elsewhere) the output holds no quantization state."""
     if record is not None and record.quantization is not None:
-        return record.quantization.get("mode") == "dequantize"
+        q = record.quantization
+        return q.get("mode") == "dequantize" or "dequantized" in q
     return all(
         role in SURVIVING_ROLES
         for ws in out.weight_sets
@@ -676,14 +699,13 @@ class FileCheck:
     def special(self, t: TensorEntry) -> None:
         """A dequantized tensor against its format's reference (fp32, then torch's own
         rounding to the output dtype), or a quantized one against --quantize's math."""
-        w = self.weights.get(t.name)
-        if w is not None:
-            ref = dequantized(w, self.read)
-            oracle = "torch's reference dequantization"
-        else:
-            q = self.quantized[t.name]
-            ref = quantized(self.read(q.weight), q.block, q.scales)
+        q = self.quantized.get(t.name)
+        if q is not None:  # of a dequantized weight too (--dequantize --quantize)
+            ref = quantized(self.weight(q.weight), q.block, q.scales)
             oracle = "torch's reference quantization"
+        else:
+            ref = dequantized(self.weights[t.name], self.read)
+            oracle = "torch's reference dequantization"
         out, device, dtype = self.map(self.file.path), self.device, t.dtype
         unit = element_size(dtype)
 
@@ -701,15 +723,19 @@ class FileCheck:
         self.checked += 1
         self.nbytes += t.nbytes
 
+    def weight(self, name: str) -> torch.Tensor:
+        """Weight ``name`` of the source as the conversion read it: as stored, or a
+        quantized one dequantized by its format's reference (fp32, whole)."""
+        w = self.weights.get(name)
+        if w is None:
+            return self.read(name)
+        d = dequantized(w, self.read)
+        return d.values(0, d.numel, "cpu").reshape(w.shape)
+
     def merge(self, t: TensorEntry) -> None:
         """A merged weight against PEFT's merge math in float64, within the bound an fp32
         merge rounded to the output dtype can err by (``_verify/merged.py``)."""
-        w = self.weights.get(t.name)
-        if w is None:
-            base = self.read(t.name)
-        else:  # a quantized base: its weight as the format's reference dequantizes it
-            d = dequantized(w, self.read)
-            base = d.values(0, d.numel, "cpu").reshape(w.shape)
+        base = self.weight(t.name)  # a quantized base: as its format's reference dequantizes it
         ref = merged_reference(self.merged[t.name], base, self.read_entry, t.dtype)
         out, device, dtype = self.map(self.file.path), self.device, t.dtype
         unit = element_size(dtype)
@@ -744,7 +770,7 @@ class FileCheck:
         out, device = self.map(self.file.path), self.device
         scale_entry = stored[scale_name]
         scales = typed(out.bytes(*scale_entry.offsets), "F32").reshape(scale_entry.shape)
-        base = self.read(q.weight)
+        base = self.weight(q.weight)
         rows, cols = base.shape
         ref = merged_reference(self.merged[q.weight], base, self.read_entry, "F32")
         br, bc = q.block

@@ -36,6 +36,7 @@ def add_convert(commands: argparse._SubParsersAction[argparse.ArgumentParser]) -
         "  fastcast convert model/ -o out/ --dtype fp16 --shard-size 2GiB --threads 8\n"
         "  fastcast convert tiny-sd/ --dtype bf16 --variant fp16\n"
         "  fastcast convert model/ --dtype bf16 --quantize fp8\n"
+        "  fastcast convert gptq-model/ --dequantize --dtype bf16 --quantize fp8-channel\n"
         "  fastcast convert base/ --merge-lora adapter/ -o merged/   # in base's dtype\n"
         "  fastcast convert model/ --dtype bf16 --resume      # finish an interrupted run\n"
         "  fastcast convert old-bin-model/                    # .bin -> safetensors, as is\n"
@@ -137,7 +138,8 @@ def add_quantized_options(convert: argparse.ArgumentParser) -> None:
         "(DeepSeek/FineGrained, vLLM); fp8-channel = one scale per row, weight_scale, "
         "compressed-tensors FP8_DYNAMIC. Embeddings, norms, lm_head, router gates and "
         "biases, and the layers whose shape does not fit the blocks (listed), go to DTYPE "
-        "(bf16, fp16 or fp32)",
+        "(bf16, fp16 or fp32). A quantized model: with --dequantize, each weight is "
+        "dequantized in fp32 and quantized from those values in the same pass",
     )
 
 

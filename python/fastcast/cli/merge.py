@@ -25,6 +25,7 @@ def add_merge(commands: argparse._SubParsersAction[argparse.ArgumentParser]) -> 
         "  fastcast merge base/ adapter/ -o merged/ --dtype bf16 --shard-size 5GB\n"
         "  fastcast merge qlora-nf4-base/ adapter/ -o merged/ --dequantize --dtype bf16\n"
         "  fastcast merge base/ adapter/ -o merged-fp8/ --quantize fp8   # merged, then fp8\n"
+        "  fastcast merge fp8-base/ adapter/ -o out/ --dequantize --dtype bf16 --quantize fp8\n"
         "  fastcast merge org/base org/adapter -o merged/     # repo ids, from the HF cache",
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
@@ -56,7 +57,8 @@ def add_merge(commands: argparse._SubParsersAction[argparse.ArgumentParser]) -> 
         choices=QUANTIZE_SCHEMES,
         help="quantize the merged decoder Linear weights to fp8 in the same pass, as "
         "convert --quantize does (the merge rounded once to f32, then quantized); the other "
-        "tensors keep the base's dtype or go to --dtype",
+        "tensors keep the base's dtype or go to --dtype; a quantized base (--dequantize) is "
+        "dequantized, merged and quantized again in one pass",
     )
     add_torch_options(merge, "as for convert")
     add_run_options(merge)

@@ -26,7 +26,7 @@ use crate::error::Result;
 use crate::rules::loss::{LossRule, LossStats};
 use dequant::{Dequant, Dequantizer, Operand};
 use merge::{Merge, Merger};
-use quantize::Quantize;
+use quantize::{Made, Quantize};
 
 /// What a planned tensor's values are: the wire format's one field for it.
 #[derive(Debug, Clone, Default, PartialEq, Deserialize)]
@@ -39,19 +39,20 @@ pub enum Value {
     /// A quantized weight's values, reconstructed as the format's reference
     /// computes them in f32, then rounded once to the output dtype.
     Dequant(Box<Dequant>),
-    /// A float weight quantized: its e4m3 values, or its F32 scales; with a
-    /// merge, the weight is the base with a LoRA adapter's delta added
-    /// (rounded once to f32, as a merge to an f32 output).
-    Quantize(Box<Quantize>, Option<Box<Merge>>),
+    /// A float weight quantized: its e4m3 values, or its F32 scales; with
+    /// [`Made`], the weight's f32 values are made first: the base with a LoRA
+    /// adapter's delta added (rounded once to f32, as a merge to an f32
+    /// output), or a quantized weight dequantized.
+    Quantize(Box<Quantize>, Option<Made>),
     /// A base weight (possibly dequantized) with a LoRA adapter's delta
     /// added in f32, then rounded once to the output dtype.
     Merge(Box<Merge>),
 }
 
 /// [`Value`] as a plan spells it: the tensor's optional fields, one per kind
-/// (a plain tensor has none; `quantize` may come with `merge`, the weight it
-/// quantizes being merged), so plans written before the kinds were one field
-/// still read.
+/// (a plain tensor has none; `quantize` may come with `merge` or `dequant`,
+/// the weight it quantizes being merged or dequantized first), so plans
+/// written before the kinds were one field still read.
 #[derive(Deserialize, Default)]
 pub struct ValueParts {
     #[serde(default)]
@@ -76,12 +77,11 @@ impl Value {
         match (parts.dequant, parts.quantize, parts.merge) {
             (None, None, None) => Ok(Value::Cast),
             (Some(d), None, None) => Ok(Value::Dequant(d)),
-            (None, Some(q), m) => Ok(Value::Quantize(q, m)),
+            (None, Some(q), None) => Ok(Value::Quantize(q, None)),
+            (None, Some(q), Some(m)) => Ok(Value::Quantize(q, Some(Made::Merge(m)))),
+            (Some(d), Some(q), None) => Ok(Value::Quantize(q, Some(Made::Dequant(d)))),
             (None, None, Some(m)) => Ok(Value::Merge(m)),
-            _ => Err(
-                "dequant with quantize or merge (a merge's base dequantization is its own field)"
-                    .into(),
-            ),
+            _ => Err("dequant with merge (a merge's base dequantization is its own field)".into()),
         }
     }
 }
@@ -209,11 +209,11 @@ impl<'a> Values<'a> {
             Value::Dequant(how) => {
                 Values::Dequant(Box::new(dequant::check(how, s, shape, operand)?))
             }
-            Value::Quantize(how, merge) => Values::Quantize(Box::new(quantize::Quantizing::check(
+            Value::Quantize(how, made) => Values::Quantize(Box::new(quantize::Quantizing::check(
                 how,
                 s,
                 shape,
-                merge.as_deref(),
+                made.as_ref(),
                 operand,
             )?)),
             Value::Merge(how) => Values::Merge(Box::new(Merger::check(how, s, shape, operand)?)),

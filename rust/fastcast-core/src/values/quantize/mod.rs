@@ -1,6 +1,8 @@
 //! A float weight quantized to fp8 e4m3 in blocks (or rows), as `--quantize`
 //! writes it: the weight's e4m3 values, or its F32 scales (computed from the
-//! same source, right after the weight; [`fp8`] holds the math).
+//! same source, right after the weight; [`fp8`] holds the math). The weight is
+//! its float source, or f32 values made first ([`Made`]): a base merged with a
+//! LoRA adapter, or a quantized weight dequantized.
 //!
 //! The weight's chunks find its scales as they go and leave them in a
 //! [`Stash`] its scale tensor shares (when both are in one shard), which
@@ -16,7 +18,7 @@ use std::sync::{Arc, OnceLock};
 use serde::Deserialize;
 
 use super::cast::{rule_for, span, BUFFER};
-use super::dequant::Operand;
+use super::dequant::{Dequant, Dequantizer, Operand};
 use super::merge::{Merge, Merger};
 use super::{holds, Invalid, Kind, Put, Source, Units, VALUES};
 use crate::cast::CastOptions;
@@ -46,20 +48,101 @@ pub enum Quantize {
     },
 }
 
+/// How a quantized weight's f32 values are made when they are not its float
+/// source's: the plan's recipe.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Made {
+    /// The base with a LoRA adapter's delta added (a quantized base
+    /// dequantized first), rounded once to f32.
+    Merge(Box<Merge>),
+    /// A quantized weight dequantized, exactly in f32 (`--dequantize
+    /// --quantize`: one format's weight requantized to fp8).
+    Dequant(Box<Dequant>),
+}
+
+/// A checked [`Made`]: the f32 values of whole rows of the weight, on demand.
+pub enum Maker<'a> {
+    Merge(Merger<'a>),
+    Dequant(Dequantizer<'a>),
+}
+
+impl<'a> Maker<'a> {
+    /// Check `made` for a weight of `shape` made from `s` (as an f32 output).
+    fn check(
+        made: &'a Made,
+        s: &Source<'a>,
+        shape: &[u64],
+        operand: &dyn Fn(&'a Operand) -> std::result::Result<&'a [u8], String>,
+    ) -> std::result::Result<Maker<'a>, Invalid> {
+        let f32_output = Source {
+            to: DType::F32,
+            ..*s
+        };
+        Ok(match made {
+            Made::Merge(m) => Maker::Merge(Merger::check(m, &f32_output, shape, operand)?),
+            Made::Dequant(d) => Maker::Dequant(
+                Dequantizer::new(d, s.from, shape, s.src.len(), operand).map_err(Invalid::Plan)?,
+            ),
+        })
+    }
+
+    /// The weight's elements `[begin, end)` (whole rows) as little-endian f32,
+    /// into `out`.
+    fn f32_values(&self, s: &Source, begin: u64, end: u64, out: &mut Vec<u8>) {
+        match self {
+            Maker::Merge(m) => m.f32_values(s, begin, end, out),
+            Maker::Dequant(d) => {
+                out.resize(4 * (end - begin) as usize, 0);
+                d.dequantize(Kind::source(d, s, begin, end), begin, out);
+            }
+        }
+    }
+
+    /// The source bytes elements `[begin, end)` read.
+    fn source<'s>(&self, s: &Source<'s>, begin: u64, end: u64) -> &'s [u8] {
+        match self {
+            Maker::Merge(m) => m.source(s, begin, end),
+            Maker::Dequant(d) => Kind::source(d, s, begin, end),
+        }
+    }
+
+    /// How its values are cut: the alignment of a chunk, and the bytes held
+    /// per element while they are made (the f32 values aside).
+    fn tile(&self, s: &Source) -> (u64, u64) {
+        match self {
+            Maker::Merge(m) => {
+                let units = m.units(&Source {
+                    to: DType::F32,
+                    ..*s
+                });
+                (units.align, units.held)
+            }
+            Maker::Dequant(d) => (d.align(), 0),
+        }
+    }
+
+    fn reads_whole_source(&self) -> bool {
+        match self {
+            Maker::Merge(m) => m.reads_whole_source(),
+            Maker::Dequant(d) => Dequantizer::reads_whole_source(d),
+        }
+    }
+}
+
 thread_local! {
-    /// A merged weight's f32 values, for a chunk to quantize.
-    static MERGED: std::cell::RefCell<Vec<u8>> = const { std::cell::RefCell::new(Vec::new()) };
+    /// A made weight's f32 values, for a chunk to quantize.
+    static MADE: std::cell::RefCell<Vec<u8>> = const { std::cell::RefCell::new(Vec::new()) };
 }
 
 /// A tensor written by quantizing its source, a float weight, or (with a
-/// merger) the base weight with a LoRA adapter's delta added, rounded to f32.
+/// [`Maker`]) the f32 values made from it.
 pub enum Quantizing<'a> {
     /// The weight's e4m3 values.
     Weight {
         blocks: Fp8Blocks,
         /// Where its chunks leave the scales they find, once linked.
         stash: OnceLock<Arc<Stash>>,
-        merge: Option<Box<Merger<'a>>>,
+        made: Option<Box<Maker<'a>>>,
     },
     /// The weight's scales; `weight` is the weight's output name.
     Scale {
@@ -67,20 +150,21 @@ pub enum Quantizing<'a> {
         weight: &'a str,
         /// Where the weight's chunks left them, once linked.
         stash: OnceLock<Arc<Stash>>,
-        merge: Option<Box<Merger<'a>>>,
+        made: Option<Box<Maker<'a>>>,
     },
 }
 
 impl<'a> Quantizing<'a> {
     /// Check how tensor (`shape`) is quantized from its source: a weight's
     /// values are F8_E4M3 of its shape, its scales F32 of the block grid, and
-    /// the source holds the weight (or, with `merge`, the base the merger
-    /// checks, resolving the adapter's tensors with `operand`).
+    /// the source holds the weight (or, with `made`, what the maker reads,
+    /// resolving the adapter's tensors or the format's operands with
+    /// `operand`).
     pub fn check(
         how: &'a Quantize,
         s: &Source<'a>,
         shape: &'a [u64],
-        merge: Option<&'a Merge>,
+        made: Option<&'a Made>,
         operand: &dyn Fn(&'a Operand) -> std::result::Result<&'a [u8], String>,
     ) -> std::result::Result<Quantizing<'a>, Invalid> {
         let to = s.to;
@@ -88,19 +172,16 @@ impl<'a> Quantizing<'a> {
             Quantize::Fp8Weight { .. } => shape,
             Quantize::Fp8Scale { weight_shape, .. } => weight_shape,
         };
-        // Merged values are quantized as the f32 weight a merge would write.
-        let (from, merge) = match merge {
+        // Made values are quantized as the f32 weight a merge (or a
+        // dequantization) to f32 would write.
+        let (from, made) = match made {
             None => (s.from, None),
-            Some(m) => {
-                let f32_output = Source {
-                    to: DType::F32,
-                    ..*s
-                };
-                let merger = Merger::check(m, &f32_output, weight_shape, operand)?;
-                (DType::F32, Some(Box::new(merger)))
-            }
+            Some(m) => (
+                DType::F32,
+                Some(Box::new(Maker::check(m, s, weight_shape, operand)?)),
+            ),
         };
-        let made = match how {
+        let quantizing = match how {
             Quantize::Fp8Weight { block } => {
                 if to != DType::F8E4M3 {
                     return Err(Invalid::Plan(format!(
@@ -112,7 +193,7 @@ impl<'a> Quantizing<'a> {
                 Quantizing::Weight {
                     blocks,
                     stash,
-                    merge,
+                    made,
                 }
             }
             Quantize::Fp8Scale { block, weight, .. } => {
@@ -134,14 +215,14 @@ impl<'a> Quantizing<'a> {
                     blocks,
                     weight,
                     stash,
-                    merge,
+                    made,
                 }
             }
         };
-        if !made.merges() {
+        if quantizing.maker().is_none() {
             holds(s, weight_shape)?;
         }
-        Ok(made)
+        Ok(quantizing)
     }
 
     /// Let `scale` take the scales `weight`'s chunks find: both read the same
@@ -170,15 +251,11 @@ impl<'a> Quantizing<'a> {
         a.set(stash.clone()).is_ok() && b.set(stash).is_ok()
     }
 
-    /// The merger whose values are quantized, if the weight is merged.
-    fn merger(&self) -> Option<&Merger<'a>> {
+    /// What makes the values quantized, if not the float source.
+    fn maker(&self) -> Option<&Maker<'a>> {
         match self {
-            Quantizing::Weight { merge, .. } | Quantizing::Scale { merge, .. } => merge.as_deref(),
+            Quantizing::Weight { made, .. } | Quantizing::Scale { made, .. } => made.as_deref(),
         }
-    }
-
-    fn merges(&self) -> bool {
-        self.merger().is_some()
     }
 
     /// The weight's elements units `[begin, end)` read: the values' own, or
@@ -189,7 +266,7 @@ impl<'a> Quantizing<'a> {
             Quantizing::Scale { blocks, .. } => {
                 let per_block_row = blocks.grid()[1];
                 let bytes = blocks.block_rows_bytes(begin / per_block_row, end / per_block_row);
-                // a merged weight's blocks are over its f32 values
+                // a made weight's blocks are over its f32 values
                 let size = DType::F32.size() as u64;
                 (bytes.0 as u64 / size, (bytes.0 + bytes.1) as u64 / size)
             }
@@ -197,14 +274,14 @@ impl<'a> Quantizing<'a> {
     }
 
     /// `f` of the bytes units `[begin, end)` quantize: the source's, or the
-    /// merged weight's f32 values.
+    /// made weight's f32 values.
     fn with_source<R>(&self, s: &Source, begin: u64, end: u64, f: impl FnOnce(&[u8]) -> R) -> R {
-        match self.merger() {
+        match self.maker() {
             None => f(self.source(s, begin, end)),
-            Some(m) => MERGED.with_borrow_mut(|merged| {
+            Some(m) => MADE.with_borrow_mut(|made| {
                 let (e0, e1) = self.elements(begin, end);
-                m.f32_values(s, e0, e1, merged);
-                f(merged)
+                m.f32_values(s, e0, e1, made);
+                f(made)
             }),
         }
     }
@@ -214,17 +291,14 @@ impl Kind for Quantizing<'_> {
     fn units(&self, s: &Source) -> Units {
         match self {
             // Each element's f32 value is held while its block is scaled; a
-            // merged one's merge too, in whole tiles of the merger's rows.
-            Quantizing::Weight { blocks, merge, .. } => {
+            // made one's making too, in whole tiles of the maker's rows.
+            Quantizing::Weight { blocks, made, .. } => {
                 let rows = blocks.block_row_elements();
-                let (align, held) = match merge {
+                let (align, held) = match made {
                     None => (rows, 4),
                     Some(m) => {
-                        let tile = m.units(&Source {
-                            to: DType::F32,
-                            ..*s
-                        });
-                        (lcm(rows, tile.align), 4 + tile.held)
+                        let (align, held) = m.tile(s);
+                        (lcm(rows, align), 4 + held)
                     }
                 };
                 Units {
@@ -233,16 +307,10 @@ impl Kind for Quantizing<'_> {
                     held,
                 }
             }
-            // Each scale reads a block of the weight (merged: merges it).
-            Quantizing::Scale { blocks, merge, .. } => {
-                let merging = merge.as_ref().map_or(0, |m| {
-                    m.units(&Source {
-                        to: DType::F32,
-                        ..*s
-                    })
-                    .held
-                });
-                let per_value = 4 + merging;
+            // Each scale reads a block of the weight (made: makes it).
+            Quantizing::Scale { blocks, made, .. } => {
+                let making = made.as_ref().map_or(0, |m| m.tile(s).1);
+                let per_value = 4 + making;
                 Units {
                     count: s.numel,
                     align: blocks.grid()[1],
@@ -255,7 +323,7 @@ impl Kind for Quantizing<'_> {
     /// A weight's values read their elements; its scales, the block-rows of
     /// the weight they cover.
     fn source<'a>(&self, s: &Source<'a>, begin: u64, end: u64) -> &'a [u8] {
-        if let Some(m) = self.merger() {
+        if let Some(m) = self.maker() {
             let (e0, e1) = self.elements(begin, end);
             return m.source(s, e0, e1);
         }
@@ -284,7 +352,7 @@ impl Kind for Quantizing<'_> {
     }
 
     fn reads_whole_source(&self) -> bool {
-        self.merger().is_some_and(|m| m.reads_whole_source())
+        self.maker().is_some_and(Maker::reads_whole_source)
     }
 
     fn after(&self) -> Option<&str> {
@@ -489,6 +557,80 @@ mod tests {
                 base: None,
             })
             .into();
+        let shape = [rows, cols];
+        let mades: Vec<Made> = merges
+            .iter()
+            .map(|m| Made::Merge(Box::new(m.clone())))
+            .collect();
+        let op = |o: &Operand| Ok(&file[o.offsets.0 as usize..o.offsets.1 as usize]);
+        for ((merge, made), dora) in merges.iter().zip(&mades).zip([false, true]) {
+            let base = Source {
+                src: &file[..(4 * rows * cols) as usize],
+                file: &file,
+                from: DType::F32,
+                to: DType::F32,
+                numel: rows * cols,
+            };
+            // The f32 merge, as `--merge-lora --dtype f32` writes it.
+            let merger = Merger::check(merge, &base, &shape, &op).ok().unwrap();
+            let mut merged = Vec::new();
+            merger.f32_values(&base, 0, rows * cols, &mut merged);
+            quantizes_as(made, &base, &merged, &shape, &op, &format!("dora {dora}"));
+        }
+    }
+
+    /// Quantizing a dequantized weight (`--dequantize --quantize`) is
+    /// quantizing the f32 weight `--dequantize --dtype fp32` writes.
+    #[test]
+    fn a_dequantized_weight_quantizes_as_its_f32_dequantization() {
+        use crate::values::dequant::Dequant;
+        let (rows, cols) = (70u64, 48u64);
+        let mut seed = 5;
+        let codes: Vec<u8> = crate::values::merge::tests::random((rows * cols) as usize, &mut seed)
+            .iter()
+            .map(|v| ((v * 1000.0) as i32 % 128) as i8 as u8)
+            .collect();
+        let scb: Vec<f32> = (0..rows).map(|r| 0.5 + r as f32 * 0.37).collect();
+        let mut file = codes.clone();
+        let scb_at = (file.len() as u64, (file.len() + 4 * scb.len()) as u64);
+        file.extend(f32_bytes(&scb));
+        let how = Dequant::Int8Rows {
+            scb: Operand {
+                name: "SCB".into(),
+                source: 0,
+                dtype: "F32".into(),
+                shape: vec![rows],
+                offsets: scb_at,
+            },
+        };
+        let op = |o: &Operand| Ok(&file[o.offsets.0 as usize..o.offsets.1 as usize]);
+        let shape = [rows, cols];
+        let base = Source {
+            src: &file[..(rows * cols) as usize],
+            file: &file,
+            from: DType::I8,
+            to: DType::F32,
+            numel: rows * cols,
+        };
+        let d = Dequantizer::new(&how, DType::I8, &shape, base.src.len(), &op).unwrap();
+        let mut dequantized = vec![0u8; (4 * rows * cols) as usize];
+        d.dequantize(base.src, 0, &mut dequantized);
+        let made = Made::Dequant(Box::new(how.clone()));
+        quantizes_as(&made, &base, &dequantized, &shape, &op, "int8 rows");
+    }
+
+    /// `made` from `base` quantizes as the f32 weight `want` (`shape`):
+    /// values and scales, linked or not, in any chunking of whole block-rows,
+    /// in blocks and per row.
+    fn quantizes_as<'a>(
+        made: &Made,
+        base: &Source<'a>,
+        want: &[u8],
+        shape: &[u64; 2],
+        op: &dyn Fn(&Operand) -> std::result::Result<&'a [u8], String>,
+        what: &str,
+    ) {
+        let [rows, cols] = *shape;
         let blocks = [(32u64, 16u64), (1, cols)];
         let hows: Vec<(Quantize, Quantize)> = blocks
             .iter()
@@ -505,76 +647,61 @@ mod tests {
             .iter()
             .map(|b| [rows.div_ceil(b.0), cols.div_ceil(b.1)])
             .collect();
-        let shape = [rows, cols];
-        let op = |o: &Operand| Ok(&file[o.offsets.0 as usize..o.offsets.1 as usize]);
-        for (merge, dora) in merges.iter().zip([false, true]) {
-            let source = |to, numel| Source {
-                src: &file[..(4 * rows * cols) as usize],
-                file: &file,
-                from: DType::F32,
-                to,
-                numel,
+        let plain = Source {
+            src: want,
+            file: want,
+            from: DType::F32,
+            to: DType::F8E4M3,
+            numel: rows * cols,
+        };
+        for ((block, (values_how, scales_how)), grid) in blocks.iter().zip(&hows).zip(&grids) {
+            let want_values = {
+                let q = check(values_how, &plain, shape);
+                produce(&q, &plain, 0, rows * cols)
             };
-            // The f32 merge, as `--merge-lora --dtype f32` writes it.
-            let merger = Merger::check(merge, &source(DType::F32, rows * cols), &shape, &op)
-                .ok()
-                .unwrap();
-            let mut merged = Vec::new();
-            merger.f32_values(
-                &source(DType::F32, rows * cols),
-                0,
-                rows * cols,
-                &mut merged,
-            );
-            let plain = Source {
-                src: &merged,
-                file: &merged,
-                from: DType::F32,
+            let scale_source = Source {
+                to: DType::F32,
+                numel: grid[0] * grid[1],
+                ..plain
+            };
+            let want_scales = {
+                let q = check(scales_how, &scale_source, grid);
+                produce(&q, &scale_source, 0, grid[0] * grid[1])
+            };
+            let vs = Source {
                 to: DType::F8E4M3,
-                numel: rows * cols,
+                ..*base
             };
-            for ((block, (values_how, scales_how)), grid) in blocks.iter().zip(&hows).zip(&grids) {
-                let want_values = {
-                    let q = check(values_how, &plain, &shape);
-                    produce(&q, &plain, 0, rows * cols)
-                };
-                let scale_source = Source {
-                    to: DType::F32,
-                    numel: grid[0] * grid[1],
-                    ..plain
-                };
-                let want_scales = {
-                    let q = check(scales_how, &scale_source, grid);
-                    produce(&q, &scale_source, 0, grid[0] * grid[1])
-                };
-                let vs = source(DType::F8E4M3, rows * cols);
-                let ss = source(DType::F32, grid[0] * grid[1]);
-                for linked in [false, true] {
-                    let values = Quantizing::check(values_how, &vs, &shape, Some(merge), &op)
-                        .ok()
-                        .unwrap();
-                    let scales = Quantizing::check(scales_how, &ss, grid, Some(merge), &op)
-                        .ok()
-                        .unwrap();
-                    assert!(!linked || Quantizing::link(&values, &scales));
-                    let align = values.units(&vs).align;
-                    assert_eq!(align % cols, 0, "whole rows");
-                    let mut got = Vec::new();
-                    for begin in (0..rows * cols).step_by(align as usize) {
-                        got.extend(produce(
-                            &values,
-                            &vs,
-                            begin,
-                            (begin + align).min(rows * cols),
-                        ));
-                    }
-                    assert_eq!(got, want_values, "values, dora {dora}, {block:?}");
-                    let mut got = Vec::new();
-                    for g in 0..grid[0] {
-                        got.extend(produce(&scales, &ss, g * grid[1], (g + 1) * grid[1]));
-                    }
-                    assert_eq!(got, want_scales, "scales, dora {dora}, {block:?}, {linked}");
+            let ss = Source {
+                to: DType::F32,
+                numel: grid[0] * grid[1],
+                ..*base
+            };
+            for linked in [false, true] {
+                let values = Quantizing::check(values_how, &vs, shape, Some(made), &|o| op(o))
+                    .ok()
+                    .unwrap();
+                let scales = Quantizing::check(scales_how, &ss, grid, Some(made), &|o| op(o))
+                    .ok()
+                    .unwrap();
+                assert!(!linked || Quantizing::link(&values, &scales));
+                let align = values.units(&vs).align;
+                assert_eq!(align % cols, 0, "whole rows");
+                let mut got = Vec::new();
+                for begin in (0..rows * cols).step_by(align as usize) {
+                    got.extend(produce(
+                        &values,
+                        &vs,
+                        begin,
+                        (begin + align).min(rows * cols),
+                    ));
                 }
+                assert_eq!(got, want_values, "values, {what}, {block:?}");
+                let mut got = Vec::new();
+                for g in 0..grid[0] {
+                    got.extend(produce(&scales, &ss, g * grid[1], (g + 1) * grid[1]));
+                }
+                assert_eq!(got, want_scales, "scales, {what}, {block:?}, {linked}");
             }
         }
     }
