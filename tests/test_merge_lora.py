@@ -214,6 +214,53 @@ def test_dora_with_embedding_lora(llama: Path, tmp_path: Path) -> None:
     check_logits(llama, adapter, tmp_path / "out", "bfloat16")
 
 
+def test_lora_bias_is_added_to_the_base_bias(tmp_path: Path) -> None:
+    """``lora_bias=True``: each targeted layer's bias becomes ``b + scale · lora_B.bias``
+    (PEFT's merge), in fp32 and rounded once."""
+    base = build_llama(tmp_path / "base", tie_word_embeddings=False, attention_bias=True)
+    adapter = make_adapter(base, tmp_path / "ad", r=4, lora_alpha=8, lora_bias=True,
+                           target_modules=["q_proj", "v_proj", "o_proj"])  # fmt: skip
+    lora = safetensors_torch.load_file(adapter / "adapter_model.safetensors")
+    biases = {k.removeprefix("base_model.model.").replace(".lora_B.bias", ".bias")
+              for k in lora if k.endswith(".lora_B.bias")}  # fmt: skip
+    assert len(biases) == 6 and all(
+        bool(lora[f"base_model.model.{b.removesuffix('.bias')}.lora_B.bias"].any()) for b in biases
+    )
+    out = tmp_path / "out"
+    report = fastcast.convert(base, "bf16", output=out, merge_lora=adapter, progress=False)
+    assert report.tensors_merged == len(merged_names(adapter)) + len(biases)
+    assert fastcast.verify(out, progress=False).ok
+    ref = peft_merged(base, adapter)
+    plain = safetensors_torch.load_file(base / "model.safetensors")
+    assert all(not torch.equal(ref[b], plain[b]) for b in biases), "a real change"
+    check_low_precision(output(out), ref, merged_names(adapter) | biases)
+    check_logits(base, adapter, out, "bfloat16")
+    f32 = tmp_path / "f32"
+    fastcast.convert(base, output=f32, merge_lora=adapter, progress=False)
+    got = output(f32)
+    for b in biases:  # the exact sum rounded once; PEFT's rounds twice
+        assert int(ulp_distance(got[b], ref[b]).max()) <= 1, b
+    shard = next(f32.glob("*.safetensors"))  # a bias left unmerged fails verify
+    state = safetensors_torch.load_file(str(shard))
+    forgotten = sorted(biases)[0]
+    state[forgotten] = plain[forgotten]
+    safetensors_torch.save_file(state, str(shard), metadata={"format": "pt"})
+    done = cli("verify", f32)
+    assert done.returncode == 1 and f"mismatch: {forgotten}" in done.stdout, done.stdout
+
+
+def test_lora_bias_into_a_layer_without_one_is_refused(llama: Path, tmp_path: Path) -> None:
+    """PEFT cannot merge a trained bias into a layer without a bias: refused, naming it."""
+    biased = build_llama(tmp_path / "biased", tie_word_embeddings=False, attention_bias=True)
+    adapter = make_adapter(biased, tmp_path / "ad", r=4, lora_bias=True,
+                           target_modules=["q_proj"])  # fmt: skip
+    out = tmp_path / "out"
+    done = cli("convert", llama, "--merge-lora", adapter, "-o", out, "--dtype", "bf16")
+    assert done.returncode == 1 and "Traceback" not in done.stderr
+    assert "has a trained bias (lora_bias) but the base has no " in done.stderr, done.stderr
+    assert "model.layers.0.self_attn.q_proj.bias" in done.stderr and not out.exists()
+
+
 def test_modules_to_save_replace_the_base(llama: Path, tmp_path: Path) -> None:
     adapter = make_adapter(llama, tmp_path / "ad", r=4, lora_alpha=8,
                            target_modules=["q_proj"], modules_to_save=["lm_head"])  # fmt: skip
@@ -349,12 +396,19 @@ REFUSALS = {
         "lm_head.weight is [128, 63] in the adapter but [128, 64] in the base",
     ),
     "IA3": ({"config": {"peft_type": "IA3"}}, "a IA3 adapter"),
-    "lora_bias": ({"config": {"lora_bias": True}}, "lora_bias"),
+    "lora_bias flag without biases": (
+        {"config": {"lora_bias": True}},
+        "module model.layers.0.self_attn.q_proj has no lora_B.bias but lora_bias is True",
+    ),
     "unknown tensor": (
         {"tensors": lambda sd: sd | {"base_model.model.extra.lora_C": torch.ones(2)}},
         "tensors a LoRA merge does not know: base_model.model.extra.lora_C",
     ),
     "DoRA flag without magnitudes": ({"config": {"use_dora": True}}, "use_dora is True"),
+    "lora_bias with DoRA": (
+        {"config": {"use_dora": True, "lora_bias": True}},
+        "lora_bias with DoRA (use_dora), which PEFT does not support either",
+    ),
 }
 
 

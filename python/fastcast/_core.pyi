@@ -177,8 +177,9 @@ class MergePlan(TypedDict):
     """A base weight with a LoRA adapter's update added in f32 (``values/merge.rs``)."""
 
     #: ``lora_A`` ``[r, cols]`` (transposed: ``[r, rows]``) and ``lora_B`` ``[rows, r]``
-    #: (transposed: ``[cols, r]``).
-    a: OperandPlan
+    #: (transposed: ``[cols, r]``); a bias (``lora_bias``): no ``lora_A``, and ``b``
+    #: ``lora_B``'s bias ``[rows]``.
+    a: OperandPlan | None
     b: OperandPlan
     #: ``lora_alpha / r`` (``/ sqrt(r)`` with rsLoRA).
     scale: float

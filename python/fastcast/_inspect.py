@@ -265,7 +265,8 @@ def adapter_words(root: Path) -> str | None:
     alphas = ", ".join(f"{x:g}" for x in a["alphas"])
     replaces = f", replaces {', '.join(a['replaces'])}" if a["replaces"] else ""
     return (
-        f"{kind}{' (rsLoRA)' if a['rslora'] else ''} on {a['modules']} modules, rank "
+        f"{kind}{' (rsLoRA)' if a['rslora'] else ''}"
+        f"{' with trained biases' if a['lora_bias'] else ''} on {a['modules']} modules, rank "
         f"{ranks}, alpha {alphas}{replaces}; base {a['base_model'] or 'not named'}"
     )
 
@@ -275,7 +276,8 @@ def quantization_words(q: dict[str, str]) -> str:
     kept``, ``, fp8 dequantized``, ``, quantized to fp8 (e4m3, 128x128 blocks)``."""
     method, mode = q.get("method", "?"), q.get("mode", "keep")
     if mode == "quantize":
-        return f", quantized to {method} ({q.get('scheme', '?')})"
+        source = f" from {q['dequantized']} dequantized" if q.get("dequantized") else ""
+        return f", quantized to {method} ({q.get('scheme', '?')}){source}"
     return f", {method} dequantized" if mode == "dequantize" else f", {method} quantization kept"
 
 

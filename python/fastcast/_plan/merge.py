@@ -46,10 +46,15 @@ class Merged:
 
     lora: LoraModule
     transpose: bool
+    bias: bool = False
+    """The module's bias (``lora_bias``): ``b + scale · lora_B.bias``."""
 
     def describe(self) -> dict[str, Any]:
         """Everything that decides its values, JSON-ready (for fingerprints)."""
         m = self.lora
+        if self.bias:
+            assert m.bias is not None
+            return {"kind": "merge", "bias": [m.bias.name, m.bias.offsets], "scale": m.scale}
         return {
             "kind": "merge",
             "a": [m.a.name, m.a.offsets],
@@ -65,6 +70,10 @@ class Merged:
         """The executor's recipe (the core's ``values/merge.rs``); ``base``: a quantized
         base weight's dequantization."""
         m = self.lora
+        if self.bias:  # rank 1 and A = [[1]]: the core's bias merge
+            assert m.bias is not None
+            return {"base": base, "a": None, "b": operand_plan(m.bias, source_ids),
+                    "scale": m.scale, "transpose": False, "magnitude": None}  # fmt: skip
         return {
             "base": base,
             "a": operand_plan(m.a, source_ids),
@@ -152,7 +161,30 @@ def plan_merge(
     for m in adapter.modules.values():
         key, base = found(where, m.weight, adapter)
         merging.merged[key, base.name] = update(adapter, m, base, conv1d)
+        if m.bias is not None:
+            key, bias = base_bias(where, m, adapter)
+            merging.merged[key, bias.name] = Merged(m, transpose=False, bias=True)
     return merging
+
+
+def base_bias(
+    where: dict[str, tuple[str, TensorEntry]], m: LoraModule, adapter: Adapter
+) -> tuple[str, TensorEntry]:
+    """The base bias ``lora_bias`` updates, checked: present (PEFT cannot merge a
+    ``lora_bias`` into a layer without one either), a float of ``lora_B``'s rows."""
+    assert m.bias is not None
+    if m.base_bias not in where:
+        raise ModelFolderError(
+            f"{adapter.given}: module {m.module} has a trained bias (lora_bias) but the "
+            f"base has no {m.base_bias} to add it to"
+        )
+    key, bias = where[m.base_bias]
+    if not is_castable(bias.dtype) or tuple(bias.shape) != tuple(m.bias.shape):
+        raise ModelFolderError(
+            f"{adapter.given}: module {m.module}: lora_B.bias {list(m.bias.shape)} does not "
+            f"fit the base's {bias.name} ({bias.dtype} {list(bias.shape)})"
+        )
+    return key, bias
 
 
 def update(adapter: Adapter, m: LoraModule, base: TensorEntry, conv1d: set[str]) -> Merged:

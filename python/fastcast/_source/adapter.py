@@ -53,7 +53,6 @@ TOKENIZER_FILES = (
 )  # fmt: skip
 #: Config keys naming what a plain LoRA merge does not do; each refused when set.
 UNSUPPORTED = {
-    "lora_bias": "a trained bias (lora_bias)",
     "layer_replication": "replicated layers (layer_replication)",
     "use_qalora": "QA-LoRA (use_qalora)",
     "target_parameters": "LoRA on parameters (target_parameters)",
@@ -77,11 +76,18 @@ class LoraModule:
     """``lora_embedding_A/B``: the update is transposed."""
     magnitude: TensorEntry | None = None
     """DoRA's magnitude vector."""
+    bias: TensorEntry | None = None
+    """``lora_bias``: ``lora_B``'s bias, added (scaled) to the module's base bias."""
 
     @property
     def weight(self) -> str:
         """The base tensor it updates."""
         return f"{self.module}.weight"
+
+    @property
+    def base_bias(self) -> str:
+        """The base bias its ``bias`` updates."""
+        return f"{self.module}.bias"
 
 
 @dataclass(frozen=True)
@@ -128,6 +134,7 @@ class Adapter:
             "alphas": alphas,
             "rslora": bool(self.config.get("use_rslora")),
             "dora": self.dora,
+            "lora_bias": bool(self.config.get("lora_bias")),
             "modules": len(self.modules),
             "replaces": sorted(self.replaces),
             "weights": self.file.path.name,
@@ -162,6 +169,11 @@ def open_adapter(given: str | os.PathLike[str]) -> Adapter:
     for key, what in UNSUPPORTED.items():
         if config.get(key) not in (None, False, {}, [], ""):
             raise ModelFolderError(f"{config_path}: {what} is not merged by fastcast yet")
+    if config.get("lora_bias") and config.get("use_dora"):
+        raise ModelFolderError(
+            f"{config_path}: lora_bias with DoRA (use_dora), which PEFT does not support "
+            "either: an adapter of another tool?"
+        )
     weights = [folder / n for n in WEIGHT_NAMES if (folder / n).exists()]
     if not weights:
         raise ModelFolderError(f"{where}: no {' or '.join(WEIGHT_NAMES)}")
@@ -179,6 +191,7 @@ def open_adapter(given: str | os.PathLike[str]) -> Adapter:
 PARTS = {
     "lora_A.weight": "a",
     "lora_B.weight": "b",
+    "lora_B.bias": "bb",
     "lora_embedding_A": "a",
     "lora_embedding_B": "b",
     "lora_magnitude_vector": "m",
@@ -225,7 +238,7 @@ def lora_module(
     if a is None or b is None:
         missing = "A" if a is None else "B"
         raise ModelFolderError(f"{file.path}: module {module} has no lora_{missing}")
-    for e in (a, b, parts.get("m")):
+    for e in (a, b, parts.get("m"), parts.get("bb")):
         if e is not None and e.dtype not in ("F32", "BF16", "F16", "F64"):
             raise ModelFolderError(f"{file.path}: {e.name} is {e.dtype}, not a float")
     if len(a.shape) != 2 or len(b.shape) != 2 or a.shape[0] != b.shape[1]:
@@ -243,11 +256,29 @@ def lora_module(
             f"{file.path}: module {module} has rank {rank} but the config says {r}"
         )
     scale = alpha / math.sqrt(r) if config.get("use_rslora") else alpha / r
-    magnitude = parts.get("m")
-    if bool(config.get("use_dora")) != (magnitude is not None):
-        has = "has no" if magnitude is None else "has a"
+    magnitude = flagged(config, "use_dora", file, module, parts.get("m"), "lora_magnitude_vector")
+    bias = flagged(config, "lora_bias", file, module, parts.get("bb"), "lora_B.bias")
+    if bias is not None and tuple(bias.shape) != (b.shape[0],):
         raise ModelFolderError(
-            f"{file.path}: module {module} {has} lora_magnitude_vector but use_dora is "
-            f"{bool(config.get('use_dora'))}"
+            f"{file.path}: module {module}: lora_B.bias {list(bias.shape)} does not fit "
+            f"lora_B {list(b.shape)}"
         )
-    return LoraModule(module, a, b, rank, alpha, scale, embedding, magnitude)
+    return LoraModule(module, a, b, rank, alpha, scale, embedding, magnitude, bias)
+
+
+def flagged(
+    config: dict[str, Any],
+    flag: str,
+    file: SourceFile,
+    module: str,
+    tensor: TensorEntry | None,
+    what: str,
+) -> TensorEntry | None:
+    """A module's optional tensor (DoRA's magnitudes, ``lora_bias``'s bias), which it has
+    exactly when the config's ``flag`` says so."""
+    if bool(config.get(flag)) != (tensor is not None):
+        has = "has no" if tensor is None else "has a"
+        raise ModelFolderError(
+            f"{file.path}: module {module} {has} {what} but {flag} is {bool(config.get(flag))}"
+        )
+    return tensor

@@ -47,8 +47,14 @@ def merged_reference(
     import torch
 
     lora = m.lora
+    if m.bias:  # b + scale · lora_B.bias: rank 1, A = [[1]]
+        assert lora.bias is not None
+        base = base.reshape(-1, 1)
+        a = torch.ones(1, 1, dtype=torch.float64)
+        b = read(lora.bias).double().reshape(-1, 1)
+    else:
+        a, b = read(lora.a).double(), read(lora.b).double()
     rows, cols = base.shape
-    a, b = read(lora.a).double(), read(lora.b).double()
     # torch applies the Python scale to an fp32 tensor as an fp32
     scale = float(torch.tensor(lora.scale, dtype=torch.float32))
     out_dtype = {"BF16": torch.bfloat16, "F16": torch.float16}.get(dtype, torch.float32)

@@ -15,6 +15,9 @@
 //!   to W's f32 values in place (PEFT's fp32 order), and that f32 sum is
 //!   rounded once to the output: within an ulp of PEFT's, at half the memory
 //!   traffic of an f64 pass;
+//! - a bias (`lora_bias`): `v = b + scale · B.bias`, as the same product with
+//!   `rank` 1, `cols` 1 and `A = [[1]]` (no `lora_A` in the recipe): one rounding
+//!   of the sum, as for a weight;
 //! - DoRA: `v * (m / ‖v‖)`, the norm taken per output feature over the input
 //!   features (a row of `v`; with `transpose`, a column), all in f64, then
 //!   rounded to f32 and, for a narrower output, to it (as torch rounds an f64
@@ -50,9 +53,11 @@ const WIDEST_TILED: usize = 1 << 14;
 /// How a merged weight's values are made: the plan's recipe.
 #[derive(Debug, Clone, PartialEq, Deserialize)]
 pub struct Merge {
-    /// `lora_A` (`lora_embedding_A`): `[r, cols]`, with `transpose` `[r, rows]`.
-    pub a: Operand,
-    /// `lora_B` (`lora_embedding_B`): `[rows, r]`, with `transpose` `[cols, r]`.
+    /// `lora_A` (`lora_embedding_A`): `[r, cols]`, with `transpose` `[r, rows]`;
+    /// none for a bias (`lora_bias`), whose update is `B` itself.
+    pub a: Option<Operand>,
+    /// `lora_B` (`lora_embedding_B`): `[rows, r]`, with `transpose` `[cols, r]`;
+    /// for a bias, `lora_B`'s bias, `[rows]`.
     pub b: Operand,
     /// `lora_alpha / r` (or `/ sqrt(r)`), applied as an f32, as torch applies
     /// a Python float to an f32 tensor.
@@ -70,6 +75,8 @@ pub struct Merge {
 
 /// The float dtypes an adapter's tensors may be in.
 const FLOATS: [DType; 4] = [DType::F32, DType::BF16, DType::F16, DType::F64];
+/// A bias's `A`: `[[1.0]]`, little-endian f32.
+static ONE: [u8; 4] = 1f32.to_le_bytes();
 
 /// An adapter tensor's bytes, checked to hold a float tensor of `shape`.
 fn floats<'a>(
@@ -169,10 +176,14 @@ impl<'a> Merger<'a> {
         operand: &dyn Fn(&'a Operand) -> std::result::Result<&'a [u8], String>,
     ) -> std::result::Result<Merger<'a>, Invalid> {
         cast::check_buffers(DType::F64, s.to, 0, 0).map_err(Invalid::Core)?;
-        let &[rows, cols] = shape else {
-            return Err(Invalid::Plan(format!(
-                "a merged weight is 2-D, not {shape:?}"
-            )));
+        let (rows, cols) = match (shape, &how.a) {
+            (&[rows, cols], Some(_)) => (rows, cols),
+            (&[rows], None) if !how.transpose && how.magnitude.is_none() => (rows, 1),
+            _ => {
+                return Err(Invalid::Plan(format!(
+                    "a merged weight is 2-D (a merged bias 1-D, plain LoRA), not {shape:?}"
+                )))
+            }
         };
         let base = match &how.base {
             None => {
@@ -189,29 +200,29 @@ impl<'a> Merger<'a> {
                 Dequantizer::new(d, s.from, shape, s.src.len(), operand).map_err(Invalid::Plan)?,
             ),
         };
-        let rank = how.a.shape.first().copied().unwrap_or(0);
         let (a_other, b_other) = if how.transpose {
             (rows, cols)
         } else {
             (cols, rows)
         };
         let plan = |e: String| Invalid::Plan(e);
-        let a = floats(
-            "lora_A",
-            &how.a,
-            operand(&how.a).map_err(plan)?,
-            &[rank, a_other],
-        );
-        let b = floats(
-            "lora_B",
-            &how.b,
-            operand(&how.b).map_err(plan)?,
-            &[b_other, rank],
-        );
-        let (a, b) = (a.map_err(plan)?, b.map_err(plan)?);
-        if rank == 0 {
-            return Err(Invalid::Plan(format!("{:?} has rank 0", how.a.name)));
-        }
+        let (rank, a, b) = match &how.a {
+            Some(op) => {
+                let rank = op.shape.first().copied().unwrap_or(0);
+                if rank == 0 {
+                    return Err(Invalid::Plan(format!("{:?} has rank 0", op.name)));
+                }
+                let a = floats("lora_A", op, operand(op).map_err(plan)?, &[rank, a_other]);
+                let data = operand(&how.b).map_err(plan)?;
+                let b = floats("lora_B", &how.b, data, &[b_other, rank]);
+                (rank, a.map_err(plan)?, b.map_err(plan)?)
+            }
+            None => {
+                let data = operand(&how.b).map_err(plan)?;
+                let b = floats("lora_B's bias", &how.b, data, &[rows]).map_err(plan)?;
+                (1, (&ONE[..], DType::F32), b)
+            }
+        };
         let magnitude = match &how.magnitude {
             None => None,
             Some(m) => {
@@ -596,7 +607,7 @@ pub(crate) mod tests {
         let m_at = file.len() as u64;
         file.extend(le(&m));
         let how = Merge {
-            a: operand("A", &[r as u64, a_other as u64], a_at, "F32"),
+            a: Some(operand("A", &[r as u64, a_other as u64], a_at, "F32")),
             b: operand("B", &[b_other as u64, r as u64], b_at, "F32"),
             scale: 0.75,
             transpose: t,
@@ -673,6 +684,78 @@ pub(crate) mod tests {
         }
     }
 
+    /// A bias (`lora_bias`): `b + scale · B.bias`, rounded once: to f32 from the
+    /// exact f64 sum, to bf16 from PEFT's f32 one (within an ulp); any chunking.
+    #[test]
+    fn a_bias_merges_as_its_sum() {
+        let rows = 70usize;
+        let mut seed = 3;
+        let (w, lb) = (random(rows, &mut seed), random(rows, &mut seed));
+        let mut file = le(&w);
+        let b_at = file.len() as u64;
+        file.extend(le(&lb));
+        let how = Merge {
+            a: None,
+            b: operand("B.bias", &[rows as u64], b_at, "F32"),
+            scale: 0.3,
+            transpose: false,
+            magnitude: None,
+            base: None,
+        };
+        let op = |o: &Operand| Ok(&file[o.offsets.0 as usize..o.offsets.1 as usize]);
+        let scale = f64::from(0.3f32);
+        for to in [DType::F32, DType::BF16] {
+            let s = Source {
+                src: &file[..4 * rows],
+                file: &file,
+                from: DType::F32,
+                to,
+                numel: rows as u64,
+            };
+            let merger = Merger::check(&how, &s, &[rows as u64], &op).ok().unwrap();
+            let align = merger.units(&s).align as usize;
+            let mut got = Vec::new();
+            for begin in (0..rows).step_by(align) {
+                let end = (begin + align).min(rows);
+                let mut put = |bytes: &[u8], _: Option<&LossStats>| {
+                    got.extend_from_slice(bytes);
+                    Ok(0)
+                };
+                let opts = CastOptions::default();
+                merger
+                    .produce(&s, begin as u64, end as u64, &opts, None, &mut put)
+                    .unwrap();
+            }
+            for (i, (&w, &b)) in w.iter().zip(&lb).enumerate() {
+                let exact = f64::from(w) + f64::from(b) * scale;
+                if to == DType::F32 {
+                    let g = f32::from_le_bytes(got[4 * i..4 * i + 4].try_into().unwrap());
+                    assert_eq!(g, exact as f32, "element {i}");
+                } else {
+                    let g = scalar::bf16_to_f32(u16::from_le_bytes([got[2 * i], got[2 * i + 1]]));
+                    let ulp = (exact.abs().max(1e-3) as f32) / 128.0;
+                    assert!(
+                        (g - exact as f32).abs() <= ulp,
+                        "element {i}: {g} vs {exact}"
+                    );
+                }
+            }
+        }
+        let two_d = Merger::check(
+            &how,
+            &Source {
+                src: &file[..4 * rows],
+                file: &file,
+                from: DType::F32,
+                to: DType::F32,
+                numel: rows as u64,
+            },
+            &[rows as u64, 1],
+            &op,
+        );
+        assert!(two_d.is_err(), "a recipe without lora_A is a bias's: 1-D");
+    }
+
     #[test]
     fn merges_as_the_naive_product() {
         for t in [false, true] {
@@ -695,7 +778,7 @@ pub(crate) mod tests {
         let b_at = file.len() as u64;
         file.extend(le(&vec![1f32; rows * r]));
         let how = Merge {
-            a: operand("A", &[r as u64, cols as u64], a_at, "F32"),
+            a: Some(operand("A", &[r as u64, cols as u64], a_at, "F32")),
             b: operand("B", &[rows as u64, r as u64], b_at, "F32"),
             scale: 1.0,
             transpose: false,
@@ -736,7 +819,7 @@ pub(crate) mod tests {
     fn refuses_shapes_that_do_not_match() {
         let file = vec![0u8; 4096];
         let how = Merge {
-            a: operand("A", &[4, 8], 0, "F32"),
+            a: Some(operand("A", &[4, 8], 0, "F32")),
             b: operand("B", &[5, 4], 128, "F32"),
             scale: 1.0,
             transpose: false,

@@ -549,7 +549,7 @@ mod tests {
         };
         let merges: Vec<Merge> = [false, true]
             .map(|dora| Merge {
-                a: operand("A", &[r, cols], a_at),
+                a: Some(operand("A", &[r, cols], a_at)),
                 b: operand("B", &[rows, r], b_at),
                 scale: 0.5,
                 transpose: false,
