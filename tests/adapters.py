@@ -64,7 +64,8 @@ def make_adapter(
     wrapped = peft.get_peft_model(model, peft.LoraConfig(**config))
     with torch.no_grad():
         for name, p in wrapped.named_parameters():
-            if "modules_to_save" in name or "lora_magnitude_vector" in name:
+            perturbed = ("modules_to_save", "lora_magnitude_vector", "trainable_tokens_delta")
+            if any(p in name for p in perturbed):
                 p.add_(torch.randn_like(p) * 0.05)
     wrapped.to(getattr(torch, adapter_dtype))
     wrapped.save_pretrained(path, safe_serialization=safe_serialization)

@@ -261,6 +261,68 @@ def test_lora_bias_into_a_layer_without_one_is_refused(llama: Path, tmp_path: Pa
     assert "model.layers.0.self_attn.q_proj.bias" in done.stderr and not out.exists()
 
 
+@pytest.mark.parametrize("tied", [False, True])
+def test_trainable_tokens_replace_their_rows(tmp_path: Path, tied: bool) -> None:
+    """``trainable_token_indices``: the embedding's rows at those indices become the
+    adapter's (PEFT's ``index_copy``), bit for bit PEFT's fp32 merge cast; the rest cast
+    as they were. A tied head follows through the tie (the file holds one tensor), the
+    config form a list (the input embedding) or a dict by module name."""
+    base = build_llama(tmp_path / "base", tie_word_embeddings=tied)
+    indices = [1, 5, 9, 127]
+    adapter = make_adapter(base, tmp_path / "ad", r=4, target_modules=["q_proj"],
+                           trainable_token_indices={"embed_tokens": indices} if tied
+                           else indices)  # fmt: skip
+    out = tmp_path / "out"
+    report = fastcast.convert(base, "bf16", output=out, merge_lora=adapter, progress=False)
+    assert report.tensors_merged == len(merged_names(adapter)) + 1
+    assert fastcast.verify(out, progress=False).ok
+    ref = peft_merged(base, adapter)
+    got = output(out)
+    embed = "model.embed_tokens.weight"
+    plain = safetensors_torch.load_file(base / "model.safetensors")[embed]
+    assert not torch.equal(ref[embed][indices], plain[indices]), "a real change"
+    assert torch.equal(ref[embed][2], plain[2])
+    assert torch.equal(got[embed], ref[embed].to(torch.bfloat16))
+    check_low_precision(got, ref, merged_names(adapter))
+    check_logits(base, adapter, out, "bfloat16")
+    said = cli("inspect", adapter)
+    assert "trainable tokens: model.embed_tokens (4)" in said.stdout, said.stdout
+    shard = out / "model.safetensors"  # the rows left as they were fail verify
+    state = safetensors_torch.load_file(str(shard))
+    state[embed] = plain.to(torch.bfloat16)
+    safetensors_torch.save_file(state, str(shard), metadata={"format": "pt"})
+    done = cli("verify", out)
+    assert done.returncode == 1 and f"mismatch: {embed}" in done.stdout, done.stdout
+    assert "index_copy" in done.stdout
+
+
+TOKEN_REFUSALS = {
+    "an index past the vocabulary": ({"trainable_token_indices": [1, 5, 9, 128]},
+                                     "do not fit the base's model.embed_tokens.weight"),
+    "an index twice": ({"trainable_token_indices": [1, 5, 5, 9]}, "no list of distinct"),
+    "fewer indices than rows": ({"trainable_token_indices": [1, 5]},
+                                "not the 2 float rows trainable_token_indices names"),
+    "a module the dict does not name": ({"trainable_token_indices": {"lm_head": [1, 2, 3, 4]}},
+                                        "gives model.embed_tokens no list"),
+    "rows without indices": ({"trainable_token_indices": None}, "one without the other"),
+}  # fmt: skip
+
+
+@pytest.mark.parametrize("case", TOKEN_REFUSALS)
+def test_trainable_tokens_that_do_not_fit_are_refused(
+    llama: Path, tmp_path: Path, case: str
+) -> None:
+    config, message = TOKEN_REFUSALS[case]
+    adapter = make_adapter(llama, tmp_path / "ad", r=4, target_modules=["q_proj"],
+                           trainable_token_indices=[1, 5, 9, 127])  # fmt: skip
+    bad = edited(adapter, tmp_path / "bad", config=config)
+    out = tmp_path / "out"
+    done = cli("convert", llama, "--merge-lora", bad, "-o", out, "--dtype", "bf16")
+    assert done.returncode == 1 and "Traceback" not in done.stderr, done.stderr
+    assert len(done.stderr.strip().splitlines()) == 1 and message in done.stderr, done.stderr
+    assert not out.exists()
+
+
 def test_modules_to_save_replace_the_base(llama: Path, tmp_path: Path) -> None:
     adapter = make_adapter(llama, tmp_path / "ad", r=4, lora_alpha=8,
                            target_modules=["q_proj"], modules_to_save=["lm_head"])  # fmt: skip

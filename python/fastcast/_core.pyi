@@ -173,6 +173,16 @@ class OperandPlan(TypedDict):
     offsets: tuple[int, int]
 
 @type_check_only
+class RowsPlan(TypedDict):
+    """A 2-D weight with some rows replaced, each output row the weight's or the
+    replacement's, cast to the output dtype (``values/rows.rs``)."""
+
+    #: The replacement rows, ``[len(indices), cols]``.
+    rows: OperandPlan
+    #: The weight row each replacement row takes.
+    indices: list[int]
+
+@type_check_only
 class MergePlan(TypedDict):
     """A base weight with a LoRA adapter's update added in f32 (``values/merge.rs``)."""
 
@@ -340,6 +350,8 @@ class TensorPlan(TypedDict):
     quantize: NotRequired[Fp8WeightPlan | Fp8ScalePlan]
     #: Set when a LoRA adapter's update is added to the source, a float weight.
     merge: NotRequired[MergePlan]
+    #: Set when some of the source's rows are replaced (PEFT's trainable tokens).
+    rows: NotRequired[RowsPlan]
 
 #: A plain tensor (neither dequantized nor quantized) as a row: ``TensorPlan``'s
 #: name, shape, source, src_dtype, dst_dtype, src_offsets and dst_offsets, in that

@@ -264,6 +264,9 @@ def adapter_words(root: Path) -> str | None:
     ranks = ", ".join(map(str, a["ranks"]))
     alphas = ", ".join(f"{x:g}" for x in a["alphas"])
     replaces = f", replaces {', '.join(a['replaces'])}" if a["replaces"] else ""
+    tokens = a["trainable_tokens"]
+    if tokens:
+        replaces += ", trainable tokens: " + ", ".join(f"{m} ({n})" for m, n in tokens.items())
     return (
         f"{kind}{' (rsLoRA)' if a['rslora'] else ''}"
         f"{' with trained biases' if a['lora_bias'] else ''} on {a['modules']} modules, rank "

@@ -19,7 +19,7 @@ from fastcast._core import ModelFolderError
 from fastcast._dtypes import is_castable
 from fastcast._plan.dequantize import QuantizedWeight
 from fastcast._plan.wire import operand_plan
-from fastcast._source.adapter import Adapter, LoraModule
+from fastcast._source.adapter import Adapter, LoraModule, TokenRows
 from fastcast._source.config import CONFIG_NAME, read_config
 from fastcast._source.entries import TensorEntry
 from fastcast._source.folder import ModelFolder
@@ -85,11 +85,35 @@ class Merged:
 
 
 @dataclass(frozen=True)
+class Patched:
+    """An embedding whose trainable tokens' rows the adapter replaces (PEFT's
+    ``index_copy``): each row the base's or the adapter's, cast to the output dtype."""
+
+    tokens: TokenRows
+
+    def describe(self) -> dict[str, Any]:
+        """Everything that decides its values, JSON-ready (for fingerprints)."""
+        d = self.tokens.delta
+        return {"kind": "rows", "rows": [d.name, d.offsets], "indices": list(self.tokens.indices)}
+
+    def recipe(self, source_ids: dict[Path, int]) -> _core.RowsPlan:
+        """The executor's recipe (the core's ``values/rows.rs``)."""
+        return {
+            "rows": operand_plan(self.tokens.delta, source_ids),
+            "indices": list(self.tokens.indices),
+        }
+
+
+#: What an adapter makes of a base tensor's values.
+Change = Merged | Patched
+
+
+@dataclass(frozen=True)
 class Merging:
     """What an adapter does to a model, by (weight set key, base tensor name)."""
 
     adapter: Adapter
-    merged: dict[tuple[str, str], Merged]
+    merged: dict[tuple[str, str], Change]
     replaced: dict[tuple[str, str], TensorEntry]
     """Base tensors whose values the adapter's replace (and, if also ``merged``, are
     what its update is added to); a resized embedding's rows may differ."""
@@ -105,7 +129,7 @@ class Merging:
 class SetMerge:
     """What an adapter does to one weight set, by tensor name."""
 
-    merged: dict[str, Merged]
+    merged: dict[str, Change]
     replaced: dict[str, TensorEntry]
     added: list[TensorEntry]
 
@@ -164,6 +188,31 @@ def plan_merge(
         if m.bias is not None:
             key, bias = base_bias(where, m, adapter)
             merging.merged[key, bias.name] = Merged(m, transpose=False, bias=True)
+    quantized = {w.name for w in (dequantized or {}).values()}
+    for tokens in adapter.tokens.values():
+        key, base = found(where, tokens.weight, adapter)
+        if base.name in quantized:
+            raise ModelFolderError(
+                f"{adapter.given}: trainable tokens of {base.name}, a quantized weight, are "
+                "not merged yet"
+            )
+        if (key, base.name) in merging.merged or (key, base.name) in merging.replaced:
+            raise ModelFolderError(
+                f"{adapter.given}: {base.name} has trainable tokens and is also updated or "
+                "replaced by the adapter (PEFT trains an embedding one way only)"
+            )
+        rows = base.shape[0] if len(base.shape) == 2 else 0
+        if (
+            not is_castable(base.dtype)
+            or len(base.shape) != 2
+            or (tokens.delta.shape[1] != base.shape[1] or max(tokens.indices) >= rows)
+        ):
+            raise ModelFolderError(
+                f"{adapter.given}: trainable tokens {list(tokens.indices)[:4]}... of "
+                f"{list(tokens.delta.shape)} do not fit the base's {base.name} "
+                f"({base.dtype} {list(base.shape)})"
+            )
+        merging.merged[key, base.name] = Patched(tokens)
     return merging
 
 

@@ -32,7 +32,7 @@ from fastcast import _core
 from fastcast._dtypes import dominant_float, element_size, is_castable
 from fastcast._names import join
 from fastcast._plan.dequantize import QuantizedWeight
-from fastcast._plan.merge import Merged, Merging, SetMerge, for_set
+from fastcast._plan.merge import Change, Merging, Patched, SetMerge, for_set
 from fastcast._plan.quantize import QuantizeTarget
 from fastcast._plan.wire import operand_plan
 from fastcast._source.entries import TensorEntry
@@ -87,7 +87,7 @@ class PlannedTensor:
     """Its role in a quantized model's quantization (``pinned fp32``...)."""
     quantized: Quantized | None = None
     """Set when ``--quantize`` writes it (``entry`` is then the float weight)."""
-    merged: Merged | None = None
+    merged: Change | None = None
     """Set when ``--merge-lora`` adds an adapter's update to it (``entry`` is the base
     weight)."""
 
@@ -372,7 +372,10 @@ def tensor_plan(
         "src_offsets": e.offsets,
         "dst_offsets": t.offsets,
     }
-    if t.merged is not None:  # a dequantized base's recipe is the merge's base
+    if isinstance(t.merged, Patched):  # rows replaced (the base is never dequantized)
+        assert t.dequant is None and t.quantized is None
+        out["rows"] = t.merged.recipe(source_ids)
+    elif t.merged is not None:  # a dequantized base's recipe is the merge's base
         base = None if t.dequant is None else dequant_dict(t.dequant, source_ids)
         out["merge"] = t.merged.recipe(source_ids, base)
     elif t.dequant is not None:
@@ -570,6 +573,11 @@ def quantized_pair(
             "(merge first, then --quantize the output)"
         )
     merged = adapter.merged.get(name) if adapter is not None else None
+    if isinstance(merged, Patched):
+        raise _core.QuantizedModelError(
+            f"{entry.file}: the adapter replaces rows of {name} (trainable tokens), which "
+            "--quantize would quantize: not supported yet (merge first, then --quantize)"
+        )
     scale, grid = how.scale
     values = Quantized("fp8_weight", name, shape, how.block, name)
     scales = Quantized("fp8_scale", scale, grid, how.block, name)

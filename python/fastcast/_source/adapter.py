@@ -56,7 +56,6 @@ UNSUPPORTED = {
     "layer_replication": "replicated layers (layer_replication)",
     "use_qalora": "QA-LoRA (use_qalora)",
     "target_parameters": "LoRA on parameters (target_parameters)",
-    "trainable_token_indices": "trainable tokens (trainable_token_indices)",
     "use_bdlora": "BD-LoRA (use_bdlora)",
 }
 
@@ -91,6 +90,20 @@ class LoraModule:
 
 
 @dataclass(frozen=True)
+class TokenRows:
+    """PEFT's trainable tokens of one embedding: rows ``indices`` of ``module.weight``
+    replaced by the rows of ``delta`` (``[len(indices), dim]``), as its ``index_copy``."""
+
+    module: str
+    delta: TensorEntry
+    indices: tuple[int, ...]
+
+    @property
+    def weight(self) -> str:
+        return f"{self.module}.weight"
+
+
+@dataclass(frozen=True)
 class Adapter:
     """A LoRA adapter, read and checked against itself (not yet against a base)."""
 
@@ -103,6 +116,8 @@ class Adapter:
     """By module path."""
     replaces: dict[str, TensorEntry] = field(default_factory=dict)
     """Base tensor name -> the adapter's tensor that replaces it (named as the base's)."""
+    tokens: dict[str, TokenRows] = field(default_factory=dict)
+    """Trainable tokens (``trainable_token_indices``), by embedding module path."""
 
     @property
     def tokenizer_files(self) -> dict[str, Path]:
@@ -136,6 +151,7 @@ class Adapter:
             "dora": self.dora,
             "lora_bias": bool(self.config.get("lora_bias")),
             "modules": len(self.modules),
+            "trainable_tokens": {m: len(t.indices) for m, t in self.tokens.items()},
             "replaces": sorted(self.replaces),
             "weights": self.file.path.name,
         }
@@ -181,10 +197,57 @@ def open_adapter(given: str | os.PathLike[str]) -> Adapter:
     file = read_source(path) if path.suffix == ".safetensors" else read_torch_source(
         path, TorchOptions()
     )  # fmt: skip
-    modules, replaces = read_tensors(config, file)
-    if not modules and not replaces:
+    modules, replaces, deltas = read_tensors(config, file)
+    tokens = token_rows(config, config_path, deltas)
+    if not modules and not replaces and not tokens:
         raise ModelFolderError(f"{path}: no LoRA tensors")
-    return Adapter(where, folder, config, file, modules, replaces)
+    return Adapter(where, folder, config, file, modules, replaces, tokens)
+
+
+#: The key suffix of a trainable-tokens delta, after the embedding module's path.
+DELTA = ".token_adapter.trainable_tokens_delta"
+
+
+def token_rows(
+    config: dict[str, Any], path: Path, deltas: dict[str, TensorEntry]
+) -> dict[str, TokenRows]:
+    """Each embedding's trainable tokens: its delta rows and, from the config's
+    ``trainable_token_indices`` (a list for the input embedding, or a dict from a module
+    name, matched as the end of the module's path, to its list), the rows they take."""
+    given = config.get("trainable_token_indices")
+    if not deltas and given in (None, [], {}):
+        return {}
+    if not deltas or given in (None, [], {}):
+        raise ModelFolderError(
+            f"{path}: trainable_token_indices and the trainable_tokens_delta tensors do not "
+            "go together (one without the other)"
+        )
+    found = {}
+    for module, delta in deltas.items():
+        if isinstance(given, dict):
+            keys = [k for k in given if module == k or module.endswith(f".{k}")]
+            indices = given[keys[0]] if len(keys) == 1 else None
+        else:
+            indices = given if len(deltas) == 1 else None
+        ok = isinstance(indices, list) and all(
+            isinstance(i, int) and not isinstance(i, bool) and i >= 0 for i in indices
+        )
+        if not ok or indices is None or len(set(indices)) != len(indices):
+            raise ModelFolderError(
+                f"{path}: trainable_token_indices gives {module} no list of distinct "
+                f"token indices ({given!r})"
+            )
+        if (
+            delta.dtype not in ("F32", "BF16", "F16", "F64")
+            or len(delta.shape) != 2
+            or (delta.shape[0] != len(indices))
+        ):
+            raise ModelFolderError(
+                f"{path}: {delta.name} is {delta.dtype} {list(delta.shape)}, not the "
+                f"{len(indices)} float rows trainable_token_indices names"
+            )
+        found[module] = TokenRows(module, delta, tuple(indices))
+    return found
 
 
 #: The LoRA parts of a key, after the module's path.
@@ -202,15 +265,20 @@ IGNORED = (".modules_to_save.", ".original_module.")
 
 def read_tensors(
     config: dict[str, Any], file: SourceFile
-) -> tuple[dict[str, LoraModule], dict[str, TensorEntry]]:
-    """The adapter's modules and replacement tensors, each checked: ranks that agree
-    with each other and the config, float dtypes, no tensor left unexplained."""
+) -> tuple[dict[str, LoraModule], dict[str, TensorEntry], dict[str, TensorEntry]]:
+    """The adapter's modules, replacement tensors and trainable-token deltas (by
+    embedding module), each checked: ranks that agree with each other and the config,
+    float dtypes, no tensor left unexplained."""
     parts: dict[str, dict[str, TensorEntry]] = {}
     replaces: dict[str, TensorEntry] = {}
+    deltas: dict[str, TensorEntry] = {}
     unknown = []
     for e in file.tensors:
         name = e.name.removeprefix(PREFIX)
         if any(i in f".{name}" for i in IGNORED):
+            continue
+        if name.endswith(DELTA):
+            deltas[name.removesuffix(DELTA)] = e
             continue
         part = next((p for p in PARTS if name.endswith(f".{p}")), None)
         if part is not None:
@@ -226,7 +294,7 @@ def read_tensors(
         raise ModelFolderError(
             f"{file.path}: tensors a LoRA merge does not know: {listing(unknown, 4)}"
         )
-    return {m: lora_module(config, file, m, p) for m, p in parts.items()}, replaces
+    return {m: lora_module(config, file, m, p) for m, p in parts.items()}, replaces, deltas
 
 
 def lora_module(

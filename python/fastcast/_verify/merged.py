@@ -16,7 +16,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
-from fastcast._plan.merge import Merged
+from fastcast._plan.merge import Merged, Patched
 from fastcast._source.entries import TensorEntry
 
 if TYPE_CHECKING:
@@ -91,6 +91,29 @@ def merged_reference(
             v, err = v * f, err * f.abs() + 8 * EPS32 * (v * f).abs()
         ulp = finfo.eps * torch.exp2(torch.floor(torch.log2(v.abs().clamp(min=finfo.tiny))))
         return v.reshape(-1).to(device), (err + ulp).reshape(-1).to(device)
+
+    return MergedReference(rows * cols, cols, values)
+
+
+def patched_reference(
+    p: Patched, base: torch.Tensor, read: Callable[[TensorEntry], torch.Tensor], dtype: str
+) -> MergedReference:
+    """The reference of an embedding with trainable tokens: PEFT's ``index_copy`` of the
+    delta rows into the base (in fp32, as PEFT's merge into a base loaded in fp32), then
+    torch's cast to the output ``dtype``; held bit for bit (a bound of 0)."""
+    import torch
+
+    rows, cols = base.shape
+    out_dtype = {"BF16": torch.bfloat16, "F16": torch.float16}.get(dtype, torch.float32)
+    delta = read(p.tokens.delta).to(torch.float32)
+    index = torch.tensor(p.tokens.indices, dtype=torch.int64)
+
+    def values(e0: int, e1: int, device: str) -> tuple[torch.Tensor, torch.Tensor]:
+        r0, r1 = e0 // cols, e1 // cols
+        inside = (index >= r0) & (index < r1)
+        w = base[r0:r1].to(torch.float32).index_copy(0, index[inside] - r0, delta[inside])
+        v = w.to(out_dtype).double().reshape(-1)
+        return v.to(device), torch.zeros_like(v).to(device)
 
     return MergedReference(rows * cols, cols, values)
 

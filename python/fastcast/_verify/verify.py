@@ -32,7 +32,7 @@ from fastcast._arguments import as_patterns
 from fastcast._dtypes import element_size, from_torch_name, is_castable, torch_name
 from fastcast._output.record import RECORD_NAME, STAGING_DIR, OutputRecord, load_record, read_record
 from fastcast._plan.dequantize import QuantizedWeight, quantized_weights
-from fastcast._plan.merge import Merged, Merging, SetMerge, for_set, plan_merge
+from fastcast._plan.merge import Change, Merged, Merging, Patched, SetMerge, for_set, plan_merge
 from fastcast._plan.quantize import (
     CONSUMED,
     QUANTIZE_METHODS,
@@ -70,7 +70,7 @@ from fastcast._verify.compare import (
     ranges,
     typed,
 )
-from fastcast._verify.merged import merged_reference, quantized_bounds
+from fastcast._verify.merged import merged_reference, patched_reference, quantized_bounds
 from fastcast._verify.references import dequantized, quantized
 
 if TYPE_CHECKING:
@@ -512,7 +512,7 @@ FileJob = tuple[
     dict[str, tuple[str, tuple[int, ...]]],
     dict[str, QuantizedWeight],
     dict[str, Quantized],
-    dict[str, Merged],
+    dict[str, Change],
 ]
 
 
@@ -736,7 +736,13 @@ class FileCheck:
         """A merged weight against PEFT's merge math in float64, within the bound an fp32
         merge rounded to the output dtype can err by (``_verify/merged.py``)."""
         base = self.weight(t.name)  # a quantized base: as its format's reference dequantizes it
-        ref = merged_reference(self.merged[t.name], base, self.read_entry, t.dtype)
+        how = self.merged[t.name]
+        if isinstance(how, Patched):
+            ref = patched_reference(how, base, self.read_entry, t.dtype)
+            oracle = "PEFT's index_copy of the trainable tokens (torch's cast, bit for bit)"
+        else:
+            ref = merged_reference(how, base, self.read_entry, t.dtype)
+            oracle = "PEFT's merge (fp64, within fp32 rounding)"
         out, device, dtype = self.map(self.file.path), self.device, t.dtype
         unit = element_size(dtype)
         piece = Piece(t.name, 0, ref.numel, t.shape)
@@ -748,7 +754,7 @@ class FileCheck:
             if bool(differ.any()):
                 piece.found.add(got, want.to(got.dtype), differ, e0, dtype)
             self.progress((e1 - e0) * unit)
-        self.tally([piece], "PEFT's merge (fp64, within fp32 rounding)")
+        self.tally([piece], oracle)
         self.checked += 1
         self.nbytes += t.nbytes
 
@@ -772,7 +778,9 @@ class FileCheck:
         scales = typed(out.bytes(*scale_entry.offsets), "F32").reshape(scale_entry.shape)
         base = self.weight(q.weight)
         rows, cols = base.shape
-        ref = merged_reference(self.merged[q.weight], base, self.read_entry, "F32")
+        how = self.merged[q.weight]
+        assert isinstance(how, Merged), "trainable tokens are never quantized"
+        ref = merged_reference(how, base, self.read_entry, "F32")
         br, bc = q.block
         codes = Piece(t.name, 0, math.prod(t.shape), t.shape)
         grid = Piece(scale_name, 0, math.prod(scale_entry.shape), scale_entry.shape)
@@ -982,7 +990,8 @@ def verify(
         merging=merging,
     )  # fmt: skip
     report.problems = unpaired + check_structure(src, out, pairing)
-    report.merged = len(merging.merged) if merging else 0
+    # held to a bound; trainable tokens' rows are held to bits like every other tensor
+    report.merged = sum(isinstance(c, Merged) for c in merging.merged.values()) if merging else 0
     report.tensors_checked, report.bytes_checked, report.mismatches = verify_values(
         pairing, devices, progress
     )

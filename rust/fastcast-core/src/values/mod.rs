@@ -17,6 +17,7 @@ pub mod cast;
 pub mod dequant;
 pub mod merge;
 pub mod quantize;
+pub mod rows;
 
 use serde::Deserialize;
 
@@ -27,6 +28,7 @@ use crate::rules::loss::{LossRule, LossStats};
 use dequant::{Dequant, Dequantizer, Operand};
 use merge::{Merge, Merger};
 use quantize::{Made, Quantize};
+use rows::{RowPatch, Rows};
 
 /// What a planned tensor's values are: the wire format's one field for it.
 #[derive(Debug, Clone, Default, PartialEq, Deserialize)]
@@ -47,6 +49,8 @@ pub enum Value {
     /// A base weight (possibly dequantized) with a LoRA adapter's delta
     /// added in f32, then rounded once to the output dtype.
     Merge(Box<Merge>),
+    /// A weight with some of its rows replaced (PEFT's trainable tokens).
+    Rows(Box<Rows>),
 }
 
 /// [`Value`] as a plan spells it: the tensor's optional fields, one per kind
@@ -61,6 +65,8 @@ pub struct ValueParts {
     pub quantize: Option<Box<Quantize>>,
     #[serde(default)]
     pub merge: Option<Box<Merge>>,
+    #[serde(default)]
+    pub rows: Option<Box<Rows>>,
 }
 
 impl TryFrom<ValueParts> for Value {
@@ -74,6 +80,12 @@ impl TryFrom<ValueParts> for Value {
 impl Value {
     /// The kind of a tensor given as the plan's optional fields.
     pub fn of(parts: ValueParts) -> std::result::Result<Value, String> {
+        if let Some(rows) = parts.rows {
+            return match (parts.dequant, parts.quantize, parts.merge) {
+                (None, None, None) => Ok(Value::Rows(rows)),
+                _ => Err("rows with another kind (replaced rows are their own kind)".into()),
+            };
+        }
         match (parts.dequant, parts.quantize, parts.merge) {
             (None, None, None) => Ok(Value::Cast),
             (Some(d), None, None) => Ok(Value::Dequant(d)),
@@ -187,12 +199,39 @@ thread_local! {
         const { std::cell::RefCell::new(Vec::new()) };
 }
 
+/// A chunk of f32 values `make` writes into the worker's buffer, rounded once
+/// to `to` and handed to `put` (a kind whose values are made in f32).
+pub(crate) fn put_f32(
+    make: impl FnOnce(&mut Vec<u8>),
+    to: DType,
+    opts: &CastOptions,
+    rule: Option<&LossRule>,
+    put: &mut Put,
+) -> Result<u64> {
+    VALUES.with_borrow_mut(|values| {
+        make(values);
+        cast::put_rounded(values, DType::F32, to, opts, rule, put)
+    })
+}
+
+/// What rounding the f32 values `make` writes would lose, by `rule`.
+pub(crate) fn scan_f32(
+    make: impl FnOnce(&mut Vec<u8>),
+    rule: Option<&LossRule>,
+) -> Option<LossStats> {
+    VALUES.with_borrow_mut(|values| {
+        make(values);
+        rule.map(|r| r.scan(values))
+    })
+}
+
 /// A tensor's values, checked against its plan and inputs: its kind, ready.
 pub enum Values<'a> {
     Cast(cast::Cast),
     Dequant(Box<Dequantizer<'a>>),
     Quantize(Box<quantize::Quantizing<'a>>),
     Merge(Box<Merger<'a>>),
+    Rows(Box<RowPatch<'a>>),
 }
 
 impl<'a> Values<'a> {
@@ -217,6 +256,7 @@ impl<'a> Values<'a> {
                 operand,
             )?)),
             Value::Merge(how) => Values::Merge(Box::new(Merger::check(how, s, shape, operand)?)),
+            Value::Rows(how) => Values::Rows(Box::new(RowPatch::check(how, s, shape, operand)?)),
         })
     }
 
@@ -227,6 +267,7 @@ impl<'a> Values<'a> {
             Values::Dequant(k) => &**k,
             Values::Quantize(k) => &**k,
             Values::Merge(k) => &**k,
+            Values::Rows(k) => &**k,
         }
     }
 

@@ -186,6 +186,7 @@ fn read_tensor(obj: &Bound<'_, PyAny>, dtypes: &mut DTypes) -> Read<TensorPlan> 
             dequant: optional(&t, intern!(py, "dequant"), "")?,
             quantize: optional(&t, intern!(py, "quantize"), "")?,
             merge: optional(&t, intern!(py, "merge"), "")?,
+            rows: optional(&t, intern!(py, "rows"), "")?,
         })
         .map_err(|e| Malformed(format!(": {e}")))?,
     })

@@ -41,8 +41,8 @@
 
 use serde::Deserialize;
 
-use super::cast::{put_rounded, rule_for};
-use super::{Invalid, Kind, Put, Source, Units, VALUES};
+use super::cast::rule_for;
+use super::{put_f32, scan_f32, Invalid, Kind, Put, Source, Units};
 use crate::cast::{self, scalar, CastOptions};
 use crate::dtype::DType;
 use crate::error::Result;
@@ -464,6 +464,12 @@ impl<'a> Dequantizer<'a> {
         }
     }
 
+    /// The f32 values of output elements `[begin, end)` of `s`, into `out`.
+    fn values(&self, s: &Source, begin: u64, end: u64, out: &mut Vec<u8>) {
+        out.resize(4 * (end - begin) as usize, 0);
+        self.dequantize(Kind::source(self, s, begin, end), begin, out);
+    }
+
     /// Values of output elements `first..first + out.len() / 4` (row-major),
     /// as little-endian f32, from `src`, the source bytes
     /// [`source_range`](Self::source_range) gives for them.
@@ -539,18 +545,10 @@ impl Kind for Dequantizer<'_> {
         rule: Option<&LossRule>,
         put: &mut Put,
     ) -> Result<u64> {
-        VALUES.with_borrow_mut(|values| {
-            values.resize(4 * (end - begin) as usize, 0);
-            self.dequantize(self.source(s, begin, end), begin, values);
-            put_rounded(values, DType::F32, s.to, opts, rule, put)
-        })
+        put_f32(|v| self.values(s, begin, end, v), s.to, opts, rule, put)
     }
 
     fn scan(&self, s: &Source, begin: u64, end: u64, rule: Option<&LossRule>) -> Option<LossStats> {
-        VALUES.with_borrow_mut(|values| {
-            values.resize(4 * (end - begin) as usize, 0);
-            self.dequantize(self.source(s, begin, end), begin, values);
-            rule.map(|r| r.scan(values))
-        })
+        scan_f32(|v| self.values(s, begin, end, v), rule)
     }
 }
