@@ -120,8 +120,8 @@ def test_verify_fails_codes_quantized_from_a_rounded_weight(tmp_path: Path) -> N
 
 def test_what_cannot_be_requantized_is_refused_in_one_line(tmp_path: Path) -> None:
     """--quantize on a quantized model without --dequantize says to add it; --dequantize
-    needs a --dtype; --keep-quantized excludes --quantize; a format --dequantize refuses is
-    refused the same. Nothing written, the source untouched."""
+    needs a --dtype; --keep-quantized excludes --quantize; a layout or method --dequantize
+    refuses is refused the same. Nothing written, the source untouched."""
     fp8 = ALL["deepseek-fp8"](tmp_path / "q")
     out = tmp_path / "out"
     cases = [
@@ -131,6 +131,16 @@ def test_what_cannot_be_requantized_is_refused_in_one_line(tmp_path: Path) -> No
         ((fp8.path, "--dtype", "bf16", "--keep-quantized", "--quantize", "fp8"),
          ["quantize and keep_quantized exclude each other", "--dequantize"]),
         ((fp8.path, "--dtype", "fp8_e4m3", "--dequantize", "--quantize", "fp8"), ["not fp8_e4m3"]),
+    ]  # fmt: skip
+    v4 = ALL_FP4["deepseek-v4"](tmp_path / "v4")  # a layout --dequantize refuses
+    hqq = ALL["deepseek-fp8"](tmp_path / "hqq")  # a method it does not know
+    config = json.loads((hqq.path / "config.json").read_text())
+    config["quantization_config"] = {"quant_method": "hqq", "nbits": 4}
+    (hqq.path / "config.json").write_text(json.dumps(config))
+    cases += [
+        ((v4.path, "--dtype", "bf16", "--dequantize", "--quantize", "fp8"),
+         ["--dequantize does not reconstruct DeepSeek-V4-style fp8"]),
+        ((hqq.path, "--dtype", "bf16", "--dequantize", "--quantize", "fp8"), ["hqq"]),
     ]  # fmt: skip
     for args, words in cases:
         before = snapshot(args[0])
