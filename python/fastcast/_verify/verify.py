@@ -583,6 +583,8 @@ class FileCheck:
         self.loaded: dict[Path, Any] = {}  # torch.save sources, as torch loads them
         self.mismatches: list[TensorMismatch] = []
         self.checked = self.nbytes = 0
+        #: The last quantized weight ``weight`` dequantized, kept for its next reader.
+        self.last_weight: tuple[str, torch.Tensor | None] = ("", None)
 
     def run(self) -> tuple[int, int, list[TensorMismatch]]:
         plain: list[TensorEntry] = []
@@ -729,8 +731,11 @@ class FileCheck:
         w = self.weights.get(name)
         if w is None:
             return self.read(name)
-        d = dequantized(w, self.read)
-        return d.values(0, d.numel, "cpu").reshape(w.shape)
+        if self.last_weight[0] != name:  # a requantized weight's values, then its scales
+            d = dequantized(w, self.read)
+            self.last_weight = (name, d.values(0, d.numel, "cpu").reshape(w.shape))
+        assert self.last_weight[1] is not None
+        return self.last_weight[1]
 
     def merge(self, t: TensorEntry) -> None:
         """A merged weight against PEFT's merge math in float64, within the bound an fp32

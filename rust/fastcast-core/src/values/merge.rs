@@ -36,7 +36,7 @@ use serde::Deserialize;
 
 use super::cast::{put_rounded, rule_for};
 use super::dequant::{Bytes, Dequant, Dequantizer, Operand};
-use super::{holds, Invalid, Kind, Put, Source, Units};
+use super::{holds, Invalid, Kind, Put, Source, Units, FLOATS};
 use crate::cast::{self, CastOptions};
 use crate::dtype::DType;
 use crate::error::Result;
@@ -73,8 +73,6 @@ pub struct Merge {
     pub base: Option<Box<Dequant>>,
 }
 
-/// The float dtypes an adapter's tensors may be in.
-const FLOATS: [DType; 4] = [DType::F32, DType::BF16, DType::F16, DType::F64];
 /// A bias's `A`: `[[1.0]]`, little-endian f32.
 static ONE: [u8; 4] = 1f32.to_le_bytes();
 

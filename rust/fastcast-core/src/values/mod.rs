@@ -192,6 +192,10 @@ pub enum Invalid {
     Holds(Vec<u64>),
 }
 
+/// The float dtypes a base weight, an adapter's tensors and replacement rows
+/// may be in (read as f32; f64 rounded as torch rounds it).
+pub(crate) const FLOATS: [DType; 4] = [DType::F32, DType::BF16, DType::F16, DType::F64];
+
 thread_local! {
     /// Each worker's f32 values of its chunk (dequantized, or before they are
     /// quantized): at most one chunk per thread.

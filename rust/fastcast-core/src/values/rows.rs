@@ -13,7 +13,7 @@ use serde::Deserialize;
 
 use super::cast::rule_for;
 use super::dequant::{Bytes, Operand};
-use super::{holds, put_f32, scan_f32, Invalid, Kind, Put, Source, Units};
+use super::{holds, put_f32, scan_f32, Invalid, Kind, Put, Source, Units, FLOATS};
 use crate::cast::{self, CastOptions};
 use crate::dtype::DType;
 use crate::error::Result;
@@ -27,9 +27,6 @@ pub struct Rows {
     /// The row of the weight each replacement row takes, in order.
     pub indices: Vec<u64>,
 }
-
-/// The float dtypes a weight and its replacement rows may be in.
-const FLOATS: [DType; 4] = [DType::F32, DType::BF16, DType::F16, DType::F64];
 
 /// A checked [`Rows`], ready to make chunks of whole rows.
 pub struct RowPatch<'a> {
