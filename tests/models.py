@@ -38,6 +38,34 @@ MIXTRAL = {
     "max_position_embeddings": 64,
 }
 
+#: A tiny gpt-oss: its experts stacked ``[E, in, out]`` in the file as in memory.
+GPT_OSS = {
+    "vocab_size": 128,
+    "hidden_size": 32,
+    "intermediate_size": 48,
+    "num_hidden_layers": 2,
+    "num_attention_heads": 4,
+    "num_key_value_heads": 2,
+    "head_dim": 8,
+    "num_local_experts": 4,
+    "num_experts_per_tok": 2,
+    "layer_types": ["sliding_attention", "full_attention"],
+    "tie_word_embeddings": False,
+}
+#: A tiny Qwen3-MoE: stacked ``[E, out, in]`` in memory, one by one in the file.
+QWEN3_MOE = {
+    "vocab_size": 128,
+    "hidden_size": 32,
+    "intermediate_size": 64,
+    "moe_intermediate_size": 24,
+    "num_hidden_layers": 2,
+    "num_attention_heads": 4,
+    "num_key_value_heads": 2,
+    "head_dim": 8,
+    "num_experts": 4,
+    "num_experts_per_tok": 2,
+}
+
 BERT_VOCAB = [
     "[PAD]",
     "[UNK]",
@@ -113,6 +141,24 @@ def build_mixtral(
     transformers = require("transformers")
     torch.manual_seed(seed)
     model = transformers.MixtralForCausalLM(transformers.MixtralConfig(**(MIXTRAL | sizes)))
+    model.to(getattr(torch, dtype))
+    model.save_pretrained(path)
+    return path
+
+
+def build_moe(
+    path: Path, kind: str, *, dtype: str = "float32", seed: int = 0, **sizes: int | bool
+) -> Path:
+    """A tiny mixture of experts of ``kind`` (``gpt_oss``, ``qwen3_moe``, ``mixtral``) in
+    ``dtype``, as transformers saves it; ``sizes`` override the config."""
+    if kind == "mixtral":
+        return build_mixtral(path, dtype=dtype, seed=seed, **sizes)
+    torch = require("torch")
+    transformers = require("transformers")
+    torch.manual_seed(seed)
+    config = {"gpt_oss": (transformers.GptOssConfig, GPT_OSS),
+              "qwen3_moe": (transformers.Qwen3MoeConfig, QWEN3_MOE)}[kind]  # fmt: skip
+    model = transformers.AutoModelForCausalLM.from_config(config[0](**(config[1] | sizes)))
     model.to(getattr(torch, dtype))
     model.save_pretrained(path)
     return path

@@ -199,6 +199,14 @@ class MergePlan(TypedDict):
     magnitude: OperandPlan | None
     #: A quantized base weight's dequantization (None: the source is a float weight).
     base: _DequantPlan | None
+    #: LoRA on a parameter of stacked experts (PEFT's ``ParamWrapper``): ``a`` is
+    #: ``[experts * r, ·]`` grouped by expert, ``b`` ``[·, r * experts]`` interleaved;
+    #: the whole update ``[experts * expert_rows, cols]``, of which the output holds the
+    #: rows from ``first_row`` on (a base storing its experts one by one). Default 1, the
+    #: output's rows, 0.
+    experts: NotRequired[int]
+    expert_rows: NotRequired[int]
+    first_row: NotRequired[int]
 
 @type_check_only
 class Fp8ScaledPlan(TypedDict):

@@ -267,9 +267,15 @@ def adapter_words(root: Path) -> str | None:
     tokens = a["trainable_tokens"]
     if tokens:
         replaces += ", trainable tokens: " + ", ".join(f"{m} ({n})" for m, n in tokens.items())
+    targets = f"{a['modules']} modules"
+    if a["parameters"]:
+        targets += (
+            f" and {a['parameters']} parameters (target_parameters: "
+            f"{', '.join(a['target_parameters'])})"
+        )
     return (
         f"{kind}{' (rsLoRA)' if a['rslora'] else ''}"
-        f"{' with trained biases' if a['lora_bias'] else ''} on {a['modules']} modules, rank "
+        f"{' with trained biases' if a['lora_bias'] else ''} on {targets}, rank "
         f"{ranks}, alpha {alphas}{replaces}; base {a['base_model'] or 'not named'}"
     )
 

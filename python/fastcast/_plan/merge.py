@@ -18,6 +18,7 @@ from typing import TYPE_CHECKING, Any
 from fastcast._core import ModelFolderError
 from fastcast._dtypes import is_castable
 from fastcast._plan.dequantize import QuantizedWeight
+from fastcast._plan.experts import Stacked, parameter_updates
 from fastcast._plan.wire import operand_plan
 from fastcast._source.adapter import Adapter, LoraModule, TokenRows
 from fastcast._source.config import CONFIG_NAME, read_config
@@ -48,6 +49,9 @@ class Merged:
     transpose: bool
     bias: bool = False
     """The module's bias (``lora_bias``): ``b + scale · lora_B.bias``."""
+    stacked: Stacked | None = None
+    """LoRA on a parameter (``target_parameters``): where the weight's rows lie in the
+    parameter's update (``_plan/experts.py``)."""
 
     def describe(self) -> dict[str, Any]:
         """Everything that decides its values, JSON-ready (for fingerprints)."""
@@ -55,7 +59,7 @@ class Merged:
         if self.bias:
             assert m.bias is not None
             return {"kind": "merge", "bias": [m.bias.name, m.bias.offsets], "scale": m.scale}
-        return {
+        described = {
             "kind": "merge",
             "a": [m.a.name, m.a.offsets],
             "b": [m.b.name, m.b.offsets],
@@ -63,6 +67,10 @@ class Merged:
             "transpose": self.transpose,
             "dora": m.magnitude is not None,
         }
+        if self.stacked is not None:
+            s = self.stacked
+            described["stacked"] = [s.experts, s.expert_rows, s.first_row]
+        return described
 
     def recipe(
         self, source_ids: dict[Path, int], base: DequantPlan | None = None
@@ -74,7 +82,7 @@ class Merged:
             assert m.bias is not None
             return {"base": base, "a": None, "b": operand_plan(m.bias, source_ids),
                     "scale": m.scale, "transpose": False, "magnitude": None}  # fmt: skip
-        return {
+        plan: _core.MergePlan = {
             "base": base,
             "a": operand_plan(m.a, source_ids),
             "b": operand_plan(m.b, source_ids),
@@ -82,6 +90,11 @@ class Merged:
             "transpose": self.transpose,
             "magnitude": None if m.magnitude is None else operand_plan(m.magnitude, source_ids),
         }
+        if self.stacked is not None:
+            plan["experts"] = self.stacked.experts
+            plan["expert_rows"] = self.stacked.expert_rows
+            plan["first_row"] = self.stacked.first_row
+        return plan
 
 
 @dataclass(frozen=True)
@@ -167,7 +180,8 @@ def plan_merge(
         for e in ws.tensors:
             where.setdefault(e.name, (ws.key, e))
             sets_of.setdefault(e.name, []).append(ws.key)
-    for name in [*(m.weight for m in adapter.modules.values()), *adapter.replaces]:
+    modules = [m for m in adapter.modules.values() if not m.parameters]
+    for name in [*(m.weight for m in modules), *adapter.replaces]:
         if len(keys := sets_of.get(name, [])) > 1:  # two components, one tensor name
             raise ModelFolderError(
                 f"{adapter.given}: the adapter changes {name}, which weight sets "
@@ -181,13 +195,26 @@ def plan_merge(
     for key, name in merging.replaced:
         where[name] = (key, merging.replaced[key, name])
     model_type = config.get("model_type")
-    conv1d = CONV1D.get(model_type if isinstance(model_type, str) else "", set())
-    for m in adapter.modules.values():
+    model_type = model_type if isinstance(model_type, str) else ""
+    conv1d = CONV1D.get(model_type, set())
+    for m in modules:
         key, base = found(where, m.weight, adapter)
         merging.merged[key, base.name] = update(adapter, m, base, conv1d)
         if m.bias is not None:
             key, bias = base_bias(where, m, adapter)
             merging.merged[key, bias.name] = Merged(m, transpose=False, bias=True)
+    for m, p in parameter_updates(adapter, where, model_type):
+        for piece in p.pieces:
+            if not is_castable(piece.entry.dtype):
+                update(adapter, m, piece.entry, set())  # refused as any quantized base
+            if (piece.key, piece.entry.name) in merging.merged:
+                raise ModelFolderError(
+                    f"{adapter.given}: {piece.entry.name} is updated twice (by module "
+                    f"{m.module} and as {p.name})"
+                )
+            merging.merged[piece.key, piece.entry.name] = Merged(
+                m, p.transpose, stacked=piece.stacked
+            )
     quantized = {w.name for w in (dequantized or {}).values()}
     for tokens in adapter.tokens.values():
         key, base = found(where, tokens.weight, adapter)

@@ -55,7 +55,6 @@ TOKENIZER_FILES = (
 UNSUPPORTED = {
     "layer_replication": "replicated layers (layer_replication)",
     "use_qalora": "QA-LoRA (use_qalora)",
-    "target_parameters": "LoRA on parameters (target_parameters)",
     "use_bdlora": "BD-LoRA (use_bdlora)",
 }
 
@@ -77,11 +76,23 @@ class LoraModule:
     """DoRA's magnitude vector."""
     bias: TensorEntry | None = None
     """``lora_bias``: ``lora_B``'s bias, added (scaled) to the module's base bias."""
+    parameters: tuple[str, ...] = ()
+    """LoRA on a parameter (``target_parameters``, PEFT's ``ParamWrapper``): the names
+    of the module's parameters it may update (which one, the base's shapes decide);
+    ``rank``, ``alpha`` and ``scale`` are then settled with it."""
+    depth: int = 0
+    """How deep PEFT nested its wrapper (a module with two parameters targeted holds one
+    ``ParamWrapper`` in another: the inner one's tensors are under ``base_layer.``)."""
 
     @property
     def weight(self) -> str:
         """The base tensor it updates."""
         return f"{self.module}.weight"
+
+    @property
+    def saved_as(self) -> str:
+        """Its path in the adapter's keys."""
+        return self.module + ".base_layer" * self.depth
 
     @property
     def base_bias(self) -> str:
@@ -139,8 +150,10 @@ class Adapter:
 
     def describe(self) -> dict[str, Any]:
         """What ``inspect`` and the record say of it."""
-        ranks = sorted({m.rank for m in self.modules.values()})
-        alphas = sorted({m.alpha for m in self.modules.values()})
+        settled = [(m.rank, m.alpha) for m in self.modules.values() if not m.parameters]
+        for m in self.modules.values():  # a parameter's: those its candidates may have
+            settled += [scaling(self.config, f"{m.module}.{p}")[:2] for p in m.parameters]
+        ranks, alphas = sorted({r for r, _ in settled}), sorted({a for _, a in settled})
         return {
             "path": self.given,
             "peft_type": self.config.get("peft_type"),
@@ -150,7 +163,9 @@ class Adapter:
             "rslora": bool(self.config.get("use_rslora")),
             "dora": self.dora,
             "lora_bias": bool(self.config.get("lora_bias")),
-            "modules": len(self.modules),
+            "modules": sum(not m.parameters for m in self.modules.values()),
+            "parameters": sum(bool(m.parameters) for m in self.modules.values()),
+            "target_parameters": list(self.config.get("target_parameters") or []),
             "trainable_tokens": {m: len(t.indices) for m, t in self.tokens.items()},
             "replaces": sorted(self.replaces),
             "weights": self.file.path.name,
@@ -269,8 +284,9 @@ def read_tensors(
     """The adapter's modules, replacement tensors and trainable-token deltas (by
     embedding module), each checked: ranks that agree with each other and the config,
     float dtypes, no tensor left unexplained."""
-    parts: dict[str, dict[str, TensorEntry]] = {}
+    parts: dict[tuple[str, int], dict[str, TensorEntry]] = {}
     replaces: dict[str, TensorEntry] = {}
+    nested = bool(config.get("target_parameters"))
     deltas: dict[str, TensorEntry] = {}
     unknown = []
     for e in file.tensors:
@@ -282,9 +298,11 @@ def read_tensors(
             continue
         part = next((p for p in PARTS if name.endswith(f".{p}")), None)
         if part is not None:
-            module = name[: -len(part) - 1]
+            module, depth = name[: -len(part) - 1], 0
+            while nested and module.endswith(".base_layer"):  # ParamWrappers, nested
+                module, depth = module.removesuffix(".base_layer"), depth + 1
             role = PARTS[part] + ("e" if "embedding" in part else "")
-            parts.setdefault(module, {})[role] = e
+            parts.setdefault((module, depth), {})[role] = e
         elif name.endswith((".weight", ".bias")) and ".lora_" not in name:
             target = name.replace(".base_layer.", ".")
             replaces[target] = e._replace(name=target)
@@ -294,11 +312,38 @@ def read_tensors(
         raise ModelFolderError(
             f"{file.path}: tensors a LoRA merge does not know: {listing(unknown, 4)}"
         )
-    return {m: lora_module(config, file, m, p) for m, p in parts.items()}, replaces, deltas
+    modules = [lora_module(config, file, m, d, p) for (m, d), p in parts.items()]
+    return {m.saved_as: m for m in modules}, replaces, deltas
+
+
+def targeted_parameters(config: dict[str, Any], module: str) -> tuple[str, ...]:
+    """The parameters of ``module`` that ``target_parameters`` names, as PEFT matches
+    them: an entry is ``<module>.<parameter>`` exactly or the end of it."""
+    found: list[str] = []
+    for entry in config.get("target_parameters") or []:
+        owner, _, parameter = str(entry).rpartition(".")
+        if (not owner or module == owner or module.endswith(f".{owner}")) and (
+            parameter not in found
+        ):
+            found.append(parameter)
+    return tuple(found)
+
+
+def scaling(config: dict[str, Any], key: str) -> tuple[int, float, float]:
+    """PEFT's rank, alpha and scale of the module (or parameter) at ``key``."""
+    ranks, alphas = config.get("rank_pattern") or {}, config.get("alpha_pattern") or {}
+    r_key, alpha_key = pattern_key(list(ranks), key), pattern_key(list(alphas), key)
+    r = int(ranks[r_key]) if r_key is not None else int(config.get("r", 8))
+    alpha = float(alphas[alpha_key] if alpha_key is not None else config.get("lora_alpha", 8))
+    return r, alpha, alpha / math.sqrt(r) if config.get("use_rslora") else alpha / r
 
 
 def lora_module(
-    config: dict[str, Any], file: SourceFile, module: str, parts: dict[str, TensorEntry]
+    config: dict[str, Any],
+    file: SourceFile,
+    module: str,
+    depth: int,
+    parts: dict[str, TensorEntry],
 ) -> LoraModule:
     """One module's update, its rank and scaling found as PEFT finds them."""
     embedding = "ae" in parts or "be" in parts
@@ -315,15 +360,28 @@ def lora_module(
             f"{list(b.shape)} do not have one rank"
         )
     rank = a.shape[0]
-    ranks, alphas = config.get("rank_pattern") or {}, config.get("alpha_pattern") or {}
-    r_key, alpha_key = pattern_key(list(ranks), module), pattern_key(list(alphas), module)
-    r = int(ranks[r_key]) if r_key is not None else int(config.get("r", 8))
-    alpha = float(alphas[alpha_key] if alpha_key is not None else config.get("lora_alpha", 8))
+    parameters = targeted_parameters(config, module)
+    if parameters:  # a ParamWrapper: its rank (per expert) is settled against the base
+        flags = config.get("use_dora") or config.get("lora_bias")
+        if flags or parts.get("m") is not None or parts.get("bb") is not None or embedding:
+            raise ModelFolderError(
+                f"{file.path}: module {module}: LoRA on its parameters "
+                f"({', '.join(parameters)}) with DoRA, a bias or an embedding's tensors, "
+                "which PEFT does not make"
+            )
+        r, alpha, scale = scaling(config, f"{module}.{parameters[0]}")
+        return LoraModule(module, a, b, r, alpha, scale, False, parameters=parameters,
+                          depth=depth)  # fmt: skip
+    if depth:
+        raise ModelFolderError(
+            f"{file.path}: module {module}: LoRA tensors under base_layer. but "
+            "target_parameters names none of its parameters"
+        )
+    r, alpha, scale = scaling(config, module)
     if r != rank:
         raise ModelFolderError(
             f"{file.path}: module {module} has rank {rank} but the config says {r}"
         )
-    scale = alpha / math.sqrt(r) if config.get("use_rslora") else alpha / r
     magnitude = flagged(config, "use_dora", file, module, parts.get("m"), "lora_magnitude_vector")
     bias = flagged(config, "lora_bias", file, module, parts.get("bb"), "lora_B.bias")
     if bias is not None and tuple(bias.shape) != (b.shape[0],):

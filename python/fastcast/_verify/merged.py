@@ -16,6 +16,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
+from fastcast._plan.experts import Stacked
 from fastcast._plan.merge import Merged, Patched
 from fastcast._source.entries import TensorEntry
 
@@ -54,19 +55,37 @@ def merged_reference(
         b = read(lora.bias).double().reshape(-1, 1)
     else:
         a, b = read(lora.a).double(), read(lora.b).double()
+    base = base.reshape(-1, base.shape[-1])  # stacked experts: [E * rows, cols]
     rows, cols = base.shape
     # torch applies the Python scale to an fp32 tensor as an fp32
     scale = float(torch.tensor(lora.scale, dtype=torch.float32))
     out_dtype = {"BF16": torch.bfloat16, "F16": torch.float16}.get(dtype, torch.float32)
     finfo = torch.finfo(out_dtype)
-    rank = a.shape[0]
+    stacked = m.stacked or Stacked(1, rows)
+    experts, expert_rows = stacked.experts, stacked.expert_rows or rows
+    # PEFT's ParamWrapper reshapes: A as (experts, rank, in), B as (out, rank, experts)
+    a3, b3 = a.reshape(experts, -1, a.shape[-1]), b.reshape(b.shape[0], -1, experts)
+    rank = a3.shape[1]
+
+    def update(e: int, l0: int, l1: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """Rows ``[l0, l1)`` of expert ``e``'s update, and of its magnitudes'."""
+        ae, be = a3[e], b3[:, :, e]
+        if m.transpose:
+            return ae[:, l0:l1].T @ be.T, ae[:, l0:l1].abs().T @ be.abs().T
+        return be[l0:l1] @ ae, be[l0:l1].abs() @ ae.abs()
 
     def merged_rows(r0: int, r1: int) -> tuple[torch.Tensor, torch.Tensor]:
         w = base[r0:r1].double()
-        if m.transpose:
-            delta, size = a[:, r0:r1].T @ b.T, a[:, r0:r1].abs().T @ b.abs().T
-        else:
-            delta, size = b[r0:r1] @ a, b[r0:r1].abs() @ a.abs()
+        deltas, sizes = [], []
+        g, end = stacked.first_row + r0, stacked.first_row + r1
+        while g < end:  # an expert at a time
+            e, local = divmod(g, expert_rows)
+            stop = min(end, g - local + expert_rows)
+            delta, size = update(e, local, local + stop - g)
+            deltas.append(delta)
+            sizes.append(size)
+            g = stop
+        delta, size = torch.cat(deltas), torch.cat(sizes)
         v = w + scale * delta
         return v, (rank + 4) * EPS32 * (w.abs() + abs(scale) * size)
 

@@ -71,6 +71,24 @@ pub struct Merge {
     /// A quantized base's format: its values are dequantized before the sum.
     #[serde(default)]
     pub base: Option<Box<Dequant>>,
+    /// LoRA on a parameter of stacked experts (PEFT's `ParamWrapper`): `A` is
+    /// `[experts · r, ·]`, grouped by expert, `B` `[·, r · experts]`, the
+    /// experts interleaved (column `k · experts + e`); expert `e`'s update is
+    /// `B_e @ A_e` (transposed with `transpose`). 1 for any other merge.
+    #[serde(default = "one")]
+    pub experts: u64,
+    /// The rows of one expert's update, the whole update being
+    /// `[experts · expert_rows, cols]`; 0: the output's rows.
+    #[serde(default)]
+    pub expert_rows: u64,
+    /// The row of that whole update the output's first row is: a base that
+    /// stores its experts one by one holds a slice of it per tensor.
+    #[serde(default)]
+    pub first_row: u64,
+}
+
+fn one() -> u64 {
+    1
 }
 
 /// A bias's `A`: `[[1.0]]`, little-endian f32.
@@ -148,6 +166,11 @@ pub struct Merger<'a> {
     rows: usize,
     cols: usize,
     rank: usize,
+    /// Stacked experts: their count, the rows of each one's update, and the
+    /// update's row the output's first row is (see [`Merge::experts`]).
+    experts: usize,
+    expert_rows: usize,
+    first_row: usize,
     a: (&'a [u8], DType),
     b: (&'a [u8], DType),
     scale: f32,
@@ -174,15 +197,40 @@ impl<'a> Merger<'a> {
         operand: &dyn Fn(&'a Operand) -> std::result::Result<&'a [u8], String>,
     ) -> std::result::Result<Merger<'a>, Invalid> {
         cast::check_buffers(DType::F64, s.to, 0, 0).map_err(Invalid::Core)?;
+        let experts = how.experts;
         let (rows, cols) = match (shape, &how.a) {
             (&[rows, cols], Some(_)) => (rows, cols),
-            (&[rows], None) if !how.transpose && how.magnitude.is_none() => (rows, 1),
+            (&[e, rows, cols], Some(_)) if experts > 1 => (e * rows, cols),
+            (&[rows], None) if !how.transpose && how.magnitude.is_none() && experts == 1 => {
+                (rows, 1)
+            }
             _ => {
                 return Err(Invalid::Plan(format!(
-                    "a merged weight is 2-D (a merged bias 1-D, plain LoRA), not {shape:?}"
+                    "a merged weight is 2-D (3-D with stacked experts, a merged bias 1-D), \
+                     not {shape:?}"
                 )))
             }
         };
+        let expert_rows = if how.expert_rows == 0 {
+            rows
+        } else {
+            how.expert_rows
+        };
+        if experts == 0
+            || how.first_row + rows > experts * expert_rows
+            || (experts > 1 && how.magnitude.is_some())
+        {
+            return Err(Invalid::Plan(format!(
+                "rows {}..{} of {experts} experts' updates of {expert_rows} rows{}",
+                how.first_row,
+                how.first_row + rows,
+                if how.magnitude.is_some() {
+                    " with DoRA"
+                } else {
+                    ""
+                }
+            )));
+        }
         let base = match &how.base {
             None => {
                 if !FLOATS.contains(&s.from) {
@@ -199,20 +247,29 @@ impl<'a> Merger<'a> {
             ),
         };
         let (a_other, b_other) = if how.transpose {
-            (rows, cols)
+            (expert_rows, cols)
         } else {
-            (cols, rows)
+            (cols, expert_rows)
         };
         let plan = |e: String| Invalid::Plan(e);
         let (rank, a, b) = match &how.a {
             Some(op) => {
-                let rank = op.shape.first().copied().unwrap_or(0);
-                if rank == 0 {
-                    return Err(Invalid::Plan(format!("{:?} has rank 0", op.name)));
+                let stacked = op.shape.first().copied().unwrap_or(0);
+                let rank = stacked / experts;
+                if rank == 0 || stacked % experts != 0 {
+                    return Err(Invalid::Plan(format!(
+                        "{:?} has {stacked} rows, not a rank for each of {experts} experts",
+                        op.name
+                    )));
                 }
-                let a = floats("lora_A", op, operand(op).map_err(plan)?, &[rank, a_other]);
+                let a = floats(
+                    "lora_A",
+                    op,
+                    operand(op).map_err(plan)?,
+                    &[stacked, a_other],
+                );
                 let data = operand(&how.b).map_err(plan)?;
-                let b = floats("lora_B", &how.b, data, &[b_other, rank]);
+                let b = floats("lora_B", &how.b, data, &[b_other, stacked]);
                 (rank, a.map_err(plan)?, b.map_err(plan)?)
             }
             None => {
@@ -236,6 +293,9 @@ impl<'a> Merger<'a> {
             rows: rows as usize,
             cols: cols as usize,
             rank: rank as usize,
+            experts: experts as usize,
+            expert_rows: expert_rows as usize,
+            first_row: how.first_row as usize,
             a,
             b,
             scale: how.scale as f32,
@@ -319,7 +379,7 @@ impl<'a> Merger<'a> {
     }
 
     /// `out = alpha · (B @ A) + beta · out` (or the transpose) for output rows
-    /// `[begin, end)`.
+    /// `[begin, end)`, an expert at a time.
     fn gemm(&self, begin: usize, end: usize, out: &mut [f32], alpha: f32, beta: f32) {
         DECODED.with_borrow_mut(|d| {
             if d.key != self.id {
@@ -327,49 +387,76 @@ impl<'a> Merger<'a> {
                 decode(self.b.0, self.b.1, &mut d.b);
                 d.key = self.id;
             }
-            let (m, k, n) = (end - begin, self.rank, self.cols);
-            // SAFETY: every pointer and stride below addresses elements inside
-            // the slices: A and B hold their checked shapes, `out` m × n.
-            unsafe {
-                if self.transpose {
-                    // out[i, j] = Σ A[k, begin + i] · B[j, k]
-                    matrixmultiply::sgemm(
-                        m,
-                        k,
-                        n,
-                        alpha,
-                        d.a.as_ptr().add(begin),
-                        1,
-                        self.rows as isize,
-                        d.b.as_ptr(),
-                        1,
-                        k as isize,
-                        beta,
-                        out.as_mut_ptr(),
-                        n as isize,
-                        1,
-                    );
-                } else {
-                    // out[i, j] = Σ B[begin + i, k] · A[k, j]
-                    matrixmultiply::sgemm(
-                        m,
-                        k,
-                        n,
-                        alpha,
-                        d.b.as_ptr().add(begin * k),
-                        k as isize,
-                        1,
-                        d.a.as_ptr(),
-                        n as isize,
-                        1,
-                        beta,
-                        out.as_mut_ptr(),
-                        n as isize,
-                        1,
-                    );
-                }
+            let mut row = begin;
+            while row < end {
+                let g = self.first_row + row;
+                let (e, local) = (g / self.expert_rows, g % self.expert_rows);
+                let stop = end.min(row + self.expert_rows - local);
+                let out = &mut out[(row - begin) * self.cols..(stop - begin) * self.cols];
+                self.expert_gemm(d, e, local, stop - row, out, alpha, beta);
+                row = stop;
             }
         });
+    }
+
+    /// [`Self::gemm`] for `m` rows of expert `e`'s update from its row `local`:
+    /// its `A` rows `e · r ..`, its `B` columns `k · experts + e`.
+    #[allow(clippy::too_many_arguments)]
+    fn expert_gemm(
+        &self,
+        d: &Decoded,
+        e: usize,
+        local: usize,
+        m: usize,
+        out: &mut [f32],
+        alpha: f32,
+        beta: f32,
+    ) {
+        let (k, n, experts) = (self.rank, self.cols, self.experts);
+        let kb = (k * experts) as isize; // a row of B
+                                         // SAFETY: every pointer and stride below addresses elements inside the
+                                         // slices: A holds `[experts · k, ·]`, B `[·, k · experts]` (checked), and
+                                         // `out` m × n.
+        unsafe {
+            if self.transpose {
+                // out[i, j] = Σ A[e·k + k', local + i] · B[j, k'·experts + e]
+                let a_row = self.expert_rows;
+                matrixmultiply::sgemm(
+                    m,
+                    k,
+                    n,
+                    alpha,
+                    d.a.as_ptr().add(e * k * a_row + local),
+                    1,
+                    a_row as isize,
+                    d.b.as_ptr().add(e),
+                    experts as isize,
+                    kb,
+                    beta,
+                    out.as_mut_ptr(),
+                    n as isize,
+                    1,
+                );
+            } else {
+                // out[i, j] = Σ B[local + i, k'·experts + e] · A[e·k + k', j]
+                matrixmultiply::sgemm(
+                    m,
+                    k,
+                    n,
+                    alpha,
+                    d.b.as_ptr().add(local * k * experts + e),
+                    kb,
+                    experts as isize,
+                    d.a.as_ptr().add(e * k * n),
+                    n as isize,
+                    1,
+                    beta,
+                    out.as_mut_ptr(),
+                    n as isize,
+                    1,
+                );
+            }
+        }
     }
 
     /// The values of output elements `[begin, end)` (whole rows) as bytes, and
@@ -611,6 +698,9 @@ pub(crate) mod tests {
             transpose: t,
             magnitude: dora.then(|| operand("m", &[m.len() as u64], m_at, "F32")),
             base: None,
+            experts: 1,
+            expert_rows: 0,
+            first_row: 0,
         };
         let shape = [rows as u64, cols as u64];
         let s = Source {
@@ -699,6 +789,9 @@ pub(crate) mod tests {
             transpose: false,
             magnitude: None,
             base: None,
+            experts: 1,
+            expert_rows: 0,
+            first_row: 0,
         };
         let op = |o: &Operand| Ok(&file[o.offsets.0 as usize..o.offsets.1 as usize]);
         let scale = f64::from(0.3f32);
@@ -754,6 +847,142 @@ pub(crate) mod tests {
         assert!(two_d.is_err(), "a recipe without lora_A is a bias's: 1-D");
     }
 
+    /// Stacked experts (PEFT's `ParamWrapper`), as its einsum defines them:
+    /// `A.reshape(E, r, in)`, `B.reshape(out, r, E)`, expert `e`'s update
+    /// `Σ_k B[o, k, e] · A[e, k, i]`, laid `[E, out, in]` or (`transpose`)
+    /// `[E, in, out]`; the whole tensor, or a slice of its rows (a base storing
+    /// its experts one by one), in chunks that straddle experts.
+    #[test]
+    fn stacked_experts_merge_as_peft_einsum() {
+        let (experts, r, outs, ins) = (3usize, 2usize, 5usize, 4usize);
+        let mut seed = 11;
+        let a = random(experts * r * ins, &mut seed);
+        let b = random(outs * r * experts, &mut seed);
+        let delta = |e: usize, o: usize, i: usize| -> f32 {
+            let acc: f64 = (0..r)
+                .map(|k| {
+                    f64::from(b[o * r * experts + k * experts + e])
+                        * f64::from(a[(e * r + k) * ins + i])
+                })
+                .sum();
+            acc as f32
+        };
+        for transpose in [false, true] {
+            let (d1, d2) = if transpose { (ins, outs) } else { (outs, ins) };
+            // the whole stack, then expert 1's rows 1..4 alone
+            for (first, rows) in [(0, experts * d1), (d1 + 1, 3)] {
+                let w = random(rows * d2, &mut seed);
+                let mut file = le(&w);
+                let a_at = file.len() as u64;
+                file.extend(le(&a));
+                let b_at = file.len() as u64;
+                file.extend(le(&b));
+                let how = Merge {
+                    a: Some(operand(
+                        "A",
+                        &[(experts * r) as u64, ins as u64],
+                        a_at,
+                        "F32",
+                    )),
+                    b: operand("B", &[outs as u64, (r * experts) as u64], b_at, "F32"),
+                    scale: 0.5,
+                    transpose,
+                    magnitude: None,
+                    base: None,
+                    experts: experts as u64,
+                    expert_rows: d1 as u64,
+                    first_row: first as u64,
+                };
+                let shape: Vec<u64> = if first == 0 {
+                    vec![experts as u64, d1 as u64, d2 as u64]
+                } else {
+                    vec![rows as u64, d2 as u64]
+                };
+                let s = Source {
+                    src: &file[..4 * rows * d2],
+                    file: &file,
+                    from: DType::F32,
+                    to: DType::F32,
+                    numel: (rows * d2) as u64,
+                };
+                let op = |o: &Operand| Ok(&file[o.offsets.0 as usize..o.offsets.1 as usize]);
+                let merger = Merger::check(&how, &s, &shape, &op).ok().expect("checks");
+                let mut got = Vec::new();
+                for begin in (0..rows).step_by(2) {
+                    let end = (begin + 2).min(rows);
+                    let mut put = |bytes: &[u8], _: Option<&LossStats>| {
+                        got.extend(
+                            bytes
+                                .chunks_exact(4)
+                                .map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]])),
+                        );
+                        Ok(0)
+                    };
+                    let (b0, b1) = ((begin * d2) as u64, (end * d2) as u64);
+                    merger
+                        .produce(&s, b0, b1, &CastOptions::default(), None, &mut put)
+                        .unwrap();
+                }
+                for row in 0..rows {
+                    let g = first + row;
+                    let (e, local) = (g / d1, g % d1);
+                    for j in 0..d2 {
+                        let dv = if transpose {
+                            delta(e, j, local)
+                        } else {
+                            delta(e, local, j)
+                        };
+                        let want = (f64::from(w[row * d2 + j]) + f64::from(dv) * 0.5) as f32;
+                        let got = got[row * d2 + j];
+                        assert!(
+                            (got - want).abs() <= 1e-6,
+                            "t={transpose} row {g} col {j}: {got} vs {want}"
+                        );
+                    }
+                }
+            }
+        }
+        // DoRA does not stack; rows past the last expert's are refused
+        let file = vec![0u8; 4096];
+        let s = Source {
+            src: &file[..4 * 8],
+            file: &file,
+            from: DType::F32,
+            to: DType::F32,
+            numel: 8,
+        };
+        let op = |o: &Operand| Ok(&file[o.offsets.0 as usize..o.offsets.1 as usize]);
+        let how = Merge {
+            a: Some(operand("A", &[4, 2], 0, "F32")),
+            b: operand("B", &[2, 4], 64, "F32"),
+            scale: 1.0,
+            transpose: false,
+            magnitude: None,
+            base: None,
+            experts: 2,
+            expert_rows: 2,
+            first_row: 3,
+        };
+        let dora = Merge {
+            magnitude: Some(operand("m", &[2], 128, "F32")),
+            first_row: 0,
+            ..how.clone()
+        };
+        let ok = Merge {
+            first_row: 0,
+            ..how.clone()
+        };
+        assert!(
+            Merger::check(&how, &s, &[4, 2], &op).is_err(),
+            "rows 3..7 of 4"
+        );
+        assert!(
+            Merger::check(&dora, &s, &[2, 2, 2], &op).is_err(),
+            "DoRA with experts"
+        );
+        assert!(Merger::check(&ok, &s, &[2, 2, 2], &op).is_ok());
+    }
+
     #[test]
     fn merges_as_the_naive_product() {
         for t in [false, true] {
@@ -782,6 +1011,9 @@ pub(crate) mod tests {
             transpose: false,
             magnitude: None,
             base: None,
+            experts: 1,
+            expert_rows: 0,
+            first_row: 0,
         };
         let first_value = |file: &[u8]| {
             let s = Source {
@@ -823,6 +1055,9 @@ pub(crate) mod tests {
             transpose: false,
             magnitude: None,
             base: None,
+            experts: 1,
+            expert_rows: 0,
+            first_row: 0,
         };
         let s = Source {
             src: &file[..4 * 6 * 8],

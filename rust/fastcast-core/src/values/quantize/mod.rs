@@ -555,6 +555,9 @@ mod tests {
                 transpose: false,
                 magnitude: dora.then(|| operand("m", &[rows], m_at)),
                 base: None,
+                experts: 1,
+                expert_rows: 0,
+                first_row: 0,
             })
             .into();
         let shape = [rows, cols];
