@@ -273,6 +273,8 @@ def adapter_words(root: Path) -> str | None:
             f" and {a['parameters']} parameters (target_parameters: "
             f"{', '.join(a['target_parameters'])})"
         )
+    if a["layer_replication"]:
+        targets += f" of a model of base layers {a['layer_replication']} (layer_replication)"
     return (
         f"{kind}{' (rsLoRA)' if a['rslora'] else ''}"
         f"{' with trained biases' if a['lora_bias'] else ''} on {targets}, rank "

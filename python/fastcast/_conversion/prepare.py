@@ -24,7 +24,7 @@ from fastcast._conversion.places import (
     inputs_of,
 )
 from fastcast._conversion.quantizing import Quantizing, plan_quantization, quantize_notes
-from fastcast._core import OutputExistsError, QuantizedModelError
+from fastcast._core import ModelFolderError, OutputExistsError, QuantizedModelError
 from fastcast._loss import narrowing_risks
 from fastcast._output.report_file import check_report_path
 from fastcast._output.transaction import Run
@@ -182,7 +182,13 @@ def merge_of(
             f"{folder.root}: a {quant.method} model; an adapter is merged into its weights "
             "dequantized: add --dequantize --dtype bf16 (or fp16, fp32)"
         )
-    return plan_merge(folder, adapter, dequantized)
+    merging = plan_merge(folder, adapter, dequantized)
+    if merging.layers and isinstance(options.mode, Quantize):
+        raise ModelFolderError(
+            f"{options.merge_lora}: layer_replication with --quantize is not supported yet "
+            "(merge first, then --quantize the output)"
+        )
+    return merging
 
 
 def first_notes(

@@ -19,6 +19,7 @@ from fastcast._core import ModelFolderError
 from fastcast._dtypes import is_castable
 from fastcast._plan.dequantize import QuantizedWeight
 from fastcast._plan.experts import Stacked, parameter_updates
+from fastcast._plan.layers import Replication, replication
 from fastcast._plan.wire import operand_plan
 from fastcast._source.adapter import Adapter, LoraModule, TokenRows
 from fastcast._source.config import CONFIG_NAME, read_config
@@ -135,7 +136,11 @@ class Merging:
     embeddings, trained apart (``modules_to_save=["lm_head"]``)."""
     config: dict[str, Any] = field(default_factory=dict)
     """Keys of the base's config.json the merge changes: ``vocab_size`` (a resized
-    vocabulary), ``tie_word_embeddings`` (an output head of its own)."""
+    vocabulary), ``tie_word_embeddings`` (an output head of its own),
+    ``num_hidden_layers`` (``layer_replication``)."""
+    layers: dict[str, Replication] = field(default_factory=dict)
+    """``layer_replication``: the weight set (by key) whose layers the output stacks
+    again, and how (``_plan/layers.py``)."""
 
 
 @dataclass(frozen=True)
@@ -145,6 +150,12 @@ class SetMerge:
     merged: dict[str, Change]
     replaced: dict[str, TensorEntry]
     added: list[TensorEntry]
+    layers: Replication | None = None
+    """``layer_replication``: the output's layers, made of the set's."""
+
+    def tensors(self, tensors: list[TensorEntry]) -> list[TensorEntry]:
+        """The set's ``tensors`` as the output names them (its layers stacked again)."""
+        return tensors if self.layers is None else self.layers.remap(tensors)
 
 
 def for_set(merging: Merging | None, key: str) -> SetMerge | None:
@@ -155,6 +166,7 @@ def for_set(merging: Merging | None, key: str) -> SetMerge | None:
         {name: how for (k, name), how in merging.merged.items() if k == key},
         {name: e for (k, name), e in merging.replaced.items() if k == key},
         [e for (k, _), e in merging.added.items() if k == key],
+        merging.layers.get(key),
     )
 
 
@@ -175,11 +187,21 @@ def plan_merge(
     for (key, _), w in (dequantized or {}).items():
         # what --dequantize writes: the weight's name and shape, computed in fp32
         where[w.name] = (key, TensorEntry(w.name, "F32", w.shape, folder.root, (0, 0)))
+    tensors = {ws.key: ws.tensors for ws in folder.weight_sets}
+    names = {key: [e.name for e in es] for key, es in tensors.items()}
+    stacked = replication(adapter.config.get("layer_replication"), adapter.given, names, config)
+    if stacked is not None:
+        if dequantized:
+            raise ModelFolderError(
+                f"{adapter.given}: layer_replication into a quantized base is not merged "
+                "yet (dequantize it first: --dequantize --dtype fp32)"
+            )
+        tensors[stacked[0]] = stacked[1].remap(tensors[stacked[0]])
     sets_of: dict[str, list[str]] = {}
-    for ws in folder.weight_sets:
-        for e in ws.tensors:
-            where.setdefault(e.name, (ws.key, e))
-            sets_of.setdefault(e.name, []).append(ws.key)
+    for key, es in tensors.items():
+        for e in es:
+            where.setdefault(e.name, (key, e))
+            sets_of.setdefault(e.name, []).append(key)
     modules = [m for m in adapter.modules.values() if not m.parameters]
     for name in [*(m.weight for m in modules), *adapter.replaces]:
         if len(keys := sets_of.get(name, [])) > 1:  # two components, one tensor name
@@ -189,6 +211,9 @@ def plan_merge(
                 "component's own folder"
             )
     merging = replacements(folder, adapter, config, where)
+    if stacked is not None:
+        merging.layers[stacked[0]] = stacked[1]
+        merging.config.update(stacked[1].config(config))
     # A replaced tensor that is also updated (an embedding PEFT saved as
     # ``base_layer.weight`` beside its LoRA): the update is added to the replacement,
     # as PEFT loads it into the model before it merges (the plan reads both).
@@ -203,6 +228,16 @@ def plan_merge(
         if m.bias is not None:
             key, bias = base_bias(where, m, adapter)
             merging.merged[key, bias.name] = Merged(m, transpose=False, bias=True)
+    merge_parameters(merging, adapter, where, model_type)
+    patch_tokens(merging, adapter, where, {w.name for w in (dequantized or {}).values()})
+    return merging
+
+
+def merge_parameters(
+    merging: Merging, adapter: Adapter, where: dict[str, tuple[str, TensorEntry]], model_type: str
+) -> None:
+    """The adapter's LoRA on parameters (``target_parameters``), into ``merging``: each
+    base tensor a parameter's update lands on (``_plan/experts.py``)."""
     for m, p in parameter_updates(adapter, where, model_type):
         for piece in p.pieces:
             if not is_castable(piece.entry.dtype):
@@ -215,7 +250,16 @@ def plan_merge(
             merging.merged[piece.key, piece.entry.name] = Merged(
                 m, p.transpose, stacked=piece.stacked
             )
-    quantized = {w.name for w in (dequantized or {}).values()}
+
+
+def patch_tokens(
+    merging: Merging,
+    adapter: Adapter,
+    where: dict[str, tuple[str, TensorEntry]],
+    quantized: set[str],
+) -> None:
+    """The adapter's trainable tokens, into ``merging``, checked against their embedding
+    (``quantized``: the base's dequantized weights, whose rows are not patched yet)."""
     for tokens in adapter.tokens.values():
         key, base = found(where, tokens.weight, adapter)
         if base.name in quantized:
@@ -240,7 +284,6 @@ def plan_merge(
                 f"({base.dtype} {list(base.shape)})"
             )
         merging.merged[key, base.name] = Patched(tokens)
-    return merging
 
 
 def base_bias(

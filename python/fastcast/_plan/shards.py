@@ -614,7 +614,7 @@ def plan_set(
     tables = [f.entries for f in ws.files if isinstance(f.entries, _core.Entries)]
     if not quantized and adapter is None and len(tables) == len(ws.files):
         return plain_set(ws, tables, dtype, shard_size, keep)
-    entries = ws.tensors
+    entries = ws.tensors if adapter is None else adapter.tensors(ws.tensors)
     roles = (
         _core.quant_roles([t.name for t in entries], [t.dtype for t in entries])
         if quantized

@@ -53,7 +53,6 @@ TOKENIZER_FILES = (
 )  # fmt: skip
 #: Config keys naming what a plain LoRA merge does not do; each refused when set.
 UNSUPPORTED = {
-    "layer_replication": "replicated layers (layer_replication)",
     "use_qalora": "QA-LoRA (use_qalora)",
     "use_bdlora": "BD-LoRA (use_bdlora)",
 }
@@ -166,6 +165,7 @@ class Adapter:
             "modules": sum(not m.parameters for m in self.modules.values()),
             "parameters": sum(bool(m.parameters) for m in self.modules.values()),
             "target_parameters": list(self.config.get("target_parameters") or []),
+            "layer_replication": self.config.get("layer_replication") or None,
             "trainable_tokens": {m: len(t.indices) for m, t in self.tokens.items()},
             "replaces": sorted(self.replaces),
             "weights": self.file.path.name,

@@ -222,7 +222,7 @@ class Pairing:
         return self._expected[source.key]
 
     def make_expected(self, source: WeightSet) -> dict[str, tuple[str, tuple[int, ...]]]:
-        tensors = source.tensors
+        tensors = self.merge_of(source).tensors(source.tensors)
         if self.quantize is not None:
             want: dict[str, tuple[str, tuple[int, ...]]] = {}
             for (name, shape), q in zip(self.written(source), self.targets(source), strict=True):
@@ -526,8 +526,8 @@ def verify_values(
     """
     files: list[FileJob] = []
     for source, converted in pairing.sets:
-        sources = {t.name: t for t in source.tensors}
         merge = pairing.merge_of(source)
+        sources = {t.name: t for t in merge.tensors(source.tensors)}
         sources.update(merge.replaced)
         sources.update({e.name: e for e in merge.added})
         expected = pairing.expected(source)
