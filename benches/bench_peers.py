@@ -1,6 +1,6 @@
 """fastcast against its peers, in the same interleaved runs.
 
-    python3 benches/bench_peers.py [--size 1GB] [--repeats 3] [--only pth,fp8-dequant]
+    python3 benches/bench_peers.py [--size 1GB] [--repeats 3] [--only pth,fp8-dequant,...]
 
 Pairs (each with the I/O floor, rust/fastcast-core/examples/io_floor.rs, on the same
 input and output bytes):
@@ -12,6 +12,10 @@ input and output bytes):
   fp8-dequant   a single-file DeepSeek-style block-fp8 Llama (e4m3, an F32
                 weight_scale_inv per 128x128) -> bf16: `amn remember FILE --to bf16`
                 against `fastcast convert FOLDER --dequantize --dtype bf16 --no-fsync`
+  gptq-dequant  the same with a single-file 4-bit group-128 fp16 GPTQ Llama (AutoGPTQ's
+                packing, checkpoint_format gptq)
+  awq-dequant   the same with an AutoAWQ GEMM one
+  bnb-dequant   the same with a bitsandbytes nf4 double-quant bf16 one
   fp8-block     a bf16 Llama folder -> fp8 128x128 blocks: llm-compressor's
                 model_free_ptq(scheme="FP8_BLOCK") against `fastcast convert FOLDER
                 --quantize fp8 --dtype bf16 --no-fsync`
@@ -47,13 +51,22 @@ from typing import TYPE_CHECKING
 from bench_convert import CACHE, HERE, ROOT, Row, measure, python_cmd, settle, warm
 
 import fastcast
+from fastcast._units import parse_size
 
 if TYPE_CHECKING:
     import torch
 
 VENV = Path("/tmp/peers-venv")
 CARGO_BIN = Path.home() / ".cargo" / "bin"
-PAIRS = ("pth", "fp8-dequant", "fp8-block", "fp8-channel")
+PAIRS = ("pth", "fp8-dequant", "gptq-dequant", "awq-dequant", "bnb-dequant", "fp8-block",
+         "fp8-channel")  # fmt: skip
+#: The dequantizing pairs: what make_model.py writes, and how the input is described.
+DEQUANT = {
+    "fp8-dequant": ("fp8", "block-fp8 Llama (e4m3 + F32 weight_scale_inv per 128x128)"),
+    "gptq-dequant": ("gptq", "4-bit group-128 fp16 GPTQ Llama (AutoGPTQ packing)"),
+    "awq-dequant": ("awq", "4-bit group-128 fp16 AWQ GEMM Llama (AutoAWQ packing)"),
+    "bnb-dequant": ("bnb-nf4", "bitsandbytes nf4 double-quant bf16 Llama"),
+}
 #: The row every other row of a pair is compared with.
 FASTCAST = "fastcast (CLI, --no-fsync)"
 
@@ -99,10 +112,10 @@ def find_amn() -> tuple[str | None, str]:
     why not."""
     amn = shutil.which("amn") or (str(CARGO_BIN / "amn") if (CARGO_BIN / "amn").exists() else None)
     if amn is None:
-        print("anamnesis: not installed; cargo install anamnesis --features cli,pth ...")
+        print("anamnesis: not installed; cargo install anamnesis --features cli,pth,gptq,awq,bnb")
         for extra in (["--locked"], []):
             done = subprocess.run(
-                ["cargo", "install", "anamnesis", "--features", "cli,pth", *extra],
+                ["cargo", "install", "anamnesis", "--features", "cli,pth,gptq,awq,bnb", *extra],
                 capture_output=True,
                 text=True,
             )
@@ -250,14 +263,19 @@ def compare_bits(outputs: dict[str, Path], label: str) -> list[str]:
     """``label``'s output against fastcast's, every tensor bit for bit."""
     ours, theirs = tensor_index(outputs[FASTCAST]), tensor_index(outputs[label])
     only_ours, only_theirs = sorted(ours.keys() - theirs), sorted(theirs.keys() - ours)
-    differ = [
-        n for n in sorted(ours.keys() & theirs) if not bits_equal(load(ours, n), load(theirs, n))
-    ]
-    same = len(ours.keys() & theirs) - len(differ)
+    differ, uncast = [], []
+    for n in sorted(ours.keys() & theirs):
+        a, b = load(ours, n), load(theirs, n)
+        if bits_equal(a, b):
+            continue
+        # left in the source's dtype by the peer, cast by fastcast (--dtype)
+        (uncast if a.dtype != b.dtype and bits_equal(a, b.to(a.dtype)) else differ).append(n)
+    same = len(ours.keys() & theirs) - len(differ) - len(uncast)
     lines = [
         f"{label} vs fastcast: {same} of {len(ours.keys() | theirs)} tensors identical bit for bit"
     ]
     for what, names in (
+        (f"left in their own dtype by {label}, fastcast's their exact cast", uncast),
         ("differ", differ),
         ("only in fastcast's output", only_ours),
         (f"only in {label}'s output", only_theirs),
@@ -401,10 +419,15 @@ def pth_pair(size: str, amn: str | None, skipped: list[str]) -> Pair:
     )
 
 
-def fp8_dequant_pair(size: str, amn: str | None, skipped: list[str]) -> Pair:
-    src = make_model(CACHE / f"peers-fp8-{size}", size, "fp8", shard_size="1000GB")
+def dequant_pair(name: str, size: str, amn: str | None, skipped: list[str]) -> Pair:
+    """A single-file quantized Llama (``DEQUANT[name]``) -> bf16, against ``amn
+    remember --to bf16``; the outputs compared bit for bit."""
+    kind, what = DEQUANT[name]
+    # a 4-bit file holds half a byte per weight: twice the size asked gives about it
+    made = size if kind == "fp8" else f"{2 * parse_size(size)}B"
+    src = make_model(CACHE / f"peers-{kind}-{size}", made, kind, shard_size="1000GB")
     (file,) = safetensors_files(src)
-    out = CACHE / "peers-out" / "fp8-dequant"
+    out = CACHE / "peers-out" / name
     outputs = {"floor (no fsync)": out / "floor", FASTCAST: out / "fastcast"}
     out_bytes = output_bytes(src, dtype="bf16", dequantize=True)
     cmds = {
@@ -425,9 +448,8 @@ def fp8_dequant_pair(size: str, amn: str | None, skipped: list[str]) -> Pair:
             str(outputs["amn remember"]),
         ]
     return Pair(
-        "fp8-dequant",
-        f"fp8-dequant: {file.stat().st_size / 1e9:.2f} GB block-fp8 Llama (e4m3 + F32 "
-        "weight_scale_inv per 128x128) in one file -> bf16",
+        name,
+        f"{name}: {file.stat().st_size / 1e9:.2f} GB {what} in one file -> bf16",
         cmds,
         outputs,
         lambda o: compare_bits(o, "amn remember") if "amn remember" in o else skipped,
@@ -545,7 +567,7 @@ def main() -> None:
     amn = python = None
     skip_amn: list[str] = []
     skip_llmc: list[str] = []
-    if {"pth", "fp8-dequant"} & set(chosen):
+    if {"pth", *DEQUANT} & set(chosen):
         amn, why = find_amn()
         versions.append(why if amn else "anamnesis: none")
         skip_amn = [f"anamnesis skipped: {why}"]
@@ -561,8 +583,8 @@ def main() -> None:
     for name in chosen:
         if name == "pth":
             pairs.append(pth_pair(args.size, amn, skip_amn))
-        elif name == "fp8-dequant":
-            pairs.append(fp8_dequant_pair(args.size, amn, skip_amn))
+        elif name in DEQUANT:
+            pairs.append(dequant_pair(name, args.size, amn, skip_amn))
         else:
             pairs.append(quantize_pair(name, args.size, python, skip_llmc))
     shutil.rmtree(CACHE / "peers-out", ignore_errors=True)

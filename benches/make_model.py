@@ -1,7 +1,7 @@
 """Write a synthetic Hugging Face style checkpoint, streaming (never in RAM).
 
     python3 benches/make_model.py OUT [--arch llama|mixtral|gpt-oss] [--size 200MB]
-        [--dtype fp32|bf16|fp16|fp8|mxfp4|nvfp4|w4a16] [--shard-size 2GB] [--seed 0]
+        [--dtype fp32|bf16|fp16|fp8|mxfp4|nvfp4|w4a16|gptq|awq] [--shard-size 2GB] [--seed 0]
 
 ``--dtype fp8`` writes a DeepSeek-style block-fp8 checkpoint: every decoder Linear
 weight in e4m3 with an F32 ``weight_scale_inv`` per 128x128 block right after it,
@@ -15,6 +15,14 @@ Linear as U8 ``weight_packed``, F8_E4M3 ``weight_scale`` per 16 and an F32
 ``weight_global_scale``. ``--dtype w4a16`` writes a compressed-tensors W4A16 Llama
 (``pack-quantized``): each decoder Linear as I32 ``weight_packed`` (eight 4-bit codes a
 word), a bf16 ``weight_scale`` per 128 inputs and its I64 ``weight_shape``.
+``--dtype gptq`` and ``--dtype awq`` write 4-bit group-128 fp16 Llamas as AutoGPTQ
+(``qweight`` ``[in/8, out]``, ``qzeros``, ``scales``, ``g_idx``, ``checkpoint_format:
+gptq``) and AutoAWQ GEMM (``qweight`` ``[in, out/8]``) pack them: random codes, every
+stored zero point 7 (AutoGPTQ's symmetric 8, minus its one), fp16 scales.
+``--dtype bnb-nf4`` writes a bitsandbytes nf4 double-quant bf16 Llama as transformers
+saves one: each decoder Linear as U8 ``weight`` (two codes a byte), U8 ``absmax`` per 64
+with its F32 ``nested_absmax`` per 256 and the two code tables, and the quant state's
+JSON (bitsandbytes' own tables and layout).
 
 Llama- or Mixtral-shaped tensors (names and shapes as transformers saves them,
 tied embeddings for llama), a config.json claiming the dtype, a
@@ -54,6 +62,10 @@ GPT_OSS = {"hidden": 2880, "intermediate": 2880, "experts": 32, "heads": 64, "kv
            "head_dim": 64, "vocab": 32000}  # fmt: skip
 #: Block-fp8 checkpoints: quantized Linears in blocks of this many rows and columns.
 FP8_BLOCK = 128
+#: GPTQ and AWQ checkpoints: inputs per scale.
+INT4_GROUP = 128
+#: The methods whose checkpoints hold packed 4-bit codes.
+QUANTIZED = ("mxfp4", "nvfp4", "w4a16", "gptq", "awq", "bnb-nf4")
 
 
 def llama_tensors(
@@ -158,6 +170,69 @@ def w4a16_specs(tensors: list[tuple[str, tuple[int, ...]]]) -> list[Spec]:
                 Spec(x + ".weight_shape", (2,), 16, "I64"),
             ]
             SHAPES[x + ".weight_shape"] = np.array(shape, dtype=np.int64)
+        else:
+            out.append(Spec(name, shape, 2 * int(np.prod(shape)), "BF16"))
+    return out
+
+
+def int4_specs(tensors: list[tuple[str, tuple[int, ...]]], method: str) -> list[Spec]:
+    """GPTQ (AutoGPTQ, ``checkpoint_format: gptq``) or AWQ (AutoAWQ GEMM): decoder Linears
+    as I32 ``qweight`` and ``qzeros`` (every zero point 7) and F16 ``scales`` per 128
+    inputs (GPTQ: its ``g_idx`` too), the rest fp16."""
+    out = []
+    for name, shape in tensors:
+        if ".layers." in name and len(shape) == 2 and not name.endswith("gate.weight"):
+            x = name.removesuffix(".weight")
+            rows, cols = shape  # [out, in]
+            groups = cols // INT4_GROUP
+            packed = (cols // 8, rows) if method == "gptq" else (cols, rows // 8)
+            out += [
+                Spec(x + ".qweight", packed, rows * cols // 2, "I32"),
+                Spec(x + ".qzeros", (groups, rows // 8), groups * rows // 2, "I32"),
+                Spec(x + ".scales", (groups, rows), 2 * groups * rows, "F16"),
+            ]
+            SHAPES[x + ".qzeros"] = np.full(groups * rows // 8, 0x77777777, np.uint32)
+            if method == "gptq":
+                out.append(Spec(x + ".g_idx", (cols,), 4 * cols, "I32"))
+                SHAPES[x + ".g_idx"] = (np.arange(cols) // INT4_GROUP).astype(np.int32)
+        else:
+            out.append(Spec(name, shape, 2 * int(np.prod(shape)), "F16"))
+    return out
+
+
+def nf4_specs(tensors: list[tuple[str, tuple[int, ...]]]) -> list[Spec]:
+    """bitsandbytes nf4 with double quant, as ``Linear4bit`` saves it: decoder Linears as
+    packed codes, absmax codes per 64 and their nested F32 absmax per 256, the two tables
+    and the quant state (bitsandbytes' own, from a small quantization); the rest bf16."""
+    import torch
+    from bitsandbytes import functional
+
+    sample = functional.quantize_4bit(torch.ones(64, 256, dtype=torch.bfloat16),
+                                      quant_type="nf4", compress_statistics=True)[1]  # fmt: skip
+    code, nested_code = sample.code.float().numpy(), sample.state2.code.float().numpy()
+    rng = np.random.default_rng(1)
+    out = []
+    for name, shape in tensors:
+        if ".layers." in name and len(shape) == 2 and not name.endswith("gate.weight"):
+            n = int(np.prod(shape))
+            blocks, nested = n // 64, -(-n // 64 // 256)
+            state = json.dumps({"quant_type": "nf4", "blocksize": 64, "dtype": "bfloat16",
+                                "shape": list(shape), "nested_blocksize": 256,
+                                "nested_dtype": "float32", "nested_offset": 0.03})  # fmt: skip
+            literal = {
+                ".absmax": np.frombuffer(
+                    rng.integers(0, 256, blocks, np.uint8).tobytes(), np.uint8
+                ),
+                ".quant_map": code.view(np.uint32),
+                ".nested_absmax": rng.uniform(0.05, 0.1, nested).astype(np.float32).view(np.uint32),
+                ".nested_quant_map": nested_code.view(np.uint32),
+                ".quant_state.bitsandbytes__nf4": np.frombuffer(state.encode(), np.uint8),
+            }
+            out.append(Spec(name, (n // 2, 1), n // 2, "U8"))
+            for suffix, values in literal.items():
+                SHAPES[name + suffix] = values
+                dtype = "U8" if values.dtype == np.uint8 else "F32"
+                out.append(Spec(name + suffix, (len(values),), values.nbytes, dtype))
         else:
             out.append(Spec(name, shape, 2 * int(np.prod(shape)), "BF16"))
     return out
@@ -268,17 +343,21 @@ def main() -> None:
     parser.add_argument("--arch", choices=["llama", "mixtral", "gpt-oss"], default="llama")
     parser.add_argument("--size", default="200MB", help="approximate total tensor bytes")
     parser.add_argument(
-        "--dtype", default="fp32", help="fp32, bf16, fp16, fp8 (block fp8), mxfp4, nvfp4 or w4a16"
+        "--dtype",
+        default="fp32",
+        help="fp32, bf16, fp16, fp8 (block fp8), mxfp4, nvfp4, w4a16, gptq, awq or bnb-nf4",
     )
     parser.add_argument("--shard-size", default="2GB")
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args()
-    quantized = args.dtype if args.dtype in ("mxfp4", "nvfp4", "w4a16") else None
+    quantized = args.dtype if args.dtype in QUANTIZED else None
     if (args.arch == "gpt-oss") != (quantized == "mxfp4"):
         parser.error("gpt-oss is written as MXFP4 (--arch gpt-oss --dtype mxfp4)")
     dtype = "U8" if quantized else fastcast.parse_dtype(args.dtype)
     if dtype not in NP_BITS:
-        parser.error("--dtype must be fp32, bf16, fp16, fp8, mxfp4, nvfp4 or w4a16")
+        parser.error(
+            "--dtype must be fp32, bf16, fp16, fp8, mxfp4, nvfp4, w4a16, gptq, awq, bnb-nf4"
+        )
     itemsize = 1 if quantized else np.dtype(NP_BITS[dtype]).itemsize
     dims, tensors = shapes_for(args.arch, parse_size(args.size), itemsize)
     values = (np.random.default_rng(args.seed).standard_normal(BLOCK // 4) * 0.02).astype(
@@ -307,6 +386,10 @@ def main() -> None:
         specs = nvfp4_specs(tensors)
     elif quantized == "w4a16":
         specs = w4a16_specs(tensors)
+    elif quantized in ("gptq", "awq"):
+        specs = int4_specs(tensors, quantized)
+    elif quantized == "bnb-nf4":
+        specs = nf4_specs(tensors)
     else:
         specs = specs_for(tensors, dtype)
     shards = pack(specs, parse_size(args.shard_size))  # the same rule fastcast uses
@@ -329,7 +412,13 @@ def main() -> None:
         "num_key_value_heads": dims["hidden_size"] // 256,
         "rms_norm_eps": 1e-5,
         "tie_word_embeddings": True,
-        "torch_dtype": torch_name(dtype if dtype in ("F32", "BF16", "F16") else "BF16"),
+        "torch_dtype": torch_name(
+            "F16"
+            if quantized in ("gptq", "awq")
+            else dtype
+            if dtype in ("F32", "BF16", "F16")
+            else "BF16"
+        ),
     }
     config |= quantization_config(args.arch, quantized, dims)
     if dtype == "F8_E4M3":
@@ -391,6 +480,19 @@ def quantization_config(arch: str, quantized: str | None, dims: dict[str, int]) 
             "quantization_status": "compressed", "ignore": ["lm_head"],
             "config_groups": {"group_0": {"targets": ["Linear"], "weights": weights,
                                           "format": "nvfp4-pack-quantized"}}}}  # fmt: skip
+    if quantized == "bnb-nf4":
+        return {"quantization_config": {
+            "quant_method": "bitsandbytes", "load_in_4bit": True, "load_in_8bit": False,
+            "bnb_4bit_quant_type": "nf4", "bnb_4bit_use_double_quant": True,
+            "bnb_4bit_compute_dtype": "bfloat16", "bnb_4bit_quant_storage": "uint8"}}  # fmt: skip
+    if quantized == "gptq":
+        return {"quantization_config": {
+            "quant_method": "gptq", "bits": 4, "group_size": INT4_GROUP, "desc_act": False,
+            "sym": True, "checkpoint_format": "gptq"}}  # fmt: skip
+    if quantized == "awq":
+        return {"quantization_config": {
+            "quant_method": "awq", "bits": 4, "group_size": INT4_GROUP, "zero_point": True,
+            "version": "gemm"}}  # fmt: skip
     if quantized == "w4a16":
         weights = {"num_bits": 4, "type": "int", "strategy": "group",
                    "group_size": W4A16_GROUP, "symmetric": True, "dynamic": False}  # fmt: skip

@@ -21,7 +21,7 @@ const AWQ_NIBBLE: [u32; 8] = [0, 4, 1, 5, 2, 6, 3, 7];
 
 /// Output rows dequantized together: their words of one packed row are
 /// adjacent (GPTQ) or shared (AWQ), their scales and zeros of one group too.
-const TILE: usize = 16;
+const TILE: usize = 64;
 
 /// GPTQ or AWQ: integer codes in int32 words, a scale and a zero per (group,
 /// output), the output `[rows = out, cols = in]`.
@@ -160,6 +160,14 @@ impl<'a> PackedInts<'a> {
                 None => (i / self.group_size) as u32,
             })
             .collect();
+        // Whether each word's values (GPTQ: `per` inputs; AWQ: a run of eight)
+        // share one group, as they do unless desc_act permuted the inputs: the
+        // scale and zero are then looked up once a word.
+        let run = match self.packing {
+            Packing::Gptq { bits, .. } => (32 / bits) as usize,
+            Packing::Awq => 8,
+        };
+        let shared = group.chunks(run).all(|c| c.iter().all(|&g| g == c[0]));
         let groups = self.groups as usize;
         let mut scales = vec![0f32; groups * TILE];
         let mut zeros = vec![0i32; groups * TILE];
@@ -182,7 +190,21 @@ impl<'a> PackedInts<'a> {
                 (scales[at] * (q as i32 - zeros[at]) as f32).to_le_bytes()
             };
             let (rows, o0, t0) = (self.rows as usize, o0 as usize, tile as usize);
+            let fast = Tile {
+                scales: &scales,
+                zeros: &zeros,
+                rows,
+                cols,
+                o0,
+                t0,
+                height,
+            };
             match self.packing {
+                Packing::Gptq { bits, .. } if shared => match bits {
+                    2 => fast.gptq_words::<2, 16>(src, out, &group),
+                    4 => fast.gptq_words::<4, 8>(src, out, &group),
+                    _ => fast.gptq_words::<8, 4>(src, out, &group),
+                },
                 Packing::Gptq { bits, .. } => {
                     // Packed row r holds inputs r * per.. of every output: one
                     // word per row of the tile, each giving `per` adjacent values.
@@ -200,6 +222,9 @@ impl<'a> PackedInts<'a> {
                             }
                         }
                     }
+                }
+                Packing::Awq if shared => {
+                    fast.awq_words(src, out, &group);
                 }
                 Packing::Awq => {
                     // Input i's words hold eight outputs each; where each row of
@@ -225,6 +250,86 @@ impl<'a> PackedInts<'a> {
                 }
             }
             tile += height as u64;
+        }
+    }
+}
+
+/// One tile of output rows: its scales and zeros (`[group][row]`), where it
+/// sits, and the weight's geometry.
+struct Tile<'t> {
+    scales: &'t [f32],
+    zeros: &'t [i32],
+    rows: usize,
+    cols: usize,
+    o0: usize,
+    t0: usize,
+    height: usize,
+}
+
+impl Tile<'_> {
+    /// AWQ runs of eight inputs sharing a group: the eight words of a run
+    /// and an output word column, read once, give a row of eight values to
+    /// each of the word's eight outputs in the tile.
+    fn awq_words(&self, src: &[u8], out: &mut [u8], group: &[u32]) {
+        let per_input = self.rows / 8;
+        let (first, last) = (self.o0, self.o0 + self.height);
+        for i0 in (0..self.cols).step_by(8) {
+            let n = (self.cols - i0).min(8);
+            let g = group[i0] as usize * TILE;
+            for c in first / 8..last.div_ceil(8) {
+                let mut words = [0u32; 8];
+                for (i, w) in words[..n].iter_mut().enumerate() {
+                    *w = u32_at(src, (i0 + i) * per_input + c);
+                }
+                for o in (8 * c).max(first)..(8 * c + 8).min(last) {
+                    let t = o - first;
+                    let shift = 4 * AWQ_NIBBLE[o % 8];
+                    let (s, z) = (self.scales[g + t], self.zeros[g + t]);
+                    let mut bytes = [0u8; 32];
+                    for (b, w) in bytes.chunks_exact_mut(4).zip(words) {
+                        let v = s * (((w >> shift) & 0xF) as i32 - z) as f32;
+                        b.copy_from_slice(&v.to_le_bytes());
+                    }
+                    let at = 4 * ((self.t0 + t) * self.cols + i0);
+                    if n == 8 {
+                        // a fixed-size copy: inlined, where a run-time length
+                        // calls memcpy for every 32 bytes
+                        let row: &mut [u8; 32] = (&mut out[at..at + 32]).try_into().unwrap();
+                        *row = bytes;
+                    } else {
+                        out[at..at + 4 * n].copy_from_slice(&bytes[..4 * n]);
+                    }
+                }
+            }
+        }
+    }
+
+    /// GPTQ words whose `PER` values share a group: each word of a tile row
+    /// gives `PER` adjacent outputs `scale * f32(q - zero)`, the one product
+    /// of the general loop, computed a word at a time.
+    fn gptq_words<const BITS: u32, const PER: usize>(
+        &self,
+        src: &[u8],
+        out: &mut [u8],
+        group: &[u32],
+    ) {
+        let mask = (1u32 << BITS) - 1;
+        for r in 0..self.cols / PER {
+            let g = group[r * PER] as usize * TILE;
+            let first = 4 * (r * self.rows + self.o0);
+            let words = &src[first..first + 4 * self.height];
+            for (t, w) in words.chunks_exact(4).enumerate() {
+                let word = u32::from_le_bytes([w[0], w[1], w[2], w[3]]);
+                let (s, z) = (self.scales[g + t], self.zeros[g + t]);
+                let mut v = [0f32; PER];
+                for (k, v) in v.iter_mut().enumerate() {
+                    *v = s * (((word >> (k as u32 * BITS)) & mask) as i32 - z) as f32;
+                }
+                let at = 4 * ((self.t0 + t) * self.cols + r * PER);
+                for (o, v) in out[at..at + 4 * PER].chunks_exact_mut(4).zip(v) {
+                    o.copy_from_slice(&v.to_le_bytes());
+                }
+            }
         }
     }
 }
