@@ -308,3 +308,17 @@ def test_the_transposed_experts_are_transformers(tmp_path: Path) -> None:
             for config in modeling.parent.glob("configuration_*.py"):
                 found |= set(re.findall(r'model_type = "([^"]+)"', config.read_text()))
     assert found == TRANSPOSED
+
+
+def test_a_stack_of_no_experts_fits_nothing(tmp_path: Path) -> None:
+    """A hostile base holding a ``[0, in, out]`` parameter: no way to update it (not a
+    division by zero experts)."""
+    from fastcast._plan.experts import stacked
+    from fastcast._source.entries import TensorEntry
+
+    empty = TensorEntry("m.experts.down_proj", "BF16", (0, 4, 4), tmp_path, (0, 0))
+    assert stacked(empty.name, "model", empty, "gpt_oss") == []
+    one = TensorEntry("m.experts.down_proj", "BF16", (1, 4, 6), tmp_path, (0, 0))
+    assert [(p.ins, p.outs, p.transpose) for p in stacked(one.name, "model", one, "")] == [
+        (6, 4, False)
+    ]  # one expert, not transposed: PEFT's untransposed update of a transposed one is refused

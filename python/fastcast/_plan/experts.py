@@ -82,6 +82,8 @@ def stacked(name: str, key: str, e: TensorEntry, model_type: str) -> list[Parame
     if len(shape) != 3:
         return []
     experts, d1, d2 = shape
+    if experts == 0:
+        return []  # no expert to update: fits nothing, refused by name
     ways = [model_type in TRANSPOSED] if d1 == d2 else [False, True]
     found = []
     for transpose in ways:
