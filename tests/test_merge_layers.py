@@ -201,3 +201,23 @@ def test_quantizing_or_a_quantized_base_is_refused(llama: Path, tmp_path: Path) 
                "--dequantize", "--dtype", "bf16")  # fmt: skip
     assert done.returncode == 1 and "layer_replication into a quantized base" in done.stderr
     assert not out.exists()
+
+
+def test_remap_reads_each_index_as_written(tmp_path: Path) -> None:
+    """A hostile spelling of the layer index (zero-padded): each tensor keeps the rest
+    of its own name after whatever digits its index has, and its own bytes."""
+    from fastcast._plan.layers import Replication
+    from fastcast._source.entries import TensorEntry
+
+    names = ["embed.weight", "model.layers.00.q.weight", "model.layers.01.q.weight", "norm.weight"]
+    entries = [
+        TensorEntry(n, "F32", (2,), tmp_path, (8 * i, 8 * i + 8)) for i, n in enumerate(names)
+    ]
+    got = Replication("model.layers.", (1, 0, 1), 2).remap(entries)
+    assert [(e.name, e.offsets) for e in got] == [
+        ("embed.weight", (0, 8)),
+        ("model.layers.0.q.weight", (16, 24)),
+        ("model.layers.1.q.weight", (8, 16)),
+        ("model.layers.2.q.weight", (16, 24)),
+        ("norm.weight", (24, 32)),
+    ]

@@ -43,18 +43,16 @@ class Replication:
         tensors renamed; base layers the map leaves out are left out."""
         before: list[TensorEntry] = []
         after: list[TensorEntry] = []
-        layers: dict[int, list[TensorEntry]] = {}
+        layers: dict[int, list[tuple[TensorEntry, str]]] = {}  # (entry, name after index)
         for e in entries:
             m = LAYER.match(e.name)
             if m is not None and m.group(1) == self.prefix:
-                layers.setdefault(int(m.group(2)), []).append(e)
+                layers.setdefault(int(m.group(2)), []).append((e, e.name[m.end(2) :]))
             else:
                 (after if layers else before).append(e)
         out = before
         for j, i in enumerate(self.sources):
-            for e in layers.get(i, []):
-                tail = e.name[len(self.prefix) + len(str(i)) :]
-                out.append(e._replace(name=f"{self.prefix}{j}{tail}"))
+            out += [e._replace(name=f"{self.prefix}{j}{tail}") for e, tail in layers.get(i, [])]
         return out + after
 
     def config(self, config: dict[str, Any]) -> dict[str, Any]:

@@ -189,14 +189,14 @@ def plan_merge(
         where[w.name] = (key, TensorEntry(w.name, "F32", w.shape, folder.root, (0, 0)))
     tensors = {ws.key: ws.tensors for ws in folder.weight_sets}
     names = {key: [e.name for e in es] for key, es in tensors.items()}
-    stacked = replication(adapter.config.get("layer_replication"), adapter.given, names, config)
-    if stacked is not None:
+    replicated = replication(adapter.config.get("layer_replication"), adapter.given, names, config)
+    if replicated is not None:
         if dequantized:
             raise ModelFolderError(
                 f"{adapter.given}: layer_replication into a quantized base is not merged "
                 "yet (dequantize it first: --dequantize --dtype fp32)"
             )
-        tensors[stacked[0]] = stacked[1].remap(tensors[stacked[0]])
+        tensors[replicated[0]] = replicated[1].remap(tensors[replicated[0]])
     sets_of: dict[str, list[str]] = {}
     for key, es in tensors.items():
         for e in es:
@@ -211,9 +211,9 @@ def plan_merge(
                 "component's own folder"
             )
     merging = replacements(folder, adapter, config, where)
-    if stacked is not None:
-        merging.layers[stacked[0]] = stacked[1]
-        merging.config.update(stacked[1].config(config))
+    if replicated is not None:
+        merging.layers[replicated[0]] = replicated[1]
+        merging.config.update(replicated[1].config(config))
     # A replaced tensor that is also updated (an embedding PEFT saved as
     # ``base_layer.weight`` beside its LoRA): the update is added to the replacement,
     # as PEFT loads it into the model before it merges (the plan reads both).
@@ -240,8 +240,7 @@ def merge_parameters(
     base tensor a parameter's update lands on (``_plan/experts.py``)."""
     for m, p in parameter_updates(adapter, where, model_type):
         for piece in p.pieces:
-            if not is_castable(piece.entry.dtype):
-                update(adapter, m, piece.entry, set())  # refused as any quantized base
+            float_base(piece.entry)
             if (piece.key, piece.entry.name) in merging.merged:
                 raise ModelFolderError(
                     f"{adapter.given}: {piece.entry.name} is updated twice (by module "
@@ -306,13 +305,18 @@ def base_bias(
     return key, bias
 
 
-def update(adapter: Adapter, m: LoraModule, base: TensorEntry, conv1d: set[str]) -> Merged:
-    """Module ``m``'s update of ``base``, its orientation by the module's type."""
+def float_base(base: TensorEntry) -> None:
+    """Refuse a base weight that is not a float (a quantized one not dequantized)."""
     if not is_castable(base.dtype):
         raise ModelFolderError(
             f"{base.file}: {base.name} is {base.dtype}, not a float weight (a "
             "quantized base is merged with --dequantize --dtype DTYPE)"
         )
+
+
+def update(adapter: Adapter, m: LoraModule, base: TensorEntry, conv1d: set[str]) -> Merged:
+    """Module ``m``'s update of ``base``, its orientation by the module's type."""
+    float_base(base)
     transpose = m.embedding or m.module.rpartition(".")[2] in conv1d
     a, b = m.a.shape, m.b.shape
     fits = (a[1], b[0]) if transpose else (b[0], a[1])
