@@ -200,7 +200,8 @@ impl<'a> Merger<'a> {
         let experts = how.experts;
         let (rows, cols) = match (shape, &how.a) {
             (&[rows, cols], Some(_)) => (rows, cols),
-            (&[e, rows, cols], Some(_)) if experts > 1 => (e * rows, cols),
+            // a stack held whole: its leading dimension is the experts
+            (&[e, rows, cols], Some(_)) if e == experts => (e * rows, cols),
             (&[rows], None) if !how.transpose && how.magnitude.is_none() && experts == 1 => {
                 (rows, 1)
             }
@@ -975,6 +976,21 @@ pub(crate) mod tests {
         assert!(
             Merger::check(&how, &s, &[4, 2], &op).is_err(),
             "rows 3..7 of 4"
+        );
+        assert!(
+            Merger::check(&ok, &s, &[4, 1, 2], &op).is_err(),
+            "a stack of 4 for 2 experts"
+        );
+        let single = Merge {
+            a: Some(operand("A", &[2, 2], 0, "F32")),
+            b: operand("B", &[4, 2], 64, "F32"),
+            experts: 1,
+            expert_rows: 4,
+            ..ok.clone()
+        };
+        assert!(
+            Merger::check(&single, &s, &[1, 4, 2], &op).is_ok(),
+            "a stack of one expert, as PEFT merges it (a Linear's update)"
         );
         assert!(
             Merger::check(&dora, &s, &[2, 2, 2], &op).is_err(),
