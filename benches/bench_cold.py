@@ -52,13 +52,13 @@ from bench_convert import (
     CACHE,
     HERE,
     RESULTS,
-    ROOT,
     Model,
     Row,
     contenders,
     inputs,
     make_cgroup,
     measure,
+    prepare_contenders,
     remove_cgroup,
 )
 
@@ -325,10 +325,7 @@ def main() -> None:
               f"({'' if made else f'{size} GB input, '}{size / 2:.0f} GB output, 2 GB spare), "
               f"has {have / 1e9:.0f} GB")  # fmt: skip
         return
-    subprocess.run(
-        ["cargo", "build", "--release", "--quiet", "-p", "fastcast-core", "--example", "io_floor"],
-        cwd=ROOT, check=True,
-    )  # fmt: skip
+    prepare_contenders()
     if not made:
         subprocess.run(
             [sys.executable, str(HERE / "make_model.py"), str(model.path), "--arch", "llama",

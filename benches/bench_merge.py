@@ -46,6 +46,7 @@ from bench_convert import (
     drop_caches,
     make_cgroup,
     measure,
+    prepare_contenders,
     python_cmd,
     remove_cgroup,
     settle,
@@ -186,10 +187,7 @@ def main() -> None:
                         help="also time the merge quantized in the same pass")  # fmt: skip
     parser.add_argument("--no-peft", action="store_true", help="leave PEFT's merge out")
     args = parser.parse_args()
-    subprocess.run(
-        ["cargo", "build", "--release", "--quiet", "-p", "fastcast-core", "--example", "io_floor"],
-        cwd=ROOT, check=True,
-    )  # fmt: skip
+    prepare_contenders()
     CACHE.mkdir(exist_ok=True)
     base = make_base(args.size)
     adapter = make_adapter(base, args.rank)

@@ -48,7 +48,17 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from bench_convert import CACHE, HERE, ROOT, Row, measure, python_cmd, settle, warm
+from bench_convert import (
+    CACHE,
+    HERE,
+    ROOT,
+    Row,
+    measure,
+    prepare_contenders,
+    python_cmd,
+    settle,
+    warm,
+)
 
 import fastcast
 from fastcast._units import parse_size
@@ -557,11 +567,7 @@ def main() -> None:
     chosen = args.only.split(",")
     if unknown := set(chosen) - set(PAIRS):
         parser.error(f"unknown pairs {sorted(unknown)}; choose among {', '.join(PAIRS)}")
-    subprocess.run(
-        ["cargo", "build", "--release", "--quiet", "-p", "fastcast-core", "--example", "io_floor"],
-        cwd=ROOT,
-        check=True,
-    )
+    prepare_contenders()
     CACHE.mkdir(exist_ok=True)
     versions = [f"fastcast {fastcast.__version__}"]
     amn = python = None

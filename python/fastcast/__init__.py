@@ -11,10 +11,10 @@ Nothing in this package needs torch at run time, except ``verify``.
 array([3.14], dtype=float16)
 """
 
+import importlib
+from typing import TYPE_CHECKING
+
 from fastcast._arrays import cast_array
-from fastcast._batch.run import BatchReport, ModelJob, ModelResult, convert_batch, read_jobs
-from fastcast._conversion import ConversionReport
-from fastcast._convert import convert
 from fastcast._core import (
     DtypeError,
     FastcastError,
@@ -32,10 +32,50 @@ from fastcast._core import (
     read_header,
     select_kernel,
 )
-from fastcast._inspect import ModelInspection, inspect
-from fastcast._loss import FastcastWarning, OverflowWarning, RangeRiskWarning, TensorLoss
 from fastcast._units import parse_size
-from fastcast._verify.verify import VerifyReport, verify
+
+if TYPE_CHECKING:
+    from fastcast._batch.run import BatchReport, ModelJob, ModelResult, convert_batch, read_jobs
+    from fastcast._conversion import ConversionReport
+    from fastcast._convert import convert
+    from fastcast._inspect import ModelInspection, inspect
+    from fastcast._loss import FastcastWarning, OverflowWarning, RangeRiskWarning, TensorLoss
+    from fastcast._verify.verify import VerifyReport, verify
+
+#: Where each name of the API lives, imported on first use: every command starts a
+#: Python process, and the planner, batch, inspect and verify modules are most of its
+#: start-up; ``fastcast dtypes`` or a conversion need not load what they do not use.
+_LAZY = {
+    "BatchReport": "fastcast._batch.run",
+    "ModelJob": "fastcast._batch.run",
+    "ModelResult": "fastcast._batch.run",
+    "convert_batch": "fastcast._batch.run",
+    "read_jobs": "fastcast._batch.run",
+    "ConversionReport": "fastcast._conversion",
+    "convert": "fastcast._convert",
+    "ModelInspection": "fastcast._inspect",
+    "inspect": "fastcast._inspect",
+    "FastcastWarning": "fastcast._loss",
+    "OverflowWarning": "fastcast._loss",
+    "RangeRiskWarning": "fastcast._loss",
+    "TensorLoss": "fastcast._loss",
+    "VerifyReport": "fastcast._verify.verify",
+    "verify": "fastcast._verify.verify",
+}
+
+
+def __getattr__(name: str) -> object:
+    module = _LAZY.get(name)
+    if module is None:
+        raise AttributeError(f"module 'fastcast' has no attribute {name!r}")
+    value = getattr(importlib.import_module(module), name)
+    globals()[name] = value  # once: later lookups do not come here
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted(__all__)
+
 
 __all__ = [
     "BatchReport",

@@ -7,9 +7,7 @@ import sys
 import warnings
 
 import fastcast
-from fastcast._batch.jobs import with_jobs_file
 from fastcast._core import QUANTIZE_SCHEMES
-from fastcast._verify.verify import require_torch
 from fastcast.cli.torch_options import add_torch_options
 from fastcast.options import DEFAULT_SHARD_SIZE, Keywords
 
@@ -222,6 +220,9 @@ def add_batch_options(convert: argparse.ArgumentParser) -> None:
 
 def run_convert(args: argparse.Namespace) -> int:
     if args.verify:
+        # Imported here: a conversion without --verify need not load the verifier.
+        from fastcast._verify.verify import require_torch
+
         require_torch()  # before converting, not after
     if len(args.model) != 1 or args.jobs is not None or args.executor != "local":
         return run_batch(args)
@@ -242,6 +243,8 @@ def run_convert(args: argparse.Namespace) -> int:
 
 
 def run_batch(args: argparse.Namespace) -> int:
+    from fastcast._batch.jobs import with_jobs_file  # the batch machinery, only for batches
+
     jobs, dtype, output_dir, options = with_jobs_file(
         args.model, args.jobs, args.dtype, args.output, convert_options(args)
     )
