@@ -1,12 +1,11 @@
-"""A model of plain safetensors files is planned by the core (``_core.plan_plain``),
-without a Python object per tensor; quantized and torch.save models by the Python
-planner, tensor by tensor. Both must plan a plain model the same way, object for
-object, whatever the layout, dtypes, ``keep`` globs and shard size: the Python
-planner, handed the same files as lists, is the oracle."""
+"""A model whose tensors are all cast or copied (safetensors or torch.save files) is
+planned by the core (``_core.plan_plain``), without a Python object per tensor;
+quantized and merged models by the Python planner, tensor by tensor (``object_set``).
+Both must plan a plain model the same way, object for object, whatever the layout,
+dtypes, ``keep`` globs and shard size: the Python planner is the oracle."""
 
 from __future__ import annotations
 
-import dataclasses
 import json
 import pickle
 import random
@@ -18,8 +17,10 @@ from safetensors.numpy import save_file
 
 from fastcast import _core
 from fastcast._conversion.fingerprint import shard_fingerprint
-from fastcast._plan.shards import SetPlan, plan_set
-from fastcast._source.folder import ModelFolder, WeightSet, open_model
+from fastcast._plan.shards import SetPlan, object_set, plan_set
+from fastcast._source.folder import ModelFolder, open_model
+from quantized import ALL as QUANTIZED
+from quantized_fp4 import ALL_FP4
 from zoo import ZOO
 
 #: (target, keep, shard size): cast with and without globs, a dtype kept, shards cut
@@ -30,13 +31,6 @@ CASES = [
     (None, [], 3000),
     ("F32", ["*embed*"], 1),
 ]
-
-
-def as_lists(ws: WeightSet) -> WeightSet:
-    """``ws`` with its files' tensors as lists: planned by the Python planner."""
-    return dataclasses.replace(
-        ws, files=[dataclasses.replace(f, entries=f.tensors) for f in ws.files]
-    )
 
 
 def described(sp: SetPlan) -> list[object]:
@@ -59,17 +53,16 @@ def columns(sp: SetPlan, source_ids: dict[Path, int]) -> list[object]:
     ] + [sp.index()]
 
 
-def check_plans_agree(folder: ModelFolder) -> int:
-    """Plan every safetensors set of ``folder`` both ways in every case; the number
-    planned by the core."""
+def check_plans_agree(folder: ModelFolder, quantized: bool = False) -> int:
+    """Plan every set of ``folder`` both ways in every case (``quantized``: its
+    quantization state kept, as ``--keep-quantized`` plans it); the number planned by
+    the core."""
     planned = 0
     for ws in folder.weight_sets:
-        if any(f.torch for f in ws.files):
-            continue
         ids = {f.path: i for i, f in enumerate(ws.files)}
         for target, keep, size in CASES:
-            core = plan_set(ws, target, size, keep)
-            python = plan_set(as_lists(ws), target, size, keep)
+            core = plan_set(ws, target, size, keep, quantized)
+            python = object_set(ws, target, size, keep, quantized)
             assert all(s.plain is not None for s in core.shards), "planned by the core"
             assert all(s.plain is None for s in python.shards), "planned in Python"
             # columns first: read before the core's shards make their objects
@@ -83,8 +76,19 @@ def check_plans_agree(folder: ModelFolder) -> int:
 @pytest.mark.parametrize("name", sorted(ZOO))
 def test_the_core_plans_each_zoo_layout_as_the_python_planner(tmp_path, name):
     layout = ZOO[name](tmp_path)
-    planned = check_plans_agree(open_model(layout.model))
-    assert planned or name in ("llama-bin", "checkpoint-pth")
+    assert check_plans_agree(open_model(layout.model))
+
+
+@pytest.mark.parametrize("name", sorted({**QUANTIZED, **ALL_FP4}))
+def test_the_core_plans_each_quantized_model_kept_as_the_python_planner(tmp_path, name):
+    """--keep-quantized: the state (codes, scales, zero points, bitsandbytes' state,
+    fp32-pinned tensors) keeps its dtype, every other float is cast; each tensor keeps
+    its role (the report names the roles of what was not cast)."""
+    model = {**QUANTIZED, **ALL_FP4}[name](tmp_path)
+    folder = open_model(model.path)
+    assert check_plans_agree(folder, quantized=True) == len(CASES) * len(folder.weight_sets)
+    (core,) = [plan_set(ws, "F16", 10**9, (), True) for ws in folder.weight_sets[:1]]
+    assert {r for s in core.shards for r in s.plain.roles()} - {"plain"}, "roles told"
 
 
 DTYPES = [np.float32, np.float16, np.int64, np.int8, np.uint8, np.bool_, np.float64]
@@ -110,6 +114,54 @@ def test_the_core_plans_random_models_as_the_python_planner(tmp_path, seed):
     index = {"metadata": {}, "weight_map": weight_map}
     (model / "model.safetensors.index.json").write_text(json.dumps(index))
     assert check_plans_agree(open_model(model)) == len(CASES)
+
+
+TORCH_DTYPES = ["float32", "bfloat16", "float16", "int64", "uint8", "bool", "float64"]
+
+
+@pytest.mark.parametrize("seed", range(4))
+def test_the_core_plans_random_torch_models_as_the_python_planner(tmp_path, seed):
+    """torch.save shards (``pytorch_model-*.bin`` and their index): tensors in any order
+    of storage, tied duplicates, every dtype; planned by the core since its tables hold
+    torch.save files too."""
+    import torch
+
+    rng = random.Random(seed)
+    model = tmp_path / "model"
+    model.mkdir()
+    files = rng.randint(1, 3)
+    weight_map = {}
+    for f in range(files):
+        state = {}
+        for t in range(rng.randint(1, 30)):
+            dtype = getattr(torch, rng.choice(TORCH_DTYPES))
+            shape = [rng.randint(0, 9) for _ in range(rng.randint(0, 3))]
+            name = rng.choice(["layer", "norm", "embed", "x.bias"]) + f".{f}.{t}"
+            state[name] = torch.zeros(shape, dtype=dtype)
+        tie = rng.choice(list(state))
+        state[f"tied.{f}"] = state[tie]  # written once, under the first name
+        state = dict(rng.sample(list(state.items()), len(state)))  # any pickle order
+        file = f"pytorch_model-{f + 1:05d}-of-{files:05d}.bin"
+        torch.save(state, model / file)
+        weight_map.update(dict.fromkeys(state, file))
+    index = {"metadata": {}, "weight_map": weight_map}
+    (model / "pytorch_model.bin.index.json").write_text(json.dumps(index))
+    folder = open_model(model)
+    assert all(f.torch for ws in folder.weight_sets for f in ws.files)
+    assert check_plans_agree(folder) == len(CASES)
+
+
+def test_a_torch_files_table_keeps_each_tensors_pickle_path(tmp_path):
+    """Verify loads a torch.save tensor where its keys lead: the core's table keeps them."""
+    import torch
+
+    torch.save({"state_dict": {"a.w": torch.ones(2), "b": torch.zeros(3)}}, tmp_path / "m.pth")
+    (f,) = open_model(tmp_path / "m.pth").weight_sets[0].files
+    assert isinstance(f.entries, _core.Entries)
+    assert {t.name: t.pickle_path for t in f.tensors} == {
+        "a.w": ("state_dict", "a.w"),
+        "b": ("state_dict", "b"),
+    }
 
 
 def test_a_plain_shards_rows_pickle_as_the_rows_they_stand_for(tmp_path):

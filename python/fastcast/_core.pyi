@@ -10,7 +10,7 @@ from numpy.typing import NDArray
 from typing_extensions import Buffer
 
 #: A row of ``Entries.rows``: name, dtype, shape, file, (begin, end), pickle path.
-_EntryRow = tuple[str, str, tuple[int, ...], Path, tuple[int, int], None]
+_EntryRow = tuple[str, str, tuple[int, ...], Path, tuple[int, int], tuple[str, ...] | None]
 
 __all__ = [
     "DEFAULT_CHUNK_BYTES",
@@ -544,16 +544,23 @@ def read_entries(paths: Sequence[Path]) -> list[tuple[dict[str, str] | None, Ent
 
 @final
 class Entries:
-    """A safetensors file's tensors (``read_entries``): a model may have 100k, asked
-    for as columns or, where objects are needed, as rows."""
+    """An input file's tensors in data order, offsets absolute: a safetensors file's
+    (``read_entries``) or a torch.save file's as chosen (``Entries(file, rows)``). A
+    model may have 100k, asked for as columns or, where objects are needed, as rows."""
 
+    def __new__(
+        cls,
+        file: Path,
+        rows: Sequence[tuple[str, str, Sequence[int], tuple[int, int], Sequence[str]]],
+    ) -> Entries:
+        """A torch.save file's tensors: (name, dtype, shape, (begin, end), pickle path)."""
     def __len__(self) -> int: ...
     @property
     def file(self) -> Path: ...
     def names(self) -> list[str]: ...
     def rows(self) -> list[_EntryRow]:
-        """The rows of ``_model_dir.TensorEntry``: (name, dtype, shape, file, absolute
-        (begin, end), None), in data order."""
+        """The rows of ``_source.entries.TensorEntry``: (name, dtype, shape, file,
+        absolute (begin, end), pickle path or None), in data order."""
 
 @final
 class PlainShard:
@@ -573,9 +580,11 @@ class PlainShard:
         """``tensors_digest(self.names(), self.dtypes())``."""
     def source_dtypes(self) -> list[str]: ...
     def source_nbytes(self) -> list[int]: ...
-    def picks(self) -> list[tuple[int, int, str, int, int, int]]:
-        """(source, row, dtype, nbytes, begin, end) of each tensor: ``source`` indexes
-        the ``Entries`` planned, ``row`` their rows."""
+    def roles(self) -> list[str]:
+        """Each tensor's role in its model's quantization (``quant_roles``' names)."""
+    def picks(self) -> list[tuple[int, int, str, int, int, int, str]]:
+        """(source, row, dtype, nbytes, begin, end, role) of each tensor: ``source``
+        indexes the ``Entries`` planned, ``row`` their rows."""
     def plan_rows(self, source_ids: list[int]) -> PlainRows:
         """Its tensors as a plan's ``tensors``, ``source_ids[i]`` the plan's id of the
         ``i``th ``Entries`` planned."""
@@ -591,11 +600,17 @@ class PlainRows:
     def rows(self) -> list[_PlainTensorPlan]: ...
 
 def plan_plain(
-    sources: list[Entries], target: str | None, keep: list[str], limit: int
+    sources: list[Entries],
+    target: str | None,
+    keep: list[str],
+    limit: int,
+    *,
+    quantized: bool = False,
 ) -> list[PlainShard]:
-    """The shards of a weight set of plain safetensors files, packed as
+    """The shards of a weight set whose every tensor is cast or copied, packed as
     huggingface_hub packs them and laid out as ``lay_out`` does; ``target`` None
-    keeps every dtype, a float matching a ``keep`` glob keeps its own."""
+    keeps every dtype, a float matching a ``keep`` glob keeps its own, and with
+    ``quantized`` so does every tensor holding quantization state."""
 
 def pack(sizes: list[int], limit: int) -> list[list[int]]:
     """Item indices of each shard of at most ``limit`` bytes, as huggingface_hub's
@@ -640,9 +655,9 @@ def first_repeat(files: Sequence[_FileNames]) -> tuple[str, int, int] | None:
     """The first tensor of ``files`` (a weight set's, in order) that an earlier file,
     or the same one earlier, also holds: ``(name, file position, earlier position)``."""
 
-def set_roles(files: Sequence[Entries | Sequence[tuple[str, str]]]) -> set[str]:
+def set_roles(files: Sequence[Entries]) -> set[str]:
     """The roles (``quant_roles``, dtypes included) the tensors of a weight set's files
-    take, each once; a file is its ``Entries`` or (torch.save) its (name, dtype) pairs."""
+    (their ``Entries``) take, each once."""
 
 def read_torch_file(path: str | PathLike[str]) -> TorchFile:
     """Read a torch.save file (zip format) without running pickle: its tensors as

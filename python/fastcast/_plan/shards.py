@@ -13,10 +13,13 @@ dtype; ``_core.quantize_targets`` for ``--quantize``), so that convert, inspect 
 verify cannot disagree about it. A quantized weight and its scale are packed into the
 same shard: the executor computes the scale right after the weight.
 
-A weight set of plain safetensors files (the usual model) is planned by the core
+A weight set whose tensors are all cast or copied (the usual model, safetensors or
+torch.save, or a quantized one kept quantized) is planned by the core
 (``_core.plan_plain``, ``plain_set``) by the same rules, with the same ``pack`` and
 ``lay_out``: a model may have 100k tensors, and an object per tensor cost more than its
 bytes. Its shards make their ``PlannedTensor`` objects only when something asks.
+Dequantized, quantized (``--quantize``) and merged sets are planned here, an object per
+tensor (``object_set``).
 """
 
 from __future__ import annotations
@@ -151,8 +154,8 @@ class PlainTensors:
         """The tensors as the Python planner makes them (``planned``)."""
         entries = [f.tensors for f in self.files]
         return [
-            planned_at(entries[s][r], dtype, nbytes, (begin, end), self.folder)
-            for s, r, dtype, nbytes, begin, end in self.shard.picks()
+            planned_at(entries[s][r], dtype, nbytes, (begin, end), self.folder, role)
+            for s, r, dtype, nbytes, begin, end, role in self.shard.picks()
         ]
 
 
@@ -260,10 +263,11 @@ class PlannedShard:
         c = self.plain_columns()
         if all(d == target or not is_castable(d) for d in set(c.dtypes)):
             return []  # the usual case, told from the few distinct dtypes
-        if isinstance(self._tensors, PlainTensors):  # every role plain, no object made
-            names, folder = self._tensors.shard.names(), self._tensors.folder
+        if isinstance(self._tensors, PlainTensors):  # no object made
+            table, folder = self._tensors.shard, self._tensors.folder
+            names, roles = table.names(), table.roles()
             return [
-                (names[i], join(folder, names[i]), "plain")
+                (names[i], join(folder, names[i]), roles[i])
                 for i, d in enumerate(c.dtypes)
                 if d != target and is_castable(d)  # not the target: the source's own
             ]
@@ -495,10 +499,10 @@ def kept(
 
 
 def planned_at(
-    entry: TensorEntry, dtype: str, nbytes: int, offsets: tuple[int, int], folder: str
+    entry: TensorEntry, dtype: str, nbytes: int, offsets: tuple[int, int], folder: str, role: str
 ) -> PlannedTensor:
-    """A plain tensor of a plain plan, where the core placed it."""
-    return PlannedTensor(entry, dtype, nbytes, offsets, join(folder, entry.name), None, "plain")
+    """A tensor of a plain plan (cast or copied), where the core placed it."""
+    return PlannedTensor(entry, dtype, nbytes, offsets, join(folder, entry.name), None, role)
 
 
 class Sized(Protocol):
@@ -610,10 +614,24 @@ def plan_set(
     ``--merge-lora`` does to the set: base weights with the update added, base tensors
     replaced by the adapter's (in the base tensor's dtype, or the target), tensors added
     at the end (in the set's float dtype, or the target)."""
+    if dequantize is None and quantize is None and adapter is None:
+        return plain_set(ws, dtype, shard_size, keep, quantized)
+    return object_set(ws, dtype, shard_size, keep, quantized, dequantize, quantize, adapter)
+
+
+def object_set(
+    ws: WeightSet,
+    dtype: str | None,
+    shard_size: int,
+    keep: Sequence[str] = (),
+    quantized: bool = False,
+    dequantize: Mapping[str, QuantizedWeight] | None = None,
+    quantize: Sequence[QuantizeTarget] | None = None,
+    adapter: SetMerge | None = None,
+) -> SetPlan:
+    """``plan_set`` tensor by tensor, an object each: how quantized and merged sets are
+    planned (and, in the tests, the oracle of the core's plan of a plain set)."""
     quantized = quantized or dequantize is not None or quantize is not None
-    tables = [f.entries for f in ws.files if isinstance(f.entries, _core.Entries)]
-    if not quantized and adapter is None and len(tables) == len(ws.files):
-        return plain_set(ws, tables, dtype, shard_size, keep)
     entries = ws.tensors if adapter is None else adapter.tensors(ws.tensors)
     roles = (
         _core.quant_roles([t.name for t in entries], [t.dtype for t in entries])
@@ -682,15 +700,17 @@ def added(ws: WeightSet, adapter: SetMerge | None, dtype: str | None) -> list[Pl
 
 def plain_set(
     ws: WeightSet,
-    tables: list[_core.Entries],
     dtype: str | None,
     shard_size: int,
     keep: Sequence[str] = (),
+    quantized: bool = False,
 ) -> SetPlan:
-    """A weight set of plain safetensors files (``tables``, its files' tensors), every
-    tensor cast or copied: planned by the core (``_core.plan_plain``) by the same rules
-    as ``plan_set``'s, without an object per tensor (a model may have 100k)."""
-    shards = _core.plan_plain(tables, dtype, list(keep), shard_size)
+    """A weight set with every tensor cast or copied (safetensors or torch.save files;
+    ``quantized``: its quantization state kept as it is): planned by the core
+    (``_core.plan_plain``) by the same rules as ``object_set``'s, without an object per
+    tensor (a model may have 100k)."""
+    tables = [f.entries for f in ws.files]
+    shards = _core.plan_plain(tables, dtype, list(keep), shard_size, quantized=quantized)
     metadata = {"format": "pt", **ws.metadata}
     return SetPlan(
         ws.key,

@@ -74,8 +74,8 @@ class SourceFile:
     path: Path
     size: int
     metadata: dict[str, str] | None
-    entries: _core.Entries | list[TensorEntry]
-    """Its tensors in data order: the core's table (safetensors), or a list."""
+    entries: _core.Entries
+    """Its tensors in data order, as the core's table (a torch.save file's too)."""
     torch: bool = False
     """A torch.save file (``.bin``...), not safetensors."""
     tied: dict[str, str] = field(default_factory=dict)
@@ -86,27 +86,19 @@ class SourceFile:
     def tensors(self) -> list[TensorEntry]:
         """Its tensors in data order, made from the core's table on first use (a plain
         model's conversion plans without them: ``_plan.plain_set``)."""
-        e = self.entries
-        return e if isinstance(e, list) else list(map(TensorEntry._make, e.rows()))
+        return list(map(TensorEntry._make, self.entries.rows()))
 
     @cached_property
     def names(self) -> list[str]:
         """Its tensors' names, in data order (made once: the index check, the duplicate
         check and quantization detection each read them)."""
-        e = self.entries
-        return [t.name for t in e] if isinstance(e, list) else e.names()
-
-    @property
-    def name_table(self) -> _core.Entries | list[str]:
-        """Its tensors' names as the core's name checks take them: its table, with no
-        Python string per tensor, or (a torch.save file) the list."""
-        return self.names if isinstance(self.entries, list) else self.entries
+        return self.entries.names()
 
     @property
     def held(self) -> _core.Entries | list[str]:
-        """The names it holds for an index: its tensors' and (torch.save) the tied
-        duplicates', which the index lists too."""
-        return [*self.names, *self.tied] if self.tied else self.name_table
+        """The names it holds for an index: its tensors' (its table: no Python string per
+        tensor) and (torch.save) the tied duplicates', which the index lists too."""
+        return [*self.names, *self.tied] if self.tied else self.entries
 
 
 @dataclass(frozen=True)
@@ -210,8 +202,10 @@ def read_torch_source(path: Path, options: TorchOptions) -> SourceFile:
     if not path.is_file():
         raise ModelFolderError(f"{path}: not a regular file")
     w = read_torch_weights(path, options.state_dict_key, options.strip_prefix)
-    tensors = sorted(w.tensors, key=lambda t: t.offsets)
-    return SourceFile(path, path.stat().st_size, None, tensors, True, w.tied, w.notes)
+    tensors = sorted(w.tensors, key=lambda t: t.offsets)  # data order, as safetensors'
+    rows = [(t.name, t.dtype, t.shape, t.offsets, t.pickle_path or ()) for t in tensors]
+    entries = _core.Entries(path, rows)
+    return SourceFile(path, path.stat().st_size, None, entries, True, w.tied, w.notes)
 
 
 def torch_output_prefix(prefix: str) -> str:
@@ -275,7 +269,7 @@ def read_indexed_set(
 def check_no_duplicates(sets: Iterable[WeightSet]) -> None:
     """Reject a tensor held by two files of one set: which copy is right is ambiguous."""
     for ws in sets:
-        repeat = _core.first_repeat([f.name_table for f in ws.files])
+        repeat = _core.first_repeat([f.entries for f in ws.files])
         if repeat is not None:
             name, at, earlier = repeat
             raise ModelFolderError(

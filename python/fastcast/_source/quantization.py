@@ -24,7 +24,7 @@ from fastcast import _core
 from fastcast._dtypes import short_name
 from fastcast._names import join, listing
 from fastcast._source.config import read_config
-from fastcast._source.folder import ModelFolder, Skipped, SourceFile
+from fastcast._source.folder import ModelFolder, Skipped
 
 #: Roles that mean a model is quantized (fp32-pinned tensors alone do not): the core's.
 STATE_ROLES = frozenset(_core.STATE_ROLES)
@@ -228,7 +228,7 @@ def detect(folder: ModelFolder) -> Quantization | None:
     for rel in sidecars(folder):
         if sidecar := sidecar_quantization(folder, rel.rpartition("/")[0]):
             return assess("modelopt", scheme_of("modelopt", sidecar), rel, sidecar)
-    if not any(STATE_ROLES & _core.set_roles([typed_table(f) for f in ws.files])
+    if not any(STATE_ROLES & _core.set_roles([f.entries for f in ws.files])
                for ws in folder.weight_sets):  # fmt: skip
         return None  # a plain model, told without a table of its 100k names
     table = roles(folder)
@@ -333,13 +333,6 @@ def sidecar_quantization(folder: ModelFolder, where: str) -> dict[str, Any]:
         return {}
     qc = read_config(folder.root / rel).get("quantization")
     return qc if isinstance(qc, dict) else {}
-
-
-def typed_table(f: SourceFile) -> _core.Entries | list[tuple[str, str]]:
-    """A file's tensors as ``_core.set_roles`` takes them: its table (no Python object
-    per tensor), or a torch.save file's (name, dtype) pairs."""
-    e = f.entries
-    return [(t.name, t.dtype) for t in e] if isinstance(e, list) else e
 
 
 def refusal(folder: ModelFolder, quant: Quantization, target: str) -> str:

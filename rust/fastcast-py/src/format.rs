@@ -14,18 +14,27 @@ use pyo3::types::{PyDict, PyList, PyString, PyTuple};
 use crate::errors::CoreError;
 use crate::results::ShardRecord;
 
-/// A safetensors file's tensors (`_core.read_entries`), in data order,
-/// offsets absolute in the file.
+/// An input file's tensors, in data order, offsets absolute in the file: a
+/// safetensors file's as `_core.read_entries` reads them, or a torch.save
+/// file's as Python chose them (`Entries(file, rows)`), so that every weight
+/// set is one kind of table to the planner and the name checks.
 #[pyclass(frozen, module = "fastcast._core")]
 pub struct Entries {
     /// The caller's object for the file (a `Path`), put in every row.
     file: Py<PyAny>,
     pub tensors: Vec<TensorInfo>,
+    /// A torch.save file's: the keys leading to each tensor in its pickle
+    /// (verify loads it there); empty for safetensors.
+    pickle_paths: Vec<Vec<String>>,
 }
 
 impl Entries {
     pub fn new(file: Py<PyAny>, tensors: Vec<TensorInfo>) -> Entries {
-        Entries { file, tensors }
+        Entries {
+            file,
+            tensors,
+            pickle_paths: Vec::new(),
+        }
     }
 
     /// The tensors' names, borrowed.
@@ -39,8 +48,35 @@ impl Entries {
     }
 }
 
+/// A row of a torch.save file's table: name, dtype, shape, absolute
+/// `(begin, end)`, pickle path.
+type TorchRow = (String, String, Vec<u64>, (u64, u64), Vec<String>);
+
 #[pymethods]
 impl Entries {
+    /// A torch.save file's tensors, chosen and in data order: `rows` of
+    /// `(name, dtype, shape, (begin, end), pickle path)`.
+    #[new]
+    fn from_rows(file: Py<PyAny>, rows: Vec<TorchRow>) -> PyResult<Entries> {
+        let mut tensors = Vec::with_capacity(rows.len());
+        let mut pickle_paths = Vec::with_capacity(rows.len());
+        for (name, dtype, shape, data_offsets, path) in rows {
+            let dtype = dtype.parse().map_err(CoreError)?;
+            tensors.push(TensorInfo {
+                name,
+                dtype,
+                shape,
+                data_offsets,
+            });
+            pickle_paths.push(path);
+        }
+        Ok(Entries {
+            file,
+            tensors,
+            pickle_paths,
+        })
+    }
+
     fn __len__(&self) -> usize {
         self.tensors.len()
     }
@@ -56,18 +92,22 @@ impl Entries {
         PyList::new(py, self.tensors.iter().map(|t| t.name.as_str()))
     }
 
-    /// The rows of `_model_dir.TensorEntry`: `(name, dtype, shape, file,
-    /// (begin, end), None)`.
+    /// The rows of `_source.entries.TensorEntry`: `(name, dtype, shape, file,
+    /// (begin, end), pickle path or None)`.
     fn rows<'py>(&self, py: Python<'py>) -> PyResult<Bound<'py, PyList>> {
         let rows = PyList::empty(py);
-        for t in &self.tensors {
+        for (i, t) in self.tensors.iter().enumerate() {
+            let path = match self.pickle_paths.get(i) {
+                Some(keys) => PyTuple::new(py, keys)?.into_any(),
+                None => py.None().into_bound(py),
+            };
             rows.append((
                 &t.name,
                 PyString::intern(py, t.dtype.safetensors_name()),
                 PyTuple::new(py, &t.shape)?,
                 &self.file,
                 t.data_offsets,
-                py.None(),
+                path,
             ))?;
         }
         Ok(rows)

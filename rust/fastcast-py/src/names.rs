@@ -137,31 +137,14 @@ pub fn first_repeat(files: Vec<Bound<'_, PyAny>>) -> PyResult<Option<(String, us
 }
 
 /// The roles (`quant_roles`, with dtypes) the tensors of a weight set's
-/// `files` take, each once: a plain model is told without a list of its 100k
-/// names. A file is its `Entries`, or (a torch.save file) a list of
-/// `(name, dtype)` pairs.
+/// files (their `Entries`) take, each once: a plain model is told without a
+/// list of its 100k names.
 #[pyfunction]
 pub fn set_roles<'py>(
     py: Python<'py>,
-    files: Vec<Bound<'py, PyAny>>,
+    files: Vec<PyRef<'py, Entries>>,
 ) -> PyResult<Bound<'py, PySet>> {
-    let mut listed: Vec<Vec<(String, String)>> = Vec::new();
-    let mut tables = Vec::new();
-    for file in files {
-        match file.cast_into::<Entries>() {
-            Ok(table) => tables.push(table),
-            Err(e) => listed.push(e.into_inner().extract()?),
-        }
-    }
-    let mut typed: Vec<(&str, DType)> = Vec::new();
-    for table in &tables {
-        typed.extend(table.get().tensor_dtypes());
-    }
-    for pairs in &listed {
-        for (name, dtype) in pairs {
-            typed.push((name, dtype.parse().map_err(CoreError)?));
-        }
-    }
+    let typed: Vec<(&str, DType)> = files.iter().flat_map(|f| f.tensor_dtypes()).collect();
     let mut found = roles::typed_roles(&typed);
     found.sort_unstable_by_key(|r| r.name());
     found.dedup();

@@ -1,14 +1,16 @@
 //! Where tensors go in the output: which shard (packed as huggingface_hub's
 //! splitter packs them) and where in it (widest dtype first, no padding).
 //!
-//! One definition for both planners: Python's, which plans quantized and
-//! torch.save models tensor by tensor, and [`plan_plain`], which plans a
-//! model of plain safetensors files without a Python object per tensor (a
-//! model may have 100k tensors).
+//! One definition for both planners: Python's, which plans dequantized,
+//! quantized and merged sets tensor by tensor, and [`plan_plain`], which
+//! plans a set whose every tensor is cast or copied (safetensors or
+//! torch.save files, quantization state kept as it is) without a Python
+//! object per tensor (a model may have 100k tensors).
 
 use crate::dtype::DType;
 use crate::format::header::TensorInfo;
 use crate::rules::glob::KeepRule;
+use crate::rules::roles::{typed_roles, Role};
 use crate::rules::target::target_dtype;
 
 /// Group items of `sizes` into shards of at most `limit` bytes exactly as
@@ -72,7 +74,8 @@ pub fn lay_out(items: &[(usize, u64)]) -> Vec<(usize, u64, u64)> {
 }
 
 /// One tensor of a plain plan: row `row` of source file `source`, written as
-/// `dtype` at `[begin, end)` of its shard's data.
+/// `dtype` at `[begin, end)` of its shard's data; `role` its role in its
+/// model's quantization (always [`Role::Plain`] in a model planned as plain).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct Placed {
     pub source: usize,
@@ -80,33 +83,47 @@ pub struct Placed {
     pub dtype: DType,
     pub begin: u64,
     pub end: u64,
+    pub role: Role,
 }
 
 /// The shards of a weight set whose every tensor is cast or copied as it is
-/// (no dequantizing, no quantizing, no quantization state): `sources` are
-/// its files' tensors, each in data order, files in the set's order; each
-/// tensor goes to `target` as [`target_dtype`] says (`None`: keeps its
-/// dtype), shards packed within `limit` bytes and laid out as [`pack`] and
-/// [`lay_out`] say. Returns each shard's tensors in data order.
+/// (no dequantizing, no quantizing): `sources` are its files' tensors, each
+/// in data order, files in the set's order; each tensor goes to `target` as
+/// [`target_dtype`] says (`None`: keeps its dtype), and with `quantized` a
+/// tensor holding quantization state ([`typed_roles`], over the whole set)
+/// keeps its own, as `--keep-quantized` keeps it; shards packed within
+/// `limit` bytes and laid out as [`pack`] and [`lay_out`] say. Returns each
+/// shard's tensors in data order.
 pub fn plan_plain(
     sources: &[&[TensorInfo]],
     target: Option<DType>,
     keep: &KeepRule,
     limit: u64,
+    quantized: bool,
 ) -> Vec<Vec<Placed>> {
     let tensors: Vec<(usize, usize, &TensorInfo)> = sources
         .iter()
         .enumerate()
         .flat_map(|(s, rows)| rows.iter().enumerate().map(move |(r, t)| (s, r, t)))
         .collect();
+    let roles = if quantized {
+        let typed: Vec<(&str, DType)> = tensors
+            .iter()
+            .map(|(_, _, t)| (t.name.as_str(), t.dtype))
+            .collect();
+        typed_roles(&typed)
+    } else {
+        vec![Role::Plain; tensors.len()]
+    };
     let written: Vec<(DType, u64)> = tensors
         .iter()
-        .map(|(_, _, t)| match target {
-            Some(to) => match target_dtype(&t.name, t.dtype, to, keep) {
+        .zip(&roles)
+        .map(|((_, _, t), role)| match target {
+            Some(to) if *role == Role::Plain => match target_dtype(&t.name, t.dtype, to, keep) {
                 same if same == t.dtype => (same, t.nbytes()),
                 to => (to, t.numel() * to.size() as u64),
             },
-            None => (t.dtype, t.nbytes()),
+            _ => (t.dtype, t.nbytes()),
         })
         .collect();
     pack(written.iter().map(|w| w.1), limit)
@@ -126,6 +143,7 @@ pub fn plan_plain(
                         dtype: written[group[k]].0,
                         begin,
                         end,
+                        role: roles[group[k]],
                     }
                 })
                 .collect()
@@ -174,13 +192,14 @@ mod tests {
         let a = [info("w", DType::F32, 4), info("ids", DType::I64, 2)];
         let b = [info("norm", DType::F32, 2)];
         let keep = KeepRule::new(&["norm"]);
-        let shards = plan_plain(&[&a, &b], Some(DType::BF16), &keep, 1 << 20);
+        let shards = plan_plain(&[&a, &b], Some(DType::BF16), &keep, 1 << 20, false);
         let placed = |source, row, dtype, begin, end| Placed {
             source,
             row,
             dtype,
             begin,
             end,
+            role: Role::Plain,
         };
         assert_eq!(
             shards,
@@ -196,9 +215,42 @@ mod tests {
     fn plan_plain_packs_by_the_bytes_written() {
         let a = [info("a", DType::F32, 4), info("b", DType::F32, 4)];
         // 16 bytes each in fp32, 8 in bf16: both fit a 16-byte shard once cast.
-        let cast = plan_plain(&[&a], Some(DType::BF16), &KeepRule::new(&[] as &[&str]), 16);
+        let none = KeepRule::new(&[] as &[&str]);
+        let cast = plan_plain(&[&a], Some(DType::BF16), &none, 16, false);
         assert_eq!(cast.len(), 1);
-        let kept = plan_plain(&[&a], None, &KeepRule::new(&[] as &[&str]), 16);
+        let kept = plan_plain(&[&a], None, &none, 16, false);
         assert_eq!(kept.len(), 2);
+    }
+
+    #[test]
+    fn plan_plain_of_a_quantized_set_keeps_its_state_across_files() {
+        // The weight's scale is in another file: roles are the whole set's.
+        let a = [
+            info("l.weight", DType::F8E4M3, 8),
+            info("norm", DType::F32, 2),
+        ];
+        let b = [info("l.weight_scale_inv", DType::F32, 1)];
+        let none = KeepRule::default();
+        let shards = plan_plain(&[&a, &b], Some(DType::BF16), &none, 1 << 20, true);
+        let got: Vec<(usize, usize, DType, Role)> = shards[0]
+            .iter()
+            .map(|p| (p.source, p.row, p.dtype, p.role))
+            .collect();
+        assert_eq!(
+            got,
+            vec![
+                (1, 0, DType::F32, Role::Scale),
+                (0, 1, DType::BF16, Role::Plain),
+                (0, 0, DType::F8E4M3, Role::QuantizedWeight),
+            ]
+        );
+        // Planned as plain, the same set casts the scale and the codes too.
+        let plain = plan_plain(&[&a, &b], Some(DType::BF16), &none, 1 << 20, false);
+        assert!(plain[0]
+            .iter()
+            .all(|p| p.dtype == DType::BF16 && p.role == Role::Plain));
+        // No target: every dtype kept, the roles still told.
+        let kept = plan_plain(&[&a, &b], None, &none, 1 << 20, true);
+        assert!(kept[0].iter().any(|p| p.role == Role::QuantizedWeight));
     }
 }

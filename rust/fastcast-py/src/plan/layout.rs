@@ -96,15 +96,35 @@ impl PlainShard {
             .collect()
     }
 
+    /// Each tensor's role in its model's quantization (`quant_roles`' names).
+    fn roles<'py>(&self, py: Python<'py>) -> PyResult<Bound<'py, PyList>> {
+        PyList::new(
+            py,
+            self.placed
+                .iter()
+                .map(|p| PyString::intern(py, p.role.name())),
+        )
+    }
+
     /// Where each tensor comes from and goes: `(source, row, dtype, nbytes,
-    /// begin, end)`, `source` indexing the `Entries` the plan was made of and
-    /// `row` its tensors.
-    fn picks(&self) -> Vec<(usize, usize, &'static str, u64, u64, u64)> {
+    /// begin, end, role)`, `source` indexing the `Entries` the plan was made
+    /// of and `row` its tensors.
+    #[allow(clippy::type_complexity)]
+    fn picks(&self) -> Vec<(usize, usize, &'static str, u64, u64, u64, &'static str)> {
         self.placed
             .iter()
             .map(|p| {
                 let name = p.dtype.safetensors_name();
-                (p.source, p.row, name, p.end - p.begin, p.begin, p.end)
+                let (begin, end) = (p.begin, p.end);
+                (
+                    p.source,
+                    p.row,
+                    name,
+                    end - begin,
+                    begin,
+                    end,
+                    p.role.name(),
+                )
             })
             .collect()
     }
@@ -212,22 +232,24 @@ impl PlainRows {
     }
 }
 
-/// The shards of a weight set of plain safetensors files (see
-/// `fastcast_core::layout::plan_plain`): `sources` its files' tensors, in
-/// the set's order; `target` None keeps every dtype.
+/// The shards of a weight set whose every tensor is cast or copied (see
+/// `fastcast_core::plan::layout::plan_plain`): `sources` its files' tensors,
+/// in the set's order; `target` None keeps every dtype; `quantized` keeps
+/// quantization state as it is (`--keep-quantized`).
 #[pyfunction]
-#[pyo3(signature = (sources, target, keep, limit))]
+#[pyo3(signature = (sources, target, keep, limit, *, quantized=false))]
 pub fn plan_plain(
     py: Python<'_>,
     sources: Vec<Py<Entries>>,
     target: Option<&str>,
     keep: Vec<String>,
     limit: u64,
+    quantized: bool,
 ) -> PyResult<Vec<PlainShard>> {
     let target = target.map(castable_target).transpose()?;
     let keep = KeepRule::new(&keep);
     let tables: Vec<&[TensorInfo]> = sources.iter().map(|e| &e.get().tensors[..]).collect();
-    let shards = py.detach(|| layout::plan_plain(&tables, target, &keep, limit));
+    let shards = py.detach(|| layout::plan_plain(&tables, target, &keep, limit, quantized));
     Ok(shards
         .into_iter()
         .map(|placed| {
