@@ -11,7 +11,7 @@ from typing import Any
 from fastcast import _core
 from fastcast._dtypes import short_name
 from fastcast._names import join, listing
-from fastcast._plan.dequantize import QuantizedWeight
+from fastcast._plan.dequantize import QuantizedWeight, written_as
 from fastcast._plan.quantize import (
     QUANTIZE_METHODS,
     QuantizeTarget,
@@ -63,8 +63,10 @@ def plan_quantization(
     (listing the Linear modules its folder's sets leave unquantized)."""
     weights = None if dequantized is None else dequantized[1]
     targets = quantized_layers(folder, target, keep, scheme, weights)
-    names = {ws.key: output_names(ws.key, [t.name for t in ws.tensors], weights)
-             for ws in folder.weight_sets}  # fmt: skip
+    names = {
+        ws.key: [name for name, _ in written_as(ws.tensors, set_weights(weights, ws.key))]
+        for ws in folder.weight_sets
+    }
     configs = {}
     for rel in folder.configs:
         where = rel.rpartition("/")[0]
@@ -79,14 +81,11 @@ def plan_quantization(
     return Quantizing(scheme, targets, configs, names, method)
 
 
-def output_names(
-    key: str, names: list[str], weights: Mapping[tuple[str, str], QuantizedWeight] | None
-) -> list[str]:
-    """Each of a set's tensors' names in the output: a dequantized weight's name for the
-    tensor holding its values (GPTQ's ``x.qweight`` is ``x.weight``)."""
-    if weights is None:
-        return names
-    return [w.name if (w := weights.get((key, n))) is not None else n for n in names]
+def set_weights(
+    weights: Mapping[tuple[str, str], QuantizedWeight] | None, key: str
+) -> list[QuantizedWeight]:
+    """The dequantized weights of the weight set ``key``."""
+    return [] if weights is None else [w for (k, _), w in weights.items() if k == key]
 
 
 def quantize_notes(folder: ModelFolder, quantizing: Quantizing, target: str | None) -> list[str]:

@@ -7,7 +7,7 @@ from __future__ import annotations
 import json
 import math
 import struct
-from collections.abc import Callable
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from typing import Any, Literal
 
@@ -64,6 +64,18 @@ class QuantizedWeight:
         """Everything that decides its values, JSON-ready (for fingerprints)."""
         return {"kind": self.kind, "source": self.source, "operands": self.operands,
                 "params": self.params}  # fmt: skip
+
+
+def written_as(
+    tensors: Sequence[TensorEntry], weights: Iterable[QuantizedWeight]
+) -> list[tuple[str, tuple[int, ...]]]:
+    """Each tensor's name and shape in the output of a dequantizing run: a ``weights``
+    weight's for the tensor holding its quantized values (GPTQ's ``x.qweight`` is
+    ``x.weight``, ``[out, in]``), its own for any other."""
+    by_source = {w.source: w for w in weights}
+    return [
+        (w.name, w.shape) if (w := by_source.get(t.name)) else (t.name, t.shape) for t in tensors
+    ]
 
 
 def quantization_settings(folder: ModelFolder) -> dict[str, Any]:

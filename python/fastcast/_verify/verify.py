@@ -31,7 +31,7 @@ from fastcast import _core
 from fastcast._arguments import as_patterns
 from fastcast._dtypes import element_size, from_torch_name, is_castable, torch_name
 from fastcast._output.record import RECORD_NAME, STAGING_DIR, OutputRecord, load_record, read_record
-from fastcast._plan.dequantize import QuantizedWeight, quantized_weights
+from fastcast._plan.dequantize import QuantizedWeight, quantized_weights, written_as
 from fastcast._plan.merge import Change, Merged, Merging, Patched, SetMerge, for_set, plan_merge
 from fastcast._plan.quantize import (
     CONSUMED,
@@ -206,11 +206,7 @@ class Pairing:
     def written(self, source: WeightSet) -> list[tuple[str, tuple[int, ...]]]:
         """Each tensor of ``source`` as the output names and shapes it: a dequantized
         weight's name and shape for the tensor holding its quantized values."""
-        by_source = {w.source: w for w in self.dequantized.get(source.key, {}).values()}
-        return [
-            (w.name, w.shape) if (w := by_source.get(t.name)) else (t.name, t.shape)
-            for t in source.tensors
-        ]
+        return written_as(source.tensors, self.dequantized.get(source.key, {}).values())
 
     def expected(self, source: WeightSet) -> dict[str, tuple[str, tuple[int, ...]]]:
         """Every tensor the output should hold -> the dtype (the core's rule) and shape
