@@ -1,8 +1,9 @@
-"""A model whose tensors are all cast or copied (safetensors or torch.save files) is
-planned by the core (``_core.plan_plain``), without a Python object per tensor;
-quantized and merged models by the Python planner, tensor by tensor (``object_set``).
-Both must plan a plain model the same way, object for object, whatever the layout,
-dtypes, ``keep`` globs and shard size: the Python planner is the oracle."""
+"""A model whose tensors are all cast, copied or quantized (safetensors or torch.save
+files, ``--keep-quantized``, ``--quantize``) is planned by the core
+(``_core.plan_plain``), without a Python object per tensor; dequantized and merged
+models by the Python planner, tensor by tensor (``object_set``). Both must plan a model
+the same way, object for object, whatever the layout, dtypes, ``keep`` globs and shard
+size: the Python planner is the oracle."""
 
 from __future__ import annotations
 
@@ -17,6 +18,7 @@ from safetensors.numpy import save_file
 
 from fastcast import _core
 from fastcast._conversion.fingerprint import shard_fingerprint
+from fastcast._plan.quantize import quantize_targets
 from fastcast._plan.shards import SetPlan, object_set, plan_set
 from fastcast._source.folder import ModelFolder, open_model
 from quantized import ALL as QUANTIZED
@@ -53,16 +55,19 @@ def columns(sp: SetPlan, source_ids: dict[Path, int]) -> list[object]:
     ] + [sp.index()]
 
 
-def check_plans_agree(folder: ModelFolder, quantized: bool = False) -> int:
+def check_plans_agree(
+    folder: ModelFolder, quantized: bool = False, scheme: str | None = None, cases=CASES
+) -> int:
     """Plan every set of ``folder`` both ways in every case (``quantized``: its
-    quantization state kept, as ``--keep-quantized`` plans it); the number planned by
-    the core."""
+    quantization state kept, as ``--keep-quantized`` plans it; ``scheme``: quantized,
+    as ``--quantize scheme`` plans it); the number planned by the core."""
     planned = 0
     for ws in folder.weight_sets:
         ids = {f.path: i for i, f in enumerate(ws.files)}
-        for target, keep, size in CASES:
-            core = plan_set(ws, target, size, keep, quantized)
-            python = object_set(ws, target, size, keep, quantized)
+        for target, keep, size in cases:
+            q = None if scheme is None else quantize_targets(ws.tensors, target, keep, scheme)
+            core = plan_set(ws, target, size, keep, quantized, None, q, scheme=scheme)
+            python = object_set(ws, target, size, keep, quantized, None, q)
             assert all(s.plain is not None for s in core.shards), "planned by the core"
             assert all(s.plain is None for s in python.shards), "planned in Python"
             # columns first: read before the core's shards make their objects
@@ -94,25 +99,37 @@ def test_the_core_plans_each_quantized_model_kept_as_the_python_planner(tmp_path
 DTYPES = [np.float32, np.float16, np.int64, np.int8, np.uint8, np.bool_, np.float64]
 
 
-@pytest.mark.parametrize("seed", range(8))
-def test_the_core_plans_random_models_as_the_python_planner(tmp_path, seed):
-    rng = random.Random(seed)
-    model = tmp_path / "model"
+def random_model(root: Path, rng: random.Random, count: int, make, save) -> Path:
+    """A model of 1 to 3 safetensors files and their index, each of 1 to ``count``
+    tensors: ``make(f, t, taken)`` gives the ``t``th tensor of file ``f`` as (name,
+    array), ``taken`` the names given so far; ``save(state, path)`` writes a file."""
+    model = root / "model"
     model.mkdir()
     files = rng.randint(1, 3)
-    weight_map = {}
+    weight_map: dict[str, str] = {}
     for f in range(files):
-        state = {}
-        for t in range(rng.randint(1, 40)):
-            dtype = rng.choice(DTYPES)
-            shape = [rng.randint(0, 9) for _ in range(rng.randint(0, 3))]
-            name = rng.choice(["layer", "norm", "embed", "x.bias"]) + f".{f}.{t}"
-            state[name] = np.zeros(shape, dtype)
+        state: dict[str, object] = {}
+        for t in range(rng.randint(1, count)):
+            name, value = make(f, t, weight_map.keys() | state.keys())
+            state[name] = value
         file = f"model-{f + 1:05d}-of-{files:05d}.safetensors"
-        save_file(state, str(model / file))
+        save(state, str(model / file))
         weight_map.update(dict.fromkeys(state, file))
     index = {"metadata": {}, "weight_map": weight_map}
     (model / "model.safetensors.index.json").write_text(json.dumps(index))
+    return model
+
+
+@pytest.mark.parametrize("seed", range(8))
+def test_the_core_plans_random_models_as_the_python_planner(tmp_path, seed):
+    rng = random.Random(seed)
+
+    def make(f: int, t: int, taken: object) -> tuple[str, np.ndarray]:
+        shape = [rng.randint(0, 9) for _ in range(rng.randint(0, 3))]
+        name = rng.choice(["layer", "norm", "embed", "x.bias"]) + f".{f}.{t}"
+        return name, np.zeros(shape, rng.choice(DTYPES))
+
+    model = random_model(tmp_path, rng, 40, make, save_file)
     assert check_plans_agree(open_model(model)) == len(CASES)
 
 
@@ -188,3 +205,66 @@ def test_pack_and_lay_out_are_the_cores():
         (0, 24, 28),
         (2, 28, 31),
     ]
+
+
+#: --quantize's cases: targets it takes (none: each keeps its dtype), globs that keep
+#: a decoder Linear or a norm, shard sizes down to one a weight's bundle overflows.
+QUANTIZE_CASES = [
+    ("BF16", [], 10**9),
+    ("F16", ["*.0.mlp.up_proj*", "*norm*"], 70_000),
+    (None, [], 20_000),
+    ("F32", ["*k_proj*"], 1),
+]
+
+
+@pytest.mark.parametrize("scheme", ["fp8", "fp8-channel"])
+@pytest.mark.parametrize("model", ["llama", "llama-sharded", "mixtral"])
+def test_the_core_plans_quantize_as_the_python_planner(tmp_path, model, scheme):
+    """--quantize: each quantized weight's e4m3 values and F32 scales, packed together;
+    misfits, kept weights and everything else as the rule says."""
+    from models import build_llama, build_mixtral
+
+    if model == "mixtral":
+        path = build_mixtral(tmp_path / "m", dtype="bfloat16", hidden_size=128,
+                             intermediate_size=256)  # fmt: skip
+    else:
+        shards = "300KB" if model == "llama-sharded" else None
+        path = build_llama(tmp_path / "m", dtype="bfloat16", hidden_size=256,
+                           intermediate_size=384, max_shard_size=shards)  # fmt: skip
+    folder = open_model(path)
+    assert check_plans_agree(folder, scheme=scheme, cases=QUANTIZE_CASES) == len(QUANTIZE_CASES)
+    ws = folder.weight_sets[0]
+    q = quantize_targets(ws.tensors, "BF16", [], scheme)
+    core = plan_set(ws, "BF16", 10**9, (), False, None, q, scheme=scheme)
+    assert {k for s in core.shards for _, t in s.special() for k in [t.quantized.kind]} == {
+        "fp8_weight",
+        "fp8_scale",
+    }, "quantized by the core"
+
+
+LINEAR_NAMES = ["self_attn.q_proj", "self_attn.k_proj", "mlp.gate_proj", "mlp.up_proj",
+                "mlp.down_proj", "mlp.gate", "mlp.experts.0.w1"]  # fmt: skip
+
+
+@pytest.mark.parametrize("seed", range(6))
+def test_the_core_plans_quantize_of_random_models_as_the_python_planner(tmp_path, seed):
+    """Decoder Linears of random shapes (fitting 128x128 blocks or not, fused siblings
+    that misfit), dtypes (some not quantizable) and files."""
+    import torch
+    from safetensors.torch import save_file as save_torch
+
+    rng = random.Random(seed)
+
+    def make(f: int, t: int, taken: set[str]) -> tuple[str, torch.Tensor]:
+        layer, linear = rng.randint(0, 2), rng.choice(LINEAR_NAMES)
+        name = f"model.layers.{layer}.{linear}.weight"
+        if name in taken:
+            name = rng.choice(["model.norm.weight", "lm_head.weight"]) + f".{f}.{t}"
+        shape = [rng.choice([128, 256, 100, 384]) for _ in range(rng.choice([2, 2, 1]))]
+        dtype = rng.choice([torch.bfloat16, torch.float16, torch.float32, torch.int8])
+        return name, torch.zeros(shape, dtype=dtype)
+
+    model = random_model(tmp_path, rng, 12, make, save_torch)
+    folder = open_model(model)
+    for scheme in ["fp8", "fp8-channel"]:
+        assert check_plans_agree(folder, scheme=scheme, cases=QUANTIZE_CASES) == 4

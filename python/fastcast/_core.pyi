@@ -564,7 +564,8 @@ class Entries:
 
 @final
 class PlainShard:
-    """An output shard of ``plan_plain``: tensors cast or copied, in data order."""
+    """An output shard of ``plan_plain``: tensors cast, copied or quantized, in data
+    order."""
 
     def __len__(self) -> int: ...
     @property
@@ -574,12 +575,17 @@ class PlainShard:
     @property
     def numel(self) -> int: ...
     def names(self) -> list[str]: ...
+    def source_names(self) -> list[str]:
+        """Each tensor's source's name (a weight's, for its scales)."""
     def dtypes(self) -> list[str]:
         """The dtype each tensor is written in."""
     def digest(self) -> str:
-        """``tensors_digest(self.names(), self.dtypes())``."""
-    def source_dtypes(self) -> list[str]: ...
-    def source_nbytes(self) -> list[int]: ...
+        """``tensors_digest(self.source_names(), self.dtypes())``."""
+    def cast_columns(self) -> tuple[list[str], list[str], list[int]]:
+        """Its cast (or copied) tensors' source dtypes, dtypes and source bytes."""
+    def quantized(self) -> list[tuple[int, str, str, list[int], tuple[int, int]]]:
+        """(position, kind, name, shape, block) of each ``--quantize`` tensor, the kind
+        ``fp8_weight`` (the weight's e4m3 values) or ``fp8_scale``."""
     def roles(self) -> list[str]:
         """Each tensor's role in its model's quantization (``quant_roles``' names)."""
     def picks(self) -> list[tuple[int, int, str, int, int, int, str]]:
@@ -591,13 +597,16 @@ class PlainShard:
 
 @final
 class PlainRows:
-    """A plain shard's tensors as a plan's ``tensors``: the core reads them from its
-    table; iterated or pickled, they are the rows they stand for."""
+    """A planned shard's tensors as a plan's ``tensors``: the core reads them from its
+    table; iterated or pickled, they are the rows they stand for (a quantized
+    tensor's a dict)."""
 
     def __len__(self) -> int: ...
-    def __iter__(self) -> Iterator[_PlainTensorPlan]: ...
-    def __reduce__(self) -> tuple[type[list[Any]], tuple[list[_PlainTensorPlan]]]: ...
-    def rows(self) -> list[_PlainTensorPlan]: ...
+    def __iter__(self) -> Iterator[_PlainTensorPlan | TensorPlan]: ...
+    def __reduce__(
+        self,
+    ) -> tuple[type[list[Any]], tuple[list[_PlainTensorPlan | TensorPlan]]]: ...
+    def rows(self) -> list[_PlainTensorPlan | TensorPlan]: ...
 
 def plan_plain(
     sources: list[Entries],
@@ -606,11 +615,13 @@ def plan_plain(
     limit: int,
     *,
     quantized: bool = False,
+    quantize: str | None = None,
 ) -> list[PlainShard]:
-    """The shards of a weight set whose every tensor is cast or copied, packed as
-    huggingface_hub packs them and laid out as ``lay_out`` does; ``target`` None
-    keeps every dtype, a float matching a ``keep`` glob keeps its own, and with
-    ``quantized`` so does every tensor holding quantization state."""
+    """The shards of a weight set whose every tensor is cast, copied or quantized,
+    packed as huggingface_hub packs them (a weight with its scales) and laid out as
+    ``lay_out`` does; ``target`` None keeps every dtype, a float matching a ``keep``
+    glob keeps its own, and with ``quantized`` so does every tensor holding
+    quantization state; ``quantize`` (a scheme) rules as ``quantize_targets``."""
 
 def pack(sizes: list[int], limit: int) -> list[list[int]]:
     """Item indices of each shard of at most ``limit`` bytes, as huggingface_hub's

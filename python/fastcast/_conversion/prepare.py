@@ -104,7 +104,7 @@ def prepare(model: str | os.PathLike[str], options: ConvertOptions) -> Prepared:
     plan = plan_conversion(
         folder, options.dtype, options.shard_size, options.keep, quantized=quant is not None,
         dequantize=dequantized, quantize=quantizing.targets if quantizing else None,
-        merging=merging,
+        merging=merging, scheme=quantizing.scheme if quantizing else None,
     )  # fmt: skip
     copies = copies_of(folder, merging)
     report = None

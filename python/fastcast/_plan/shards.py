@@ -13,13 +13,12 @@ dtype; ``_core.quantize_targets`` for ``--quantize``), so that convert, inspect 
 verify cannot disagree about it. A quantized weight and its scale are packed into the
 same shard: the executor computes the scale right after the weight.
 
-A weight set whose tensors are all cast or copied (the usual model, safetensors or
-torch.save, or a quantized one kept quantized) is planned by the core
-(``_core.plan_plain``, ``plain_set``) by the same rules, with the same ``pack`` and
-``lay_out``: a model may have 100k tensors, and an object per tensor cost more than its
-bytes. Its shards make their ``PlannedTensor`` objects only when something asks.
-Dequantized, quantized (``--quantize``) and merged sets are planned here, an object per
-tensor (``object_set``).
+A weight set whose tensors are all cast, copied or quantized (the usual model,
+safetensors or torch.save, a quantized one kept quantized, ``--quantize``) is planned by
+the core (``_core.plan_plain``, ``plain_set``) by the same rules, with the same ``pack``
+and ``lay_out``: a model may have 100k tensors, and an object per tensor cost more than
+its bytes. Its shards make their ``PlannedTensor`` objects only when something asks.
+Dequantized and merged sets are planned here, an object per tensor (``object_set``).
 """
 
 from __future__ import annotations
@@ -141,8 +140,8 @@ class PlannedTensor:
 
 @dataclass(frozen=True)
 class PlainTensors:
-    """A plain plan's shard as the core holds it (``_core.plan_plain``), and what
-    makes its ``PlannedTensor`` objects when something asks for them."""
+    """A shard as the core holds it (``_core.plan_plain``), and what makes its
+    ``PlannedTensor`` objects when something asks for them."""
 
     shard: _core.PlainShard
     files: list[SourceFile]
@@ -151,12 +150,32 @@ class PlainTensors:
     """The weight set's folder, for labels."""
 
     def made(self) -> list[PlannedTensor]:
-        """The tensors as the Python planner makes them (``planned``)."""
+        """The tensors as the Python planner makes them (``planned``, ``quantized_pair``)."""
         entries = [f.tensors for f in self.files]
-        return [
+        made = [
             planned_at(entries[s][r], dtype, nbytes, (begin, end), self.folder, role)
             for s, r, dtype, nbytes, begin, end, role in self.shard.picks()
         ]
+        for i, t in self.special():
+            made[i] = t
+        return made
+
+    def special(self) -> list[tuple[int, PlannedTensor]]:
+        """The ``--quantize`` tensors (values and scales), with their positions."""
+        found = self.shard.quantized()
+        if not found:
+            return []
+        entries = [f.tensors for f in self.files]
+        picks = self.shard.picks()
+        out = []
+        for i, kind, name, shape, block in found:
+            s, r, dtype, nbytes, begin, end, role = picks[i]
+            entry = entries[s][r]
+            how = Quantized(kind, name, tuple(shape), block, entry.name)  # type: ignore[arg-type]
+            label = join(self.folder, name)
+            out.append((i, PlannedTensor(entry, dtype, nbytes, (begin, end), label, None, role,
+                                         how)))  # fmt: skip
+        return out
 
 
 class PlainColumns(NamedTuple):
@@ -169,9 +188,9 @@ class PlainColumns(NamedTuple):
 
 class PlannedShard:
     """One output file; its tensors in data (and header) order, laid out (see
-    ``lay_out``) when it is made. A shard of a plain plan keeps its tensors in the
-    core (``PlainTensors``): what the conversion reads of them, it reads as columns,
-    and ``tensors`` makes their objects on first use."""
+    ``lay_out``) when it is made. A shard the core planned keeps its tensors there
+    (``PlainTensors``): what the conversion reads of them, it reads as columns, and
+    ``tensors`` makes their objects on first use."""
 
     __slots__ = ("_columns", "_tensors", "data_bytes", "input_bytes", "metadata", "name")
 
@@ -212,7 +231,7 @@ class PlannedShard:
     def source_names(self) -> list[str]:
         """Each tensor's name in its source."""
         p = self.plain
-        return p.names() if p is not None else [t.entry.name for t in self.tensors]
+        return p.source_names() if p is not None else [t.entry.name for t in self.tensors]
 
     def names(self) -> list[str]:
         """Each tensor's name in the output."""
@@ -238,8 +257,8 @@ class PlannedShard:
 
     def special(self) -> list[tuple[int, PlannedTensor]]:
         """The dequantized, quantized and merged tensors, with their positions."""
-        if self.plain is not None:
-            return []
+        if isinstance(self._tensors, PlainTensors):
+            return self._tensors.special()
         return [(i, t) for i, t in enumerate(self.tensors) if t.special]
 
     def plain_columns(self) -> PlainColumns:
@@ -247,7 +266,7 @@ class PlannedShard:
         range check and the report both read them)."""
         if self._columns is None:
             if (p := self.plain) is not None:
-                self._columns = PlainColumns(p.source_dtypes(), p.dtypes(), p.source_nbytes())
+                self._columns = PlainColumns(*p.cast_columns())
             else:
                 plain = [t for t in self.tensors if not t.special]
                 self._columns = PlainColumns(
@@ -265,11 +284,12 @@ class PlannedShard:
             return []  # the usual case, told from the few distinct dtypes
         if isinstance(self._tensors, PlainTensors):  # no object made
             table, folder = self._tensors.shard, self._tensors.folder
-            names, roles = table.names(), table.roles()
+            names, roles, dtypes = table.names(), table.roles(), table.dtypes()
+            special = {i for i, *_ in table.quantized()}
             return [
                 (names[i], join(folder, names[i]), roles[i])
-                for i, d in enumerate(c.dtypes)
-                if d != target and is_castable(d)  # not the target: the source's own
+                for i, d in enumerate(dtypes)
+                if d != target and is_castable(d) and i not in special  # the source's own
             ]
         return [
             (t.entry.name, t.label, t.role)
@@ -602,6 +622,8 @@ def plan_set(
     dequantize: Mapping[str, QuantizedWeight] | None = None,
     quantize: Sequence[QuantizeTarget] | None = None,
     adapter: SetMerge | None = None,
+    *,
+    scheme: str | None = None,
 ) -> SetPlan:
     """One weight set's output, named after the set without its variant.
 
@@ -613,9 +635,12 @@ def plan_set(
     e4m3 values and, in the same shard, its scales. ``adapter`` says what
     ``--merge-lora`` does to the set: base weights with the update added, base tensors
     replaced by the adapter's (in the base tensor's dtype, or the target), tensors added
-    at the end (in the set's float dtype, or the target)."""
-    if dequantize is None and quantize is None and adapter is None:
-        return plain_set(ws, dtype, shard_size, keep, quantized)
+    at the end (in the set's float dtype, or the target). ``scheme`` names the
+    ``--quantize`` scheme ``quantize`` was ruled by: without dequantizing or an adapter,
+    the core plans the set by that rule."""
+    if dequantize is None and adapter is None and (quantize is None or scheme is not None):
+        return plain_set(ws, dtype, shard_size, keep, quantized,
+                         None if quantize is None else scheme)  # fmt: skip
     return object_set(ws, dtype, shard_size, keep, quantized, dequantize, quantize, adapter)
 
 
@@ -704,13 +729,17 @@ def plain_set(
     shard_size: int,
     keep: Sequence[str] = (),
     quantized: bool = False,
+    scheme: str | None = None,
 ) -> SetPlan:
-    """A weight set with every tensor cast or copied (safetensors or torch.save files;
-    ``quantized``: its quantization state kept as it is): planned by the core
-    (``_core.plan_plain``) by the same rules as ``object_set``'s, without an object per
-    tensor (a model may have 100k)."""
+    """A weight set with every tensor cast, copied or quantized (safetensors or
+    torch.save files; ``quantized``: its quantization state kept as it is; ``scheme``:
+    quantized by ``--quantize scheme``): planned by the core (``_core.plan_plain``) by
+    the same rules as ``object_set``'s, without an object per tensor (a model may have
+    100k)."""
     tables = [f.entries for f in ws.files]
-    shards = _core.plan_plain(tables, dtype, list(keep), shard_size, quantized=quantized)
+    shards = _core.plan_plain(
+        tables, dtype, list(keep), shard_size, quantized=quantized, quantize=scheme
+    )
     metadata = {"format": "pt", **ws.metadata}
     return SetPlan(
         ws.key,
@@ -729,14 +758,16 @@ def plan_conversion(
     quantized: bool = False,
     dequantize: Mapping[tuple[str, str], QuantizedWeight] | None = None,
     quantize: Mapping[str, Sequence[QuantizeTarget]] | None = None,
+    *,
     merging: Merging | None = None,
+    scheme: str | None = None,
 ) -> ConversionPlan:
     """Plan the output of every weight set of ``model``; ``quantized`` leaves every
     quantization-state tensor as it is, ``dequantize`` ((set key, source tensor) ->
     quantized weight) writes those weights dequantized and the rest of the state not at
     all, ``quantize`` (set key -> what ``--quantize`` makes of each tensor) writes fp8
-    weights with their scales, ``merging`` the updates and replacements of a LoRA
-    adapter (``_plan.merge``).
+    weights with their scales (``scheme``: the ``--quantize`` scheme that ruled it),
+    ``merging`` the updates and replacements of a LoRA adapter (``_plan.merge``).
 
     >>> # plan_conversion(open_model("model/"), "BF16", parse_size("5GB"), keep=["*norm*"])
     """
@@ -746,7 +777,7 @@ def plan_conversion(
             None if dequantize is None
             else {name: how for (key, name), how in dequantize.items() if key == ws.key},
             None if quantize is None else quantize[ws.key],
-            for_set(merging, ws.key),
+            for_set(merging, ws.key), scheme=scheme,
         )
         for ws in model.weight_sets
     ]  # fmt: skip

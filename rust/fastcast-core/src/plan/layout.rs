@@ -1,16 +1,18 @@
 //! Where tensors go in the output: which shard (packed as huggingface_hub's
 //! splitter packs them) and where in it (widest dtype first, no padding).
 //!
-//! One definition for both planners: Python's, which plans dequantized,
-//! quantized and merged sets tensor by tensor, and [`plan_plain`], which
-//! plans a set whose every tensor is cast or copied (safetensors or
-//! torch.save files, quantization state kept as it is) without a Python
+//! One definition for both planners: Python's, which plans dequantized and
+//! merged sets tensor by tensor, and [`plan_set`], which plans a set whose
+//! every tensor is cast, copied or quantized (safetensors or torch.save
+//! files, quantization state kept as it is, `--quantize`) without a Python
 //! object per tensor (a model may have 100k tensors).
 
 use crate::dtype::DType;
 use crate::format::header::TensorInfo;
+use crate::rules::fates::quantize_targets;
 use crate::rules::glob::KeepRule;
 use crate::rules::roles::{typed_roles, Role};
+use crate::rules::scheme::Scheme;
 use crate::rules::target::target_dtype;
 
 /// Group items of `sizes` into shards of at most `limit` bytes exactly as
@@ -73,9 +75,26 @@ pub fn lay_out(items: &[(usize, u64)]) -> Vec<(usize, u64, u64)> {
         .collect()
 }
 
-/// One tensor of a plain plan: row `row` of source file `source`, written as
+/// What a placed tensor holds: its source cast (or copied), or, for
+/// `--quantize`, a weight's e4m3 values or F32 scales.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Part {
+    Cast,
+    /// The weight's e4m3 values, each scale covering `block`.
+    Values {
+        block: (u64, u64),
+    },
+    /// The weight's F32 scales: the plan's `scale`th ([`SetLayout::scales`]).
+    Scale {
+        block: (u64, u64),
+        scale: usize,
+    },
+}
+
+/// One tensor of a set's plan: row `row` of source file `source`, written as
 /// `dtype` at `[begin, end)` of its shard's data; `role` its role in its
-/// model's quantization (always [`Role::Plain`] in a model planned as plain).
+/// model's quantization (always [`Role::Plain`] in a model planned as plain);
+/// `part` what it holds.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct Placed {
     pub source: usize,
@@ -84,76 +103,174 @@ pub struct Placed {
     pub begin: u64,
     pub end: u64,
     pub role: Role,
+    pub part: Part,
 }
 
-/// The shards of a weight set whose every tensor is cast or copied as it is
-/// (no dequantizing, no quantizing): `sources` are its files' tensors, each
-/// in data order, files in the set's order; each tensor goes to `target` as
-/// [`target_dtype`] says (`None`: keeps its dtype), and with `quantized` a
-/// tensor holding quantization state ([`typed_roles`], over the whole set)
-/// keeps its own, as `--keep-quantized` keeps it; shards packed within
-/// `limit` bytes and laid out as [`pack`] and [`lay_out`] say. Returns each
-/// shard's tensors in data order.
-pub fn plan_plain(
+/// How a set's tensors are written.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Mode {
+    /// Floats cast to the target (unless kept), everything else copied.
+    Cast,
+    /// As [`Mode::Cast`], quantization state kept as it is (`--keep-quantized`).
+    KeepQuantized,
+    /// `--quantize`: each weight [`quantize_targets`] quantizes written as its
+    /// e4m3 values and, in the same shard, its F32 scales; the rest as that
+    /// rule says.
+    Quantize(Scheme),
+}
+
+/// A scale tensor `--quantize` adds: its name and shape.
+pub type ScaleTensor = (String, Vec<u64>);
+
+/// A set's plan: each shard's tensors in data order, and the names and
+/// shapes of the scale tensors `--quantize` adds ([`Part::Scale`]).
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct SetLayout {
+    pub shards: Vec<Vec<Placed>>,
+    pub scales: Vec<ScaleTensor>,
+}
+
+/// The shards of a weight set whose tensors are cast, copied or quantized
+/// (no dequantizing, no merging): `sources` are its files' tensors, each in
+/// data order, files in the set's order; each tensor goes to `target` as
+/// [`target_dtype`] says (`None`: keeps its dtype), and unless `mode` is
+/// [`Mode::Cast`] a tensor holding quantization state ([`typed_roles`], over
+/// the whole set) keeps its own, as `--keep-quantized` keeps it; with
+/// [`Mode::Quantize`], as [`quantize_targets`] says. Shards are packed within
+/// `limit` bytes (a weight and its scales together) and laid out as [`pack`]
+/// and [`lay_out`] say.
+pub fn plan_set(
     sources: &[&[TensorInfo]],
     target: Option<DType>,
     keep: &KeepRule,
     limit: u64,
-    quantized: bool,
-) -> Vec<Vec<Placed>> {
+    mode: Mode,
+) -> SetLayout {
     let tensors: Vec<(usize, usize, &TensorInfo)> = sources
         .iter()
         .enumerate()
         .flat_map(|(s, rows)| rows.iter().enumerate().map(move |(r, t)| (s, r, t)))
         .collect();
-    let roles = if quantized {
+    let roles = if mode == Mode::Cast {
+        vec![Role::Plain; tensors.len()]
+    } else {
         let typed: Vec<(&str, DType)> = tensors
             .iter()
             .map(|(_, _, t)| (t.name.as_str(), t.dtype))
             .collect();
         typed_roles(&typed)
-    } else {
-        vec![Role::Plain; tensors.len()]
     };
-    let written: Vec<(DType, u64)> = tensors
-        .iter()
-        .zip(&roles)
-        .map(|((_, _, t), role)| match target {
-            Some(to) if *role == Role::Plain => match target_dtype(&t.name, t.dtype, to, keep) {
-                same if same == t.dtype => (same, t.nbytes()),
-                to => (to, t.numel() * to.size() as u64),
-            },
-            _ => (t.dtype, t.nbytes()),
-        })
-        .collect();
-    pack(written.iter().map(|w| w.1), limit)
+    let (items, scales) = written(&tensors, &roles, target, keep, mode);
+    let bundles: Vec<u64> = items.iter().map(|b| b.iter().map(|i| i.1).sum()).collect();
+    let shards = pack(bundles, limit)
         .into_iter()
         .map(|group| {
-            let items: Vec<(usize, u64)> = group
+            let group: Vec<(usize, &Item)> = group
                 .iter()
-                .map(|&i| (written[i].0.size(), written[i].1))
+                .flat_map(|&i| items[i].iter().map(move |item| (i, item)))
                 .collect();
-            lay_out(&items)
+            let sizes: Vec<(usize, u64)> =
+                group.iter().map(|(_, it)| (it.0.size(), it.1)).collect();
+            lay_out(&sizes)
                 .into_iter()
                 .map(|(k, begin, end)| {
-                    let (source, row, _) = tensors[group[k]];
+                    let (i, &(dtype, _, part)) = group[k];
+                    let (source, row, _) = tensors[i];
                     Placed {
                         source,
                         row,
-                        dtype: written[group[k]].0,
+                        dtype,
                         begin,
                         end,
-                        role: roles[group[k]],
+                        role: roles[i],
+                        part,
                     }
                 })
                 .collect()
         })
-        .collect()
+        .collect();
+    SetLayout { shards, scales }
+}
+
+/// One tensor written: its dtype, bytes and what it holds.
+type Item = (DType, u64, Part);
+
+/// What each tensor of a set is written as: one item, or a weight's values
+/// and scales (packed together); and the scales' names and shapes.
+fn written(
+    tensors: &[(usize, usize, &TensorInfo)],
+    roles: &[Role],
+    target: Option<DType>,
+    keep: &KeepRule,
+    mode: Mode,
+) -> (Vec<Vec<Item>>, Vec<ScaleTensor>) {
+    let cast = |t: &TensorInfo, to: DType| match to {
+        same if same == t.dtype => vec![(same, t.nbytes(), Part::Cast)],
+        to => vec![(to, t.numel() * to.size() as u64, Part::Cast)],
+    };
+    let Mode::Quantize(scheme) = mode else {
+        let items = tensors
+            .iter()
+            .zip(roles)
+            .map(|((_, _, t), role)| match target {
+                Some(to) if *role == Role::Plain => {
+                    cast(t, target_dtype(&t.name, t.dtype, to, keep))
+                }
+                _ => cast(t, t.dtype),
+            })
+            .collect();
+        return (items, Vec::new());
+    };
+    let typed: Vec<(&str, DType, &[u64])> = tensors
+        .iter()
+        .map(|(_, _, t)| (t.name.as_str(), t.dtype, &t.shape[..]))
+        .collect();
+    let mut scales = Vec::new();
+    let items = quantize_targets(&typed, target, keep, scheme)
+        .into_iter()
+        .zip(tensors)
+        .map(|(q, (_, _, t))| match (q.block, q.scale) {
+            (Some(block), Some((name, grid))) => {
+                let values = (
+                    q.dtype,
+                    t.numel() * q.dtype.size() as u64,
+                    Part::Values { block },
+                );
+                let nbytes = grid.iter().product::<u64>() * DType::F32.size() as u64;
+                let scale = Part::Scale {
+                    block,
+                    scale: scales.len(),
+                };
+                scales.push((name, grid));
+                vec![values, (DType::F32, nbytes, scale)]
+            }
+            _ => cast(t, q.dtype),
+        })
+        .collect();
+    (items, scales)
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// [`plan_set`] casting (`quantized`: keeping the quantization state).
+    fn plan_plain(
+        sources: &[&[TensorInfo]],
+        target: Option<DType>,
+        keep: &KeepRule,
+        limit: u64,
+        quantized: bool,
+    ) -> Vec<Vec<Placed>> {
+        let mode = if quantized {
+            Mode::KeepQuantized
+        } else {
+            Mode::Cast
+        };
+        let planned = plan_set(sources, target, keep, limit, mode);
+        assert!(planned.scales.is_empty());
+        planned.shards
+    }
 
     fn info(name: &str, dtype: DType, numel: u64) -> TensorInfo {
         TensorInfo {
@@ -200,6 +317,7 @@ mod tests {
             begin,
             end,
             role: Role::Plain,
+            part: Part::Cast,
         };
         assert_eq!(
             shards,
@@ -252,5 +370,53 @@ mod tests {
         // No target: every dtype kept, the roles still told.
         let kept = plan_plain(&[&a, &b], None, &none, 1 << 20, true);
         assert!(kept[0].iter().any(|p| p.role == Role::QuantizedWeight));
+    }
+
+    #[test]
+    fn plan_set_quantizing_packs_each_weight_with_its_scales() {
+        let w = |name: &str, rows: u64| TensorInfo {
+            name: name.into(),
+            dtype: DType::BF16,
+            shape: vec![rows, 256],
+            data_offsets: (0, rows * 256 * 2),
+        };
+        let a = [
+            w("model.layers.0.mlp.up_proj.weight", 256),
+            info("model.norm.weight", DType::BF16, 256),
+            w("model.layers.0.mlp.down_proj.weight", 100), // a misfit of 128x128 blocks
+        ];
+        let none = KeepRule::default();
+        let mode = Mode::Quantize(Scheme::Fp8Block);
+        // A shard of 64 KiB: the weight (64 KiB of e4m3) and its 16 bytes of
+        // scales are one bundle, larger than the limit, alone in a shard.
+        let planned = plan_set(&[&a], Some(DType::F16), &none, 65536, mode);
+        let scale = (
+            "model.layers.0.mlp.up_proj.weight_scale_inv".into(),
+            vec![2, 2],
+        );
+        assert_eq!(planned.scales, vec![scale]);
+        let got: Vec<Vec<(usize, DType, u64, Part)>> = planned
+            .shards
+            .iter()
+            .map(|s| {
+                s.iter()
+                    .map(|p| (p.row, p.dtype, p.end - p.begin, p.part))
+                    .collect()
+            })
+            .collect();
+        let block = (128, 128);
+        assert_eq!(
+            got,
+            vec![
+                vec![
+                    (0, DType::F32, 16, Part::Scale { block, scale: 0 }),
+                    (0, DType::F8E4M3, 65536, Part::Values { block }),
+                ],
+                vec![
+                    (1, DType::F16, 512, Part::Cast),
+                    (2, DType::F16, 51200, Part::Cast)
+                ],
+            ]
+        );
     }
 }

@@ -1,22 +1,27 @@
-//! A plain model's plan as tables held by the core, for Python to plan
-//! without a Python object per tensor.
+//! A set's plan as tables held by the core, for Python to plan without a
+//! Python object per tensor.
 //!
 //! A model may have 100k tensors (DeepSeek-V3 has 91k). Made into Python
 //! objects and planned one by one, they cost a conversion more than its
-//! bytes did. [`PlainShard`] is an output shard of a plain plan
-//! (`fastcast_core::plan::layout::plan_plain`) made of the `Entries` the
-//! headers gave, and [`PlainRows`] its tensors as a plan's; Python asks them
-//! for columns (names, dtypes) or, where it needs objects, for rows.
+//! bytes did. [`PlainShard`] is an output shard of a set whose tensors are
+//! cast, copied or quantized (`fastcast_core::plan::layout::plan_set`) made
+//! of the `Entries` the headers gave, and [`PlainRows`] its tensors as a
+//! plan's; Python asks them for columns (names, dtypes) or, where it needs
+//! objects, for rows.
 
 use fastcast_core::format::header::{self, Entry, TensorInfo};
 use fastcast_core::names;
-use fastcast_core::plan::layout::{self, Placed};
+use std::sync::Arc;
+
+use fastcast_core::plan::layout::{self, Mode, Part, Placed, ScaleTensor};
 use fastcast_core::plan::wire::TensorPlan;
 use fastcast_core::rules::glob::KeepRule;
+use fastcast_core::rules::scheme::Scheme;
+use fastcast_core::values::quantize::Quantize;
 use fastcast_core::values::Value;
 use fastcast_core::DType;
 use pyo3::prelude::*;
-use pyo3::types::{PyIterator, PyList, PyString, PyTuple};
+use pyo3::types::{PyDict, PyIterator, PyList, PyString, PyTuple};
 
 use crate::dtype::{castable_target, DTypes};
 use crate::errors::CoreError;
@@ -33,12 +38,14 @@ fn dtype_names<'py>(
     )
 }
 
-/// One output shard of a plain plan: tensors of `Entries` cast or copied, in
-/// data order.
+/// One output shard of a set's plan: tensors of `Entries` cast, copied or
+/// quantized, in data order.
 #[pyclass(frozen, module = "fastcast._core")]
 pub struct PlainShard {
     sources: Vec<Py<Entries>>,
     placed: Vec<Placed>,
+    /// The names and shapes of the set's scale tensors (`Part::Scale`).
+    scales: Arc<Vec<ScaleTensor>>,
     /// The bytes of its tensors' data.
     #[pyo3(get)]
     data_bytes: u64,
@@ -54,6 +61,36 @@ impl PlainShard {
     fn source(&self, p: &Placed) -> &TensorInfo {
         &self.sources[p.source].get().tensors[p.row]
     }
+
+    /// A tensor's name and shape in the output: its source's, or its scales'.
+    fn out(&self, p: &Placed) -> (&str, &[u64]) {
+        match p.part {
+            Part::Scale { scale, .. } => (&self.scales[scale].0, &self.scales[scale].1),
+            _ => {
+                let t = self.source(p);
+                (&t.name, &t.shape)
+            }
+        }
+    }
+
+    /// How the executor makes a tensor's values.
+    fn value(&self, p: &Placed) -> Value {
+        match p.part {
+            Part::Cast => Value::Cast,
+            Part::Values { block } => {
+                Value::Quantize(Box::new(Quantize::Fp8Weight { block }), None)
+            }
+            Part::Scale { block, .. } => {
+                let weight = self.source(p);
+                let scale = Quantize::Fp8Scale {
+                    block,
+                    weight: weight.name.clone(),
+                    weight_shape: weight.shape.clone(),
+                };
+                Value::Quantize(Box::new(scale), None)
+            }
+        }
+    }
 }
 
 #[pymethods]
@@ -62,8 +99,14 @@ impl PlainShard {
         self.placed.len()
     }
 
-    /// Its tensors' names (a plain tensor keeps its source's).
+    /// Its tensors' names (a cast tensor and quantized values keep their
+    /// source's; scales have their own).
     fn names<'py>(&self, py: Python<'py>) -> PyResult<Bound<'py, PyList>> {
+        PyList::new(py, self.placed.iter().map(|p| self.out(p).0))
+    }
+
+    /// Each tensor's source's name (a weight's, for its scales).
+    fn source_names<'py>(&self, py: Python<'py>) -> PyResult<Bound<'py, PyList>> {
         PyList::new(py, self.placed.iter().map(|p| self.source(p).name.as_str()))
     }
 
@@ -73,8 +116,8 @@ impl PlainShard {
     }
 
     /// A digest of its tensors' source names and the dtypes they are written
-    /// in (`tensors_digest` of `names()` and `dtypes()`), for a resumed run's
-    /// fingerprint.
+    /// in (`tensors_digest` of `source_names()` and `dtypes()`), for a resumed
+    /// run's fingerprint.
     fn digest(&self) -> String {
         names::digest(
             self.placed
@@ -83,16 +126,40 @@ impl PlainShard {
         )
     }
 
-    /// Each tensor's dtype in its source.
-    fn source_dtypes<'py>(&self, py: Python<'py>) -> PyResult<Bound<'py, PyList>> {
-        dtype_names(py, self.placed.iter().map(|p| self.source(p).dtype))
+    /// Its cast (or copied) tensors' source dtypes, dtypes and source bytes.
+    #[allow(clippy::type_complexity)]
+    fn cast_columns<'py>(
+        &self,
+        py: Python<'py>,
+    ) -> PyResult<(Bound<'py, PyList>, Bound<'py, PyList>, Vec<u64>)> {
+        let cast: Vec<&Placed> = self
+            .placed
+            .iter()
+            .filter(|p| p.part == Part::Cast)
+            .collect();
+        Ok((
+            dtype_names(py, cast.iter().map(|p| self.source(p).dtype))?,
+            dtype_names(py, cast.iter().map(|p| p.dtype))?,
+            cast.iter().map(|p| self.source(p).nbytes()).collect(),
+        ))
     }
 
-    /// Each tensor's bytes in its source.
-    fn source_nbytes(&self) -> Vec<u64> {
+    /// Its `--quantize` tensors: `(position, kind, name, shape, block)`, the
+    /// kind "fp8_weight" (the weight's e4m3 values) or "fp8_scale".
+    #[allow(clippy::type_complexity)]
+    fn quantized(&self) -> Vec<(usize, &'static str, &str, Vec<u64>, (u64, u64))> {
         self.placed
             .iter()
-            .map(|p| self.source(p).nbytes())
+            .enumerate()
+            .filter_map(|(i, p)| {
+                let (kind, block) = match p.part {
+                    Part::Cast => return None,
+                    Part::Values { block } => ("fp8_weight", block),
+                    Part::Scale { block, .. } => ("fp8_scale", block),
+                };
+                let (name, shape) = self.out(p);
+                Some((i, kind, name, shape.to_vec(), block))
+            })
             .collect()
     }
 
@@ -163,11 +230,11 @@ impl PlainRows {
         header::json_len(
             metadata,
             shard.placed.iter().map(|p| {
-                let t = shard.source(p);
+                let (name, shape) = shard.out(p);
                 Entry {
-                    name: &t.name,
+                    name,
                     dtype: p.dtype,
-                    shape: &t.shape,
+                    shape,
                     data_offsets: (p.begin, p.end),
                 }
             }),
@@ -182,15 +249,16 @@ impl PlainRows {
             .iter()
             .map(|p| {
                 let t = shard.source(p);
+                let (name, shape) = shard.out(p);
                 TensorPlan {
-                    name: t.name.clone(),
-                    shape: t.shape.clone(),
+                    name: name.to_owned(),
+                    shape: shape.to_vec(),
                     source: self.source_ids[p.source],
                     src_dtype: t.dtype,
                     dst_dtype: p.dtype,
                     src_offsets: t.data_offsets,
                     dst_offsets: (p.begin, p.end),
-                    value: Value::Cast,
+                    value: shard.value(p),
                 }
             })
             .collect()
@@ -203,19 +271,38 @@ impl PlainRows {
         self.shard.get().placed.len()
     }
 
-    /// The executor's plain rows (`_core._PlainTensorPlan`).
+    /// The executor's rows: a cast tensor's as a tuple
+    /// (`_core._PlainTensorPlan`), a quantized one's as a dict
+    /// (`_core.TensorPlan`).
     fn rows<'py>(&self, py: Python<'py>) -> PyResult<Bound<'py, PyList>> {
         let rows = PyList::empty(py);
         for t in self.tensor_plans() {
-            rows.append((
-                t.name,
-                PyTuple::new(py, &t.shape)?,
-                t.source,
-                PyString::intern(py, t.src_dtype.safetensors_name()),
-                PyString::intern(py, t.dst_dtype.safetensors_name()),
-                t.src_offsets,
-                t.dst_offsets,
-            ))?;
+            let src = PyString::intern(py, t.src_dtype.safetensors_name());
+            let dst = PyString::intern(py, t.dst_dtype.safetensors_name());
+            let shape = PyTuple::new(py, &t.shape)?;
+            let Value::Quantize(q, None) = t.value else {
+                let row = (
+                    t.name,
+                    shape,
+                    t.source,
+                    src,
+                    dst,
+                    t.src_offsets,
+                    t.dst_offsets,
+                );
+                rows.append(row)?;
+                continue;
+            };
+            let row = PyDict::new(py);
+            row.set_item("name", t.name)?;
+            row.set_item("shape", shape)?;
+            row.set_item("source", t.source)?;
+            row.set_item("src_dtype", src)?;
+            row.set_item("dst_dtype", dst)?;
+            row.set_item("src_offsets", t.src_offsets)?;
+            row.set_item("dst_offsets", t.dst_offsets)?;
+            row.set_item("quantize", quantize_dict(py, &q)?)?;
+            rows.append(row)?;
         }
         Ok(rows)
     }
@@ -232,12 +319,35 @@ impl PlainRows {
     }
 }
 
-/// The shards of a weight set whose every tensor is cast or copied (see
-/// `fastcast_core::plan::layout::plan_plain`): `sources` its files' tensors,
-/// in the set's order; `target` None keeps every dtype; `quantized` keeps
-/// quantization state as it is (`--keep-quantized`).
+/// `Quantize` as the Python planner writes it (`_plan.shards.tensor_plan`).
+fn quantize_dict<'py>(py: Python<'py>, q: &Quantize) -> PyResult<Bound<'py, PyDict>> {
+    let out = PyDict::new(py);
+    match q {
+        Quantize::Fp8Weight { block } => {
+            out.set_item("kind", "fp8_weight")?;
+            out.set_item("block", *block)?;
+        }
+        Quantize::Fp8Scale {
+            block,
+            weight,
+            weight_shape,
+        } => {
+            out.set_item("kind", "fp8_scale")?;
+            out.set_item("block", *block)?;
+            out.set_item("weight", weight)?;
+            out.set_item("weight_shape", PyList::new(py, weight_shape)?)?;
+        }
+    }
+    Ok(out)
+}
+
+/// The shards of a weight set whose tensors are cast, copied or quantized
+/// (see `fastcast_core::plan::layout::plan_set`): `sources` its files'
+/// tensors, in the set's order; `target` None keeps every dtype; `quantized`
+/// keeps quantization state as it is (`--keep-quantized`); `quantize` names
+/// a `--quantize` scheme.
 #[pyfunction]
-#[pyo3(signature = (sources, target, keep, limit, *, quantized=false))]
+#[pyo3(signature = (sources, target, keep, limit, *, quantized=false, quantize=None))]
 pub fn plan_plain(
     py: Python<'_>,
     sources: Vec<Py<Entries>>,
@@ -245,20 +355,40 @@ pub fn plan_plain(
     keep: Vec<String>,
     limit: u64,
     quantized: bool,
+    quantize: Option<&str>,
 ) -> PyResult<Vec<PlainShard>> {
     let target = target.map(castable_target).transpose()?;
+    let mode = match quantize {
+        Some(name) => Mode::Quantize(Scheme::from_name(name).ok_or_else(|| {
+            pyo3::exceptions::PyValueError::new_err(format!("no --quantize scheme {name:?}"))
+        })?),
+        None if quantized => Mode::KeepQuantized,
+        None => Mode::Cast,
+    };
     let keep = KeepRule::new(&keep);
     let tables: Vec<&[TensorInfo]> = sources.iter().map(|e| &e.get().tensors[..]).collect();
-    let shards = py.detach(|| layout::plan_plain(&tables, target, &keep, limit, quantized));
-    Ok(shards
+    let planned = py.detach(|| layout::plan_set(&tables, target, &keep, limit, mode));
+    let scales = Arc::new(planned.scales);
+    Ok(planned
+        .shards
         .into_iter()
         .map(|placed| {
             let info = |p: &Placed| &tables[p.source][p.row];
+            let numel = |p: &Placed| match p.part {
+                Part::Scale { scale, .. } => scales[scale].1.iter().product(),
+                _ => info(p).numel(),
+            };
             PlainShard {
                 data_bytes: placed.last().map_or(0, |p| p.end),
-                input_bytes: placed.iter().map(|p| info(p).nbytes()).sum(),
-                numel: placed.iter().map(|p| info(p).numel()).sum(),
+                // a weight's scales are made of what its values read
+                input_bytes: placed
+                    .iter()
+                    .filter(|p| !matches!(p.part, Part::Scale { .. }))
+                    .map(|p| info(p).nbytes())
+                    .sum(),
+                numel: placed.iter().map(numel).sum(),
                 sources: sources.iter().map(|s| s.clone_ref(py)).collect(),
+                scales: Arc::clone(&scales),
                 placed,
             }
         })
