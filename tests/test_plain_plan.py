@@ -18,9 +18,11 @@ from safetensors.numpy import save_file
 
 from fastcast import _core
 from fastcast._conversion.fingerprint import shard_fingerprint
-from fastcast._plan.quantize import quantize_targets
+from fastcast._plan.dequantize import QuantizedWeight, quantized_weights
+from fastcast._plan.quantize import quantize_targets, requantize_targets
 from fastcast._plan.shards import SetPlan, object_set, plan_set
 from fastcast._source.folder import ModelFolder, open_model
+from fastcast._source.quantization import detect, roles, without_sidecars
 from quantized import ALL as QUANTIZED
 from quantized_fp4 import ALL_FP4
 from zoo import ZOO
@@ -56,18 +58,31 @@ def columns(sp: SetPlan, source_ids: dict[Path, int]) -> list[object]:
 
 
 def check_plans_agree(
-    folder: ModelFolder, quantized: bool = False, scheme: str | None = None, cases=CASES
+    folder: ModelFolder,
+    quantized: bool = False,
+    scheme: str | None = None,
+    cases=CASES,
+    dequantize: dict[tuple[str, str], QuantizedWeight] | None = None,
 ) -> int:
     """Plan every set of ``folder`` both ways in every case (``quantized``: its
     quantization state kept, as ``--keep-quantized`` plans it; ``scheme``: quantized,
-    as ``--quantize scheme`` plans it); the number planned by the core."""
+    as ``--quantize scheme`` plans it; ``dequantize``: those weights dequantized, as
+    ``--dequantize`` plans them); the number planned by the core."""
     planned = 0
     for ws in folder.weight_sets:
         ids = {f.path: i for i, f in enumerate(ws.files)}
+        dq = None
+        if dequantize is not None:
+            dq = {name: w for (key, name), w in dequantize.items() if key == ws.key}
         for target, keep, size in cases:
-            q = None if scheme is None else quantize_targets(ws.tensors, target, keep, scheme)
-            core = plan_set(ws, target, size, keep, quantized, None, q, scheme=scheme)
-            python = object_set(ws, target, size, keep, quantized, None, q)
+            q = None
+            if scheme is not None and dq is not None:  # --dequantize --quantize
+                assert target is not None
+                q = requantize_targets(ws.tensors, dq, target, keep, scheme)
+            elif scheme is not None:
+                q = quantize_targets(ws.tensors, target, keep, scheme)
+            core = plan_set(ws, target, size, keep, quantized, dq, q, scheme=scheme)
+            python = object_set(ws, target, size, keep, quantized, dq, q)
             assert all(s.plain is not None for s in core.shards), "planned by the core"
             assert all(s.plain is None for s in python.shards), "planned in Python"
             # columns first: read before the core's shards make their objects
@@ -94,6 +109,43 @@ def test_the_core_plans_each_quantized_model_kept_as_the_python_planner(tmp_path
     assert check_plans_agree(folder, quantized=True) == len(CASES) * len(folder.weight_sets)
     (core,) = [plan_set(ws, "F16", 10**9, (), True) for ws in folder.weight_sets[:1]]
     assert {r for s in core.shards for r in s.plain.roles()} - {"plain"}, "roles told"
+
+
+#: Fixtures --dequantize refuses (their layout is not confirmed): nothing to plan.
+NOT_DEQUANTIZED = {"deepseek-v4"}
+
+
+@pytest.mark.parametrize("name", sorted(NOT_DEQUANTIZED))
+def test_what_dequantize_refuses_is_refused_before_planning(tmp_path, name):
+    folder = open_model({**QUANTIZED, **ALL_FP4}[name](tmp_path).path)
+    with pytest.raises(_core.QuantizedModelError, match="does not reconstruct"):
+        quantized_weights(folder, detect(folder), roles(folder))
+
+
+@pytest.mark.parametrize("name", sorted({**QUANTIZED, **ALL_FP4}.keys() - NOT_DEQUANTIZED))
+def test_the_core_plans_each_quantized_model_dequantized_as_the_python_planner(tmp_path, name):
+    """--dequantize: each weight under its own name and shape in the place of the tensor
+    holding its values, every other tensor of quantization state left out, the model's
+    fp32-pinned tensors kept."""
+    model = {**QUANTIZED, **ALL_FP4}[name](tmp_path)
+    folder = open_model(model.path)
+    quant = detect(folder)
+    assert quant is not None
+    weights = quantized_weights(folder, quant, roles(folder))
+    assert weights, "a weight to dequantize"
+    folder = without_sidecars(folder)
+    cases = [c for c in CASES if c[0] is not None]  # --dequantize needs a target
+    planned = check_plans_agree(folder, dequantize=weights, cases=cases)
+    assert planned == len(cases) * len(folder.weight_sets)
+    ws = folder.weight_sets[0]
+    dq = {n: w for (key, n), w in weights.items() if key == ws.key}
+    core = plan_set(ws, "BF16", 10**9, (), True, dq)
+    assert any(t.dequant for s in core.shards for _, t in s.special()), "dequantized"
+    # --dequantize --quantize: requantized weights' values and scales both made of
+    # the dequantized weight
+    for scheme in ["fp8", "fp8-channel"]:
+        planned = check_plans_agree(folder, dequantize=weights, cases=cases, scheme=scheme)
+        assert planned == len(cases) * len(folder.weight_sets)
 
 
 DTYPES = [np.float32, np.float16, np.int64, np.int8, np.uint8, np.bool_, np.float64]

@@ -586,14 +586,18 @@ class PlainShard:
     def quantized(self) -> list[tuple[int, str, str, list[int], tuple[int, int]]]:
         """(position, kind, name, shape, block) of each ``--quantize`` tensor, the kind
         ``fp8_weight`` (the weight's e4m3 values) or ``fp8_scale``."""
+    def made(self) -> list[tuple[int, int]]:
+        """(position, index) of each dequantized tensor, ``index`` into the
+        ``dequantize`` list the plan was made with."""
     def roles(self) -> list[str]:
         """Each tensor's role in its model's quantization (``quant_roles``' names)."""
     def picks(self) -> list[tuple[int, int, str, int, int, int, str]]:
         """(source, row, dtype, nbytes, begin, end, role) of each tensor: ``source``
         indexes the ``Entries`` planned, ``row`` their rows."""
-    def plan_rows(self, source_ids: list[int]) -> PlainRows:
+    def plan_rows(self, source_ids: list[int], recipes: list[dict[str, Any]] = ...) -> PlainRows:
         """Its tensors as a plan's ``tensors``, ``source_ids[i]`` the plan's id of the
-        ``i``th ``Entries`` planned."""
+        ``i``th ``Entries`` planned; ``recipes`` the fields each dequantized tensor's
+        row adds (``made()``'s order: its ``dequant``)."""
 
 @final
 class PlainRows:
@@ -616,12 +620,16 @@ def plan_plain(
     *,
     quantized: bool = False,
     quantize: str | None = None,
+    dequantize: list[tuple[int, str, list[int], str]] | None = None,
 ) -> list[PlainShard]:
     """The shards of a weight set whose every tensor is cast, copied or quantized,
     packed as huggingface_hub packs them (a weight with its scales) and laid out as
     ``lay_out`` does; ``target`` None keeps every dtype, a float matching a ``keep``
     glob keeps its own, and with ``quantized`` so does every tensor holding
-    quantization state; ``quantize`` (a scheme) rules as ``quantize_targets``."""
+    quantization state; ``quantize`` (a scheme) rules as ``quantize_targets``;
+    ``dequantize`` lists (tensor, name, shape, dtype) of each weight written
+    dequantized in the place of the set's ``tensor``th, the rest of the state left
+    out."""
 
 def pack(sizes: list[int], limit: int) -> list[list[int]]:
     """Item indices of each shard of at most ``limit`` bytes, as huggingface_hub's

@@ -13,12 +13,14 @@ dtype; ``_core.quantize_targets`` for ``--quantize``), so that convert, inspect 
 verify cannot disagree about it. A quantized weight and its scale are packed into the
 same shard: the executor computes the scale right after the weight.
 
-A weight set whose tensors are all cast, copied or quantized (the usual model,
-safetensors or torch.save, a quantized one kept quantized, ``--quantize``) is planned by
-the core (``_core.plan_plain``, ``plain_set``) by the same rules, with the same ``pack``
-and ``lay_out``: a model may have 100k tensors, and an object per tensor cost more than
-its bytes. Its shards make their ``PlannedTensor`` objects only when something asks.
-Dequantized and merged sets are planned here, an object per tensor (``object_set``).
+A weight set whose tensors are all cast, copied, quantized or dequantized (the usual
+model, safetensors or torch.save, a quantized one kept quantized, ``--quantize``,
+``--dequantize``) is planned by the core (``_core.plan_plain``, ``plain_set``) by the
+same rules, with the same ``pack`` and ``lay_out``: a model may have 100k tensors, and an
+object per tensor cost more than its bytes. Its shards make their ``PlannedTensor``
+objects only when something asks; a dequantized weight's recipe is made here, when the
+plan's rows are (``--dequantize --quantize``: for its values and its scales). Merged
+sets are planned here, an object per tensor (``object_set``).
 """
 
 from __future__ import annotations
@@ -27,6 +29,7 @@ import json
 import math
 from collections.abc import Collection, Mapping, Sequence
 from dataclasses import dataclass, field
+from functools import cached_property
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal, NamedTuple, Protocol, TypeVar
 
@@ -138,6 +141,24 @@ class PlannedTensor:
         return self.numel * 4 if self.dequant or self.merged else self.entry.nbytes
 
 
+class Dequantizing:
+    """The weights ``--dequantize`` writes of one set, in the order the core was given
+    them (``_core.PlainShard.made`` indexes them), and how each comes back."""
+
+    def __init__(self, files: list[SourceFile], weights: list[QuantizedWeight]) -> None:
+        self.files = files
+        self.weights = weights
+
+    @cached_property
+    def by_name(self) -> dict[str, TensorEntry]:
+        """The set's tensors by name (made on first use, once for all its shards)."""
+        return {t.name: t for f in self.files for t in f.tensors}
+
+    def how(self, made: int) -> Dequantized:
+        w = self.weights[made]
+        return Dequantized(w, {role: self.by_name[n] for role, n in w.operands.items()})
+
+
 @dataclass(frozen=True)
 class PlainTensors:
     """A shard as the core holds it (``_core.plan_plain``), and what makes its
@@ -148,6 +169,8 @@ class PlainTensors:
     """The files planned: ``shard.picks()`` index them."""
     folder: str
     """The weight set's folder, for labels."""
+    dequantizing: Dequantizing | None = None
+    """The set's dequantized weights, when it has any."""
 
     def made(self) -> list[PlannedTensor]:
         """The tensors as the Python planner makes them (``planned``, ``quantized_pair``)."""
@@ -161,21 +184,47 @@ class PlainTensors:
         return made
 
     def special(self) -> list[tuple[int, PlannedTensor]]:
-        """The ``--quantize`` tensors (values and scales), with their positions."""
-        found = self.shard.quantized()
-        if not found:
+        """The ``--quantize`` tensors (values and scales) and the dequantized ones, with
+        their positions."""
+        found, made = self.shard.quantized(), dict(self.shard.made())
+        if not found and not made:
             return []
         entries = [f.tensors for f in self.files]
         picks = self.shard.picks()
+        how: dict[int, Dequantized] = {}
+        if made:
+            assert self.dequantizing is not None
+            how = {i: self.dequantizing.how(k) for i, k in made.items()}
         out = []
-        for i, kind, name, shape, block in found:
+        for i, kind, name, shape, block in found:  # a requantized weight's: dequantized too
             s, r, dtype, nbytes, begin, end, role = picks[i]
-            entry = entries[s][r]
-            how = Quantized(kind, name, tuple(shape), block, entry.name)  # type: ignore[arg-type]
+            weight = how[i].weight.name if i in how else entries[s][r].name
+            q = Quantized(kind, name, tuple(shape), block, weight)  # type: ignore[arg-type]
             label = join(self.folder, name)
-            out.append((i, PlannedTensor(entry, dtype, nbytes, (begin, end), label, None, role,
-                                         how)))  # fmt: skip
-        return out
+            out.append((i, PlannedTensor(entries[s][r], dtype, nbytes, (begin, end), label,
+                                         how.get(i), role, q)))  # fmt: skip
+        quantized = {i for i, *_ in found}
+        for i, d in how.items():
+            if i not in quantized:
+                s, r, dtype, nbytes, begin, end, role = picks[i]
+                label = join(self.folder, d.weight.name)
+                out.append((i, PlannedTensor(entries[s][r], dtype, nbytes, (begin, end), label,
+                                             d, role)))  # fmt: skip
+        return sorted(out, key=lambda it: it[0])
+
+    def special_at(self) -> set[int]:
+        """The positions of ``special()``'s tensors, without making them."""
+        return {i for i, *_ in self.shard.quantized()} | {i for i, _ in self.shard.made()}
+
+    def plan_rows(self, source_ids: dict[Path, int]) -> _core.PlainRows:
+        """Its rows, a dequantized tensor's recipe made with the plan's ids."""
+        made = self.shard.made()
+        recipes: list[dict[str, Any]] = []
+        if made:
+            assert self.dequantizing is not None
+            how = self.dequantizing.how
+            recipes = [{"dequant": dequant_dict(how(k), source_ids)} for _, k in made]
+        return self.shard.plan_rows([source_ids[f.path] for f in self.files], recipes)
 
 
 class PlainColumns(NamedTuple):
@@ -285,7 +334,7 @@ class PlannedShard:
         if isinstance(self._tensors, PlainTensors):  # no object made
             table, folder = self._tensors.shard, self._tensors.folder
             names, roles, dtypes = table.names(), table.roles(), table.dtypes()
-            special = {i for i, *_ in table.quantized()}
+            special = self._tensors.special_at()
             return [
                 (names[i], join(folder, names[i]), roles[i])
                 for i, d in enumerate(dtypes)
@@ -304,8 +353,7 @@ class PlannedShard:
         """Its tensors as the executor reads them (``tensor_plan``; a plain shard's
         straight from the core's table)."""
         if isinstance(self._tensors, PlainTensors):
-            plain = self._tensors
-            return plain.shard.plan_rows([source_ids[f.path] for f in plain.files])
+            return self._tensors.plan_rows(source_ids)
         return [tensor_plan(t, source_ids) for t in self._tensors]
 
 
@@ -638,9 +686,9 @@ def plan_set(
     at the end (in the set's float dtype, or the target). ``scheme`` names the
     ``--quantize`` scheme ``quantize`` was ruled by: without dequantizing or an adapter,
     the core plans the set by that rule."""
-    if dequantize is None and adapter is None and (quantize is None or scheme is not None):
+    if adapter is None and (quantize is None or scheme is not None):
         return plain_set(ws, dtype, shard_size, keep, quantized,
-                         None if quantize is None else scheme)  # fmt: skip
+                         None if quantize is None else scheme, dequantize)  # fmt: skip
     return object_set(ws, dtype, shard_size, keep, quantized, dequantize, quantize, adapter)
 
 
@@ -730,21 +778,28 @@ def plain_set(
     keep: Sequence[str] = (),
     quantized: bool = False,
     scheme: str | None = None,
+    dequantize: Mapping[str, QuantizedWeight] | None = None,
 ) -> SetPlan:
-    """A weight set with every tensor cast, copied or quantized (safetensors or
-    torch.save files; ``quantized``: its quantization state kept as it is; ``scheme``:
-    quantized by ``--quantize scheme``): planned by the core (``_core.plan_plain``) by
-    the same rules as ``object_set``'s, without an object per tensor (a model may have
-    100k)."""
+    """A weight set with every tensor cast, copied, quantized or dequantized
+    (safetensors or torch.save files; ``quantized``: its quantization state kept as it
+    is; ``scheme``: quantized by ``--quantize scheme``; ``dequantize``: those weights
+    written dequantized, as ``plan_set`` says): planned by the core
+    (``_core.plan_plain``) by the same rules as ``object_set``'s, without an object per
+    tensor (a model may have 100k)."""
     tables = [f.entries for f in ws.files]
-    shards = _core.plan_plain(
-        tables, dtype, list(keep), shard_size, quantized=quantized, quantize=scheme
-    )
+    made, dequantizing = None, None
+    if dequantize is not None:
+        assert dtype is not None, "dequantizing needs a target"
+        at = {name: i for i, name in enumerate(ws.names())}
+        made = [(at[src], w.name, list(w.shape), dtype) for src, w in dequantize.items()]
+        dequantizing = Dequantizing(ws.files, list(dequantize.values()))
+    shards = _core.plan_plain(tables, dtype, list(keep), shard_size, quantized=quantized,
+                              quantize=scheme, dequantize=made)  # fmt: skip
     metadata = {"format": "pt", **ws.metadata}
     return SetPlan(
         ws.key,
         [
-            PlannedShard(n, PlainTensors(s, ws.files, ws.folder), dict(metadata))
+            PlannedShard(n, PlainTensors(s, ws.files, ws.folder, dequantizing), dict(metadata))
             for n, s in zip(shard_names(ws.key, len(shards)), shards, strict=True)
         ],
     )

@@ -1,15 +1,18 @@
 //! Where tensors go in the output: which shard (packed as huggingface_hub's
 //! splitter packs them) and where in it (widest dtype first, no padding).
 //!
-//! One definition for both planners: Python's, which plans dequantized and
-//! merged sets tensor by tensor, and [`plan_set`], which plans a set whose
-//! every tensor is cast, copied or quantized (safetensors or torch.save
-//! files, quantization state kept as it is, `--quantize`) without a Python
-//! object per tensor (a model may have 100k tensors).
+//! One definition for both planners: Python's, which plans merged sets
+//! tensor by tensor, and [`plan_set`], which plans a set whose every tensor
+//! is cast, copied, quantized, dequantized or both (safetensors or torch.save
+//! files, quantization state kept as it is, `--quantize`, `--dequantize`,
+//! `--dequantize --quantize`) without a Python object per tensor (a model may
+//! have 100k tensors).
 
 use crate::dtype::DType;
 use crate::format::header::TensorInfo;
-use crate::rules::fates::quantize_targets;
+use std::collections::HashMap;
+
+use crate::rules::fates::{quantize_targets, Target};
 use crate::rules::glob::KeepRule;
 use crate::rules::roles::{typed_roles, Role};
 use crate::rules::scheme::Scheme;
@@ -75,20 +78,38 @@ pub fn lay_out(items: &[(usize, u64)]) -> Vec<(usize, u64, u64)> {
         .collect()
 }
 
-/// What a placed tensor holds: its source cast (or copied), or, for
-/// `--quantize`, a weight's e4m3 values or F32 scales.
+/// What a placed tensor holds: its source cast (or copied), for `--quantize`
+/// a weight's e4m3 values or F32 scales, or values the caller makes.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Part {
     Cast,
-    /// The weight's e4m3 values, each scale covering `block`.
+    /// The weight's e4m3 values, each scale covering `block`; `made`: the
+    /// weight's f32 values are the `made`th [`Made`]'s (requantized).
     Values {
         block: (u64, u64),
+        made: Option<usize>,
     },
     /// The weight's F32 scales: the plan's `scale`th ([`SetLayout::scales`]).
     Scale {
         block: (u64, u64),
         scale: usize,
+        made: Option<usize>,
     },
+    /// Values the caller makes (a weight dequantized): its `made`th [`Made`].
+    Made {
+        made: usize,
+    },
+}
+
+/// A tensor whose values the caller makes from set tensor `tensor` (the
+/// `tensor`th of the set, files in order), written as `name`, `shape` and
+/// `dtype` in its place (`--dequantize`: a quantized weight's values).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Made {
+    pub tensor: usize,
+    pub name: String,
+    pub shape: Vec<u64>,
+    pub dtype: DType,
 }
 
 /// One tensor of a set's plan: row `row` of source file `source`, written as
@@ -117,6 +138,13 @@ pub enum Mode {
     /// e4m3 values and, in the same shard, its F32 scales; the rest as that
     /// rule says.
     Quantize(Scheme),
+    /// `--dequantize`: the [`Made`] tensors in the place of their sources,
+    /// every other tensor of quantization state ([`Role::is_state`]) left
+    /// out, the rest as [`Mode::KeepQuantized`] writes it.
+    Dequantize,
+    /// `--dequantize --quantize`: the set as [`Mode::Dequantize`] writes it,
+    /// then quantized as [`quantize_targets`] rules that plain set.
+    Requantize(Scheme),
 }
 
 /// A scale tensor `--quantize` adds: its name and shape.
@@ -130,21 +158,23 @@ pub struct SetLayout {
     pub scales: Vec<ScaleTensor>,
 }
 
-/// The shards of a weight set whose tensors are cast, copied or quantized
-/// (no dequantizing, no merging): `sources` are its files' tensors, each in
+/// The shards of a weight set whose tensors are cast, copied, quantized or
+/// dequantized (no merging): `sources` are its files' tensors, each in
 /// data order, files in the set's order; each tensor goes to `target` as
 /// [`target_dtype`] says (`None`: keeps its dtype), and unless `mode` is
 /// [`Mode::Cast`] a tensor holding quantization state ([`typed_roles`], over
 /// the whole set) keeps its own, as `--keep-quantized` keeps it; with
 /// [`Mode::Quantize`], as [`quantize_targets`] says. Shards are packed within
 /// `limit` bytes (a weight and its scales together) and laid out as [`pack`]
-/// and [`lay_out`] say.
+/// and [`lay_out`] say. `made` are the tensors [`Mode::Dequantize`] and
+/// [`Mode::Requantize`] write.
 pub fn plan_set(
     sources: &[&[TensorInfo]],
     target: Option<DType>,
     keep: &KeepRule,
     limit: u64,
     mode: Mode,
+    made: &[Made],
 ) -> SetLayout {
     let tensors: Vec<(usize, usize, &TensorInfo)> = sources
         .iter()
@@ -160,14 +190,44 @@ pub fn plan_set(
             .collect();
         typed_roles(&typed)
     };
-    let (items, scales) = written(&tensors, &roles, target, keep, mode);
-    let bundles: Vec<u64> = items.iter().map(|b| b.iter().map(|i| i.1).sum()).collect();
-    let shards = pack(bundles, limit)
+    let (mut items, mut scales) = written(&tensors, &roles, target, keep, mode);
+    if matches!(mode, Mode::Dequantize | Mode::Requantize(_)) {
+        for (i, role) in roles.iter().enumerate() {
+            if role.is_state() {
+                items[i].clear(); // consumed by the weight it dequantizes
+            }
+        }
+        for (k, m) in made.iter().enumerate() {
+            let nbytes = m.shape.iter().product::<u64>() * m.dtype.size() as u64;
+            items[m.tensor] = vec![(m.dtype, nbytes, Part::Made { made: k })];
+        }
+    }
+    if let Mode::Requantize(scheme) = mode {
+        let set = Requantized {
+            tensors: &tensors,
+            made,
+            target,
+            keep,
+            scheme,
+        };
+        set.quantize(&mut items, &mut scales);
+    }
+    // (tensor, items) of the tensors written, in order
+    let bundles: Vec<(usize, Vec<Item>)> = items
+        .into_iter()
+        .enumerate()
+        .filter(|(_, b)| !b.is_empty())
+        .collect();
+    let sizes = bundles.iter().map(|(_, b)| b.iter().map(|i| i.1).sum());
+    let shards = pack(sizes, limit)
         .into_iter()
         .map(|group| {
             let group: Vec<(usize, &Item)> = group
                 .iter()
-                .flat_map(|&i| items[i].iter().map(move |item| (i, item)))
+                .flat_map(|&b| {
+                    let (tensor, items) = &bundles[b];
+                    items.iter().map(move |item| (*tensor, item))
+                })
                 .collect();
             let sizes: Vec<(usize, u64)> =
                 group.iter().map(|(_, it)| (it.0.size(), it.1)).collect();
@@ -209,6 +269,7 @@ fn written(
         to => vec![(to, t.numel() * to.size() as u64, Part::Cast)],
     };
     let Mode::Quantize(scheme) = mode else {
+        // and Requantize: written as Dequantize writes, then quantized
         let items = tensors
             .iter()
             .zip(roles)
@@ -229,25 +290,81 @@ fn written(
     let items = quantize_targets(&typed, target, keep, scheme)
         .into_iter()
         .zip(tensors)
-        .map(|(q, (_, _, t))| match (q.block, q.scale) {
-            (Some(block), Some((name, grid))) => {
-                let values = (
-                    q.dtype,
-                    t.numel() * q.dtype.size() as u64,
-                    Part::Values { block },
-                );
-                let nbytes = grid.iter().product::<u64>() * DType::F32.size() as u64;
-                let scale = Part::Scale {
-                    block,
-                    scale: scales.len(),
-                };
-                scales.push((name, grid));
-                vec![values, (DType::F32, nbytes, scale)]
-            }
-            _ => cast(t, q.dtype),
+        .map(|(q, (_, _, t))| {
+            let dtype = q.dtype;
+            quantized(q, t.numel(), None, &mut scales).unwrap_or_else(|| cast(t, dtype))
         })
         .collect();
     (items, scales)
+}
+
+/// A weight `q` quantizes (of `numel` elements; `made`: its f32 values are
+/// that [`Made`]'s): its values and its scales, one bundle, the scales'
+/// name and shape added to `scales`. None when `q` does not quantize it.
+fn quantized(
+    q: Target,
+    numel: u64,
+    made: Option<usize>,
+    scales: &mut Vec<ScaleTensor>,
+) -> Option<Vec<Item>> {
+    let (Some(block), Some((name, grid))) = (q.block, q.scale) else {
+        return None;
+    };
+    let values = (
+        q.dtype,
+        numel * q.dtype.size() as u64,
+        Part::Values { block, made },
+    );
+    let nbytes = grid.iter().product::<u64>() * DType::F32.size() as u64;
+    let scale = Part::Scale {
+        block,
+        scale: scales.len(),
+        made,
+    };
+    scales.push((name, grid));
+    Some(vec![values, (DType::F32, nbytes, scale)])
+}
+
+/// `--dequantize --quantize` of a set: what [`quantize_targets`] makes of
+/// the plain set `--dequantize` writes.
+struct Requantized<'a> {
+    tensors: &'a [(usize, usize, &'a TensorInfo)],
+    made: &'a [Made],
+    target: Option<DType>,
+    keep: &'a KeepRule,
+    scheme: Scheme,
+}
+
+impl Requantized<'_> {
+    /// Replace each weight of `items` (as `--dequantize` writes them) that
+    /// `--quantize` quantizes with its values and scales.
+    fn quantize(&self, items: &mut [Vec<Item>], scales: &mut Vec<ScaleTensor>) {
+        let made_at: HashMap<usize, usize> = (self.made.iter().enumerate())
+            .map(|(k, m)| (m.tensor, k))
+            .collect();
+        // (tensor, name, dtype, shape) of each tensor written, as written
+        let written: Vec<(usize, &str, DType, &[u64])> = (items.iter().enumerate())
+            .filter(|(_, it)| !it.is_empty())
+            .map(|(i, it)| match made_at.get(&i) {
+                Some(&k) => {
+                    let m = &self.made[k];
+                    (i, m.name.as_str(), m.dtype, &m.shape[..])
+                }
+                None => {
+                    let t = self.tensors[i].2;
+                    (i, t.name.as_str(), it[0].0, &t.shape[..])
+                }
+            })
+            .collect();
+        let typed: Vec<(&str, DType, &[u64])> = written.iter().map(|w| (w.1, w.2, w.3)).collect();
+        let targets = quantize_targets(&typed, self.target, self.keep, self.scheme);
+        for (&(i, _, _, shape), q) in written.iter().zip(targets) {
+            let numel = shape.iter().product();
+            if let Some(pair) = quantized(q, numel, made_at.get(&i).copied(), scales) {
+                items[i] = pair;
+            }
+        }
+    }
 }
 
 #[cfg(test)]
@@ -267,9 +384,50 @@ mod tests {
         } else {
             Mode::Cast
         };
-        let planned = plan_set(sources, target, keep, limit, mode);
+        let planned = plan_set(sources, target, keep, limit, mode, &[]);
         assert!(planned.scales.is_empty());
         planned.shards
+    }
+
+    /// (row, dtype, bytes, part) of each tensor of a shard.
+    fn parts(shard: &[Placed]) -> Vec<(usize, DType, u64, Part)> {
+        shard
+            .iter()
+            .map(|p| (p.row, p.dtype, p.end - p.begin, p.part))
+            .collect()
+    }
+
+    /// The scales of a 256x256 `up_proj` weight in 128x128 blocks.
+    fn up_proj_scales() -> Vec<ScaleTensor> {
+        let name = "model.layers.0.mlp.up_proj.weight_scale_inv";
+        vec![(name.into(), vec![2, 2])]
+    }
+
+    /// The fp8 scales and values of row 0, a 256x256 weight in 128x128
+    /// blocks (`made`: of that dequantized weight), as [`parts`] has them.
+    fn pair_of_first(made: Option<usize>) -> [(usize, DType, u64, Part); 2] {
+        let block = (128, 128);
+        let scale = Part::Scale {
+            block,
+            scale: 0,
+            made,
+        };
+        let values = Part::Values { block, made };
+        [
+            (0, DType::F32, 16, scale),
+            (0, DType::F8E4M3, 65536, values),
+        ]
+    }
+
+    /// A weight made in BF16 of set tensor 0.
+    fn made_of_first(name: &str, shape: Vec<u64>) -> [Made; 1] {
+        let (tensor, name, dtype) = (0, name.into(), DType::BF16);
+        [Made {
+            tensor,
+            name,
+            shape,
+            dtype,
+        }]
     }
 
     fn info(name: &str, dtype: DType, numel: u64) -> TensorInfo {
@@ -389,34 +547,69 @@ mod tests {
         let mode = Mode::Quantize(Scheme::Fp8Block);
         // A shard of 64 KiB: the weight (64 KiB of e4m3) and its 16 bytes of
         // scales are one bundle, larger than the limit, alone in a shard.
-        let planned = plan_set(&[&a], Some(DType::F16), &none, 65536, mode);
-        let scale = (
-            "model.layers.0.mlp.up_proj.weight_scale_inv".into(),
-            vec![2, 2],
+        let planned = plan_set(&[&a], Some(DType::F16), &none, 65536, mode, &[]);
+        assert_eq!(planned.scales, up_proj_scales());
+        let got: Vec<_> = planned.shards.iter().map(|s| parts(s)).collect();
+        let [scales, values] = pair_of_first(None);
+        let casts = vec![
+            (1, DType::F16, 512, Part::Cast),
+            (2, DType::F16, 51200, Part::Cast),
+        ];
+        assert_eq!(got, vec![vec![scales, values], casts]);
+    }
+
+    #[test]
+    fn plan_set_dequantizing_writes_the_made_in_place_and_leaves_the_state_out() {
+        let a = [
+            info("l.qweight", DType::I32, 4),
+            info("l.scales", DType::F16, 2),
+            info("l.qzeros", DType::I32, 1),
+            info("norm", DType::F32, 2),
+        ];
+        let made = made_of_first("l.weight", vec![4, 8]);
+        let none = KeepRule::default();
+        let planned = plan_set(
+            &[&a],
+            Some(DType::BF16),
+            &none,
+            1 << 20,
+            Mode::Dequantize,
+            &made,
         );
-        assert_eq!(planned.scales, vec![scale]);
-        let got: Vec<Vec<(usize, DType, u64, Part)>> = planned
-            .shards
-            .iter()
-            .map(|s| {
-                s.iter()
-                    .map(|p| (p.row, p.dtype, p.end - p.begin, p.part))
-                    .collect()
-            })
-            .collect();
-        let block = (128, 128);
+        let got = parts(&planned.shards[0]);
         assert_eq!(
             got,
             vec![
-                vec![
-                    (0, DType::F32, 16, Part::Scale { block, scale: 0 }),
-                    (0, DType::F8E4M3, 65536, Part::Values { block }),
-                ],
-                vec![
-                    (1, DType::F16, 512, Part::Cast),
-                    (2, DType::F16, 51200, Part::Cast)
-                ],
+                (0, DType::BF16, 64, Part::Made { made: 0 }),
+                (3, DType::BF16, 4, Part::Cast),
             ]
         );
+        // Every tensor dropped but one weight: no empty shard is planned.
+        let planned = plan_set(
+            &[&a[..3]],
+            Some(DType::BF16),
+            &none,
+            1,
+            Mode::Dequantize,
+            &made,
+        );
+        assert_eq!(planned.shards.len(), 1);
+    }
+
+    #[test]
+    fn plan_set_requantizing_quantizes_the_weights_dequantize_writes() {
+        let a = [
+            info("model.layers.0.mlp.up_proj.qweight", DType::I32, 8192),
+            info("model.layers.0.mlp.up_proj.scales", DType::F16, 256),
+            info("model.norm.weight", DType::F32, 256),
+        ];
+        let made = made_of_first("model.layers.0.mlp.up_proj.weight", vec![256, 256]);
+        let none = KeepRule::default();
+        let mode = Mode::Requantize(Scheme::Fp8Block);
+        let planned = plan_set(&[&a], Some(DType::BF16), &none, 1 << 20, mode, &made);
+        assert_eq!(planned.scales, up_proj_scales());
+        let [scales, values] = pair_of_first(Some(0));
+        let cast = (2, DType::BF16, 512, Part::Cast);
+        assert_eq!(parts(&planned.shards[0]), vec![scales, cast, values]);
     }
 }

@@ -4,16 +4,18 @@
 //! A model may have 100k tensors (DeepSeek-V3 has 91k). Made into Python
 //! objects and planned one by one, they cost a conversion more than its
 //! bytes did. [`PlainShard`] is an output shard of a set whose tensors are
-//! cast, copied or quantized (`fastcast_core::plan::layout::plan_set`) made
-//! of the `Entries` the headers gave, and [`PlainRows`] its tensors as a
-//! plan's; Python asks them for columns (names, dtypes) or, where it needs
-//! objects, for rows.
+//! cast, copied, quantized or dequantized
+//! (`fastcast_core::plan::layout::plan_set`) made of the `Entries` the
+//! headers gave, and [`PlainRows`] its tensors as a plan's; Python asks them
+//! for columns (names, dtypes) or, where it needs objects, for rows. A
+//! dequantized tensor's recipe is Python's (`_plan.shards.dequant_dict`),
+//! given with the plan's source ids when the rows are made.
 
 use fastcast_core::format::header::{self, Entry, TensorInfo};
 use fastcast_core::names;
 use std::sync::Arc;
 
-use fastcast_core::plan::layout::{self, Mode, Part, Placed, ScaleTensor};
+use fastcast_core::plan::layout::{self, Made, Mode, Part, Placed, ScaleTensor};
 use fastcast_core::plan::wire::TensorPlan;
 use fastcast_core::rules::glob::KeepRule;
 use fastcast_core::rules::scheme::Scheme;
@@ -38,14 +40,16 @@ fn dtype_names<'py>(
     )
 }
 
-/// One output shard of a set's plan: tensors of `Entries` cast, copied or
-/// quantized, in data order.
+/// One output shard of a set's plan: tensors of `Entries` cast, copied,
+/// quantized or dequantized, in data order.
 #[pyclass(frozen, module = "fastcast._core")]
 pub struct PlainShard {
     sources: Vec<Py<Entries>>,
     placed: Vec<Placed>,
     /// The names and shapes of the set's scale tensors (`Part::Scale`).
     scales: Arc<Vec<ScaleTensor>>,
+    /// The set's dequantized tensors (`Part::Made`).
+    made: Arc<Vec<Made>>,
     /// The bytes of its tensors' data.
     #[pyo3(get)]
     data_bytes: u64,
@@ -62,34 +66,54 @@ impl PlainShard {
         &self.sources[p.source].get().tensors[p.row]
     }
 
-    /// A tensor's name and shape in the output: its source's, or its scales'.
-    fn out(&self, p: &Placed) -> (&str, &[u64]) {
-        match p.part {
-            Part::Scale { scale, .. } => (&self.scales[scale].0, &self.scales[scale].1),
-            _ => {
+    /// The weight a tensor's values are (or are made from): its source, or
+    /// its dequantized weight; its name and shape.
+    fn weight(&self, p: &Placed) -> (&str, &[u64]) {
+        match recipe_of(p) {
+            Some(k) => (&self.made[k].name, &self.made[k].shape),
+            None => {
                 let t = self.source(p);
                 (&t.name, &t.shape)
             }
         }
     }
 
-    /// How the executor makes a tensor's values.
+    /// A tensor's name and shape in the output: its weight's, or its scales'.
+    fn out(&self, p: &Placed) -> (&str, &[u64]) {
+        match p.part {
+            Part::Scale { scale, .. } => (&self.scales[scale].0, &self.scales[scale].1),
+            _ => self.weight(p),
+        }
+    }
+
+    /// How the executor makes a tensor's values (a dequantized weight's
+    /// recipe is read from its row).
     fn value(&self, p: &Placed) -> Value {
         match p.part {
-            Part::Cast => Value::Cast,
-            Part::Values { block } => {
+            Part::Cast | Part::Made { .. } => Value::Cast,
+            Part::Values { block, .. } => {
                 Value::Quantize(Box::new(Quantize::Fp8Weight { block }), None)
             }
             Part::Scale { block, .. } => {
-                let weight = self.source(p);
+                let (weight, shape) = self.weight(p);
                 let scale = Quantize::Fp8Scale {
                     block,
-                    weight: weight.name.clone(),
-                    weight_shape: weight.shape.clone(),
+                    weight: weight.to_owned(),
+                    weight_shape: shape.to_vec(),
                 };
                 Value::Quantize(Box::new(scale), None)
             }
         }
+    }
+}
+
+/// The dequantized weight (the `dequantize` list's index) whose values a
+/// tensor is, or is quantized from.
+fn recipe_of(p: &Placed) -> Option<usize> {
+    match p.part {
+        Part::Made { made } => Some(made),
+        Part::Values { made, .. } | Part::Scale { made, .. } => made,
+        Part::Cast => None,
     }
 }
 
@@ -145,7 +169,8 @@ impl PlainShard {
     }
 
     /// Its `--quantize` tensors: `(position, kind, name, shape, block)`, the
-    /// kind "fp8_weight" (the weight's e4m3 values) or "fp8_scale".
+    /// kind "fp8_weight" (the weight's e4m3 values) or "fp8_scale" (a
+    /// requantized weight's are also in `made()`).
     #[allow(clippy::type_complexity)]
     fn quantized(&self) -> Vec<(usize, &'static str, &str, Vec<u64>, (u64, u64))> {
         self.placed
@@ -153,8 +178,8 @@ impl PlainShard {
             .enumerate()
             .filter_map(|(i, p)| {
                 let (kind, block) = match p.part {
-                    Part::Cast => return None,
-                    Part::Values { block } => ("fp8_weight", block),
+                    Part::Cast | Part::Made { .. } => return None,
+                    Part::Values { block, .. } => ("fp8_weight", block),
                     Part::Scale { block, .. } => ("fp8_scale", block),
                 };
                 let (name, shape) = self.out(p);
@@ -196,19 +221,45 @@ impl PlainShard {
             .collect()
     }
 
+    /// Its tensors made of a dequantized weight (written dequantized, or
+    /// quantized from it): `(position, made)`, `made` indexing the
+    /// `dequantize` list the plan was made with.
+    fn made(&self) -> Vec<(usize, usize)> {
+        self.placed
+            .iter()
+            .enumerate()
+            .filter_map(|(i, p)| Some((i, recipe_of(p)?)))
+            .collect()
+    }
+
     /// The shard's tensors as a plan's `tensors` (`PlainRows`), `source_ids[i]`
-    /// the plan's id of the `i`th `Entries` the plan was made of.
-    fn plan_rows(slf: Bound<'_, Self>, source_ids: Vec<usize>) -> PyResult<PlainRows> {
-        let sources = slf.get().sources.len();
+    /// the plan's id of the `i`th `Entries` the plan was made of; `recipes`
+    /// the fields of each dequantized tensor (`made()`'s order) its row adds.
+    #[pyo3(signature = (source_ids, recipes=Vec::new()))]
+    fn plan_rows(
+        slf: Bound<'_, Self>,
+        source_ids: Vec<usize>,
+        recipes: Vec<Py<PyDict>>,
+    ) -> PyResult<PlainRows> {
+        let shard = slf.get();
+        let sources = shard.sources.len();
         if source_ids.len() != sources {
             return Err(pyo3::exceptions::PyValueError::new_err(format!(
                 "{} plan ids for the {sources} sources of the plan",
                 source_ids.len()
             )));
         }
+        let made = shard.made().len();
+        if recipes.len() != made {
+            return Err(pyo3::exceptions::PyValueError::new_err(format!(
+                "{} recipes for the {made} dequantized tensors of the shard",
+                recipes.len()
+            )));
+        }
         Ok(PlainRows {
             shard: slf.unbind(),
             source_ids,
+            recipes,
         })
     }
 }
@@ -220,6 +271,8 @@ impl PlainShard {
 pub struct PlainRows {
     shard: Py<PlainShard>,
     source_ids: Vec<usize>,
+    /// What each dequantized tensor's row adds (its `dequant` recipe).
+    recipes: Vec<Py<PyDict>>,
 }
 
 impl PlainRows {
@@ -241,8 +294,64 @@ impl PlainRows {
         )
     }
 
-    /// The tensors as the executor's plan has them.
-    pub fn tensor_plans(&self) -> Vec<TensorPlan> {
+    /// The tensors as the executor's plan has them, a dequantized tensor's
+    /// made of its row by `read`.
+    pub fn tensor_plans<E>(
+        &self,
+        py: Python<'_>,
+        mut read: impl FnMut(&Bound<'_, PyAny>) -> Result<TensorPlan, E>,
+        fail: impl Fn(PyErr) -> E,
+    ) -> Result<Vec<TensorPlan>, E> {
+        let shard = self.shard.get();
+        let mut recipes = self.recipes.iter();
+        let mut plans = Vec::with_capacity(shard.placed.len());
+        for (p, base) in shard.placed.iter().zip(self.base_plans()) {
+            plans.push(match recipe_of(p) {
+                Some(_) => {
+                    let recipe = recipes.next().expect("a recipe per made tensor");
+                    let row = self.dict_row(py, base, Some(recipe.bind(py)));
+                    read(row.map_err(&fail)?.as_any())?
+                }
+                None => base,
+            });
+        }
+        Ok(plans)
+    }
+
+    /// A tensor's row as a dict (`_core.TensorPlan`): its `quantize` field
+    /// if it has one, and the fields of its `recipe`.
+    fn dict_row<'py>(
+        &self,
+        py: Python<'py>,
+        t: TensorPlan,
+        recipe: Option<&Bound<'py, PyDict>>,
+    ) -> PyResult<Bound<'py, PyDict>> {
+        let row = PyDict::new(py);
+        row.set_item("name", t.name)?;
+        row.set_item("shape", PyTuple::new(py, &t.shape)?)?;
+        row.set_item("source", t.source)?;
+        row.set_item(
+            "src_dtype",
+            PyString::intern(py, t.src_dtype.safetensors_name()),
+        )?;
+        row.set_item(
+            "dst_dtype",
+            PyString::intern(py, t.dst_dtype.safetensors_name()),
+        )?;
+        row.set_item("src_offsets", t.src_offsets)?;
+        row.set_item("dst_offsets", t.dst_offsets)?;
+        if let Value::Quantize(q, None) = &t.value {
+            row.set_item("quantize", quantize_dict(py, q)?)?;
+        }
+        if let Some(recipe) = recipe {
+            row.update(recipe.as_mapping())?;
+        }
+        Ok(row)
+    }
+
+    /// Each tensor's plan from the table (a dequantized tensor's without its
+    /// recipe).
+    fn base_plans(&self) -> Vec<TensorPlan> {
         let shard = self.shard.get();
         shard
             .placed
@@ -272,37 +381,26 @@ impl PlainRows {
     }
 
     /// The executor's rows: a cast tensor's as a tuple
-    /// (`_core._PlainTensorPlan`), a quantized one's as a dict
-    /// (`_core.TensorPlan`).
+    /// (`_core._PlainTensorPlan`), a quantized or dequantized one's as a
+    /// dict (`_core.TensorPlan`).
     fn rows<'py>(&self, py: Python<'py>) -> PyResult<Bound<'py, PyList>> {
         let rows = PyList::empty(py);
-        for t in self.tensor_plans() {
-            let src = PyString::intern(py, t.src_dtype.safetensors_name());
-            let dst = PyString::intern(py, t.dst_dtype.safetensors_name());
-            let shape = PyTuple::new(py, &t.shape)?;
-            let Value::Quantize(q, None) = t.value else {
-                let row = (
-                    t.name,
-                    shape,
-                    t.source,
-                    src,
-                    dst,
-                    t.src_offsets,
-                    t.dst_offsets,
-                );
-                rows.append(row)?;
+        let shard = self.shard.get();
+        let mut recipes = self.recipes.iter();
+        for (p, t) in shard.placed.iter().zip(self.base_plans()) {
+            if p.part == Part::Cast {
+                let src = PyString::intern(py, t.src_dtype.safetensors_name());
+                let dst = PyString::intern(py, t.dst_dtype.safetensors_name());
+                let shape = PyTuple::new(py, &t.shape)?;
+                let (name, at, to) = (t.name, t.src_offsets, t.dst_offsets);
+                rows.append((name, shape, t.source, src, dst, at, to))?;
                 continue;
-            };
-            let row = PyDict::new(py);
-            row.set_item("name", t.name)?;
-            row.set_item("shape", shape)?;
-            row.set_item("source", t.source)?;
-            row.set_item("src_dtype", src)?;
-            row.set_item("dst_dtype", dst)?;
-            row.set_item("src_offsets", t.src_offsets)?;
-            row.set_item("dst_offsets", t.dst_offsets)?;
-            row.set_item("quantize", quantize_dict(py, &q)?)?;
-            rows.append(row)?;
+            }
+            let recipe = recipe_of(p).map(|_| {
+                let recipe = recipes.next().expect("a recipe per made tensor");
+                recipe.bind(py)
+            });
+            rows.append(self.dict_row(py, t, recipe)?)?;
         }
         Ok(rows)
     }
@@ -341,13 +439,19 @@ fn quantize_dict<'py>(py: Python<'py>, q: &Quantize) -> PyResult<Bound<'py, PyDi
     Ok(out)
 }
 
-/// The shards of a weight set whose tensors are cast, copied or quantized
-/// (see `fastcast_core::plan::layout::plan_set`): `sources` its files'
-/// tensors, in the set's order; `target` None keeps every dtype; `quantized`
-/// keeps quantization state as it is (`--keep-quantized`); `quantize` names
-/// a `--quantize` scheme.
+/// A dequantized weight as Python gives it: `(tensor, name, shape, dtype)`.
+type MadeRow = (usize, String, Vec<u64>, String);
+
+/// The shards of a weight set whose tensors are cast, copied, quantized or
+/// dequantized (see `fastcast_core::plan::layout::plan_set`): `sources` its
+/// files' tensors, in the set's order; `target` None keeps every dtype;
+/// `quantized` keeps quantization state as it is (`--keep-quantized`);
+/// `quantize` names a `--quantize` scheme; `dequantize` lists `(tensor,
+/// name, shape, dtype)` of each weight `--dequantize` writes in the place of
+/// set tensor `tensor` (files in order), and leaves the rest of the state out.
 #[pyfunction]
-#[pyo3(signature = (sources, target, keep, limit, *, quantized=false, quantize=None))]
+#[pyo3(signature = (sources, target, keep, limit, *, quantized=false, quantize=None, dequantize=None))]
+#[allow(clippy::too_many_arguments)]
 pub fn plan_plain(
     py: Python<'_>,
     sources: Vec<Py<Entries>>,
@@ -356,26 +460,53 @@ pub fn plan_plain(
     limit: u64,
     quantized: bool,
     quantize: Option<&str>,
+    dequantize: Option<Vec<MadeRow>>,
 ) -> PyResult<Vec<PlainShard>> {
     let target = target.map(castable_target).transpose()?;
-    let mode = match quantize {
-        Some(name) => Mode::Quantize(Scheme::from_name(name).ok_or_else(|| {
-            pyo3::exceptions::PyValueError::new_err(format!("no --quantize scheme {name:?}"))
-        })?),
-        None if quantized => Mode::KeepQuantized,
-        None => Mode::Cast,
+    let invalid = |why: String| pyo3::exceptions::PyValueError::new_err(why);
+    let scheme = quantize
+        .map(|name| {
+            Scheme::from_name(name).ok_or_else(|| invalid(format!("no --quantize scheme {name:?}")))
+        })
+        .transpose()?;
+    let mode = match (scheme, &dequantize) {
+        (Some(scheme), Some(_)) => Mode::Requantize(scheme),
+        (Some(scheme), None) => Mode::Quantize(scheme),
+        (None, Some(_)) => Mode::Dequantize,
+        (None, None) if quantized => Mode::KeepQuantized,
+        (None, None) => Mode::Cast,
     };
     let keep = KeepRule::new(&keep);
     let tables: Vec<&[TensorInfo]> = sources.iter().map(|e| &e.get().tensors[..]).collect();
-    let planned = py.detach(|| layout::plan_set(&tables, target, &keep, limit, mode));
+    let count: usize = tables.iter().map(|t| t.len()).sum();
+    let mut dtypes = DTypes::default();
+    let made = dequantize
+        .unwrap_or_default()
+        .into_iter()
+        .map(|(tensor, name, shape, dtype)| {
+            if tensor >= count {
+                return Err(invalid(format!("tensor {tensor} of a set of {count}")));
+            }
+            let dtype = dtypes.parse(&dtype).map_err(CoreError)?;
+            Ok(Made {
+                tensor,
+                name,
+                shape,
+                dtype,
+            })
+        })
+        .collect::<PyResult<Vec<Made>>>()?;
+    let planned = py.detach(|| layout::plan_set(&tables, target, &keep, limit, mode, &made));
     let scales = Arc::new(planned.scales);
+    let made = Arc::new(made);
     Ok(planned
         .shards
         .into_iter()
         .map(|placed| {
             let info = |p: &Placed| &tables[p.source][p.row];
-            let numel = |p: &Placed| match p.part {
-                Part::Scale { scale, .. } => scales[scale].1.iter().product(),
+            let numel = |p: &Placed| match (p.part, recipe_of(p)) {
+                (Part::Scale { scale, .. }, _) => scales[scale].1.iter().product(),
+                (_, Some(k)) => made[k].shape.iter().product(),
                 _ => info(p).numel(),
             };
             PlainShard {
@@ -389,6 +520,7 @@ pub fn plan_plain(
                 numel: placed.iter().map(numel).sum(),
                 sources: sources.iter().map(|s| s.clone_ref(py)).collect(),
                 scales: Arc::clone(&scales),
+                made: Arc::clone(&made),
                 placed,
             }
         })

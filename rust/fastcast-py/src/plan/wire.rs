@@ -82,7 +82,15 @@ fn read_shard(obj: &Bound<'_, PyAny>, i: usize) -> Read<ShardPlan> {
     let shard = as_dict(obj, &at)?;
     let tensors = required(&shard, intern!(py, "tensors"), &at)?;
     let read = match tensors.cast::<PlainRows>() {
-        Ok(plain) => plain.get().tensor_plans(), // a plain shard: straight from the table
+        // a shard the core planned: straight from its table
+        Ok(plain) => {
+            let mut dtypes = DTypes::default();
+            plain.get().tensor_plans(
+                py,
+                |row| read_tensor(row, &mut dtypes).map_err(|e| Malformed(format!("{at}{e}"))),
+                |e| Malformed(format!("{at}: {e}")),
+            )?
+        }
         Err(_) => read_tensors(&tensors, &at)?,
     };
     Ok(ShardPlan {
