@@ -37,7 +37,10 @@ FLAGS = {
     "deepseek-fp8": ["--dtype", "bf16", "--shard-size", "2GB", "--dequantize"],
     "llama-quantize": ["--dtype", "bf16", "--shard-size", "2GB", "--quantize", "fp8"],
     "mixtral": ["--dtype", "fp16", "--shard-size", "2GB"],
-}
+    "w4a16": ["--dtype", "bf16", "--shard-size", "5GB", "--dequantize"],
+    "w4a16-requantize": ["--dtype", "bf16", "--shard-size", "5GB", "--dequantize",
+                         "--quantize", "fp8"],
+}  # fmt: skip
 
 
 def warm(model: Path) -> None:
