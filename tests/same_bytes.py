@@ -8,10 +8,10 @@ The baseline commit is checked out in a git worktree, built as a wheel (maturin)
 unpacked beside it; each conversion runs the CLI in a subprocess, once with the
 baseline on ``PYTHONPATH`` and once with this checkout's installed fastcast. Inputs are
 the test suite's own: every zoo layout, every quantized fixture, Llama and Mixtral
-built by transformers, a ``.bin`` model. A refactoring keeps this at zero differences;
-the count of conversions and every difference are printed, and the exit code is 1 when
-any differs. Not part of the pytest run: it builds another fastcast (a minute) and
-runs some 150 conversions.
+built by transformers, a ``.bin`` model, LoRA adapters made by PEFT. A refactoring keeps
+this at zero differences; the count of conversions and every difference are printed, and
+the exit code is 1 when any differs. Not part of the pytest run: it builds another
+fastcast (a minute) and runs some 250 conversions.
 """
 
 from __future__ import annotations
@@ -100,6 +100,48 @@ def inputs(work: Path) -> Iterator[Case]:
             yield Case(f"{name}-{scheme}", model, ("--dtype", "bf16", "--quantize", scheme))
             yield Case(f"{name}-{scheme}-fp32", model, ("--dtype", "fp32", "--quantize", scheme))
             yield Case(f"{name}-{scheme}-own", model, ("--quantize", scheme))
+    yield from merges(root)
+
+
+def merges(root: Path) -> Iterator[Case]:
+    """--merge-lora: LoRA on attention and MLP to each target, as-is, in small shards and
+    quantized; ``modules_to_save``; ``layer_replication``; GPT-2's Conv1D; a quantized
+    base dequantized. Adapters made by PEFT, as the merge tests make them."""
+    import fastcast
+    from adapters import build_gpt2, make_adapter
+    from models import build_llama
+    from quantized import ALL
+
+    llama = build_llama(root / "merge-llama", tie_word_embeddings=False, num_hidden_layers=4)
+    lora = make_adapter(llama, root / "ad-lora", r=4, lora_alpha=8,
+                        target_modules=["q_proj", "v_proj", "up_proj", "down_proj"])  # fmt: skip
+    for flags in (("--dtype", "bf16"), ("--dtype", "fp32"), (), ("--dtype", "fp16"),
+                  ("--dtype", "bf16", "--shard-size", "100KB"),
+                  ("--dtype", "bf16", "--quantize", "fp8"),  # refused: no weight fits its blocks
+                  ("--dtype", "bf16", "--quantize", "fp8-channel"), ("--quantize", "fp8-channel"),
+                  ("--dtype", "bf16", "--keep", "*mlp*")):  # fmt: skip
+        tag = "-".join(f.strip("-*") for f in flags) or "as-is"
+        yield Case(f"merge-lora-{tag}", llama, ("--merge-lora", str(lora), *flags))
+    adapters = {
+        "modules-to-save": dict(target_modules=["q_proj"], modules_to_save=["lm_head"]),
+        "layer-replication": dict(target_modules=["q_proj"], layer_replication=[[0, 3], [1, 4]]),
+        "embedding": dict(target_modules=["embed_tokens", "o_proj"]),
+    }  # fmt: skip
+    for tag, config in adapters.items():
+        adapter = make_adapter(llama, root / f"ad-{tag}", r=4, lora_alpha=8, **config)
+        yield Case(f"merge-{tag}", llama, ("--merge-lora", str(adapter), "--dtype", "bf16"))
+    gpt2 = build_gpt2(root / "merge-gpt2")
+    conv = make_adapter(gpt2, root / "ad-gpt2", r=4, lora_alpha=8, fan_in_fan_out=True,
+                        target_modules=["c_attn", "c_proj", "c_fc"])  # fmt: skip
+    yield Case("merge-gpt2-conv1d", gpt2, ("--merge-lora", str(conv), "--dtype", "bf16"))
+    quantized = ALL["awq"](root / "merge-awq").path
+    plain = root / "merge-awq-fp32"  # the base as PEFT trains on it: dequantized to fp32
+    fastcast.convert(quantized, "fp32", output=plain, dequantize=True, progress=False)
+    adapter = make_adapter(plain, root / "ad-awq", r=4, lora_alpha=8,
+                           target_modules=["q_proj", "down_proj"])  # fmt: skip
+    for flags in (("--dtype", "bf16"), ("--dtype", "bf16", "--quantize", "fp8-channel")):
+        yield Case(f"merge-awq-dequantize-{flags[-1]}", quantized,
+                   ("--merge-lora", str(adapter), "--dequantize", *flags))  # fmt: skip
 
 
 TIMES = re.compile(r"time: [\d.]+ s \([\d.]+ [kMGT]?B/s\)")

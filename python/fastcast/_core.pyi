@@ -564,8 +564,8 @@ class Entries:
 
 @final
 class PlainShard:
-    """An output shard of ``plan_plain``: tensors cast, copied or quantized, in data
-    order."""
+    """An output shard of ``plan_plain``: tensors cast, copied, quantized or
+    dequantized, in data order."""
 
     def __len__(self) -> int: ...
     @property
