@@ -20,6 +20,7 @@ __all__ = [
     "PLAN_VERSION",
     "QUANTIZE_SCHEMES",
     "STATE_ROLES",
+    "SURVIVING_ROLES",
     "UNQUANTIZED_FATES",
     "DtypeError",
     "Entries",
@@ -81,6 +82,9 @@ DEFAULT_CHUNK_BYTES: Final = 8388608
 #: The roles (``quant_roles``) that mean a model is quantized: all but ``plain`` and
 #: ``pinned fp32``.
 STATE_ROLES: Final[tuple[str, ...]]
+#: The other roles: the tensors a ``--dequantize`` writes as themselves (``plain``,
+#: ``pinned fp32``).
+SURVIVING_ROLES: Final[tuple[str, ...]]
 #: The fates (``quantize_targets``) of decoder Linear weights ``--quantize`` leaves
 #: unquantized: ``misfit``, ``fused misfit``, ``kept``, ``router``.
 UNQUANTIZED_FATES: Final[tuple[str, ...]]

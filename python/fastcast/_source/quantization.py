@@ -39,9 +39,9 @@ DEQUANTIZES = {
 #: (today the same as those it dequantizes; a format may be kept before it is rebuilt).
 KNOWN_METHODS = set(DEQUANTIZES)
 #: Roles (``_core.quant_roles``) whose tensors a --dequantize writes as themselves: the
-#: model's plain tensors and the fp32 ones its method pins. The others are state that
-#: the dequantized weight consumes.
-SURVIVING_ROLES = frozenset({"plain", "pinned fp32"})
+#: model's plain tensors and the fp32 ones its method pins (the core's, which leaves the
+#: others out as state the dequantized weight consumes).
+SURVIVING_ROLES = frozenset(_core.SURVIVING_ROLES)
 #: compressed-tensors formats whose state tensors fastcast recognises ...
 KNOWN_CT_FORMATS = {
     "float-quantized",

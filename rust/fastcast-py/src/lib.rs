@@ -68,6 +68,16 @@ fn _core(m: &Bound<'_, PyModule>) -> PyResult<()> {
         )?,
     )?;
     m.add(
+        "SURVIVING_ROLES",
+        names(
+            Role::ALL
+                .into_iter()
+                .filter(|r| !r.is_state())
+                .map(Role::name)
+                .collect(),
+        )?,
+    )?;
+    m.add(
         "UNQUANTIZED_FATES",
         names(
             Fate::ALL
