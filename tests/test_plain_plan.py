@@ -1,6 +1,6 @@
-"""A model whose tensors are all cast, copied or quantized (safetensors or torch.save
-files, ``--keep-quantized``, ``--quantize``) is planned by the core
-(``_core.plan_plain``), without a Python object per tensor; dequantized and merged
+"""A model whose tensors are all cast, copied, quantized or dequantized (safetensors or
+torch.save files, ``--keep-quantized``, ``--quantize``, ``--dequantize``, both) is
+planned by the core (``_core.plan_plain``), without a Python object per tensor; merged
 models by the Python planner, tensor by tensor (``object_set``). Both must plan a model
 the same way, object for object, whatever the layout, dtypes, ``keep`` globs and shard
 size: the Python planner is the oracle."""

@@ -702,8 +702,8 @@ def object_set(
     quantize: Sequence[QuantizeTarget] | None = None,
     adapter: SetMerge | None = None,
 ) -> SetPlan:
-    """``plan_set`` tensor by tensor, an object each: how quantized and merged sets are
-    planned (and, in the tests, the oracle of the core's plan of a plain set)."""
+    """``plan_set`` tensor by tensor, an object each: how merged sets are planned (and,
+    in the tests, the oracle of the core's plan of every other set)."""
     quantized = quantized or dequantize is not None or quantize is not None
     entries = ws.tensors if adapter is None else adapter.tensors(ws.tensors)
     roles = (
