@@ -186,6 +186,12 @@ class PlainTensors:
     def special(self) -> list[tuple[int, PlannedTensor]]:
         """The ``--quantize`` tensors (values and scales) and the dequantized ones, with
         their positions."""
+        return list(self._special)
+
+    @cached_property
+    def _special(self) -> list[tuple[int, PlannedTensor]]:
+        # made once: the fingerprint, the checks and the report each ask (a DeepSeek-V3
+        # has some 45k dequantized weights)
         found, made = self.shard.quantized(), dict(self.shard.made())
         if not found and not made:
             return []
