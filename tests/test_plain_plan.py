@@ -148,6 +148,30 @@ def test_the_core_plans_each_quantized_model_dequantized_as_the_python_planner(t
         assert planned == len(cases) * len(folder.weight_sets)
 
 
+def test_the_cores_planner_refuses_a_malformed_request(tmp_path):
+    """What Python sends is checked: a dequantized weight of a tensor the set does not
+    have, a dtype or scheme that is no such thing, recipes that do not match the shard's
+    dequantized tensors."""
+    model = QUANTIZED["awq"](tmp_path)
+    folder = open_model(model.path)
+    ws = folder.weight_sets[0]
+    tables = [f.entries for f in ws.files]
+    count = len(ws.names())
+    with pytest.raises(ValueError, match=f"tensor {count} of a set of {count}"):
+        _core.plan_plain(tables, "BF16", [], 10**9, dequantize=[(count, "w", [1], "BF16")])
+    with pytest.raises(_core.DtypeError):
+        _core.plan_plain(tables, "BF16", [], 10**9, dequantize=[(0, "w", [1], "BF17")])
+    with pytest.raises(ValueError, match="no --quantize scheme"):
+        _core.plan_plain(tables, "BF16", [], 10**9, quantize="fp4")
+    weights = quantized_weights(folder, detect(folder), roles(folder))
+    dq = {n: w for (key, n), w in weights.items() if key == ws.key}
+    (shard,) = plan_set(ws, "BF16", 10**9, (), True, dq).shards
+    assert shard.plain is not None and shard.plain.made()
+    ids = list(range(len(ws.files)))
+    with pytest.raises(ValueError, match="recipes for the"):
+        shard.plain.plan_rows(ids, [])
+
+
 DTYPES = [np.float32, np.float16, np.int64, np.int8, np.uint8, np.bool_, np.float64]
 
 

@@ -690,8 +690,8 @@ def plan_set(
     ``--merge-lora`` does to the set: base weights with the update added, base tensors
     replaced by the adapter's (in the base tensor's dtype, or the target), tensors added
     at the end (in the set's float dtype, or the target). ``scheme`` names the
-    ``--quantize`` scheme ``quantize`` was ruled by: without dequantizing or an adapter,
-    the core plans the set by that rule."""
+    ``--quantize`` scheme ``quantize`` was ruled by: without an adapter, the core plans
+    the set by that rule (``plain_set``); with one, ``object_set`` does."""
     if adapter is None and (quantize is None or scheme is not None):
         return plain_set(ws, dtype, shard_size, keep, quantized,
                          None if quantize is None else scheme, dequantize)  # fmt: skip
