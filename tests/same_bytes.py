@@ -126,10 +126,25 @@ def merges(root: Path) -> Iterator[Case]:
         "modules-to-save": dict(target_modules=["q_proj"], modules_to_save=["lm_head"]),
         "layer-replication": dict(target_modules=["q_proj"], layer_replication=[[0, 3], [1, 4]]),
         "embedding": dict(target_modules=["embed_tokens", "o_proj"]),
+        "resized": dict(vocab=136, target_modules=["q_proj", "embed_tokens"],
+                        modules_to_save=["lm_head"]),
+        "trainable-tokens": dict(target_modules=["q_proj"], trainable_token_indices=[1, 5, 127]),
+        "dora": dict(target_modules=["v_proj", "down_proj"], use_dora=True),
+        "replaced-linear": dict(target_modules=["q_proj"], modules_to_save=["up_proj"]),
     }  # fmt: skip
     for tag, config in adapters.items():
         adapter = make_adapter(llama, root / f"ad-{tag}", r=4, lora_alpha=8, **config)
         yield Case(f"merge-{tag}", llama, ("--merge-lora", str(adapter), "--dtype", "bf16"))
+        yield Case(f"merge-{tag}-as-is-small", llama,
+                   ("--merge-lora", str(adapter), "--shard-size", "100KB"))  # fmt: skip
+        yield Case(f"merge-{tag}-fp8-channel", llama,
+                   ("--merge-lora", str(adapter), "--quantize", "fp8-channel"))  # fmt: skip
+    tied = build_llama(root / "merge-tied", num_hidden_layers=2)
+    head = make_adapter(tied, root / "ad-head", r=4, target_modules=["v_proj"],
+                        modules_to_save=["lm_head"])  # fmt: skip
+    for flags in ((), ("--dtype", "bf16"), ("--dtype", "bf16", "--shard-size", "50KB")):
+        tag = "-".join(f.strip("-") for f in flags) or "as-is"
+        yield Case(f"merge-head-added-{tag}", tied, ("--merge-lora", str(head), *flags))
     gpt2 = build_gpt2(root / "merge-gpt2")
     conv = make_adapter(gpt2, root / "ad-gpt2", r=4, lora_alpha=8, fan_in_fan_out=True,
                         target_modules=["c_attn", "c_proj", "c_fc"])  # fmt: skip

@@ -1,26 +1,30 @@
-"""A model whose tensors are all cast, copied, quantized or dequantized (safetensors or
-torch.save files, ``--keep-quantized``, ``--quantize``, ``--dequantize``, both) is
-planned by the core (``_core.plan_plain``), without a Python object per tensor; merged
-models by the Python planner, tensor by tensor (``object_set``). Both must plan a model
-the same way, object for object, whatever the layout, dtypes, ``keep`` globs and shard
-size: the Python planner is the oracle."""
+"""Every model (safetensors or torch.save files, ``--keep-quantized``, ``--quantize``,
+``--dequantize``, both, ``--merge-lora``) is planned by the core (``_core.plan_plain``),
+without a Python object per tensor. The Python planner, tensor by tensor
+(``object_set``), must plan it the same way, object for object, whatever the layout,
+dtypes, ``keep`` globs, shard size and adapter: it is the oracle."""
 
 from __future__ import annotations
 
+import itertools
 import json
 import pickle
 import random
+import re
 from pathlib import Path
 
 import numpy as np
 import pytest
 from safetensors.numpy import save_file
 
+import fastcast
 from fastcast import _core
 from fastcast._conversion.fingerprint import shard_fingerprint
 from fastcast._plan.dequantize import QuantizedWeight, quantized_weights
+from fastcast._plan.merge import for_set, plan_merge
 from fastcast._plan.quantize import quantize_targets, requantize_targets
 from fastcast._plan.shards import SetPlan, object_set, plan_set
+from fastcast._source.adapter import open_adapter
 from fastcast._source.folder import ModelFolder, open_model
 from fastcast._source.quantization import detect, roles, without_sidecars
 from quantized import ALL as QUANTIZED
@@ -150,8 +154,8 @@ def test_the_core_plans_each_quantized_model_dequantized_as_the_python_planner(t
 
 def test_the_cores_planner_refuses_a_malformed_request(tmp_path):
     """What Python sends is checked: a dequantized weight of a tensor the set does not
-    have, a dtype or scheme that is no such thing, recipes that do not match the shard's
-    dequantized tensors."""
+    have, a dtype or scheme that is no such thing, a merged set's tensors outside its
+    sources or made twice, recipes that do not match the shard's made tensors."""
     model = QUANTIZED["awq"](tmp_path)
     folder = open_model(model.path)
     ws = folder.weight_sets[0]
@@ -163,6 +167,18 @@ def test_the_cores_planner_refuses_a_malformed_request(tmp_path):
         _core.plan_plain(tables, "BF16", [], 10**9, dequantize=[(0, "w", [1], "BF17")])
     with pytest.raises(ValueError, match="no --quantize scheme"):
         _core.plan_plain(tables, "BF16", [], 10**9, quantize="fp4")
+    # merging: a view's rows within the tables, each tensor made once
+    rows = len(tables[0])
+    member = (0, 0, 0, rows, None)
+    with pytest.raises(ValueError, match=f"row {rows} of source 0 of 1 sources"):
+        _core.plan_plain(tables, "BF16", [], 10**9, view=([member], []))
+    with pytest.raises(ValueError, match="row 0 of source 1 of 1 sources"):
+        _core.plan_plain(tables, "BF16", [], 10**9, view=([], [(1, 0, "head", "BF16")]))
+    view = ([(0, 0, 0, 0, None)], [])
+    with pytest.raises(ValueError, match="tensor 1 of a set of 1"):
+        _core.plan_plain(tables, "BF16", [], 10**9, view=view, merged=[(1, "w", [1])])
+    with pytest.raises(ValueError, match="tensor 0 made twice"):
+        _core.plan_plain(tables, "BF16", [], 10**9, view=view, merged=[(0, "w", [1])] * 2)
     weights = quantized_weights(folder, detect(folder), roles(folder))
     dq = {n: w for (key, n), w in weights.items() if key == ws.key}
     (shard,) = plan_set(ws, "BF16", 10**9, (), True, dq).shards
@@ -344,3 +360,101 @@ def test_the_core_plans_quantize_of_random_models_as_the_python_planner(tmp_path
     folder = open_model(model)
     for scheme in ["fp8", "fp8-channel"]:
         assert check_plans_agree(folder, scheme=scheme, cases=QUANTIZE_CASES) == 4
+
+
+#: Merged models: (base builder keywords, adapter keywords), LoRA on attention and MLP,
+#: each kind of change an adapter makes (a replacement resized, a head added, layers
+#: stacked again, rows replaced, DoRA on an embedding, a bias).
+MERGES = {
+    "lora": ({}, dict(target_modules=["q_proj", "v_proj", "up_proj", "down_proj"])),
+    "resized": ({}, dict(vocab=136, target_modules=["q_proj", "embed_tokens"],
+                         modules_to_save=["lm_head"])),
+    "head-added": ({"tie_word_embeddings": True},
+                   dict(target_modules=["v_proj"], modules_to_save=["lm_head"])),
+    "layer-replication": ({}, dict(target_modules=["q_proj"],
+                                   layer_replication=[[0, 2], [1, 3], [0, 1]])),
+    "trainable-tokens": ({}, dict(target_modules=["q_proj"],
+                                 trainable_token_indices=[1, 5, 9, 127])),
+    "dora-embedding": ({}, dict(target_modules=["embed_tokens", "o_proj"], use_dora=True)),
+    "bias": ({"attention_bias": True}, dict(target_modules=["q_proj"], lora_bias=True)),
+    "replaced-linear": ({}, dict(target_modules=["q_proj"], modules_to_save=["up_proj"])),
+}  # fmt: skip
+
+
+def check_merges_agree(
+    folder: ModelFolder,
+    adapter_path: Path,
+    dequantize: dict[tuple[str, str], QuantizedWeight] | None = None,
+) -> tuple[int, int]:
+    """Plan every set of ``folder`` merged with the adapter both ways, cast in every
+    case and quantized by both schemes (``dequantize``: those weights dequantized
+    first); where one refuses, the other must refuse the same; the numbers planned and
+    refused."""
+    adapter = open_adapter(adapter_path)
+    merging = plan_merge(folder, adapter, dequantize)
+    planned = refused = 0
+    for ws in folder.weight_sets:
+        merge = for_set(merging, ws.key)
+        ids = {f.path: i for i, f in enumerate([*ws.files, adapter.file])}
+        dq = None
+        if dequantize is not None:
+            dq = {name: w for (key, name), w in dequantize.items() if key == ws.key}
+        schemes = [None] + ([] if merging.layers else ["fp8", "fp8-channel"])
+        for (target, keep, size), scheme in itertools.product(CASES, schemes):
+            if dq is not None and target is None:
+                continue  # --dequantize needs a target
+            q = None
+            if scheme is not None and dq is not None:
+                assert target is not None
+                q = requantize_targets(ws.tensors, dq, target, keep, scheme)
+            elif scheme is not None:
+                q = quantize_targets(ws.tensors, target, keep, scheme)
+            try:
+                python = object_set(ws, target, size, keep, dq is not None, dq, q, merge)
+            except _core.QuantizedModelError as refusal:
+                with pytest.raises(_core.QuantizedModelError, match=re.escape(str(refusal))):
+                    plan_set(ws, target, size, keep, dq is not None, dq, q, merge, scheme=scheme)
+                refused += 1
+                continue
+            core = plan_set(ws, target, size, keep, dq is not None, dq, q, merge, scheme=scheme)
+            assert all(s.plain is not None for s in core.shards), "planned by the core"
+            case = (ws.key, target, keep, size, scheme)
+            assert columns(core, ids) == columns(python, ids), case
+            assert described(core) == described(python), case
+            planned += 1
+    return planned, refused
+
+
+@pytest.mark.parametrize("name", sorted(MERGES))
+def test_the_core_plans_merged_models_as_the_python_planner(tmp_path, name):
+    """--merge-lora: merged weights, replaced and added tensors, layers stacked again,
+    as they are, cast, in small shards, and quantized (the refusals alike)."""
+    from adapters import make_adapter
+    from models import build_llama
+
+    base_keywords, adapter_keywords = MERGES[name]
+    base = build_llama(tmp_path / "base", **{"tie_word_embeddings": False, **base_keywords},
+                       num_hidden_layers=4, dtype="bfloat16", hidden_size=256,
+                       intermediate_size=384)  # fmt: skip
+    adapter = make_adapter(base, tmp_path / "ad", r=4, lora_alpha=8, **adapter_keywords)
+    planned, refused = check_merges_agree(open_model(base), adapter)
+    assert planned >= len(CASES)
+    assert refused == (2 * len(CASES) if name == "replaced-linear" else 0)
+
+
+def test_the_core_plans_merged_conv1d_and_quantized_bases_as_the_python_planner(tmp_path):
+    """GPT-2's Conv1D layers; an AWQ base dequantized, merged, and quantized again."""
+    from adapters import build_gpt2, make_adapter
+
+    gpt2 = build_gpt2(tmp_path / "gpt2")
+    conv = make_adapter(gpt2, tmp_path / "ad-gpt2", r=4, fan_in_fan_out=True,
+                        target_modules=["c_attn", "c_proj", "c_fc"])  # fmt: skip
+    assert check_merges_agree(open_model(gpt2), conv) == (3 * len(CASES), 0)
+    quantized = QUANTIZED["awq"](tmp_path / "awq").path
+    plain = tmp_path / "awq-fp32"  # the base as PEFT trains on it
+    fastcast.convert(quantized, "fp32", output=plain, dequantize=True, progress=False)
+    adapter = make_adapter(plain, tmp_path / "ad-awq", r=4, target_modules=["q_proj", "down_proj"])
+    folder = open_model(quantized)
+    weights = quantized_weights(folder, detect(folder), roles(folder))
+    planned, _ = check_merges_agree(without_sidecars(folder), adapter, weights)
+    assert planned == 3 * (len(CASES) - 1)  # --dequantize needs a target

@@ -568,8 +568,8 @@ class Entries:
 
 @final
 class PlainShard:
-    """An output shard of ``plan_plain``: tensors cast, copied, quantized or
-    dequantized, in data order."""
+    """An output shard of ``plan_plain``: tensors cast, copied, quantized,
+    dequantized or merged, in data order."""
 
     def __len__(self) -> int: ...
     @property
@@ -580,7 +580,8 @@ class PlainShard:
     def numel(self) -> int: ...
     def names(self) -> list[str]: ...
     def source_names(self) -> list[str]:
-        """Each tensor's source's name (a weight's, for its scales)."""
+        """Each tensor's name in the set: its source's (a weight's, for its scales),
+        merging as the output renames it (a replicated layer's, a replacement's)."""
     def dtypes(self) -> list[str]:
         """The dtype each tensor is written in."""
     def digest(self) -> str:
@@ -591,8 +592,9 @@ class PlainShard:
         """(position, kind, name, shape, block) of each ``--quantize`` tensor, the kind
         ``fp8_weight`` (the weight's e4m3 values) or ``fp8_scale``."""
     def made(self) -> list[tuple[int, int]]:
-        """(position, index) of each dequantized tensor, ``index`` into the
-        ``dequantize`` list the plan was made with."""
+        """(position, index) of each tensor made of a dequantized or merged weight
+        (written as it is, or quantized from it), ``index`` into the ``dequantize``
+        list the plan was made with, then its ``merged`` list."""
     def roles(self) -> list[str]:
         """Each tensor's role in its model's quantization (``quant_roles``' names)."""
     def picks(self) -> list[tuple[int, int, str, int, int, int, str]]:
@@ -601,7 +603,7 @@ class PlainShard:
     def plan_rows(self, source_ids: list[int], recipes: list[dict[str, Any]] = ...) -> PlainRows:
         """Its tensors as a plan's ``tensors``, ``source_ids[i]`` the plan's id of the
         ``i``th ``Entries`` planned; ``recipes`` the fields each dequantized tensor's
-        row adds (``made()``'s order: its ``dequant``)."""
+        row adds (``made()``'s order: its ``dequant``, ``merge`` or ``rows``)."""
 
 @final
 class PlainRows:
@@ -625,15 +627,21 @@ def plan_plain(
     quantized: bool = False,
     quantize: str | None = None,
     dequantize: list[tuple[int, str, list[int], str]] | None = None,
+    merged: list[tuple[int, str, list[int]]] | None = None,
+    view: tuple[list[tuple[int, int, int, int, str | None]], list[tuple[int, int, str, str]]]
+    | None = None,
 ) -> list[PlainShard]:
-    """The shards of a weight set whose every tensor is cast, copied or quantized,
-    packed as huggingface_hub packs them (a weight with its scales) and laid out as
-    ``lay_out`` does; ``target`` None keeps every dtype, a float matching a ``keep``
-    glob keeps its own, and with ``quantized`` so does every tensor holding
-    quantization state; ``quantize`` (a scheme) rules as ``quantize_targets``;
-    ``dequantize`` lists (tensor, name, shape, dtype) of each weight written
-    dequantized in the place of the set's ``tensor``th, the rest of the state left
-    out."""
+    """The shards of a weight set, packed as huggingface_hub packs them (a weight with
+    its scales) and laid out as ``lay_out`` does; ``target`` None keeps every dtype, a
+    float matching a ``keep`` glob keeps its own, and with ``quantized`` so does every
+    tensor holding quantization state; ``quantize`` (a scheme) rules as
+    ``quantize_targets``; ``dequantize`` lists (tensor, name, shape, dtype) of each
+    weight written dequantized in the place of the set's ``tensor``th, the rest of the
+    state left out. Merging an adapter (the adapter's file the last of ``sources``),
+    ``view`` gives the set's tensors: each one's (rules source, rules row, values
+    source, values row, name or None), then each added one's (source, row, name,
+    dtype); ``merged`` lists (tensor, name, shape) of each weight whose values are
+    merged (its dtype the rule's)."""
 
 def pack(sizes: list[int], limit: int) -> list[list[int]]:
     """Item indices of each shard of at most ``limit`` bytes, as huggingface_hub's

@@ -38,21 +38,27 @@ class Replication:
     """The base's ``num_hidden_layers``."""
 
     def remap(self, entries: Iterable[TensorEntry]) -> list[TensorEntry]:
-        """The output's tensors: those outside the layers as they are, then (where the
-        base's first layer tensor was) every output layer's, each its source layer's
-        tensors renamed; base layers the map leaves out are left out."""
-        before: list[TensorEntry] = []
-        after: list[TensorEntry] = []
-        layers: dict[int, list[tuple[TensorEntry, str]]] = {}  # (entry, name after index)
-        for e in entries:
-            m = LAYER.match(e.name)
+        """The output's tensors: ``order``'s, each its source entry renamed."""
+        entries = list(entries)
+        return [entries[i]._replace(name=name) for i, name in self.order([e.name for e in entries])]
+
+    def order(self, names: list[str]) -> list[tuple[int, str]]:
+        """The output's tensors as (index into ``names``, name): those outside the
+        layers as they are, then (where the base's first layer tensor was) every output
+        layer's, each its source layer's tensors renamed; base layers the map leaves
+        out are left out."""
+        before: list[tuple[int, str]] = []
+        after: list[tuple[int, str]] = []
+        layers: dict[int, list[tuple[int, str]]] = {}  # (index, name after index)
+        for i, name in enumerate(names):
+            m = LAYER.match(name)
             if m is not None and m.group(1) == self.prefix:
-                layers.setdefault(int(m.group(2)), []).append((e, e.name[m.end(2) :]))
+                layers.setdefault(int(m.group(2)), []).append((i, name[m.end(2) :]))
             else:
-                (after if layers else before).append(e)
+                (after if layers else before).append((i, name))
         out = before
-        for j, i in enumerate(self.sources):
-            out += [e._replace(name=f"{self.prefix}{j}{tail}") for e, tail in layers.get(i, [])]
+        for j, source in enumerate(self.sources):
+            out += [(i, f"{self.prefix}{j}{tail}") for i, tail in layers.get(source, [])]
         return out + after
 
     def config(self, config: dict[str, Any]) -> dict[str, Any]:

@@ -24,7 +24,7 @@ from fastcast._plan.wire import operand_plan
 from fastcast._source.adapter import Adapter, LoraModule, TokenRows
 from fastcast._source.config import CONFIG_NAME, read_config
 from fastcast._source.entries import TensorEntry
-from fastcast._source.folder import ModelFolder
+from fastcast._source.folder import ModelFolder, SourceFile
 
 if TYPE_CHECKING:
     from fastcast import _core
@@ -152,6 +152,8 @@ class SetMerge:
     added: list[TensorEntry]
     layers: Replication | None = None
     """``layer_replication``: the output's layers, made of the set's."""
+    file: SourceFile | None = None
+    """The adapter's weights file (its replacements and added tensors are read there)."""
 
     def tensors(self, tensors: list[TensorEntry]) -> list[TensorEntry]:
         """The set's ``tensors`` as the output names them (its layers stacked again)."""
@@ -167,6 +169,7 @@ def for_set(merging: Merging | None, key: str) -> SetMerge | None:
         {name: e for (k, name), e in merging.replaced.items() if k == key},
         [e for (k, _), e in merging.added.items() if k == key],
         merging.layers.get(key),
+        merging.adapter.file,
     )
 
 

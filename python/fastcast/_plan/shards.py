@@ -13,14 +13,14 @@ dtype; ``_core.quantize_targets`` for ``--quantize``), so that convert, inspect 
 verify cannot disagree about it. A quantized weight and its scale are packed into the
 same shard: the executor computes the scale right after the weight.
 
-A weight set whose tensors are all cast, copied, quantized or dequantized (the usual
-model, safetensors or torch.save, a quantized one kept quantized, ``--quantize``,
-``--dequantize``) is planned by the core (``_core.plan_plain``, ``plain_set``) by the
-same rules, with the same ``pack`` and ``lay_out``: a model may have 100k tensors, and an
-object per tensor cost more than its bytes. Its shards make their ``PlannedTensor``
-objects only when something asks; a dequantized weight's recipe is made here, when the
-plan's rows are (``--dequantize --quantize``: for its values and its scales). Merged
-sets are planned here, an object per tensor (``object_set``).
+Every weight set (the usual model, safetensors or torch.save, a quantized one kept
+quantized, ``--quantize``, ``--dequantize``, ``--merge-lora``) is planned by the core
+(``_core.plan_plain``, ``plain_set``) by the same rules, with the same ``pack`` and
+``lay_out``: a model may have 100k tensors, and an object per tensor cost more than its
+bytes. Its shards make their ``PlannedTensor`` objects only when something asks; a
+dequantized or merged weight's recipe is made here, when the plan's rows are
+(``--quantize``: for its values and its scales). ``object_set`` plans a set an object
+per tensor: the tests' oracle of the core's plan.
 """
 
 from __future__ import annotations
@@ -141,22 +141,58 @@ class PlannedTensor:
         return self.numel * 4 if self.dequant or self.merged else self.entry.nbytes
 
 
-class Dequantizing:
-    """The weights ``--dequantize`` writes of one set, in the order the core was given
-    them (``_core.PlainShard.made`` indexes them), and how each comes back."""
+class Making:
+    """The tensors whose values a set's plan makes, in the order the core was given them
+    (``_core.PlainShard.made`` indexes them): the weights ``--dequantize`` writes (each
+    with the change an adapter makes to it, if any), then the weights an adapter
+    changes; how each comes back."""
 
-    def __init__(self, files: list[SourceFile], weights: list[QuantizedWeight]) -> None:
+    def __init__(
+        self,
+        files: list[SourceFile],
+        weights: Sequence[QuantizedWeight] = (),
+        changes: Mapping[str, Change] | None = None,
+        merged: Sequence[tuple[str, Change]] = (),
+    ) -> None:
         self.files = files
         self.weights = weights
+        self.changes = changes or {}
+        """The changes of the dequantized weights, by name."""
+        self.merged = merged
+        """(name, change) of each weight merged that is not dequantized."""
 
     @cached_property
     def by_name(self) -> dict[str, TensorEntry]:
         """The set's tensors by name (made on first use, once for all its shards)."""
         return {t.name: t for f in self.files for t in f.tensors}
 
-    def how(self, made: int) -> Dequantized:
+    def how(self, made: int) -> Dequantized | None:
+        if made >= len(self.weights):
+            return None
         w = self.weights[made]
         return Dequantized(w, {role: self.by_name[n] for role, n in w.operands.items()})
+
+    def name(self, made: int) -> str:
+        """The made weight's name."""
+        if made >= len(self.weights):
+            return self.merged[made - len(self.weights)][0]
+        return self.weights[made].name
+
+    def change(self, made: int) -> Change | None:
+        if made >= len(self.weights):
+            return self.merged[made - len(self.weights)][1]
+        return self.changes.get(self.weights[made].name)
+
+    def recipe(self, made: int, source_ids: dict[Path, int]) -> dict[str, Any]:
+        """The fields its row adds: how the executor makes its values."""
+        how, change = self.how(made), self.change(made)
+        if isinstance(change, Patched):  # rows replaced (the base is never dequantized)
+            return {"rows": change.recipe(source_ids)}
+        if change is not None:  # a dequantized base's recipe is the merge's base
+            base = None if how is None else dequant_dict(how, source_ids)
+            return {"merge": change.recipe(source_ids, base)}
+        assert how is not None
+        return {"dequant": dequant_dict(how, source_ids)}
 
 
 @dataclass(frozen=True)
@@ -166,26 +202,40 @@ class PlainTensors:
 
     shard: _core.PlainShard
     files: list[SourceFile]
-    """The files planned: ``shard.picks()`` index them."""
+    """The files planned: ``shard.picks()`` index them (merging, the adapter's last)."""
     folder: str
     """The weight set's folder, for labels."""
-    dequantizing: Dequantizing | None = None
-    """The set's dequantized weights, when it has any."""
+    making: Making | None = None
+    """The set's dequantized and merged weights, when it has any."""
+    renamed: bool = False
+    """Merging: tensors may be named other than their sources (``source_names()``)."""
+
+    def entries(self) -> list[TensorEntry]:
+        """Each tensor's source entry, named as the set names it."""
+        tables = [f.tensors for f in self.files]
+        entries = [tables[s][r] for s, r, *_ in self.shard.picks()]
+        if self.renamed:
+            names = self.shard.source_names()
+            pairs = zip(entries, names, strict=True)
+            entries = [e if e.name == n else e._replace(name=n) for e, n in pairs]
+        return entries
 
     def made(self) -> list[PlannedTensor]:
-        """The tensors as the Python planner makes them (``planned``, ``quantized_pair``)."""
-        entries = [f.tensors for f in self.files]
+        """The tensors as ``object_set`` makes them (``planned``, ``kept``,
+        ``quantized_pair``)."""
         made = [
-            planned_at(entries[s][r], dtype, nbytes, (begin, end), self.folder, role)
-            for s, r, dtype, nbytes, begin, end, role in self.shard.picks()
+            planned_at(e, dtype, nbytes, (begin, end), self.folder, role)
+            for e, (_, _, dtype, nbytes, begin, end, role) in zip(
+                self.entries(), self.shard.picks(), strict=True
+            )
         ]
         for i, t in self.special():
             made[i] = t
         return made
 
     def special(self) -> list[tuple[int, PlannedTensor]]:
-        """The ``--quantize`` tensors (values and scales) and the dequantized ones, with
-        their positions."""
+        """The ``--quantize`` tensors (values and scales), the dequantized and the merged
+        ones, with their positions."""
         return list(self._special)
 
     @cached_property
@@ -195,41 +245,49 @@ class PlainTensors:
         found, made = self.shard.quantized(), dict(self.shard.made())
         if not found and not made:
             return []
-        entries = [f.tensors for f in self.files]
-        picks = self.shard.picks()
-        how: dict[int, Dequantized] = {}
-        if made:
-            assert self.dequantizing is not None
-            how = {i: self.dequantizing.how(k) for i, k in made.items()}
+        entries, picks, names = self.entries(), self.shard.picks(), self.shard.names()
+        making = self.making
+        assert making is not None or not made
         out = []
-        for i, kind, name, shape, block in found:  # a requantized weight's: dequantized too
-            s, r, dtype, nbytes, begin, end, role = picks[i]
-            weight = how[i].weight.name if i in how else entries[s][r].name
-            q = Quantized(kind, name, tuple(shape), block, weight)  # type: ignore[arg-type]
-            label = join(self.folder, name)
-            out.append((i, PlannedTensor(entries[s][r], dtype, nbytes, (begin, end), label,
-                                         how.get(i), role, q)))  # fmt: skip
         quantized = {i for i, *_ in found}
-        for i, d in how.items():
+        for i, kind, name, shape, block in found:  # a made weight's: made of its values
+            k = made.get(i)
+            weight = entries[i].name if k is None else making.name(k)  # type: ignore[union-attr]
+            q = Quantized(kind, name, tuple(shape), block, weight)  # type: ignore[arg-type]
+            out.append((i, self.planned(entries[i], picks[i], names[i], k, q)))
+        for i, k in made.items():
             if i not in quantized:
-                s, r, dtype, nbytes, begin, end, role = picks[i]
-                label = join(self.folder, d.weight.name)
-                out.append((i, PlannedTensor(entries[s][r], dtype, nbytes, (begin, end), label,
-                                             d, role)))  # fmt: skip
+                out.append((i, self.planned(entries[i], picks[i], names[i], k)))
         return sorted(out, key=lambda it: it[0])
+
+    def planned(
+        self,
+        entry: TensorEntry,
+        pick: tuple[int, int, str, int, int, int, str],
+        name: str,
+        made: int | None,
+        quantized: Quantized | None = None,
+    ) -> PlannedTensor:
+        """A special tensor's object: quantized, made, or both."""
+        _, _, dtype, nbytes, begin, end, role = pick
+        how = change = None
+        if made is not None:
+            assert self.making is not None
+            how, change = self.making.how(made), self.making.change(made)
+        return PlannedTensor(entry, dtype, nbytes, (begin, end), join(self.folder, name),
+                             how, role, quantized, change)  # fmt: skip
 
     def special_at(self) -> set[int]:
         """The positions of ``special()``'s tensors, without making them."""
         return {i for i, *_ in self.shard.quantized()} | {i for i, _ in self.shard.made()}
 
     def plan_rows(self, source_ids: dict[Path, int]) -> _core.PlainRows:
-        """Its rows, a dequantized tensor's recipe made with the plan's ids."""
+        """Its rows, a made tensor's recipe made with the plan's ids."""
         made = self.shard.made()
         recipes: list[dict[str, Any]] = []
         if made:
-            assert self.dequantizing is not None
-            how = self.dequantizing.how
-            recipes = [{"dequant": dequant_dict(how(k), source_ids)} for _, k in made]
+            assert self.making is not None
+            recipes = [self.making.recipe(k, source_ids) for _, k in made]
         return self.shard.plan_rows([source_ids[f.path] for f in self.files], recipes)
 
 
@@ -644,6 +702,21 @@ def quantized_pair(
     assert how.block is not None and how.scale is not None
     weight = dequant.weight if dequant else entry
     name, shape = weight.name, weight.shape
+    merged = refuse_changed(entry, name, adapter)
+    scale, grid = how.scale
+    values = Quantized("fp8_weight", name, shape, how.block, name)
+    scales = Quantized("fp8_scale", scale, grid, how.block, name)
+    return [
+        PlannedTensor(entry, how.dtype, math.prod(shape), label=join(ws.folder, name),
+                      role=role, quantized=values, merged=merged, dequant=dequant),
+        PlannedTensor(entry, "F32", 4 * math.prod(grid), label=join(ws.folder, scale),
+                      role=role, quantized=scales, merged=merged, dequant=dequant),
+    ]  # fmt: skip
+
+
+def refuse_changed(entry: TensorEntry, name: str, adapter: SetMerge | None) -> Change | None:
+    """What ``adapter`` does to weight ``name`` (of ``entry``), which ``--quantize``
+    quantizes: a refusal where the adapter replaces it or its rows, else its change."""
     if adapter is not None and name in adapter.replaced:
         raise _core.QuantizedModelError(
             f"{entry.file}: the adapter replaces {name} (modules_to_save), which "
@@ -656,15 +729,7 @@ def quantized_pair(
             f"{entry.file}: the adapter replaces rows of {name} (trainable tokens), which "
             "--quantize would quantize: not supported yet (merge first, then --quantize)"
         )
-    scale, grid = how.scale
-    values = Quantized("fp8_weight", name, shape, how.block, name)
-    scales = Quantized("fp8_scale", scale, grid, how.block, name)
-    return [
-        PlannedTensor(entry, how.dtype, math.prod(shape), label=join(ws.folder, name),
-                      role=role, quantized=values, merged=merged, dequant=dequant),
-        PlannedTensor(entry, "F32", 4 * math.prod(grid), label=join(ws.folder, scale),
-                      role=role, quantized=scales, merged=merged, dequant=dequant),
-    ]  # fmt: skip
+    return merged
 
 
 def plan_set(
@@ -690,12 +755,17 @@ def plan_set(
     ``--merge-lora`` does to the set: base weights with the update added, base tensors
     replaced by the adapter's (in the base tensor's dtype, or the target), tensors added
     at the end (in the set's float dtype, or the target). ``scheme`` names the
-    ``--quantize`` scheme ``quantize`` was ruled by: without an adapter, the core plans
-    the set by that rule (``plain_set``); with one, ``object_set`` does."""
-    if adapter is None and (quantize is None or scheme is not None):
-        return plain_set(ws, dtype, shard_size, keep, quantized,
-                         None if quantize is None else scheme, dequantize)  # fmt: skip
-    return object_set(ws, dtype, shard_size, keep, quantized, dequantize, quantize, adapter)
+    ``--quantize`` scheme ``quantize`` was ruled by: the core plans the set by that rule
+    (``plain_set``); ``quantize`` without one is planned by ``object_set`` (the tests'
+    oracle)."""
+    if quantize is not None and scheme is None:  # a list with no rule: the tests' oracle
+        return object_set(ws, dtype, shard_size, keep, quantized, dequantize, quantize, adapter)
+    if adapter is not None and quantize is not None:
+        weights = {src: w.name for src, w in (dequantize or {}).items()}
+        for entry, q in zip(ws.tensors, quantize, strict=True):
+            if q.fate == "quantize":
+                refuse_changed(entry, weights.get(entry.name, entry.name), adapter)
+    return plain_set(ws, dtype, shard_size, keep, quantized, scheme, dequantize, adapter)
 
 
 def object_set(
@@ -708,8 +778,8 @@ def object_set(
     quantize: Sequence[QuantizeTarget] | None = None,
     adapter: SetMerge | None = None,
 ) -> SetPlan:
-    """``plan_set`` tensor by tensor, an object each: how merged sets are planned (and,
-    in the tests, the oracle of the core's plan of every other set)."""
+    """``plan_set`` tensor by tensor, an object each: the tests' oracle of the core's
+    plan of every set (``plain_set``)."""
     quantized = quantized or dequantize is not None or quantize is not None
     entries = ws.tensors if adapter is None else adapter.tensors(ws.tensors)
     roles = (
@@ -785,30 +855,95 @@ def plain_set(
     quantized: bool = False,
     scheme: str | None = None,
     dequantize: Mapping[str, QuantizedWeight] | None = None,
+    adapter: SetMerge | None = None,
 ) -> SetPlan:
-    """A weight set with every tensor cast, copied, quantized or dequantized
+    """A weight set with every tensor cast, copied, quantized, dequantized or merged
     (safetensors or torch.save files; ``quantized``: its quantization state kept as it
     is; ``scheme``: quantized by ``--quantize scheme``; ``dequantize``: those weights
-    written dequantized, as ``plan_set`` says): planned by the core
+    written dequantized; ``adapter``: merged, as ``plan_set`` says): planned by the core
     (``_core.plan_plain``) by the same rules as ``object_set``'s, without an object per
     tensor (a model may have 100k)."""
     tables = [f.entries for f in ws.files]
-    made, dequantizing = None, None
+    made, making = None, None
     if dequantize is not None:
         assert dtype is not None, "dequantizing needs a target"
         at = {name: i for i, name in enumerate(ws.names())}
         made = [(at[src], w.name, list(w.shape), dtype) for src, w in dequantize.items()]
-        dequantizing = Dequantizing(ws.files, list(dequantize.values()))
-    shards = _core.plan_plain(tables, dtype, list(keep), shard_size, quantized=quantized,
-                              quantize=scheme, dequantize=made)  # fmt: skip
+        making = Making(ws.files, list(dequantize.values()))
+    files, merge = ws.files, None
+    if adapter is not None:
+        merge = MergeRequest.of(ws, adapter, dtype, dequantize)
+        files, making = [*ws.files, merge.file], merge.making
+        tables.append(merge.file.entries)
+    shards = _core.plan_plain(
+        tables, dtype, list(keep), shard_size, quantized=quantized, quantize=scheme,
+        dequantize=made, merged=None if merge is None else merge.merged,
+        view=None if merge is None else merge.view,
+    )  # fmt: skip
     metadata = {"format": "pt", **ws.metadata}
+    names = shard_names(ws.key, len(shards))
+    renamed = merge is not None
     return SetPlan(
         ws.key,
         [
-            PlannedShard(n, PlainTensors(s, ws.files, ws.folder, dequantizing), dict(metadata))
-            for n, s in zip(shard_names(ws.key, len(shards)), shards, strict=True)
+            PlannedShard(n, PlainTensors(s, files, ws.folder, making, renamed), dict(metadata))
+            for n, s in zip(names, shards, strict=True)
         ],
     )
+
+
+@dataclass(frozen=True)
+class MergeRequest:
+    """What the core is told of a set an adapter is merged into (``_core.plan_plain``'s
+    ``view`` and ``merged``), the adapter's file the last of its sources."""
+
+    file: SourceFile
+    view: tuple[list[tuple[int, int, int, int, str | None]], list[tuple[int, int, str, str]]]
+    merged: list[tuple[int, str, list[int]]]
+    making: Making
+
+    @classmethod
+    def of(
+        cls,
+        ws: WeightSet,
+        adapter: SetMerge,
+        dtype: str | None,
+        dequantize: Mapping[str, QuantizedWeight] | None,
+    ) -> MergeRequest:
+        """The set's tensors as the output names them (its layers stacked again), the
+        adapter's replacing some, its own added at the end; its merged weights (a
+        dequantized one's change goes with its ``dequantize`` recipe)."""
+        assert adapter.file is not None, "the adapter's file"
+        assert adapter.layers is None or not dequantize, "refused by plan_merge"
+        own = len(ws.files)  # the adapter's file, among the sources
+        rows = {(t.offsets, t.dtype, t.shape): r for r, t in enumerate(adapter.file.tensors)}
+        base = [(s, r) for s, f in enumerate(ws.files) for r in range(len(f.entries))]
+        names = ws.names()
+        order = list(enumerate(names)) if adapter.layers is None else adapter.layers.order(names)
+        weights = list((dequantize or {}).values())
+        made = {w.name for w in weights}
+        members, merged, changes = [], [], []
+        for j, (i, name) in enumerate(order):
+            s, r = base[i]
+            values, renamed = (s, r), (None if name == names[i] else name)
+            if (e := adapter.replaced.get(name)) is not None:
+                values, renamed = (own, rows[e.offsets, e.dtype, e.shape]), name
+            members.append((s, r, *values, renamed))
+            change = adapter.merged.get(name)
+            if change is not None and name not in made:
+                shape = ws.files[s].tensors[r].shape if e is None else e.shape
+                merged.append((j, name, list(shape)))
+                changes.append((name, change))
+        if adapter.added and dtype is None:
+            dtype = dominant_float((e.dtype, e.nbytes) for e in ws.tensors)
+        added = [
+            (own, rows[e.offsets, e.dtype, e.shape], e.name,
+             dtype if dtype and is_castable(e.dtype) else e.dtype)
+            for e in adapter.added
+        ]  # fmt: skip
+        mine = {w.name: adapter.merged[w.name] for w in weights if w.name in adapter.merged}
+        making = Making(ws.files, weights, mine, changes)
+        return cls(adapter.file, (members, added), merged, making)
 
 
 def plan_conversion(

@@ -1,12 +1,12 @@
 //! Where tensors go in the output: which shard (packed as huggingface_hub's
 //! splitter packs them) and where in it (widest dtype first, no padding).
 //!
-//! One definition for both planners: Python's, which plans merged sets
-//! tensor by tensor, and [`plan_set`], which plans a set whose every tensor
-//! is cast, copied, quantized, dequantized or both (safetensors or torch.save
-//! files, quantization state kept as it is, `--quantize`, `--dequantize`,
-//! `--dequantize --quantize`) without a Python object per tensor (a model may
-//! have 100k tensors).
+//! [`plan_set`] plans every weight set: cast, copied, quantized, dequantized
+//! or both (safetensors or torch.save files, quantization state kept as it
+//! is, `--quantize`, `--dequantize`, `--dequantize --quantize`), with a LoRA
+//! adapter merged or not ([`View`]), without a Python object per tensor (a
+//! model may have 100k tensors). Python's tensor-by-tensor planner
+//! (`_plan.shards.object_set`) stays as the tests' oracle.
 
 use crate::dtype::DType;
 use crate::format::header::TensorInfo;
@@ -84,7 +84,8 @@ pub fn lay_out(items: &[(usize, u64)]) -> Vec<(usize, u64, u64)> {
 pub enum Part {
     Cast,
     /// The weight's e4m3 values, each scale covering `block`; `made`: the
-    /// weight's f32 values are the `made`th [`Made`]'s (requantized).
+    /// weight's f32 values are the `made`th [`Made`]'s (requantized, or
+    /// merged then quantized).
     Values {
         block: (u64, u64),
         made: Option<usize>,
@@ -95,29 +96,65 @@ pub enum Part {
         scale: usize,
         made: Option<usize>,
     },
-    /// Values the caller makes (a weight dequantized): its `made`th [`Made`].
+    /// Values the caller makes (a weight dequantized or merged): its
+    /// `made`th [`Made`].
     Made {
         made: usize,
     },
 }
 
 /// A tensor whose values the caller makes from set tensor `tensor` (the
-/// `tensor`th of the set, files in order), written as `name`, `shape` and
-/// `dtype` in its place (`--dequantize`: a quantized weight's values).
+/// `tensor`th of the set, files in order, or of its [`View`]), written as
+/// `name`, `shape` and `dtype` in its place (`--dequantize`: a quantized
+/// weight's values; `--merge-lora`: a weight with its update added). `dtype`
+/// None: as the set's rule writes the tensor (and, when `--quantize`
+/// quantizes it, its values and scales are made of these values).
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Made {
     pub tensor: usize,
     pub name: String,
     pub shape: Vec<u64>,
+    pub dtype: Option<DType>,
+}
+
+/// A merged set's tensors as its output has them (`--merge-lora`): each
+/// tensor in order (the base's, its layers stacked again by
+/// `layer_replication`, some replaced by the adapter's), then the tensors the
+/// adapter adds.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct View {
+    pub members: Vec<Member>,
+    pub added: Vec<Added>,
+}
+
+/// One tensor of a [`View`]: the source tensor the set's rules see (its
+/// name, dtype and shape in the base; `(source, row)`), the one its values
+/// are read from (the adapter's, when it replaces it), and its name when the
+/// output renames it.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Member {
+    pub rules: (usize, usize),
+    pub values: (usize, usize),
+    pub name: Option<String>,
+}
+
+/// A tensor an adapter adds to a set (its own output head): where its
+/// values are, its name and the dtype it is written in (no rule applies).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Added {
+    pub values: (usize, usize),
+    pub name: String,
     pub dtype: DType,
 }
 
 /// One tensor of a set's plan: row `row` of source file `source`, written as
-/// `dtype` at `[begin, end)` of its shard's data; `role` its role in its
-/// model's quantization (always [`Role::Plain`] in a model planned as plain);
-/// `part` what it holds.
+/// `dtype` at `[begin, end)` of its shard's data; `tensor` the set's tensor
+/// it is (of its [`View`], added ones after its members); `role` its role in
+/// its model's quantization (always [`Role::Plain`] in a model planned as
+/// plain); `part` what it holds.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct Placed {
+    pub tensor: usize,
     pub source: usize,
     pub row: usize,
     pub dtype: DType,
@@ -158,16 +195,76 @@ pub struct SetLayout {
     pub scales: Vec<ScaleTensor>,
 }
 
-/// The shards of a weight set whose tensors are cast, copied, quantized or
-/// dequantized (no merging): `sources` are its files' tensors, each in
-/// data order, files in the set's order; each tensor goes to `target` as
-/// [`target_dtype`] says (`None`: keeps its dtype), and unless `mode` is
-/// [`Mode::Cast`] a tensor holding quantization state ([`typed_roles`], over
-/// the whole set) keeps its own, as `--keep-quantized` keeps it; with
-/// [`Mode::Quantize`], as [`quantize_targets`] says. Shards are packed within
-/// `limit` bytes (a weight and its scales together) and laid out as [`pack`]
-/// and [`lay_out`] say. `made` are the tensors [`Mode::Dequantize`] and
-/// [`Mode::Requantize`] write.
+/// A tensor of the set as the rules see it: `(source, row)` where its
+/// values are read (`values`), its name, and the source tensor whose dtype
+/// and shape the rules go by (`rules`; the same but for a replaced one).
+struct Tensor<'a> {
+    source: usize,
+    row: usize,
+    name: &'a str,
+    rules: &'a TensorInfo,
+    values: &'a TensorInfo,
+}
+
+impl<'a> Tensor<'a> {
+    /// The set's tensors: every row of `sources` in order, or `view`'s
+    /// members then its added tensors.
+    fn of(sources: &[&'a [TensorInfo]], view: Option<&'a View>) -> Vec<Self> {
+        let Some(view) = view else {
+            return (sources.iter().enumerate())
+                .flat_map(|(s, rows)| {
+                    rows.iter().enumerate().map(move |(r, t)| Tensor {
+                        source: s,
+                        row: r,
+                        name: &t.name,
+                        rules: t,
+                        values: t,
+                    })
+                })
+                .collect();
+        };
+        let at = |(s, r): (usize, usize)| &sources[s][r];
+        let members = view.members.iter().map(|m| {
+            let rules = at(m.rules);
+            Tensor {
+                source: m.values.0,
+                row: m.values.1,
+                name: m.name.as_deref().unwrap_or(&rules.name),
+                rules,
+                values: at(m.values),
+            }
+        });
+        let added = view.added.iter().map(|a| Tensor {
+            source: a.values.0,
+            row: a.values.1,
+            name: &a.name,
+            rules: at(a.values),
+            values: at(a.values),
+        });
+        members.chain(added).collect()
+    }
+
+    /// Its bytes written as `dtype`: its values' own, or cast.
+    fn written_as(&self, dtype: DType) -> Item {
+        let v = self.values;
+        match dtype {
+            same if same == v.dtype => (same, v.nbytes(), Part::Cast),
+            to => (to, v.numel() * to.size() as u64, Part::Cast),
+        }
+    }
+}
+
+/// The shards of a weight set: `sources` are its files' tensors, each in
+/// data order, files in the set's order (and, merging, the adapter's file);
+/// `view` (`--merge-lora`) says which tensors the set has, else every row of
+/// `sources`. Each tensor goes to `target` as [`target_dtype`] says (`None`:
+/// keeps its dtype), and unless `mode` is [`Mode::Cast`] a tensor holding
+/// quantization state ([`typed_roles`], over the whole set) keeps its own,
+/// as `--keep-quantized` keeps it; with [`Mode::Quantize`], as
+/// [`quantize_targets`] says. Shards are packed within `limit` bytes (a
+/// weight and its scales together) and laid out as [`pack`] and [`lay_out`]
+/// say. `made` are the tensors whose values the caller makes: the weights
+/// [`Mode::Dequantize`] and [`Mode::Requantize`] write, merged weights.
 pub fn plan_set(
     sources: &[&[TensorInfo]],
     target: Option<DType>,
@@ -175,42 +272,44 @@ pub fn plan_set(
     limit: u64,
     mode: Mode,
     made: &[Made],
+    view: Option<&View>,
 ) -> SetLayout {
-    let tensors: Vec<(usize, usize, &TensorInfo)> = sources
-        .iter()
-        .enumerate()
-        .flat_map(|(s, rows)| rows.iter().enumerate().map(move |(r, t)| (s, r, t)))
-        .collect();
-    let roles = if mode == Mode::Cast {
-        vec![Role::Plain; tensors.len()]
+    let tensors = Tensor::of(sources, view);
+    let ruled = tensors.len() - view.map_or(0, |v| v.added.len());
+    let mut roles = if mode == Mode::Cast {
+        vec![Role::Plain; ruled]
     } else {
-        let typed: Vec<(&str, DType)> = tensors
-            .iter()
-            .map(|(_, _, t)| (t.name.as_str(), t.dtype))
+        let typed: Vec<(&str, DType)> = (tensors[..ruled].iter())
+            .map(|t| (t.name, t.rules.dtype))
             .collect();
         typed_roles(&typed)
     };
-    let (mut items, mut scales) = written(&tensors, &roles, target, keep, mode);
+    let (mut items, mut scales) = written(&tensors[..ruled], &roles, target, keep, mode);
     if matches!(mode, Mode::Dequantize | Mode::Requantize(_)) {
         for (i, role) in roles.iter().enumerate() {
             if role.is_state() {
                 items[i].clear(); // consumed by the weight it dequantizes
             }
         }
-        for (k, m) in made.iter().enumerate() {
-            let nbytes = m.shape.iter().product::<u64>() * m.dtype.size() as u64;
-            items[m.tensor] = vec![(m.dtype, nbytes, Part::Made { made: k })];
-        }
     }
+    let dtypes = make(&mut items, made);
     if let Mode::Requantize(scheme) = mode {
         let set = Requantized {
             tensors: &tensors,
             made,
+            dtypes: &dtypes,
             target,
             keep,
             scheme,
         };
         set.quantize(&mut items, &mut scales);
+    }
+    for (t, a) in tensors[ruled..]
+        .iter()
+        .zip(view.map_or(&[][..], |v| &v.added))
+    {
+        items.push(vec![t.written_as(a.dtype)]);
+        roles.push(Role::Plain);
     }
     // (tensor, items) of the tensors written, in order
     let bundles: Vec<(usize, Vec<Item>)> = items
@@ -235,10 +334,10 @@ pub fn plan_set(
                 .into_iter()
                 .map(|(k, begin, end)| {
                     let (i, &(dtype, _, part)) = group[k];
-                    let (source, row, _) = tensors[i];
                     Placed {
-                        source,
-                        row,
+                        tensor: i,
+                        source: tensors[i].source,
+                        row: tensors[i].row,
                         dtype,
                         begin,
                         end,
@@ -255,44 +354,66 @@ pub fn plan_set(
 /// One tensor written: its dtype, bytes and what it holds.
 type Item = (DType, u64, Part);
 
+/// Put each of `made` in the place of its tensor: one tensor of its dtype
+/// (or the one the rule gave the tensor), or, where `--quantize` quantizes
+/// the tensor, its values and scales made of it. Returns each one's dtype.
+fn make(items: &mut [Vec<Item>], made: &[Made]) -> Vec<DType> {
+    let mut dtypes = Vec::with_capacity(made.len());
+    for (k, m) in made.iter().enumerate() {
+        let slot = &mut items[m.tensor];
+        if let (None, [(_, _, Part::Values { made, .. }), (_, _, Part::Scale { made: of, .. })]) =
+            (m.dtype, slot.as_mut_slice())
+        {
+            (*made, *of) = (Some(k), Some(k));
+            dtypes.push(DType::F32); // quantized from its values in f32
+            continue;
+        }
+        // The caller names the dtype of a tensor the rule drops (a dequantized
+        // weight's codes are quantization state).
+        let dtype = m.dtype.or(slot.first().map(|it| it.0));
+        let dtype = dtype.expect("a made tensor's dtype: given, or its tensor's");
+        let nbytes = m.shape.iter().product::<u64>() * dtype.size() as u64;
+        *slot = vec![(dtype, nbytes, Part::Made { made: k })];
+        dtypes.push(dtype);
+    }
+    dtypes
+}
+
 /// What each tensor of a set is written as: one item, or a weight's values
 /// and scales (packed together); and the scales' names and shapes.
 fn written(
-    tensors: &[(usize, usize, &TensorInfo)],
+    tensors: &[Tensor<'_>],
     roles: &[Role],
     target: Option<DType>,
     keep: &KeepRule,
     mode: Mode,
 ) -> (Vec<Vec<Item>>, Vec<ScaleTensor>) {
-    let cast = |t: &TensorInfo, to: DType| match to {
-        same if same == t.dtype => vec![(same, t.nbytes(), Part::Cast)],
-        to => vec![(to, t.numel() * to.size() as u64, Part::Cast)],
-    };
     let Mode::Quantize(scheme) = mode else {
         // and Requantize: written as Dequantize writes, then quantized
         let items = tensors
             .iter()
             .zip(roles)
-            .map(|((_, _, t), role)| match target {
+            .map(|(t, role)| match target {
                 Some(to) if *role == Role::Plain => {
-                    cast(t, target_dtype(&t.name, t.dtype, to, keep))
+                    vec![t.written_as(target_dtype(t.name, t.rules.dtype, to, keep))]
                 }
-                _ => cast(t, t.dtype),
+                _ => vec![t.written_as(t.rules.dtype)],
             })
             .collect();
         return (items, Vec::new());
     };
     let typed: Vec<(&str, DType, &[u64])> = tensors
         .iter()
-        .map(|(_, _, t)| (t.name.as_str(), t.dtype, &t.shape[..]))
+        .map(|t| (t.name, t.rules.dtype, &t.rules.shape[..]))
         .collect();
     let mut scales = Vec::new();
     let items = quantize_targets(&typed, target, keep, scheme)
         .into_iter()
         .zip(tensors)
-        .map(|(q, (_, _, t))| {
+        .map(|(q, t)| {
             let dtype = q.dtype;
-            quantized(q, t.numel(), None, &mut scales).unwrap_or_else(|| cast(t, dtype))
+            let numel = t.values.numel();
+            quantized(q, numel, None, &mut scales).unwrap_or_else(|| vec![t.written_as(dtype)])
         })
         .collect();
     (items, scales)
@@ -328,8 +449,10 @@ fn quantized(
 /// `--dequantize --quantize` of a set: what [`quantize_targets`] makes of
 /// the plain set `--dequantize` writes.
 struct Requantized<'a> {
-    tensors: &'a [(usize, usize, &'a TensorInfo)],
+    tensors: &'a [Tensor<'a>],
     made: &'a [Made],
+    /// Each made tensor's dtype as written (`make`).
+    dtypes: &'a [DType],
     target: Option<DType>,
     keep: &'a KeepRule,
     scheme: Scheme,
@@ -348,11 +471,11 @@ impl Requantized<'_> {
             .map(|(i, it)| match made_at.get(&i) {
                 Some(&k) => {
                     let m = &self.made[k];
-                    (i, m.name.as_str(), m.dtype, &m.shape[..])
+                    (i, m.name.as_str(), self.dtypes[k], &m.shape[..])
                 }
                 None => {
-                    let t = self.tensors[i].2;
-                    (i, t.name.as_str(), it[0].0, &t.shape[..])
+                    let t = &self.tensors[i];
+                    (i, t.name, it[0].0, &t.rules.shape[..])
                 }
             })
             .collect();
@@ -384,7 +507,7 @@ mod tests {
         } else {
             Mode::Cast
         };
-        let planned = plan_set(sources, target, keep, limit, mode, &[]);
+        let planned = plan_set(sources, target, keep, limit, mode, &[], None);
         assert!(planned.scales.is_empty());
         planned.shards
     }
@@ -421,7 +544,7 @@ mod tests {
 
     /// A weight made in BF16 of set tensor 0.
     fn made_of_first(name: &str, shape: Vec<u64>) -> [Made; 1] {
-        let (tensor, name, dtype) = (0, name.into(), DType::BF16);
+        let (tensor, name, dtype) = (0, name.into(), Some(DType::BF16));
         [Made {
             tensor,
             name,
@@ -468,7 +591,8 @@ mod tests {
         let b = [info("norm", DType::F32, 2)];
         let keep = KeepRule::new(&["norm"]);
         let shards = plan_plain(&[&a, &b], Some(DType::BF16), &keep, 1 << 20, false);
-        let placed = |source, row, dtype, begin, end| Placed {
+        let placed = |tensor, source, row, dtype, begin, end| Placed {
+            tensor,
             source,
             row,
             dtype,
@@ -480,9 +604,9 @@ mod tests {
         assert_eq!(
             shards,
             vec![vec![
-                placed(0, 1, DType::I64, 0, 16),
-                placed(1, 0, DType::F32, 16, 24),
-                placed(0, 0, DType::BF16, 24, 32),
+                placed(1, 0, 1, DType::I64, 0, 16),
+                placed(2, 1, 0, DType::F32, 16, 24),
+                placed(0, 0, 0, DType::BF16, 24, 32),
             ]]
         );
     }
@@ -547,7 +671,7 @@ mod tests {
         let mode = Mode::Quantize(Scheme::Fp8Block);
         // A shard of 64 KiB: the weight (64 KiB of e4m3) and its 16 bytes of
         // scales are one bundle, larger than the limit, alone in a shard.
-        let planned = plan_set(&[&a], Some(DType::F16), &none, 65536, mode, &[]);
+        let planned = plan_set(&[&a], Some(DType::F16), &none, 65536, mode, &[], None);
         assert_eq!(planned.scales, up_proj_scales());
         let got: Vec<_> = planned.shards.iter().map(|s| parts(s)).collect();
         let [scales, values] = pair_of_first(None);
@@ -575,6 +699,7 @@ mod tests {
             1 << 20,
             Mode::Dequantize,
             &made,
+            None,
         );
         let got = parts(&planned.shards[0]);
         assert_eq!(
@@ -592,6 +717,7 @@ mod tests {
             1,
             Mode::Dequantize,
             &made,
+            None,
         );
         assert_eq!(planned.shards.len(), 1);
     }
@@ -606,10 +732,88 @@ mod tests {
         let made = made_of_first("model.layers.0.mlp.up_proj.weight", vec![256, 256]);
         let none = KeepRule::default();
         let mode = Mode::Requantize(Scheme::Fp8Block);
-        let planned = plan_set(&[&a], Some(DType::BF16), &none, 1 << 20, mode, &made);
+        let planned = plan_set(&[&a], Some(DType::BF16), &none, 1 << 20, mode, &made, None);
         assert_eq!(planned.scales, up_proj_scales());
         let [scales, values] = pair_of_first(Some(0));
         let cast = (2, DType::BF16, 512, Part::Cast);
         assert_eq!(parts(&planned.shards[0]), vec![scales, cast, values]);
+    }
+
+    #[test]
+    fn plan_set_of_a_view_renames_replaces_merges_and_adds() {
+        // Two layers, stacked as 1, 0, 1; a head replaced by a larger one of
+        // the adapter's (source 1); a merged weight; a tensor added.
+        let base = [
+            info("layers.0.w", DType::F32, 4),
+            info("layers.1.w", DType::F32, 4),
+            info("head", DType::F32, 4),
+        ];
+        let adapter = [
+            info("saved.head", DType::F16, 6),
+            info("own", DType::F32, 2),
+        ];
+        let member = |row, values, name: Option<&str>| Member {
+            rules: (0, row),
+            values,
+            name: name.map(Into::into),
+        };
+        let view = View {
+            members: vec![
+                member(1, (0, 1), Some("layers.0.w")),
+                member(0, (0, 0), Some("layers.1.w")),
+                member(1, (0, 1), Some("layers.2.w")),
+                member(2, (1, 0), Some("head")),
+            ],
+            added: vec![Added {
+                values: (1, 1),
+                name: "lm_head".into(),
+                dtype: DType::BF16,
+            }],
+        };
+        // the second layer's weight merged: its dtype the rule's
+        let made = [Made {
+            tensor: 1,
+            name: "layers.1.w".into(),
+            shape: vec![4],
+            dtype: None,
+        }];
+        let none = KeepRule::default();
+        let planned = plan_set(
+            &[&base, &adapter],
+            Some(DType::BF16),
+            &none,
+            1 << 20,
+            Mode::Cast,
+            &made,
+            Some(&view),
+        );
+        let got: Vec<_> = (planned.shards[0].iter())
+            .map(|p| (p.tensor, p.source, p.row, p.dtype, p.end - p.begin, p.part))
+            .collect();
+        let cast = Part::Cast;
+        assert_eq!(
+            got,
+            vec![
+                (0, 0, 1, DType::BF16, 8, cast),
+                (1, 0, 0, DType::BF16, 8, Part::Made { made: 0 }),
+                (2, 0, 1, DType::BF16, 8, cast),
+                (3, 1, 0, DType::BF16, 12, cast), // the replacement's 6 elements
+                (4, 1, 1, DType::BF16, 4, cast),
+            ]
+        );
+        // No target: the replacement is written in the base tensor's dtype.
+        let kept = plan_set(
+            &[&base, &adapter],
+            None,
+            &none,
+            1 << 20,
+            Mode::Cast,
+            &[],
+            Some(&view),
+        );
+        assert_eq!(
+            kept.shards[0].iter().find(|p| p.tensor == 3).unwrap().dtype,
+            DType::F32
+        );
     }
 }

@@ -4,18 +4,21 @@
 //! A model may have 100k tensors (DeepSeek-V3 has 91k). Made into Python
 //! objects and planned one by one, they cost a conversion more than its
 //! bytes did. [`PlainShard`] is an output shard of a set whose tensors are
-//! cast, copied, quantized or dequantized
+//! cast, copied, quantized, dequantized or merged
 //! (`fastcast_core::plan::layout::plan_set`) made of the `Entries` the
 //! headers gave, and [`PlainRows`] its tensors as a plan's; Python asks them
 //! for columns (names, dtypes) or, where it needs objects, for rows. A
-//! dequantized tensor's recipe is Python's (`_plan.shards.dequant_dict`),
-//! given with the plan's source ids when the rows are made.
+//! dequantized or merged tensor's recipe is Python's
+//! (`_plan.shards.Making.recipe`), given with the plan's source ids when the
+//! rows are made.
 
 use fastcast_core::format::header::{self, Entry, TensorInfo};
 use fastcast_core::names;
 use std::sync::Arc;
 
-use fastcast_core::plan::layout::{self, Made, Mode, Part, Placed, ScaleTensor};
+use fastcast_core::plan::layout::{
+    self, Added, Made, Member, Mode, Part, Placed, ScaleTensor, View,
+};
 use fastcast_core::plan::wire::TensorPlan;
 use fastcast_core::rules::glob::KeepRule;
 use fastcast_core::rules::scheme::Scheme;
@@ -48,8 +51,11 @@ pub struct PlainShard {
     placed: Vec<Placed>,
     /// The names and shapes of the set's scale tensors (`Part::Scale`).
     scales: Arc<Vec<ScaleTensor>>,
-    /// The set's dequantized tensors (`Part::Made`).
+    /// The set's made tensors (`Part::Made`): dequantized, merged.
     made: Arc<Vec<Made>>,
+    /// A merged set's names of its renamed tensors, by set tensor
+    /// (`Placed::tensor`; empty when nothing is renamed).
+    renamed: Arc<Vec<Option<String>>>,
     /// The bytes of its tensors' data.
     #[pyo3(get)]
     data_bytes: u64,
@@ -66,15 +72,21 @@ impl PlainShard {
         &self.sources[p.source].get().tensors[p.row]
     }
 
+    /// A tensor's name in the set: its source's, or (merging) the one the
+    /// output gives it (a replicated layer's, a replacement's).
+    fn name(&self, p: &Placed) -> &str {
+        match self.renamed.get(p.tensor) {
+            Some(Some(name)) => name,
+            _ => &self.source(p).name,
+        }
+    }
+
     /// The weight a tensor's values are (or are made from): its source, or
     /// its dequantized weight; its name and shape.
     fn weight(&self, p: &Placed) -> (&str, &[u64]) {
         match recipe_of(p) {
             Some(k) => (&self.made[k].name, &self.made[k].shape),
-            None => {
-                let t = self.source(p);
-                (&t.name, &t.shape)
-            }
+            None => (self.name(p), &self.source(p).shape),
         }
     }
 
@@ -129,9 +141,10 @@ impl PlainShard {
         PyList::new(py, self.placed.iter().map(|p| self.out(p).0))
     }
 
-    /// Each tensor's source's name (a weight's, for its scales).
+    /// Each tensor's name in the set (its source's, a weight's for its
+    /// scales; merging, as the output renames it).
     fn source_names<'py>(&self, py: Python<'py>) -> PyResult<Bound<'py, PyList>> {
-        PyList::new(py, self.placed.iter().map(|p| self.source(p).name.as_str()))
+        PyList::new(py, self.placed.iter().map(|p| self.name(p)))
     }
 
     /// The dtype each tensor is written in.
@@ -146,7 +159,7 @@ impl PlainShard {
         names::digest(
             self.placed
                 .iter()
-                .map(|p| (self.source(p).name.as_str(), p.dtype.safetensors_name())),
+                .map(|p| (self.name(p), p.dtype.safetensors_name())),
         )
     }
 
@@ -234,7 +247,8 @@ impl PlainShard {
 
     /// The shard's tensors as a plan's `tensors` (`PlainRows`), `source_ids[i]`
     /// the plan's id of the `i`th `Entries` the plan was made of; `recipes`
-    /// the fields of each dequantized tensor (`made()`'s order) its row adds.
+    /// the fields each made (dequantized, merged) tensor's row adds, in
+    /// `made()`'s order.
     #[pyo3(signature = (source_ids, recipes=Vec::new()))]
     fn plan_rows(
         slf: Bound<'_, Self>,
@@ -252,7 +266,7 @@ impl PlainShard {
         let made = shard.made().len();
         if recipes.len() != made {
             return Err(pyo3::exceptions::PyValueError::new_err(format!(
-                "{} recipes for the {made} dequantized tensors of the shard",
+                "{} recipes for the {made} made tensors of the shard",
                 recipes.len()
             )));
         }
@@ -271,7 +285,8 @@ impl PlainShard {
 pub struct PlainRows {
     shard: Py<PlainShard>,
     source_ids: Vec<usize>,
-    /// What each dequantized tensor's row adds (its `dequant` recipe).
+    /// What each made tensor's row adds (its `dequant`, `merge` or `rows`
+    /// recipe).
     recipes: Vec<Py<PyDict>>,
 }
 
@@ -294,7 +309,7 @@ impl PlainRows {
         )
     }
 
-    /// The tensors as the executor's plan has them, a dequantized tensor's
+    /// The tensors as the executor's plan has them, a made tensor's
     /// made of its row by `read`.
     pub fn tensor_plans<E>(
         &self,
@@ -349,7 +364,7 @@ impl PlainRows {
         Ok(row)
     }
 
-    /// Each tensor's plan from the table (a dequantized tensor's without its
+    /// Each tensor's plan from the table (a made tensor's without its
     /// recipe).
     fn base_plans(&self) -> Vec<TensorPlan> {
         let shard = self.shard.get();
@@ -417,7 +432,7 @@ impl PlainRows {
     }
 }
 
-/// `Quantize` as the Python planner writes it (`_plan.shards.tensor_plan`).
+/// `Quantize` as `_plan.shards.tensor_plan` writes it.
 fn quantize_dict<'py>(py: Python<'py>, q: &Quantize) -> PyResult<Bound<'py, PyDict>> {
     let out = PyDict::new(py);
     match q {
@@ -442,15 +457,30 @@ fn quantize_dict<'py>(py: Python<'py>, q: &Quantize) -> PyResult<Bound<'py, PyDi
 /// A dequantized weight as Python gives it: `(tensor, name, shape, dtype)`.
 type MadeRow = (usize, String, Vec<u64>, String);
 
-/// The shards of a weight set whose tensors are cast, copied, quantized or
-/// dequantized (see `fastcast_core::plan::layout::plan_set`): `sources` its
-/// files' tensors, in the set's order; `target` None keeps every dtype;
-/// `quantized` keeps quantization state as it is (`--keep-quantized`);
-/// `quantize` names a `--quantize` scheme; `dequantize` lists `(tensor,
-/// name, shape, dtype)` of each weight `--dequantize` writes in the place of
-/// set tensor `tensor` (files in order), and leaves the rest of the state out.
+/// A merged weight as Python gives it: `(tensor, name, shape)` (its dtype the
+/// rule's).
+type MergedRow = (usize, String, Vec<u64>);
+
+/// A merged set's tensors as Python gives them (`layout::View`): each
+/// member's `(rules source, rules row, values source, values row, name)`,
+/// each added tensor's `(source, row, name, dtype)`.
+type ViewRows = (
+    Vec<(usize, usize, usize, usize, Option<String>)>,
+    Vec<(usize, usize, String, String)>,
+);
+
+/// The shards of a weight set (see `fastcast_core::plan::layout::plan_set`):
+/// `sources` its files' tensors, in the set's order (merging, then the
+/// adapter's); `target` None keeps every dtype; `quantized` keeps
+/// quantization state as it is (`--keep-quantized`); `quantize` names a
+/// `--quantize` scheme; `dequantize` lists `(tensor, name, shape, dtype)` of
+/// each weight `--dequantize` writes in the place of set tensor `tensor`
+/// (files in order), and leaves the rest of the state out. Merging an
+/// adapter, `view` lists the set's tensors (`ViewRows`) and `merged` the
+/// weights whose values are merged (`(tensor, name, shape)`, after
+/// `dequantize`'s in the made tensors' order).
 #[pyfunction]
-#[pyo3(signature = (sources, target, keep, limit, *, quantized=false, quantize=None, dequantize=None))]
+#[pyo3(signature = (sources, target, keep, limit, *, quantized=false, quantize=None, dequantize=None, merged=None, view=None))]
 #[allow(clippy::too_many_arguments)]
 pub fn plan_plain(
     py: Python<'_>,
@@ -461,9 +491,10 @@ pub fn plan_plain(
     quantized: bool,
     quantize: Option<&str>,
     dequantize: Option<Vec<MadeRow>>,
+    merged: Option<Vec<MergedRow>>,
+    view: Option<ViewRows>,
 ) -> PyResult<Vec<PlainShard>> {
     let target = target.map(castable_target).transpose()?;
-    let invalid = |why: String| pyo3::exceptions::PyValueError::new_err(why);
     let scheme = quantize
         .map(|name| {
             Scheme::from_name(name).ok_or_else(|| invalid(format!("no --quantize scheme {name:?}")))
@@ -478,27 +509,21 @@ pub fn plan_plain(
     };
     let keep = KeepRule::new(&keep);
     let tables: Vec<&[TensorInfo]> = sources.iter().map(|e| &e.get().tensors[..]).collect();
-    let count: usize = tables.iter().map(|t| t.len()).sum();
-    let mut dtypes = DTypes::default();
-    let made = dequantize
-        .unwrap_or_default()
-        .into_iter()
-        .map(|(tensor, name, shape, dtype)| {
-            if tensor >= count {
-                return Err(invalid(format!("tensor {tensor} of a set of {count}")));
-            }
-            let dtype = dtypes.parse(&dtype).map_err(CoreError)?;
-            Ok(Made {
-                tensor,
-                name,
-                shape,
-                dtype,
-            })
-        })
-        .collect::<PyResult<Vec<Made>>>()?;
-    let planned = py.detach(|| layout::plan_set(&tables, target, &keep, limit, mode, &made));
-    let scales = Arc::new(planned.scales);
-    let made = Arc::new(made);
+    let view = view.map(|v| view_of(&tables, v)).transpose()?;
+    let count = match &view {
+        Some(v) => v.members.len(),
+        None => tables.iter().map(|t| t.len()).sum(),
+    };
+    let made = made_of(dequantize, merged, count)?;
+    let planned =
+        py.detach(|| layout::plan_set(&tables, target, &keep, limit, mode, &made, view.as_ref()));
+    let renamed: Vec<Option<String>> = view.map_or_else(Vec::new, |v| {
+        let members = v.members.into_iter().map(|m| m.name);
+        members
+            .chain(v.added.into_iter().map(|a| Some(a.name)))
+            .collect()
+    });
+    let (scales, made, renamed) = (Arc::new(planned.scales), Arc::new(made), Arc::new(renamed));
     Ok(planned
         .shards
         .into_iter()
@@ -521,10 +546,87 @@ pub fn plan_plain(
                 sources: sources.iter().map(|s| s.clone_ref(py)).collect(),
                 scales: Arc::clone(&scales),
                 made: Arc::clone(&made),
+                renamed: Arc::clone(&renamed),
                 placed,
             }
         })
         .collect())
+}
+
+fn invalid(why: String) -> PyErr {
+    pyo3::exceptions::PyValueError::new_err(why)
+}
+
+/// The made tensors of a request: `dequantize`'s, then `merged`'s, each of
+/// one of the set's `count` tensors.
+fn made_of(
+    dequantize: Option<Vec<MadeRow>>,
+    merged: Option<Vec<MergedRow>>,
+    count: usize,
+) -> PyResult<Vec<Made>> {
+    let mut dtypes = DTypes::default();
+    let dequantized = dequantize.unwrap_or_default().into_iter().map(|row| {
+        let (tensor, name, shape, dtype) = row;
+        let dtype = Some(dtypes.parse(&dtype).map_err(CoreError)?);
+        Ok::<_, PyErr>((tensor, name, shape, dtype))
+    });
+    let merged = (merged.unwrap_or_default().into_iter()).map(|(t, n, s)| Ok((t, n, s, None)));
+    let (mut made, mut taken) = (Vec::new(), vec![false; count]);
+    for row in dequantized.chain(merged) {
+        let (tensor, name, shape, dtype) = row?;
+        if tensor >= count {
+            return Err(invalid(format!("tensor {tensor} of a set of {count}")));
+        }
+        if std::mem::replace(&mut taken[tensor], true) {
+            return Err(invalid(format!("tensor {tensor} made twice")));
+        }
+        made.push(Made {
+            tensor,
+            name,
+            shape,
+            dtype,
+        });
+    }
+    Ok(made)
+}
+
+/// A merged set's [`View`] of `tables`, every `(source, row)` checked.
+fn view_of(tables: &[&[TensorInfo]], (members, added): ViewRows) -> PyResult<View> {
+    let at = |source: usize, row: usize| {
+        let rows = tables.get(source).map_or(0, |t| t.len());
+        if row < rows {
+            Ok((source, row))
+        } else {
+            Err(invalid(format!(
+                "row {row} of source {source} of {} sources",
+                tables.len()
+            )))
+        }
+    };
+    let mut dtypes = DTypes::default();
+    Ok(View {
+        members: (members.into_iter())
+            .map(|(rs, rr, vs, vr, name)| {
+                let (rules, values) = (at(rs, rr)?, at(vs, vr)?);
+                Ok(Member {
+                    rules,
+                    values,
+                    name,
+                })
+            })
+            .collect::<PyResult<_>>()?,
+        added: (added.into_iter())
+            .map(|(source, row, name, dtype)| {
+                let values = at(source, row)?;
+                let dtype = dtypes.parse(&dtype).map_err(CoreError)?;
+                Ok(Added {
+                    values,
+                    name,
+                    dtype,
+                })
+            })
+            .collect::<PyResult<_>>()?,
+    })
 }
 
 /// Group items of `sizes` (bytes) into shards of at most `limit` bytes as
