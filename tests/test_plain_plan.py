@@ -15,6 +15,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from plan_oracle import object_set
 from safetensors.numpy import save_file
 
 import fastcast
@@ -23,7 +24,7 @@ from fastcast._conversion.fingerprint import shard_fingerprint
 from fastcast._plan.dequantize import QuantizedWeight, quantized_weights
 from fastcast._plan.merge import for_set, plan_merge
 from fastcast._plan.quantize import quantize_targets, requantize_targets
-from fastcast._plan.shards import SetPlan, object_set, plan_set
+from fastcast._plan.shards import SetPlan, plan_set
 from fastcast._source.adapter import open_adapter
 from fastcast._source.folder import ModelFolder, open_model
 from fastcast._source.quantization import detect, roles, without_sidecars

@@ -19,8 +19,8 @@ quantized, ``--quantize``, ``--dequantize``, ``--merge-lora``) is planned by the
 ``lay_out``: a model may have 100k tensors, and an object per tensor cost more than its
 bytes. Its shards make their ``PlannedTensor`` objects only when something asks; a
 dequantized or merged weight's recipe is made here, when the plan's rows are
-(``--quantize``: for its values and its scales). ``object_set`` plans a set an object
-per tensor: the tests' oracle of the core's plan.
+(``--quantize``: for its values and its scales). The tests plan every set once more, an
+object per tensor, in Python (``tests/plan_oracle.py``), and compare.
 """
 
 from __future__ import annotations
@@ -42,7 +42,6 @@ from fastcast._plan.quantize import QuantizeTarget
 from fastcast._plan.wire import operand_plan
 from fastcast._source.entries import TensorEntry
 from fastcast._source.folder import ModelFolder, SourceFile, WeightSet
-from fastcast._source.quantization import SURVIVING_ROLES
 
 if TYPE_CHECKING:
     from fastcast._plan.wire import DequantPlan
@@ -221,8 +220,7 @@ class PlainTensors:
         return entries
 
     def made(self) -> list[PlannedTensor]:
-        """The tensors as ``object_set`` makes them (``planned``, ``kept``,
-        ``quantized_pair``)."""
+        """The tensors as objects (``tests/plan_oracle.py`` makes the same)."""
         made = [
             planned_at(e, dtype, nbytes, (begin, end), self.folder, role)
             for e, (_, _, dtype, nbytes, begin, end, role) in zip(
@@ -300,93 +298,69 @@ class PlainColumns(NamedTuple):
 
 
 class PlannedShard:
-    """One output file; its tensors in data (and header) order, laid out (see
-    ``lay_out``) when it is made. A shard the core planned keeps its tensors there
-    (``PlainTensors``): what the conversion reads of them, it reads as columns, and
-    ``tensors`` makes their objects on first use."""
+    """One output file; its tensors in data (and header) order, as the core planned
+    them (``PlainTensors``): what the conversion reads of them, it reads as columns
+    from the core's table, and ``tensors`` makes their objects on first use."""
 
-    __slots__ = ("_columns", "_tensors", "data_bytes", "input_bytes", "metadata", "name")
+    __slots__ = ("_columns", "_made", "_plain", "data_bytes", "input_bytes", "metadata", "name")
 
-    def __init__(
-        self, name: str, tensors: list[PlannedTensor] | PlainTensors, metadata: dict[str, str]
-    ) -> None:
+    def __init__(self, name: str, tensors: PlainTensors, metadata: dict[str, str]) -> None:
         self.name = name
         self.metadata = metadata
-        self._tensors: list[PlannedTensor] | PlainTensors
+        self._plain = tensors
+        self._made: list[PlannedTensor] | None = None
         self._columns: PlainColumns | None = None
-        if isinstance(tensors, PlainTensors):
-            self._tensors = tensors
-            self.data_bytes = tensors.shard.data_bytes
-            """The bytes of its tensors' data."""
-            self.input_bytes = tensors.shard.input_bytes
-            """The input bytes its tensors account for (``PlannedTensor.input_nbytes``)."""
-        else:
-            self._tensors, self.data_bytes, self.input_bytes = lay_out(tensors)
+        self.data_bytes = tensors.shard.data_bytes
+        """The bytes of its tensors' data."""
+        self.input_bytes = tensors.shard.input_bytes
+        """The input bytes its tensors account for (``PlannedTensor.input_nbytes``)."""
 
     def __repr__(self) -> str:
         return f"PlannedShard({self.name!r}, {len(self)} tensors)"
 
     def __len__(self) -> int:
-        t = self._tensors
-        return len(t.shard) if isinstance(t, PlainTensors) else len(t)
+        return len(self._plain.shard)
 
     @property
     def tensors(self) -> list[PlannedTensor]:
-        if isinstance(self._tensors, PlainTensors):
-            self._tensors = self._tensors.made()
-        return self._tensors
+        if self._made is None:
+            self._made = self._plain.made()
+        return self._made
 
     @property
     def plain(self) -> _core.PlainShard | None:
         """The core's table of its tensors, while no objects were made of them."""
-        return self._tensors.shard if isinstance(self._tensors, PlainTensors) else None
+        return self._plain.shard if self._made is None else None
 
     def source_names(self) -> list[str]:
-        """Each tensor's name in its source."""
-        p = self.plain
-        return p.source_names() if p is not None else [t.entry.name for t in self.tensors]
+        """Each tensor's name in its source (as the set names it)."""
+        return self._plain.shard.source_names()
 
     def names(self) -> list[str]:
         """Each tensor's name in the output."""
-        p = self.plain
-        return p.names() if p is not None else [t.name for t in self.tensors]
+        return self._plain.shard.names()
 
     def dtypes(self) -> list[str]:
         """The dtype each tensor is written in."""
-        p = self.plain
-        return p.dtypes() if p is not None else [t.dtype for t in self.tensors]
+        return self._plain.shard.dtypes()
 
     def digest(self) -> str:
         """A digest of its tensors' source names and the dtypes they are written in,
         for a resumed run's fingerprint (made by the core: a model may have 100k)."""
-        p = self.plain
-        if p is not None:
-            return p.digest()
-        return _core.tensors_digest(self.source_names(), self.dtypes())
+        return self._plain.shard.digest()
 
     def numel(self) -> int:
-        p = self.plain
-        return p.numel if p is not None else sum(t.numel for t in self.tensors)
+        return self._plain.shard.numel
 
     def special(self) -> list[tuple[int, PlannedTensor]]:
         """The dequantized, quantized and merged tensors, with their positions."""
-        if isinstance(self._tensors, PlainTensors):
-            return self._tensors.special()
-        return [(i, t) for i, t in enumerate(self.tensors) if t.special]
+        return self._plain.special()
 
     def plain_columns(self) -> PlainColumns:
         """Its plain tensors' source dtypes, dtypes and source bytes (made once: the
         range check and the report both read them)."""
         if self._columns is None:
-            if (p := self.plain) is not None:
-                self._columns = PlainColumns(*p.cast_columns())
-            else:
-                plain = [t for t in self.tensors if not t.special]
-                self._columns = PlainColumns(
-                    [t.entry.dtype for t in plain],
-                    [t.dtype for t in plain],
-                    [t.entry.nbytes for t in plain],
-                )
+            self._columns = PlainColumns(*self._plain.shard.cast_columns())
         return self._columns
 
     def uncast(self, target: str) -> list[tuple[str, str, str]]:
@@ -395,30 +369,18 @@ class PlannedShard:
         c = self.plain_columns()
         if all(d == target or not is_castable(d) for d in set(c.dtypes)):
             return []  # the usual case, told from the few distinct dtypes
-        if isinstance(self._tensors, PlainTensors):  # no object made
-            table, folder = self._tensors.shard, self._tensors.folder
-            names, roles, dtypes = table.names(), table.roles(), table.dtypes()
-            special = self._tensors.special_at()
-            return [
-                (names[i], join(folder, names[i]), roles[i])
-                for i, d in enumerate(dtypes)
-                if d != target and is_castable(d) and i not in special  # the source's own
-            ]
+        table, folder = self._plain.shard, self._plain.folder
+        names, roles, dtypes = table.names(), table.roles(), table.dtypes()
+        special = self._plain.special_at()
         return [
-            (t.entry.name, t.label, t.role)
-            for t in self.tensors
-            if not t.special
-            and t.dtype != target and t.dtype == t.entry.dtype and is_castable(t.dtype)
-        ]  # fmt: skip
+            (names[i], join(folder, names[i]), roles[i])
+            for i, d in enumerate(dtypes)
+            if d != target and is_castable(d) and i not in special  # the source's own
+        ]
 
-    def plan_rows(
-        self, source_ids: dict[Path, int]
-    ) -> list[_core.TensorPlan | _core._PlainTensorPlan] | _core.PlainRows:
-        """Its tensors as the executor reads them (``tensor_plan``; a plain shard's
-        straight from the core's table)."""
-        if isinstance(self._tensors, PlainTensors):
-            return self._tensors.plan_rows(source_ids)
-        return [tensor_plan(t, source_ids) for t in self._tensors]
+    def plan_rows(self, source_ids: dict[Path, int]) -> _core.PlainRows:
+        """Its tensors as the executor reads them, straight from the core's table."""
+        return self._plain.plan_rows(source_ids)
 
 
 @dataclass
@@ -491,45 +453,6 @@ class ConversionPlan:
         }
 
 
-def tensor_plan(
-    t: PlannedTensor, source_ids: dict[Path, int]
-) -> _core.TensorPlan | _core._PlainTensorPlan:
-    """One tensor of the plan as the executor reads it: a plain tensor as a row of its
-    entry's name and shape (a model may have 100k), any other as a dict."""
-    e = t.entry
-    if not t.special:
-        return (e.name, e.shape, source_ids[e.file], e.dtype, t.dtype, e.offsets, t.offsets)
-    out: _core.TensorPlan = {
-        "name": t.name,  # dequantized or quantized: its own name and shape
-        "shape": t.shape,
-        "source": source_ids[e.file],
-        "src_dtype": e.dtype,
-        "dst_dtype": t.dtype,
-        "src_offsets": e.offsets,
-        "dst_offsets": t.offsets,
-    }
-    if isinstance(t.merged, Patched):  # rows replaced (the base is never dequantized)
-        assert t.dequant is None and t.quantized is None
-        out["rows"] = t.merged.recipe(source_ids)
-    elif t.merged is not None:  # a dequantized base's recipe is the merge's base
-        base = None if t.dequant is None else dequant_dict(t.dequant, source_ids)
-        out["merge"] = t.merged.recipe(source_ids, base)
-    elif t.dequant is not None:
-        out["dequant"] = dequant_dict(t.dequant, source_ids)
-    q = t.quantized
-    if q is not None and q.kind == "fp8_weight":
-        out["quantize"] = {"kind": "fp8_weight", "block": q.block}
-    elif q is not None:
-        weight_shape = t.dequant.weight.shape if t.dequant else t.entry.shape
-        out["quantize"] = {
-            "kind": "fp8_scale",
-            "block": q.block,
-            "weight": q.weight,
-            "weight_shape": list(weight_shape),
-        }
-    return out
-
-
 def dequant_dict(d: Dequantized, source_ids: dict[Path, int]) -> DequantPlan:
     """How the executor reconstructs a dequantized tensor (see the core's values/dequant/)."""
 
@@ -596,38 +519,11 @@ def dequant_dict(d: Dequantized, source_ids: dict[Path, int]) -> DequantPlan:
     }
 
 
-def target_dtypes(
-    tensors: Sequence[TensorEntry], dtype: str, keep: Sequence[str], quantized: bool = False
-) -> list[str]:
-    """What each tensor becomes: the core's rule (floats to ``dtype`` unless a ``keep``
-    glob matches their name or, with ``quantized``, they hold quantization state;
-    integers, bool and packed formats never change)."""
-    return _core.target_dtypes(
-        [(t.name, t.dtype) for t in tensors], dtype, list(keep), quantized=quantized
-    )
-
-
 def planned(entry: TensorEntry, dtype: str, label: str, role: str) -> PlannedTensor:
     """A tensor written cast to ``dtype`` (or copied, when that is its own)."""
     nbytes = entry.nbytes if dtype == entry.dtype else entry.numel * element_size(dtype)
     # positional: a model may have 100k tensors
     return PlannedTensor(entry, dtype, nbytes, (0, 0), label, None, role)
-
-
-def kept(
-    entry: TensorEntry, dtype: str, label: str, role: str, adapter: SetMerge | None
-) -> PlannedTensor:
-    """A tensor of the set written in ``dtype``: cast (or copied), or, merging an
-    adapter (``--merge-lora``), replaced by the adapter's tensor of its name and/or
-    with the adapter's update added."""
-    if adapter is None:
-        return planned(entry, dtype, label, role)
-    entry = adapter.replaced.get(entry.name, entry)
-    how = adapter.merged.get(entry.name)
-    if how is None:
-        return planned(entry, dtype, label, role)
-    nbytes = entry.numel * element_size(dtype)
-    return PlannedTensor(entry, dtype, nbytes, (0, 0), label, None, "plain", None, how)
 
 
 def planned_at(
@@ -647,36 +543,10 @@ class Sized(Protocol):
 SizedT = TypeVar("SizedT", bound=Sized)
 
 
-class Bundle(NamedTuple):
-    """Tensors that go into one shard together (a quantized weight and its scale), and
-    their bytes. A tuple: a model may have 100k of them."""
-
-    tensors: list[PlannedTensor]
-    nbytes: int
-
-    @classmethod
-    def of(cls, tensors: list[PlannedTensor]) -> Bundle:
-        return cls(tensors, sum(t.nbytes for t in tensors))
-
-
 def pack(tensors: list[SizedT], limit: int) -> list[list[SizedT]]:
     """Group tensors into shards exactly as huggingface_hub's splitter does
     (``_core.pack``)."""
     return [[tensors[i] for i in group] for group in _core.pack([t.nbytes for t in tensors], limit)]
-
-
-def lay_out(tensors: list[PlannedTensor]) -> tuple[list[PlannedTensor], int, int]:
-    """Order a shard's data widest dtype first (then source order) and assign
-    offsets, so every tensor is aligned to its element size with no padding
-    (``_core.lay_out``; the header is padded to 8 bytes). Returns the tensors in that
-    order, their data bytes and the input bytes they account for."""
-    ordered = []
-    end = 0
-    for i, begin, end in _core.lay_out([(t.dtype, t.nbytes) for t in tensors]):
-        t = tensors[i]
-        t.offsets = (begin, end)
-        ordered.append(t)
-    return ordered, end, sum(t.input_nbytes for t in ordered)
 
 
 def shard_names(prefix: str, count: int) -> list[str]:
@@ -685,33 +555,6 @@ def shard_names(prefix: str, count: int) -> list[str]:
     if count == 1:
         return [f"{prefix}.safetensors"]
     return [f"{prefix}-{i:05d}-of-{count:05d}.safetensors" for i in range(1, count + 1)]
-
-
-def quantized_pair(
-    ws: WeightSet,
-    entry: TensorEntry,
-    how: QuantizeTarget,
-    role: str,
-    adapter: SetMerge | None = None,
-    dequant: Dequantized | None = None,
-) -> list[PlannedTensor]:
-    """A weight ``--quantize`` quantizes: its e4m3 values, then its F32 scales; merging an
-    adapter (``--merge-lora``), both made from the merged weight (as a merge to f32
-    writes it); a quantized weight (``dequant``, ``--dequantize --quantize``), from its
-    values dequantized to f32 (merged too, with an adapter)."""
-    assert how.block is not None and how.scale is not None
-    weight = dequant.weight if dequant else entry
-    name, shape = weight.name, weight.shape
-    merged = refuse_changed(entry, name, adapter)
-    scale, grid = how.scale
-    values = Quantized("fp8_weight", name, shape, how.block, name)
-    scales = Quantized("fp8_scale", scale, grid, how.block, name)
-    return [
-        PlannedTensor(entry, how.dtype, math.prod(shape), label=join(ws.folder, name),
-                      role=role, quantized=values, merged=merged, dequant=dequant),
-        PlannedTensor(entry, "F32", 4 * math.prod(grid), label=join(ws.folder, scale),
-                      role=role, quantized=scales, merged=merged, dequant=dequant),
-    ]  # fmt: skip
 
 
 def refuse_changed(entry: TensorEntry, name: str, adapter: SetMerge | None) -> Change | None:
@@ -756,81 +599,15 @@ def plan_set(
     replaced by the adapter's (in the base tensor's dtype, or the target), tensors added
     at the end (in the set's float dtype, or the target). ``scheme`` names the
     ``--quantize`` scheme ``quantize`` was ruled by: the core plans the set by that rule
-    (``plain_set``); ``quantize`` without one is planned by ``object_set`` (the tests'
-    oracle)."""
-    if quantize is not None and scheme is None:  # a list with no rule: the tests' oracle
-        return object_set(ws, dtype, shard_size, keep, quantized, dequantize, quantize, adapter)
+    (``plain_set``; ``quantize`` only tells it what the adapter must not change)."""
+    if quantize is not None and scheme is None:
+        raise ValueError("what --quantize makes of each tensor, but not the scheme that ruled it")
     if adapter is not None and quantize is not None:
         weights = {src: w.name for src, w in (dequantize or {}).items()}
         for entry, q in zip(ws.tensors, quantize, strict=True):
             if q.fate == "quantize":
                 refuse_changed(entry, weights.get(entry.name, entry.name), adapter)
     return plain_set(ws, dtype, shard_size, keep, quantized, scheme, dequantize, adapter)
-
-
-def object_set(
-    ws: WeightSet,
-    dtype: str | None,
-    shard_size: int,
-    keep: Sequence[str] = (),
-    quantized: bool = False,
-    dequantize: Mapping[str, QuantizedWeight] | None = None,
-    quantize: Sequence[QuantizeTarget] | None = None,
-    adapter: SetMerge | None = None,
-) -> SetPlan:
-    """``plan_set`` tensor by tensor, an object each: the tests' oracle of the core's
-    plan of every set (``plain_set``)."""
-    quantized = quantized or dequantize is not None or quantize is not None
-    entries = ws.tensors if adapter is None else adapter.tensors(ws.tensors)
-    roles = (
-        _core.quant_roles([t.name for t in entries], [t.dtype for t in entries])
-        if quantized
-        else ["plain"] * len(entries)
-    )
-    if quantize is not None:
-        targets = [q.dtype for q in quantize]
-    elif dtype is None:
-        targets = [t.dtype for t in entries]
-    else:
-        targets = target_dtypes(entries, dtype, keep, quantized)
-    if quantize is None and dequantize is None:  # one tensor per entry: packed as they are
-        tensors = [
-            kept(e, to, join(ws.folder, e.name), role, adapter)
-            for e, to, role in zip(entries, targets, roles, strict=True)
-        ]
-        tensors += added(ws, adapter, dtype)
-        groups = pack(tensors, shard_size)
-    else:
-        by_name = {t.name: t for t in entries}
-        bundles = []
-        for i, (entry, to) in enumerate(zip(entries, targets, strict=True)):
-            w = dequantize.get(entry.name) if dequantize is not None else None
-            how = None if w is None else Dequantized(
-                w, {role: by_name[n] for role, n in w.operands.items()}
-            )  # fmt: skip
-            if quantize is not None and quantize[i].fate == "quantize":
-                pair = quantized_pair(ws, entry, quantize[i], roles[i], adapter, how)
-                bundles.append(Bundle.of(pair))
-            elif w is not None:
-                assert dtype is not None, "dequantizing needs a target"
-                nbytes = math.prod(w.shape) * element_size(dtype)
-                label = join(ws.folder, w.name)
-                bundles.append(Bundle([
-                    PlannedTensor(entry, dtype, nbytes, label=label, dequant=how, role=roles[i],
-                                  merged=adapter.merged.get(w.name) if adapter else None)
-                ], nbytes))  # fmt: skip
-            elif dequantize is None or roles[i] in SURVIVING_ROLES:
-                t = kept(entry, to, join(ws.folder, entry.name), roles[i], adapter)
-                bundles.append(Bundle([t], t.nbytes))
-        bundles += [Bundle([t], t.nbytes) for t in added(ws, adapter, dtype)]
-        groups = [[t for b in group for t in b.tensors] for group in pack(bundles, shard_size)]
-    # The source's metadata is kept; transformers needs a format, so one is added if absent.
-    metadata = {"format": "pt", **ws.metadata}
-    names = shard_names(ws.key, len(groups))
-    return SetPlan(
-        ws.key,
-        [PlannedShard(n, g, dict(metadata)) for n, g in zip(names, groups, strict=True)],
-    )
 
 
 def added(ws: WeightSet, adapter: SetMerge | None, dtype: str | None) -> list[PlannedTensor]:
@@ -861,8 +638,7 @@ def plain_set(
     (safetensors or torch.save files; ``quantized``: its quantization state kept as it
     is; ``scheme``: quantized by ``--quantize scheme``; ``dequantize``: those weights
     written dequantized; ``adapter``: merged, as ``plan_set`` says): planned by the core
-    (``_core.plan_plain``) by the same rules as ``object_set``'s, without an object per
-    tensor (a model may have 100k)."""
+    (``_core.plan_plain``) without an object per tensor (a model may have 100k)."""
     tables = [f.entries for f in ws.files]
     made, making = None, None
     if dequantize is not None:

@@ -6,7 +6,7 @@
 //! is, `--quantize`, `--dequantize`, `--dequantize --quantize`), with a LoRA
 //! adapter merged or not ([`View`]), without a Python object per tensor (a
 //! model may have 100k tensors). Python's tensor-by-tensor planner
-//! (`_plan.shards.object_set`) stays as the tests' oracle.
+//! (`tests/plan_oracle.py`) stays as the tests' oracle.
 
 use crate::dtype::DType;
 use crate::format::header::TensorInfo;
