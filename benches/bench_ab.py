@@ -36,6 +36,7 @@ FLAGS = {
     "tensors-100": ["--dtype", "bf16", "--shard-size", "2GB"],
     "deepseek-fp8": ["--dtype", "bf16", "--shard-size", "2GB", "--dequantize"],
     "llama-quantize": ["--dtype", "bf16", "--shard-size", "2GB", "--quantize", "fp8"],
+    "llama-copy": ["--dtype", "bf16", "--shard-size", "2GB"],
     "mixtral": ["--dtype", "fp16", "--shard-size", "2GB"],
     "w4a16": ["--dtype", "bf16", "--shard-size", "5GB", "--dequantize"],
     "w4a16-requantize": ["--dtype", "bf16", "--shard-size", "5GB", "--dequantize",

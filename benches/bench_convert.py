@@ -4,6 +4,7 @@
     python3 benches/bench_convert.py --models deepseek-fp8    # --dequantize
     python3 benches/bench_convert.py --models gpt-oss-mxfp4,nvfp4,w4a16  # --dequantize 4-bit
     python3 benches/bench_convert.py --models llama-quantize  # --quantize fp8
+    python3 benches/bench_convert.py --models llama-copy      # no dtype change: a copy
     python3 benches/bench_convert.py --models w4a16-requantize  # --dequantize --quantize fp8
     python3 benches/bench_convert.py --models llama-bin       # torch.save .bin shards
     python3 benches/bench_convert.py --models tensors-100k,tensors-100  # many tiny tensors
@@ -658,6 +659,9 @@ def bench_models(quick: bool, names: list[str], size: str | None = None) -> dict
         "llama-quantize": Model("llama-quantize", "llama", scale or "5GB", "bf16",
                                 "2GB" if not scale else "100MB", "BF16",
                                 "2GB" if not scale else "50MB", quantize="fp8"),
+        "llama-copy": Model("llama-copy", "llama", scale or "5GB", "bf16",
+                            "2GB" if not scale else "100MB", "BF16",
+                            "2GB" if not scale else "50MB", input="llama-quantize"),
         "tensors-100k": Model("tensors-100k", "flat", scale or "400MB", "fp32", "100MB", "BF16",
                               "2GB", tensors=100_000),
         "tensors-100": Model("tensors-100", "flat", scale or "400MB", "fp32", "100MB", "BF16",
