@@ -11,6 +11,8 @@ from typing_extensions import Buffer
 
 #: A row of ``Entries.rows``: name, dtype, shape, file, (begin, end), pickle path.
 _EntryRow = tuple[str, str, tuple[int, ...], Path, tuple[int, int], tuple[str, ...] | None]
+#: A planned tensor's (source, row, dtype, nbytes, begin, end, role) (``PlainShard.picks``).
+_Pick = tuple[int, int, str, int, int, int, str]
 
 __all__ = [
     "DEFAULT_CHUNK_BYTES",
@@ -597,7 +599,7 @@ class PlainShard:
         list the plan was made with, then its ``merged`` list."""
     def roles(self) -> list[str]:
         """Each tensor's role in its model's quantization (``quant_roles``' names)."""
-    def picks(self) -> list[tuple[int, int, str, int, int, int, str]]:
+    def picks(self) -> list[_Pick]:
         """(source, row, dtype, nbytes, begin, end, role) of each tensor: ``source``
         indexes the ``Entries`` planned, ``row`` their rows."""
     def plan_rows(self, source_ids: list[int], recipes: list[dict[str, Any]] = ...) -> PlainRows:

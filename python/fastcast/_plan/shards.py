@@ -209,10 +209,10 @@ class PlainTensors:
     renamed: bool = False
     """Merging: tensors may be named other than their sources (``source_names()``)."""
 
-    def entries(self) -> list[TensorEntry]:
-        """Each tensor's source entry, named as the set names it."""
+    def entries(self, picks: list[_core._Pick]) -> list[TensorEntry]:
+        """Each tensor's source entry (``picks``: the shard's), named as the set names it."""
         tables = [f.tensors for f in self.files]
-        entries = [tables[s][r] for s, r, *_ in self.shard.picks()]
+        entries = [tables[s][r] for s, r, *_ in picks]
         if self.renamed:
             names = self.shard.source_names()
             pairs = zip(entries, names, strict=True)
@@ -221,10 +221,11 @@ class PlainTensors:
 
     def made(self) -> list[PlannedTensor]:
         """The tensors as objects (``tests/plan_oracle.py`` makes the same)."""
+        picks = self.shard.picks()
         made = [
             planned_at(e, dtype, nbytes, (begin, end), self.folder, role)
             for e, (_, _, dtype, nbytes, begin, end, role) in zip(
-                self.entries(), self.shard.picks(), strict=True
+                self.entries(picks), picks, strict=True
             )
         ]
         for i, t in self.special():
@@ -243,14 +244,14 @@ class PlainTensors:
         found, made = self.shard.quantized(), dict(self.shard.made())
         if not found and not made:
             return []
-        entries, picks, names = self.entries(), self.shard.picks(), self.shard.names()
-        making = self.making
-        assert making is not None or not made
+        picks, names = self.shard.picks(), self.shard.names()
+        entries = self.entries(picks)
+        weights = {i: self.made_name(k) for i, k in made.items()}
         out = []
         quantized = {i for i, *_ in found}
         for i, kind, name, shape, block in found:  # a made weight's: made of its values
             k = made.get(i)
-            weight = entries[i].name if k is None else making.name(k)  # type: ignore[union-attr]
+            weight = weights.get(i, entries[i].name)
             q = Quantized(kind, name, tuple(shape), block, weight)  # type: ignore[arg-type]
             out.append((i, self.planned(entries[i], picks[i], names[i], k, q)))
         for i, k in made.items():
@@ -258,10 +259,15 @@ class PlainTensors:
                 out.append((i, self.planned(entries[i], picks[i], names[i], k)))
         return sorted(out, key=lambda it: it[0])
 
+    def made_name(self, made: int) -> str:
+        """The name of the shard's ``made``th made weight."""
+        assert self.making is not None, "made tensors come with their making"
+        return self.making.name(made)
+
     def planned(
         self,
         entry: TensorEntry,
-        pick: tuple[int, int, str, int, int, int, str],
+        pick: _core._Pick,
         name: str,
         made: int | None,
         quantized: Quantized | None = None,
