@@ -646,17 +646,18 @@ def plain_set(
     written dequantized; ``adapter``: merged, as ``plan_set`` says): planned by the core
     (``_core.plan_plain``) without an object per tensor (a model may have 100k)."""
     tables = [f.entries for f in ws.files]
-    made, making = None, None
+    made = None
     if dequantize is not None:
         assert dtype is not None, "dequantizing needs a target"
         at = {name: i for i, name in enumerate(ws.names())}
         made = [(at[src], w.name, list(w.shape), dtype) for src, w in dequantize.items()]
-        making = Making(ws.files, list(dequantize.values()))
-    files, merge = ws.files, None
-    if adapter is not None:
+    files, merge, making = ws.files, None, None
+    if adapter is not None:  # its Making holds the dequantized weights' too
         merge = MergeRequest.of(ws, adapter, dtype, dequantize)
         files, making = [*ws.files, merge.file], merge.making
         tables.append(merge.file.entries)
+    elif dequantize is not None:
+        making = Making(ws.files, list(dequantize.values()))
     shards = _core.plan_plain(
         tables, dtype, list(keep), shard_size, quantized=quantized, quantize=scheme,
         dequantize=made, merged=None if merge is None else merge.merged,
@@ -716,16 +717,13 @@ class MergeRequest:
                 shape = ws.files[s].tensors[r].shape if e is None else e.shape
                 merged.append((j, name, list(shape)))
                 changes.append((name, change))
-        if adapter.added and dtype is None:
-            dtype = dominant_float((e.dtype, e.nbytes) for e in ws.tensors)
-        added = [
-            (own, rows[e.offsets, e.dtype, e.shape], e.name,
-             dtype if dtype and is_castable(e.dtype) else e.dtype)
-            for e in adapter.added
-        ]  # fmt: skip
+        extra = [  # in the dtype ``added`` gives them (verify reads the same rule)
+            (own, rows[t.entry.offsets, t.entry.dtype, t.entry.shape], t.entry.name, t.dtype)
+            for t in added(ws, adapter, dtype)
+        ]
         mine = {w.name: adapter.merged[w.name] for w in weights if w.name in adapter.merged}
         making = Making(ws.files, weights, mine, changes)
-        return cls(adapter.file, (members, added), merged, making)
+        return cls(adapter.file, (members, extra), merged, making)
 
 
 def plan_conversion(
