@@ -16,6 +16,9 @@ use memmap2::Mmap;
 use std::path::PathBuf;
 
 use super::fault::Watch;
+use super::residency::cached_blocks;
+#[cfg(target_os = "linux")]
+use super::residency::page_size;
 use crate::error::{Error, Result};
 use crate::plan::wire::SourceFile;
 
@@ -74,7 +77,7 @@ impl Input {
         // (median 31.6 s against 28.2 s without). The kernel's default
         // fault-around and readahead do better; dropping what was read is
         // done here, by `release`.
-        let cached = cached_blocks(&map);
+        let cached = cached_blocks(&file, &map, BLOCK);
         Ok(Input {
             watch,
             map,
@@ -108,54 +111,6 @@ impl Input {
             .get(b / 64)
             .is_none_or(|word| word & (1 << (b % 64)) != 0)
     }
-}
-
-/// Which [`BLOCK`]s of `map` have a page in the page cache (`mincore`, a
-/// window at a time); all of them where that cannot be told, so that nothing
-/// is dropped.
-#[cfg(target_os = "linux")]
-fn cached_blocks(map: &[u8]) -> Vec<u64> {
-    let page = page_size();
-    let blocks = map.len().div_ceil(BLOCK);
-    let mut bits = vec![0u64; blocks.div_ceil(64)];
-    const WINDOW: usize = 1 << 30;
-    let mut vec = Vec::new();
-    for start in (0..map.len()).step_by(WINDOW) {
-        let len = WINDOW.min(map.len() - start);
-        vec.resize(len.div_ceil(page), 0u8);
-        // SAFETY: [start, start + len) lies in the live mapping, whose base is
-        // page-aligned (so is `start`, a multiple of WINDOW); `vec` holds one
-        // byte per page of it, as mincore requires.
-        let ok = unsafe {
-            libc::mincore(
-                map.as_ptr().add(start) as *mut libc::c_void,
-                len,
-                vec.as_mut_ptr(),
-            )
-        } == 0;
-        for (i, &v) in vec.iter().enumerate() {
-            if !ok || v & 1 != 0 {
-                let b = (start + i * page) / BLOCK;
-                bits[b / 64] |= 1 << (b % 64);
-            }
-        }
-    }
-    bits
-}
-
-#[cfg(not(target_os = "linux"))]
-fn cached_blocks(_map: &[u8]) -> Vec<u64> {
-    Vec::new()
-}
-
-#[cfg(target_os = "linux")]
-fn page_size() -> usize {
-    static PAGE: std::sync::OnceLock<usize> = std::sync::OnceLock::new();
-    // SAFETY: sysconf has no preconditions.
-    *PAGE.get_or_init(|| match unsafe { libc::sysconf(libc::_SC_PAGESIZE) } {
-        n if n > 0 => n as usize,
-        _ => 4096,
-    })
 }
 
 /// Done with `range` of `input`: unmap its pages, and drop from the page

@@ -50,6 +50,7 @@ mod fault {
 }
 mod input;
 pub mod positional;
+mod residency;
 pub mod shard_file;
 
 /// How a plan runs.
