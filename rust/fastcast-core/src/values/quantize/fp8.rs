@@ -183,14 +183,15 @@ impl Fp8Blocks {
     /// `first..` (a multiple of [`Self::block_row_elements`]), `out` their
     /// e4m3 bytes, `scales` their scales (`grid_cols` per block-row, the
     /// numbers [`Self::scales`] gives). `values` is the caller's scratch,
-    /// resized to one f32 per element of a block-row. Returns the loss
+    /// resized to one f32 per element of a row. Returns the loss
     /// counts: NaN, inf and largest |x| of the input, and what rounding each
     /// `W / s` to e4m3 loses.
     ///
     /// One block-row at a time, every step of it before the next: its bytes
     /// come from memory once (for the amax) and stay in the CPU's caches for
-    /// the widening, the division, the counts and the rounding. Done a chunk
-    /// (several MB) at a time, each step had read the chunk from memory again.
+    /// the widening, the division, the counts and the rounding, which go a
+    /// row at a time. Done a chunk (several MB) at a time, each step had read
+    /// the chunk from memory again.
     pub fn quantize(
         &self,
         src: &[u8],
@@ -217,34 +218,37 @@ impl Fp8Blocks {
             } else {
                 before.merge(&self.source_rule.scan(rows_src));
             }
-            values.resize(4 * rows_out.len(), 0);
-            let rows_values = &mut values[..4 * rows_out.len()];
-            let row_bytes = 4 * self.cols as usize;
-            if self.from == DType::F32 {
-                // Already f32: divided straight from the source, not copied first.
+            // Row by row: a row's f32 values (16 KiB for 4096 columns) stay
+            // in L1 from the widening through the division to the rounding,
+            // where a block-row's (2 MiB) went out to L3 and back twice.
+            let cols = self.cols as usize;
+            let row_src_bytes = cols * size;
+            values.resize(4 * cols, 0);
+            let row_values = &mut values[..4 * cols];
+            let rows = rows_src
+                .chunks_exact(row_src_bytes)
+                .zip(rows_out.chunks_exact_mut(cols));
+            for (row_src, row_out) in rows {
+                let from = if self.from == DType::F32 {
+                    // Already f32: divided straight from the source, not copied first.
+                    Some(row_src)
+                } else {
+                    // The source as f32, exactly (the cast kernels' widening).
+                    cast::cast(row_src, self.from, row_values, DType::F32, opts)
+                        .expect("a float source widens to f32");
+                    None
+                };
                 underflow += divide_rows(
-                    Some(rows_src),
-                    rows_values,
-                    row_bytes,
+                    from,
+                    row_values,
+                    4 * cols,
                     block,
                     row_scales,
                     self.underflow_bits,
                 );
-            } else {
-                // The source as f32, exactly (the cast kernels' widening).
-                cast::cast(rows_src, self.from, rows_values, DType::F32, opts)
-                    .expect("a float source widens to f32");
-                underflow += divide_rows(
-                    None,
-                    rows_values,
-                    row_bytes,
-                    block,
-                    row_scales,
-                    self.underflow_bits,
-                );
+                cast::cast(row_values, DType::F32, row_out, DType::F8E4M3, opts)
+                    .expect("f32 casts to e4m3");
             }
-            cast::cast(rows_values, DType::F32, rows_out, DType::F8E4M3, opts)
-                .expect("f32 casts to e4m3");
         }
         LossStats {
             elements: out.len() as u64,
