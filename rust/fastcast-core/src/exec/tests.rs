@@ -327,6 +327,39 @@ fn journal_and_digest_describe_the_file_on_disk() {
     assert_ne!(shard_digest(&plan, 0, 1000).unwrap(), record.digest);
 }
 
+/// A chunk larger than a [`PIECE`] is hashed and written a piece at a time;
+/// its digest is still the one `shard_digest` computes from the file, a
+/// chunk in one go (a resumed run compares the two).
+#[test]
+fn a_chunk_written_in_pieces_has_the_digest_of_its_bytes() {
+    let dir = Scratch::new("pieces");
+    let n = PIECE + PIECE / 2 + 3; // f32 elements: a copy spans 6 pieces and a bit
+    let (src, values) = source(&dir.0, n);
+    let copied: Vec<u8> = values.iter().flat_map(|v| v.to_le_bytes()).collect();
+    for to in ["F32", "BF16"] {
+        let out = dir.0.join(format!("out-{to}.safetensors"));
+        let plan = plan_for(&src, &out, n as u64, to);
+        for chunk_bytes in [DEFAULT_CHUNK_BYTES, 3 * PIECE + 5] {
+            let opts = ExecOptions {
+                chunk_bytes,
+                ..ExecOptions::default()
+            };
+            let stats = execute(&plan, &opts, &Progress::default()).unwrap();
+            assert_eq!(
+                shard_digest(&plan, 0, chunk_bytes).unwrap(),
+                stats.shards[0].digest,
+                "{to}, {chunk_bytes}-byte chunks"
+            );
+            if to == "F32" {
+                let bytes = fs::read(&out).unwrap();
+                let header = Header::parse(&out, &bytes).unwrap();
+                let data = &bytes[header.data_start() as usize..];
+                assert!(data[8..] == copied[..], "{chunk_bytes}"); // after "step"
+            }
+        }
+    }
+}
+
 /// The plan's sources: these files at their current sizes.
 fn sources_of(paths: &[PathBuf]) -> Vec<SourceFile> {
     paths
