@@ -16,6 +16,7 @@ use memmap2::Mmap;
 use std::path::PathBuf;
 
 use super::fault::Watch;
+use super::positional;
 use super::residency::cached_blocks;
 #[cfg(target_os = "linux")]
 use super::residency::page_size;
@@ -102,6 +103,22 @@ impl Input {
             expected: self.size,
             actual: now,
         })
+    }
+
+    /// Whether every block `range` (a slice of this input) touches was (partly)
+    /// in the page cache when the file was opened.
+    pub(super) fn was_cached_range(&self, range: &[u8]) -> bool {
+        let start = range.as_ptr() as usize - self.map.as_ptr() as usize;
+        let end = start + range.len();
+        (start / BLOCK..end.div_ceil(BLOCK)).all(|b| self.was_cached(b))
+    }
+
+    /// Read into `buf` the bytes of `range` (a slice of this input) from
+    /// `at` on, with `pread`: nothing is mapped, so there is nothing to unmap.
+    pub(super) fn read_at(&self, range: &[u8], at: usize, buf: &mut [u8]) -> Result<()> {
+        let offset = range.as_ptr() as usize - self.map.as_ptr() as usize + at;
+        positional::read_exact_at(&self.file, buf, offset as u64)
+            .map_err(|e| Error::io(&self.path, e))
     }
 
     /// Whether block `b` was (partly) in the page cache when we opened the file.

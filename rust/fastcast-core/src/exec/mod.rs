@@ -509,7 +509,11 @@ fn write_shard(
                 }
                 Ok(hash.digest())
             };
-            let hash = if c.last > c.job {
+            let hash = if let Some(src) = cached_copy(jobs, c) {
+                copy_through(job.map, src, |piece, at| {
+                    out.write_at(piece, offset + at as u64)
+                })?
+            } else if c.last > c.job {
                 cast_run(jobs, c, written, &opts.cast, put)?
             } else {
                 job.kind().produce(
@@ -541,6 +545,49 @@ fn write_shard(
     }
     hashes.sort_unstable();
     Ok((out, combine_digest(header_bytes, &hashes)))
+}
+
+/// The source bytes of chunk `c` when it is a copy (its tensors keep their
+/// dtype, no loss counted) of input blocks the page cache held when the run
+/// began: [`copy_through`] copies those. Others are read through the map,
+/// where a cold input's pages come in by the kernel's fault-time readahead.
+fn cached_copy<'a>(jobs: &[Job<'a>], c: &Chunk) -> Option<&'a [u8]> {
+    let job = &jobs[c.job];
+    let copy = |j: &Job| j.values.is_cast() && j.from() == j.to() && j.rule.is_none();
+    let src = job.kind().source(&job.source, c.begin, c.end);
+    (jobs[c.job..=c.last].iter().all(copy) && job.map.was_cached_range(src)).then_some(src)
+}
+
+/// Copy `src` (bytes of `input`) a [`PIECE`] at a time: read into this
+/// thread's piece buffer with `pread`, hash, `write(piece, at)` (`at` the
+/// piece's offset in `src`); returns the hash of all of `src`.
+///
+/// Why not from the map, as a cast reads: the map's pages must be faulted in
+/// and unmapped again (a TLB shootdown on every core), where `pread` copies
+/// from the page cache into a buffer that stays in L2 for the hash and the
+/// write. A 2 GB cached file copied on one thread took 1.45 s through the
+/// map and 0.96 s so (medians of 6, a test program on this VM).
+fn copy_through(
+    input: &Input,
+    src: &[u8],
+    mut write: impl FnMut(&[u8], usize) -> Result<()>,
+) -> Result<u64> {
+    PIECE_BUFFER.with_borrow_mut(|buf| {
+        buf.resize(PIECE.min(src.len()), 0);
+        let mut hash = Xxh3::new();
+        for at in (0..src.len()).step_by(PIECE) {
+            let piece = &mut buf[..PIECE.min(src.len() - at)];
+            input.read_at(src, at, piece)?;
+            hash.update(piece);
+            write(piece, at)?;
+        }
+        Ok(hash.digest())
+    })
+}
+
+thread_local! {
+    /// Each worker's buffer for [`copy_through`]: one [`PIECE`].
+    static PIECE_BUFFER: std::cell::RefCell<Vec<u8>> = const { std::cell::RefCell::new(Vec::new()) };
 }
 
 /// Make chunk `c`, a run of whole small tensors of one dtype pair that follow

@@ -329,17 +329,22 @@ fn journal_and_digest_describe_the_file_on_disk() {
 
 /// A chunk larger than a [`PIECE`] is hashed and written a piece at a time;
 /// its digest is still the one `shard_digest` computes from the file, a
-/// chunk in one go (a resumed run compares the two).
+/// chunk in one go (a resumed run compares the two). Copies of a cached
+/// input go through `pread` ([`copy_through`]), of a cold one through the
+/// map: both paths are run.
 #[test]
 fn a_chunk_written_in_pieces_has_the_digest_of_its_bytes() {
     let dir = Scratch::new("pieces");
     let n = PIECE + PIECE / 2 + 3; // f32 elements: a copy spans 6 pieces and a bit
     let (src, values) = source(&dir.0, n);
     let copied: Vec<u8> = values.iter().flat_map(|v| v.to_le_bytes()).collect();
-    for to in ["F32", "BF16"] {
+    for (to, cold) in [("F32", false), ("F32", true), ("BF16", false)] {
         let out = dir.0.join(format!("out-{to}.safetensors"));
         let plan = plan_for(&src, &out, n as u64, to);
         for chunk_bytes in [DEFAULT_CHUNK_BYTES, 3 * PIECE + 5] {
+            if cold {
+                evict(&src);
+            }
             let opts = ExecOptions {
                 chunk_bytes,
                 ..ExecOptions::default()
@@ -348,7 +353,7 @@ fn a_chunk_written_in_pieces_has_the_digest_of_its_bytes() {
             assert_eq!(
                 shard_digest(&plan, 0, chunk_bytes).unwrap(),
                 stats.shards[0].digest,
-                "{to}, {chunk_bytes}-byte chunks"
+                "{to}, {chunk_bytes}-byte chunks, cold {cold}"
             );
             if to == "F32" {
                 let bytes = fs::read(&out).unwrap();
@@ -357,6 +362,18 @@ fn a_chunk_written_in_pieces_has_the_digest_of_its_bytes() {
                 assert!(data[8..] == copied[..], "{chunk_bytes}"); // after "step"
             }
         }
+    }
+}
+
+/// Drop `path`'s pages from the page cache (where the OS lets us).
+fn evict(path: &Path) {
+    #[cfg(target_os = "linux")]
+    {
+        use std::os::fd::AsRawFd;
+        let file = fs::File::open(path).unwrap();
+        file.sync_all().unwrap(); // dirty pages are not dropped
+        // SAFETY: advisory, on our own descriptor.
+        unsafe { libc::posix_fadvise(file.as_raw_fd(), 0, 0, libc::POSIX_FADV_DONTNEED) };
     }
 }
 
