@@ -371,7 +371,8 @@ fn evict(path: &Path) {
     {
         use std::os::fd::AsRawFd;
         let file = fs::File::open(path).unwrap();
-        file.sync_all().unwrap(); // dirty pages are not dropped
+        // Written back first: dirty pages are not dropped.
+        file.sync_all().unwrap();
         // SAFETY: advisory, on our own descriptor.
         unsafe { libc::posix_fadvise(file.as_raw_fd(), 0, 0, libc::POSIX_FADV_DONTNEED) };
     }
