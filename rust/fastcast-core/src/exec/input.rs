@@ -34,7 +34,6 @@ pub(super) struct Input {
     file: File,
     /// One bit per [`BLOCK`] of the file: set where the page cache held any
     /// page of it when the file was opened. Those blocks are never dropped.
-    #[cfg_attr(not(target_os = "linux"), allow(dead_code))]
     cached: Vec<u64>,
 }
 
@@ -108,7 +107,7 @@ impl Input {
     /// Whether every block `range` (a slice of this input) touches was (partly)
     /// in the page cache when the file was opened.
     pub(super) fn was_cached_range(&self, range: &[u8]) -> bool {
-        let start = range.as_ptr() as usize - self.map.as_ptr() as usize;
+        let start = self.offset_of(range);
         let end = start + range.len();
         (start / BLOCK..end.div_ceil(BLOCK)).all(|b| self.was_cached(b))
     }
@@ -116,13 +115,17 @@ impl Input {
     /// Read into `buf` the bytes of `range` (a slice of this input) from
     /// `at` on, with `pread`: nothing is mapped, so there is nothing to unmap.
     pub(super) fn read_at(&self, range: &[u8], at: usize, buf: &mut [u8]) -> Result<()> {
-        let offset = range.as_ptr() as usize - self.map.as_ptr() as usize + at;
+        let offset = self.offset_of(range) + at;
         positional::read_exact_at(&self.file, buf, offset as u64)
             .map_err(|e| Error::io(&self.path, e))
     }
 
+    /// Where `range` (a slice of this input) starts in the file.
+    fn offset_of(&self, range: &[u8]) -> usize {
+        range.as_ptr() as usize - self.map.as_ptr() as usize
+    }
+
     /// Whether block `b` was (partly) in the page cache when we opened the file.
-    #[cfg_attr(not(target_os = "linux"), allow(dead_code))]
     fn was_cached(&self, b: usize) -> bool {
         self.cached
             .get(b / 64)
@@ -196,7 +199,7 @@ pub(super) fn release_all<'a>(ranges: impl IntoIterator<Item = (&'a Input, &'a [
         drop_behind(input, from, to);
     };
     for (input, range) in ranges {
-        let lo = range.as_ptr() as usize - input.map.as_ptr() as usize;
+        let lo = input.offset_of(range);
         let hi = lo + range.len();
         span = match span {
             Some((i, a, b)) if std::ptr::eq(i, input) && lo <= b.next_multiple_of(BLOCK) => {

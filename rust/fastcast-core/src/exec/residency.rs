@@ -93,7 +93,7 @@ fn cachestat_blocks(file: &File, len: usize, block: usize) -> Option<Vec<u64>> {
 
 /// [`cached_blocks`] by `mincore` on the mapping, a window at a time.
 #[cfg(target_os = "linux")]
-pub(super) fn mincore_blocks(map: &[u8], block: usize) -> Vec<u64> {
+fn mincore_blocks(map: &[u8], block: usize) -> Vec<u64> {
     let page = page_size();
     let blocks = map.len().div_ceil(block);
     let mut bits = vec![0u64; blocks.div_ceil(64)];

@@ -204,6 +204,12 @@ impl Fp8Blocks {
         let per_block_row = self.block_row_elements() as usize;
         let block = 4 * self.block_cols as usize;
         let (mut before, mut underflow) = (LossStats::default(), 0);
+        // Each block-row goes row by row: a row's f32 values (16 KiB for 4096
+        // columns) stay in L1 from the widening through the division to the
+        // rounding, where a block-row's (2 MiB) went out to L3 and back twice.
+        let cols = self.cols as usize;
+        values.resize(4 * cols, 0);
+        let row_values = &mut values[..4 * cols];
         let block_rows = src
             .chunks(per_block_row * size)
             .zip(out.chunks_mut(per_block_row))
@@ -218,15 +224,8 @@ impl Fp8Blocks {
             } else {
                 before.merge(&self.source_rule.scan(rows_src));
             }
-            // Row by row: a row's f32 values (16 KiB for 4096 columns) stay
-            // in L1 from the widening through the division to the rounding,
-            // where a block-row's (2 MiB) went out to L3 and back twice.
-            let cols = self.cols as usize;
-            let row_src_bytes = cols * size;
-            values.resize(4 * cols, 0);
-            let row_values = &mut values[..4 * cols];
             let rows = rows_src
-                .chunks_exact(row_src_bytes)
+                .chunks_exact(cols * size)
                 .zip(rows_out.chunks_exact_mut(cols));
             for (row_src, row_out) in rows {
                 let from = if self.from == DType::F32 {
